@@ -1,0 +1,26 @@
+"""Packaging for zdistill: the core needs numpy, pyzmq, msgpack and redis; Paddle is an extra."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="zdistill",
+    version="0.1.0",
+    description="Teacher-as-a-service knowledge distillation over ZeroMQ: a fast drop-in for EDL's DistillReader",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["zdistill", "zdistill.*"]),
+    install_requires=["numpy>=1.22", "pyzmq>=25", "msgpack>=1.0", "redis>=4.5"],
+    extras_require={
+        "paddle": ["paddlepaddle>=3.0"],
+        "gpu": ["paddlepaddle-gpu>=3.0"],
+        "test": ["pytest>=7", "hypothesis>=6", "psutil>=5.9", "ruff>=0.4"],
+        "bench": ["matplotlib>=3.5"],
+        "demo": ["paddlepaddle>=3.0", "scikit-learn>=1.0", "matplotlib>=3.5", "tqdm>=4.60"],
+    },
+    entry_points={
+        "console_scripts": [
+            "zdistill-teacher=zdistill.teacher:main",
+        ]
+    },
+)

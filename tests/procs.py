@@ -1,0 +1,124 @@
+"""Starting and stopping the real processes tests talk to: teachers, daemons, redis-server.
+
+Every process is started with :func:`start`, which waits for a readiness *event*
+(a ready file, or a port that accepts connections) instead of sleeping, and is
+stopped by PID in :meth:`Proc.stop`, which fixtures always call.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEACHERS = Path(__file__).resolve().parent / "teachers.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``predicate`` until true; fail fast if ``proc`` dies, or after ``timeout``."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode} before it was ready")
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what}: not ready after {timeout} s")
+        time.sleep(0.02)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+@dataclass
+class Proc:
+    """A process started by a test; :meth:`stop` ends it by PID, whatever happens."""
+
+    popen: subprocess.Popen
+    name: str
+    endpoint: str = ""
+    log_path: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace") if self.log_path else ""
+
+
+def start(args: list[str], name: str, ready_file: str | None = None, ready_port: int | None = None,
+          timeout: float = 60.0, env: dict | None = None) -> Proc:
+    """Start ``args`` with output to a log file; wait until ready_file exists or ready_port accepts."""
+    log = tempfile.NamedTemporaryFile(prefix=f"zd-{name}-", suffix=".log", delete=False)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")])
+    popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(REPO))
+    proc = Proc(popen, name, log_path=log.name)
+    try:
+        if ready_file:
+            wait_for(lambda: os.path.exists(ready_file), timeout, name, popen)
+            proc.endpoint = Path(ready_file).read_text().strip()
+        elif ready_port:
+            wait_for(lambda: port_open(ready_port), timeout, name, popen)
+    except Exception as exc:
+        proc.kill()
+        raise RuntimeError(f"{exc}\n--- {name} log ---\n{proc.log()}") from None
+    return proc
+
+
+def start_teacher(model: str, tmp_path: Path, *extra: str, env: dict | None = None, port: int = 0,
+                  timeout: float = 60.0) -> Proc:
+    """A real ``zdistill-teacher`` on loopback; ``endpoint`` is where it listens."""
+    ready = tmp_path / f"teacher-{time.monotonic_ns()}.ready"
+    args = [sys.executable, "-m", "zdistill.teacher", "--model", model, "--host", "127.0.0.1",
+            "--port", str(port), "--ready-file", str(ready), *extra]
+    return start(args, "teacher", ready_file=str(ready), timeout=timeout, env=env)
+
+
+def redis_server_path() -> str | None:
+    return shutil.which("redis-server")
+
+
+def start_redis(port: int | None = None, password: str | None = None) -> Proc:
+    """A private ``redis-server`` on a free loopback port, no persistence."""
+    path = redis_server_path()
+    if path is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = port or free_port()
+    args = [path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    if password:
+        args += ["--requirepass", password]
+    proc = start(args, "redis", ready_port=port, timeout=20)
+    proc.extra["port"] = port
+    proc.endpoint = f"127.0.0.1:{port}"
+    return proc

@@ -1,0 +1,43 @@
+"""Teacher functions the tests serve with real ``zdistill-teacher`` processes.
+
+They are plain numpy so a test can compute the expected predictions itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+import zdistill
+
+W = np.random.default_rng(1234).standard_normal((784, 10)).astype(np.float32) * 0.05
+
+
+def softmax_np(x: np.ndarray) -> np.ndarray:
+    """What :func:`softmax` serves, for tests to compare against."""
+    z = x.reshape(len(x), -1).astype(np.float32) @ W
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
+def softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax(img @ W), the cheap stand-in for a real teacher."""
+    return {"prob": softmax_np(batch["img"])}
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
+def slow_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax with a fixed service time per call (ZDISTILL_TEST_DELAY_MS, default 10 ms)."""
+    time.sleep(float(os.environ.get("ZDISTILL_TEST_DELAY_MS", "10")) / 1000)
+    return {"prob": softmax_np(batch["img"])}
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
+def fragile_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax that raises on any row holding a NaN: a model failing on bad input."""
+    if np.isnan(batch["img"]).any():
+        raise FloatingPointError("NaN in the input")
+    return {"prob": softmax_np(batch["img"])}

@@ -1,0 +1,39 @@
+"""zdistill: teacher-as-a-service knowledge distillation over ZeroMQ.
+
+``from zdistill import DistillReader`` is a drop-in for PaddlePaddle EDL's reader.
+Importing this package never imports Paddle.
+"""
+
+from __future__ import annotations
+
+from zdistill.errors import (
+    ConfigError,
+    ReaderError,
+    TeacherError,
+    TeacherTimeout,
+    WireError,
+    ZDistillError,
+)
+from zdistill.model import teacher_function
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DistillReader",
+    "ReaderError",
+    "TeacherError",
+    "TeacherTimeout",
+    "WireError",
+    "ZDistillError",
+    "teacher_function",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name == "DistillReader":  # imported on first use: keeps `import zdistill` light
+        from zdistill.reader import DistillReader
+
+        return DistillReader
+    raise AttributeError(f"module 'zdistill' has no attribute {name!r}")

@@ -1,0 +1,158 @@
+"""A client for one teacher: ``meta``, ``ping`` and pipelined ``predict`` requests.
+
+A DEALER socket lets many requests be in flight at once; each carries an id and a
+deadline.  :meth:`TeacherClient.submit` sends without waiting and
+:meth:`TeacherClient.collect` hands back whatever has finished (answers, teacher
+errors, or :class:`~zdistill.errors.TeacherTimeout` for requests past their
+deadline), so a caller with its own event loop can poll :attr:`socket` itself.
+Late answers to requests that already timed out are dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from zdistill import wire
+from zdistill.errors import TeacherError, TeacherTimeout, WireError
+from zdistill.model import Arrays
+
+
+def teacher_endpoint(address: str) -> str:
+    """``'10.0.0.5:9292'`` -> ``'tcp://10.0.0.5:9292'``; full ZeroMQ endpoints pass through."""
+    address = address.strip()
+    return address if "://" in address else f"tcp://{address}"
+
+
+@dataclass
+class Completion:
+    """A finished request: ``result`` on success, else ``error``."""
+
+    req_id: int
+    result: Arrays | None = None
+    header: dict[str, Any] | None = None
+    error: Exception | None = None
+
+
+class TeacherClient:
+    """Talks to one teacher; not thread-safe (one owner, like the socket)."""
+
+    def __init__(
+        self,
+        address: str,
+        context: zmq.Context | None = None,
+        timeout: float = 30.0,
+        limits: wire.Limits = wire.DEFAULT_LIMITS,
+    ) -> None:
+        self.address = address
+        self.endpoint = teacher_endpoint(address)
+        self.timeout = timeout
+        self.limits = limits
+        self._ctx = context or zmq.Context.instance()
+        self._ids = itertools.count(1)
+        self._deadlines: dict[int, float] = {}
+        self._done: dict[int, Completion] = {}
+        self.socket = self._connect()
+
+    def _connect(self) -> zmq.Socket:
+        sock = wire.limit_socket(self._ctx.socket(zmq.DEALER), self.limits)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(self.endpoint)
+        return sock
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._deadlines)
+
+    def reset(self) -> None:
+        """Drop every request in flight and start a fresh connection (after a timeout)."""
+        self.socket.close(linger=0)
+        self._deadlines.clear()
+        self._done.clear()
+        self.socket = self._connect()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self._deadlines.clear()
+
+    # -- pipelined use ------------------------------------------------------
+
+    def submit(self, kind: str = "predict", arrays: Arrays | None = None, timeout: float | None = None) -> int:
+        """Send a request now and return its id; the answer comes from :meth:`collect`."""
+        req_id = next(self._ids)
+        wire.send(self.socket, {"kind": kind, "id": req_id}, arrays)
+        self._deadlines[req_id] = time.monotonic() + (self.timeout if timeout is None else timeout)
+        return req_id
+
+    def next_deadline(self) -> float | None:
+        return min(self._deadlines.values()) if self._deadlines else None
+
+    def collect(self, wait: float = 0.0) -> list[Completion]:
+        """Finished requests: waits up to ``wait`` seconds for the first, then takes all ready."""
+        done = list(self._done.values())
+        self._done.clear()
+        if not done:
+            self.socket.poll(max(0, int(wait * 1000)))
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            completion = self._on_reply(frames)
+            if completion is not None:
+                done.append(completion)
+        return done + self._expire(time.monotonic())
+
+    def _on_reply(self, frames: list[zmq.Frame]) -> Completion | None:
+        try:
+            msg = wire.decode(frames, self.limits)
+        except WireError:
+            return None  # a broken reply cannot be matched to a request: its deadline will report it
+        req_id = msg.header.get("id")
+        if not isinstance(req_id, int) or self._deadlines.pop(req_id, None) is None:
+            return None  # late answer to a request that already timed out
+        if msg.kind == "error":
+            code = str(msg.header.get("code", "error"))
+            return Completion(req_id, error=TeacherError(f"teacher {self.address}: {msg.header.get('message')}", code))
+        return Completion(req_id, result=msg.arrays, header=msg.header)
+
+    def _expire(self, now: float) -> list[Completion]:
+        late = [i for i, t in self._deadlines.items() if t <= now]
+        for req_id in late:
+            del self._deadlines[req_id]
+        return [Completion(i, error=TeacherTimeout(f"teacher {self.address} did not answer in time")) for i in late]
+
+    # -- one request at a time ----------------------------------------------
+
+    def call(self, kind: str, arrays: Arrays | None = None, timeout: float | None = None) -> Completion:
+        """Send one request and wait for its own answer (others finishing meanwhile are kept)."""
+        req_id = self.submit(kind, arrays, timeout)
+        while True:
+            wait = max(0.0, self._deadlines.get(req_id, time.monotonic()) - time.monotonic())
+            for completion in self.collect(wait):
+                if completion.req_id == req_id:
+                    if completion.error is not None:
+                        raise completion.error
+                    return completion
+                self._done[completion.req_id] = completion
+
+    def predict(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> Arrays:
+        return self.call("predict", feeds, timeout).result or {}
+
+    def meta(self, timeout: float | None = None) -> dict[str, Any]:
+        header = self.call("meta", timeout=timeout).header
+        return dict(header or {})
+
+    def ping(self, timeout: float | None = None) -> None:
+        """Return when the teacher answers; raise :class:`TeacherTimeout` if it does not."""
+        self.call("ping", timeout=timeout)
+
+    def stats(self, timeout: float | None = None) -> dict[str, Any]:
+        return dict((self.call("stats", timeout=timeout).header or {}).get("stats", {}))

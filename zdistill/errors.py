@@ -1,0 +1,39 @@
+"""The exception types zdistill raises, in one place so callers can catch them by kind."""
+
+from __future__ import annotations
+
+
+class ZDistillError(Exception):
+    """Base class of every error zdistill raises on purpose."""
+
+
+class WireError(ZDistillError):
+    """A message on a socket is malformed, truncated, oversized or of a forbidden type.
+
+    One type for every way a peer's bytes can be wrong, so a daemon's receive loop
+    needs a single ``except`` to drop or answer a bad message and keep serving.
+    """
+
+
+class TeacherError(ZDistillError):
+    """A teacher answered a request with an error reply (bad input, model failure, ...).
+
+    ``code`` is the teacher's machine-readable reason (``bad_request``, ``model_error``,
+    ``too_large``, ``shutting_down``, ...); the message says what was wrong.
+    """
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TeacherTimeout(ZDistillError):
+    """A teacher did not answer a request within its timeout."""
+
+
+class ReaderError(ZDistillError):
+    """The user's reader failed in its process with an exception zdistill cannot re-create."""
+
+
+class ConfigError(ZDistillError, ValueError):
+    """A DistillReader or daemon was configured with arguments that cannot work."""

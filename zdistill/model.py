@@ -1,0 +1,161 @@
+"""What a teacher serves: a model with named, typed feeds and fetches.
+
+Two kinds of model exist: a saved Paddle inference model (:mod:`zdistill.paddle_model`,
+imported only when asked for, so ``import zdistill`` never pulls in Paddle) and a
+plain Python callable that maps ``dict[str, np.ndarray]`` to the same.  A callable
+declares its feeds and fetches with :func:`teacher_function`; that declaration is
+what the teacher reports in ``meta`` and checks every request against.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from zdistill.errors import ConfigError
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named tensor's dtype and *per-row* shape (the batch axis left out; -1 = any size)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), str(data["dtype"]), tuple(int(d) for d in data["shape"]))
+
+    def matches(self, row_shape: Sequence[int]) -> bool:
+        """True when a row of ``row_shape`` fits this spec (-1 matches any size)."""
+        return len(row_shape) == len(self.shape) and all(
+            want in (-1, got) for want, got in zip(self.shape, row_shape)
+        )
+
+    def example(self, rows: int) -> np.ndarray:
+        """A zero batch of ``rows`` rows, variable sizes set to 1: for warm-up runs."""
+        return np.zeros((rows, *(1 if d < 0 else d for d in self.shape)), dtype=self.dtype)
+
+
+class Model(Protocol):
+    """The interface the teacher server needs from any model."""
+
+    feeds: list[TensorSpec]
+    fetches: list[TensorSpec]
+    description: str
+    device: str
+
+    def run(self, feeds: Arrays) -> Arrays:
+        """Run one batch: every feed has the same number of rows; so must every fetch."""
+        ...
+
+
+def _specs(declared: Mapping[str, tuple[str, Sequence[int]]], what: str) -> list[TensorSpec]:
+    specs = []
+    for name, value in declared.items():
+        try:
+            dtype, shape = value
+            specs.append(TensorSpec(name, np.dtype(dtype).name, tuple(int(d) for d in shape)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{what} {name!r}: expected (dtype, per-row shape), got {value!r}: {exc}") from None
+    if not specs:
+        raise ConfigError(f"a teacher function needs at least one {what}")
+    return specs
+
+
+def teacher_function(
+    feeds: Mapping[str, tuple[str, Sequence[int]]],
+    fetches: Mapping[str, tuple[str, Sequence[int]]],
+    description: str = "",
+) -> Callable[[Callable[[Arrays], Arrays]], Callable[[Arrays], Arrays]]:
+    """Declare a Python function as a teacher model.
+
+    ``feeds`` and ``fetches`` map each name to ``(dtype, per_row_shape)``; use -1 for
+    a size that varies.  Example::
+
+        @zdistill.teacher_function(feeds={"img": ("float32", [784])},
+                                   fetches={"prob": ("float32", [10])})
+        def predict(batch):
+            return {"prob": softmax(batch["img"] @ W)}
+
+    and serve it with ``zdistill-teacher --model mymodule:predict``.
+    """
+    feed_specs, fetch_specs = _specs(feeds, "feed"), _specs(fetches, "fetch")
+
+    def mark(fn: Callable[[Arrays], Arrays]) -> Callable[[Arrays], Arrays]:
+        fn.zdistill_spec = (feed_specs, fetch_specs, description or fn.__doc__ or "")  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+class CallableModel:
+    """A Python function declared with :func:`teacher_function`, run in the server's thread."""
+
+    device = "cpu"
+
+    def __init__(self, fn: Callable[[Arrays], Arrays], origin: str) -> None:
+        spec = getattr(fn, "zdistill_spec", None)
+        if spec is None:
+            raise ConfigError(
+                f"{origin} does not declare its feeds and fetches: decorate it with "
+                "@zdistill.teacher_function(feeds={...}, fetches={...})"
+            )
+        self.feeds, self.fetches, doc = spec
+        self.description = f"python callable {origin}" + (f": {doc.strip().splitlines()[0]}" if doc.strip() else "")
+        self._fn = fn
+
+    def run(self, feeds: Arrays) -> Arrays:
+        out = self._fn(feeds)
+        if not isinstance(out, Mapping):
+            raise TypeError(f"the teacher function returned {type(out).__name__}, not a dict of arrays")
+        return {spec.name: np.asarray(out[spec.name], dtype=spec.dtype) for spec in self.fetches}
+
+
+def _load_callable(target: str) -> CallableModel:
+    where, _, attr = target.rpartition(":")
+    if where.endswith(".py") or os.sep in where:
+        if not os.path.isfile(where):
+            raise ConfigError(f"model file {where!r} does not exist")
+        name = "zdistill_user_model_" + os.path.splitext(os.path.basename(where))[0]
+        spec = importlib.util.spec_from_file_location(name, where)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"cannot load {where!r} as a Python module")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import module {where!r} for the model: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"{where!r} has no callable named {attr!r}")
+    return CallableModel(fn, target)
+
+
+def load_model(target: str, gpu_ids: Sequence[int] = (), threads: int = 1) -> Model:
+    """Load ``target``: ``module:function`` / ``file.py:function``, or a saved Paddle model.
+
+    A Paddle model is given as its path prefix, its ``.json`` / ``.pdmodel`` file, or a
+    folder holding exactly one model.
+    """
+    if ":" in target and not os.path.exists(target):
+        return _load_callable(target)
+    from zdistill.paddle_model import PaddleModel  # Paddle only when a Paddle model is served
+
+    return PaddleModel(target, gpu_ids=gpu_ids, threads=threads)

@@ -1,0 +1,285 @@
+"""``zdistill-teacher``: serve a model to students over one ZeroMQ ROUTER socket.
+
+Protocol (every message in the :mod:`zdistill.wire` format; ``id`` is echoed back):
+
+==========  ==========================================  =====================================
+request     header / arrays                             reply
+==========  ==========================================  =====================================
+``predict`` ``{"kind": "predict", "id"}`` + one array   ``{"kind": "result", "id"}`` + one
+            per feed, all with the same number of rows  array per fetch, the same rows
+``meta``    ``{"kind": "meta", "id"}``                  ``{"kind": "meta", ...}``: feeds,
+                                                        fetches, max batch, device, stats
+``stats``   ``{"kind": "stats", "id"}``                 ``{"kind": "stats", "stats": {...}}``
+``ping``    ``{"kind": "ping", "id"}``                  ``{"kind": "pong", "id"}``
+==========  ==========================================  =====================================
+
+Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` and the server goes
+on serving everyone else.  The socket is bound only after the model has loaded and
+run once, so an answered ``ping`` means the teacher is really ready.
+
+One thread owns the socket, the batcher and the model: requests that queue in
+libzmq while the model runs are merged into the next batch, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import zmq
+
+from zdistill import wire
+from zdistill.batcher import Batcher, Request, merge
+from zdistill.errors import ConfigError, WireError
+from zdistill.model import Model, load_model
+
+log = logging.getLogger("zdistill.teacher")
+
+_DRAIN_AT_ONCE = 256
+
+
+class RequestError(Exception):
+    """A request the teacher refuses; becomes an error reply with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TeacherServer:
+    """The teacher's event loop: receive, validate, batch, run, split, reply."""
+
+    def __init__(
+        self,
+        model: Model,
+        endpoint: str,
+        max_batch_size: int = 256,
+        max_delay: float = 0.0,
+        limits: wire.Limits = wire.DEFAULT_LIMITS,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ConfigError(f"max batch size must be at least 1, got {max_batch_size}")
+        self.model = model
+        self.limits = limits
+        self.batcher = Batcher(max_batch_size, max_delay)
+        self.errors: dict[str, int] = {}
+        self._stopping = False
+        self._ctx = context or zmq.Context.instance()
+        self.socket = wire.limit_socket(self._ctx.socket(zmq.ROUTER), limits)
+        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket.bind(endpoint)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def stop(self) -> None:
+        """Stop taking requests; :meth:`serve` answers those already taken, then returns."""
+        self._stopping = True
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self._stopping:
+            deadline = self.batcher.deadline()
+            wait_ms = 100 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000)
+            if poller.poll(wait_ms):
+                for _ in range(_DRAIN_AT_ONCE):
+                    try:
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_message(frames)
+            self._run_ready(force=False)
+        self._run_ready(force=True)
+        self.socket.close()
+
+    def _run_ready(self, force: bool) -> None:
+        while (batch := self.batcher.take(time.monotonic(), force)) is not None:
+            self._run_batch(batch)
+
+    # -- receiving --------------------------------------------------------
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        envelope_len = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1  # REQ peers add a delimiter
+        envelope, body = frames[:envelope_len], frames[envelope_len:]
+        req_id: Any = None
+        try:
+            msg = wire.decode(body, self.limits)
+            req_id = msg.header.get("id")
+            self._dispatch(envelope, req_id, msg)
+        except WireError as exc:
+            self._reply_error(envelope, req_id, "bad_message", str(exc))
+        except RequestError as exc:
+            self._reply_error(envelope, req_id, exc.code, str(exc))
+
+    def _dispatch(self, envelope: list[Any], req_id: Any, msg: wire.Message) -> None:
+        if msg.kind == "predict":
+            rows = self._validate(msg.arrays)
+            self.batcher.add(Request(envelope, req_id, msg.arrays, rows, time.monotonic()))
+        elif msg.kind == "ping":
+            self._send(envelope, {"kind": "pong", "id": req_id})
+        elif msg.kind == "meta":
+            self._send(envelope, {"kind": "meta", "id": req_id, **self.meta()})
+        elif msg.kind == "stats":
+            self._send(envelope, {"kind": "stats", "id": req_id, "stats": self.stats()})
+        else:
+            raise RequestError("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
+
+    def _validate(self, arrays: dict[str, np.ndarray]) -> int:
+        feeds = {spec.name: spec for spec in self.model.feeds}
+        unknown = sorted(set(arrays) - set(feeds))
+        missing = sorted(set(feeds) - set(arrays))
+        if unknown or missing:
+            raise RequestError(
+                "bad_request",
+                f"feeds do not match the model's {sorted(feeds)}: unknown {unknown}, missing {missing}",
+            )
+        rows = {arr.shape[0] if arr.ndim else -1 for arr in arrays.values()}
+        if len(rows) != 1 or min(rows) < 1:
+            raise RequestError("bad_request", f"every feed needs the same number (>= 1) of rows, got {sorted(rows)}")
+        n = rows.pop()
+        if n > self.batcher.max_rows:
+            raise RequestError("too_large", f"{n} rows exceed the max batch size {self.batcher.max_rows}")
+        for name, arr in arrays.items():
+            spec = feeds[name]
+            if arr.dtype != np.dtype(spec.dtype):
+                raise RequestError("bad_request", f"feed {name!r} has dtype {arr.dtype}, the model wants {spec.dtype}")
+            if not spec.matches(arr.shape[1:]):
+                raise RequestError(
+                    "bad_request", f"feed {name!r} has rows of shape {list(arr.shape[1:])}, the model wants {list(spec.shape)}"
+                )
+        return n
+
+    # -- running ----------------------------------------------------------
+
+    def _run_batch(self, batch: list[Request]) -> None:
+        try:
+            outputs = self._call_model(merge(batch), sum(r.rows for r in batch))
+        except Exception as exc:  # the model is user code: any failure becomes a reply
+            if len(batch) > 1:  # find the request that breaks it; the others still get answers
+                for req in batch:
+                    self._run_batch([req])
+                return
+            self.errors["model_error"] = self.errors.get("model_error", 0) + 1
+            log.warning("model failed on a batch of %d rows: %s: %s", batch[0].rows, type(exc).__name__, exc)
+            self._reply_error(batch[0].envelope, batch[0].req_id, "model_error", f"{type(exc).__name__}: {exc}")
+            return
+        start = 0
+        for req in batch:
+            part = {name: out[start : start + req.rows] for name, out in outputs.items()}
+            self._send(req.envelope, {"kind": "result", "id": req.req_id}, part)
+            start += req.rows
+
+    def _call_model(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        outputs = self.model.run(feeds)
+        for spec in self.model.fetches:
+            out = outputs.get(spec.name)
+            if out is None or out.ndim == 0 or out.shape[0] != rows:
+                shape = None if out is None else list(out.shape)
+                raise ValueError(f"output {spec.name!r} has shape {shape}, expected {rows} rows")
+        return {spec.name: outputs[spec.name] for spec in self.model.fetches}
+
+    # -- replying ---------------------------------------------------------
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "feeds": [s.to_wire() for s in self.model.feeds],
+            "fetches": [s.to_wire() for s in self.model.fetches],
+            "max_batch_size": self.batcher.max_rows,
+            "max_delay_ms": self.batcher.max_delay * 1000,
+            "description": self.model.description,
+            "device": self.model.device,
+            "stats": self.stats(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        s = self.batcher.stats
+        return {
+            "requests": s.requests,
+            "rows": s.rows,
+            "batches": s.batches,
+            "merged_batches": s.merged_batches,
+            "max_batch_rows": s.max_batch_rows,
+            "errors": dict(self.errors),
+        }
+
+    def _reply_error(self, envelope: list[Any], req_id: Any, code: str, message: str) -> None:
+        self.errors[code] = self.errors.get(code, 0) + 1
+        log.debug("error reply %s: %s", code, message)
+        if type(req_id) not in (int, str, type(None)):
+            req_id = None
+        self._send(envelope, {"kind": "error", "id": req_id, "code": code, "message": message})
+
+    def _send(self, envelope: list[Any], header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+        try:
+            wire.send(self.socket, header, arrays, envelope=envelope, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("client %r is not reading its replies; one reply dropped", bytes(envelope[0]))
+        except WireError as exc:  # e.g. a request id msgpack cannot echo
+            log.warning("cannot encode a reply: %s", exc)
+
+
+def parse_gpu_ids(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--gpu-ids must be a comma list of integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zdistill-teacher",
+        description="Serve a saved Paddle inference model or a Python function to zdistill students.",
+    )
+    p.add_argument("--model", required=True, help="Paddle model prefix/file/folder, or module:function, or file.py:function")
+    p.add_argument("--port", type=int, required=True, help="TCP port to listen on (0 picks a free one)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
+    p.add_argument("--gpu-ids", "--gpu_ids", default=None, help="serve on this GPU (needs paddlepaddle-gpu), e.g. 0")
+    p.add_argument("--max-batch-size", type=int, default=256, help="most rows in one model call (default 256)")
+    p.add_argument(
+        "--max-delay-ms", type=float, default=0.0,
+        help="how long a request may wait for others to fill a batch (default 0: merge what queued while busy)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="CPU math threads for a Paddle model (default 1)")
+    p.add_argument("--ready-file", default=None, help="write the bound endpoint to this file once serving")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(max(1, args.threads)))
+    try:
+        model = load_model(args.model, gpu_ids=parse_gpu_ids(args.gpu_ids), threads=args.threads)
+        model.run({spec.name: spec.example(1) for spec in model.feeds})  # ready means it has run
+        server = TeacherServer(model, f"tcp://{args.host}:{args.port}", args.max_batch_size, args.max_delay_ms / 1000)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    # Paddle installs its own SIGTERM handler on import; ours must come after the model loads.
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    log.info("serving %s on %s (device %s, max batch %d)", model.description, server.endpoint, model.device,
+             args.max_batch_size)
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(server.endpoint)
+        os.replace(tmp, args.ready_file)
+    server.serve()
+    log.info("stopped after %d requests", server.batcher.stats.requests)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

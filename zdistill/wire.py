@@ -1,0 +1,187 @@
+"""The one wire format every zdistill socket speaks.
+
+A message is a list of ZeroMQ frames: one msgpack *header* frame, then one raw frame
+per numpy array.  The header is a map of plain values; its reserved key ``arrays``
+lists ``[name, dtype, shape]`` for each array, in frame order.  Arrays travel as
+their raw bytes (zero-copy above :data:`ZERO_COPY_THRESHOLD`, where pyzmq says it
+starts to pay off) and come back as read-only ``np.frombuffer`` views of the
+received frame, so a decoded array costs no copy.
+
+Peer bytes are data, never code: there is no pickle here, dtypes are limited to
+bool and numbers, and every size a header declares is checked against the frame
+that carries it and against :class:`Limits` before anything is allocated.  Every
+way a message can be wrong raises :class:`~zdistill.errors.WireError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import zmq
+
+from zdistill.errors import WireError
+
+ZERO_COPY_THRESHOLD = 64 * 1024
+ARRAYS_KEY = "arrays"
+_DTYPE_RE = re.compile(r"^[<>|=]?[biufc][1-9][0-9]?$")
+_MAX_NDIM = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard bounds on what a peer may send; anything beyond them is refused."""
+
+    max_header_bytes: int = 64 * 1024
+    max_arrays: int = 64
+    max_array_bytes: int = 1 << 30
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Message:
+    """A decoded message: the header map (without ``arrays``) and the named arrays."""
+
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        kind = self.header.get("kind")
+        return kind if isinstance(kind, str) else ""
+
+
+def _frame_bytes(frame: zmq.Frame | bytes | memoryview) -> memoryview:
+    if isinstance(frame, zmq.Frame):
+        return frame.buffer
+    return memoryview(frame)
+
+
+def check_dtype(dtype: np.dtype) -> np.dtype:
+    """Return ``dtype`` if it may cross the wire (bool or a plain number), else raise."""
+    if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+        raise WireError(f"dtype {dtype} is not allowed on the wire (bool and numbers only)")
+    return dtype
+
+
+def encode(
+    header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None
+) -> list[bytes | np.ndarray]:
+    """Turn a header and named arrays into frames: the packed header, then raw arrays."""
+    if ARRAYS_KEY in header:
+        raise WireError(f"header key {ARRAYS_KEY!r} is reserved for the array table")
+    table = []
+    frames: list[bytes | np.ndarray] = [b""]
+    for name, value in (arrays or {}).items():
+        arr = np.ascontiguousarray(value)
+        check_dtype(arr.dtype)
+        table.append([name, arr.dtype.str, list(arr.shape)])
+        frames.append(arr)
+    try:
+        frames[0] = msgpack.packb({**header, ARRAYS_KEY: table}, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"header cannot be encoded: {exc}") from exc
+    return frames
+
+
+def send(
+    sock: zmq.Socket,
+    header: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray] | None = None,
+    envelope: Sequence[bytes | zmq.Frame] = (),
+    flags: int = 0,
+) -> None:
+    """Send one message, after an optional routing ``envelope`` (ROUTER identities).
+
+    Frames above :data:`ZERO_COPY_THRESHOLD` go zero-copy; pyzmq keeps a reference
+    to each array until libzmq has sent it, so callers may drop theirs at once.
+    """
+    frames = [*envelope, *encode(header, arrays)]
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        size = frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
+        more = zmq.SNDMORE if i < last else 0
+        sock.send(frame, flags | more, copy=size < ZERO_COPY_THRESHOLD)
+
+
+def decode(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Check and decode frames (envelope already removed) into a :class:`Message`."""
+    if not frames:
+        raise WireError("empty message")
+    if len(frames) > limits.max_arrays + 1:
+        raise WireError(f"{len(frames)} frames exceed the limit of {limits.max_arrays + 1}")
+    head = _frame_bytes(frames[0])
+    if len(head) > limits.max_header_bytes:
+        raise WireError(f"header of {len(head)} bytes exceeds the limit of {limits.max_header_bytes}")
+    header = _unpack_header(head, limits)
+    table = header.pop(ARRAYS_KEY, None)
+    if not isinstance(table, list):
+        raise WireError(f"header has no {ARRAYS_KEY!r} list")
+    if len(table) != len(frames) - 1:
+        raise WireError(f"header lists {len(table)} arrays but {len(frames) - 1} array frames came")
+    arrays: dict[str, np.ndarray] = {}
+    for entry, frame in zip(table, frames[1:]):
+        name, arr = _decode_array(entry, _frame_bytes(frame), limits)
+        if name in arrays:
+            raise WireError(f"array {name!r} appears twice")
+        arrays[name] = arr
+    return Message(header, arrays)
+
+
+def _unpack_header(head: memoryview, limits: Limits) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(
+            head,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_header_bytes,
+            max_bin_len=limits.max_header_bytes,
+            max_array_len=limits.max_header_bytes,
+            max_map_len=limits.max_header_bytes,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types for bad input; all mean the same
+        raise WireError(f"header is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header is a {type(header).__name__}, not a map")
+    return header
+
+
+def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.ndarray]:
+    if not (isinstance(entry, list) and len(entry) == 3):
+        raise WireError(f"array entry {entry!r:.80} is not [name, dtype, shape]")
+    name, dtype_str, shape = entry
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise WireError(f"array name {name!r:.80} is not a non-empty string of at most 256 characters")
+    if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
+        raise WireError(f"array {name!r}: dtype {dtype_str!r:.40} is not allowed (bool and numbers only)")
+    try:
+        dtype = check_dtype(np.dtype(dtype_str))
+    except TypeError:
+        raise WireError(f"array {name!r}: unknown dtype {dtype_str!r}") from None
+    if (
+        not isinstance(shape, list)
+        or len(shape) > _MAX_NDIM
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise WireError(f"array {name!r}: shape {shape!r:.80} is not a list of at most {_MAX_NDIM} sizes")
+    nbytes = dtype.itemsize
+    for d in shape:
+        nbytes *= d
+    if nbytes > limits.max_array_bytes:
+        raise WireError(f"array {name!r}: {nbytes} bytes exceed the limit of {limits.max_array_bytes}")
+    if nbytes != len(buf):
+        raise WireError(f"array {name!r}: shape {shape} {dtype} needs {nbytes} bytes, frame has {len(buf)}")
+    return name, np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def limit_socket(sock: zmq.Socket, limits: Limits = DEFAULT_LIMITS) -> zmq.Socket:
+    """Make libzmq itself drop peers that send a frame larger than any message may be."""
+    sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_array_bytes, limits.max_header_bytes))
+    return sock
