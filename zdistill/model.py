@@ -42,7 +42,7 @@ class TensorSpec:
     def matches(self, row_shape: Sequence[int]) -> bool:
         """True when a row of ``row_shape`` fits this spec (-1 matches any size)."""
         return len(row_shape) == len(self.shape) and all(
-            want in (-1, got) for want, got in zip(self.shape, row_shape)
+            want in (-1, got) for want, got in zip(self.shape, row_shape, strict=True)
         )
 
     def example(self, rows: int) -> np.ndarray:

@@ -36,7 +36,8 @@ def resolve_model_files(target: str) -> tuple[str, str]:
         found = sorted(glob.glob(os.path.join(target, "*.json")) + glob.glob(os.path.join(target, "*.pdmodel")))
         prefixes = {os.path.splitext(f)[0] for f in found if os.path.exists(os.path.splitext(f)[0] + ".pdiparams")}
         if len(prefixes) != 1:
-            raise ConfigError(f"folder {target!r} must hold exactly one saved model, found {sorted(prefixes) or 'none'}")
+            found_text = sorted(prefixes) or "none"
+            raise ConfigError(f"folder {target!r} must hold exactly one saved model, found {found_text}")
         target = prefixes.pop()
     prefix, ext = os.path.splitext(target)
     if ext not in (".json", ".pdmodel", ".pdiparams"):

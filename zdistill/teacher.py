@@ -152,7 +152,8 @@ class TeacherServer:
                 raise RequestError("bad_request", f"feed {name!r} has dtype {arr.dtype}, the model wants {spec.dtype}")
             if not spec.matches(arr.shape[1:]):
                 raise RequestError(
-                    "bad_request", f"feed {name!r} has rows of shape {list(arr.shape[1:])}, the model wants {list(spec.shape)}"
+                    "bad_request",
+                    f"feed {name!r} has rows of shape {list(arr.shape[1:])}, the model wants {list(spec.shape)}",
                 )
         return n
 
@@ -239,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zdistill-teacher",
         description="Serve a saved Paddle inference model or a Python function to zdistill students.",
     )
-    p.add_argument("--model", required=True, help="Paddle model prefix/file/folder, or module:function, or file.py:function")
+    p.add_argument(
+        "--model", required=True, help="Paddle model prefix/file/folder, or module:function, or file.py:function"
+    )
     p.add_argument("--port", type=int, required=True, help="TCP port to listen on (0 picks a free one)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     p.add_argument("--gpu-ids", "--gpu_ids", default=None, help="serve on this GPU (needs paddlepaddle-gpu), e.g. 0")

@@ -126,7 +126,7 @@ def decode(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DE
     if len(table) != len(frames) - 1:
         raise WireError(f"header lists {len(table)} arrays but {len(frames) - 1} array frames came")
     arrays: dict[str, np.ndarray] = {}
-    for entry, frame in zip(table, frames[1:]):
+    for entry, frame in zip(table, frames[1:], strict=True):
         name, arr = _decode_array(entry, _frame_bytes(frame), limits)
         if name in arrays:
             raise WireError(f"array {name!r} appears twice")
