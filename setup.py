@@ -21,6 +21,8 @@ setup(
     entry_points={
         "console_scripts": [
             "zdistill-teacher=zdistill.teacher:main",
+            "zdistill-register=zdistill.register:main",
+            "zdistill-balancer=zdistill.balancer:main",
         ]
     },
 )
