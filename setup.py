@@ -8,7 +8,7 @@ setup(
     description="Teacher-as-a-service knowledge distillation over ZeroMQ: a fast drop-in for EDL's DistillReader",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["zdistill", "zdistill.*"]),
     install_requires=["numpy>=1.22", "pyzmq>=25", "msgpack>=1.0", "redis>=4.5"],
     extras_require={

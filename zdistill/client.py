@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zdistill import wire
 from zdistill.errors import TeacherError, TeacherTimeout, WireError
@@ -48,6 +49,7 @@ class TeacherClient:
         context: zmq.Context | None = None,
         timeout: float = 30.0,
         limits: wire.Limits = wire.DEFAULT_LIMITS,
+        watch: bool = False,
     ) -> None:
         self.address = address
         self.endpoint = teacher_endpoint(address)
@@ -57,6 +59,8 @@ class TeacherClient:
         self._ids = itertools.count(1)
         self._deadlines: dict[int, float] = {}
         self._done: dict[int, Completion] = {}
+        self._watch = watch
+        self.monitor: zmq.Socket | None = None
         self.socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
@@ -64,8 +68,25 @@ class TeacherClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._watch:  # a dropped TCP connection is the fastest sign of a dead teacher
+            self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         return sock
+
+    def disconnected(self) -> bool:
+        """Drain connection events (``watch=True`` only); True if the link to the teacher dropped."""
+        dropped = False
+        while self.monitor is not None and self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)
+            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
+        return dropped
+
+    def _close_socket(self) -> None:
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        self.socket.close(linger=0)
 
     @property
     def in_flight(self) -> int:
@@ -73,13 +94,13 @@ class TeacherClient:
 
     def reset(self) -> None:
         """Drop every request in flight and start a fresh connection (after a timeout)."""
-        self.socket.close(linger=0)
+        self._close_socket()
         self._deadlines.clear()
         self._done.clear()
         self.socket = self._connect()
 
     def close(self) -> None:
-        self.socket.close(linger=0)
+        self._close_socket()
         self._deadlines.clear()
 
     # -- pipelined use ------------------------------------------------------

@@ -28,8 +28,12 @@ from zdistill.errors import WireError
 
 ZERO_COPY_THRESHOLD = 64 * 1024
 ARRAYS_KEY = "arrays"
-_DTYPE_RE = re.compile(r"^[<>|=]?[biufc][1-9][0-9]?$")
+# bool and the fixed-size numbers every platform agrees on (no longdouble: its size
+# and meaning differ between machines, so it cannot be a wire type)
+_DTYPE_RE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
+_ALLOWED_KINDS = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
 _MAX_NDIM = 16
+_MAX_NAME = 256
 
 
 @dataclass(frozen=True)
@@ -58,14 +62,24 @@ class Message:
 
 
 def _frame_bytes(frame: zmq.Frame | bytes | memoryview) -> memoryview:
-    if isinstance(frame, zmq.Frame):
-        return frame.buffer
-    return memoryview(frame)
+    view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+    if view.ndim != 1 or view.itemsize != 1:  # len() must count bytes, not items or rows
+        if view.nbytes == 0:
+            return memoryview(b"")
+        try:
+            view = view.cast("B")
+        except TypeError as exc:
+            raise WireError(f"frame buffer cannot be read as bytes: {exc}") from None
+    return view
 
 
 def check_dtype(dtype: np.dtype) -> np.dtype:
-    """Return ``dtype`` if it may cross the wire (bool or a plain number), else raise."""
-    if dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+    """Return ``dtype`` if it may cross the wire (bool or a fixed-size number), else raise."""
+    if (
+        f"{dtype.kind}{dtype.itemsize}" not in _ALLOWED_KINDS
+        or dtype.fields is not None
+        or dtype.subdtype is not None
+    ):
         raise WireError(f"dtype {dtype} is not allowed on the wire (bool and numbers only)")
     return dtype
 
@@ -79,8 +93,15 @@ def encode(
     table = []
     frames: list[bytes | np.ndarray] = [b""]
     for name, value in (arrays or {}).items():
-        arr = np.ascontiguousarray(value)
+        if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+            raise WireError(f"array name {name!r:.80} is not a non-empty string of at most {_MAX_NAME} characters")
+        try:
+            arr = np.asarray(value)
+        except ValueError as exc:  # e.g. a ragged list
+            raise WireError(f"array {name!r} is not an array: {exc}") from None
         check_dtype(arr.dtype)
+        if not arr.flags.c_contiguous:  # np.ascontiguousarray would turn a 0-d array into shape (1,)
+            arr = arr.copy(order="C")
         table.append([name, arr.dtype.str, list(arr.shape)])
         frames.append(arr)
     try:
@@ -157,13 +178,13 @@ def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.
     if not (isinstance(entry, list) and len(entry) == 3):
         raise WireError(f"array entry {entry!r:.80} is not [name, dtype, shape]")
     name, dtype_str, shape = entry
-    if not isinstance(name, str) or not name or len(name) > 256:
-        raise WireError(f"array name {name!r:.80} is not a non-empty string of at most 256 characters")
+    if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
+        raise WireError(f"array name {name!r:.80} is not a non-empty string of at most {_MAX_NAME} characters")
     if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
         raise WireError(f"array {name!r}: dtype {dtype_str!r:.40} is not allowed (bool and numbers only)")
     try:
         dtype = check_dtype(np.dtype(dtype_str))
-    except TypeError:
+    except (TypeError, ValueError):
         raise WireError(f"array {name!r}: unknown dtype {dtype_str!r}") from None
     if (
         not isinstance(shape, list)
@@ -171,14 +192,20 @@ def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.
         or not all(type(d) is int and d >= 0 for d in shape)
     ):
         raise WireError(f"array {name!r}: shape {shape!r:.80} is not a list of at most {_MAX_NDIM} sizes")
-    nbytes = dtype.itemsize
+    nbytes = extent = dtype.itemsize
     for d in shape:
         nbytes *= d
-    if nbytes > limits.max_array_bytes:
-        raise WireError(f"array {name!r}: {nbytes} bytes exceed the limit of {limits.max_array_bytes}")
+        extent *= max(d, 1)
+    # ``extent`` ignores zero sizes: (0, 2**62) holds no bytes, but numpy cannot even shape it
+    if max(nbytes, extent) > limits.max_array_bytes:
+        raise WireError(
+            f"array {name!r}: shape {shape!r:.80} of {dtype} exceeds the limit of {limits.max_array_bytes} bytes"
+        )
     if nbytes != len(buf):
         raise WireError(f"array {name!r}: shape {shape} {dtype} needs {nbytes} bytes, frame has {len(buf)}")
-    return name, np.frombuffer(buf, dtype=dtype).reshape(shape)
+    arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    arr.flags.writeable = False  # pyzmq frames are writable, and an inproc frame may be the sender's array
+    return name, arr
 
 
 def limit_socket(sock: zmq.Socket, limits: Limits = DEFAULT_LIMITS) -> zmq.Socket:

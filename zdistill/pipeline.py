@@ -1,0 +1,346 @@
+"""The student side of a DistillReader: worker processes, the sink, and one epoch at a time.
+
+One :class:`Pipeline` owns everything the reader starts: a private ZeroMQ context, a
+folder of ipc endpoints, one worker process per teacher (kept across epochs), the
+sink socket where workers deliver finished tasks, and the reader process of the
+current epoch.  :meth:`Pipeline.epoch` is a generator: it forks the reader process,
+then receives finished tasks, puts them back in order, yields them as EDL's output,
+and credits the ventilator as each task is consumed.  It also supervises: a dead
+worker is replaced and its tasks sent again, a returned task goes to another worker,
+a refused task is retried a few times, a stalled epoch re-sends what is missing.
+
+Cleanup does not depend on the caller: :func:`weakref.finalize` stops every process
+by PID on :meth:`close`, on garbage collection and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from zdistill import wire
+from zdistill.errors import ReaderError, TeacherError, TeacherTimeout
+from zdistill.model import TensorSpec
+from zdistill.sink import ReorderBuffer
+from zdistill.tasks import ReaderType, predict_key, slot_key, split_output
+from zdistill.ventilator import VentilatorConfig, run_reader_process
+
+log = logging.getLogger("zdistill.reader")
+
+FATAL_CODES = frozenset({"bad_request", "too_large", "bad_message"})
+
+
+@dataclass
+class PipelineOptions:
+    """Knobs of the pipeline; the defaults are chosen for throughput on small machines."""
+
+    request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)
+    task_rows: int = 256  # rows per task: whole reader batches are packed up to this
+    window: int = 16  # tasks in flight per epoch (memory bound)
+    in_flight: int = 4  # teacher requests in flight per worker
+    request_timeout: float = 30.0  # a teacher silent this long is treated as down
+    max_retries: int = 3  # refusals of one task before the error reaches the training loop
+    teacher_wait: float = 300.0  # how long an epoch waits with no teacher up before it fails
+    stall_timeout: float = 60.0  # no progress this long: send every missing task again
+
+
+@dataclass
+class _WorkerProc:
+    teacher: str
+    popen: subprocess.Popen
+    up: bool = False
+    retiring: bool = False
+
+
+def _shutdown(procs: dict[str, _WorkerProc], reader_pids: set[int], folder: str, ctx: zmq.Context) -> None:
+    """Stop every process by PID and free the endpoints; safe to call twice and at exit."""
+    for pid in list(reader_pids):
+        _kill_reader(pid)
+    reader_pids.clear()
+    for proc in procs.values():
+        if proc.popen.poll() is None:
+            proc.popen.terminate()
+    deadline = time.monotonic() + 3.0
+    for proc in procs.values():
+        try:
+            proc.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.popen.kill()
+            proc.popen.wait()
+    procs.clear()
+    ctx.destroy(linger=0)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _kill_reader(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def rebuild_exception(header: dict[str, Any]) -> BaseException:
+    """The reader's exception, re-created by type name (no pickle), else a ReaderError."""
+    name, module, message = str(header.get("type")), str(header.get("module")), str(header.get("message"))
+    remote = str(header.get("traceback", ""))
+    exc: BaseException
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            raise TypeError(name)
+        exc = cls(message)
+    except Exception:
+        exc = ReaderError(f"{module}.{name}: {message}")
+    exc.add_note(f"raised in the DistillReader's reader process:\n{remote}")
+    return exc
+
+
+class Pipeline:
+    """Owns the processes and sockets of one DistillReader (see the module docstring)."""
+
+    def __init__(self, ins: Sequence[str], predicts: Sequence[str], options: PipelineOptions) -> None:
+        self.ins, self.predicts, self.options = list(ins), list(predicts), options
+        self.ctx = zmq.Context()
+        self.folder = tempfile.mkdtemp(prefix="zdistill-")
+        self.tasks_endpoint = f"ipc://{self.folder}/tasks"
+        self.results_endpoint = f"ipc://{self.folder}/results"
+        self.sink = self.ctx.socket(zmq.PULL)
+        self.sink.setsockopt(zmq.LINGER, 0)
+        self.sink.bind(self.results_endpoint)
+        self.workers: dict[str, _WorkerProc] = {}
+        self.reader_pids: set[int] = set()
+        self.epochs = 0
+        self.stats: Counter[str] = Counter()
+        self._finalizer = weakref.finalize(self, _shutdown, self.workers, self.reader_pids, self.folder, self.ctx)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        self._finalizer()
+
+    # -- workers ------------------------------------------------------------
+
+    def set_teachers(self, teachers: Iterable[str]) -> None:
+        """Start a worker for each new teacher; retire the workers of teachers gone."""
+        wanted = list(dict.fromkeys(teachers))
+        for teacher in wanted:
+            if teacher not in self.workers:
+                self.workers[teacher] = _WorkerProc(teacher, self._spawn_worker(teacher))
+        for teacher, proc in self.workers.items():
+            if teacher not in wanted and not proc.retiring:
+                proc.retiring = True
+                proc.popen.terminate()  # finishes its requests in flight, then exits
+
+    def _spawn_worker(self, teacher: str) -> subprocess.Popen:
+        o = self.options
+        args = [
+            sys.executable, "-m", "zdistill.worker", "--teacher", teacher,
+            "--tasks", self.tasks_endpoint, "--results", self.results_endpoint,
+            "--predicts", ",".join(self.predicts), "--request-rows", str(o.request_rows),
+            "--in-flight", str(o.in_flight), "--timeout", str(o.request_timeout),
+            "--parent-pid", str(os.getpid()),
+            "--log-level", logging.getLevelName(max(logging.getLogger("zdistill").getEffectiveLevel(), logging.INFO)),
+        ]
+        return subprocess.Popen(args, stdin=subprocess.DEVNULL, close_fds=True)
+
+    def _reap_workers(self) -> bool:
+        """Replace crashed workers, forget retired ones; True if any worker went away."""
+        gone = False
+        for teacher, proc in list(self.workers.items()):
+            code = proc.popen.poll()
+            if code is None:
+                continue
+            gone = True
+            if proc.retiring:
+                del self.workers[teacher]
+            else:
+                log.warning("worker for teacher %s exited with code %s; starting a new one", teacher, code)
+                self.stats["workers_restarted"] += 1
+                self.workers[teacher] = _WorkerProc(teacher, self._spawn_worker(teacher))
+        return gone
+
+    # -- one epoch ----------------------------------------------------------
+
+    def epoch(
+        self, reader: Callable[[], Iterable[Any]], reader_type: ReaderType, feeds: Sequence[TensorSpec]
+    ) -> Iterator[Any]:
+        """Run the reader once through the teachers and yield EDL's output, in order."""
+        self.epochs += 1
+        run = _EpochRun(self, self.epochs, reader, reader_type, feeds)
+        try:
+            yield from run.outputs()
+        finally:
+            run.stop()
+
+
+class _EpochRun:
+    """The sink and supervisor of one epoch (one reader process, one control socket)."""
+
+    def __init__(
+        self, pipe: Pipeline, epoch: int, reader: Callable[[], Iterable[Any]], reader_type: ReaderType,
+        feeds: Sequence[TensorSpec],
+    ) -> None:
+        self.pipe, self.epoch, self.reader_type = pipe, epoch, reader_type
+        o = pipe.options
+        self.ctl = pipe.ctx.socket(zmq.PAIR)
+        self.ctl.setsockopt(zmq.LINGER, 0)
+        ctl_endpoint = f"ipc://{pipe.folder}/ctl-{epoch}"
+        self.ctl.bind(ctl_endpoint)
+        cfg = VentilatorConfig(
+            reader, reader_type, pipe.ins, list(feeds), o.task_rows, o.window, epoch,
+            pipe.tasks_endpoint, ctl_endpoint, os.getpid(),
+        )
+        self.buffer: ReorderBuffer[wire.Message] = ReorderBuffer()
+        self.total: int | None = None
+        self.retries: Counter[int] = Counter()
+        self.parked: set[int] = set()
+        self.last_progress = time.monotonic()
+        self.down_since: float | None = None
+        self.reader_pid = self._fork_reader(cfg)
+
+    def _fork_reader(self, cfg: VentilatorConfig) -> int:
+        pid = os.fork()
+        if pid == 0:  # the child: the user's reader and the ventilator, nothing else
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            run_reader_process(cfg)
+        self.pipe.reader_pids.add(pid)
+        return pid
+
+    def outputs(self) -> Iterator[Any]:
+        while self.total is None or self.buffer.next_id < self.total:
+            msg = self.buffer.pop_next()
+            if msg is None:
+                self._pump()
+                continue
+            slots = [msg.arrays[slot_key(n)] for n in self.pipe.ins]
+            preds = [msg.arrays[predict_key(n)] for n in self.pipe.predicts]
+            yield from split_output(self.reader_type, slots, preds, msg.header.get("sizes"))
+            self.pipe.stats["tasks"] += 1
+            self.pipe.stats["samples"] += len(slots[0])
+            self.last_progress = time.monotonic()
+            wire.send(self.ctl, {"kind": "consumed", "upto": self.buffer.next_id - 1})
+
+    def stop(self) -> None:
+        try:
+            wire.send(self.ctl, {"kind": "stop"}, flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        _kill_reader(self.reader_pid)
+        self.pipe.reader_pids.discard(self.reader_pid)
+        self.ctl.close(linger=0)
+
+    # -- receiving ------------------------------------------------------------
+
+    def _pump(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pipe.sink, zmq.POLLIN)
+        poller.register(self.ctl, zmq.POLLIN)
+        events = dict(poller.poll(100))
+        if self.pipe.sink in events:
+            while self.pipe.sink.poll(0):
+                self._on_result(wire.decode(self.pipe.sink.recv_multipart(copy=False)))
+        if self.ctl in events:
+            while self.ctl.poll(0):
+                self._on_control(wire.decode(self.ctl.recv_multipart(copy=False)))
+        self._supervise()
+
+    def _on_result(self, msg: wire.Message) -> None:
+        if msg.kind == "status":
+            self._on_status(msg.header)
+            return
+        if msg.header.get("epoch") != self.epoch:
+            return  # a late answer from an earlier epoch
+        task = int(msg.header["task"])
+        if msg.kind == "done":
+            self.buffer.add(task, msg)
+            self.last_progress = time.monotonic()
+        elif msg.kind == "returned":
+            self.pipe.stats["returned"] += 1
+            self.parked.add(task)
+        elif msg.kind == "failed":
+            self._on_failed(task, msg.header)
+
+    def _on_failed(self, task: int, header: dict[str, Any]) -> None:
+        code, message = str(header.get("code")), str(header.get("message"))
+        self.retries[task] += 1
+        self.pipe.stats["failed"] += 1
+        if code in FATAL_CODES or self.retries[task] > self.pipe.options.max_retries:
+            raise TeacherError(f"task {task} failed {self.retries[task]} time(s); last error: {message}", code)
+        log.warning("task %d failed (%s), sending it again: %s", task, code, message)
+        self._resend([task])
+
+    def _on_status(self, header: dict[str, Any]) -> None:
+        proc = self.pipe.workers.get(str(header.get("worker")))
+        if proc is None:
+            return
+        proc.up = bool(header.get("up"))
+        if not proc.up and header.get("reason"):
+            log.warning("teacher %s unavailable: %s", proc.teacher, header["reason"])
+
+    def _on_control(self, msg: wire.Message) -> None:
+        if msg.kind == "end":
+            self.total = int(msg.header["tasks"])
+        elif msg.kind == "error":
+            raise rebuild_exception(msg.header)
+
+    # -- supervising ------------------------------------------------------------
+
+    def _resend(self, tasks: list[int]) -> None:
+        self.pipe.stats["resent"] += len(tasks)
+        wire.send(self.ctl, {"kind": "resend", "tasks": tasks})
+
+    def _resend_missing(self) -> None:
+        self.pipe.stats["resend_all"] += 1
+        wire.send(self.ctl, {"kind": "resend_all", "except": self.buffer.held_ids()})
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        if self.pipe._reap_workers():
+            self._resend_missing()
+        any_up = any(p.up and not p.retiring for p in self.pipe.workers.values())
+        if any_up:
+            self.down_since = None
+            if self.parked:
+                self._resend(sorted(self.parked))
+                self.parked.clear()
+        else:
+            self.down_since = self.down_since or now
+            if now - self.down_since > self.pipe.options.teacher_wait:
+                names = ", ".join(self.pipe.workers) or "none"
+                raise TeacherTimeout(
+                    f"no teacher answered for {self.pipe.options.teacher_wait:.0f} s (teachers: {names})"
+                )
+        if self.total is None and self._reader_gone():
+            raise ReaderError("the reader process died before the end of the epoch")
+        if now - self.last_progress > self.pipe.options.stall_timeout:
+            log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
+            self.last_progress = now
+            self._resend_missing()
+
+    def _reader_gone(self) -> bool:
+        """True once the reader process has exited without a last word on the control socket."""
+        try:
+            pid, _ = os.waitpid(self.reader_pid, os.WNOHANG)
+        except ChildProcessError:
+            pid = self.reader_pid
+        if pid == 0:
+            return False
+        return not self.ctl.poll(1000)  # its last words (end or error) may still be in transit

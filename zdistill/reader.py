@@ -1,0 +1,271 @@
+"""``DistillReader``: EDL's distillation reader, same calls and output, over ZeroMQ.
+
+A student swaps ``from paddle_edl.distill.distill_reader import DistillReader`` for
+``from zdistill import DistillReader`` and keeps its training loop.  What differs:
+
+- the teacher is a ``zdistill-teacher`` (not Paddle Serving); its ``meta`` says which
+  slots it takes, so ``set_serving_conf_file`` is accepted but not needed;
+- ``teacher_batch_size`` defaults to whole reader batches packed up to the teacher's
+  max batch (EDL's default of 1 sample per request was its main cost); it never
+  changes the output;
+- ``close()``, ``with``, garbage collection and interpreter exit stop every process
+  the reader started.
+
+The machinery lives in :mod:`zdistill.pipeline`; this module is the API edge: it
+keeps the configuration, applies EDL's environment variables, asks a teacher for
+its feeds, and starts the pipeline on the first epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import zmq
+
+from zdistill.client import TeacherClient
+from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
+from zdistill.model import TensorSpec
+from zdistill.pipeline import Pipeline, PipelineOptions
+from zdistill.tasks import ReaderType
+
+log = logging.getLogger("zdistill.reader")
+
+ENV_BALANCE_SERVER = "PADDLE_DISTILL_BALANCE_SERVER"
+ENV_SERVICE_NAME = "PADDLE_DISTILL_SERVICE_NAME"
+ENV_MAX_TEACHER = "PADDLE_DISTILL_MAX_TEACHER"
+
+
+def _split_list(value: str | Sequence[str], what: str) -> list[str]:
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = [str(v).strip() for v in value]
+    else:
+        raise TypeError(f"{what} must be a list, tuple or 'a,b' string, got {type(value).__name__}")
+    items = [v for v in items if v]
+    if not items:
+        raise ConfigError(f"{what} is empty")
+    return items
+
+
+class DistillReader:
+    """Reads the user's samples, asks teachers for predictions, yields both (EDL's API)."""
+
+    def __init__(self, ins: Sequence[str], predicts: Sequence[str]) -> None:
+        if isinstance(ins, str) or isinstance(predicts, str) or not ins or not predicts:
+            raise ConfigError("ins and predicts must be non-empty lists of names, e.g. ins=['img', 'label']")
+        self._ins, self._predicts = list(ins), list(predicts)
+        self._mode: str | None = None
+        self._teachers: list[str] = []
+        self._discovery_servers: list[str] = []
+        self._service_name: str | None = None
+        self._require_num = 1
+        self._teacher_batch_size: int | None = None
+        self._serving_conf_file: str | None = None
+        self._reader: Callable[[], Iterable[Any]] | None = None
+        self._reader_type: ReaderType | None = None
+        self.options = PipelineOptions()
+        self._pipeline: Pipeline | None = None
+        self._feeds: list[TensorSpec] | None = None
+        self._active: Iterator[Any] | None = None
+        self._discovery: Any = None
+
+    # -- EDL's configuration calls ---------------------------------------------
+
+    def set_fixed_teacher(self, teachers: str | Sequence[str]) -> None:
+        """Teachers at fixed addresses: a list, a tuple, or ``'ip:port,ip:port'``."""
+        self._teachers = _split_list(teachers, "teachers")
+        self._mode = "fixed"
+        self._require_num = len(self._teachers)
+
+    def set_dynamic_teacher(
+        self, discovery_servers: str | Sequence[str], teacher_service_name: str, require_max_teacher: int = 1
+    ) -> None:
+        """Teachers found through ``zdistill-balancer`` (a comma list of them, for failover)."""
+        self._discovery_servers = _split_list(discovery_servers, "discovery_servers")
+        self._service_name = teacher_service_name
+        self._require_num = int(require_max_teacher)
+        self._mode = "discover"
+
+    def set_require_max_teacher(self, require_max_teacher: int) -> None:
+        """The most teachers this student uses at once (ignored for fixed teachers, as in EDL)."""
+        if self._mode != "fixed":
+            self._require_num = int(require_max_teacher)
+
+    def set_teacher_batch_size(self, teacher_batch_size: int = 1) -> None:
+        """Rows per teacher request: a speed knob only, the output is the same for any value."""
+        if int(teacher_batch_size) < 1:
+            raise ConfigError(f"teacher_batch_size must be >= 1, got {teacher_batch_size}")
+        self._teacher_batch_size = int(teacher_batch_size)
+
+    def set_serving_conf_file(self, conf_file: str) -> None:
+        """Accepted for EDL compatibility and unused: a zdistill teacher describes its own feeds."""
+        if not os.path.isfile(conf_file):
+            log.warning("serving conf file %s does not exist (it is not needed by zdistill)", conf_file)
+        self._serving_conf_file = conf_file
+
+    def _set_reader(self, reader: Callable[[], Iterable[Any]], kind: ReaderType) -> DistillReader:
+        if not callable(reader):
+            raise TypeError(f"the reader must be a callable that returns a generator, got {type(reader).__name__}")
+        if self._reader is not None:
+            raise ConfigError("a reader has already been set on this DistillReader")
+        self._reader, self._reader_type = reader, kind
+        return self
+
+    def set_sample_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
+        """``reader()`` yields samples ``(slot, ...)``; the output yields ``(slot, ..., predict, ...)``."""
+        return self._set_reader(reader, ReaderType.SAMPLE)
+
+    def set_sample_list_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
+        """``reader()`` yields lists of samples; the output yields lists of the same sizes."""
+        return self._set_reader(reader, ReaderType.SAMPLE_LIST)
+
+    def set_batch_generator(self, reader: Callable[[], Iterable[Any]]) -> DistillReader:
+        """``reader()`` yields tuples of arrays; the output yields ``(slot_batch, ..., predict_batch, ...)``."""
+        return self._set_reader(reader, ReaderType.BATCH)
+
+    def config(self) -> dict[str, Any]:
+        """What :meth:`print_config` prints (EDL's keys), as a dict."""
+        return {
+            "ins": self._ins,
+            "predicts": self._predicts,
+            "serving_conf_file": self._serving_conf_file,
+            "teacher_batch_size": self._teacher_batch_size or f"auto ({self.options.request_rows})",
+            "distill_mode": self._mode,
+            "teachers": self._teachers,
+            "require_max_teacher": self._require_num,
+            "discovery_servers": self._discovery_servers,
+            "teacher_service_name": self._service_name,
+            "reader_type": self._reader_type.value if self._reader_type else None,
+        }
+
+    def print_config(self) -> None:
+        """Print the configuration as EDL does (it is a user-facing report, so it prints)."""
+        lines = ["------ DistillReader Configuration Arguments ------"]
+        if self._pipeline is None:
+            lines.append("DistillReader not start yet, some args may change.")
+        lines += [f"{key}: {value}" for key, value in self.config().items()]
+        lines.append("------------------------------------------------")
+        print("\n".join(lines))  # noqa: T201
+
+    # -- running ------------------------------------------------------------------
+
+    def _apply_env(self) -> None:
+        """EDL's environment variables win over the calls, as they did there."""
+        servers = os.environ.get(ENV_BALANCE_SERVER)
+        if servers:
+            name = os.environ.get(ENV_SERVICE_NAME)
+            if not name:
+                raise ConfigError(f"{ENV_BALANCE_SERVER} is set but {ENV_SERVICE_NAME} is not")
+            self._discovery_servers = _split_list(servers, ENV_BALANCE_SERVER)
+            self._service_name = name
+            self._mode = "discover"
+            if os.environ.get(ENV_MAX_TEACHER):
+                self._require_num = int(os.environ[ENV_MAX_TEACHER])
+        if self._mode is None:
+            raise ConfigError(
+                "no teacher: call set_fixed_teacher or set_dynamic_teacher, "
+                f"or set {ENV_BALANCE_SERVER} and {ENV_SERVICE_NAME}"
+            )
+
+    def _start(self) -> Pipeline:
+        self._apply_env()
+        if self._teacher_batch_size is not None:
+            self.options.request_rows = self._teacher_batch_size
+            self.options.task_rows = max(self.options.task_rows, self._teacher_batch_size)
+        pipeline = Pipeline(self._ins, self._predicts, self.options)
+        try:
+            if self._mode == "fixed":
+                teachers = self._teachers
+            else:
+                teachers = self._start_discovery()
+            self._feeds = self._fetch_feeds(pipeline.ctx, teachers)
+            pipeline.set_teachers(teachers)
+        except BaseException:
+            pipeline.close()
+            raise
+        return pipeline
+
+    def _start_discovery(self) -> list[str]:
+        from zdistill.discovery import DiscoveryClient
+
+        assert self._service_name is not None  # set with the discover mode
+        self._discovery = DiscoveryClient(self._discovery_servers, self._service_name, self._require_num)
+        self._discovery.start()
+        version, teachers = self._discovery.current()
+        deadline = time.monotonic() + self.options.teacher_wait
+        while not teachers and time.monotonic() < deadline:
+            version, teachers = self._discovery.wait_for_change(version, 1.0)
+        if not teachers:
+            raise TeacherTimeout(f"the balancer gave no teacher of {self._service_name!r} in time")
+        return teachers
+
+    def _fetch_feeds(self, ctx: zmq.Context, teachers: Sequence[str]) -> list[TensorSpec]:
+        """Ask the teachers (in turn, until one answers) which slots they take."""
+        deadline = time.monotonic() + self.options.teacher_wait
+        while True:
+            for address in teachers:
+                client = TeacherClient(address, ctx, timeout=2.0)
+                try:
+                    meta = client.meta()
+                except TeacherTimeout:
+                    log.warning("teacher %s does not answer yet", address)
+                    continue
+                except TeacherError as exc:
+                    raise ConfigError(f"teacher {address} refused meta: {exc}") from exc
+                finally:
+                    client.close()
+                return self._check_meta(address, meta)
+            if time.monotonic() > deadline:
+                raise TeacherTimeout(f"no teacher of {list(teachers)} answered within {self.options.teacher_wait} s")
+
+    def _check_meta(self, address: str, meta: dict[str, Any]) -> list[TensorSpec]:
+        feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
+        fetches = [f["name"] for f in meta.get("fetches", [])]
+        missing = [p for p in self._predicts if p not in fetches]
+        if missing:
+            raise ConfigError(f"predicts {missing} are not outputs of teacher {address}; its outputs are {fetches}")
+        absent = [f.name for f in feeds if f.name not in self._ins]
+        if absent:
+            raise ConfigError(f"teacher {address} needs feeds {absent}, which are not among ins {self._ins}")
+        return feeds
+
+    def __call__(self) -> Iterator[Any]:
+        """One epoch: a generator of the reader's samples with the teachers' predictions appended."""
+        if self._reader is None or self._reader_type is None:
+            raise ConfigError("set a reader first (set_sample_generator / set_sample_list_generator / ...)")
+        if self._active is not None:
+            self._active.close()  # a new epoch starts from its beginning, whatever the last one did
+        if self._pipeline is None or self._pipeline.closed:
+            self._pipeline = self._start()
+        assert self._feeds is not None  # set by _start
+        self._active = self._pipeline.epoch(self._reader, self._reader_type, self._feeds)
+        return self._active
+
+    def close(self) -> None:
+        """Stop every process this reader started; the reader can be started again later."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        if self._discovery is not None:
+            self._discovery.close()
+            self._discovery = None
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
+
+    def __enter__(self) -> DistillReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at interpreter exit modules may be half gone; the finalizer still runs
+            pass

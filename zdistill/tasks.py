@@ -1,0 +1,175 @@
+"""Tasks: the unit of work of a DistillReader pipeline, and the edge to the user's reader.
+
+A task is a run of consecutive samples as *arrays*, one per slot (``ins``), with the
+reader's own batch sizes alongside so the output can be cut back into the same
+batches.  The reader's samples are stacked into arrays once, here, at the input
+edge; from then on only arrays move (as raw frames), and per-sample tuples are made
+again only at the output edge, as views (:func:`split_output`).
+
+Arrays of a task are named ``s:<slot>`` and predictions ``p:<name>`` on the wire, so
+a slot and a prediction may share a name.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from zdistill.errors import ConfigError
+from zdistill.model import TensorSpec
+
+
+class ReaderType(str, enum.Enum):
+    """How the user's reader yields data (EDL's three kinds)."""
+
+    SAMPLE = "sample"
+    SAMPLE_LIST = "sample_list"
+    BATCH = "batch"
+
+
+def slot_key(name: str) -> str:
+    return "s:" + name
+
+
+def predict_key(name: str) -> str:
+    return "p:" + name
+
+
+@dataclass
+class Task:
+    """Consecutive samples of one epoch: slot arrays plus the reader batch sizes."""
+
+    task_id: int
+    slots: dict[str, np.ndarray]
+    sizes: list[int] | None  # None: a sample reader, every row is yielded on its own
+
+    @property
+    def rows(self) -> int:
+        return len(next(iter(self.slots.values())))
+
+
+def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
+    """Raise a clear error unless rows of ``row_shape`` can be fed to ``spec``.
+
+    A row whose number of values equals the feed's is accepted and reshaped on the
+    way to the teacher, as EDL did (a flat 784-vector for a 1x28x28 feed).
+    """
+    if spec.matches(row_shape):
+        return
+    want = int(np.prod(spec.shape)) if all(d >= 0 for d in spec.shape) else None
+    if want is not None and int(np.prod(row_shape)) == want:
+        return
+    raise ConfigError(
+        f"slot {slot!r} has samples of shape {list(row_shape)}, but the teacher's feed {spec.name!r} "
+        f"expects {list(spec.shape)}" + (f" ({want} values)" if want is not None else "")
+    )
+
+
+def to_feed(arr: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """A slot array as the teacher wants it: its per-row shape and dtype (no copy if already so)."""
+    if not spec.matches(arr.shape[1:]):
+        arr = arr.reshape(len(arr), *spec.shape)
+    return arr.astype(spec.dtype, copy=False)
+
+
+class TaskBuilder:
+    """Turns what the user's reader yields into tasks of about ``task_rows`` rows.
+
+    Whole reader batches are packed into one task until it holds ``task_rows`` rows,
+    because the cost of the pipeline is per message, not per byte.
+    """
+
+    def __init__(self, reader_type: ReaderType, ins: Sequence[str], feeds: Sequence[TensorSpec], task_rows: int):
+        self.reader_type = reader_type
+        self.ins = list(ins)
+        self.feeds = {spec.name: spec for spec in feeds}
+        self.task_rows = max(1, task_rows)
+        self._next_id = 0
+        self._parts: list[list[Any]] = [[] for _ in self.ins]  # per slot: samples or batch arrays
+        self._sizes: list[int] = []
+        self._rows = 0
+
+    @property
+    def tasks_made(self) -> int:
+        return self._next_id
+
+    def add(self, item: Any) -> Iterator[Task]:
+        """Take one item from the user's reader; yield a task whenever one is full."""
+        if self.reader_type is ReaderType.SAMPLE:
+            self._add_sample(item)
+            n = 1
+        elif self.reader_type is ReaderType.SAMPLE_LIST:
+            if not isinstance(item, (list, tuple)):
+                raise ConfigError(f"a sample list generator must yield lists of samples, got {type(item).__name__}")
+            for sample in item:
+                self._add_sample(sample)
+            n = len(item)
+        else:
+            n = self._add_batch(item)
+        if n:
+            self._sizes.append(n)
+            self._rows += n
+        if self._rows >= self.task_rows:
+            yield self._cut()
+
+    def flush(self) -> Iterator[Task]:
+        """The last, partial task of an epoch."""
+        if self._rows:
+            yield self._cut()
+
+    def _arity(self, item: Any, what: str) -> Sequence[Any]:
+        if not isinstance(item, (list, tuple)) or len(item) != len(self.ins):
+            got = len(item) if isinstance(item, (list, tuple)) else type(item).__name__
+            raise ConfigError(f"each {what} must have {len(self.ins)} slots {self.ins}, got {got}")
+        return item
+
+    def _add_sample(self, sample: Any) -> None:
+        for part, value in zip(self._parts, self._arity(sample, "sample"), strict=True):
+            part.append(value)
+
+    def _add_batch(self, batch: Any) -> int:
+        arrays = [np.asarray(a) for a in self._arity(batch, "batch")]
+        rows = {a.shape[0] if a.ndim else -1 for a in arrays}
+        if len(rows) != 1 or min(rows) < 0:
+            shapes = {name: list(a.shape) for name, a in zip(self.ins, arrays, strict=True)}
+            raise ConfigError(f"every slot of a batch needs the same number of rows, got shapes {shapes}")
+        for part, arr in zip(self._parts, arrays, strict=True):
+            part.append(arr)
+        return rows.pop()
+
+    def _cut(self) -> Task:
+        slots = {}
+        for name, part in zip(self.ins, self._parts, strict=True):
+            try:
+                slots[name] = np.concatenate(part) if self.reader_type is ReaderType.BATCH else np.stack(part)
+            except ValueError as exc:
+                raise ConfigError(f"slot {name!r}: samples cannot be stacked into one array ({exc})") from None
+            if slots[name].dtype.kind not in "biufc":
+                raise ConfigError(f"slot {name!r} holds {slots[name].dtype} values; zdistill sends numbers and bools")
+            if name in self.feeds:
+                check_feed(name, slots[name].shape[1:], self.feeds[name])
+        sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
+        task = Task(self._next_id, slots, sizes)
+        self._next_id += 1
+        self._parts = [[] for _ in self.ins]
+        self._sizes, self._rows = [], 0
+        return task
+
+
+def split_output(
+    reader_type: ReaderType, slots: Sequence[np.ndarray], predicts: Sequence[np.ndarray], sizes: Iterable[int] | None
+) -> Iterator[Any]:
+    """Cut a finished task back into what EDL's reader yields, as views of its arrays."""
+    columns = [*slots, *predicts]
+    if reader_type is ReaderType.SAMPLE:
+        yield from zip(*columns, strict=True)
+        return
+    start = 0
+    for n in sizes or ():
+        part = [c[start : start + n] for c in columns]
+        yield tuple(part) if reader_type is ReaderType.BATCH else list(zip(*part, strict=True))
+        start += n

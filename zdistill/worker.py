@@ -1,0 +1,242 @@
+"""A reader worker: one process, one teacher connection, several requests in flight.
+
+Started by the student (``python -m zdistill.worker``), never forked, so it carries
+none of the student's state.  It PULLs tasks from the ventilator, sends the feed slots
+to its teacher in requests of at most ``--request-rows`` rows, and PUSHes each
+finished task (its slot frames forwarded untouched, plus the predictions) to the
+student's sink.
+
+Health is judged in-band: a dropped TCP connection (socket monitor) or a request
+past its timeout marks the teacher *down*; the worker then hands back every task it
+holds (``returned``: the student sends it elsewhere without counting a retry) and
+probes the teacher with ``meta`` until it answers again.  The student hears ``status``
+messages on each change.  Requests the teacher refuses come back as ``failed`` with
+the teacher's error code, for the student to retry or give up on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from zdistill import wire
+from zdistill.client import Completion, TeacherClient
+from zdistill.errors import TeacherError, TeacherTimeout
+from zdistill.model import TensorSpec
+from zdistill.tasks import predict_key, slot_key, to_feed
+
+log = logging.getLogger("zdistill.worker")
+
+_PROBE_EVERY = 0.25
+
+
+@dataclass
+class Job:
+    """A task in progress: its message and the parts its teacher requests answered."""
+
+    header: dict[str, Any]
+    slots: dict[str, np.ndarray]
+    parts: list[dict[str, np.ndarray] | None]
+    pending: set[int] = field(default_factory=set)
+
+
+class Worker:
+    """Owns the teacher client, the jobs in progress and the worker's two pipeline sockets."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.predicts: list[str] = args.predicts.split(",")
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, 2)
+        self.pull.setsockopt(zmq.RECONNECT_IVL, 10)
+        self.pull.connect(args.tasks)
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 2000)
+        self.push.connect(args.results)
+        self.client = TeacherClient(args.teacher, self.ctx, timeout=args.timeout, watch=True)
+        self.feeds: list[TensorSpec] = []
+        self.request_rows = args.request_rows
+        self.up = False
+        self.probe: int | None = None
+        self.next_probe = 0.0
+        self.jobs: dict[int, Job] = {}
+        self.requests: dict[int, tuple[int, int]] = {}  # request id -> (job key, part)
+        self.stopping = False
+
+    # -- main loop ----------------------------------------------------------
+
+    def run(self) -> None:
+        while not (self.stopping and not self.jobs):
+            if os.getppid() != self.args.parent_pid:
+                log.info("student process is gone; worker for %s exits", self.args.teacher)
+                return
+            if not self.up and self.probe is None and time.monotonic() >= self.next_probe:
+                self.probe = self.client.submit("meta", timeout=1.0)
+            poller = zmq.Poller()
+            poller.register(self.client.socket, zmq.POLLIN)
+            if self.client.monitor is not None:
+                poller.register(self.client.monitor, zmq.POLLIN)
+            if not self.stopping and (not self.up or self.client.in_flight < self.args.in_flight):
+                poller.register(self.pull, zmq.POLLIN)
+            deadline = self.client.next_deadline()
+            wait = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
+            events = dict(poller.poll(wait * 1000))
+            if self.client.disconnected():
+                self._teacher_down("the connection to the teacher dropped")
+                continue
+            if self.pull in events:
+                self._on_task(self.pull.recv_multipart(copy=False))
+            for completion in self.client.collect(0):
+                self._on_completion(completion)
+
+    def _on_task(self, frames: list[zmq.Frame]) -> None:
+        msg = wire.decode(frames)
+        if not self.up:
+            self._send_result({**msg.header, "kind": "returned", "worker": self.args.teacher})
+            return
+        key = int(msg.header["task"]) * 1_000_000 + int(msg.header.get("epoch", 0))
+        feeds = {spec.name: to_feed(msg.arrays[slot_key(spec.name)], spec) for spec in self.feeds}
+        rows = len(next(iter(feeds.values())))
+        starts = range(0, rows, self.request_rows)
+        job = Job(msg.header, msg.arrays, [None] * len(starts))
+        self.jobs[key] = job
+        for part, start in enumerate(starts):
+            chunk = {name: arr[start : start + self.request_rows] for name, arr in feeds.items()}
+            req_id = self.client.submit("predict", chunk)
+            self.requests[req_id] = (key, part)
+            job.pending.add(req_id)
+
+    def _on_completion(self, done: Completion) -> None:
+        if done.req_id == self.probe:
+            self._on_probe(done)
+            return
+        where = self.requests.pop(done.req_id, None)
+        if where is None:
+            return
+        key, part = where
+        job = self.jobs.get(key)
+        if job is None:
+            return
+        job.pending.discard(done.req_id)
+        if isinstance(done.error, TeacherTimeout):
+            self._teacher_down(str(done.error))
+        elif done.error is not None:
+            self._drop_job(key)
+            code = done.error.code if isinstance(done.error, TeacherError) else "error"
+            self._send_result({**job.header, "kind": "failed", "code": code, "message": str(done.error),
+                               "worker": self.args.teacher})
+        else:
+            job.parts[part] = done.result
+            if not job.pending:
+                self._finish(key, job)
+
+    def _finish(self, key: int, job: Job) -> None:
+        del self.jobs[key]
+        arrays = dict(job.slots)
+        for name in self.predicts:
+            parts = [p[name] for p in job.parts if p is not None]
+            arrays[predict_key(name)] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._send_result({**job.header, "kind": "done", "worker": self.args.teacher}, arrays)
+
+    def _drop_job(self, key: int) -> None:
+        job = self.jobs.pop(key)
+        for req_id in job.pending:
+            self.requests.pop(req_id, None)
+
+    # -- teacher health -----------------------------------------------------
+
+    def _on_probe(self, done: Completion) -> None:
+        self.probe = None
+        self.next_probe = time.monotonic() + _PROBE_EVERY
+        if done.error is not None or done.header is None:
+            return
+        meta = done.header
+        self.feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
+        fetches = {f["name"] for f in meta.get("fetches", [])}
+        missing = [p for p in self.predicts if p not in fetches]
+        if missing:
+            self._send_result({"kind": "status", "worker": self.args.teacher, "up": False,
+                               "reason": f"teacher has no outputs {missing}; it has {sorted(fetches)}"})
+            return
+        self.request_rows = max(1, min(self.args.request_rows, int(meta.get("max_batch_size", 1))))
+        self.up = True
+        log.info("teacher %s is up", self.args.teacher)
+        self._send_result({"kind": "status", "worker": self.args.teacher, "up": True, "reason": ""})
+
+    def _teacher_down(self, reason: str) -> None:
+        """Hand back every task held, start afresh, and probe until the teacher answers."""
+        was_up = self.up
+        self.up = False
+        for key in list(self.jobs):
+            job = self.jobs[key]
+            self._drop_job(key)
+            self._send_result({**job.header, "kind": "returned", "worker": self.args.teacher})
+        self.client.reset()
+        self.requests.clear()
+        self.probe = None
+        self.next_probe = time.monotonic() + _PROBE_EVERY
+        if was_up:
+            log.warning("teacher %s is down: %s", self.args.teacher, reason)
+            self._send_result({"kind": "status", "worker": self.args.teacher, "up": False, "reason": reason})
+
+    def _send_result(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+        wire.send(self.push, header, arrays)
+
+    def close(self) -> None:
+        self.client.close()
+        self.pull.close(linger=0)
+        self.push.close()
+        self.ctx.term()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the student dies, even by kill -9."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the getppid() check in the loop still catches it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m zdistill.worker", description="A DistillReader worker (internal).")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--tasks", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--predicts", required=True)
+    p.add_argument("--request-rows", type=int, default=256)
+    p.add_argument("--in-flight", type=int, default=4)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--parent-pid", type=int, required=True)
+    p.add_argument("--log-level", default="WARNING")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _die_with_parent()
+    worker = Worker(args)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stopping", True))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
