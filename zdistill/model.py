@@ -136,12 +136,16 @@ def _load_callable(target: str) -> CallableModel:
             raise ConfigError(f"cannot load {where!r} as a Python module")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # any failure of user code at import is a bad --model, not a crash
+            del sys.modules[name]
+            raise ConfigError(f"cannot load model file {where!r}: {type(exc).__name__}: {exc}") from exc
     else:
         try:
             module = importlib.import_module(where)
-        except ImportError as exc:
-            raise ConfigError(f"cannot import module {where!r} for the model: {exc}") from exc
+        except Exception as exc:
+            raise ConfigError(f"cannot import module {where!r} for the model: {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"{where!r} has no callable named {attr!r}")

@@ -97,10 +97,15 @@ class PaddleModel:
     """One ``paddle.inference`` predictor: on a GPU when asked and available, else CPU + oneDNN."""
 
     def __init__(self, target: str, gpu_ids: Sequence[int] = (), threads: int = 1) -> None:
-        import paddle
-        from paddle import inference
+        program, params = resolve_model_files(target)  # before importing Paddle: a wrong path is the common error
+        try:
+            import paddle
+            from paddle import inference
+        except ImportError as exc:
+            raise ConfigError(
+                f"serving the Paddle model {program} needs paddlepaddle (pip install 'zdistill[paddle]'): {exc}"
+            ) from None
 
-        program, params = resolve_model_files(target)
         config = inference.Config(program, params)
         config.disable_glog_info()
         if gpu_ids and paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
@@ -115,7 +120,10 @@ class PaddleModel:
             config.enable_mkldnn()
             config.set_cpu_math_library_num_threads(max(1, threads))
             self.device = "cpu"
-        self._predictor = inference.create_predictor(config)
+        try:
+            self._predictor = inference.create_predictor(config)
+        except Exception as exc:  # Paddle raises its own types for a corrupt or incompatible program
+            raise ConfigError(f"Paddle cannot load {program}: {type(exc).__name__}: {exc}") from None
         self._inputs = {n: self._predictor.get_input_handle(n) for n in self._predictor.get_input_names()}
         self._outputs = {n: self._predictor.get_output_handle(n) for n in self._predictor.get_output_names()}
         self.feeds = read_feed_specs(program, list(self._inputs))

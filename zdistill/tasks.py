@@ -23,7 +23,7 @@ from zdistill.errors import ConfigError
 from zdistill.model import TensorSpec
 
 
-class ReaderType(str, enum.Enum):
+class ReaderType(enum.StrEnum):
     """How the user's reader yields data (EDL's three kinds)."""
 
     SAMPLE = "sample"

@@ -17,6 +17,12 @@ Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` and the serve
 on serving everyone else.  The socket is bound only after the model has loaded and
 run once, so an answered ``ping`` means the teacher is really ready.
 
+On SIGTERM (or SIGINT) the teacher answers every request that had reached its socket,
+including those still queued in libzmq and not yet read; requests that arrive after
+that get the error code ``shutting_down`` (so a client can resend them elsewhere at
+once instead of waiting for a timeout); it closes when the socket has been quiet for
+a moment, flushes its replies and exits 0.
+
 One thread owns the socket, the batcher and the model: requests that queue in
 libzmq while the model runs are merged into the next batch, so no locks are needed.
 """
@@ -43,6 +49,8 @@ from zdistill.model import Model, load_model
 log = logging.getLogger("zdistill.teacher")
 
 _DRAIN_AT_ONCE = 256
+_STOP_QUIET_S = 0.05  # a stopping teacher closes once no message came for this long...
+_STOP_GRACE_S = 5.0  # ...or after this long, however busy its peers still are
 
 
 class RequestError(Exception):
@@ -72,6 +80,7 @@ class TeacherServer:
         self.batcher = Batcher(max_batch_size, max_delay)
         self.errors: dict[str, int] = {}
         self._stopping = False
+        self._refusing = False
         self._ctx = context or zmq.Context.instance()
         self.socket = wire.limit_socket(self._ctx.socket(zmq.ROUTER), limits)
         self.socket.setsockopt(zmq.LINGER, 2000)
@@ -89,15 +98,35 @@ class TeacherServer:
             deadline = self.batcher.deadline()
             wait_ms = 100 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000)
             if poller.poll(wait_ms):
-                for _ in range(_DRAIN_AT_ONCE):
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._on_message(frames)
+                self._receive_ready()
             self._run_ready(force=False)
+        self._finish()
+
+    def _receive_ready(self, limit: int = _DRAIN_AT_ONCE) -> int:
+        """Handle up to ``limit`` messages already queued on the socket; return how many."""
+        for count in range(limit):
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return count
+            self._on_message(frames)
+        return limit
+
+    def _finish(self) -> None:
+        """Answer what reached the socket before the stop, refuse later arrivals, then close.
+
+        Messages queued inside libzmq were sent by clients before the stop: they are in
+        flight, so they get real answers, however many.  Whatever comes after gets a
+        ``shutting_down`` error until the socket has been quiet for a moment.
+        """
+        while self._receive_ready() == _DRAIN_AT_ONCE:
+            pass
         self._run_ready(force=True)
-        self.socket.close()
+        self._refusing = True
+        end = time.monotonic() + _STOP_GRACE_S
+        while time.monotonic() < end and self.socket.poll(int(_STOP_QUIET_S * 1000)):
+            self._receive_ready()
+        self.socket.close()  # LINGER lets the replies still queued go out
 
     def _run_ready(self, force: bool) -> None:
         while (batch := self.batcher.take(time.monotonic(), force)) is not None:
@@ -119,6 +148,8 @@ class TeacherServer:
             self._reply_error(envelope, req_id, exc.code, str(exc))
 
     def _dispatch(self, envelope: list[Any], req_id: Any, msg: wire.Message) -> None:
+        if self._refusing:
+            raise RequestError("shutting_down", "the teacher is shutting down: send this request to another teacher")
         if msg.kind == "predict":
             rows = self._validate(msg.arrays)
             self.batcher.add(Request(envelope, req_id, msg.arrays, rows, time.monotonic()))
@@ -167,7 +198,6 @@ class TeacherServer:
                 for req in batch:
                     self._run_batch([req])
                 return
-            self.errors["model_error"] = self.errors.get("model_error", 0) + 1
             log.warning("model failed on a batch of %d rows: %s: %s", batch[0].rows, type(exc).__name__, exc)
             self._reply_error(batch[0].envelope, batch[0].req_id, "model_error", f"{type(exc).__name__}: {exc}")
             return
@@ -262,12 +292,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(max(1, args.threads)))
+    context = zmq.Context()
     try:
         model = load_model(args.model, gpu_ids=parse_gpu_ids(args.gpu_ids), threads=args.threads)
-        model.run({spec.name: spec.example(1) for spec in model.feeds})  # ready means it has run
-        server = TeacherServer(model, f"tcp://{args.host}:{args.port}", args.max_batch_size, args.max_delay_ms / 1000)
+        try:  # ready means it has run
+            model.run({spec.name: spec.example(1) for spec in model.feeds})
+        except Exception as exc:  # user code: a model that cannot run once is a bad --model
+            raise ConfigError(f"the model failed its first run: {type(exc).__name__}: {exc}") from None
+        endpoint = f"tcp://{args.host}:{args.port}"
+        try:
+            server = TeacherServer(model, endpoint, args.max_batch_size, args.max_delay_ms / 1000, context=context)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
     except ConfigError as exc:
         log.error("%s", exc)
+        context.term()
         return 2
     # Paddle installs its own SIGTERM handler on import; ours must come after the model loads.
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
@@ -280,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(server.endpoint)
         os.replace(tmp, args.ready_file)
     server.serve()
+    context.term()  # waits (up to the socket's LINGER) until the last replies have left
     log.info("stopped after %d requests", server.batcher.stats.requests)
     return 0
 

@@ -1,0 +1,288 @@
+"""DistillReader against real teacher processes: output, order, lifecycle, errors."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import psutil
+import pytest
+
+from tests import procs
+from tests.teachers import softmax_np
+from zdistill import ConfigError, DistillReader, ReaderError, TeacherError
+
+N = 1000  # samples per epoch: not a multiple of any batch size used below
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Three softmax teachers, shared by the tests of this module."""
+    tmp = tmp_path_factory.mktemp("teachers")
+    started = [procs.start_teacher(f"{procs.TEACHERS}:softmax", tmp) for _ in range(3)]
+    yield [p.endpoint.replace("tcp://", "") for p in started]
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(7)
+    return rng.random((N, 784), dtype=np.float32), np.arange(N, dtype=np.int64)
+
+
+def sample_reader(x, y):
+    return lambda: ((x[i], int(y[i])) for i in range(len(x)))
+
+
+def sample_list_reader(x, y, batch=32):
+    return lambda: ([(x[j], int(y[j])) for j in range(i, min(len(x), i + batch))] for i in range(0, len(x), batch))
+
+
+def batch_reader(x, y, batch=32):
+    return lambda: ((x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch))
+
+
+def reader_pids(dr: DistillReader) -> list[int]:
+    pipe = dr._pipeline
+    assert pipe is not None
+    return [w.popen.pid for w in pipe.workers.values()] + list(pipe.reader_pids)
+
+
+def assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        if psutil.pid_exists(pid):
+            assert psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"process {pid} is still running"
+
+
+def collect(dr: DistillReader, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Run one epoch; return images, labels, predictions in output order, and the batch sizes seen."""
+    imgs, labels, probs, sizes = [], [], [], []
+    for item in dr():
+        if kind == "sample":
+            img, label, prob = item
+            imgs.append(img[None]), labels.append(label), probs.append(prob[None])
+            sizes.append(1)
+        elif kind == "sample_list":
+            sizes.append(len(item))
+            for img, label, prob in item:
+                imgs.append(img[None]), labels.append(label), probs.append(prob[None])
+        else:
+            img, label, prob = item
+            sizes.append(len(img))
+            imgs.append(img), labels.append(label), probs.append(prob)
+    return np.concatenate(imgs), np.array(np.hstack(labels)), np.concatenate(probs), sizes
+
+
+@pytest.mark.parametrize("kind", ["sample", "sample_list", "batch"])
+@pytest.mark.parametrize("teacher_batch", [1, 7, 32, None])
+@pytest.mark.parametrize("n_teachers", [1, 3])
+def test_predictions_equal_numpy_in_reader_order(teachers, data, kind, teacher_batch, n_teachers):
+    if teacher_batch == 1 and kind != "batch":
+        pytest.skip("batch size 1 is covered once, with the batch reader, to keep the suite short")
+    x, y = data
+    make = {"sample": sample_reader, "sample_list": sample_list_reader, "batch": batch_reader}[kind]
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teachers[:n_teachers])
+        if teacher_batch:
+            dr.set_teacher_batch_size(teacher_batch)
+        getattr(dr, f"set_{kind}_generator")(make(x, y))
+        imgs, labels, probs, sizes = collect(dr, kind)
+    np.testing.assert_array_equal(labels, y)  # every sample once, in order
+    np.testing.assert_array_equal(imgs, x)
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+    assert probs.dtype == np.float32 and probs.shape == (N, 10)
+    if kind != "sample":
+        assert sizes == [32] * (N // 32) + [N % 32]  # the reader's own batches, uneven last one
+
+
+def test_many_epochs_reuse_workers_and_early_break_restarts(teachers, data):
+    x, y = data
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(",".join(teachers[:2]))
+        dr.set_sample_list_generator(sample_list_reader(x, y))
+        first = [b[0][1] for b, _ in zip(dr(), range(3), strict=False)]  # leave the epoch after 3 batches
+        assert first == [0, 32, 64]
+        workers = sorted(reader_pids(dr)[:2])
+        for _ in range(2):
+            _, labels, _, _ = collect(dr, "sample_list")
+            np.testing.assert_array_equal(labels, y)  # each new epoch starts from the beginning
+        assert sorted(reader_pids(dr)[:2]) == workers  # the same worker processes across epochs
+
+
+def test_reader_exception_reaches_training_loop(teachers, data):
+    x, y = data
+
+    def broken():
+        yield [(x[0], 0)]
+        raise KeyError("missing shard 17")
+
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teachers[:1])
+        dr.set_sample_list_generator(broken)
+        with pytest.raises(KeyError, match="missing shard 17"):
+            collect(dr, "sample_list")
+
+
+def test_unknown_exception_type_becomes_reader_error(teachers, data):
+    class Private(Exception):
+        pass
+
+    def broken():
+        raise Private("no way")
+        yield
+
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teachers[:1])
+        dr.set_sample_generator(broken)
+        with pytest.raises((ReaderError, Private), match="no way"):
+            list(dr())
+
+
+@pytest.mark.parametrize(
+    "reader, message",
+    [
+        (lambda: iter([[(np.zeros(783, np.float32), 0)]]), r"slot 'img' has samples of shape \[783\]"),
+        (lambda: iter([[(np.zeros(784, np.float32),)]]), r"2 slots \['img', 'label'\], got 1"),
+        (lambda: iter([[(np.zeros(784, np.float32), "cat")]]), r"slot 'label' holds <U3"),
+    ],
+)
+def test_bad_samples_give_clear_errors_without_hanging(teachers, reader, message):
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teachers[:1])
+        dr.set_sample_list_generator(reader)
+        with pytest.raises(ConfigError, match=message):
+            list(dr())
+
+
+def test_flat_slot_is_reshaped_to_the_teachers_feed(start_teacher):
+    """A 28x28 image slot fed to a teacher that takes 784 values: reshaped, as in EDL."""
+    teacher = start_teacher()
+    x = np.random.default_rng(3).random((64, 28, 28), dtype=np.float32)
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teacher.endpoint)
+        dr.set_batch_generator(lambda: iter([(x, np.arange(64))]))
+        [(img, _, prob)] = list(dr())
+    assert img.shape == (64, 28, 28)  # the output keeps the reader's own shape
+    np.testing.assert_allclose(prob, softmax_np(x.reshape(64, 784)), rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_predict_name_is_a_clear_error(teachers):
+    with DistillReader(ins=["img", "label"], predicts=["fc_0.tmp_2"]) as dr:
+        dr.set_fixed_teacher(teachers[:1])
+        dr.set_sample_list_generator(lambda: iter([]))
+        with pytest.raises(ConfigError, match=r"predicts \['fc_0.tmp_2'\] are not outputs .* \['prob'\]"):
+            dr()
+
+
+def test_teacher_refusal_reaches_training_loop(start_teacher):
+    """A model that fails on NaN input: after retries, a TeacherError names the problem."""
+    teacher = start_teacher(f"{procs.TEACHERS}:fragile_softmax")
+    x = np.full((8, 784), np.nan, np.float32)
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teacher.endpoint)
+        dr.set_batch_generator(lambda: iter([(x, np.arange(8))]))
+        with pytest.raises(TeacherError, match="NaN in the input"):
+            list(dr())
+
+
+def test_close_and_garbage_collection_stop_every_process(teachers, data):
+    x, y = data
+    dr = DistillReader(ins=["img", "label"], predicts=["prob"])
+    dr.set_fixed_teacher(teachers)
+    dr.set_sample_list_generator(sample_list_reader(x, y))
+    it = dr()
+    next(it)
+    pids = reader_pids(dr)
+    assert len(pids) == 4  # three workers and the reader process
+    dr.close()
+    assert_gone(pids)
+
+    dr = DistillReader(ins=["img", "label"], predicts=["prob"])
+    dr.set_fixed_teacher(teachers)
+    dr.set_sample_list_generator(sample_list_reader(x, y))
+    it = dr()
+    next(it)
+    pids = reader_pids(dr)
+    del dr, it
+    gc.collect()
+    procs.wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                                   for p in pids), 10, "processes to stop after garbage collection")
+
+
+def run_script(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(procs.REPO)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=str(procs.REPO))
+
+
+def test_interpreter_exit_mid_epoch_stops_workers_quietly(teachers):
+    """A script that leaves the loop and exits without close(): no process left, no traceback."""
+    result = run_script(f"""
+        import numpy as np
+        from zdistill import DistillReader
+        x = np.zeros((4096, 784), np.float32)
+        dr = DistillReader(ins=['img', 'label'], predicts=['prob'])
+        dr.set_fixed_teacher({teachers!r})
+        dr.set_batch_generator(lambda: ((x[i:i+32], np.arange(32)) for i in range(0, 4096, 32)))
+        for i, batch in enumerate(dr()):
+            if i == 5:
+                break
+        print(' '.join(str(w.popen.pid) for w in dr._pipeline.workers.values()), flush=True)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    pids = [int(p) for p in result.stdout.split()]
+    assert len(pids) == 3
+    procs.wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 10, "workers to exit with the student")
+
+
+def test_seed_guide_snippet_runs_with_the_import_swapped(teachers):
+    """The student code of the EDL guide, as written there, with zdistill's import and a paddle-free reader."""
+    result = run_script(f"""
+        import numpy as np
+        from zdistill import DistillReader
+
+        class args:
+            distill_teachers = {",".join(teachers[:2])!r}
+
+        def train_reader():
+            rng = np.random.default_rng(0)
+            for _ in range(10):
+                yield [(rng.random(784, dtype=np.float32), np.array([3])) for _ in range(32)]
+
+        reader_ins, teacher_predicts = ['img', 'label'], ['prob']
+        dr = DistillReader(ins=reader_ins, predicts=teacher_predicts)
+        dr.set_fixed_teacher(args.distill_teachers)
+        train_reader = dr.set_sample_list_generator(train_reader)
+        n = 0
+        for data in train_reader():
+            assert len(data) == 32 and len(data[0]) == 3
+            img, label, soft_label = data[0]
+            assert soft_label.shape == (10,) and abs(float(soft_label.sum()) - 1) < 1e-5
+            n += len(data)
+        print(n)
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["320"]
+
+
+def test_safe_with_paddle_imported_in_the_parent(teachers):
+    pytest.importorskip("paddle")
+    result = run_script(f"""
+        import paddle  # noqa: F401 -- the parent has Paddle's threads and signal handlers
+        import numpy as np
+        from zdistill import DistillReader
+        x = np.ones((300, 784), np.float32)
+        with DistillReader(ins=['img', 'label'], predicts=['prob']) as dr:
+            dr.set_fixed_teacher({teachers[:1]!r})
+            dr.set_batch_generator(lambda: ((x[i:i+50], np.arange(50)) for i in range(0, 300, 50)))
+            for _ in range(2):
+                print(sum(len(img) for img, _, _ in dr()))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["300", "300"]

@@ -1,0 +1,608 @@
+"""``zdistill-balancer``: tell each student which teachers of its service to use.
+
+Sockets (every message in the :mod:`zdistill.wire` format, header only):
+
+- a ROUTER on ``--server`` for requests from students;
+- a PUB (``--pub-port``, default the next port) for membership updates.
+
+==============  ==============================================  ===========================================
+request         header                                          reply (from the leader)
+==============  ==============================================  ===========================================
+``register``    ``student``, ``service``, ``max_teachers``      ``assignment``: ``student``, ``service``,
+``heartbeat``   the same fields (a heartbeat re-creates a       ``epoch``, ``version``, ``teachers``,
+                student this balancer does not know)            ``pub`` (PUB endpoint), ``lease_ms``
+``snapshot``    ``student``                                     ``assignment``, or ``error`` code
+                                                                ``unknown_student`` (register again)
+``bye``         ``student``                                     ``ok``; the student's teachers go to others
+``status``      (nothing)                                       ``status``: leading, leader, counts
+==============  ==============================================  ===========================================
+
+A standby answers ``register``/``heartbeat``/``snapshot``/``bye`` with ``redirect``
+(``leader``: the leader's ROUTER address, or ``None`` while nobody leads).  Anything
+malformed gets ``error`` (``bad_message``, ``bad_request``) and the balancer keeps
+serving.  Every reply echoes the request's ``id``.
+
+Membership follows the zguide's Clone pattern: on the PUB socket, the topic frame
+``student id + b"\\0"`` precedes an ``update`` message (``student``, ``service``,
+``epoch``, ``version``, ``teachers``).  A student's ``version`` grows by one on every
+change of its list; students subscribe, then take a snapshot, and ignore updates
+with an older version of the same ``epoch``.  The leader republishes every student's
+state each ``--republish`` seconds and every heartbeat reply carries the snapshot,
+so a lost update heals within a second or a heartbeat.
+
+State and who owns it: one thread owns the sockets and all the tables below.
+Teachers come from Redis (keyspace notifications for speed, where Redis allows
+them, plus a full ``SCAN`` every ``--resync`` seconds so a lost event costs a
+second, not forever).  Students, their assignments and versions live in memory
+and, fenced by the leader lease, in Redis (:mod:`zdistill.store`), so a restarted
+balancer resumes the same assignment and versions: no churn.  Several balancers
+may run; one leads by a Redis lease (``SET NX PX``, refreshed every third of it),
+the others stand by and redirect.  While Redis is away the leader keeps answering
+from memory until its lease would have run out, and on Redis' return writes its
+state back if Redis lost it; teacher removals are held off for one teacher TTL
+after an outage so that registers have time to re-register.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+import zmq
+
+from zdistill import wire
+from zdistill.assignment import assign
+from zdistill.errors import ConfigError, WireError
+from zdistill.register import db_password
+from zdistill.store import (
+    MAX_TEACHERS_LIMIT,
+    SERVICE_RE,
+    STUDENT_RE,
+    LeaderRecord,
+    Store,
+    StudentRecord,
+    describe,
+)
+
+log = logging.getLogger("zdistill.balancer")
+
+# Students send headers only: tiny messages, no arrays.
+LIMITS = wire.Limits(max_header_bytes=16 * 1024, max_arrays=0, max_array_bytes=0)
+_STUDENT_KINDS = ("register", "heartbeat", "snapshot", "bye")
+_DRAIN_AT_ONCE = 512
+_REDIS_RETRY = 0.25
+
+
+class BadRequest(Exception):
+    """A request with missing or wrongly typed fields: becomes an error reply."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def topic(student_id: str) -> bytes:
+    """The PUB topic of one student: its id and a NUL, so no id is a prefix of another's."""
+    return student_id.encode() + b"\0"
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"expected IP:PORT, got {address!r:.80}")
+    return host.strip("[]"), int(port)
+
+
+def _bind(sock: zmq.Socket, host: str, port: int) -> int:
+    sock.bind(f"tcp://{host}:{port or '*'}")
+    return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+
+
+class Balancer:
+    """The discovery service's event loop; see the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        store: Store,
+        server: str,
+        pub_port: int | None = None,
+        advertise: str | None = None,
+        student_lease: float = 10.0,
+        leader_lease: float = 3.0,
+        resync: float = 1.0,
+        republish: float = 1.0,
+        use_notifications: bool = True,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if min(student_lease, leader_lease, resync, republish) <= 0:
+            raise ConfigError("leases and intervals must be positive")
+        self.store = store
+        self.student_lease = student_lease
+        self.leader_lease = leader_lease
+        self.resync_every = resync
+        self.republish_every = republish
+        self.use_notifications = use_notifications
+        host, port = split_address(server)
+        self._ctx = context or zmq.Context.instance()
+        self.router = wire.limit_socket(self._ctx.socket(zmq.ROUTER), LIMITS)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.SNDHWM, 10_000)
+        port = _bind(self.router, host, port)
+        self.pub = self._ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        pub_port = _bind(self.pub, host, port + 1 if pub_port is None else pub_port)
+        adv = advertise or (host if host not in ("0.0.0.0", "*", "::") else socket.gethostbyname(socket.gethostname()))
+        self.address = f"{adv}:{port}"
+        self.pub_endpoint = f"tcp://{adv}:{pub_port}"
+        self.me = LeaderRecord(uuid.uuid4().hex, self.address, self.pub_endpoint, time.time())
+
+        # State, owned by the serve() thread.
+        self.leading = False
+        self.leader_seen: LeaderRecord | None = None
+        self.lease_confirmed = 0.0
+        self.epoch: str | None = None
+        self.teachers: dict[str, set[str]] = {}
+        self.students: dict[str, StudentRecord] = {}
+        self.by_service: dict[str, set[str]] = {}
+        self.last_seen: dict[str, float] = {}
+        self.dirty: set[str] = set()
+        self.unsaved = False  # a write to Redis failed: write everything when it is back
+        self.teacher_ttl = 0.0  # the longest TTL seen on a teacher record
+        self.hold_removals_until = 0.0
+        self.redis_ok = True
+        self.notifications = False
+        self._pubsub: Any = None
+        self._stopping = False
+        self._due: dict[str, float] = {"lease": 0.0, "resync": 0.0, "republish": 0.0, "expire": 0.0, "redis": 0.0}
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def serve(self, ready_file: str | None = None) -> None:
+        log.info("balancer on %s, updates on %s; student lease %.3g s, leader lease %.3g s",
+                 self.address, self.pub_endpoint, self.student_lease, self.leader_lease)
+        self._subscribe()
+        self._tick(time.monotonic())
+        if ready_file:
+            _write_ready(ready_file, {"server": self.address, "pub": self.pub_endpoint, "leading": self.leading})
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        while not self._stopping:
+            if poller.poll(20 if self._pubsub is not None else 50):
+                for _ in range(_DRAIN_AT_ONCE):
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._on_message(frames)
+            self._tick(time.monotonic())
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self.leading:
+            try:
+                self.store.release_leader(self.me)  # a standby may take over at once
+                log.info("released the leader lease")
+            except redis.RedisError:
+                pass
+        self._drop_pubsub()
+        self.router.close()
+        self.pub.close()
+
+    def _tick(self, now: float) -> None:
+        """Everything timed, then the events, then the rebalancing they asked for."""
+        try:
+            if not self.redis_ok:
+                if now >= self._due["redis"]:
+                    self._due["redis"] = now + _REDIS_RETRY
+                    self._try_reconnect(now)
+            else:
+                if now >= self._due["lease"]:
+                    self._due["lease"] = now + self.leader_lease / 3
+                    self._lease(now)
+                if self.leading and now >= self._due["resync"]:
+                    self._due["resync"] = now + self.resync_every
+                    self._resync(now)
+                self._drain_events(now)
+        except redis.RedisError as exc:
+            self._redis_lost(exc)
+        if self.leading and not self.redis_ok and now - self.lease_confirmed > self.leader_lease:
+            log.warning("Redis unreachable for longer than the leader lease: standing by")
+            self._step_down()
+        if self.leading:
+            if now >= self._due["expire"]:
+                self._due["expire"] = now + min(0.1, self.student_lease / 10)
+                self._expire_students(now)
+            self._rebalance_dirty()
+            if now >= self._due["republish"]:
+                self._due["republish"] = now + self.republish_every
+                for rec in self.students.values():
+                    self._publish(rec)
+
+    # -- Redis: connection, lease, teachers ----------------------------------
+
+    def _redis_lost(self, exc: Exception) -> None:
+        if self.redis_ok:
+            log.warning("lost Redis (%s: %s); serving from memory and retrying", type(exc).__name__, exc)
+        self.redis_ok = False
+        self._due["redis"] = time.monotonic() + _REDIS_RETRY
+        self._drop_pubsub()
+
+    def _drop_pubsub(self) -> None:
+        if self._pubsub is not None:
+            try:
+                self._pubsub.close()
+            except Exception:  # closing a broken connection: nothing left to do
+                pass
+        self._pubsub = None
+
+    def _try_reconnect(self, now: float) -> None:
+        self.store.ping()
+        log.info("Redis is back")
+        self.redis_ok = True
+        self._after_outage(now)
+        self._due["lease"] = self._due["resync"] = now
+
+    def _after_outage(self, now: float) -> None:
+        """Redis was away or restarted: re-subscribe, and hold teacher removals for a TTL.
+
+        Registers re-register within a third of their TTL; until then an empty SCAN
+        must not take every teacher away from the students.
+        """
+        self.hold_removals_until = now + (self.teacher_ttl or 6.0)
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        """Keyspace notifications of teacher keys, where Redis lets us turn them on."""
+        self._drop_pubsub()
+        if not self.use_notifications:
+            return
+        try:
+            self.notifications = self.store.enable_keyspace_events()
+            if self.notifications:
+                ps = self.store.r.pubsub(ignore_subscribe_messages=True)
+                ps.psubscribe(self.store.keyspace_channel_pattern())
+                self._pubsub = ps
+        except redis.RedisError as exc:
+            self._redis_lost(exc)
+
+    def _drain_events(self, now: float) -> None:
+        if self._pubsub is None:
+            return
+        for _ in range(10_000):
+            msg = self._pubsub.get_message(timeout=0.0)
+            if msg is None:
+                return
+            if not self.leading or msg.get("type") != "pmessage":
+                continue
+            parsed = self.store.parse_teacher_key(self.store.key_from_channel(str(msg.get("channel", ""))))
+            if parsed is None:
+                continue
+            service, address = parsed
+            event = msg.get("data")
+            known = self.teachers.setdefault(service, set())
+            if event == "set" and address not in known:
+                rec = self.store.get_teacher(service, address)  # validate before trusting it
+                if rec is not None:
+                    log.info("teacher %s joined %s", address, service)
+                    known.add(address)
+                    self.teacher_ttl = max(self.teacher_ttl, rec.ttl_ms / 1000)
+                    self.dirty.add(service)
+            elif event in ("del", "expired") and address in known and now >= self.hold_removals_until:
+                log.info("teacher %s left %s (%s)", address, service, event)
+                known.discard(address)
+                self.dirty.add(service)
+
+    def _resync(self, now: float) -> None:
+        found = self.store.all_teachers()
+        for service in set(found) | set(self.teachers):
+            records = found.get(service, {})
+            for rec in records.values():
+                self.teacher_ttl = max(self.teacher_ttl, rec.ttl_ms / 1000)
+            new = set(records)
+            old = self.teachers.get(service, set())
+            if now < self.hold_removals_until:
+                new |= old
+            if new != old:
+                added, gone = sorted(new - old), sorted(old - new)
+                log.info("resync of %s: joined %s, left %s", service, added or "-", gone or "-")
+                self.teachers[service] = new
+                self.dirty.add(service)
+
+    def _lease(self, now: float) -> None:
+        if self.leading:
+            if self.store.refresh_leader(self.me, self.leader_lease):
+                self.lease_confirmed = now
+            elif self.store.acquire_leader(self.me, self.leader_lease):  # the key was lost (Redis restart)
+                self.lease_confirmed = now
+                self._take_office(now)
+            else:
+                log.warning("another balancer holds the leader lease: standing by")
+                self._step_down()
+        elif self.store.acquire_leader(self.me, self.leader_lease):
+            self.lease_confirmed = now
+            self._take_office(now)
+        else:
+            self.leader_seen = self.store.get_leader()
+
+    def _take_office(self, now: float) -> None:
+        """Become (or stay) leader: adopt the state in Redis, or restore ours if Redis lost it."""
+        stored_epoch = self.store.get_epoch()
+        if stored_epoch is None and self.epoch is not None:
+            log.info("Redis lost the assignment state; restoring %d students from memory", len(self.students))
+            self.unsaved = True
+            self._after_outage(now)
+        elif stored_epoch is None:
+            self.epoch = uuid.uuid4().hex
+            self.students = {}
+            self.unsaved = True
+            log.info("leading with a new assignment history %s", self.epoch)
+        else:
+            self.epoch = stored_epoch
+            self.students = self.store.load_students()
+            log.info("leading; resumed %d students of history %s", len(self.students), self.epoch)
+        self.by_service = {}
+        for sid, rec in self.students.items():
+            self.by_service.setdefault(rec.service, set()).add(sid)
+        # Every known student gets a full lease from now: it may have been talking to
+        # the old leader until a moment ago.
+        self.last_seen = {sid: max(now, self.last_seen.get(sid, now)) for sid in self.students}
+        self.leading = True
+        self.leader_seen = self.me
+        self._resync(now)
+        self._due["resync"] = now + self.resync_every
+        self._save_all()
+        self.dirty |= set(self.by_service)
+
+    def _step_down(self) -> None:
+        self.leading = False
+        self.leader_seen = None
+
+    # -- students and assignments -------------------------------------------
+
+    def _rebalance_dirty(self) -> None:
+        while self.dirty:
+            self._rebalance(self.dirty.pop())
+
+    def _rebalance(self, service: str, removed: Sequence[str] = ()) -> None:
+        ids = self.by_service.get(service, set())
+        if not ids and not removed:
+            return
+        wanted = {sid: self.students[sid].max_teachers for sid in ids}
+        previous = {sid: self.students[sid].teachers for sid in ids}
+        result = assign(sorted(self.teachers.get(service, ())), wanted, previous)
+        changed = []
+        for sid, teachers in result.items():
+            rec = self.students[sid]
+            if teachers != rec.teachers:
+                rec.teachers = list(teachers)
+                rec.version += 1
+                changed.append(rec)
+        if changed:
+            log.info("service %s: %d of %d students get new teachers", service, len(changed), len(ids))
+        self._save(changed, removed)
+        for rec in changed:
+            self._publish(rec)
+
+    def _save(self, put: Sequence[StudentRecord], remove: Sequence[str] = ()) -> None:
+        if not (put or remove) or not self.redis_ok:
+            self.unsaved = self.unsaved or bool(put or remove)
+            return
+        try:
+            if self.unsaved:
+                self._save_all()
+            elif not self.store.write_students(self.me, put, remove):
+                log.warning("lost the leader lease while saving: standing by")
+                self._step_down()
+        except redis.RedisError as exc:
+            self.unsaved = True
+            self._redis_lost(exc)
+
+    def _save_all(self) -> None:
+        """Make Redis hold exactly our students (after an outage or on taking office)."""
+        if not self.redis_ok or not self.unsaved:
+            return
+        try:
+            stale = [sid for sid in self.store.r.hkeys(self.store.students_key) if sid not in self.students]
+            if self.store.write_students(self.me, list(self.students.values()), stale, epoch=self.epoch):
+                self.unsaved = False
+            else:
+                self._step_down()
+        except redis.RedisError as exc:
+            self._redis_lost(exc)
+
+    def _expire_students(self, now: float) -> None:
+        gone = [sid for sid, seen in self.last_seen.items() if now - seen > self.student_lease]
+        for sid in gone:
+            log.info("student %s silent for %.3g s: its teachers go to others", sid, now - self.last_seen[sid])
+            self._remove_student(sid)
+
+    def _remove_student(self, sid: str) -> None:
+        rec = self.students.pop(sid, None)
+        self.last_seen.pop(sid, None)
+        if rec is None:
+            return
+        self.by_service.get(rec.service, set()).discard(sid)
+        self._rebalance(rec.service, removed=[sid])
+
+    def _upsert_student(self, sid: str, service: str, max_teachers: int) -> StudentRecord:
+        rec = self.students.get(sid)
+        if rec is not None and rec.service == service and rec.max_teachers == max_teachers:
+            return rec
+        if rec is None:
+            log.info("student %s joined %s (at most %d teachers)", sid, service, max_teachers)
+            rec = StudentRecord(sid, service, max_teachers)
+            self.students[sid] = rec
+        elif rec.service != service:
+            self.by_service.get(rec.service, set()).discard(sid)
+            old = rec.service
+            rec.service, rec.max_teachers, rec.teachers = service, max_teachers, []
+            rec.version += 1
+            self._rebalance(old)
+        else:
+            rec.max_teachers = max_teachers
+        self.by_service.setdefault(service, set()).add(sid)
+        self._rebalance(service)
+        if not rec.version:  # no teacher yet: still a record in Redis, version 0
+            self._save([rec])
+        return rec
+
+    def _publish(self, rec: StudentRecord) -> None:
+        try:
+            wire.send(self.pub, {"kind": "update", **self._state(rec)}, envelope=[topic(rec.student_id)],
+                      flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # PUB drops at its HWM; the periodic republish heals it
+
+    def _state(self, rec: StudentRecord) -> dict[str, Any]:
+        return {"student": rec.student_id, "service": rec.service, "epoch": self.epoch, "version": rec.version,
+                "teachers": rec.teachers}
+
+    # -- requests -------------------------------------------------------------
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        envelope_len = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1  # REQ peers add a delimiter
+        envelope, body = frames[:envelope_len], frames[envelope_len:]
+        req_id: Any = None
+        try:
+            msg = wire.decode(body, LIMITS)
+            req_id = msg.header.get("id")
+            reply = self._dispatch(msg)
+        except WireError as exc:
+            log.debug("bad message: %s", exc)
+            reply = {"kind": "error", "code": "bad_message", "message": str(exc)}
+        except BadRequest as exc:
+            reply = {"kind": "error", "code": exc.code, "message": str(exc)}
+        except Exception as exc:  # a bug must cost one request, never the service
+            log.exception("failed to handle a request")
+            reply = {"kind": "error", "code": "internal", "message": f"{type(exc).__name__}"}
+        if type(req_id) not in (int, str, type(None)) or (isinstance(req_id, str) and len(req_id) > 128):
+            req_id = None
+        try:
+            wire.send(self.router, {**reply, "id": req_id}, envelope=envelope, flags=zmq.NOBLOCK)
+        except (zmq.Again, WireError) as exc:
+            log.debug("reply dropped: %s", exc)
+
+    def _dispatch(self, msg: wire.Message) -> dict[str, Any]:
+        kind = msg.kind
+        if kind == "status":
+            return self._status()
+        if kind not in _STUDENT_KINDS:
+            raise BadRequest("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
+        sid = _field(msg.header, "student", str)
+        if not STUDENT_RE.match(sid):
+            raise BadRequest("bad_request", f"student id {sid!r:.40} is not 1-128 characters of [A-Za-z0-9_.:@-]")
+        if not self.leading:
+            leader = self.leader_seen
+            return {"kind": "redirect", "leader": leader.server if leader else None}
+        now = time.monotonic()
+        if kind in ("register", "heartbeat"):
+            service = _field(msg.header, "service", str)
+            if not SERVICE_RE.match(service):
+                raise BadRequest("bad_request", f"service name {service!r:.40} is not 1-128 of [A-Za-z0-9_.-]")
+            most = _field(msg.header, "max_teachers", int)
+            if not 1 <= most <= MAX_TEACHERS_LIMIT:
+                raise BadRequest("bad_request", f"max_teachers must be 1..{MAX_TEACHERS_LIMIT}, got {most}")
+            rec = self._upsert_student(sid, service, most)
+            self.last_seen[sid] = now
+            return self._assignment(rec)
+        if kind == "bye":
+            if sid in self.students:
+                log.info("student %s left", sid)
+                self._remove_student(sid)
+            return {"kind": "ok"}
+        rec = self.students.get(sid)  # snapshot
+        if rec is None:
+            return {"kind": "error", "code": "unknown_student", "message": "register first"}
+        self.last_seen[sid] = now
+        return self._assignment(rec)
+
+    def _assignment(self, rec: StudentRecord) -> dict[str, Any]:
+        return {"kind": "assignment", **self._state(rec), "pub": self.pub_endpoint,
+                "lease_ms": int(self.student_lease * 1000)}
+
+    def _status(self) -> dict[str, Any]:
+        return {
+            "kind": "status",
+            "leading": self.leading,
+            "leader": self.leader_seen.server if self.leader_seen else None,
+            "server": self.address,
+            "pub": self.pub_endpoint,
+            "epoch": self.epoch,
+            "redis": self.redis_ok,
+            "notifications": self._pubsub is not None,
+            "students": len(self.students),
+            "teachers": {svc: len(t) for svc, t in self.teachers.items()},
+        }
+
+
+def _field(header: dict[str, Any], name: str, kind: type) -> Any:
+    value = header.get(name)
+    if type(value) is not kind:  # exact: True is not a max_teachers
+        raise BadRequest("bad_request", f"field {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _write_ready(path: str, data: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zdistill-balancer",
+                                description="Assign registered teachers to zdistill students (discovery service).")
+    p.add_argument("--db_endpoints", "--db-endpoints", required=True,
+                   help="Redis as HOST:PORT, or a redis:// / rediss:// URL")
+    p.add_argument("--db_passwd", "--db-passwd", default=None,
+                   help="Redis password (or set $ZDISTILL_DB_PASSWD, which keeps it out of the process list)")
+    p.add_argument("--server", required=True, help="IP:PORT for student requests (port 0 picks a free one)")
+    p.add_argument("--pub-port", type=int, default=None,
+                   help="port of the membership PUB socket (default: --server's port + 1; 0 picks a free one)")
+    p.add_argument("--advertise", default=None, help="host students reach this balancer at (default: --server's)")
+    p.add_argument("--student-lease", type=float, default=10.0,
+                   help="seconds a silent student keeps its teachers (default 10); students beat every quarter")
+    p.add_argument("--leader-lease", type=float, default=3.0,
+                   help="seconds the leader lease lasts without a refresh (default 3)")
+    p.add_argument("--resync", type=float, default=1.0, help="seconds between full teacher resyncs (default 1)")
+    p.add_argument("--republish", type=float, default=1.0, help="seconds between full republishes (default 1)")
+    p.add_argument("--no-notifications", action="store_true", help="do not use Redis keyspace notifications")
+    p.add_argument("--ready-file", default=None, help="write the balancer's addresses here once serving")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        store = Store.open(args.db_endpoints, db_password(args.db_passwd))
+        balancer = Balancer(store, args.server, args.pub_port, args.advertise, args.student_lease,
+                            args.leader_lease, args.resync, args.republish, not args.no_notifications)
+    except (ConfigError, zmq.ZMQError) as exc:
+        log.error("%s", exc)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: balancer.stop())
+    signal.signal(signal.SIGINT, lambda *_: balancer.stop())
+    log.info("using Redis at %s", describe(args.db_endpoints))
+    balancer.serve(args.ready_file)
+    store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
