@@ -56,6 +56,8 @@ class PipelineOptions:
     max_retries: int = 3  # refusals of one task before the error reaches the training loop
     teacher_wait: float = 300.0  # how long an epoch waits with no teacher up before it fails
     stall_timeout: float = 60.0  # no progress this long: send every missing task again
+    straggler_factor: float = 4.0  # the next task late by this many typical task times is sent again
+    straggler_min: float = 0.5  # ...but never sooner than this many seconds
 
 
 @dataclass
@@ -126,6 +128,8 @@ class Pipeline:
         self.reader_pids: set[int] = set()
         self.epochs = 0
         self.stats: Counter[str] = Counter()
+        self.membership: Callable[[], list[str] | None] | None = None  # dynamic teachers: new list or None
+        self.task_seconds = 0.0  # typical time a worker spends on a task (moving average)
         self._finalizer = weakref.finalize(self, _shutdown, self.workers, self.reader_pids, self.folder, self.ctx)
 
     @property
@@ -213,6 +217,7 @@ class _EpochRun:
         self.parked: set[int] = set()
         self.last_progress = time.monotonic()
         self.down_since: float | None = None
+        self.blocked: tuple[int, float] | None = None  # (next task, since when later tasks are done)
         self.reader_pid = self._fork_reader(cfg)
 
     def _fork_reader(self, cfg: VentilatorConfig) -> int:
@@ -239,6 +244,7 @@ class _EpochRun:
             wire.send(self.ctl, {"kind": "consumed", "upto": self.buffer.next_id - 1})
 
     def stop(self) -> None:
+        self.pipe.stats["duplicates"] += self.buffer.duplicates
         try:
             wire.send(self.ctl, {"kind": "stop"}, flags=zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -270,7 +276,10 @@ class _EpochRun:
             return  # a late answer from an earlier epoch
         task = int(msg.header["task"])
         if msg.kind == "done":
-            self.buffer.add(task, msg)
+            if self.buffer.add(task, msg):
+                elapsed = float(msg.header.get("elapsed", 0.0))
+                typical = self.pipe.task_seconds
+                self.pipe.task_seconds = 0.9 * typical + 0.1 * elapsed if typical else elapsed
             self.last_progress = time.monotonic()
         elif msg.kind == "returned":
             self.pipe.stats["returned"] += 1
@@ -313,6 +322,12 @@ class _EpochRun:
 
     def _supervise(self) -> None:
         now = time.monotonic()
+        if self.pipe.membership is not None:
+            teachers = self.pipe.membership()
+            if teachers is not None:
+                log.info("teachers now: %s", ", ".join(teachers) or "none")
+                self.pipe.set_teachers(teachers)
+        self._chase_straggler(now)
         if self.pipe._reap_workers():
             self._resend_missing()
         any_up = any(p.up and not p.retiring for p in self.pipe.workers.values())
@@ -334,6 +349,19 @@ class _EpochRun:
             log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
             self.last_progress = now
             self._resend_missing()
+
+    def _chase_straggler(self, now: float) -> None:
+        """Send the next task again when later ones finished long before it (first answer wins)."""
+        if not len(self.buffer):
+            self.blocked = None
+            return
+        if self.blocked is None or self.blocked[0] != self.buffer.next_id:
+            self.blocked = (self.buffer.next_id, now)
+        limit = max(self.pipe.options.straggler_min, self.pipe.options.straggler_factor * self.pipe.task_seconds)
+        if now - self.blocked[1] > limit:
+            self.pipe.stats["straggler_resends"] += 1
+            self._resend([self.buffer.next_id])
+            self.blocked = (self.buffer.next_id, now)
 
     def _reader_gone(self) -> bool:
         """True once the reader process has exited without a last word on the control socket."""

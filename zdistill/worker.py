@@ -49,6 +49,7 @@ class Job:
     slots: dict[str, np.ndarray]
     parts: list[dict[str, np.ndarray] | None]
     pending: set[int] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
 
 
 class Worker:
@@ -71,8 +72,8 @@ class Worker:
         self.up = False
         self.probe: int | None = None
         self.next_probe = 0.0
-        self.jobs: dict[int, Job] = {}
-        self.requests: dict[int, tuple[int, int]] = {}  # request id -> (job key, part)
+        self.jobs: dict[tuple[int, int], Job] = {}
+        self.requests: dict[int, tuple[tuple[int, int], int]] = {}  # request id -> (job key, part)
         self.stopping = False
 
     # -- main loop ----------------------------------------------------------
@@ -106,7 +107,7 @@ class Worker:
         if not self.up:
             self._send_result({**msg.header, "kind": "returned", "worker": self.args.teacher})
             return
-        key = int(msg.header["task"]) * 1_000_000 + int(msg.header.get("epoch", 0))
+        key = (int(msg.header.get("epoch", 0)), int(msg.header["task"]))
         feeds = {spec.name: to_feed(msg.arrays[slot_key(spec.name)], spec) for spec in self.feeds}
         rows = len(next(iter(feeds.values())))
         starts = range(0, rows, self.request_rows)
@@ -130,7 +131,7 @@ class Worker:
         if job is None:
             return
         job.pending.discard(done.req_id)
-        if isinstance(done.error, TeacherTimeout):
+        if isinstance(done.error, TeacherTimeout) or getattr(done.error, "code", "") == "shutting_down":
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._drop_job(key)
@@ -142,15 +143,16 @@ class Worker:
             if not job.pending:
                 self._finish(key, job)
 
-    def _finish(self, key: int, job: Job) -> None:
+    def _finish(self, key: tuple[int, int], job: Job) -> None:
         del self.jobs[key]
         arrays = dict(job.slots)
         for name in self.predicts:
             parts = [p[name] for p in job.parts if p is not None]
             arrays[predict_key(name)] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self._send_result({**job.header, "kind": "done", "worker": self.args.teacher}, arrays)
+        elapsed = time.monotonic() - job.started
+        self._send_result({**job.header, "kind": "done", "worker": self.args.teacher, "elapsed": elapsed}, arrays)
 
-    def _drop_job(self, key: int) -> None:
+    def _drop_job(self, key: tuple[int, int]) -> None:
         job = self.jobs.pop(key)
         for req_id in job.pending:
             self.requests.pop(req_id, None)

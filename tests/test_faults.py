@@ -1,0 +1,179 @@
+"""A student rides through dying teachers and workers, stragglers and stalls (kill tests).
+
+Each test runs a real epoch against real teacher processes and kills or slows some
+of them at a chosen point of the epoch (an event: the n-th batch the training loop
+receives), then checks every sample arrived exactly once, in order, with the right
+prediction.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from tests import procs
+from tests.teachers import softmax_np
+from zdistill import DistillReader, TeacherTimeout
+
+N, B = 4000, 50
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(11)
+    return rng.random((N, 784), dtype=np.float32)
+
+
+def make_reader(x: np.ndarray, ins=("img", "label")) -> DistillReader:
+    dr = DistillReader(ins=list(ins), predicts=["prob"])
+    dr.set_batch_generator(lambda: ((x[i : i + B], np.arange(i, min(N, i + B))) for i in range(0, N, B)))
+    dr.options.task_rows = B  # many small tasks: more of them are in flight when something dies
+    return dr
+
+
+def check_epoch(batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]], x: np.ndarray) -> None:
+    labels = np.concatenate([b[1] for b in batches])
+    np.testing.assert_array_equal(labels, np.arange(N))  # nothing lost, nothing twice, in order
+    probs = np.concatenate([b[2] for b in batches])
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+
+
+def run_epoch(dr: DistillReader, at: int | None = None, action=None) -> list:
+    out = []
+    for i, batch in enumerate(dr()):
+        out.append(batch)
+        if i == at and action is not None:
+            action()
+    return out
+
+
+def test_teacher_killed_mid_epoch_then_back_at_same_address(start_teacher, data, tmp_path):
+    keep = start_teacher()
+    victim = start_teacher()
+    port = int(victim.endpoint.rsplit(":", 1)[1])
+    revived = []
+
+    def kill_and_restart():
+        victim.kill()
+        revived.append(procs.start_teacher(f"{procs.TEACHERS}:softmax", tmp_path, port=port))
+
+    with make_reader(data) as dr:
+        dr.set_fixed_teacher([keep.endpoint, victim.endpoint])
+        try:
+            out = run_epoch(dr, at=10, action=kill_and_restart)
+            check_epoch(out, data)
+            stats = dict(dr._pipeline.stats)
+            # The worker reconnects to the revived teacher by itself: later epochs use it again.
+            deadline = time.monotonic() + 20
+            while procs_stats(revived[0]) == 0 and time.monotonic() < deadline:
+                check_epoch(run_epoch(dr), data)
+            assert procs_stats(revived[0]) > 0, "the revived teacher never got work"
+        finally:
+            for p in revived:
+                p.stop()
+    assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
+
+
+def procs_stats(teacher: procs.Proc) -> int:
+    from zdistill.client import TeacherClient
+
+    client = TeacherClient(teacher.endpoint, timeout=5)
+    try:
+        return int(client.stats()["requests"])
+    finally:
+        client.close()
+
+
+def test_worker_killed_is_replaced_and_its_tasks_sent_again(start_teacher, data):
+    teachers = [start_teacher(), start_teacher()]
+    with make_reader(data) as dr:
+        dr.set_fixed_teacher([t.endpoint for t in teachers])
+        victims = []
+
+        def kill_worker():
+            worker = next(iter(dr._pipeline.workers.values()))
+            victims.append(worker.popen.pid)
+            os.kill(worker.popen.pid, signal.SIGKILL)
+
+        out = run_epoch(dr, at=5, action=kill_worker)
+        check_epoch(out, data)
+        assert dr._pipeline.stats["workers_restarted"] == 1
+        assert victims[0] not in [w.popen.pid for w in dr._pipeline.workers.values()]
+        assert all(w.popen.poll() is None for w in dr._pipeline.workers.values())
+
+
+def test_straggler_does_not_hold_the_epoch_hostage(start_teacher, data):
+    """One teacher 10x slower than the other: late tasks are sent again, the first answer wins."""
+    fast = start_teacher(f"{procs.TEACHERS}:slow_softmax", env={"ZDISTILL_TEST_DELAY_MS": "20"})
+    slow = start_teacher(f"{procs.TEACHERS}:slow_softmax", env={"ZDISTILL_TEST_DELAY_MS": "200"})
+    with make_reader(data) as dr:
+        dr.set_fixed_teacher([fast.endpoint, slow.endpoint])
+        dr.options.in_flight = 1
+        dr.options.straggler_min = 0.1
+        out = run_epoch(dr)
+        check_epoch(out, data)
+        stats = dr._pipeline.stats
+    assert stats["straggler_resends"] > 0, stats
+    assert stats["duplicates"] > 0, stats  # late answers of the slow teacher arrived and were dropped
+    assert stats["tasks"] == N // B
+
+
+def test_every_teacher_gone_waits_then_resumes(start_teacher, data, tmp_path):
+    victim = start_teacher()
+    port = int(victim.endpoint.rsplit(":", 1)[1])
+    revived = []
+    with make_reader(data) as dr:
+        dr.set_fixed_teacher([victim.endpoint])
+        dr.options.teacher_wait = 60
+        it = dr()
+        out = [next(it) for _ in range(5)]
+        victim.kill()
+        # The student now waits; bring the teacher back while the loop blocks in next().
+        revived.append(procs.start_teacher(f"{procs.TEACHERS}:softmax", tmp_path, port=port))
+        try:
+            out += list(it)
+        finally:
+            revived[0].stop()
+    check_epoch(out, data)
+
+
+def test_every_teacher_gone_past_the_bound_raises(start_teacher, data):
+    victim = start_teacher()
+    with make_reader(data) as dr:
+        dr.set_fixed_teacher([victim.endpoint])
+        dr.options.teacher_wait = 2
+        it = dr()
+        next(it)
+        victim.kill()
+        with pytest.raises(TeacherTimeout, match="no teacher answered for 2 s"):
+            list(it)
+
+
+def test_training_loop_stall_causes_no_spurious_timeouts(start_teacher, data):
+    """A loop that stalls for longer than every timeout: no resend, no error, bounded memory."""
+    teacher = start_teacher()
+    with make_reader(data) as dr:
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.options.request_timeout = 1.0
+        dr.options.stall_timeout = 1.5
+        dr.options.straggler_min = 0.2
+        rss = []
+
+        def stall():
+            me = psutil.Process()
+            rss.append(me.memory_info().rss)
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:  # a long training step: busy, not waiting on anything
+                pass
+            rss.append(me.memory_info().rss)
+
+        out = run_epoch(dr, at=3, action=stall)
+        check_epoch(out, data)
+        stats = dict(dr._pipeline.stats)
+    assert stats.get("resend_all", 0) == 0 and stats.get("resent", 0) == 0, stats
+    assert rss[1] - rss[0] < 50 * 2**20  # the window bounds what piles up while the loop stalls
