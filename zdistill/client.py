@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zmq
@@ -22,6 +22,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zdistill import wire
 from zdistill.errors import TeacherError, TeacherTimeout, WireError
 from zdistill.model import Arrays
+from zdistill.security import ClientKeys, client_keys_from_env, secure_client
 
 
 def teacher_endpoint(address: str) -> str:
@@ -41,7 +42,11 @@ class Completion:
 
 
 class TeacherClient:
-    """Talks to one teacher; not thread-safe (one owner, like the socket)."""
+    """Talks to one teacher; not thread-safe (one owner, like the socket).
+
+    ``curve``: the CURVE keys to reach a teacher that requires them; by default they
+    come from the environment (:func:`zdistill.security.client_keys_from_env`).
+    """
 
     def __init__(
         self,
@@ -50,6 +55,7 @@ class TeacherClient:
         timeout: float = 30.0,
         limits: wire.Limits = wire.DEFAULT_LIMITS,
         watch: bool = False,
+        curve: ClientKeys | None | Literal["env"] = "env",
     ) -> None:
         self.address = address
         self.endpoint = teacher_endpoint(address)
@@ -60,6 +66,7 @@ class TeacherClient:
         self._deadlines: dict[int, float] = {}
         self._done: dict[int, Completion] = {}
         self._watch = watch
+        self._curve = client_keys_from_env() if curve == "env" else curve
         self.monitor: zmq.Socket | None = None
         self.socket = self._connect()
 
@@ -68,6 +75,7 @@ class TeacherClient:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        secure_client(sock, self._curve)
         if self._watch:  # a dropped TCP connection is the fastest sign of a dead teacher
             self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)

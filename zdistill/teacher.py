@@ -135,8 +135,7 @@ class TeacherServer:
     # -- receiving --------------------------------------------------------
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
-        envelope_len = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1  # REQ peers add a delimiter
-        envelope, body = frames[:envelope_len], frames[envelope_len:]
+        envelope, body = frames[:1], frames[1:]  # DEALER peers: the identity, then the message
         req_id: Any = None
         try:
             msg = wire.decode(body, self.limits)

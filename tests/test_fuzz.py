@@ -1,0 +1,66 @@
+"""Hostile input: 10,000 random and mutated messages against a real teacher process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import psutil
+import zmq
+
+from tests import fuzzing
+from tests.teachers import softmax_np
+from zdistill import wire
+from zdistill.client import TeacherClient
+
+FUZZ_MESSAGES = 10_000
+
+
+def test_teacher_survives_10000_hostile_messages(start_teacher):
+    teacher = start_teacher()
+    valid = [
+        fuzzing.frames_of({"kind": "predict", "id": 1}, {"img": np.ones((4, 784), np.float32)}),
+        fuzzing.frames_of({"kind": "meta", "id": 2}),
+        fuzzing.frames_of({"kind": "ping", "id": 3}),
+    ]
+    proc = psutil.Process(teacher.pid)
+    good = TeacherClient(teacher.endpoint, timeout=10)
+    x = np.random.default_rng(0).random((8, 784), dtype=np.float32)
+    good.predict({"img": x})
+    rss_before = proc.memory_info().rss
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(teacher.endpoint)
+    replies = {"error": 0, "other": 0}
+    sent = 0
+
+    def drain(wait_ms: int) -> None:
+        while sock.poll(wait_ms):
+            msg = wire.decode(sock.recv_multipart())
+            replies["error" if msg.kind == "error" else "other"] += 1
+            wait_ms = 0
+
+    try:
+        for frames in fuzzing.hostile_messages(seed=2026, count=FUZZ_MESSAGES, valid_examples=valid):
+            sock.send_multipart(frames)
+            sent += 1
+            if sent % 200 == 0:
+                drain(0)
+        deadline = time.monotonic() + 30
+        while sum(replies.values()) < sent and time.monotonic() < deadline:
+            drain(100)
+    finally:
+        sock.close()
+
+    assert teacher.popen.poll() is None, teacher.log()  # no crash
+    assert sum(replies.values()) == sent  # every message, however broken, got an answer
+    assert replies["error"] > FUZZ_MESSAGES // 2
+    np.testing.assert_allclose(good.predict({"img": x})["prob"], softmax_np(x), rtol=1e-5)  # still serving
+    growth = proc.memory_info().rss - rss_before
+    assert growth < 64 * 2**20, f"teacher RSS grew by {growth / 2**20:.1f} MiB"
+    good.close()
+    print(f"fuzz: {sent} messages, {replies['error']} error replies, teacher RSS "  # noqa: T201
+          f"{rss_before / 2**20:.1f} -> {proc.memory_info().rss / 2**20:.1f} MiB")
+
