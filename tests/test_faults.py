@@ -159,15 +159,15 @@ def test_training_loop_stall_causes_no_spurious_timeouts(start_teacher, data):
     teacher = start_teacher()
     with make_reader(data) as dr:
         dr.set_fixed_teacher([teacher.endpoint])
-        dr.options.request_timeout = 1.0
-        dr.options.stall_timeout = 1.5
-        dr.options.straggler_min = 0.2
+        dr.options.request_timeout = 2.0  # every timeout shorter than the stall below
+        dr.options.stall_timeout = 3.0
+        dr.options.straggler_min = 0.5
         rss = []
 
         def stall():
             me = psutil.Process()
             rss.append(me.memory_info().rss)
-            end = time.monotonic() + 3.0
+            end = time.monotonic() + 4.0
             while time.monotonic() < end:  # a long training step: busy, not waiting on anything
                 pass
             rss.append(me.memory_info().rss)

@@ -65,25 +65,28 @@ class _WorkerProc:
     teacher: str
     popen: subprocess.Popen
     up: bool = False
-    retiring: bool = False
 
 
-def _shutdown(procs: dict[str, _WorkerProc], reader_pids: set[int], folder: str, ctx: zmq.Context) -> None:
+def _shutdown(
+    procs: dict[str, _WorkerProc], retiring: list[_WorkerProc], reader_pids: set[int], folder: str, ctx: zmq.Context
+) -> None:
     """Stop every process by PID and free the endpoints; safe to call twice and at exit."""
     for pid in list(reader_pids):
         _kill_reader(pid)
     reader_pids.clear()
-    for proc in procs.values():
+    everyone = [*procs.values(), *retiring]
+    for proc in everyone:
         if proc.popen.poll() is None:
             proc.popen.terminate()
     deadline = time.monotonic() + 3.0
-    for proc in procs.values():
+    for proc in everyone:
         try:
             proc.popen.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             proc.popen.kill()
             proc.popen.wait()
     procs.clear()
+    retiring.clear()
     ctx.destroy(linger=0)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -124,13 +127,16 @@ class Pipeline:
         self.sink = self.ctx.socket(zmq.PULL)
         self.sink.setsockopt(zmq.LINGER, 0)
         self.sink.bind(self.results_endpoint)
-        self.workers: dict[str, _WorkerProc] = {}
+        self.workers: dict[str, _WorkerProc] = {}  # the current teachers' workers
+        self.retiring: list[_WorkerProc] = []  # workers of teachers gone, finishing their requests
         self.reader_pids: set[int] = set()
         self.epochs = 0
         self.stats: Counter[str] = Counter()
         self.membership: Callable[[], list[str] | None] | None = None  # dynamic teachers: new list or None
         self.task_seconds = 0.0  # typical time a worker spends on a task (moving average)
-        self._finalizer = weakref.finalize(self, _shutdown, self.workers, self.reader_pids, self.folder, self.ctx)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self.workers, self.retiring, self.reader_pids, self.folder, self.ctx
+        )
 
     @property
     def closed(self) -> bool:
@@ -147,10 +153,10 @@ class Pipeline:
         for teacher in wanted:
             if teacher not in self.workers:
                 self.workers[teacher] = _WorkerProc(teacher, self._spawn_worker(teacher))
-        for teacher, proc in self.workers.items():
-            if teacher not in wanted and not proc.retiring:
-                proc.retiring = True
-                proc.popen.terminate()  # finishes its requests in flight, then exits
+        for teacher in [t for t in self.workers if t not in wanted]:
+            proc = self.workers.pop(teacher)
+            proc.popen.terminate()  # it finishes its requests in flight, then exits
+            self.retiring.append(proc)
 
     def _spawn_worker(self, teacher: str) -> subprocess.Popen:
         o = self.options
@@ -166,15 +172,14 @@ class Pipeline:
 
     def _reap_workers(self) -> bool:
         """Replace crashed workers, forget retired ones; True if any worker went away."""
-        gone = False
+        retired = [p for p in self.retiring if p.popen.poll() is not None]
+        for proc in retired:
+            self.retiring.remove(proc)
+        gone = bool(retired)
         for teacher, proc in list(self.workers.items()):
             code = proc.popen.poll()
-            if code is None:
-                continue
-            gone = True
-            if proc.retiring:
-                del self.workers[teacher]
-            else:
+            if code is not None:
+                gone = True
                 log.warning("worker for teacher %s exited with code %s; starting a new one", teacher, code)
                 self.stats["workers_restarted"] += 1
                 self.workers[teacher] = _WorkerProc(teacher, self._spawn_worker(teacher))
@@ -297,9 +302,9 @@ class _EpochRun:
         self._resend([task])
 
     def _on_status(self, header: dict[str, Any]) -> None:
-        proc = self.pipe.workers.get(str(header.get("worker")))
+        proc = next((p for p in self.pipe.workers.values() if p.popen.pid == header.get("pid")), None)
         if proc is None:
-            return
+            return  # a retired worker's last words
         proc.up = bool(header.get("up"))
         if not proc.up and header.get("reason"):
             log.warning("teacher %s unavailable: %s", proc.teacher, header["reason"])
@@ -330,7 +335,7 @@ class _EpochRun:
         self._chase_straggler(now)
         if self.pipe._reap_workers():
             self._resend_missing()
-        any_up = any(p.up and not p.retiring for p in self.pipe.workers.values())
+        any_up = any(p.up for p in self.pipe.workers.values())
         if any_up:
             self.down_since = None
             if self.parked:

@@ -73,6 +73,7 @@ class DistillReader:
         self._feeds: list[TensorSpec] | None = None
         self._active: Iterator[Any] | None = None
         self._discovery: Any = None
+        self._membership_version = -1
 
     # -- EDL's configuration calls ---------------------------------------------
 
@@ -185,6 +186,8 @@ class DistillReader:
                 teachers = self._start_discovery()
             self._feeds = self._fetch_feeds(pipeline.ctx, teachers)
             pipeline.set_teachers(teachers)
+            if self._discovery is not None:
+                pipeline.membership = self._membership_changes
         except BaseException:
             pipeline.close()
             raise
@@ -202,6 +205,15 @@ class DistillReader:
             version, teachers = self._discovery.wait_for_change(version, 1.0)
         if not teachers:
             raise TeacherTimeout(f"the balancer gave no teacher of {self._service_name!r} in time")
+        self._membership_version = version
+        return teachers
+
+    def _membership_changes(self) -> list[str] | None:
+        """The new teacher list when the balancer changed it since the last look, else None."""
+        version, teachers = self._discovery.current()
+        if version == self._membership_version:
+            return None
+        self._membership_version = version
         return teachers
 
     def _fetch_feeds(self, ctx: zmq.Context, teachers: Sequence[str]) -> list[TensorSpec]:

@@ -194,7 +194,7 @@ class Worker:
             self._send_result({"kind": "status", "worker": self.args.teacher, "up": False, "reason": reason})
 
     def _send_result(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
-        wire.send(self.push, header, arrays)
+        wire.send(self.push, {**header, "pid": os.getpid()}, arrays)
 
     def close(self) -> None:
         self.client.close()
