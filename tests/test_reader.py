@@ -286,3 +286,19 @@ def test_safe_with_paddle_imported_in_the_parent(teachers):
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["300", "300"]
+
+
+def test_stats_count_samples_per_teacher_and_waits(teachers, data):
+    x, y = data
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        assert dr.stats()["samples"] == 0
+        dr.set_fixed_teacher(teachers[:2])
+        dr.set_batch_generator(batch_reader(x, y))
+        collect(dr, "batch")
+        stats = dr.stats()
+    assert stats["samples"] == N and stats["tasks"] > 0
+    assert stats["samples_per_s"] > 0 and stats["wait_s"] >= 0
+    per_teacher = stats["teachers"]
+    assert set(per_teacher) == set(teachers[:2])
+    assert sum(t["samples"] for t in per_teacher.values()) >= N  # duplicates, if any, count where they ran
+    assert all(t["up"] for t in per_teacher.values())

@@ -67,6 +67,19 @@ class _WorkerProc:
     up: bool = False
 
 
+@dataclass
+class TeacherStats:
+    """What the sink saw of one teacher (through its worker), for :meth:`Pipeline.snapshot`."""
+
+    tasks: int = 0
+    samples: int = 0
+    failed: int = 0
+    returned: int = 0
+    up: bool = False
+    changed_at: float = 0.0  # monotonic time of the last up/down change
+    first_task_at: float = 0.0  # monotonic time its first finished task reached the sink
+
+
 def _shutdown(
     procs: dict[str, _WorkerProc], retiring: list[_WorkerProc], reader_pids: set[int], folder: str, ctx: zmq.Context
 ) -> None:
@@ -134,6 +147,10 @@ class Pipeline:
         self.stats: Counter[str] = Counter()
         self.membership: Callable[[], list[str] | None] | None = None  # dynamic teachers: new list or None
         self.task_seconds = 0.0  # typical time a worker spends on a task (moving average)
+        self.teacher_stats: dict[str, TeacherStats] = {}
+        self.wait_seconds = 0.0  # time the training loop spent waiting for data
+        self.busy_seconds = 0.0  # time inside epochs, for samples/s
+        self._epoch_started: float | None = None
         self._finalizer = weakref.finalize(
             self, _shutdown, self.workers, self.retiring, self.reader_pids, self.folder, self.ctx
         )
@@ -144,6 +161,37 @@ class Pipeline:
 
     def close(self) -> None:
         self._finalizer()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters for :meth:`DistillReader.stats`: throughput, waits, resends, per teacher."""
+        busy = self.busy_seconds + (time.monotonic() - self._epoch_started if self._epoch_started else 0.0)
+        now = time.monotonic()
+        return {
+            "samples": self.stats["samples"],
+            "tasks": self.stats["tasks"],
+            "samples_per_s": self.stats["samples"] / busy if busy else 0.0,
+            "wait_s": self.wait_seconds,
+            "tasks_buffered": self.stats["buffered"],
+            "resent": self.stats["resent"] + self.stats["resend_all"],
+            "returned": self.stats["returned"],
+            "failed": self.stats["failed"],
+            "straggler_resends": self.stats["straggler_resends"],
+            "duplicates_dropped": self.stats["duplicates"],
+            "workers_restarted": self.stats["workers_restarted"],
+            "teachers": {
+                name: {
+                    "up": t.up,
+                    "in_use": name in self.workers,
+                    "tasks": t.tasks,
+                    "samples": t.samples,
+                    "samples_per_s": t.samples / busy if busy else 0.0,
+                    "failed": t.failed,
+                    "returned": t.returned,
+                    "state_age_s": now - t.changed_at if t.changed_at else None,
+                }
+                for name, t in self.teacher_stats.items()
+            },
+        }
 
     # -- workers ------------------------------------------------------------
 
@@ -193,9 +241,12 @@ class Pipeline:
         """Run the reader once through the teachers and yield EDL's output, in order."""
         self.epochs += 1
         run = _EpochRun(self, self.epochs, reader, reader_type, feeds)
+        self._epoch_started = time.monotonic()
         try:
             yield from run.outputs()
         finally:
+            self.busy_seconds += time.monotonic() - self._epoch_started
+            self._epoch_started = None
             run.stop()
 
 
@@ -224,6 +275,9 @@ class _EpochRun:
         self.down_since: float | None = None
         self.blocked: tuple[int, float] | None = None  # (next task, since when later tasks are done)
         self.reader_pid = self._fork_reader(cfg)
+        self.poller = zmq.Poller()
+        self.poller.register(pipe.sink, zmq.POLLIN)
+        self.poller.register(self.ctl, zmq.POLLIN)
 
     def _fork_reader(self, cfg: VentilatorConfig) -> int:
         pid = os.fork()
@@ -261,10 +315,8 @@ class _EpochRun:
     # -- receiving ------------------------------------------------------------
 
     def _pump(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.pipe.sink, zmq.POLLIN)
-        poller.register(self.ctl, zmq.POLLIN)
-        events = dict(poller.poll(100))
+        started = time.monotonic()
+        events = dict(self.poller.poll(100))
         if self.pipe.sink in events:
             while self.pipe.sink.poll(0):
                 self._on_result(wire.decode(self.pipe.sink.recv_multipart(copy=False)))
@@ -272,6 +324,12 @@ class _EpochRun:
             while self.ctl.poll(0):
                 self._on_control(wire.decode(self.ctl.recv_multipart(copy=False)))
         self._supervise()
+        self.pipe.stats["buffered"] = len(self.buffer)
+        self.pipe.wait_seconds += time.monotonic() - started
+
+    def _teacher(self, header: dict[str, Any]) -> TeacherStats:
+        name = str(header.get("worker"))
+        return self.pipe.teacher_stats.setdefault(name, TeacherStats())
 
     def _on_result(self, msg: wire.Message) -> None:
         if msg.kind == "status":
@@ -281,15 +339,21 @@ class _EpochRun:
             return  # a late answer from an earlier epoch
         task = int(msg.header["task"])
         if msg.kind == "done":
+            stats = self._teacher(msg.header)
+            stats.tasks += 1
+            stats.samples += len(next(iter(msg.arrays.values()), ()))
+            stats.first_task_at = stats.first_task_at or time.monotonic()
             if self.buffer.add(task, msg):
                 elapsed = float(msg.header.get("elapsed", 0.0))
                 typical = self.pipe.task_seconds
                 self.pipe.task_seconds = 0.9 * typical + 0.1 * elapsed if typical else elapsed
             self.last_progress = time.monotonic()
         elif msg.kind == "returned":
+            self._teacher(msg.header).returned += 1
             self.pipe.stats["returned"] += 1
             self.parked.add(task)
         elif msg.kind == "failed":
+            self._teacher(msg.header).failed += 1
             self._on_failed(task, msg.header)
 
     def _on_failed(self, task: int, header: dict[str, Any]) -> None:
@@ -306,6 +370,8 @@ class _EpochRun:
         if proc is None:
             return  # a retired worker's last words
         proc.up = bool(header.get("up"))
+        stats = self._teacher(header)
+        stats.up, stats.changed_at = proc.up, time.monotonic()
         if not proc.up and header.get("reason"):
             log.warning("teacher %s unavailable: %s", proc.teacher, header["reason"])
 

@@ -258,6 +258,18 @@ class DistillReader:
         self._active = self._pipeline.epoch(self._reader, self._reader_type, self._feeds)
         return self._active
 
+    def stats(self) -> dict[str, Any]:
+        """Throughput and health so far: samples/s, waits, resends, and per teacher.
+
+        ``samples_per_s`` counts time inside epochs only; ``wait_s`` is how long the
+        training loop waited for data (near zero when the teachers keep up);
+        ``teachers`` maps each teacher seen to its tasks, samples, failures, returned
+        tasks and whether its worker holds it *up* now.
+        """
+        if self._pipeline is None:
+            return {"samples": 0, "tasks": 0, "samples_per_s": 0.0, "wait_s": 0.0, "teachers": {}}
+        return self._pipeline.snapshot()
+
     def close(self) -> None:
         """Stop every process this reader started; the reader can be started again later."""
         if self._active is not None:
