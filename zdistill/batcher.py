@@ -28,10 +28,12 @@ class Request:
     feeds: Arrays
     rows: int
     arrived: float
-    key: tuple[tuple[int, ...], ...] = field(init=False)
+    key: tuple[tuple[str, tuple[int, ...]], ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.key = tuple(arr.shape[1:] for arr in self.feeds.values())
+        # by name, not by the order the client sent its feeds in: only requests whose rows
+        # really have the same shapes, feed by feed, can be concatenated into one batch
+        self.key = tuple(sorted((name, arr.shape[1:]) for name, arr in self.feeds.items()))
 
 
 @dataclass

@@ -116,7 +116,10 @@ class TeacherClient:
     def submit(self, kind: str = "predict", arrays: Arrays | None = None, timeout: float | None = None) -> int:
         """Send a request now and return its id; the answer comes from :meth:`collect`."""
         req_id = next(self._ids)
-        wire.send(self.socket, {"kind": kind, "id": req_id}, arrays)
+        try:
+            wire.send(self.socket, {"kind": kind, "id": req_id}, arrays, flags=zmq.NOBLOCK)
+        except zmq.Again:  # the send queue is full: the teacher has not been reachable for a while
+            raise TeacherTimeout(f"teacher {self.address} is not reachable (send queue full)") from None
         self._deadlines[req_id] = time.monotonic() + (self.timeout if timeout is None else timeout)
         return req_id
 
@@ -127,8 +130,12 @@ class TeacherClient:
         """Finished requests: waits up to ``wait`` seconds for the first, then takes all ready."""
         done = list(self._done.values())
         self._done.clear()
-        if not done:
-            self.socket.poll(max(0, int(wait * 1000)))
+        return done + self._receive(0.0 if done else wait)
+
+    def _receive(self, wait: float) -> list[Completion]:
+        """Answers on the socket (waiting up to ``wait`` s for one) and requests past their deadline."""
+        done: list[Completion] = []
+        self.socket.poll(max(0, int(wait * 1000)))
         while True:
             try:
                 frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -165,7 +172,7 @@ class TeacherClient:
         req_id = self.submit(kind, arrays, timeout)
         while True:
             wait = max(0.0, self._deadlines.get(req_id, time.monotonic()) - time.monotonic())
-            for completion in self.collect(wait):
+            for completion in self._receive(wait):
                 if completion.req_id == req_id:
                     if completion.error is not None:
                         raise completion.error

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from zdistill.errors import ConfigError
+from zdistill.errors import ConfigError, ZDistillError
 
 Arrays = dict[str, np.ndarray]
 
@@ -64,12 +64,14 @@ class Model(Protocol):
 
 
 def _specs(declared: Mapping[str, tuple[str, Sequence[int]]], what: str) -> list[TensorSpec]:
+    from zdistill.wire import check_dtype  # a declared dtype the wire refuses could never be served
+
     specs = []
     for name, value in declared.items():
         try:
             dtype, shape = value
-            specs.append(TensorSpec(name, np.dtype(dtype).name, tuple(int(d) for d in shape)))
-        except (TypeError, ValueError) as exc:
+            specs.append(TensorSpec(name, check_dtype(np.dtype(dtype)).name, tuple(int(d) for d in shape)))
+        except (TypeError, ValueError, ZDistillError) as exc:
             raise ConfigError(f"{what} {name!r}: expected (dtype, per-row shape), got {value!r}: {exc}") from None
     if not specs:
         raise ConfigError(f"a teacher function needs at least one {what}")

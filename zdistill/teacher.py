@@ -84,7 +84,11 @@ class TeacherServer:
         self._ctx = context or zmq.Context.instance()
         self.socket = wire.limit_socket(self._ctx.socket(zmq.ROUTER), limits)
         self.socket.setsockopt(zmq.LINGER, 2000)
-        self.socket.bind(endpoint)
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError:
+            self.socket.close(linger=0)  # an open socket would block the context's term() forever
+            raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def stop(self) -> None:
@@ -251,8 +255,10 @@ class TeacherServer:
             wire.send(self.socket, header, arrays, envelope=envelope, flags=zmq.NOBLOCK)
         except zmq.Again:
             log.warning("client %r is not reading its replies; one reply dropped", bytes(envelope[0]))
-        except WireError as exc:  # e.g. a request id msgpack cannot echo
+        except WireError as exc:  # e.g. a model output of a dtype the wire refuses
             log.warning("cannot encode a reply: %s", exc)
+            if header.get("kind") != "error":  # the client must still hear back, not time out
+                self._reply_error(envelope, header.get("id"), "model_error", f"the reply cannot be sent: {exc}")
 
 
 def parse_gpu_ids(text: str | None) -> list[int]:
@@ -305,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
     except ConfigError as exc:
         log.error("%s", exc)
-        context.term()
+        context.destroy(linger=0)
         return 2
     # Paddle installs its own SIGTERM handler on import; ours must come after the model loads.
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -84,7 +84,10 @@ class Worker:
                 log.info("student process is gone; worker for %s exits", self.args.teacher)
                 return
             if not self.up and self.probe is None and time.monotonic() >= self.next_probe:
-                self.probe = self.client.submit("meta", timeout=1.0)
+                try:
+                    self.probe = self.client.submit("meta", timeout=1.0)
+                except TeacherTimeout:
+                    self._teacher_down("the teacher cannot be reached")
             poller = zmq.Poller()
             poller.register(self.client.socket, zmq.POLLIN)
             if self.client.monitor is not None:
@@ -115,7 +118,11 @@ class Worker:
         self.jobs[key] = job
         for part, start in enumerate(starts):
             chunk = {name: arr[start : start + self.request_rows] for name, arr in feeds.items()}
-            req_id = self.client.submit("predict", chunk)
+            try:
+                req_id = self.client.submit("predict", chunk)
+            except TeacherTimeout as exc:
+                self._teacher_down(str(exc))  # hands this job back too
+                return
             self.requests[req_id] = (key, part)
             job.pending.add(req_id)
 

@@ -1,0 +1,253 @@
+"""A real Paddle inference model served by ``zdistill-teacher`` in its own process.
+
+A tiny MLP (784 -> 16 -> 10, softmax) is built and exported once per module, in both
+formats a user may hold: Paddle 3's ``prefix.json`` (PIR) and Paddle 2's ``prefix.pdmodel``
+(written by a child process with the PIR API off).  The served predictions must equal the
+same model run here, in the test process, to float tolerance.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from tests import procs
+from zdistill.client import TeacherClient
+
+paddle = pytest.importorskip("paddle")
+
+TIMEOUT = 30.0
+RTOL, ATOL = 1e-5, 1e-6
+BATCH_SIZES = [1, 7, 64, 256]
+
+# The layer lives in a file of its own, written at test time: ``paddle.jit.save`` reads the
+# source of ``forward`` (so it cannot be a string exec'd here), and the child process that
+# writes the Paddle 2 form must build the very same class.  forward's parameter is named like
+# the InputSpec, and its first parameter must be literally ``self`` for Paddle's converter.
+MLP_SOURCE = '''
+import paddle
+
+
+class TinyMLP(paddle.nn.Layer):
+    """784 -> 16 -> 10 with a softmax: the smallest model worth serving."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = paddle.nn.Linear(784, 16)
+        self.fc2 = paddle.nn.Linear(16, 10)
+
+    def forward(self, img):
+        return paddle.nn.functional.softmax(self.fc2(paddle.nn.functional.relu(self.fc1(img))))
+
+
+def export(layer, prefix):
+    from paddle.static import InputSpec
+
+    layer.eval()
+    paddle.jit.save(layer, prefix, input_spec=[InputSpec([None, 784], "float32", "img")])
+'''
+
+# run in a child with FLAGS_enable_pir_api=0, so jit.save writes the Paddle 2 protobuf program
+EXPORT_PADDLE2 = '''
+import sys
+import paddle
+sys.path.insert(0, sys.argv[1])
+import tiny_mlp
+layer = tiny_mlp.TinyMLP()
+layer.set_state_dict(paddle.load(sys.argv[2]))
+tiny_mlp.export(layer, sys.argv[3])
+'''
+
+
+def load_module(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("tiny_mlp", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tiny_mlp"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Exported:
+    """The layer (for in-process predictions) and where each saved form of it lies."""
+
+    def __init__(self, layer, pir_prefix: Path, pb_prefix: Path) -> None:
+        self.layer = layer
+        self.pir_prefix = pir_prefix
+        self.pb_prefix = pb_prefix
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        with paddle.no_grad():
+            return self.layer(paddle.to_tensor(x)).numpy()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Iterator[Exported]:
+    folder = tmp_path_factory.mktemp("paddle_model")
+    (folder / "tiny_mlp.py").write_text(MLP_SOURCE)
+    (folder / "export_paddle2.py").write_text(EXPORT_PADDLE2)
+    module = load_module(folder / "tiny_mlp.py")
+    paddle.seed(2024)
+    layer = module.TinyMLP()
+    module.export(layer, str(folder / "pir" / "mlp"))
+    paddle.save(layer.state_dict(), str(folder / "mlp.pdparams"))
+    subprocess.run(
+        [sys.executable, str(folder / "export_paddle2.py"), str(folder), str(folder / "mlp.pdparams"),
+         str(folder / "pb" / "mlp")],
+        env={**os.environ, "FLAGS_enable_pir_api": "0"}, check=True, timeout=120, capture_output=True,
+    )
+    assert (folder / "pir" / "mlp.json").is_file() and (folder / "pir" / "mlp.pdiparams").is_file()
+    assert (folder / "pb" / "mlp.pdmodel").is_file(), "FLAGS_enable_pir_api=0 did not write a .pdmodel"
+    yield Exported(layer, folder / "pir" / "mlp", folder / "pb" / "mlp")
+    sys.modules.pop("tiny_mlp", None)
+
+
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory) -> Iterator[procs.Proc]:
+    """The Paddle 3 model served by a real teacher, one math thread (a 2-core machine)."""
+    proc = procs.start_teacher(str(exported.pir_prefix), tmp_path_factory.mktemp("pir_teacher"), "--threads", "1")
+    yield proc
+    stop_cleanly(proc)
+
+
+def stop_cleanly(proc: procs.Proc) -> None:
+    """SIGTERM must stop a Paddle teacher with status 0: Paddle installs its own SIGTERM handler
+    (a C++ "FatalError" dump) on import, which the teacher has to replace after loading."""
+    code = proc.stop()
+    assert code == 0, proc.log()[-2000:]
+    assert "FatalError" not in proc.log()
+
+
+def inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + n).standard_normal((n, 784)).astype(np.float32)
+
+
+def test_served_predictions_equal_the_model_in_process(exported, served) -> None:
+    c = TeacherClient(served.endpoint, timeout=TIMEOUT)
+    try:
+        for n in BATCH_SIZES:
+            x = inputs(n)
+            out = c.predict({"img": x})
+            assert list(out) == ["fetch_name_0"]
+            assert out["fetch_name_0"].shape == (n, 10) and out["fetch_name_0"].dtype == np.float32
+            np.testing.assert_allclose(out["fetch_name_0"], exported.predict(x), rtol=RTOL, atol=ATOL)
+    finally:
+        c.close()
+
+
+def test_pipelined_requests_merge_and_still_match(exported, served) -> None:
+    """Several requests in flight through the batcher each come back with their own rows."""
+    c = TeacherClient(served.endpoint, timeout=TIMEOUT)
+    try:
+        sent = {c.submit("predict", {"img": inputs(3, seed)}): inputs(3, seed) for seed in range(16)}
+        got: dict = {}
+        while len(got) < len(sent):
+            batch = c.collect(wait=TIMEOUT)
+            assert batch, "teacher stopped answering"
+            got.update({d.req_id: d for d in batch})
+        for req_id, x in sent.items():
+            assert got[req_id].error is None, got[req_id].error
+            np.testing.assert_allclose(got[req_id].result["fetch_name_0"], exported.predict(x), rtol=RTOL, atol=ATOL)
+    finally:
+        c.close()
+
+
+def test_meta_reports_feeds_and_fetches(exported, served) -> None:
+    c = TeacherClient(served.endpoint, timeout=TIMEOUT)
+    try:
+        meta = c.meta()
+    finally:
+        c.close()
+    assert meta["feeds"] == [{"name": "img", "dtype": "float32", "shape": [784]}]
+    assert meta["fetches"] == [{"name": "fetch_name_0", "dtype": "float32", "shape": [10]}]
+    assert meta["device"] == "cpu"
+    assert meta["max_batch_size"] == 256
+    assert "paddle inference model" in meta["description"] and "mlp.json" in meta["description"]
+
+
+HAS_CUDA = bool(paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)
+
+
+@pytest.fixture(scope="module")
+def served_pb(exported, tmp_path_factory) -> Iterator[procs.Proc]:
+    """The Paddle 2 model, named by its .pdmodel file.  Without CUDA it is also asked for
+    ``--gpu-ids 0``, which must fall back to the CPU: one teacher start checks both."""
+    gpu_flag = [] if HAS_CUDA else ["--gpu-ids", "0"]
+    proc = procs.start_teacher(f"{exported.pb_prefix}.pdmodel", tmp_path_factory.mktemp("pb_teacher"),
+                               "--threads", "1", *gpu_flag)
+    yield proc
+    stop_cleanly(proc)
+
+
+def test_paddle2_pdmodel_is_served(exported, served_pb) -> None:
+    c = TeacherClient(served_pb.endpoint, timeout=TIMEOUT)
+    try:
+        meta = c.meta()
+        assert meta["feeds"] == [{"name": "img", "dtype": "float32", "shape": [784]}]
+        assert len(meta["fetches"]) == 1 and meta["fetches"][0]["shape"] == [10]
+        assert meta["description"].endswith(f"(Paddle {paddle.__version__})") and "mlp.pdmodel" in meta["description"]
+        fetch = meta["fetches"][0]["name"]  # whatever the predictor reports (a softmax var here)
+        for n in BATCH_SIZES:
+            x = inputs(n)
+            np.testing.assert_allclose(c.predict({"img": x})[fetch], exported.predict(x), rtol=RTOL, atol=ATOL)
+    finally:
+        c.close()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this Paddle has a CUDA device: the CPU fallback cannot be seen here")
+def test_gpu_ids_without_cuda_falls_back_to_cpu(served_pb) -> None:
+    """On a CPU-only Paddle, --gpu-ids serves on the CPU and says so (meta and log)."""
+    c = TeacherClient(served_pb.endpoint, timeout=TIMEOUT)
+    try:
+        assert c.meta()["device"] == "cpu"
+    finally:
+        c.close()
+    assert "serving on the CPU" in served_pb.log()
+
+
+@pytest.mark.parametrize("fmt", ["pir", "pb"])
+def test_a_model_may_be_named_by_prefix_file_or_folder(exported, fmt: str) -> None:
+    """Every way of naming a saved model resolves to the same program and parameters."""
+    from zdistill.paddle_model import resolve_model_files
+
+    prefix = exported.pir_prefix if fmt == "pir" else exported.pb_prefix
+    program = f"{prefix}.json" if fmt == "pir" else f"{prefix}.pdmodel"
+    want = (program, f"{prefix}.pdiparams")
+    for name in (str(prefix), program, f"{prefix}.pdiparams", str(prefix.parent)):
+        assert resolve_model_files(name) == want, name
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs paddlepaddle-gpu and a CUDA device")
+def test_gpu_serving_matches_cpu(exported, served, start_teacher) -> None:
+    """--gpu-ids 0 serves on the GPU and agrees with the CPU teacher (GPU math: looser tolerance)."""
+    proc = start_teacher(str(exported.pir_prefix), "--gpu-ids", "0")
+    gpu = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    cpu = TeacherClient(served.endpoint, timeout=TIMEOUT)
+    try:
+        assert gpu.meta()["device"] == "gpu:0"
+        for n in BATCH_SIZES:
+            x = inputs(n)
+            np.testing.assert_allclose(
+                gpu.predict({"img": x})["fetch_name_0"], cpu.predict({"img": x})["fetch_name_0"], rtol=1e-3, atol=1e-5
+            )
+    finally:
+        gpu.close()
+        cpu.close()
+
+
+def test_bad_model_folder_is_a_clear_error(tmp_path) -> None:
+    """A folder with no saved model: exit 2 and a message naming what was expected."""
+    result = subprocess.run(
+        [sys.executable, "-m", "zdistill.teacher", "--model", str(tmp_path), "--port", "0", "--host", "127.0.0.1"],
+        capture_output=True, text=True, timeout=120, cwd=str(procs.REPO),
+    )
+    assert result.returncode == 2, result.stderr
+    assert "must hold exactly one saved model" in result.stderr

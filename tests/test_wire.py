@@ -1,0 +1,325 @@
+"""The wire format: round trips, zero-copy receipt, and refusal of every malformed message.
+
+Every socket in zdistill speaks :mod:`zdistill.wire`, and every daemon trusts it to turn a
+peer's bad bytes into one :class:`~zdistill.errors.WireError` (never a crash, never a huge
+allocation, never code execution), so these tests attack it from both sides: random arrays
+must come back bit-for-bit, and random or hand-crafted bad messages must raise only WireError.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from zdistill import wire
+from zdistill.errors import WireError
+
+RECV_TIMEOUT_MS = 5000
+PACKAGE = Path(__file__).resolve().parent.parent / "zdistill"
+
+# every dtype the wire allows, in both byte orders where byte order means something
+DTYPES = st.one_of(
+    hnp.boolean_dtypes(),
+    hnp.integer_dtypes(endianness="?"),
+    hnp.unsigned_integer_dtypes(endianness="?"),
+    hnp.floating_dtypes(endianness="?", sizes=(16, 32, 64)),
+    hnp.complex_number_dtypes(endianness="?", sizes=(64, 128)),
+)
+# 0-d arrays, empty arrays (a zero in any axis) and a few larger ones
+SHAPES = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)
+NAMES = st.text(min_size=1, max_size=20)
+ARRAY_MAPS = st.dictionaries(
+    NAMES, hnp.arrays(DTYPES, SHAPES), max_size=5
+)
+HEADERS = st.dictionaries(
+    st.text(max_size=10).filter(lambda k: k != wire.ARRAYS_KEY),
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=20),
+              st.binary(max_size=20), st.lists(st.integers(-100, 100), max_size=4)),
+    max_size=5,
+)
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit-for-bit equality: dtype, byte order, shape and bytes (NaN payloads and -0.0 included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[tuple[zmq.Socket, zmq.Socket]]:
+    """A connected PUSH/PULL pair over ipc, so frames really cross libzmq (not Python objects)."""
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    for sock in (push, pull):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, RECV_TIMEOUT_MS)
+        sock.setsockopt(zmq.SNDTIMEO, RECV_TIMEOUT_MS)
+    wire.limit_socket(pull)
+    pull.bind("ipc://*")  # a fresh abstract-free path chosen by libzmq
+    push.connect(pull.getsockopt_string(zmq.LAST_ENDPOINT))
+    yield push, pull
+    push.close()
+    pull.close()
+    ctx.term()
+
+
+def send_recv(pair: tuple[zmq.Socket, zmq.Socket], header: dict, arrays: dict) -> tuple[list[zmq.Frame], wire.Message]:
+    push, pull = pair
+    wire.send(push, header, arrays)
+    frames = pull.recv_multipart(copy=False)
+    return frames, wire.decode(frames)
+
+
+def reaches(obj: object, target: object) -> bool:
+    """True when ``target`` is on ``obj``'s chain of buffer owners (ndarray.base, memoryview.obj)."""
+    seen = 0
+    while obj is not None and seen < 32:
+        if obj is target:
+            return True
+        obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+        seen += 1
+    return False
+
+
+# -- round trips ------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(header=HEADERS, arrays=ARRAY_MAPS)
+def test_encode_decode_round_trip(header: dict, arrays: dict) -> None:
+    msg = wire.decode(wire.encode(header, arrays))
+    assert msg.header == header
+    assert list(msg.arrays) == list(arrays)
+    for name, arr in arrays.items():
+        assert same(msg.arrays[name], arr), name
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header=HEADERS, arrays=ARRAY_MAPS)
+def test_socket_round_trip(pair, header: dict, arrays: dict) -> None:
+    _, msg = send_recv(pair, header, arrays)
+    assert msg.header == header
+    assert list(msg.arrays) == list(arrays)
+    for name, arr in arrays.items():
+        assert same(msg.arrays[name], arr), name
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, wire.ZERO_COPY_THRESHOLD // 8 + 1, 300_000])
+def test_socket_round_trip_around_zero_copy_threshold(pair, size: int) -> None:
+    """Both send paths (copied below the threshold, zero-copy above) deliver the same bytes."""
+    arr = np.random.default_rng(size).standard_normal(size)
+    _, msg = send_recv(pair, {"kind": "x"}, {"a": arr})
+    assert same(msg.arrays["a"], arr)
+
+
+def test_zero_d_and_non_contiguous_arrays_keep_their_shape() -> None:
+    """A 0-d array stays 0-d (np.ascontiguousarray would make it (1,)); strided views are packed."""
+    base = np.arange(24, dtype=np.int32).reshape(4, 6)
+    arrays = {"scalar": np.array(2.5), "flag": np.array(True), "cols": base[:, ::2], "t": base.T}
+    msg = wire.decode(wire.encode({}, arrays))
+    for name, arr in arrays.items():
+        assert msg.arrays[name].shape == arr.shape
+        assert np.array_equal(msg.arrays[name], arr)
+
+
+# -- zero copy ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3,), (32, 784), (256, 784), ()])
+def test_decoded_array_is_a_view_of_the_received_frame(pair, shape: tuple[int, ...]) -> None:
+    arr = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    frames, msg = send_recv(pair, {}, {"x": arr})
+    got = msg.arrays["x"]
+    frame = frames[1]
+    assert reaches(got, frame), "the decoded array does not own the frame's memory chain"
+    assert np.shares_memory(got, np.frombuffer(frame.buffer, dtype=np.uint8))
+    assert not got.flags.writeable  # a view of a received frame must not be scribbled on
+    assert same(got, arr)
+
+
+# -- what encode refuses ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.array([object(), 1], dtype=object),
+        np.array(["a", "bc"]),
+        np.array([b"a"]),
+        np.zeros(2, dtype=[("a", "<f4"), ("b", "<i4")]),
+        np.zeros(2, dtype="datetime64[ns]"),
+        np.zeros(2, dtype="V4"),
+        np.zeros(2, dtype=np.longdouble),
+        [[1, 2], [3]],
+    ],
+    ids=["object", "str", "bytes", "structured", "datetime", "void", "longdouble", "ragged"],
+)
+def test_encode_refuses_non_numeric_arrays(value) -> None:
+    with pytest.raises(WireError):
+        wire.encode({}, {"x": value})
+
+
+def test_encode_refuses_the_reserved_key_and_bad_names() -> None:
+    with pytest.raises(WireError, match="reserved"):
+        wire.encode({wire.ARRAYS_KEY: []})
+    for name in ("", 7, "n" * 300):
+        with pytest.raises(WireError, match="name"):
+            wire.encode({}, {name: np.zeros(1)})
+
+
+def test_encode_refuses_a_header_msgpack_cannot_carry() -> None:
+    with pytest.raises(WireError, match="cannot be encoded"):
+        wire.encode({"x": object()})
+
+
+# -- what decode refuses -------------------------------------------------------------------------
+
+
+def message(arrays: list, frames: list[bytes], **header) -> list[bytes]:
+    """A hand-built message: header with the given array table, then the given frames."""
+    return [msgpack.packb({**header, wire.ARRAYS_KEY: arrays}), *frames]
+
+
+F4x10 = np.arange(10, dtype="<f4").tobytes()
+
+MALFORMED = {
+    "empty message": [],
+    "non-msgpack header": [b"\xc1\xc1garbage"],
+    "truncated msgpack header": [msgpack.packb({"kind": "predict", "arrays": []})[:-3]],
+    "trailing bytes after the header": [msgpack.packb({"arrays": []}) + b"\x00"],
+    "header is a list": [msgpack.packb([1, 2, 3])],
+    "header is an int": [msgpack.packb(5)],
+    "non-string map key": [msgpack.packb({1: 2, "arrays": []})],
+    "ext type in header": [msgpack.packb({"arrays": [], "x": msgpack.ExtType(5, b"abcd")})],
+    "missing arrays table": [msgpack.packb({"kind": "predict"})],
+    "arrays table not a list": [msgpack.packb({"arrays": {"x": 1}})],
+    "array entry not a list": message(["x"], [F4x10]),
+    "array entry of 2 items": message([["x", "<f4"]], [F4x10]),
+    "array name not a string": message([[5, "<f4", [10]]], [F4x10]),
+    "array name empty": message([["", "<f4", [10]]], [F4x10]),
+    "array name too long": message([["n" * 300, "<f4", [10]]], [F4x10]),
+    "fewer frames than arrays": message([["x", "<f4", [10]], ["y", "<f4", [10]]], [F4x10]),
+    "more frames than arrays": message([["x", "<f4", [10]]], [F4x10, F4x10]),
+    "frames but no arrays": message([], [F4x10]),
+    "too many frames": message([[f"a{i}", "|u1", [0]] for i in range(70)], [b""] * 70),
+    "oversized header": [msgpack.packb({"arrays": [], "pad": "x" * (wire.DEFAULT_LIMITS.max_header_bytes + 1)})],
+    "huge shape, empty frame": message([["x", "<f4", [2**40, 2**40]]], [b""]),
+    "huge shape hidden by a zero": message([["x", "<f4", [0, 2**62]]], [b""]),
+    "uint64-max dim": message([["x", "|u1", [0, 2**64 - 1]]], [b""]),
+    "dtype object": message([["x", "|O", [2]]], [b"\x00" * 16]),
+    "dtype object, bare": message([["x", "O", [2]]], [b"\x00" * 16]),
+    "dtype structured": message([["x", [["a", "<f4"]], [2]]], [b"\x00" * 8]),
+    "dtype structured string": message([["x", "[('a', '<f4')]", [2]]], [b"\x00" * 8]),
+    "dtype str": message([["x", "<U1", [2]]], [b"\x00" * 8]),
+    "dtype bytes": message([["x", "|S4", [2]]], [b"\x00" * 8]),
+    "dtype void": message([["x", "|V4", [2]]], [b"\x00" * 8]),
+    "dtype datetime": message([["x", "<M8[ns]", [1]]], [b"\x00" * 8]),
+    "dtype longdouble": message([["x", "<f16", [1]]], [b"\x00" * 16]),
+    "dtype unknown": message([["x", "<f3", [1]]], [b"\x00" * 3]),
+    "dtype garbage": message([["x", "hello", [1]]], [b"\x00"]),
+    "dtype not a string": message([["x", 4, [1]]], [b"\x00" * 4]),
+    "negative dim": message([["x", "<f4", [-10]]], [F4x10]),
+    "negative dims cancelling": message([["x", "<f4", [-2, -5]]], [F4x10]),
+    "float dim": message([["x", "<f4", [10.0]]], [F4x10]),
+    "string dim": message([["x", "<f4", ["10"]]], [F4x10]),
+    "bool dim": message([["x", "|u1", [True]]], [b"\x00"]),
+    "none dim": message([["x", "<f4", [None]]], [F4x10]),
+    "shape not a list": message([["x", "<f4", 10]], [F4x10]),
+    "too many dims": message([["x", "|u1", [1] * 17]], [b"\x00"]),
+    "truncated frame": message([["x", "<f4", [10]]], [F4x10[:-1]]),
+    "frame longer than declared": message([["x", "<f4", [10]]], [F4x10 + b"\x00" * 4]),
+    "frame for empty array not empty": message([["x", "<f4", [0, 3]]], [b"\x00" * 4]),
+    "duplicate names": message([["x", "<f4", [10]], ["x", "<f4", [10]]], [F4x10, F4x10]),
+}
+
+
+@pytest.mark.parametrize("frames", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_malformed_messages_raise_wire_error(frames: list[bytes]) -> None:
+    with pytest.raises(WireError) as info:
+        wire.decode(frames)
+    assert str(info.value), "a WireError must say what was wrong"
+
+
+def test_malformed_message_over_a_real_socket(pair) -> None:
+    """The same refusal for frames received zero-copy from libzmq (zmq.Frame, not bytes)."""
+    push, pull = pair
+    push.send_multipart(MALFORMED["truncated frame"])
+    with pytest.raises(WireError, match="needs 40 bytes"):
+        wire.decode(pull.recv_multipart(copy=False))
+
+
+def test_limits_are_configurable() -> None:
+    """A tighter Limits (what a daemon may set) refuses what the defaults accept."""
+    small = wire.Limits(max_header_bytes=64, max_arrays=1, max_array_bytes=16)
+    ok = wire.encode({}, {"x": np.zeros(4, "<f4")})
+    assert wire.decode(ok, small).arrays["x"].shape == (4,)
+    with pytest.raises(WireError, match="exceeds the limit"):
+        wire.decode(wire.encode({}, {"x": np.zeros(5, "<f4")}), small)
+    with pytest.raises(WireError, match="frames exceed"):
+        wire.decode(wire.encode({}, {"x": np.zeros(1), "y": np.zeros(1)}), small)
+    with pytest.raises(WireError, match="header of"):
+        wire.decode(wire.encode({"pad": "x" * 80}), small)
+
+
+def test_a_huge_declared_shape_allocates_nothing() -> None:
+    """The size check runs before numpy sees the shape: refusing 2**80 bytes must be instant and tiny."""
+    import tracemalloc
+
+    frames = message([["x", "<f8", [2**20, 2**20, 2**20, 2**20]]], [b""])
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="exceeds the limit"):
+            wire.decode(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+@settings(max_examples=300, deadline=None)
+@given(head=st.binary(max_size=200), rest=st.lists(st.binary(max_size=64), max_size=4))
+def test_random_bytes_raise_only_wire_error(head: bytes, rest: list[bytes]) -> None:
+    """Fuzz: whatever a peer sends, decode either succeeds or raises WireError, nothing else."""
+    try:
+        wire.decode([head, *rest])
+    except WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    table=st.lists(
+        st.lists(
+            st.one_of(st.text(max_size=4), st.sampled_from(["<f4", "|b1", "<c16", "|O", "<U2", "<M8"]),
+                      st.lists(st.integers(-3, 2**64 - 1), max_size=5), st.integers(-(2**63), 2**64 - 1), st.none()),
+            min_size=0, max_size=4),
+        max_size=3),
+    frames=st.lists(st.binary(max_size=64), max_size=4),
+)
+def test_random_array_tables_raise_only_wire_error(table: list, frames: list[bytes]) -> None:
+    """Fuzz the array table with well-formed msgpack but arbitrary entries."""
+    try:
+        msg = wire.decode([msgpack.packb({wire.ARRAYS_KEY: table}), *frames])
+    except WireError:
+        return
+    for arr in msg.arrays.values():  # whatever got through is a real, consistent array
+        assert arr.nbytes == arr.dtype.itemsize * arr.size
+
+
+# -- no pickle, anywhere -------------------------------------------------------------------------
+
+
+def test_no_pickle_in_the_package() -> None:
+    """Peer bytes are data, never code: the package must not import pickle or its cousins."""
+    pattern = re.compile(r"^\s*(import|from)\s+(pickle|cPickle|_pickle|dill|cloudpickle|marshal|shelve)\b", re.M)
+    offenders = [str(p) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text())]
+    assert not offenders
+    assert "pickle.loads" not in "".join(p.read_text() for p in PACKAGE.rglob("*.py"))
