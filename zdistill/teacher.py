@@ -44,11 +44,14 @@ import zmq
 from zdistill import wire
 from zdistill.batcher import Batcher, Request, merge
 from zdistill.errors import ConfigError, WireError
+from zdistill.metrics import TeacherMetrics
 from zdistill.model import Model, load_model
+from zdistill.security import ServerKeys, server_keys, stop_authenticator
 
 log = logging.getLogger("zdistill.teacher")
 
 _DRAIN_AT_ONCE = 256
+_KINDS = frozenset({"predict", "meta", "stats", "ping"})
 _STOP_QUIET_S = 0.05  # a stopping teacher closes once no message came for this long...
 _STOP_GRACE_S = 5.0  # ...or after this long, however busy its peers still are
 
@@ -72,6 +75,8 @@ class TeacherServer:
         max_delay: float = 0.0,
         limits: wire.Limits = wire.DEFAULT_LIMITS,
         context: zmq.Context | None = None,
+        curve: ServerKeys | None = None,
+        metrics: TeacherMetrics | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max batch size must be at least 1, got {max_batch_size}")
@@ -81,12 +86,15 @@ class TeacherServer:
         self.errors: dict[str, int] = {}
         self._stopping = False
         self._refusing = False
+        self.metrics = metrics or TeacherMetrics()
         self._ctx = context or zmq.Context.instance()
         self.socket = wire.limit_socket(self._ctx.socket(zmq.ROUTER), limits)
         self.socket.setsockopt(zmq.LINGER, 2000)
         try:
+            if curve is not None:
+                curve.apply(self.socket)
             self.socket.bind(endpoint)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, ConfigError):
             self.socket.close(linger=0)  # an open socket would block the context's term() forever
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -134,7 +142,13 @@ class TeacherServer:
 
     def _run_ready(self, force: bool) -> None:
         while (batch := self.batcher.take(time.monotonic(), force)) is not None:
+            now = time.monotonic()
+            for req in batch:
+                self.metrics.queue_wait.observe(now - req.arrived)
+            self.metrics.batch_rows.observe(sum(r.rows for r in batch))
+            self.metrics.batch_requests.observe(len(batch))
             self._run_batch(batch)
+        self.metrics.in_flight.set(len(self.batcher))
 
     # -- receiving --------------------------------------------------------
 
@@ -151,6 +165,7 @@ class TeacherServer:
             self._reply_error(envelope, req_id, exc.code, str(exc))
 
     def _dispatch(self, envelope: list[Any], req_id: Any, msg: wire.Message) -> None:
+        self.metrics.requests.labels(msg.kind if msg.kind in _KINDS else "other").inc()
         if self._refusing:
             raise RequestError("shutting_down", "the teacher is shutting down: send this request to another teacher")
         if msg.kind == "predict":
@@ -211,7 +226,10 @@ class TeacherServer:
             start += req.rows
 
     def _call_model(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        started = time.monotonic()
         outputs = self.model.run(feeds)
+        self.metrics.model_time.observe(time.monotonic() - started)
+        self.metrics.rows.inc(rows)
         for spec in self.model.fetches:
             out = outputs.get(spec.name)
             if out is None or out.ndim == 0 or out.shape[0] != rows:
@@ -244,6 +262,7 @@ class TeacherServer:
         }
 
     def _reply_error(self, envelope: list[Any], req_id: Any, code: str, message: str) -> None:
+        self.metrics.errors.labels(code).inc()
         self.errors[code] = self.errors.get(code, 0) + 1
         log.debug("error reply %s: %s", code, message)
         if type(req_id) not in (int, str, type(None)):
@@ -288,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=1, help="CPU math threads for a Paddle model (default 1)")
     p.add_argument("--ready-file", default=None, help="write the bound endpoint to this file once serving")
+    p.add_argument("--max-message-mb", type=float, default=1024,
+                   help="largest array a request may carry, in MiB; bigger frames are refused by libzmq (default 1024)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--curve-secret-key", default=None,
+                   help="CURVE: this server's secret key file (python -m zdistill.security keygen); off if unset")
+    p.add_argument("--curve-allow", default=None, help="CURVE: folder of the client public keys allowed in")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -305,12 +330,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # user code: a model that cannot run once is a bad --model
             raise ConfigError(f"the model failed its first run: {type(exc).__name__}: {exc}") from None
         endpoint = f"tcp://{args.host}:{args.port}"
+        limits = wire.Limits(max_array_bytes=int(args.max_message_mb * 2**20))
+        metrics = TeacherMetrics()
         try:
-            server = TeacherServer(model, endpoint, args.max_batch_size, args.max_delay_ms / 1000, context=context)
+            server = TeacherServer(model, endpoint, args.max_batch_size, args.max_delay_ms / 1000, limits=limits,
+                                   context=context, curve=server_keys(args.curve_secret_key, args.curve_allow),
+                                   metrics=metrics)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
-    except ConfigError as exc:
+        metrics.serve(args.metrics_port, args.host)
+    except (ConfigError, OSError) as exc:
         log.error("%s", exc)
+        stop_authenticator(context)
         context.destroy(linger=0)
         return 2
     # Paddle installs its own SIGTERM handler on import; ours must come after the model loads.
@@ -324,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(server.endpoint)
         os.replace(tmp, args.ready_file)
     server.serve()
+    stop_authenticator(context)
     context.term()  # waits (up to the socket's LINGER) until the last replies have left
     log.info("stopped after %d requests", server.batcher.stats.requests)
     return 0

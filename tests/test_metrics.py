@@ -1,0 +1,46 @@
+"""Prometheus metrics of the teacher, scraped over HTTP from a real process."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests import procs
+from zdistill import TeacherError
+from zdistill.client import TeacherClient
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def value(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in the scrape"
+    return float(match.group(1))
+
+
+def test_teacher_metrics_count_requests_rows_batches_and_errors(start_teacher):
+    port = procs.free_port()
+    teacher = start_teacher(f"{procs.TEACHERS}:softmax", "--metrics-port", str(port))
+    client = TeacherClient(teacher.endpoint, timeout=10)
+    x = np.ones((8, 784), np.float32)
+    ids = [client.submit("predict", {"img": x}) for _ in range(20)]
+    done = []
+    while len(done) < len(ids):
+        done += client.collect(5)
+    with pytest.raises(TeacherError, match="dtype float64"):
+        client.predict({"img": x.astype(np.float64)})
+    client.close()
+    text = scrape(port)
+    assert value(text, 'zdistill_teacher_requests_total{kind="predict"}') == 21
+    assert value(text, "zdistill_teacher_rows_total") == 160
+    assert value(text, "zdistill_teacher_batch_rows_count") <= 20  # merged batches: fewer calls than requests
+    assert value(text, "zdistill_teacher_batch_rows_sum") == 160
+    assert value(text, "zdistill_teacher_model_seconds_count") == value(text, "zdistill_teacher_batch_rows_count")
+    assert value(text, 'zdistill_teacher_errors_total{code="bad_request"}') == 1
+    assert value(text, "zdistill_teacher_in_flight_requests") == 0

@@ -1,0 +1,75 @@
+"""CURVE on the teacher socket: only clients with the right keys get anything through."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests import procs
+from tests.teachers import softmax_np
+from zdistill import ConfigError, DistillReader, TeacherTimeout
+from zdistill.client import TeacherClient
+from zdistill.security import ClientKeys
+from zdistill.security import main as security_main
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A server pair, two client pairs, and an allow-list folder holding only ``alice``."""
+    for name in ("server", "alice", "mallory"):
+        assert security_main(["keygen", str(tmp_path / "keys"), name]) == 0
+    allow = tmp_path / "allowed"
+    allow.mkdir()
+    (allow / "alice.key").write_bytes((tmp_path / "keys" / "alice.key").read_bytes())
+    return tmp_path / "keys", allow
+
+
+def ping(endpoint: str, curve: ClientKeys | None) -> bool:
+    client = TeacherClient(endpoint, timeout=1.5, curve=curve)
+    try:
+        client.ping()
+        return True
+    except TeacherTimeout:
+        return False
+    finally:
+        client.close()
+
+
+def test_curve_teacher_refuses_clients_without_its_key(start_teacher, keys):
+    folder, _ = keys
+    teacher = start_teacher(f"{procs.TEACHERS}:softmax", "--curve-secret-key", str(folder / "server.key_secret"))
+    assert not ping(teacher.endpoint, None)  # plain client: the handshake never completes
+    assert not ping(teacher.endpoint, ClientKeys(str(folder / "mallory.key")))  # wrong server key
+    assert ping(teacher.endpoint, ClientKeys(str(folder / "server.key")))
+
+
+def test_curve_allow_list_lets_only_listed_clients_in(start_teacher, keys):
+    folder, allow = keys
+    teacher = start_teacher(f"{procs.TEACHERS}:softmax", "--curve-secret-key", str(folder / "server.key_secret"),
+                            "--curve-allow", str(allow))
+    server_public = str(folder / "server.key")
+    assert not ping(teacher.endpoint, ClientKeys(server_public))  # an ephemeral key is not on the list
+    assert not ping(teacher.endpoint, ClientKeys(server_public, str(folder / "mallory.key_secret")))
+    assert ping(teacher.endpoint, ClientKeys(server_public, str(folder / "alice.key_secret")))
+
+
+def test_distill_reader_uses_curve_keys_from_the_environment(start_teacher, keys, monkeypatch):
+    folder, allow = keys
+    teacher = start_teacher(f"{procs.TEACHERS}:softmax", "--curve-secret-key", str(folder / "server.key_secret"),
+                            "--curve-allow", str(allow))
+    monkeypatch.setenv("ZDISTILL_CURVE_SERVER_KEY", str(folder / "server.key"))
+    monkeypatch.setenv("ZDISTILL_CURVE_CLIENT_KEY", str(folder / "alice.key_secret"))
+    x = np.random.default_rng(1).random((100, 784), dtype=np.float32)
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teacher.endpoint)
+        dr.set_batch_generator(lambda: iter([(x, np.arange(100))]))
+        [(_, _, prob)] = list(dr())
+    np.testing.assert_allclose(prob, softmax_np(x), rtol=1e-5, atol=1e-6)
+
+
+def test_key_files_are_checked(tmp_path, start_teacher):
+    with pytest.raises(ConfigError, match="does not exist"):
+        ClientKeys(str(tmp_path / "nope.key")).apply(None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="holds no secret key"):
+        assert security_main(["keygen", str(tmp_path), "s"]) == 0
+        start_teacher(f"{procs.TEACHERS}:softmax", "--curve-secret-key", str(tmp_path / "s.key"), timeout=20)
