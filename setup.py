@@ -24,6 +24,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "zdistill=zdistill.cli:main",
             "zdistill-teacher=zdistill.teacher:main",
             "zdistill-register=zdistill.register:main",
             "zdistill-balancer=zdistill.balancer:main",

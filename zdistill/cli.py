@@ -1,0 +1,94 @@
+"""``zdistill``: questions to a running system from a shell (and for Kubernetes probes).
+
+- ``zdistill ping teacher HOST:PORT`` exits 0 when the teacher answers a ``ping`` (its
+  model is loaded and has run), 1 otherwise: a readiness/liveness probe.
+- ``zdistill ping balancer HOST:PORT`` exits 0 when the balancer answers ``status``.
+- ``zdistill status --db_endpoints HOST:PORT`` prints, per service, the teachers
+  (address, device, heartbeat age, load), the students and their teachers, and the
+  leading balancer; ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import zmq
+
+from zdistill import wire
+from zdistill.client import TeacherClient, teacher_endpoint
+from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
+from zdistill.security import client_keys_from_env, secure_client
+
+
+def ask_balancer(address: str, header: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """One request to a balancer; its reply header, or None if it did not answer in time."""
+    ctx = zmq.Context.instance()
+    sock = secure_client(ctx.socket(zmq.DEALER), client_keys_from_env())
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(teacher_endpoint(address))
+        wire.send(sock, {**header, "id": 1})
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        return wire.decode(sock.recv_multipart()).header
+    finally:
+        sock.close(linger=0)
+
+
+def ping(kind: str, address: str, timeout: float) -> int:
+    if kind == "teacher":
+        client = TeacherClient(address, timeout=timeout)
+        try:
+            client.ping()
+        except (TeacherTimeout, TeacherError) as exc:
+            sys.stderr.write(f"teacher {address}: {exc}\n")
+            return 1
+        finally:
+            client.close()
+        return 0
+    reply = ask_balancer(address, {"kind": "status"}, timeout)
+    if reply is None or reply.get("kind") != "status":
+        sys.stderr.write(f"balancer {address} did not answer\n")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zdistill", description="Ask a running zdistill system questions.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pg = sub.add_parser("ping", help="exit 0 if a teacher or balancer answers (for probes)")
+    pg.add_argument("kind", choices=["teacher", "balancer"])
+    pg.add_argument("address", help="HOST:PORT")
+    pg.add_argument("--timeout", type=float, default=2.0)
+    st = sub.add_parser("status", help="teachers, students and balancers, per service")
+    st.add_argument("--db_endpoints", "--db-endpoints", required=True, help="Redis HOST:PORT or redis:// URL")
+    st.add_argument("--db_passwd", "--db-passwd", default=None,
+                    help="Redis password (or set ZDISTILL_DB_PASSWD; never printed)")
+    st.add_argument("--balancer", default=None, help="also ask this balancer (HOST:PORT) for its view")
+    st.add_argument("--json", action="store_true", help="print JSON for scripts")
+    st.add_argument("--timeout", type=float, default=2.0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "ping":
+            return ping(args.kind, args.address, args.timeout)
+        from zdistill.status import collect_status, render_status
+
+        report = collect_status(args.db_endpoints, args.db_passwd, args.balancer, args.timeout, time.time())
+        sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
+        return 0 if report.get("redis", {}).get("ok") else 1
+    except ConfigError as exc:
+        sys.stderr.write(f"zdistill: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
