@@ -63,7 +63,6 @@ import zmq
 from zdistill import wire
 from zdistill.assignment import assign
 from zdistill.errors import ConfigError, WireError
-from zdistill.register import db_password
 from zdistill.store import (
     MAX_TEACHERS_LIMIT,
     SERVICE_RE,
@@ -71,6 +70,7 @@ from zdistill.store import (
     LeaderRecord,
     Store,
     StudentRecord,
+    db_password,
     describe,
 )
 
@@ -150,6 +150,8 @@ class Balancer:
         # State, owned by the serve() thread.
         self.leading = False
         self.leader_seen: LeaderRecord | None = None
+        self.saw_leader = False  # some balancer led while this one stood by
+        self._store_empty_since: float | None = None
         self.lease_confirmed = 0.0
         self.epoch: str | None = None
         self.teachers: dict[str, set[str]] = {}
@@ -308,6 +310,14 @@ class Balancer:
 
     def _resync(self, now: float) -> None:
         found = self.store.all_teachers()
+        if self.store.get_epoch() != self.epoch:
+            # Redis lost its data under us (a restart our connection never noticed:
+            # redis-py reconnects silently).  The SCAN saw an empty store: distrust it,
+            # take the lease again and write our state back before any teacher is dropped.
+            log.warning("Redis lost the assignment state (restarted?); re-taking the lease")
+            self._after_outage(now)
+            self._due["lease"] = now
+            return
         for service in set(found) | set(self.teachers):
             records = found.get(service, {})
             for rec in records.values():
@@ -332,11 +342,27 @@ class Balancer:
             else:
                 log.warning("another balancer holds the leader lease: standing by")
                 self._step_down()
-        elif self.store.acquire_leader(self.me, self.leader_lease):
+        elif self._may_lead(now) and self.store.acquire_leader(self.me, self.leader_lease):
             self.lease_confirmed = now
             self._take_office(now)
         else:
             self.leader_seen = self.store.get_leader()
+            self.saw_leader = self.saw_leader or self.leader_seen is not None
+
+    def _may_lead(self, now: float) -> bool:
+        """Whether this standby should try for the lease now.
+
+        After Redis lost its data, the leader that was running still has the whole state
+        in memory and will write it back; a standby without it would found a new history
+        and reassign everyone.  So a standby that has seen a leader, has no state of its
+        own and finds the store empty gives that leader two leases to come back first.
+        """
+        if self.epoch is not None or not self.saw_leader or self.store.get_epoch() is not None:
+            self._store_empty_since = None
+            return True
+        if self._store_empty_since is None:
+            self._store_empty_since = now
+        return now - self._store_empty_since >= 2 * self.leader_lease
 
     def _take_office(self, now: float) -> None:
         """Become (or stay) leader: adopt the state in Redis, or restore ours if Redis lost it."""
@@ -362,9 +388,9 @@ class Balancer:
         self.last_seen = {sid: max(now, self.last_seen.get(sid, now)) for sid in self.students}
         self.leading = True
         self.leader_seen = self.me
+        self._save_all()  # writes the epoch first, so the resync below trusts the store
         self._resync(now)
         self._due["resync"] = now + self.resync_every
-        self._save_all()
         self.dirty |= set(self.by_service)
 
     def _step_down(self) -> None:
@@ -589,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("redis").setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         store = Store.open(args.db_endpoints, db_password(args.db_passwd))
         balancer = Balancer(store, args.server, args.pub_port, args.advertise, args.student_lease,

@@ -35,19 +35,21 @@ import redis
 import zmq
 
 from zdistill.client import Completion, TeacherClient
-from zdistill.errors import ConfigError
-from zdistill.store import Store, TeacherRecord, check_address, check_service, describe
+from zdistill.errors import ConfigError, TeacherTimeout
+from zdistill.store import (
+    PASSWORD_ENV,
+    Store,
+    TeacherRecord,
+    check_address,
+    check_service,
+    db_password,
+    describe,
+)
 
 log = logging.getLogger("zdistill.register")
 
 DEFAULT_TTL = 6.0
-PASSWORD_ENV = "ZDISTILL_DB_PASSWD"
 _POLL = 0.05  # how often a wait looks at the stop flag
-
-
-def db_password(flag_value: str | None) -> str | None:
-    """``--db_passwd``, else ``$ZDISTILL_DB_PASSWD`` (keeps the password out of ``ps``)."""
-    return flag_value or os.environ.get(PASSWORD_ENV) or None
 
 
 class Registrar:
@@ -81,7 +83,11 @@ class Registrar:
 
     def _call(self, kind: str) -> Completion | None:
         """One request, given up early if we are told to stop; None on stop."""
-        req_id = self.client.submit(kind)
+        try:
+            req_id = self.client.submit(kind)
+        except TeacherTimeout as exc:  # nothing could even be queued: the teacher is long gone
+            self.client.reset()
+            return Completion(0, error=exc)
         while not self.stop_event.is_set():
             for done in self.client.collect(_POLL):
                 if done.req_id == req_id:
@@ -94,6 +100,8 @@ class Registrar:
         """Ping; on the first answer after a failure also read ``meta`` for the record."""
         done = self._call("ping")
         if done is None or done.error is not None:
+            if done is not None:
+                log.debug("teacher %s did not answer a ping: %s", self.record.address, done.error)
             return False
         if self.healthy:
             return True
@@ -200,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("redis").setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         store = Store.open(args.db_endpoints, db_password(args.db_passwd))
         registrar = Registrar(store, args.service_name, args.server, args.ttl, args.ping_timeout,

@@ -62,6 +62,7 @@ SERVICE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 ADDRESS_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:[0-9]{1,5}$")
 STUDENT_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
 MAX_TEACHERS_LIMIT = 100_000
+PASSWORD_ENV = "ZDISTILL_DB_PASSWD"
 
 # Compare-and-delete: only the writer of a value may remove it.
 _DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -122,6 +123,11 @@ def describe(endpoint: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def db_password(flag_value: str | None) -> str | None:
+    """``--db_passwd``, else ``$ZDISTILL_DB_PASSWD``: the variable keeps the password out of ``ps``."""
+    return flag_value or os.environ.get(PASSWORD_ENV) or None
 
 
 def connect(endpoint: str, password: str | None = None, timeout: float = 2.0) -> redis.Redis:

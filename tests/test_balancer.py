@@ -1,0 +1,254 @@
+"""``zdistill-balancer`` as a real process: hostile input, restarts, failover, student leases."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from tests import daemons, procs
+from zdistill import wire
+from zdistill.discovery import DiscoveryClient
+from zdistill.store import Store, TeacherRecord
+
+
+@pytest.fixture
+def store(redis_server):
+    s = Store.open(redis_server.endpoint)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def stopper():
+    started: list[procs.Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture
+def clients():
+    made: list[DiscoveryClient] = []
+    yield made
+    for c in made:
+        c.close()
+
+
+def add_teacher(store: Store, address: str, service: str = "svc", ttl: float = 60.0) -> None:
+    """What zdistill-register writes, without a teacher process: the balancer only reads Redis."""
+    store.register_teacher(TeacherRecord(address, service), ttl)
+
+
+def _leading(address: str) -> bool:
+    st = daemons.status(address, timeout=0.5)
+    return bool(st and st["leading"])
+
+
+def _wait_teachers(client: DiscoveryClient, want, timeout: float = 5.0) -> tuple[int, list[str]]:
+    """Wait until the client's teachers satisfy ``want`` (a predicate or an exact list)."""
+    check = want if callable(want) else (lambda ts: ts == sorted(want))
+    end = time.monotonic() + timeout
+    version, teachers = client.current()
+    while not check(teachers):
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"client has {teachers}, not what was wanted")
+        version, teachers = client.wait_for_change(version, left)
+    return version, teachers
+
+
+def _send_raw(sock: zmq.Socket, frames: list[bytes]) -> dict | None:
+    sock.send_multipart(frames)
+    if not sock.poll(2000):
+        return None
+    reply = sock.recv_multipart()
+    if len(reply) > 1 and reply[0] == b"":  # our first frame was empty: taken as a REQ delimiter, echoed
+        reply = reply[1:]
+    return wire.decode(reply).header
+
+
+def test_bad_messages_are_answered_and_the_balancer_keeps_serving(redis_server, store, tmp_path, stopper):
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(bal)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{bal.endpoint}")
+
+    def packed(header: dict) -> bytes:
+        return msgpack.packb({"arrays": [], **header})
+
+    reg = {"kind": "register", "id": 7, "student": "s1", "service": "svc", "max_teachers": 2}
+    cases = [
+        ([b"garbage"], "bad_message"),
+        ([b""], "bad_message"),
+        ([b"\x81\xa4kin"], "bad_message"),  # truncated msgpack
+        ([msgpack.packb([1, 2, 3])], "bad_message"),  # not a map
+        ([msgpack.packb({"kind": "status"})], "bad_message"),  # no array table
+        ([packed({"kind": "status", "arrays": [["x", "<f4", [2]]]}), b"\0" * 8], "bad_message"),  # arrays refused
+        ([packed({"kind": "nope", "id": 1})], "bad_request"),
+        ([packed({"id": 1})], "bad_request"),
+        ([packed({**reg, "student": 5})], "bad_request"),
+        ([packed({**reg, "student": "bad id!"})], "bad_request"),
+        ([packed({**reg, "service": "a b"})], "bad_request"),
+        ([packed({**reg, "service": None})], "bad_request"),
+        ([packed({**reg, "max_teachers": "3"})], "bad_request"),
+        ([packed({**reg, "max_teachers": True})], "bad_request"),
+        ([packed({**reg, "max_teachers": 0})], "bad_request"),
+        ([packed({**reg, "max_teachers": 10**9})], "bad_request"),
+        ([packed({**reg, "max_teachers": 2.5})], "bad_request"),
+        ([packed({"kind": "snapshot", "id": 3, "student": "never-registered"})], "unknown_student"),
+    ]
+    for frames, code in cases:
+        reply = _send_raw(sock, frames)
+        assert reply is not None and reply["kind"] == "error" and reply["code"] == code, (frames, reply)
+
+    odd_id = _send_raw(sock, [packed({"kind": "status", "id": {"a": [1]}})])  # an id that cannot be echoed
+    assert odd_id is not None and odd_id["kind"] == "status" and odd_id["id"] is None
+
+    rng = random.Random(5)
+    for _ in range(300):  # random bytes and random frame counts: every one answered
+        frames = [rng.randbytes(rng.randrange(0, 64)) for _ in range(rng.randrange(1, 4))]
+        reply = _send_raw(sock, frames)
+        assert reply is not None and reply["kind"] == "error"
+
+    # A frame over the size limit: libzmq drops that peer, with no reply; others are unaffected.
+    big = ctx.socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(f"tcp://{bal.endpoint}")
+    assert _send_raw(big, [b"\x80" + b"x" * 100_000]) is None
+    big.close()
+
+    # A REQ peer (with its empty delimiter frame) is served too.
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(f"tcp://{bal.endpoint}")
+    assert _send_raw(req, [packed({"kind": "status", "id": 1})])["kind"] == "status"
+    req.close()
+
+    add_teacher(store, "10.0.0.1:1")
+    good = _send_raw(sock, [packed(reg)])
+    assert good["kind"] == "assignment" and good["id"] == 7 and good["student"] == "s1"
+    procs.wait_for(lambda: daemons.request(bal.endpoint, {**reg, "kind": "heartbeat"})["teachers"] == ["10.0.0.1:1"],
+                   5, "assignment after the fuzz")
+    assert bal.popen.poll() is None
+    sock.close()
+
+
+def test_restarted_balancer_resumes_the_same_assignment(redis_server, store, tmp_path, stopper):
+    for i in range(5):
+        add_teacher(store, f"10.0.0.{i}:7000")
+    port = procs.free_port()
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, port=port, student_lease=30)
+    stopper.append(bal)
+    students = [f"s{i}" for i in range(3)]
+    for sid in students:
+        reply = daemons.request(bal.endpoint, {"kind": "register", "id": 1, "student": sid, "service": "svc",
+                                               "max_teachers": 2})
+        assert reply["kind"] == "assignment"
+    procs.wait_for(lambda: all(r.teachers for r in store.load_students().values()), 5, "assignments saved")
+    before = store.load_students()
+    epoch = store.get_epoch()
+    assert sum(len(r.teachers) for r in before.values()) == 5  # every teacher used, none twice
+
+    bal.kill()
+    bal2 = daemons.start_balancer(redis_server.endpoint, tmp_path, port=port, student_lease=30)
+    stopper.append(bal2)
+    procs.wait_for(lambda: _leading(bal2.endpoint), 5, "new leader", bal2.popen)
+    procs.wait_for(lambda: daemons.status(bal2.endpoint)["teachers"].get("svc") == 5, 5, "teacher resync")
+    for sid in students:
+        reply = daemons.request(bal2.endpoint, {"kind": "heartbeat", "id": 2, "student": sid, "service": "svc",
+                                                "max_teachers": 2})
+        assert (reply["epoch"], reply["version"], reply["teachers"]) == (epoch, before[sid].version,
+                                                                         before[sid].teachers)
+    assert store.load_students() == before
+    assert store.get_epoch() == epoch
+    assert "get new teachers" not in bal2.log()
+
+
+def test_standby_takes_over_and_students_follow(redis_server, store, tmp_path, stopper, clients):
+    add_teacher(store, "10.0.0.1:1")
+    b1 = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(b1)
+    procs.wait_for(lambda: _leading(b1.endpoint), 5, "first leader")
+    b2 = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(b2)
+    procs.wait_for(lambda: daemons.status(b2.endpoint)["leader"] == b1.endpoint, 5, "standby sees the leader")
+    assert not _leading(b2.endpoint)
+    redirect = daemons.request(b2.endpoint, {"kind": "register", "id": 1, "student": "x", "service": "svc",
+                                             "max_teachers": 1})
+    assert redirect == {"kind": "redirect", "leader": b1.endpoint, "id": 1}
+
+    client = DiscoveryClient(f"{b2.endpoint},{b1.endpoint}", "svc", 2)  # the standby first: must follow
+    clients.append(client)
+    client.start()
+    _wait_teachers(client, ["10.0.0.1:1"])
+    assert client.leader == b1.endpoint
+    version = client.current()[0]
+
+    killed = time.monotonic()
+    b1.kill()
+    procs.wait_for(lambda: _leading(b2.endpoint), 5, "standby takes over", b2.popen)
+    takeover = time.monotonic() - killed
+    add_teacher(store, "10.0.0.2:2")
+    _wait_teachers(client, ["10.0.0.1:1", "10.0.0.2:2"])
+    assert client.leader == b2.endpoint
+    assert client.current()[0] == version + 1  # the failover itself changed nothing for the student
+    assert takeover < 3.0
+
+
+def test_student_lease_and_goodbye_rebalance(redis_server, store, tmp_path, stopper, clients):
+    lease = 3.0
+    add_teacher(store, "10.0.0.1:1")
+    add_teacher(store, "10.0.0.2:2")
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, student_lease=lease)
+    stopper.append(bal)
+    a = daemons.start_student(bal.endpoint, "svc", 2, "student-a", tmp_path)
+    stopper.append(a)
+    b = DiscoveryClient(bal.endpoint, "svc", 2, "student-b")
+    clients.append(b)
+    b.start()
+    _, (mine,) = _wait_teachers(b, lambda ts: len(ts) == 1)  # two students share two teachers: one each
+
+    killed = time.monotonic()
+    a.kill()  # no goodbye: the balancer must notice the silence
+    _wait_teachers(b, ["10.0.0.1:1", "10.0.0.2:2"], timeout=lease + 3)
+    freed_after = time.monotonic() - killed
+    assert lease * 0.5 < freed_after < lease + 2
+    assert "student-a" not in store.load_students()
+
+    c = DiscoveryClient(bal.endpoint, "svc", 2, "student-c")
+    clients.append(c)
+    c.start()
+    _wait_teachers(c, lambda ts: len(ts) == 1)
+    _wait_teachers(b, lambda ts: len(ts) == 1)
+    closed = time.monotonic()
+    c.close()  # a goodbye: its teacher goes back at once, not after the lease
+    _wait_teachers(b, ["10.0.0.1:1", "10.0.0.2:2"], timeout=lease)
+    assert time.monotonic() - closed < lease / 2
+    assert mine in b.current()[1]
+
+
+def test_without_keyspace_notifications_the_resync_finds_teachers(redis_server, store, tmp_path, stopper, clients):
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, "--no-notifications")
+    stopper.append(bal)
+    client = DiscoveryClient(bal.endpoint, "svc", 4)
+    clients.append(client)
+    client.start()
+    procs.wait_for(lambda: client.leader is not None, 5, "registration")
+    add_teacher(store, "10.0.0.1:1")
+    _wait_teachers(client, ["10.0.0.1:1"], timeout=3)
+    store.r.delete(store.teacher_key("svc", "10.0.0.1:1"))
+    _wait_teachers(client, [], timeout=3)
+    assert daemons.status(bal.endpoint)["notifications"] is False
+
+
+def test_balancer_refuses_bad_arguments(redis_server):
+    proc = procs.start([sys.executable, "-m", "zdistill.balancer", "--db_endpoints", redis_server.endpoint,
+                        "--server", "not-an-address"], "balancer")
+    assert proc.popen.wait(20) == 2

@@ -1,0 +1,149 @@
+"""The Redis key schema and its operations, against a real private redis-server."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import redis
+
+from tests import procs
+from zdistill.errors import ConfigError
+from zdistill.store import LeaderRecord, Store, StudentRecord, TeacherRecord, connect, describe
+
+
+@pytest.fixture
+def store(redis_server):
+    s = Store.open(redis_server.endpoint)
+    yield s
+    s.close()
+
+
+def _teacher(address: str = "127.0.0.1:7001", service: str = "svc") -> TeacherRecord:
+    return TeacherRecord(address, service, feeds=[{"name": "img", "dtype": "float32", "shape": [784]}],
+                         fetches=[{"name": "prob", "dtype": "float32", "shape": [10]}], max_batch_size=256,
+                         device="cpu")
+
+
+def test_teacher_record_is_one_set_with_its_ttl(store):
+    """The key is created by a single SET ... PX: it never exists without its TTL."""
+    seen: list[str] = []
+    ready = threading.Event()
+
+    def watch() -> None:
+        with store.r.monitor() as m:
+            ready.set()
+            for cmd in m.listen():
+                seen.append(cmd["command"])
+                if cmd["command"].upper().startswith("SET "):
+                    return
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    ready.wait(5)
+    rec = _teacher()
+    store.r.ping()  # MONITOR is attached once a command from another client shows up
+    procs.wait_for(lambda: any("PING" in c.upper() for c in seen), 5, "monitor")
+    assert store.register_teacher(rec, ttl=5.0) is False  # False: the key did not exist before
+    t.join(5)
+    set_cmds = [c for c in seen if c.upper().startswith("SET ")]
+    assert len(set_cmds) == 1 and " PX " in set_cmds[0].upper() + " "
+    key = store.teacher_key("svc", "127.0.0.1:7001")
+    assert 0 < store.r.pttl(key) <= 5000
+    back = store.get_teacher("svc", "127.0.0.1:7001")
+    assert back is not None and back.feeds == rec.feeds and back.ttl_ms == 5000 and back.device == "cpu"
+    assert store.register_teacher(rec, ttl=5.0) is True  # a refresh finds its key
+    assert store.list_teachers("svc") == ["127.0.0.1:7001"]
+    assert store.list_teachers("other") == []
+
+
+def test_teacher_record_expires(store):
+    store.register_teacher(_teacher(), ttl=0.3)
+    key = store.teacher_key("svc", "127.0.0.1:7001")
+    assert store.r.exists(key)
+    procs.wait_for(lambda: not store.r.exists(key), 2.0, "record expiry")
+
+
+def test_unregister_removes_only_its_own_record(store):
+    mine, newer = _teacher(), _teacher()
+    store.register_teacher(mine, ttl=10)
+    store.register_teacher(newer, ttl=10)  # a second register for the same address took over
+    assert store.unregister_teacher(mine) is False
+    assert store.list_teachers("svc") == ["127.0.0.1:7001"]
+    assert store.unregister_teacher(newer) is True
+    assert store.list_teachers("svc") == []
+
+
+def test_all_teachers_groups_services_and_skips_bad_records(store):
+    store.register_teacher(_teacher("10.0.0.1:1", "a"), ttl=10)
+    store.register_teacher(_teacher("10.0.0.2:2", "a"), ttl=10)
+    store.register_teacher(_teacher("10.0.0.3:3", "b"), ttl=10)
+    store.r.set(store.teacher_key("a", "10.0.0.9:9"), "not json", px=10_000)
+    store.r.set(store.teacher_key("b", "10.0.0.8:8"), _teacher("10.0.0.7:7", "b").to_json(), px=10_000)
+    found = store.all_teachers()
+    assert sorted(found) == ["a", "b"]
+    assert sorted(found["a"]) == ["10.0.0.1:1", "10.0.0.2:2"]
+    assert sorted(found["b"]) == ["10.0.0.3:3"]
+    assert store.parse_teacher_key("zdistill:teacher:a:10.0.0.1:1") == ("a", "10.0.0.1:1")
+    assert store.parse_teacher_key("zdistill:leader") is None
+    with pytest.raises(ConfigError):
+        store.register_teacher(_teacher("10.0.0.1:1", "bad*name"), ttl=1)
+    with pytest.raises(ConfigError):
+        store.register_teacher(_teacher("no-port", "a"), ttl=1)
+
+
+def test_leader_lease_is_exclusive_and_fences_writes(store):
+    a = LeaderRecord("a", "127.0.0.1:1", "tcp://127.0.0.1:2", 0.0)
+    b = LeaderRecord("b", "127.0.0.1:3", "tcp://127.0.0.1:4", 0.0)
+    assert store.acquire_leader(a, 5.0)
+    assert not store.acquire_leader(b, 5.0)
+    assert not store.refresh_leader(b, 5.0)
+    assert store.refresh_leader(a, 5.0)
+    assert 0 < store.r.pttl(store.leader_key) <= 5000
+    assert store.get_leader() == a
+
+    s1 = StudentRecord("s1", "svc", 2, version=3, teachers=["10.0.0.1:1"])
+    assert store.write_students(a, [s1], epoch="e1")
+    assert not store.write_students(b, [StudentRecord("s2", "svc", 1)], ["s1"], epoch="e2")  # not the leader
+    assert store.get_epoch() == "e1"
+    loaded = store.load_students()
+    assert list(loaded) == ["s1"] and loaded["s1"] == s1
+
+    assert not store.release_leader(b)
+    assert store.release_leader(a)
+    assert store.acquire_leader(b, 5.0)
+    assert store.write_students(b, [], ["s1"])
+    assert store.load_students() == {}
+
+
+def test_password_forms_and_masking(tmp_path):
+    secret = "s3cret-pw"
+    proc = procs.start_redis(password=secret)
+    try:
+        port = proc.extra["port"]
+        assert Store.open(f"127.0.0.1:{port}", secret).ping()
+        assert Store.open(f"redis://:{secret}@127.0.0.1:{port}/0").ping()
+        assert Store.open(f"redis://127.0.0.1:{port}/0", secret).ping()
+        with pytest.raises(redis.AuthenticationError):
+            Store.open(f"127.0.0.1:{port}", "wrong").ping()
+        with pytest.raises(redis.RedisError):
+            Store.open(f"127.0.0.1:{port}").r.set("x", "1")
+    finally:
+        proc.stop()
+    assert secret not in describe(f"redis://user:{secret}@10.0.0.1:6379/0")
+    assert describe(f"redis://user:{secret}@10.0.0.1:6379/0") == "redis://user:***@10.0.0.1:6379/0"
+    assert describe("10.0.0.1:6379") == "10.0.0.1:6379"
+    with pytest.raises(ConfigError):
+        connect("10.0.0.1:6379,10.0.0.2:6379")
+    with pytest.raises(ConfigError):
+        connect("no-port")
+
+
+def test_keyspace_events_are_enabled_and_keep_existing_flags(store):
+    store.r.config_set("notify-keyspace-events", "El")
+    assert store.enable_keyspace_events()
+    flags = store.r.config_get("notify-keyspace-events")["notify-keyspace-events"]
+    assert set("Kg$xEl") <= set(flags) or ("A" in flags and "K" in flags and "E" in flags)
+    assert store.keyspace_channel_pattern() == "__keyspace@0__:zdistill:teacher:*"
+    assert json.loads(_teacher().to_json())["address"] == "127.0.0.1:7001"
