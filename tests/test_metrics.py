@@ -44,3 +44,33 @@ def test_teacher_metrics_count_requests_rows_batches_and_errors(start_teacher):
     assert value(text, "zdistill_teacher_model_seconds_count") == value(text, "zdistill_teacher_batch_rows_count")
     assert value(text, 'zdistill_teacher_errors_total{code="bad_request"}') == 1
     assert value(text, "zdistill_teacher_in_flight_requests") == 0
+
+
+def test_balancer_and_register_metrics(redis_server, start_teacher, tmp_path):
+    from tests import daemons
+
+    teacher = start_teacher()
+    address = teacher.endpoint.replace("tcp://", "")
+    reg_port, bal_port = procs.free_port(), procs.free_port()
+    register = daemons.start_register(redis_server.endpoint, "svc", address, tmp_path, "--metrics-port", str(reg_port))
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path, "--metrics-port", str(bal_port))
+    try:
+        reply = daemons.request(balancer.endpoint, {"kind": "register", "id": 1, "student": "s1", "service": "svc",
+                                                    "max_teachers": 1})
+        assert reply is not None and reply["kind"] == "assignment"
+        assert daemons.request(balancer.endpoint, {"kind": "nonsense", "id": 2})["kind"] == "error"
+        procs.wait_for(lambda: value(scrape(bal_port), 'zdistill_balancer_teachers{service="svc"}') == 1, 10,
+                       "the balancer to count the teacher")
+        text = scrape(bal_port)
+        assert value(text, 'zdistill_balancer_requests_total{kind="register"}') == 1
+        assert value(text, 'zdistill_balancer_requests_total{kind="other"}') == 1
+        assert value(text, 'zdistill_balancer_students{service="svc"}') == 1
+        assert value(text, 'zdistill_balancer_assignment_version{service="svc"}') == 1
+        assert value(text, "zdistill_balancer_leader") == 1
+        text = scrape(reg_port)
+        assert value(text, "zdistill_register_registered") == 1
+        assert value(text, "zdistill_register_registrations_total") == 1
+        assert value(text, 'zdistill_register_health_checks_total{result="ok"}') >= 1
+    finally:
+        balancer.stop()
+        register.stop()

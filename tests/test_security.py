@@ -73,3 +73,23 @@ def test_key_files_are_checked(tmp_path, start_teacher):
     with pytest.raises(RuntimeError, match="holds no secret key"):
         assert security_main(["keygen", str(tmp_path), "s"]) == 0
         start_teacher(f"{procs.TEACHERS}:softmax", "--curve-secret-key", str(tmp_path / "s.key"), timeout=20)
+
+
+def test_curve_balancer_refuses_students_without_its_key(redis_server, keys, tmp_path, monkeypatch):
+    from tests import daemons
+    from zdistill.discovery import DiscoveryClient
+
+    folder, _ = keys
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path, "--curve-secret-key",
+                                      str(folder / "server.key_secret"))
+    try:
+        assert daemons.request(balancer.endpoint, {"kind": "status", "id": 1}, timeout=1.5) is None
+        monkeypatch.setenv("ZDISTILL_CURVE_SERVER_KEY", str(folder / "server.key"))
+        client = DiscoveryClient(balancer.endpoint, "svc", 1, "curvy")
+        client.start()
+        try:
+            procs.wait_for(lambda: client.leader is not None, 10, "the keyed student to reach the balancer")
+        finally:
+            client.close()
+    finally:
+        balancer.stop()

@@ -63,6 +63,8 @@ import zmq
 from zdistill import wire
 from zdistill.assignment import assign
 from zdistill.errors import ConfigError, WireError
+from zdistill.metrics import BalancerMetrics
+from zdistill.security import ServerKeys, server_keys
 from zdistill.store import (
     MAX_TEACHERS_LIMIT,
     SERVICE_RE,
@@ -123,6 +125,8 @@ class Balancer:
         republish: float = 1.0,
         use_notifications: bool = True,
         context: zmq.Context | None = None,
+        curve: ServerKeys | None = None,
+        metrics: BalancerMetrics | None = None,
     ) -> None:
         if min(student_lease, leader_lease, resync, republish) <= 0:
             raise ConfigError("leases and intervals must be positive")
@@ -132,15 +136,19 @@ class Balancer:
         self.resync_every = resync
         self.republish_every = republish
         self.use_notifications = use_notifications
+        self.metrics = metrics or BalancerMetrics()
         host, port = split_address(server)
         self._ctx = context or zmq.Context.instance()
         self.router = wire.limit_socket(self._ctx.socket(zmq.ROUTER), LIMITS)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 10_000)
-        port = _bind(self.router, host, port)
         self.pub = self._ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        if curve is not None:  # both sockets: membership is as private as the requests
+            curve.apply(self.router)
+            curve.apply(self.pub)
+        port = _bind(self.router, host, port)
         pub_port = _bind(self.pub, host, port + 1 if pub_port is None else pub_port)
         adv = advertise or (host if host not in ("0.0.0.0", "*", "::") else socket.gethostbyname(socket.gethostname()))
         self.address = f"{adv}:{port}"
@@ -229,6 +237,7 @@ class Balancer:
                 self._due["expire"] = now + min(0.1, self.student_lease / 10)
                 self._expire_students(now)
             self._rebalance_dirty()
+            self._update_gauges()
             if now >= self._due["republish"]:
                 self._due["republish"] = now + self.republish_every
                 for rec in self.students.values():
@@ -396,6 +405,15 @@ class Balancer:
     def _step_down(self) -> None:
         self.leading = False
         self.leader_seen = None
+        self.metrics.leader.set(0)
+
+    def _update_gauges(self) -> None:
+        self.metrics.leader.set(1)
+        self.metrics.set_counts({s: len(t) for s, t in self.teachers.items()},
+                                {s: len(ids) for s, ids in self.by_service.items()})
+        for service, ids in self.by_service.items():
+            versions = [self.students[sid].version for sid in ids if sid in self.students]
+            self.metrics.version.labels(service).set(max(versions, default=0))
 
     # -- students and assignments -------------------------------------------
 
@@ -418,6 +436,7 @@ class Balancer:
                 rec.version += 1
                 changed.append(rec)
         if changed:
+            self.metrics.rebalances.inc()
             log.info("service %s: %d of %d students get new teachers", service, len(changed), len(ids))
         self._save(changed, removed)
         for rec in changed:
@@ -508,6 +527,7 @@ class Balancer:
             req_id = msg.header.get("id")
             reply = self._dispatch(msg)
         except WireError as exc:
+            self.metrics.bad_messages.inc()
             log.debug("bad message: %s", exc)
             reply = {"kind": "error", "code": "bad_message", "message": str(exc)}
         except BadRequest as exc:
@@ -524,6 +544,7 @@ class Balancer:
 
     def _dispatch(self, msg: wire.Message) -> dict[str, Any]:
         kind = msg.kind
+        self.metrics.requests.labels(kind if kind in _STUDENT_KINDS or kind == "status" else "other").inc()
         if kind == "status":
             return self._status()
         if kind not in _STUDENT_KINDS:
@@ -608,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--republish", type=float, default=1.0, help="seconds between full republishes (default 1)")
     p.add_argument("--no-notifications", action="store_true", help="do not use Redis keyspace notifications")
     p.add_argument("--ready-file", default=None, help="write the balancer's addresses here once serving")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--curve-secret-key", default=None,
+                   help="CURVE: this server's secret key file (python -m zdistill.security keygen); off if unset")
+    p.add_argument("--curve-allow", default=None, help="CURVE: folder of the client public keys allowed in")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -618,9 +643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("redis").setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         store = Store.open(args.db_endpoints, db_password(args.db_passwd))
+        metrics = BalancerMetrics()
         balancer = Balancer(store, args.server, args.pub_port, args.advertise, args.student_lease,
-                            args.leader_lease, args.resync, args.republish, not args.no_notifications)
-    except (ConfigError, zmq.ZMQError) as exc:
+                            args.leader_lease, args.resync, args.republish, not args.no_notifications,
+                            curve=server_keys(args.curve_secret_key, args.curve_allow), metrics=metrics)
+        metrics.serve(args.metrics_port, split_address(args.server)[0])
+    except (ConfigError, zmq.ZMQError, OSError) as exc:
         log.error("%s", exc)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: balancer.stop())

@@ -42,6 +42,7 @@ import zmq
 from zdistill import wire
 from zdistill.client import teacher_endpoint
 from zdistill.errors import ConfigError, WireError
+from zdistill.security import client_keys_from_env, secure_client
 from zdistill.store import MAX_TEACHERS_LIMIT, check_service, check_student
 
 log = logging.getLogger("zdistill.discovery")
@@ -85,6 +86,7 @@ class DiscoveryClient:
         self.max_teachers = max_teachers
         self.student_id = check_student(student_id or default_student_id())
         self.timeout = timeout
+        self.curve = client_keys_from_env()  # balancers with CURVE: the same key files as for teachers
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._cond = threading.Condition()
@@ -197,6 +199,7 @@ class _Session:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        secure_client(sock, self.o.curve)
         sock.connect(teacher_endpoint(address))
         self.dealer = sock
         self.target = address
@@ -217,6 +220,7 @@ class _Session:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, 1000)
         sock.setsockopt(zmq.SUBSCRIBE, self.o.student_id.encode() + b"\0")
+        secure_client(sock, self.o.curve)
         sock.connect(endpoint)
         self.sub = sock
         self.pub_endpoint = endpoint

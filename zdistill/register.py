@@ -36,6 +36,7 @@ import zmq
 
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherTimeout
+from zdistill.metrics import RegisterMetrics
 from zdistill.store import (
     PASSWORD_ENV,
     Store,
@@ -64,10 +65,12 @@ class Registrar:
         ping_timeout: float | None = None,
         context: zmq.Context | None = None,
         db_label: str = "Redis",
+        metrics: RegisterMetrics | None = None,
     ) -> None:
         if ttl <= 0:
             raise ConfigError(f"--ttl must be positive, got {ttl}")
         self.store = store
+        self.metrics = metrics or RegisterMetrics()
         self._db = db_label  # where Redis is, for log lines: never holds the password
         self.ttl = ttl
         self.interval = ttl / 3
@@ -126,6 +129,8 @@ class Registrar:
         try:
             existed = self.store.register_teacher(self.record, self.ttl)
         except redis.RedisError as exc:
+            self.metrics.redis_errors.inc()
+            self.metrics.registered.set(0)
             if self.redis_ok:
                 log.warning("cannot write to Redis at %s (%s); will retry", self._db, exc)
             self.redis_ok = False
@@ -140,6 +145,8 @@ class Registrar:
             log.warning("the record of %s was gone from Redis (restart or expiry); registered again",
                         self.record.address)
         self.registered = True
+        self.metrics.registered.set(1)
+        (self.metrics.refreshes if existed else self.metrics.registrations).inc()
         return True
 
     def remove(self) -> None:
@@ -147,6 +154,7 @@ class Registrar:
             return
         try:
             removed = self.store.unregister_teacher(self.record)
+            self.metrics.registered.set(0)
             log.info("record of %s %s", self.record.address, "removed" if removed else "already gone")
         except redis.RedisError as exc:
             log.warning("could not remove the record (%s); it expires within %.3g s", exc, self.ttl)
@@ -162,6 +170,7 @@ class Registrar:
             ok = self.check_teacher()
             if self.stop_event.is_set():
                 break
+            self.metrics.checks.labels("ok" if ok else "failed").inc()
             if ok and not self.healthy:
                 log.info("teacher %s answers (%s)", self.record.address, self.record.description or "no description")
             elif not ok and self.healthy:
@@ -201,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds the record lives without a refresh (default {DEFAULT_TTL:g}); refreshed every ttl/3")
     p.add_argument("--ping-timeout", type=float, default=None, help="seconds to wait for a ping (default ttl/3)")
     p.add_argument("--ready-file", default=None, help="write the record's key here once first registered")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    p.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds (default all)")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -211,9 +222,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("redis").setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         store = Store.open(args.db_endpoints, db_password(args.db_passwd))
+        metrics = RegisterMetrics()
         registrar = Registrar(store, args.service_name, args.server, args.ttl, args.ping_timeout,
-                              db_label=describe(args.db_endpoints))
-    except ConfigError as exc:
+                              db_label=describe(args.db_endpoints), metrics=metrics)
+        metrics.serve(args.metrics_port, args.metrics_host)
+    except (ConfigError, OSError) as exc:
         log.error("%s", exc)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: registrar.stop_event.set())

@@ -1,0 +1,65 @@
+"""``zdistill status`` and ``zdistill ping`` against a running system (real processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests import daemons, procs
+
+SERVICE = "status_svc"
+
+
+def zdistill(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "zdistill.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(procs.REPO))
+
+
+def test_status_shows_teachers_students_and_leader(redis_server, start_teacher, tmp_path):
+    teacher = start_teacher()
+    address = teacher.endpoint.replace("tcp://", "")
+    register = daemons.start_register(redis_server.endpoint, SERVICE, address, tmp_path)
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    student = daemons.start_student(balancer.endpoint, SERVICE, 1, "student-a", tmp_path)
+    try:
+        result = zdistill("status", "--db_endpoints", redis_server.endpoint, "--balancer", balancer.endpoint, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        svc = report["services"][SERVICE]
+        assert [t["address"] for t in svc["teachers"]] == [address]
+        assert svc["teachers"][0]["device"] == "cpu" and svc["teachers"][0]["students"] == 1
+        assert 0 <= svc["teachers"][0]["heartbeat_age_s"] <= 2.0
+        assert svc["students"] == [{"student": "student-a", "max_teachers": 1, "version": 1, "teachers": [address]}]
+        assert report["leader"]["server"] == balancer.endpoint
+        assert report["balancer"]["leading"] is True
+
+        text = zdistill("status", "--db_endpoints", redis_server.endpoint).stdout
+        assert f"service {SERVICE}: 1 teachers, 1 students" in text
+        assert f"teacher {address}" in text and "student student-a" in text
+
+        assert zdistill("ping", "teacher", address).returncode == 0
+        assert zdistill("ping", "balancer", balancer.endpoint).returncode == 0
+    finally:
+        for proc in (student, balancer, register):
+            proc.stop()
+
+
+def test_status_explains_unreachable_redis_and_wrong_password(tmp_path):
+    result = zdistill("status", "--db_endpoints", f"127.0.0.1:{procs.free_port()}", "--timeout", "0.5")
+    assert result.returncode == 1 and "Redis unreachable" in result.stdout
+    redis = procs.start_redis(password="s3cret")
+    try:
+        result = zdistill("status", "--db_endpoints", redis.endpoint, "--db_passwd", "wrong", "--json")
+        assert result.returncode == 1
+        assert "refused the password" in json.loads(result.stdout)["redis"]["error"]
+        assert "wrong" not in result.stdout + result.stderr  # the password is never printed
+        ok = zdistill("status", "--db_endpoints", f"redis://:s3cret@{redis.endpoint}")
+        assert ok.returncode == 0 and "s3cret" not in ok.stdout
+    finally:
+        redis.stop()
+
+
+def test_ping_fails_for_nobody_listening():
+    assert zdistill("ping", "teacher", f"127.0.0.1:{procs.free_port()}", "--timeout", "0.5").returncode == 1
+    assert zdistill("ping", "balancer", f"127.0.0.1:{procs.free_port()}", "--timeout", "0.5").returncode == 1

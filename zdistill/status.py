@@ -1,0 +1,104 @@
+"""What ``zdistill status`` reports: the system as Redis (and a balancer, if asked) sees it.
+
+Read-only.  Per service: each teacher (address, device, max batch, how long ago its
+register last refreshed it, how many students use it) and each student (its
+teachers, the version of its list); plus the leading balancer.  A heartbeat's age
+comes from the record's remaining TTL, so no clock needs to agree with another.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from zdistill.store import Store, db_password, describe
+
+
+def collect_status(
+    endpoint: str, password: str | None, balancer: str | None, timeout: float, now: float
+) -> dict[str, Any]:
+    """The report as plain data (what ``--json`` prints)."""
+    report: dict[str, Any] = {"redis": {"endpoint": describe(endpoint), "ok": False}, "services": {}, "leader": None}
+    store = Store.open(endpoint, db_password(password), timeout=timeout)
+    try:
+        teachers = store.all_teachers()
+        students = store.load_students()
+        leader = store.get_leader()
+        ages = {}
+        for service, records in teachers.items():
+            for address, rec in records.items():
+                left_ms = store.r.pttl(store.teacher_key(service, address))
+                ages[(service, address)] = (rec.ttl_ms - left_ms) / 1000 if rec.ttl_ms and left_ms > 0 else None
+    except redis.AuthenticationError:
+        report["redis"]["error"] = "Redis refused the password (or needs one: --db_passwd / ZDISTILL_DB_PASSWD)"
+        return report
+    except redis.RedisError as exc:
+        report["redis"]["error"] = f"Redis unreachable: {type(exc).__name__}: {exc}"
+        return report
+    finally:
+        store.close()
+    report["redis"]["ok"] = True
+    if leader is not None:
+        report["leader"] = {"server": leader.server, "pub": leader.pub, "leading_for_s": round(now - leader.since, 1)}
+    services = sorted(set(teachers) | {s.service for s in students.values()})
+    for service in services:
+        mine = {sid: rec for sid, rec in students.items() if rec.service == service}
+        load: dict[str, int] = {}
+        for rec in mine.values():
+            for t in rec.teachers:
+                load[t] = load.get(t, 0) + 1
+        report["services"][service] = {
+            "teachers": [
+                {
+                    "address": address,
+                    "device": rec.device,
+                    "max_batch_size": rec.max_batch_size,
+                    "heartbeat_age_s": None if ages.get((service, address)) is None
+                    else round(ages[(service, address)], 2),
+                    "students": load.get(address, 0),
+                    "host": rec.host,
+                }
+                for address, rec in sorted(teachers.get(service, {}).items())
+            ],
+            "students": [
+                {"student": sid, "max_teachers": rec.max_teachers, "version": rec.version, "teachers": rec.teachers}
+                for sid, rec in sorted(mine.items())
+            ],
+        }
+    if balancer:
+        from zdistill.cli import ask_balancer
+
+        reply = ask_balancer(balancer, {"kind": "status"}, timeout)
+        report["balancer"] = {"address": balancer, "reachable": reply is not None}
+        if reply is not None:
+            report["balancer"].update({k: reply.get(k) for k in ("leading", "leader", "epoch", "redis", "students")})
+    return report
+
+
+def render_status(report: dict[str, Any]) -> str:
+    """The report as text for a person at a shell."""
+    lines = [f"Redis {report['redis']['endpoint']}: " + ("ok" if report["redis"]["ok"] else report["redis"]["error"])]
+    if not report["redis"]["ok"]:
+        return "\n".join(lines) + "\n"
+    leader = report.get("leader")
+    lines.append(f"leader balancer: {leader['server']} (for {leader['leading_for_s']} s)" if leader
+                 else "leader balancer: none")
+    if "balancer" in report:
+        b = report["balancer"]
+        lines.append(f"balancer {b['address']}: " + (
+            f"{'leading' if b.get('leading') else 'standby'}, {b.get('students')} students, "
+            f"redis {'ok' if b.get('redis') else 'unreachable'}" if b["reachable"] else "not answering"))
+    if not report["services"]:
+        lines.append("no service has teachers or students")
+    for service, info in report["services"].items():
+        lines.append("")
+        lines.append(f"service {service}: {len(info['teachers'])} teachers, {len(info['students'])} students")
+        for t in info["teachers"]:
+            age = "?" if t["heartbeat_age_s"] is None else f"{t['heartbeat_age_s']:.1f} s"
+            lines.append(f"  teacher {t['address']:<22} {t['device'] or '?':<8} max batch {t['max_batch_size']:<5} "
+                         f"heartbeat {age:>7} ago  students {t['students']}")
+        for s in info["students"]:
+            lines.append(f"  student {s['student']:<30} v{s['version']:<4} teachers "
+                         f"{', '.join(s['teachers']) or '-'} (max {s['max_teachers']})")
+    return "\n".join(lines) + "\n"
