@@ -7,6 +7,7 @@ stopped by PID in :meth:`Proc.stop`, which fixtures always call.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -20,6 +21,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHERS = Path(__file__).resolve().parent / "teachers.py"
+
+
+_LOGS: list[str] = []
+
+
+def _log_dir() -> str:
+    """One folder for the logs of the processes this test run starts, removed at exit."""
+    if not _LOGS:
+        _LOGS.append(tempfile.mkdtemp(prefix="zdistill-test-logs-"))
+        atexit.register(shutil.rmtree, _LOGS[0], True)
+    return _LOGS[0]
 
 
 def free_port() -> int:
@@ -79,10 +91,10 @@ class Proc:
 def start(args: list[str], name: str, ready_file: str | None = None, ready_port: int | None = None,
           timeout: float = 60.0, env: dict | None = None) -> Proc:
     """Start ``args`` with output to a log file; wait until ready_file exists or ready_port accepts."""
-    log = tempfile.NamedTemporaryFile(prefix=f"zd-{name}-", suffix=".log", delete=False)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")])
-    popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(REPO))
+    with tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", dir=_log_dir(), delete=False) as log:
+        popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(REPO))
     proc = Proc(popen, name, log_path=log.name)
     try:
         if ready_file:
