@@ -218,7 +218,7 @@ class Pipeline:
         ]
         return subprocess.Popen(args, stdin=subprocess.DEVNULL, close_fds=True)
 
-    def _reap_workers(self) -> bool:
+    def reap_workers(self) -> bool:
         """Replace crashed workers, forget retired ones; True if any worker went away."""
         retired = [p for p in self.retiring if p.popen.poll() is not None]
         for proc in retired:
@@ -399,7 +399,7 @@ class _EpochRun:
                 log.info("teachers now: %s", ", ".join(teachers) or "none")
                 self.pipe.set_teachers(teachers)
         self._chase_straggler(now)
-        if self.pipe._reap_workers():
+        if self.pipe.reap_workers():
             self._resend_missing()
         any_up = any(p.up for p in self.pipe.workers.values())
         if any_up:
