@@ -15,6 +15,7 @@ by PID on :meth:`close`, on garbage collection and at interpreter exit.
 
 from __future__ import annotations
 
+import glob
 import importlib
 import logging
 import os
@@ -30,13 +31,15 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 
 from zdistill import wire
 from zdistill.errors import ReaderError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
+from zdistill.shm import SlotReader, shm_root
 from zdistill.sink import ReorderBuffer
-from zdistill.tasks import ReaderType, predict_key, slot_key, split_output
+from zdistill.tasks import ReaderType, predict_key, split_output
 from zdistill.ventilator import VentilatorConfig, run_reader_process
 
 log = logging.getLogger("zdistill.reader")
@@ -50,7 +53,9 @@ class PipelineOptions:
 
     request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)
     task_rows: int = 256  # rows per task: whole reader batches are packed up to this
+    task_bytes: int = 4 << 20  # ...or up to this many bytes
     window: int = 16  # tasks in flight per epoch (memory bound)
+    max_inflight_bytes: int = 512 << 20  # bytes of tasks in flight (memory bound for big samples)
     in_flight: int = 4  # teacher requests in flight per worker
     request_timeout: float = 30.0  # a teacher silent this long is treated as down
     max_retries: int = 3  # refusals of one task before the error reaches the training loop
@@ -81,7 +86,8 @@ class TeacherStats:
 
 
 def _shutdown(
-    procs: dict[str, _WorkerProc], retiring: list[_WorkerProc], reader_pids: set[int], folder: str, ctx: zmq.Context
+    procs: dict[str, _WorkerProc], retiring: list[_WorkerProc], reader_pids: set[int], folders: list[str],
+    ctx: zmq.Context,
 ) -> None:
     """Stop every process by PID and free the endpoints; safe to call twice and at exit."""
     for pid in list(reader_pids):
@@ -101,7 +107,8 @@ def _shutdown(
     procs.clear()
     retiring.clear()
     ctx.destroy(linger=0)
-    shutil.rmtree(folder, ignore_errors=True)
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _kill_reader(pid: int) -> None:
@@ -134,7 +141,9 @@ class Pipeline:
     def __init__(self, ins: Sequence[str], predicts: Sequence[str], options: PipelineOptions) -> None:
         self.ins, self.predicts, self.options = list(ins), list(predicts), options
         self.ctx = zmq.Context()
-        self.folder = tempfile.mkdtemp(prefix="zdistill-")
+        self.folder = tempfile.mkdtemp(prefix="zdistill-")  # ipc endpoints (mode 0700)
+        self.slots_folder = tempfile.mkdtemp(prefix="zdistill-slots-", dir=shm_root())  # shared-memory task slots
+        self.slot_reader = SlotReader(self.slots_folder)
         self.tasks_endpoint = f"ipc://{self.folder}/tasks"
         self.results_endpoint = f"ipc://{self.folder}/results"
         self.sink = self.ctx.socket(zmq.PULL)
@@ -152,7 +161,7 @@ class Pipeline:
         self.busy_seconds = 0.0  # time inside epochs, for samples/s
         self._epoch_started: float | None = None
         self._finalizer = weakref.finalize(
-            self, _shutdown, self.workers, self.retiring, self.reader_pids, self.folder, self.ctx
+            self, _shutdown, self.workers, self.retiring, self.reader_pids, [self.folder, self.slots_folder], self.ctx
         )
 
     @property
@@ -210,7 +219,7 @@ class Pipeline:
         o = self.options
         args = [
             sys.executable, "-m", "zdistill.worker", "--teacher", teacher,
-            "--tasks", self.tasks_endpoint, "--results", self.results_endpoint,
+            "--tasks", self.tasks_endpoint, "--results", self.results_endpoint, "--slots", self.slots_folder,
             "--predicts", ",".join(self.predicts), "--request-rows", str(o.request_rows),
             "--in-flight", str(o.in_flight), "--timeout", str(o.request_timeout),
             "--parent-pid", str(os.getpid()),
@@ -264,8 +273,8 @@ class _EpochRun:
         ctl_endpoint = f"ipc://{pipe.folder}/ctl-{epoch}"
         self.ctl.bind(ctl_endpoint)
         cfg = VentilatorConfig(
-            reader, reader_type, pipe.ins, list(feeds), o.task_rows, o.window, epoch,
-            pipe.tasks_endpoint, ctl_endpoint, os.getpid(),
+            reader, reader_type, pipe.ins, list(feeds), o.task_rows, o.task_bytes, o.window, o.max_inflight_bytes,
+            epoch, pipe.tasks_endpoint, ctl_endpoint, pipe.slots_folder, os.getpid(),
         )
         self.buffer: ReorderBuffer[wire.Message] = ReorderBuffer()
         self.total: int | None = None
@@ -294,7 +303,10 @@ class _EpochRun:
             if msg is None:
                 self._pump()
                 continue
-            slots = [msg.arrays[slot_key(n)] for n in self.pipe.ins]
+            # A copy out of shared memory: the slot is reused once this task is credited,
+            # and the training loop may keep what it was given.
+            shared = self.pipe.slot_reader.read(msg.header["shm"])
+            slots = [np.array(shared[n]) for n in self.pipe.ins]
             preds = [msg.arrays[predict_key(n)] for n in self.pipe.predicts]
             yield from split_output(self.reader_type, slots, preds, msg.header.get("sizes"))
             self.pipe.stats["tasks"] += 1
@@ -311,6 +323,8 @@ class _EpochRun:
         _kill_reader(self.reader_pid)
         self.pipe.reader_pids.discard(self.reader_pid)
         self.ctl.close(linger=0)
+        for name in glob.glob(os.path.join(self.pipe.slots_folder, f"e{self.epoch}-*")):
+            os.unlink(name)  # workers drop their mappings when they see the next epoch
 
     # -- receiving ------------------------------------------------------------
 

@@ -6,14 +6,14 @@ batches.  The reader's samples are stacked into arrays once, here, at the input
 edge; from then on only arrays move (as raw frames), and per-sample tuples are made
 again only at the output edge, as views (:func:`split_output`).
 
-Arrays of a task are named ``s:<slot>`` and predictions ``p:<name>`` on the wire, so
-a slot and a prediction may share a name.
+Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
+(:mod:`zdistill.shm`) under their own names.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +31,18 @@ class ReaderType(enum.StrEnum):
     BATCH = "batch"
 
 
-def slot_key(name: str) -> str:
-    return "s:" + name
-
-
 def predict_key(name: str) -> str:
     return "p:" + name
+
+
+Allocator = Callable[[int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]
+
+
+def heap_allocator(task_id: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
+    dict[str, np.ndarray], None
+]:
+    """Task arrays in ordinary memory (no shared-memory descriptor)."""
+    return {name: np.empty(shape, dtype) for name, (shape, dtype) in specs.items()}, None
 
 
 @dataclass
@@ -46,6 +52,11 @@ class Task:
     task_id: int
     slots: dict[str, np.ndarray]
     sizes: list[int] | None  # None: a sample reader, every row is yielded on its own
+    descriptor: Any = None  # where the slots live in shared memory (zdistill.shm), if they do
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.slots.values())
 
     @property
     def rows(self) -> int:
@@ -79,15 +90,28 @@ def to_feed(arr: np.ndarray, spec: TensorSpec) -> np.ndarray:
 class TaskBuilder:
     """Turns what the user's reader yields into tasks of about ``task_rows`` rows.
 
-    Whole reader batches are packed into one task until it holds ``task_rows`` rows,
-    because the cost of the pipeline is per message, not per byte.
+    Whole reader batches are packed into one task until it holds ``task_rows`` rows or
+    ``task_bytes`` bytes, because the cost of the pipeline is per message, not per
+    byte, while memory is per byte.  The arrays are built in place where ``allocate``
+    says (shared memory, in the pipeline), so stacking the samples is the only copy.
     """
 
-    def __init__(self, reader_type: ReaderType, ins: Sequence[str], feeds: Sequence[TensorSpec], task_rows: int):
+    def __init__(
+        self,
+        reader_type: ReaderType,
+        ins: Sequence[str],
+        feeds: Sequence[TensorSpec],
+        task_rows: int,
+        task_bytes: int = 1 << 62,
+        allocate: Allocator = heap_allocator,
+    ):
         self.reader_type = reader_type
         self.ins = list(ins)
         self.feeds = {spec.name: spec for spec in feeds}
         self.task_rows = max(1, task_rows)
+        self.task_bytes = task_bytes
+        self.allocate = allocate
+        self._row_bytes = 0  # bytes of one row of all slots, learnt from the first task
         self._next_id = 0
         self._parts: list[list[Any]] = [[] for _ in self.ins]  # per slot: samples or batch arrays
         self._sizes: list[int] = []
@@ -113,7 +137,7 @@ class TaskBuilder:
         if n:
             self._sizes.append(n)
             self._rows += n
-        if self._rows >= self.task_rows:
+        if self._rows >= self.task_rows or self._rows * self._row_bytes >= self.task_bytes:
             yield self._cut()
 
     def flush(self) -> Iterator[Task]:
@@ -130,6 +154,8 @@ class TaskBuilder:
     def _add_sample(self, sample: Any) -> None:
         for part, value in zip(self._parts, self._arity(sample, "sample"), strict=True):
             part.append(value)
+        if not self._row_bytes:
+            self._row_bytes = sum(np.asarray(v).nbytes for v in sample)
 
     def _add_batch(self, batch: Any) -> int:
         arrays = [np.asarray(a) for a in self._arity(batch, "batch")]
@@ -139,25 +165,59 @@ class TaskBuilder:
             raise ConfigError(f"every slot of a batch needs the same number of rows, got shapes {shapes}")
         for part, arr in zip(self._parts, arrays, strict=True):
             part.append(arr)
-        return rows.pop()
+        n = rows.pop()
+        if not self._row_bytes and n:
+            self._row_bytes = sum(a.nbytes for a in arrays) // n
+        return n
+
+    def _plan(self, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of a slot's task array, read off its first element."""
+        if self.reader_type is ReaderType.BATCH:
+            return (sum(len(p) for p in part), *part[0].shape[1:]), np.result_type(*part)
+        first = np.asarray(part[0])
+        return (len(part), *first.shape), first.dtype
+
+    def _fill(self, out: np.ndarray, part: list[Any]) -> None:
+        if self.reader_type is ReaderType.BATCH:
+            np.concatenate(part, out=out)
+        else:
+            np.stack(part, out=out)
 
     def _cut(self) -> Task:
-        slots = {}
-        for name, part in zip(self.ins, self._parts, strict=True):
-            try:
-                slots[name] = np.concatenate(part) if self.reader_type is ReaderType.BATCH else np.stack(part)
-            except ValueError as exc:
-                raise ConfigError(f"slot {name!r}: samples cannot be stacked into one array ({exc})") from None
-            if slots[name].dtype.kind not in "biufc":
-                raise ConfigError(f"slot {name!r} holds {slots[name].dtype} values; zdistill sends numbers and bools")
+        specs = {name: self._plan(part) for name, part in zip(self.ins, self._parts, strict=True)}
+        for name, (shape, dtype) in specs.items():
+            if dtype.kind not in "biufc":
+                raise ConfigError(f"slot {name!r} holds {dtype} values; zdistill sends numbers and bools")
             if name in self.feeds:
-                check_feed(name, slots[name].shape[1:], self.feeds[name])
+                check_feed(name, shape[1:], self.feeds[name])
+        slots, descriptor = self.allocate(self._next_id, specs)
+        try:
+            for name, part in zip(self.ins, self._parts, strict=True):
+                self._fill(slots[name], part)
+        except (ValueError, TypeError):  # a later sample differs from the first: find out how, then retry
+            slots, descriptor = self._cut_slowly()
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
-        task = Task(self._next_id, slots, sizes)
+        task = Task(self._next_id, slots, sizes, descriptor)
         self._next_id += 1
         self._parts = [[] for _ in self.ins]
         self._sizes, self._rows = [], 0
         return task
+
+    def _cut_slowly(self) -> tuple[dict[str, np.ndarray], Any]:
+        built = {}
+        for name, part in zip(self.ins, self._parts, strict=True):
+            try:
+                built[name] = np.concatenate(part) if self.reader_type is ReaderType.BATCH else np.stack(part)
+            except ValueError as exc:
+                raise ConfigError(f"slot {name!r}: samples cannot be stacked into one array ({exc})") from None
+            if built[name].dtype.kind not in "biufc":
+                raise ConfigError(f"slot {name!r} holds {built[name].dtype} values; zdistill sends numbers and bools")
+            if name in self.feeds:
+                check_feed(name, built[name].shape[1:], self.feeds[name])
+        slots, descriptor = self.allocate(self._next_id, {k: (v.shape, v.dtype) for k, v in built.items()})
+        for name, arr in built.items():
+            np.copyto(slots[name], arr)
+        return slots, descriptor
 
 
 def split_output(

@@ -26,11 +26,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 
 from zdistill import wire
 from zdistill.model import TensorSpec
-from zdistill.tasks import ReaderType, Task, TaskBuilder, slot_key
+from zdistill.shm import SlotWriter
+from zdistill.tasks import ReaderType, Task, TaskBuilder
 
 log = logging.getLogger("zdistill.ventilator")
 
@@ -46,10 +48,13 @@ class VentilatorConfig:
     ins: list[str]
     feeds: list[TensorSpec]
     task_rows: int
+    task_bytes: int
     window: int
+    max_bytes: int
     epoch: int
     tasks_endpoint: str
     ctl_endpoint: str
+    slots_folder: str
     parent_pid: int
 
 
@@ -63,20 +68,26 @@ class Ventilator:
     def __init__(self, cfg: VentilatorConfig) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.push = self.ctx.socket(zmq.PUSH)
-        self.push.setsockopt(zmq.SNDHWM, 2)
-        self.push.setsockopt(zmq.LINGER, 0)
-        self.push.bind(cfg.tasks_endpoint)
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker is an error, not a lost task
+        self.router.bind(cfg.tasks_endpoint)
+        self.credits: dict[bytes, int] = {}  # worker identity -> tasks it can take now
         self.ctl = self.ctx.socket(zmq.PAIR)
         self.ctl.setsockopt(zmq.LINGER, 1000)
         self.ctl.connect(cfg.ctl_endpoint)
+        self.poller = zmq.Poller()
+        self.poller.register(self.ctl, zmq.POLLIN)
+        self.poller.register(self.router, zmq.POLLIN)
+        self.slots = SlotWriter(cfg.slots_folder, cfg.epoch, cfg.window)
         self.held: OrderedDict[int, Task] = OrderedDict()
         self.resends: deque[int] = deque()
         self.total: int | None = None
         self.consumed_upto = -1
 
     def run(self) -> None:
-        builder = TaskBuilder(self.cfg.reader_type, self.cfg.ins, self.cfg.feeds, self.cfg.task_rows)
+        builder = TaskBuilder(self.cfg.reader_type, self.cfg.ins, self.cfg.feeds, self.cfg.task_rows,
+                              self.cfg.task_bytes, self._allocate)
         try:
             for item in self.cfg.reader():
                 for task in builder.add(item):
@@ -108,36 +119,66 @@ class Ventilator:
             },
         )
 
-    def _hand_out(self, task: Task) -> None:
-        """Hold ``task`` and send it, once the credit window allows."""
-        while len(self.held) >= self.cfg.window:
+    def _allocate(self, task_id: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
+        dict[str, np.ndarray], dict[str, Any]
+    ]:
+        """Room for a task's arrays in its shared-memory slot, once the credit window allows.
+
+        Task ``t`` reuses the slot of task ``t - window``, so it waits until that one was
+        consumed; it also waits while the tasks held would exceed the byte budget.
+        """
+        needed = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in specs.values())
+        while task_id - self.consumed_upto > self.cfg.window or (
+            self.held and sum(t.nbytes for t in self.held.values()) + needed > self.cfg.max_bytes
+        ):
             self._serve(_POLL_MS)
+        return self.slots.allocate(task_id, specs)
+
+    def _hand_out(self, task: Task) -> None:
+        """Hold ``task`` (until it is consumed) and send it once a worker has room for it."""
         self.held[task.task_id] = task
         self.resends.append(task.task_id)
+        self._dispatch()
         while self.resends:
             self._serve(_POLL_MS)
 
     def _serve(self, wait_ms: int) -> None:
-        """Handle control messages and send queued tasks while the workers take them."""
+        """Handle control messages and workers' credits, and send queued tasks to workers with room."""
         if os.getppid() != self.cfg.parent_pid:
             raise ParentGone
-        poller = zmq.Poller()
-        poller.register(self.ctl, zmq.POLLIN)
-        if self.resends:
-            poller.register(self.push, zmq.POLLOUT)
-        events = dict(poller.poll(wait_ms))
-        if self.ctl in events:
-            while self.ctl.poll(0):
-                self._on_control(wire.decode(self.ctl.recv_multipart(copy=False)))
-        if self.push in events:
-            while self.resends and self.push.poll(0, zmq.POLLOUT):
-                task = self.held.get(self.resends.popleft())
-                if task is not None:
-                    self._send(task)
+        for sock, _ in self.poller.poll(wait_ms):
+            while sock.poll(0):
+                frames = sock.recv_multipart(copy=False)
+                if sock is self.ctl:
+                    self._on_control(wire.decode(frames))
+                else:
+                    self._on_credit(bytes(frames[0]), wire.decode(frames[1:]))
+        self._dispatch()
 
-    def _send(self, task: Task) -> None:
-        header = {"kind": "task", "epoch": self.cfg.epoch, "task": task.task_id, "sizes": task.sizes}
-        wire.send(self.push, header, {slot_key(k): v for k, v in task.slots.items()})
+    def _on_credit(self, worker: bytes, msg: wire.Message) -> None:
+        """``ready {credit, reset}``: a worker has room for ``credit`` more tasks (or exactly that many)."""
+        if msg.kind != "ready":
+            return
+        credit = max(0, int(msg.header.get("credit", 0)))
+        self.credits[worker] = credit if msg.header.get("reset") else self.credits.get(worker, 0) + credit
+
+    def _dispatch(self) -> None:
+        """Queued tasks to the workers with the most room: a slow worker gets fewer (load balancing)."""
+        while self.resends:
+            worker = max(self.credits, key=self.credits.__getitem__, default=None)
+            if worker is None or self.credits[worker] <= 0:
+                return
+            task = self.held.get(self.resends[0])
+            if task is not None:
+                header = {"kind": "task", "epoch": self.cfg.epoch, "task": task.task_id, "sizes": task.sizes,
+                          "shm": task.descriptor}  # only the descriptor: the arrays are in shared memory
+                try:
+                    wire.send(self.router, header, envelope=[worker], flags=zmq.NOBLOCK)
+                except zmq.ZMQError:  # that worker is gone (or stuck): its credit is void
+                    del self.credits[worker]
+                    continue
+                self.credits[worker] -= 1
+            self.resends.popleft()
 
     def _on_control(self, msg: wire.Message) -> None:
         if msg.kind == "consumed":
@@ -161,7 +202,7 @@ def run_reader_process(cfg: VentilatorConfig) -> None:
         try:
             vent.run()
         finally:
-            vent.push.close(linger=0)
+            vent.router.close(linger=0)
             vent.ctl.close()
             vent.ctx.term()
     except BaseException:  # nothing may escape into the forked copy of the student's stack

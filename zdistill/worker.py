@@ -29,16 +29,19 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zdistill import wire
 from zdistill.client import Completion, TeacherClient
-from zdistill.errors import TeacherError, TeacherTimeout
+from zdistill.errors import TeacherError, TeacherTimeout, WireError
 from zdistill.model import TensorSpec
-from zdistill.tasks import predict_key, slot_key, to_feed
+from zdistill.shm import SlotReader
+from zdistill.tasks import predict_key, to_feed
 
 log = logging.getLogger("zdistill.worker")
 
 _PROBE_EVERY = 0.25
+_IDLE_CREDIT = 0.2
 
 
 @dataclass
@@ -46,7 +49,6 @@ class Job:
     """A task in progress: its message and the parts its teacher requests answered."""
 
     header: dict[str, Any]
-    slots: dict[str, np.ndarray]
     parts: list[dict[str, np.ndarray] | None]
     pending: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
@@ -59,14 +61,18 @@ class Worker:
         self.args = args
         self.predicts: list[str] = args.predicts.split(",")
         self.ctx = zmq.Context()
-        self.pull = self.ctx.socket(zmq.PULL)
-        self.pull.setsockopt(zmq.RCVHWM, 2)
-        self.pull.setsockopt(zmq.RECONNECT_IVL, 10)
-        self.pull.connect(args.tasks)
+        self.tasks = self.ctx.socket(zmq.DEALER)
+        self.tasks.setsockopt(zmq.LINGER, 0)
+        self.tasks.setsockopt(zmq.IMMEDIATE, 1)  # credit for a ventilator that is gone is dropped, not queued
+        self.tasks.setsockopt(zmq.RECONNECT_IVL, 10)
+        self.tasks_events = self.tasks.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.last_task = 0.0  # when the last task came: an idle worker repeats its credit
+        self.tasks.connect(args.tasks)
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 2000)
         self.push.connect(args.results)
         self.client = TeacherClient(args.teacher, self.ctx, timeout=args.timeout, watch=True)
+        self.slots = SlotReader(args.slots)
         self.feeds: list[TensorSpec] = []
         self.request_rows = args.request_rows
         self.up = False
@@ -75,6 +81,7 @@ class Worker:
         self.jobs: dict[tuple[int, int], Job] = {}
         self.requests: dict[int, tuple[tuple[int, int], int]] = {}  # request id -> (job key, part)
         self.stopping = False
+        self.said_stop = False
 
     # -- main loop ----------------------------------------------------------
 
@@ -83,6 +90,9 @@ class Worker:
             if os.getppid() != self.args.parent_pid:
                 log.info("student process is gone; worker for %s exits", self.args.teacher)
                 return
+            if self.stopping and not self.said_stop:
+                self._credit(0, reset=True)
+                self.said_stop = True
             if not self.up and self.probe is None and time.monotonic() >= self.next_probe:
                 try:
                     self.probe = self.client.submit("meta", timeout=1.0)
@@ -90,31 +100,62 @@ class Worker:
                     self._teacher_down("the teacher cannot be reached")
             poller = zmq.Poller()
             poller.register(self.client.socket, zmq.POLLIN)
+            poller.register(self.tasks, zmq.POLLIN)
+            poller.register(self.tasks_events, zmq.POLLIN)
             if self.client.monitor is not None:
                 poller.register(self.client.monitor, zmq.POLLIN)
-            if not self.stopping and (not self.up or self.client.in_flight < self.args.in_flight):
-                poller.register(self.pull, zmq.POLLIN)
             deadline = self.client.next_deadline()
             wait = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
             events = dict(poller.poll(wait * 1000))
             if self.client.disconnected():
                 self._teacher_down("the connection to the teacher dropped")
                 continue
-            if self.pull in events:
-                self._on_task(self.pull.recv_multipart(copy=False))
+            if self.tasks_events in events:
+                self._on_ventilator_event()
+            elif not self.jobs and self.up and time.monotonic() - self.last_task > _IDLE_CREDIT:
+                # Idle: nothing can be in transit to us, so our full room is exact. Saying it
+                # again heals a credit lost while a new ventilator was still connecting.
+                self._credit(self._room(), reset=True)
+                self.last_task = time.monotonic()
+            while self.tasks.poll(0):
+                self._on_task(self.tasks.recv_multipart(copy=False))
             for completion in self.client.collect(0):
                 self._on_completion(completion)
 
+    # -- credit -----------------------------------------------------------------
+
+    def _on_ventilator_event(self) -> None:
+        """A (new) ventilator is connected: tell it how many tasks we can take."""
+        while self.tasks_events.poll(0):
+            if recv_monitor_message(self.tasks_events)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._credit(self._room(), reset=True)
+
+    def _room(self) -> int:
+        return max(0, self.args.in_flight - len(self.jobs)) if self.up and not self.stopping else 0
+
+    def _credit(self, credit: int, reset: bool = False) -> None:
+        try:
+            wire.send(self.tasks, {"kind": "ready", "credit": credit, "reset": reset}, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # no ventilator now: the next one hears from us when it connects
+
     def _on_task(self, frames: list[zmq.Frame]) -> None:
+        self.last_task = time.monotonic()
         msg = wire.decode(frames)
-        if not self.up:
+        if not self.up or self.stopping:
             self._send_result({**msg.header, "kind": "returned", "worker": self.args.teacher})
             return
         key = (int(msg.header.get("epoch", 0)), int(msg.header["task"]))
-        feeds = {spec.name: to_feed(msg.arrays[slot_key(spec.name)], spec) for spec in self.feeds}
+        try:
+            slots = self.slots.read(msg.header.get("shm") or {})
+        except WireError as exc:  # a task of an epoch that ended: nobody waits for it any more
+            log.debug("dropping task %s: %s", key, exc)
+            self._credit(1)
+            return
+        feeds = {spec.name: to_feed(slots[spec.name], spec) for spec in self.feeds}
         rows = len(next(iter(feeds.values())))
         starts = range(0, rows, self.request_rows)
-        job = Job(msg.header, msg.arrays, [None] * len(starts))
+        job = Job(msg.header, [None] * len(starts))
         self.jobs[key] = job
         for part, start in enumerate(starts):
             chunk = {name: arr[start : start + self.request_rows] for name, arr in feeds.items()}
@@ -142,6 +183,7 @@ class Worker:
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._drop_job(key)
+            self._credit(1)
             code = done.error.code if isinstance(done.error, TeacherError) else "error"
             self._send_result({**job.header, "kind": "failed", "code": code, "message": str(done.error),
                                "worker": self.args.teacher})
@@ -152,10 +194,11 @@ class Worker:
 
     def _finish(self, key: tuple[int, int], job: Job) -> None:
         del self.jobs[key]
-        arrays = dict(job.slots)
+        arrays = {}  # the predictions alone: the student reads the slots from shared memory
         for name in self.predicts:
             parts = [p[name] for p in job.parts if p is not None]
             arrays[predict_key(name)] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._credit(1)
         elapsed = time.monotonic() - job.started
         self._send_result({**job.header, "kind": "done", "worker": self.args.teacher, "elapsed": elapsed}, arrays)
 
@@ -182,12 +225,14 @@ class Worker:
         self.request_rows = max(1, min(self.args.request_rows, int(meta.get("max_batch_size", 1))))
         self.up = True
         log.info("teacher %s is up", self.args.teacher)
+        self._credit(self._room(), reset=True)
         self._send_result({"kind": "status", "worker": self.args.teacher, "up": True, "reason": ""})
 
     def _teacher_down(self, reason: str) -> None:
         """Hand back every task held, start afresh, and probe until the teacher answers."""
         was_up = self.up
         self.up = False
+        self._credit(0, reset=True)
         for key in list(self.jobs):
             job = self.jobs[key]
             self._drop_job(key)
@@ -203,9 +248,19 @@ class Worker:
     def _send_result(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
         wire.send(self.push, {**header, "pid": os.getpid()}, arrays)
 
+    def stop(self) -> None:
+        """Take no more tasks, finish the ones held, then leave (a retired teacher's worker).
+
+        Called from the SIGTERM handler, so it only sets a flag: the loop tells the
+        ventilator, as sockets belong to the loop.
+        """
+        self.stopping = True
+
     def close(self) -> None:
         self.client.close()
-        self.pull.close(linger=0)
+        self.tasks.disable_monitor()
+        self.tasks_events.close(linger=0)
+        self.tasks.close(linger=0)
         self.push.close()
         self.ctx.term()
 
@@ -224,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True)
     p.add_argument("--tasks", required=True)
     p.add_argument("--results", required=True)
+    p.add_argument("--slots", required=True, help="folder of the shared-memory task slots")
     p.add_argument("--predicts", required=True)
     p.add_argument("--request-rows", type=int, default=256)
     p.add_argument("--in-flight", type=int, default=4)
@@ -238,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     _die_with_parent()
     worker = Worker(args)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stopping", True))
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
     try:
         worker.run()
