@@ -282,6 +282,7 @@ class _EpochRun:
         self.parked: set[int] = set()
         self.last_progress = time.monotonic()
         self.down_since: float | None = None
+        self.credited = -1  # the last task the ventilator was told was consumed
         self.blocked: tuple[int, float] | None = None  # (next task, since when later tasks are done)
         self.reader_pid = self._fork_reader(cfg)
         self.poller = zmq.Poller()
@@ -312,7 +313,7 @@ class _EpochRun:
             self.pipe.stats["tasks"] += 1
             self.pipe.stats["samples"] += len(slots[0])
             self.last_progress = time.monotonic()
-            wire.send(self.ctl, {"kind": "consumed", "upto": self.buffer.next_id - 1})
+            self._credit_ventilator(waiting=False)
 
     def stop(self) -> None:
         self.pipe.stats["duplicates"] += self.buffer.duplicates
@@ -328,7 +329,18 @@ class _EpochRun:
 
     # -- receiving ------------------------------------------------------------
 
+    def _credit_ventilator(self, waiting: bool) -> None:
+        """Tell the ventilator what was consumed: every few tasks, and always before waiting.
+
+        Each message wakes two processes; a quarter of the window late is still early.
+        """
+        upto = self.buffer.next_id - 1
+        if upto > self.credited and (waiting or upto - self.credited >= max(1, self.pipe.options.window // 4)):
+            wire.send(self.ctl, {"kind": "consumed", "upto": upto})
+            self.credited = upto
+
     def _pump(self) -> None:
+        self._credit_ventilator(waiting=True)
         started = time.monotonic()
         events = dict(self.poller.poll(100))
         if self.pipe.sink in events:

@@ -82,6 +82,7 @@ class Worker:
         self.requests: dict[int, tuple[tuple[int, int], int]] = {}  # request id -> (job key, part)
         self.stopping = False
         self.said_stop = False
+        self.unsaid_room = 0  # tasks finished since the last credit message
 
     # -- main loop ----------------------------------------------------------
 
@@ -133,7 +134,14 @@ class Worker:
     def _room(self) -> int:
         return max(0, self.args.in_flight - len(self.jobs)) if self.up and not self.stopping else 0
 
+    def _freed(self) -> None:
+        """A task is off our hands: give its room back, two at a time to halve the messages."""
+        self.unsaid_room += 1
+        if self.unsaid_room >= max(1, self.args.in_flight // 2) or not self.jobs:
+            self._credit(self.unsaid_room)
+
     def _credit(self, credit: int, reset: bool = False) -> None:
+        self.unsaid_room = 0
         try:
             wire.send(self.tasks, {"kind": "ready", "credit": credit, "reset": reset}, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -150,7 +158,7 @@ class Worker:
             slots = self.slots.read(msg.header.get("shm") or {})
         except WireError as exc:  # a task of an epoch that ended: nobody waits for it any more
             log.debug("dropping task %s: %s", key, exc)
-            self._credit(1)
+            self._freed()
             return
         feeds = {spec.name: to_feed(slots[spec.name], spec) for spec in self.feeds}
         rows = len(next(iter(feeds.values())))
@@ -183,7 +191,7 @@ class Worker:
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._drop_job(key)
-            self._credit(1)
+            self._freed()
             code = done.error.code if isinstance(done.error, TeacherError) else "error"
             self._send_result({**job.header, "kind": "failed", "code": code, "message": str(done.error),
                                "worker": self.args.teacher})
@@ -198,7 +206,7 @@ class Worker:
         for name in self.predicts:
             parts = [p[name] for p in job.parts if p is not None]
             arrays[predict_key(name)] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self._credit(1)
+        self._freed()
         elapsed = time.monotonic() - job.started
         self._send_result({**job.header, "kind": "done", "worker": self.args.teacher, "elapsed": elapsed}, arrays)
 
