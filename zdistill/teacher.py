@@ -51,6 +51,7 @@ from zdistill.security import ServerKeys, server_keys, stop_authenticator
 log = logging.getLogger("zdistill.teacher")
 
 _DRAIN_AT_ONCE = 256
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _KINDS = frozenset({"predict", "meta", "stats", "ping"})
 _STOP_QUIET_S = 0.05  # a stopping teacher closes once no message came for this long...
 _STOP_GRACE_S = 5.0  # ...or after this long, however busy its peers still are
@@ -320,8 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, str(max(1, args.threads)))
+    missing = [v for v in _THREAD_VARS if v not in os.environ]
+    if missing and argv is None:
+        # BLAS libraries read their thread count once, when numpy loads, and numpy is
+        # loaded by now: set the count and start again, so --threads really holds.
+        os.environ.update({v: str(max(1, args.threads)) for v in missing})
+        os.execv(sys.executable, [sys.executable, "-m", "zdistill.teacher", *sys.argv[1:]])
     context = zmq.Context()
     try:
         model = load_model(args.model, gpu_ids=parse_gpu_ids(args.gpu_ids), threads=args.threads)
