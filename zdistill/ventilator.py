@@ -2,10 +2,16 @@
 
 It is forked from the student for each epoch (the reader is often a closure, which
 only a fork can carry).  It cuts the reader's output into tasks
-(:class:`~zdistill.tasks.TaskBuilder`) and PUSHes them to the workers, keeping every
-task it sent until the student says it was consumed: that table is what lets a task
-whose worker or teacher died be sent again.  A credit window bounds the table, so
-memory stays flat on an endless reader.
+(:class:`~zdistill.tasks.TaskBuilder`) built directly in shared-memory slots
+(:mod:`zdistill.shm`), and hands each task's small descriptor to a worker, keeping
+every task until the student says it was consumed: that table is what lets a task
+whose worker or teacher died be sent again.  A credit window (tasks and bytes) bounds
+the table, so memory stays flat on an endless reader.
+
+Tasks socket (a ROUTER; workers connect DEALERs): workers say ``ready {credit,
+reset}`` when they have room, and a task goes to the worker with the most room, as
+in the zguide's load-balancing broker.  A slow teacher's worker thus gets fewer
+tasks instead of an equal share, and a worker that is down has no credit at all.
 
 Control channel (a PAIR socket to the student, :mod:`zdistill.wire` messages):
 

@@ -1,10 +1,10 @@
 """A reader worker: one process, one teacher connection, several requests in flight.
 
 Started by the student (``python -m zdistill.worker``), never forked, so it carries
-none of the student's state.  It PULLs tasks from the ventilator, sends the feed slots
+none of the student's state.  It takes tasks from the ventilator (a DEALER that
+announces its free room as credit), sends the feed slots straight from shared memory
 to its teacher in requests of at most ``--request-rows`` rows, and PUSHes each
-finished task (its slot frames forwarded untouched, plus the predictions) to the
-student's sink.
+finished task's predictions (the slots stay in shared memory) to the student's sink.
 
 Health is judged in-band: a dropped TCP connection (socket monitor) or a request
 past its timeout marks the teacher *down*; the worker then hands back every task it
