@@ -74,8 +74,12 @@ class Batcher:
         """When the oldest request must run, or None when nothing waits."""
         return self._queue[0].arrived + self.max_delay if self._queue else None
 
-    def take(self, now: float, force: bool = False) -> list[Request] | None:
-        """Remove and return the next batch if it is ready (or ``force``), else None."""
+    def take(self, now: float, force: bool = False, full_only: bool = False) -> list[Request] | None:
+        """Remove and return the next batch if it is ready (or ``force``), else None.
+
+        ``full_only``: only a full batch is ready (the model is busy, so a partial batch
+        can still grow while it waits).
+        """
         if not self._queue:
             return None
         head = self._queue[0]
@@ -90,7 +94,7 @@ class Batcher:
             chosen.append(i)
             rows += req.rows
         full = full or rows == self.max_rows
-        if not (full or force or now >= head.arrived + self.max_delay):
+        if not (full or force or (not full_only and now >= head.arrived + self.max_delay)):
             return None
         picked = set(chosen)
         batch = [self._queue[i] for i in chosen]

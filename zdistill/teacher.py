@@ -23,8 +23,9 @@ that get the error code ``shutting_down`` (so a client can resend them elsewhere
 once instead of waiting for a timeout); it closes when the socket has been quiet for
 a moment, flushes its replies and exits 0.
 
-One thread owns the socket, the batcher and the model: requests that queue in
-libzmq while the model runs are merged into the next batch, so no locks are needed.
+One thread owns the socket and the batcher; another owns the model
+(:mod:`zdistill.runner`), so receiving, batching and replying overlap the model's
+run.  Requests that arrive while the model runs are merged into the next batch.
 """
 
 from __future__ import annotations
@@ -42,15 +43,17 @@ import numpy as np
 import zmq
 
 from zdistill import wire
-from zdistill.batcher import Batcher, Request, merge
+from zdistill.batcher import Batcher, Request
 from zdistill.errors import ConfigError, WireError
 from zdistill.metrics import TeacherMetrics
 from zdistill.model import Model, load_model
+from zdistill.runner import ModelRunner
 from zdistill.security import ServerKeys, server_keys, stop_authenticator
 
 log = logging.getLogger("zdistill.teacher")
 
 _DRAIN_AT_ONCE = 256
+_DEPTH = 2  # batches handed to the model thread at once: one running, one waiting
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _KINDS = frozenset({"predict", "meta", "stats", "ping"})
 _STOP_QUIET_S = 0.05  # a stopping teacher closes once no message came for this long...
@@ -99,6 +102,7 @@ class TeacherServer:
             self.socket.close(linger=0)  # an open socket would block the context's term() forever
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.runner = ModelRunner(model, self._ctx, self.metrics)
 
     def stop(self) -> None:
         """Stop taking requests; :meth:`serve` answers those already taken, then returns."""
@@ -107,11 +111,17 @@ class TeacherServer:
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        poller.register(self.runner.wake, zmq.POLLIN)
         while not self._stopping:
-            deadline = self.batcher.deadline()
+            deadline = self.batcher.deadline() if not self.runner.pending else None
             wait_ms = 100 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000)
-            if poller.poll(wait_ms):
+            events = dict(poller.poll(wait_ms))
+            if self._stopping:  # SIGTERM during the poll: no reply may go out before _finish reads the socket
+                break
+            if self.socket in events:
                 self._receive_ready()
+            if self.runner.wake in events:
+                self._reply_results()
             self._run_ready(force=False)
         self._finish()
 
@@ -135,6 +145,10 @@ class TeacherServer:
         while self._receive_ready() == _DRAIN_AT_ONCE:
             pass
         self._run_ready(force=True)
+        while self.runner.pending:  # the model finishes what it was given
+            if self.runner.wake.poll(1000):
+                self._reply_results()
+        self.runner.close()
         self._refusing = True
         end = time.monotonic() + _STOP_GRACE_S
         while time.monotonic() < end and self.socket.poll(int(_STOP_QUIET_S * 1000)):
@@ -142,13 +156,21 @@ class TeacherServer:
         self.socket.close()  # LINGER lets the replies still queued go out
 
     def _run_ready(self, force: bool) -> None:
-        while (batch := self.batcher.take(time.monotonic(), force)) is not None:
+        """Hand batches to the model thread: one running and, if full, one ready behind it.
+
+        A full batch waits behind the running one, so a busy model never waits for us;
+        a partial batch waits here instead, where requests arriving meanwhile join it.
+        """
+        while force or self.runner.pending < _DEPTH:
+            batch = self.batcher.take(time.monotonic(), force, full_only=self.runner.pending > 0 and not force)
+            if batch is None:
+                break
             now = time.monotonic()
             for req in batch:
                 self.metrics.queue_wait.observe(now - req.arrived)
             self.metrics.batch_rows.observe(sum(r.rows for r in batch))
             self.metrics.batch_requests.observe(len(batch))
-            self._run_batch(batch)
+            self.runner.submit(batch)
         self.metrics.in_flight.set(len(self.batcher))
 
     # -- receiving --------------------------------------------------------
@@ -209,34 +231,12 @@ class TeacherServer:
 
     # -- running ----------------------------------------------------------
 
-    def _run_batch(self, batch: list[Request]) -> None:
-        try:
-            outputs = self._call_model(merge(batch), sum(r.rows for r in batch))
-        except Exception as exc:  # the model is user code: any failure becomes a reply
-            if len(batch) > 1:  # find the request that breaks it; the others still get answers
-                for req in batch:
-                    self._run_batch([req])
-                return
-            log.warning("model failed on a batch of %d rows: %s: %s", batch[0].rows, type(exc).__name__, exc)
-            self._reply_error(batch[0].envelope, batch[0].req_id, "model_error", f"{type(exc).__name__}: {exc}")
-            return
-        start = 0
-        for req in batch:
-            part = {name: out[start : start + req.rows] for name, out in outputs.items()}
-            self._send(req.envelope, {"kind": "result", "id": req.req_id}, part)
-            start += req.rows
-
-    def _call_model(self, feeds: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-        started = time.monotonic()
-        outputs = self.model.run(feeds)
-        self.metrics.model_time.observe(time.monotonic() - started)
-        self.metrics.rows.inc(rows)
-        for spec in self.model.fetches:
-            out = outputs.get(spec.name)
-            if out is None or out.ndim == 0 or out.shape[0] != rows:
-                shape = None if out is None else list(out.shape)
-                raise ValueError(f"output {spec.name!r} has shape {shape}, expected {rows} rows")
-        return {spec.name: outputs[spec.name] for spec in self.model.fetches}
+    def _reply_results(self) -> None:
+        for req, result in self.runner.collect():
+            if isinstance(result, Exception):
+                self._reply_error(req.envelope, req.req_id, "model_error", f"{type(result).__name__}: {result}")
+            else:
+                self._send(req.envelope, {"kind": "result", "id": req.req_id}, result)
 
     # -- replying ---------------------------------------------------------
 
