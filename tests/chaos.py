@@ -58,6 +58,8 @@ class Cluster:
     teachers: dict[int, procs.Proc] = field(default_factory=dict)
     registers: dict[int, procs.Proc] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    restarts: list[threading.Thread] = field(default_factory=list)
+    stopped: bool = False  # set under the lock: a restart still pending then does nothing
 
     @property
     def redis_endpoint(self) -> str:
@@ -107,12 +109,19 @@ class Cluster:
         def later() -> None:
             time.sleep(pause)  # the outage itself: how long the process stays dead
             with self.lock:
-                restart()
+                if not self.stopped:
+                    restart()
 
-        threading.Thread(target=later, daemon=True).start()
+        thread = threading.Thread(target=later, daemon=True)
+        thread.start()
+        self.restarts.append(thread)
         return target
 
     def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+        for thread in self.restarts:  # one may be starting a process right now: let it finish
+            thread.join(60)
         with self.lock:
             for proc in [*self.registers.values(), *self.teachers.values(), self.balancer, self.redis]:
                 if proc is not None:

@@ -74,3 +74,24 @@ def test_balancer_and_register_metrics(redis_server, start_teacher, tmp_path):
     finally:
         balancer.stop()
         register.stop()
+
+
+def test_daemons_work_without_prometheus_client():
+    """prometheus-client is optional: without it every metric call is a no-op, and asking for
+    --metrics-port is a clear error."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "from zdistill.metrics import TeacherMetrics, BalancerMetrics, RegisterMetrics\n"
+        "from zdistill.errors import ConfigError\n"
+        "m = TeacherMetrics(); m.requests.labels('predict').inc(); m.batch_rows.observe(3); m.in_flight.set(1)\n"
+        "b = BalancerMetrics(); b.set_counts({'s': 1}, {'s': 2}); RegisterMetrics().checks.labels('ok').inc()\n"
+        "assert m.serve(None) is None\n"
+        "try:\n    m.serve(0)\nexcept ConfigError as e:\n    print('refused:', e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            cwd=str(procs.REPO))
+    assert result.returncode == 0, result.stderr
+    assert "refused: --metrics-port needs the prometheus-client package" in result.stdout

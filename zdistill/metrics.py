@@ -19,7 +19,7 @@ log = logging.getLogger("zdistill.metrics")
 try:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 except ImportError:  # metrics are optional; serve() says how to get them
-    CollectorRegistry = None  # type: ignore[assignment,misc]
+    CollectorRegistry = Counter = Gauge = Histogram = start_http_server = None  # type: ignore[assignment,misc]
 
 _ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 _TIME_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

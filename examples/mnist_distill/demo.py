@@ -1,0 +1,364 @@
+"""The first thing to run: train a teacher, serve it, distill a student from it, compare.
+
+    python examples/mnist_distill/demo.py            # ~20-30 s on 2 CPU cores
+    python examples/mnist_distill/demo.py --tiny     # a few seconds: a smoke run
+
+Steps, each with a progress bar:
+
+1. train the teacher CNN on handwritten digits and export it (``paddle.jit.save``);
+2. start ``zdistill-teacher`` on it as a child process (stopped by PID on exit and Ctrl-C)
+   and, while it loads, train the student alone (hard labels) as the baseline;
+3. train the same student through ``DistillReader`` against that teacher (soft labels);
+4. print test accuracy of teacher / student alone / student distilled, the distilled
+   training's samples/s, and write the training curves to ``out/curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- child processes, stopped by PID whatever happens ---------------------------------
+
+
+class DaemonError(RuntimeError):
+    """A daemon the demo started died or never became ready; the message carries its log's tail."""
+
+
+@dataclass
+class Child:
+    """A process this demo started: its PID, its log, and how to stop it."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: str
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (every daemon here shuts down cleanly on it), SIGKILL if it does not exit in time."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Children:
+    """Every process the demo starts; :meth:`stop_all` ends them by PID, newest first.
+
+    Called from ``finally`` blocks and again at interpreter exit; SIGTERM becomes
+    ``SystemExit`` and Ctrl-C ``KeyboardInterrupt``, so both reach the ``finally``.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
+        self.children: list[Child] = []
+        atexit.register(self.stop_all)
+        self.catch_signals()
+
+    @staticmethod
+    def catch_signals() -> None:
+        """SIGTERM -> ``SystemExit``, SIGINT -> ``KeyboardInterrupt``: both run the ``finally`` that stops children.
+
+        Call again after ``import paddle``: Paddle installs its own SIGTERM handler (which
+        aborts with a C++ stack dump and would leave the children running).  SIGINT is set
+        explicitly so ``kill -INT`` works even when the demo was started with it ignored
+        (a background job of a script).
+        """
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Child:
+        os.makedirs(self.log_dir, exist_ok=True)
+        log_path = os.path.join(self.log_dir, f"{name}.log")
+        with open(log_path, "w") as log:
+            popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        child = Child(name, popen, log_path)
+        self.children.append(child)
+        return child
+
+    def stop(self, child: Child) -> None:
+        child.stop()
+        if child in self.children:
+            self.children.remove(child)
+
+    def stop_all(self) -> None:
+        while self.children:
+            self.children.pop().stop()
+
+
+def wait_for_file(path: str, child: Child, timeout: float = 120.0) -> str:
+    """Wait for a daemon's ready file (written once it really serves); fail fast if it dies."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if not child.alive():
+            raise DaemonError(f"{child.name} exited with {child.popen.returncode} before it was ready; "
+                               f"its log ({child.log_path}):\n{child.log_tail()}")
+        if time.monotonic() > deadline:
+            raise DaemonError(f"{child.name} not ready after {timeout:.0f} s; its log ({child.log_path}):\n"
+                               f"{child.log_tail()}")
+        time.sleep(0.05)
+    with open(path) as f:
+        return f.read().strip()
+
+
+def show(path: str) -> str:
+    """A path as the user would type it: relative when under the current folder."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def host_port(endpoint: str) -> str:
+    """``tcp://127.0.0.1:5555`` -> ``127.0.0.1:5555`` (the form EDL users pass around)."""
+    return endpoint.split("://", 1)[-1]
+
+
+def start_teacher(children: Children, prefix: str, name: str = "teacher", port: int = 0,
+                  threads: int = 1) -> tuple[Child, str]:
+    """Start ``zdistill-teacher`` on a saved model; returns the child and its ready-file path.
+
+    ``python -m zdistill.teacher`` is the ``zdistill-teacher`` console script, run with this
+    interpreter so the demo works from any virtual environment, activated or not.  One
+    math thread: on 2 cores the student trains in this process at the same time.
+    """
+    ready = os.path.join(children.log_dir, f"{name}.ready")
+    if os.path.exists(ready):
+        os.remove(ready)
+    args = [sys.executable, "-m", "zdistill.teacher", "--model", prefix, "--host", "127.0.0.1",
+            "--port", str(port), "--threads", str(threads), "--ready-file", ready]
+    child = children.start(name, args)
+    return child, ready
+
+
+# -- the demo ----------------------------------------------------------------------------
+
+
+def plot_curves(runs: dict[str, list], path: str, note: str) -> None:
+    """Test accuracy per epoch of the three models (mean over seeds, min-max band), full range and zoomed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        lows = []
+        for name, hists in runs.items():
+            acc = np.array([h.epoch_test_acc for h in hists])
+            epochs = np.arange(1, acc.shape[1] + 1)
+            label = name if len(hists) == 1 else f"{name} (mean of {len(hists)} seeds)"
+            line = ax.plot(epochs, acc.mean(axis=0), "--" if "alone" in name else "-", marker=".", label=label)[0]
+            if len(hists) > 1:
+                ax.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=line.get_color(), alpha=0.15)
+            lows.append(acc[:, acc.shape[1] // 2 :].min())
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        if zoom:
+            ax.set_ylim(max(0.0, min(lows) - 0.01), 1.0)
+            ax.set_xlim(left=max(len(h[0].epoch_test_acc) for h in runs.values()) / 2)
+            ax.set_title("zoom: second half of training")
+        else:
+            ax.set_ylim(0.0, 1.0)
+            ax.set_title("test accuracy per epoch")
+            ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(note, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def verdict(teacher_acc: float, alone: list[float], distilled: list[float], n_test: int, train_conf: float,
+            small_digits: bool = True) -> str:
+    """An honest sentence on whether distillation helped, with the reason when it did not.
+
+    "Measurable" means the mean gain over seeds exceeds both one test image and twice
+    the standard error of the difference of the means (seed-to-seed noise).
+    """
+    diff = float(np.mean(distilled) - np.mean(alone))
+    var = (np.var(alone, ddof=1) / len(alone) + np.var(distilled, ddof=1) / len(distilled)) if len(alone) > 1 else 0.0
+    noise = max(2 * float(np.sqrt(var)), 1.0 / n_test)
+    gap = teacher_acc - float(np.mean(alone))
+    pts = f"{100 * diff:+.2f} points ({diff * n_test:+.1f} of {n_test} test images) over {len(alone)} seed(s)"
+    if diff > noise:
+        return f"Distillation helped the student: {pts}, above the noise (~{100 * noise:.2f} points)."
+    why = (f"the student alone is already within {100 * gap:.1f} points of the teacher, and the teacher is "
+           f"{100 * train_conf:.0f}% sure on average of the training images it was trained on, so its soft labels "
+           "carry little beyond the hard labels")
+    if diff < -noise:
+        return (f"Distillation hurt here: {pts}, beyond the noise (~{100 * noise:.2f} points). Likely because "
+                f"{why}; the student also copies the teacher's own mistakes.")
+    where = "On 8x8 digits (1437 training images) a tiny MLP is nearly as good as the CNN. " if small_digits else ""
+    return (f"No measurable gain from distillation on this data: {pts}, within the noise (~{100 * noise:.2f} "
+            f"points). Why: {why}. {where}Distillation pays off where the teacher is far ahead of the student, "
+            "or where the teacher labels data the student has no labels for.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="folder with MNIST idx files (default: scikit-learn digits)")
+    p.add_argument("--out", default=os.path.join(HERE, "out"), help="model, logs and the PNG go here")
+    p.add_argument("--teacher-epochs", type=int, default=None, help="default 20 on 8x8 digits, 2 on MNIST")
+    p.add_argument("--student-epochs", type=int, default=None, help="default 30 on 8x8 digits, 5 on MNIST")
+    p.add_argument("--seeds", type=int, default=3, help="students trained per kind, to tell gain from noise")
+    p.add_argument("--temperature", type=float, default=None, help="default: distill_student.TEMPERATURE")
+    p.add_argument("--hard-weight", type=float, default=None, help="default: distill_student.HARD_WEIGHT")
+    p.add_argument("--port", type=int, default=0, help="teacher port (default 0: any free port)")
+    p.add_argument("--tiny", action="store_true", help="256 training images, 1 epoch, 1 seed: a smoke run")
+    args = p.parse_args(argv)
+
+    children = Children(os.path.join(args.out, "logs"))
+    try:
+        return run_demo(args, children)
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the processes the demo started", file=sys.stderr)
+        return 130
+    except DaemonError as exc:  # a daemon that would not start: its log says why
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        children.stop_all()
+
+
+class Confidence:
+    """Receives the distilled student's ``[img, label, prob]`` batches; keeps the teacher's mean top probability."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def append(self, batch: list[np.ndarray]) -> None:
+        self.total += float(batch[2].max(axis=1).sum())
+        self.count += len(batch[2])
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
+
+
+def run_demo(args: argparse.Namespace, children: Children) -> int:
+    started = time.perf_counter()
+    # zdistill's workers log at the parent's level: keep their INFO lines out of the progress bars.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("zdistill").setLevel(logging.WARNING)
+    print("loading Paddle ...", flush=True)
+    import distill_student as ds
+    from data import load_data
+    from models import n_params
+    from train_teacher import TEACHER_OUTPUT, export_teacher, train_teacher
+
+    from zdistill import DistillReader
+
+    children.catch_signals()  # after `import paddle`, which replaced the SIGTERM handler
+    temperature = ds.TEMPERATURE if args.temperature is None else args.temperature
+    hard_weight = ds.HARD_WEIGHT if args.hard_weight is None else args.hard_weight
+    seeds = list(range(1, max(1, args.seeds) + 1))
+    data = load_data(args.data_dir)
+    # MNIST is 42x the pixels of 8x8 digits; fewer epochs keep it to minutes on a CPU (an estimate: not run here).
+    small = data.image_shape[1:] == (8, 8)
+    teacher_epochs = args.teacher_epochs or (20 if small else 2)
+    student_epochs = args.student_epochs or (ds.STUDENT_EPOCHS if small else 5)
+    if args.tiny:
+        data, teacher_epochs, student_epochs, seeds = data.subset(256, 64), 1, 1, [1]
+    print(f"data: {data.source}; images {list(data.image_shape)}")
+    timings: dict[str, float] = {}
+
+    print(f"\n[1/4] training the teacher CNN ({teacher_epochs} epochs)")
+    t = time.perf_counter()
+    teacher, teacher_hist = train_teacher(data, teacher_epochs)
+    prefix = export_teacher(teacher, os.path.join(args.out, "teacher", "model"), data.image_shape)
+    timings["teacher"] = time.perf_counter() - t
+    print(f"  test accuracy {teacher_hist.final_acc:.4f}; exported {show(prefix)}.json + .pdiparams")
+
+    print(f"\n[2/4] starting zdistill-teacher; meanwhile the student trains alone (hard labels, seeds {seeds})")
+    server, ready = start_teacher(children, prefix, port=args.port)
+    print(f"  zdistill-teacher --model {show(prefix)} --host 127.0.0.1 --port {args.port} --threads 1 "
+          f"(pid {server.pid}, log {show(server.log_path)})")
+    t = time.perf_counter()
+    alone = [ds.train_student_alone(data, student_epochs, seed=seed)[1] for seed in seeds]
+    timings["alone"] = time.perf_counter() - t
+    address = host_port(wait_for_file(ready, server))
+    print(f"  teacher serving at {address}")
+
+    print(f"\n[3/4] distilling the student from the teacher at {address} through DistillReader "
+          f"(T={temperature:g}, hard-label weight {hard_weight:g}, seeds {seeds})")
+    confidence = Confidence()
+    distilled, pipeline_rates = [], []
+    t = time.perf_counter()
+    for seed in seeds:
+        with DistillReader(ins=["img", "label"], predicts=[TEACHER_OUTPUT]) as dr:
+            dr.set_fixed_teacher(address)
+            _, hist = ds.train_student_distilled(data, dr, student_epochs, temperature=temperature,
+                                                 hard_weight=hard_weight, seed=seed,
+                                                 record=confidence if seed == seeds[0] else None)
+            pipeline_rates.append(float(dr.stats().get("samples_per_s", 0.0)))
+        distilled.append(hist)
+    timings["distilled"] = time.perf_counter() - t
+    children.stop(server)
+
+    print("\n[4/4] results")
+    student_params = n_params(ds.StudentMLP(data.image_shape[1:], ds.STUDENT_HIDDEN))
+    train_conf = confidence.mean
+    samples = sum(h.samples for h in distilled)
+    rate = samples / max(sum(h.seconds for h in distilled), 1e-9)
+    rows = [
+        ("teacher (CNN)", n_params(teacher), [teacher_hist], timings["teacher"]),
+        ("student alone (MLP)", student_params, alone, timings["alone"]),
+        ("student distilled (MLP)", student_params, distilled, timings["distilled"]),
+    ]
+    print(f"  {'model':<25}{'params':>8}{'runs':>6}{'epochs':>8}  {'test accuracy':<18}{'wall s':>7}"
+          f"{'samples/s':>11}")
+    for name, params, hists, secs in rows:
+        accs = [h.final_acc for h in hists]
+        speed = sum(h.samples for h in hists) / max(sum(h.seconds for h in hists), 1e-9)
+        print(f"  {name:<25}{params:>8,}{len(hists):>6}{len(hists[0].epoch_test_acc):>8}  {mean_std(accs):<18}"
+              f"{secs:>7.1f}{speed:>11,.0f}")
+    print(f"  distilled training: {samples:,} samples with teacher soft labels at {rate:,.0f} samples/s "
+          f"(training loop incl. the student's steps); DistillReader alone {np.mean(pipeline_rates):,.0f} samples/s")
+    if args.tiny:
+        note = "tiny smoke run (256 images, 1 epoch): the accuracies mean nothing here."
+    else:
+        note = verdict(teacher_hist.final_acc, [h.final_acc for h in alone], [h.final_acc for h in distilled],
+                       len(data.y_test), train_conf, small_digits=small)
+    print(f"  {note}")
+    png = os.path.join(args.out, "curves.png")
+    plot_curves({"teacher": [teacher_hist], "student alone": alone, "student distilled": distilled}, png,
+                f"{data.source}; student distilled with T={temperature:g}, hard-label weight {hard_weight:g}")
+    print(f"  training curves: {show(png)}")
+    print(f"  total wall time {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
