@@ -28,3 +28,31 @@ def redis_server():
     proc = procs.start_redis()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+def store(redis_server):
+    """The zdistill store on the test's private Redis."""
+    from zdistill.store import Store
+
+    s = Store.open(redis_server.endpoint)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def stopper():
+    """Processes a test starts itself (several on one port), all stopped by PID at the end."""
+    started: list[procs.Proc] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture
+def clients():
+    """DiscoveryClients a test makes, all closed at the end."""
+    made: list = []
+    yield made
+    for c in made:
+        c.close()

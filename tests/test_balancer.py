@@ -7,36 +7,12 @@ import sys
 import time
 
 import msgpack
-import pytest
 import zmq
 
 from tests import daemons, procs
 from zdistill import wire
 from zdistill.discovery import DiscoveryClient
 from zdistill.store import Store, TeacherRecord
-
-
-@pytest.fixture
-def store(redis_server):
-    s = Store.open(redis_server.endpoint)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def stopper():
-    started: list[procs.Proc] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-
-
-@pytest.fixture
-def clients():
-    made: list[DiscoveryClient] = []
-    yield made
-    for c in made:
-        c.close()
 
 
 def add_teacher(store: Store, address: str, service: str = "svc", ttl: float = 60.0) -> None:

@@ -19,22 +19,6 @@ from zdistill.store import Store
 TTL = 2.0
 
 
-@pytest.fixture
-def stopper():
-    started: list[procs.Proc] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
-
-
-@pytest.fixture
-def clients():
-    made: list[DiscoveryClient] = []
-    yield made
-    for c in made:
-        c.close()
-
-
 def _address(teacher: procs.Proc) -> str:
     return teacher.endpoint.replace("tcp://", "")
 

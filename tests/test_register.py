@@ -6,29 +6,11 @@ import signal
 import sys
 import time
 
-import pytest
-
 from tests import daemons, procs
 from zdistill.store import Store
 
 TTL = 2.0
 SLACK = 0.5  # Redis expires keys actively ten times a second; process exit and polling add a little
-
-
-@pytest.fixture
-def store(redis_server):
-    s = Store.open(redis_server.endpoint)
-    yield s
-    s.close()
-
-
-@pytest.fixture
-def stopper():
-    """Processes a test starts itself (several on one port), all stopped by PID at the end."""
-    started: list[procs.Proc] = []
-    yield started
-    for proc in reversed(started):
-        proc.stop()
 
 
 def _address(teacher: procs.Proc) -> str:

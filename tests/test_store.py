@@ -13,13 +13,6 @@ from zdistill.errors import ConfigError
 from zdistill.store import LeaderRecord, Store, StudentRecord, TeacherRecord, connect, describe
 
 
-@pytest.fixture
-def store(redis_server):
-    s = Store.open(redis_server.endpoint)
-    yield s
-    s.close()
-
-
 def _teacher(address: str = "127.0.0.1:7001", service: str = "svc") -> TeacherRecord:
     return TeacherRecord(address, service, feeds=[{"name": "img", "dtype": "float32", "shape": [784]}],
                          fetches=[{"name": "prob", "dtype": "float32", "shape": [10]}], max_batch_size=256,

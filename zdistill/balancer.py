@@ -63,6 +63,7 @@ import zmq
 from zdistill import wire
 from zdistill.assignment import assign
 from zdistill.errors import ConfigError, WireError
+from zdistill.flags import add_daemon_flags, add_db_flags, setup_logging
 from zdistill.metrics import BalancerMetrics
 from zdistill.security import ServerKeys, server_keys
 from zdistill.store import (
@@ -613,10 +614,7 @@ def _write_ready(path: str, data: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zdistill-balancer",
                                 description="Assign registered teachers to zdistill students (discovery service).")
-    p.add_argument("--db_endpoints", "--db-endpoints", required=True,
-                   help="Redis as HOST:PORT, or a redis:// / rediss:// URL")
-    p.add_argument("--db_passwd", "--db-passwd", default=None,
-                   help="Redis password (or set $ZDISTILL_DB_PASSWD, which keeps it out of the process list)")
+    add_db_flags(p)
     p.add_argument("--server", required=True, help="IP:PORT for student requests (port 0 picks a free one)")
     p.add_argument("--pub-port", type=int, default=None,
                    help="port of the membership PUB socket (default: --server's port + 1; 0 picks a free one)")
@@ -629,18 +627,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--republish", type=float, default=1.0, help="seconds between full republishes (default 1)")
     p.add_argument("--no-notifications", action="store_true", help="do not use Redis keyspace notifications")
     p.add_argument("--ready-file", default=None, help="write the balancer's addresses here once serving")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--curve-secret-key", default=None,
-                   help="CURVE: this server's secret key file (python -m zdistill.security keygen); off if unset")
-    p.add_argument("--curve-allow", default=None, help="CURVE: folder of the client public keys allowed in")
-    p.add_argument("--log-level", default="INFO")
+    add_daemon_flags(p, curve=True)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("redis").setLevel(max(logging.INFO, logging.getLogger().level))
+    setup_logging(args.log_level)
     try:
         store = Store.open(args.db_endpoints, db_password(args.db_passwd))
         metrics = BalancerMetrics()

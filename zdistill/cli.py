@@ -22,6 +22,7 @@ import zmq
 from zdistill import wire
 from zdistill.client import TeacherClient, teacher_endpoint
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
+from zdistill.flags import add_db_flags
 from zdistill.security import client_keys_from_env, secure_client
 
 
@@ -66,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("address", help="HOST:PORT")
     pg.add_argument("--timeout", type=float, default=2.0)
     st = sub.add_parser("status", help="teachers, students and balancers, per service")
-    st.add_argument("--db_endpoints", "--db-endpoints", required=True, help="Redis HOST:PORT or redis:// URL")
-    st.add_argument("--db_passwd", "--db-passwd", default=None,
-                    help="Redis password (or set ZDISTILL_DB_PASSWD; never printed)")
+    add_db_flags(st)
     st.add_argument("--balancer", default=None, help="also ask this balancer (HOST:PORT) for its view")
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
     st.add_argument("--timeout", type=float, default=2.0)

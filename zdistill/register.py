@@ -36,9 +36,9 @@ import zmq
 
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherTimeout
+from zdistill.flags import add_daemon_flags, add_db_flags, setup_logging
 from zdistill.metrics import RegisterMetrics
 from zdistill.store import (
-    PASSWORD_ENV,
     Store,
     TeacherRecord,
     check_address,
@@ -200,26 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zdistill-register",
         description="Register a running zdistill teacher in Redis under a service name, for as long as it answers.",
     )
-    p.add_argument("--db_endpoints", "--db-endpoints", required=True,
-                   help="Redis as HOST:PORT, or a redis:// / rediss:// URL")
-    p.add_argument("--db_passwd", "--db-passwd", default=None,
-                   help=f"Redis password (or set ${PASSWORD_ENV}, which keeps it out of the process list)")
+    add_db_flags(p)
     p.add_argument("--service_name", "--service-name", required=True, help="the service students ask for")
     p.add_argument("--server", required=True, help="the teacher's IP:PORT, as students will reach it")
     p.add_argument("--ttl", type=float, default=DEFAULT_TTL,
                    help=f"seconds the record lives without a refresh (default {DEFAULT_TTL:g}); refreshed every ttl/3")
     p.add_argument("--ping-timeout", type=float, default=None, help="seconds to wait for a ping (default ttl/3)")
     p.add_argument("--ready-file", default=None, help="write the record's key here once first registered")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host", default="0.0.0.0", help="address the metrics endpoint binds (default all)")
-    p.add_argument("--log-level", default="INFO")
+    add_daemon_flags(p, curve=False)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("redis").setLevel(max(logging.INFO, logging.getLogger().level))
+    setup_logging(args.log_level)
     try:
         store = Store.open(args.db_endpoints, db_password(args.db_passwd))
         metrics = RegisterMetrics()

@@ -45,6 +45,7 @@ import zmq
 from zdistill import wire
 from zdistill.batcher import Batcher, Request
 from zdistill.errors import ConfigError, WireError
+from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
 from zdistill.model import Model, load_model
 from zdistill.runner import ModelRunner
@@ -310,17 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-file", default=None, help="write the bound endpoint to this file once serving")
     p.add_argument("--max-message-mb", type=float, default=1024,
                    help="largest array a request may carry, in MiB; bigger frames are refused by libzmq (default 1024)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
-    p.add_argument("--curve-secret-key", default=None,
-                   help="CURVE: this server's secret key file (python -m zdistill.security keygen); off if unset")
-    p.add_argument("--curve-allow", default=None, help="CURVE: folder of the client public keys allowed in")
-    p.add_argument("--log-level", default="INFO")
+    add_daemon_flags(p, curve=True)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level)
     missing = [v for v in _THREAD_VARS if v not in os.environ]
     if missing and argv is None:
         # BLAS libraries read their thread count once, when numpy loads, and numpy is
