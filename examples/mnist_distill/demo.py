@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,9 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="256 training images, 1 epoch, 1 seed: a smoke run")
     args = p.parse_args(argv)
 
-    children = Children(os.path.join(args.out, "logs"))
+    return run_with_children(os.path.join(args.out, "logs"), lambda children: run_demo(args, children))
+
+
+def run_with_children(log_dir: str, body: Callable[[Children], int]) -> int:
+    """Run ``body`` and stop every process it started, whatever happens (Ctrl-C included)."""
+    children = Children(log_dir)
     try:
-        return run_demo(args, children)
+        return body(children)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the processes the demo started", file=sys.stderr)
         return 130

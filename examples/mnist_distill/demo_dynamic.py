@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any
 
-from demo import HERE, Children, DaemonError, host_port, show, start_teacher, wait_for_file
+from demo import HERE, Children, DaemonError, host_port, run_with_children, show, start_teacher, wait_for_file
 
 SERVICE = "mnist_teacher"
 
@@ -76,17 +76,7 @@ def main(argv: list[str] | None = None) -> int:
               "and put its binary on PATH), then run this again. The fixed-teacher demo (demo.py) needs no Redis.",
               file=sys.stderr)
         return 2
-    children = Children(os.path.join(args.out, "logs-dynamic"))
-    try:
-        return run(args, children, redis)
-    except KeyboardInterrupt:
-        print("\ninterrupted: stopping the processes the demo started", file=sys.stderr)
-        return 130
-    except DaemonError as exc:  # a daemon that would not start: its log says why
-        print(f"\ndemo failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        children.stop_all()
+    return run_with_children(os.path.join(args.out, "logs-dynamic"), lambda children: run(args, children, redis))
 
 
 def run(args: argparse.Namespace, children: Children, redis: str) -> int:
