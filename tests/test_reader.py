@@ -306,3 +306,28 @@ def test_stats_count_samples_per_teacher_and_waits(teachers, data):
     assert set(per_teacher) == set(teachers[:2])
     assert sum(t["samples"] for t in per_teacher.values()) >= epochs * N  # a duplicate counts where it ran
     assert all(t["up"] for t in per_teacher.values())
+
+
+def test_shared_memory_of_a_killed_student_is_reclaimed(teachers, tmp_path):
+    """A student killed with -9 leaves its slot folder; the next reader on the machine removes it."""
+    from zdistill.shm import make_slot_folder
+
+    script = f"""
+        import os, signal, numpy as np
+        from zdistill import DistillReader
+        x = np.zeros((64, 784), np.float32)
+        dr = DistillReader(ins=['img', 'label'], predicts=['prob'])
+        dr.set_fixed_teacher({teachers[:1]!r})
+        dr.set_batch_generator(lambda: iter([(x, np.arange(64))] * 4))
+        next(dr())
+        print(dr._pipeline.slots_folder, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    result = run_script(script)
+    folder = result.stdout.strip()
+    assert result.returncode == -9 and os.path.isdir(folder)
+    mine = make_slot_folder(1 << 20)
+    try:
+        assert not os.path.exists(folder)
+    finally:
+        os.rmdir(mine)

@@ -15,7 +15,6 @@ by PID on :meth:`close`, on garbage collection and at interpreter exit.
 
 from __future__ import annotations
 
-import glob
 import importlib
 import logging
 import os
@@ -37,7 +36,7 @@ import zmq
 from zdistill import wire
 from zdistill.errors import ReaderError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
-from zdistill.shm import SlotReader, shm_root
+from zdistill.shm import SlotReader, make_slot_folder
 from zdistill.sink import ReorderBuffer
 from zdistill.tasks import ReaderType, predict_key, split_output
 from zdistill.ventilator import VentilatorConfig, run_reader_process
@@ -142,7 +141,8 @@ class Pipeline:
         self.ins, self.predicts, self.options = list(ins), list(predicts), options
         self.ctx = zmq.Context()
         self.folder = tempfile.mkdtemp(prefix="zdistill-")  # ipc endpoints (mode 0700)
-        self.slots_folder = tempfile.mkdtemp(prefix="zdistill-slots-", dir=shm_root())  # shared-memory task slots
+        # Shared-memory task slots (kept across epochs; see zdistill.shm).
+        self.slots_folder = make_slot_folder(options.max_inflight_bytes)
         self.slot_reader = SlotReader(self.slots_folder)
         self.tasks_endpoint = f"ipc://{self.folder}/tasks"
         self.results_endpoint = f"ipc://{self.folder}/results"
@@ -324,8 +324,6 @@ class _EpochRun:
         _kill_reader(self.reader_pid)
         self.pipe.reader_pids.discard(self.reader_pid)
         self.ctl.close(linger=0)
-        for name in glob.glob(os.path.join(self.pipe.slots_folder, f"e{self.epoch}-*")):
-            os.unlink(name)  # workers drop their mappings when they see the next epoch
 
     # -- receiving ------------------------------------------------------------
 

@@ -10,8 +10,12 @@ task, which is most of what a pipeline hop costs.
 Slots are reused round-robin: task ``t`` lives in slot ``t % window``, which is free
 because the credit window lets task ``t`` exist only once task ``t - window`` has
 been consumed.  A slot whose task is bigger than its file gets a new, bigger file (a
-new *generation*); readers map each file once and drop mappings of older generations
-and epochs, so memory stays bounded by the window.
+new *generation*); readers map each file once and drop the mapping of an older
+generation, so memory stays bounded by the window.  Slot files outlive an epoch, so
+the next epoch writes into pages that already exist instead of faulting in fresh ones
+(for big samples that was most of the reader process's time).  Space is reserved with
+``posix_fallocate`` when a file is made, so a full ``/dev/shm`` is a clear error then,
+never a SIGBUS later.
 
 A worker that is late with a task the student already consumed may read a reused
 slot; its answer is for a task id the sink already yielded, so it is dropped.  The
@@ -23,21 +27,55 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from zdistill.errors import WireError
+from zdistill.errors import ConfigError, WireError
 from zdistill.wire import check_dtype
 
 _ALIGN = 64
 _GROW = 1 << 20  # files grow in whole MiB, so ragged last tasks do not force a new file
+_NAME = re.compile(r"^s(\d+)-g(\d+)$")
+_FOLDER = re.compile(r"^zdistill-slots-(\d+)-")
 
 
-def shm_root() -> str | None:
-    """Where slot files go: RAM-backed ``/dev/shm`` if present (else the pipeline's folder)."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+def shm_root(needed: int) -> str | None:
+    """Where slot files go: RAM-backed ``/dev/shm`` if it has room for ``needed`` bytes, else
+    None (the temporary folder: the page cache keeps it nearly as fast)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize > 2 * needed else None
+
+
+def make_slot_folder(needed: int) -> str:
+    """A private folder for one pipeline's slot files, named by the owner's PID.
+
+    Folders of owners that died without cleaning up (``kill -9``) are removed here, so a
+    crashed student does not keep its shared memory forever.
+    """
+    root = shm_root(needed) or tempfile.gettempdir()
+    for name in os.listdir(root):
+        match = _FOLDER.match(name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"zdistill-slots-{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _aligned(n: int) -> int:
@@ -45,12 +83,26 @@ def _aligned(n: int) -> int:
 
 
 class SlotWriter:
-    """The reader process's side: hands out writable arrays inside a slot file per task."""
+    """The reader process's side: hands out writable arrays inside a slot file per task.
 
-    def __init__(self, folder: str, epoch: int, window: int) -> None:
-        self.folder, self.epoch, self.window = folder, epoch, window
-        self._slots: dict[int, tuple[str, int, mmap.mmap]] = {}  # slot -> (file name, size, mapping)
+    It adopts the slot files an earlier epoch's writer left in ``folder``.
+    """
+
+    def __init__(self, folder: str, window: int) -> None:
+        self.folder, self.window = folder, window
+        self._slots: dict[int, tuple[str, int, mmap.mmap | None]] = {}  # slot -> (file, size, mapping)
         self._generation = 0
+        for name in sorted(os.listdir(folder), key=lambda n: int(m.group(2)) if (m := _NAME.match(n)) else -1):
+            match = _NAME.match(name)
+            if match is None:
+                continue
+            slot, generation = int(match.group(1)), int(match.group(2))
+            self._generation = max(self._generation, generation)
+            if slot < window:
+                old = self._slots.get(slot)
+                if old is not None:
+                    os.unlink(os.path.join(folder, old[0]))
+                self._slots[slot] = (name, os.path.getsize(os.path.join(folder, name)), None)
 
     def allocate(self, task_id: int, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]
@@ -79,20 +131,33 @@ class SlotWriter:
     def _ensure(self, slot: int, needed: int) -> tuple[str, int, mmap.mmap]:
         held = self._slots.get(slot)
         if held is not None and held[1] >= needed:
-            return held
+            if held[2] is None:  # a file an earlier epoch made: map it
+                self._slots[slot] = (held[0], held[1], self._map(held[0], held[1], os.O_RDWR))
+            return self._slots[slot]  # type: ignore[return-value]
         if held is not None:  # readers keep their mapping of the old file until they see the new one
             os.unlink(os.path.join(self.folder, held[0]))
         self._generation += 1
         size = (needed + _GROW - 1) // _GROW * _GROW
-        name = f"e{self.epoch}-s{slot}-g{self._generation}"
-        fd = os.open(os.path.join(self.folder, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        name = f"s{slot}-g{self._generation}"
+        self._slots[slot] = (name, size, self._map(name, size, os.O_RDWR | os.O_CREAT | os.O_EXCL))
+        return self._slots[slot]  # type: ignore[return-value]
+
+    def _map(self, name: str, size: int, flags: int) -> mmap.mmap:
+        path = os.path.join(self.folder, name)
+        fd = os.open(path, flags, 0o600)
         try:
-            os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size)
+            if flags & os.O_CREAT:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    os.unlink(path)
+                    raise ConfigError(
+                        f"no room for a {size / 2**20:.0f} MiB task slot in {self.folder} ({exc.strerror}): "
+                        "lower DistillReader.options.task_bytes / window, or give /dev/shm more space"
+                    ) from None
+            return mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self._slots[slot] = (name, size, mapping)
-        return self._slots[slot]
 
 
 class SlotReader:
@@ -100,17 +165,18 @@ class SlotReader:
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self._maps: dict[tuple[int, int], tuple[str, mmap.mmap]] = {}  # (epoch, slot) -> (file, mapping)
-        self._epoch = -1
+        self._maps: dict[int, tuple[str, mmap.mmap]] = {}  # slot -> (file, mapping)
 
     def read(self, descriptor: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The arrays a descriptor names; raises WireError if it does not describe its file."""
         try:
             name, size, table = str(descriptor["file"]), int(descriptor["size"]), descriptor["arrays"]
-            epoch, slot, _ = (int(part[1:]) for part in name.split("-"))
+            match = _NAME.match(name)
+            if match is None:
+                raise ValueError(name)
         except (KeyError, TypeError, ValueError):
             raise WireError(f"bad shared-memory descriptor {descriptor!r:.120}") from None
-        mapping = self._map(epoch, slot, name, size)
+        mapping = self._map(int(match.group(1)), name, size)
         arrays = {}
         for key, dtype_str, shape, offset in table:
             dtype = check_dtype(np.dtype(dtype_str))
@@ -120,22 +186,19 @@ class SlotReader:
             arrays[key] = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)
         return arrays
 
-    def _map(self, epoch: int, slot: int, name: str, size: int) -> mmap.mmap:
-        if epoch > self._epoch:  # a new epoch: the old one's files are gone or going
-            self._maps = {k: v for k, v in self._maps.items() if k[0] >= epoch}
-            self._epoch = epoch
-        held = self._maps.get((epoch, slot))
+    def _map(self, slot: int, name: str, size: int) -> mmap.mmap:
+        held = self._maps.get(slot)
         if held is not None and held[0] == name:
             return held[1]
         try:
             fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
         except FileNotFoundError:
-            raise WireError(f"slot file {name} is gone (a task of an epoch that ended)") from None
+            raise WireError(f"slot file {name} is gone (replaced by a bigger one)") from None
         try:
             if os.fstat(fd).st_size < size:
                 raise WireError(f"slot file {name} is smaller than its descriptor says")
             mapping = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
-        self._maps[(epoch, slot)] = (name, mapping)  # the old generation's mapping goes with its last view
+        self._maps[slot] = (name, mapping)  # the old generation's mapping goes with its last view
         return mapping

@@ -85,7 +85,7 @@ class Ventilator:
         self.poller = zmq.Poller()
         self.poller.register(self.ctl, zmq.POLLIN)
         self.poller.register(self.router, zmq.POLLIN)
-        self.slots = SlotWriter(cfg.slots_folder, cfg.epoch, cfg.window)
+        self.slots = SlotWriter(cfg.slots_folder, cfg.window)
         self.held: OrderedDict[int, Task] = OrderedDict()
         self.resends: deque[int] = deque()
         self.total: int | None = None
