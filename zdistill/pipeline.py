@@ -51,11 +51,11 @@ class PipelineOptions:
     """Knobs of the pipeline; the defaults are chosen for throughput on small machines."""
 
     request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)
-    task_rows: int = 256  # rows per task: whole reader batches are packed up to this
+    task_rows: int = 1024  # rows per task: whole reader batches are packed up to this
     task_bytes: int = 4 << 20  # ...or up to this many bytes
     window: int = 16  # tasks in flight per epoch (memory bound)
     max_inflight_bytes: int = 512 << 20  # bytes of tasks in flight (memory bound for big samples)
-    in_flight: int = 4  # teacher requests in flight per worker
+    in_flight: int = 2  # tasks in flight per worker (each is one or more teacher requests)
     request_timeout: float = 30.0  # a teacher silent this long is treated as down
     max_retries: int = 3  # refusals of one task before the error reaches the training loop
     teacher_wait: float = 300.0  # how long an epoch waits with no teacher up before it fails
