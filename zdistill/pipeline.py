@@ -53,7 +53,7 @@ class PipelineOptions:
     request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)
     task_rows: int = 1024  # rows per task: whole reader batches are packed up to this
     task_bytes: int = 4 << 20  # ...or up to this many bytes
-    window: int = 16  # tasks in flight per epoch (memory bound)
+    window: int = 16  # tasks in flight per epoch, at least 3 x in_flight per worker (memory bound)
     max_inflight_bytes: int = 512 << 20  # bytes of tasks in flight (memory bound for big samples)
     in_flight: int = 2  # tasks in flight per worker (each is one or more teacher requests)
     request_timeout: float = 30.0  # a teacher silent this long is treated as down
@@ -273,7 +273,9 @@ class _EpochRun:
         ctl_endpoint = f"ipc://{pipe.folder}/ctl-{epoch}"
         self.ctl.bind(ctl_endpoint)
         cfg = VentilatorConfig(
-            reader, reader_type, pipe.ins, list(feeds), o.task_rows, o.task_bytes, o.window, o.max_inflight_bytes,
+            reader, reader_type, pipe.ins, list(feeds), o.task_rows, o.task_bytes,
+            max(o.window, 3 * o.in_flight * len(pipe.workers)),  # every worker busy, and as much again queued
+            o.max_inflight_bytes,
             epoch, pipe.tasks_endpoint, ctl_endpoint, pipe.slots_folder, os.getpid(),
         )
         self.buffer: ReorderBuffer[wire.Message] = ReorderBuffer()
