@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in (steady_register, steady, balancer, redis):
             proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     if errors:
         raise errors[0]
     summary = {}

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -91,17 +92,25 @@ class Cluster:
             os.kill(victim.popen.pid, signal.SIGKILL)  # the student replaces it by itself
             return f"worker pid {victim.popen.pid}"
         with self.lock:
+            # Only a live process is killed: two restarts of one address would leave one behind.
             if kind == "teacher":
-                port = rng.choice(sorted(self.teachers))
+                live = sorted(p for p, proc in self.teachers.items() if proc.popen.poll() is None)
+                if not live:
+                    return "every teacher already down"
+                port = rng.choice(live)
                 self.teachers[port].kill()
                 restart = lambda: self.teachers.__setitem__(port, self._teacher(port))  # noqa: E731
                 target = f"teacher :{port}"
             elif kind == "balancer":
+                if self.balancer.popen.poll() is not None:
+                    return "balancer already down"
                 self.balancer.kill()
                 restart = lambda: setattr(self, "balancer", daemons.start_balancer(  # noqa: E731
                     self.redis_endpoint, self.tmp, port=self.balancer_port, student_lease=5.0))
                 target = f"balancer :{self.balancer_port}"
             else:
+                if self.redis.popen.poll() is not None:
+                    return "redis already down"
                 self.redis.kill()
                 restart = lambda: setattr(self, "redis", procs.start_redis(self.redis_port))  # noqa: E731
                 target = f"redis :{self.redis_port}"
@@ -179,6 +188,7 @@ def run(samples: int, seed: int, events: int, n_teachers: int, batch: int, teach
             stats = dict(dr._pipeline.stats)
     finally:
         cluster.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     return summarise(samples, seen, out_of_order, wrong, stamps, schedule, elapsed, stats)
 
 

@@ -309,8 +309,8 @@ def test_stats_count_samples_per_teacher_and_waits(teachers, data):
 
 
 def test_shared_memory_of_a_killed_student_is_reclaimed(teachers, tmp_path):
-    """A student killed with -9 leaves its slot folder; the next reader on the machine removes it."""
-    from zdistill.shm import make_slot_folder
+    """A student killed with -9 leaves its folders; the next reader on the machine removes them."""
+    from zdistill.shm import make_private_folder, make_slot_folder
 
     script = f"""
         import os, signal, numpy as np
@@ -320,14 +320,15 @@ def test_shared_memory_of_a_killed_student_is_reclaimed(teachers, tmp_path):
         dr.set_fixed_teacher({teachers[:1]!r})
         dr.set_batch_generator(lambda: iter([(x, np.arange(64))] * 4))
         next(dr())
-        print(dr._pipeline.slots_folder, flush=True)
+        print(dr._pipeline.slots_folder, dr._pipeline.folder, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """
     result = run_script(script)
-    folder = result.stdout.strip()
-    assert result.returncode == -9 and os.path.isdir(folder)
-    mine = make_slot_folder(1 << 20)
+    folders = result.stdout.split()
+    assert result.returncode == -9 and all(os.path.isdir(f) for f in folders)
+    mine = [make_slot_folder(1 << 20), make_private_folder("ipc")]
     try:
-        assert not os.path.exists(folder)
+        assert not any(os.path.exists(f) for f in folders)
     finally:
-        os.rmdir(mine)
+        for folder in mine:
+            os.rmdir(folder)

@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from collections import Counter
@@ -36,7 +35,7 @@ import zmq
 from zdistill import wire
 from zdistill.errors import ReaderError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
-from zdistill.shm import SlotReader, make_slot_folder
+from zdistill.shm import SlotReader, make_private_folder, make_slot_folder
 from zdistill.sink import ReorderBuffer
 from zdistill.tasks import ReaderType, predict_key, split_output
 from zdistill.ventilator import VentilatorConfig, run_reader_process
@@ -140,7 +139,7 @@ class Pipeline:
     def __init__(self, ins: Sequence[str], predicts: Sequence[str], options: PipelineOptions) -> None:
         self.ins, self.predicts, self.options = list(ins), list(predicts), options
         self.ctx = zmq.Context()
-        self.folder = tempfile.mkdtemp(prefix="zdistill-")  # ipc endpoints (mode 0700)
+        self.folder = make_private_folder("ipc")  # ipc endpoints (mode 0700)
         # Shared-memory task slots (kept across epochs; see zdistill.shm).
         self.slots_folder = make_slot_folder(options.max_inflight_bytes)
         self.slot_reader = SlotReader(self.slots_folder)

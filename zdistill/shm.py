@@ -41,7 +41,7 @@ from zdistill.wire import check_dtype
 _ALIGN = 64
 _GROW = 1 << 20  # files grow in whole MiB, so ragged last tasks do not force a new file
 _NAME = re.compile(r"^s(\d+)-g(\d+)$")
-_FOLDER = re.compile(r"^zdistill-slots-(\d+)-")
+_FOLDER = re.compile(r"^zdistill-(?:slots|ipc)-(\d+)-")
 
 
 def shm_root(needed: int) -> str | None:
@@ -54,18 +54,23 @@ def shm_root(needed: int) -> str | None:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize > 2 * needed else None
 
 
-def make_slot_folder(needed: int) -> str:
-    """A private folder for one pipeline's slot files, named by the owner's PID.
+def make_private_folder(kind: str, root: str | None = None) -> str:
+    """A private (0700) folder for one pipeline, named by the owner's PID.
 
     Folders of owners that died without cleaning up (``kill -9``) are removed here, so a
-    crashed student does not keep its shared memory forever.
+    crashed student does not keep its shared memory or endpoints forever.
     """
-    root = shm_root(needed) or tempfile.gettempdir()
+    root = root or tempfile.gettempdir()
     for name in os.listdir(root):
         match = _FOLDER.match(name)
         if match and not _alive(int(match.group(1))):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"zdistill-slots-{os.getpid()}-", dir=root)
+    return tempfile.mkdtemp(prefix=f"zdistill-{kind}-{os.getpid()}-", dir=root)
+
+
+def make_slot_folder(needed: int) -> str:
+    """The folder for a pipeline's slot files: in ``/dev/shm`` when it has room."""
+    return make_private_folder("slots", shm_root(needed))
 
 
 def _alive(pid: int) -> bool:
