@@ -302,6 +302,7 @@ def test_stats_count_samples_per_teacher_and_waits(teachers, data):
         stats = dr.stats()
     assert stats["samples"] == epochs * N and stats["tasks"] == epochs * 32
     assert stats["samples_per_s"] > 0 and stats["wait_s"] >= 0
+    assert stats["tasks_in_flight"] >= 0 and stats["tasks_buffered"] >= 0
     per_teacher = stats["teachers"]
     assert set(per_teacher) == set(teachers[:2])
     assert sum(t["samples"] for t in per_teacher.values()) >= epochs * N  # a duplicate counts where it ran

@@ -179,7 +179,8 @@ class Pipeline:
             "tasks": self.stats["tasks"],
             "samples_per_s": self.stats["samples"] / busy if busy else 0.0,
             "wait_s": self.wait_seconds,
-            "tasks_buffered": self.stats["buffered"],
+            "tasks_in_flight": self.stats["in_flight"],  # handed out, not yet consumed (as the sink knows)
+            "tasks_buffered": self.stats["buffered"],  # finished, waiting for an earlier task or the loop
             "resent": self.stats["resent"] + self.stats["resend_all"],
             "returned": self.stats["returned"],
             "failed": self.stats["failed"],
@@ -284,6 +285,7 @@ class _EpochRun:
         self.last_progress = time.monotonic()
         self.down_since: float | None = None
         self.credited = -1  # the last task the ventilator was told was consumed
+        self.highest_seen = -1  # the highest task id any worker reported on
         self.blocked: tuple[int, float] | None = None  # (next task, since when later tasks are done)
         self.reader_pid = self._fork_reader(cfg)
         self.poller = zmq.Poller()
@@ -350,6 +352,7 @@ class _EpochRun:
                 self._on_control(wire.decode(self.ctl.recv_multipart(copy=False)))
         self._supervise()
         self.pipe.stats["buffered"] = len(self.buffer)
+        self.pipe.stats["in_flight"] = max(0, self.highest_seen + 1 - self.buffer.next_id)
         self.pipe.wait_seconds += time.monotonic() - started
 
     def _teacher(self, header: dict[str, Any]) -> TeacherStats:
@@ -363,6 +366,7 @@ class _EpochRun:
         if msg.header.get("epoch") != self.epoch:
             return  # a late answer from an earlier epoch
         task = int(msg.header["task"])
+        self.highest_seen = max(self.highest_seen, task)
         if msg.kind == "done":
             stats = self._teacher(msg.header)
             stats.tasks += 1
