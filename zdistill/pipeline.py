@@ -20,11 +20,12 @@ import logging
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 import weakref
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -154,7 +155,9 @@ class Pipeline:
         self.epochs = 0
         self.stats: Counter[str] = Counter()
         self.membership: Callable[[], list[str] | None] | None = None  # dynamic teachers: new list or None
-        self.task_seconds = 0.0  # typical time a worker spends on a task (moving average)
+        # How long workers took for recent tasks; their median is the typical task time.
+        # A median, because the stragglers it is used to spot must not raise it.
+        self.task_times: deque[float] = deque(maxlen=64)
         self.teacher_stats: dict[str, TeacherStats] = {}
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
         self.busy_seconds = 0.0  # time inside epochs, for samples/s
@@ -373,9 +376,7 @@ class _EpochRun:
             stats.samples += len(next(iter(msg.arrays.values()), ()))
             stats.first_task_at = stats.first_task_at or time.monotonic()
             if self.buffer.add(task, msg):
-                elapsed = float(msg.header.get("elapsed", 0.0))
-                typical = self.pipe.task_seconds
-                self.pipe.task_seconds = 0.9 * typical + 0.1 * elapsed if typical else elapsed
+                self.pipe.task_times.append(float(msg.header.get("elapsed", 0.0)))
             self.last_progress = time.monotonic()
         elif msg.kind == "returned":
             self._teacher(msg.header).returned += 1
@@ -457,7 +458,8 @@ class _EpochRun:
             return
         if self.blocked is None or self.blocked[0] != self.buffer.next_id:
             self.blocked = (self.buffer.next_id, now)
-        limit = max(self.pipe.options.straggler_min, self.pipe.options.straggler_factor * self.pipe.task_seconds)
+        typical = statistics.median(self.pipe.task_times) if self.pipe.task_times else 0.0
+        limit = max(self.pipe.options.straggler_min, self.pipe.options.straggler_factor * typical)
         if now - self.blocked[1] > limit:
             self.pipe.stats["straggler_resends"] += 1
             self._resend([self.buffer.next_id])
