@@ -136,6 +136,8 @@ class Worker:
 
     def _freed(self) -> None:
         """A task is off our hands: give its room back, two at a time to halve the messages."""
+        if not self.up or self.stopping:  # no room to give: the reset to 0 already said so
+            return
         self.unsaid_room += 1
         if self.unsaid_room >= max(1, self.args.in_flight // 2) or not self.jobs:
             self._credit(self.unsaid_room)
