@@ -70,7 +70,7 @@ class DistillReader:
         self._reader_type: ReaderType | None = None
         self.options = PipelineOptions()
         self._pipeline: Pipeline | None = None
-        self._feeds: list[TensorSpec] | None = None
+        self._feeds: list[TensorSpec] = []  # what the teachers take, asked when the pipeline starts
         self._active: Iterator[Any] | None = None
         self._discovery: Any = None
         self._membership_version = -1
@@ -196,7 +196,8 @@ class DistillReader:
     def _start_discovery(self) -> list[str]:
         from zdistill.discovery import DiscoveryClient
 
-        assert self._service_name is not None  # set with the discover mode
+        if not self._service_name:
+            raise ConfigError("dynamic teachers need a teacher service name (set_dynamic_teacher)")
         self._discovery = DiscoveryClient(self._discovery_servers, self._service_name, self._require_num)
         self._discovery.start()
         version, teachers = self._discovery.current()
@@ -254,7 +255,6 @@ class DistillReader:
             self._active.close()  # a new epoch starts from its beginning, whatever the last one did
         if self._pipeline is None or self._pipeline.closed:
             self._pipeline = self._start()
-        assert self._feeds is not None  # set by _start
         self._active = self._pipeline.epoch(self._reader, self._reader_type, self._feeds)
         return self._active
 
