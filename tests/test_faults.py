@@ -68,29 +68,19 @@ def test_teacher_killed_mid_epoch_then_back_at_same_address(start_teacher, data,
         dr.set_fixed_teacher([keep.endpoint, victim.endpoint])
         try:
             deadline = time.monotonic() + 20
-            while procs_stats(victim) == 0 and time.monotonic() < deadline:  # both workers up and busy
+            while procs.requests_served(victim) == 0 and time.monotonic() < deadline:  # both workers up and busy
                 check_epoch(run_epoch(dr), data)
             out = run_epoch(dr, at=10, action=kill_and_restart)
             check_epoch(out, data)
             stats = dict(dr._pipeline.stats)
             # The worker reconnects to the revived teacher by itself: later epochs use it again.
-            while procs_stats(revived[0]) == 0 and time.monotonic() < deadline + 20:
+            while procs.requests_served(revived[0]) == 0 and time.monotonic() < deadline + 20:
                 check_epoch(run_epoch(dr), data)
-            assert procs_stats(revived[0]) > 0, "the revived teacher never got work"
+            assert procs.requests_served(revived[0]) > 0, "the revived teacher never got work"
         finally:
             for p in revived:
                 p.stop()
     assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
-
-
-def procs_stats(teacher: procs.Proc) -> int:
-    from zdistill.client import TeacherClient
-
-    client = TeacherClient(teacher.endpoint, timeout=5)
-    try:
-        return int(client.stats()["requests"])
-    finally:
-        client.close()
 
 
 def test_worker_killed_is_replaced_and_its_tasks_sent_again(start_teacher, data):

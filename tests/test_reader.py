@@ -190,24 +190,23 @@ def test_teacher_refusal_reaches_training_loop(start_teacher):
             list(dr())
 
 
-def test_close_and_garbage_collection_stop_every_process(teachers, data):
-    x, y = data
+def reader_mid_epoch(teachers, x, y):
+    """A reader on three teachers that has yielded its first batch: (reader, epoch, its PIDs)."""
     dr = DistillReader(ins=["img", "label"], predicts=["prob"])
     dr.set_fixed_teacher(teachers)
     dr.set_sample_list_generator(sample_list_reader(x, y))
     it = dr()
     next(it)
-    pids = reader_pids(dr)
+    return dr, it, reader_pids(dr)
+
+
+def test_close_and_garbage_collection_stop_every_process(teachers, data):
+    dr, it, pids = reader_mid_epoch(teachers, *data)
     assert len(pids) == 4  # three workers and the reader process
     dr.close()
     assert_gone(pids)
 
-    dr = DistillReader(ins=["img", "label"], predicts=["prob"])
-    dr.set_fixed_teacher(teachers)
-    dr.set_sample_list_generator(sample_list_reader(x, y))
-    it = dr()
-    next(it)
-    pids = reader_pids(dr)
+    dr, it, pids = reader_mid_epoch(teachers, *data)
     del dr, it
     gc.collect()
     procs.wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE

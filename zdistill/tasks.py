@@ -38,13 +38,6 @@ def predict_key(name: str) -> str:
 Allocator = Callable[[int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]
 
 
-def heap_allocator(task_id: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
-    dict[str, np.ndarray], None
-]:
-    """Task arrays in ordinary memory (no shared-memory descriptor)."""
-    return {name: np.empty(shape, dtype) for name, (shape, dtype) in specs.items()}, None
-
-
 @dataclass
 class Task:
     """Consecutive samples of one epoch: slot arrays plus the reader batch sizes."""
@@ -102,8 +95,8 @@ class TaskBuilder:
         ins: Sequence[str],
         feeds: Sequence[TensorSpec],
         task_rows: int,
-        task_bytes: int = 1 << 62,
-        allocate: Allocator = heap_allocator,
+        task_bytes: int,
+        allocate: Allocator,
     ):
         self.reader_type = reader_type
         self.ins = list(ins)

@@ -87,6 +87,7 @@ class Ventilator:
         self.poller.register(self.router, zmq.POLLIN)
         self.slots = SlotWriter(cfg.slots_folder, cfg.window)
         self.held: OrderedDict[int, Task] = OrderedDict()
+        self.held_bytes = 0  # bytes of the tasks in ``held``
         self.resends: deque[int] = deque()
         self.total: int | None = None
         self.consumed_upto = -1
@@ -135,7 +136,7 @@ class Ventilator:
         """
         needed = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in specs.values())
         while task_id - self.consumed_upto > self.cfg.window or (
-            self.held and sum(t.nbytes for t in self.held.values()) + needed > self.cfg.max_bytes
+            self.held and self.held_bytes + needed > self.cfg.max_bytes
         ):
             self._serve(_POLL_MS)
         return self.slots.allocate(task_id, specs)
@@ -143,6 +144,7 @@ class Ventilator:
     def _hand_out(self, task: Task) -> None:
         """Hold ``task`` (until it is consumed) and send it once a worker has room for it."""
         self.held[task.task_id] = task
+        self.held_bytes += task.nbytes
         self.resends.append(task.task_id)
         self._dispatch()
         while self.resends:
@@ -190,7 +192,7 @@ class Ventilator:
         if msg.kind == "consumed":
             self.consumed_upto = int(msg.header["upto"])
             while self.held and next(iter(self.held)) <= self.consumed_upto:
-                self.held.popitem(last=False)
+                self.held_bytes -= self.held.popitem(last=False)[1].nbytes
         elif msg.kind == "resend":
             self.resends.extend(int(t) for t in msg.header["tasks"] if int(t) in self.held)
         elif msg.kind == "resend_all":
