@@ -51,7 +51,8 @@ class PipelineOptions:
     """Knobs of the pipeline; the defaults are chosen for throughput on small machines."""
 
     request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)
-    task_rows: int = 1024  # rows per task: whole reader batches are packed up to this
+    task_rows: int = 1024  # rows per task at most: whole reader batches are packed up to this
+    task_seconds: float = 0.02  # slow teachers get tasks of about this much teacher time (see Pipeline.task_rows)
     task_bytes: int = 4 << 20  # ...or up to this many bytes
     window: int = 16  # tasks in flight per epoch, at least 3 x in_flight per worker (memory bound)
     max_inflight_bytes: int = 512 << 20  # bytes of tasks in flight (memory bound for big samples)
@@ -68,6 +69,7 @@ class PipelineOptions:
 class _WorkerProc:
     teacher: str
     popen: subprocess.Popen
+    endpoint: str  # where it takes tasks: each epoch's reader process connects to it
     up: bool = False
 
 
@@ -144,7 +146,6 @@ class Pipeline:
         # Shared-memory task slots (kept across epochs; see zdistill.shm).
         self.slots_folder = make_slot_folder(options.max_inflight_bytes)
         self.slot_reader = SlotReader(self.slots_folder)
-        self.tasks_endpoint = f"ipc://{self.folder}/tasks"
         self.results_endpoint = f"ipc://{self.folder}/results"
         self.sink = self.ctx.socket(zmq.PULL)
         self.sink.setsockopt(zmq.LINGER, 0)
@@ -152,12 +153,15 @@ class Pipeline:
         self.workers: dict[str, _WorkerProc] = {}  # the current teachers' workers
         self.retiring: list[_WorkerProc] = []  # workers of teachers gone, finishing their requests
         self.reader_pids: set[int] = set()
+        self.spawned = 0  # workers started so far: each gets an endpoint of its own
+        self.unannounced: list[str] = []  # endpoints of workers started since the epoch's reader was told
         self.epochs = 0
         self.stats: Counter[str] = Counter()
         self.membership: Callable[[], list[str] | None] | None = None  # dynamic teachers: new list or None
         # How long workers took for recent tasks; their median is the typical task time.
         # A median, because the stragglers it is used to spot must not raise it.
         self.task_times: deque[float] = deque(maxlen=64)
+        self.row_times: deque[float] = deque(maxlen=64)  # the same, per row
         self.teacher_stats: dict[str, TeacherStats] = {}
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
         self.busy_seconds = 0.0  # time inside epochs, for samples/s
@@ -212,23 +216,32 @@ class Pipeline:
         wanted = list(dict.fromkeys(teachers))
         for teacher in wanted:
             if teacher not in self.workers:
-                self.workers[teacher] = _WorkerProc(teacher, self._spawn_worker(teacher))
+                self.workers[teacher] = self._spawn_worker(teacher)
         for teacher in [t for t in self.workers if t not in wanted]:
             proc = self.workers.pop(teacher)
             proc.popen.terminate()  # it finishes its requests in flight, then exits
             self.retiring.append(proc)
 
-    def _spawn_worker(self, teacher: str) -> subprocess.Popen:
+    def _spawn_worker(self, teacher: str) -> _WorkerProc:
+        """Start a worker; it binds an endpoint of its own, which reader processes connect to.
+
+        The worker binds (and the short-lived reader process connects) so that a new
+        epoch's reader reaches every worker at once; a worker connecting to each new
+        reader would find it only at its next reconnect attempt.
+        """
         o = self.options
+        self.spawned += 1
+        endpoint = f"ipc://{self.folder}/w{self.spawned}"
+        self.unannounced.append(endpoint)
         args = [
             sys.executable, "-m", "zdistill.worker", "--teacher", teacher,
-            "--tasks", self.tasks_endpoint, "--results", self.results_endpoint, "--slots", self.slots_folder,
+            "--tasks", endpoint, "--results", self.results_endpoint, "--slots", self.slots_folder,
             "--predicts", ",".join(self.predicts), "--request-rows", str(o.request_rows),
             "--in-flight", str(o.in_flight), "--timeout", str(o.request_timeout),
             "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(max(logging.getLogger("zdistill").getEffectiveLevel(), logging.INFO)),
         ]
-        return subprocess.Popen(args, stdin=subprocess.DEVNULL, close_fds=True)
+        return _WorkerProc(teacher, subprocess.Popen(args, stdin=subprocess.DEVNULL, close_fds=True), endpoint)
 
     def reap_workers(self) -> bool:
         """Replace crashed workers, forget retired ones; True if any worker went away."""
@@ -242,10 +255,29 @@ class Pipeline:
                 gone = True
                 log.warning("worker for teacher %s exited with code %s; starting a new one", teacher, code)
                 self.stats["workers_restarted"] += 1
-                self.workers[teacher] = _WorkerProc(teacher, self._spawn_worker(teacher))
+                self.workers[teacher] = self._spawn_worker(teacher)
         return gone
 
     # -- one epoch ----------------------------------------------------------
+
+    def task_rows(self) -> int:
+        """Rows per task for the next epoch: ``options.task_rows``, fewer if teachers are slow.
+
+        A task is the unit of load balancing: one teacher runs it, and the epoch cannot
+        end before its slowest task.  With fast teachers big tasks are cheapest (the
+        pipeline's cost is per message).  With slow ones (a 10 ms GPU call per 256 rows
+        makes a 1024-row task 40 ms of one teacher) big tasks leave teachers idle at the
+        start of an epoch, until each has one, and at its end, while the last few run on
+        some teachers only.  So a task gets about ``task_seconds`` of teacher time, as
+        measured on recent tasks, but never fewer rows than one teacher request.
+        """
+        o = self.options
+        floor = min(o.request_rows, o.task_rows)
+        if not self.row_times:
+            return o.task_rows
+        per_row = statistics.median(self.row_times)
+        fit = int(o.task_seconds / per_row) if per_row > 0 else o.task_rows
+        return max(floor, min(o.task_rows, fit // floor * floor))
 
     def epoch(
         self, reader: Callable[[], Iterable[Any]], reader_type: ReaderType, feeds: Sequence[TensorSpec]
@@ -276,11 +308,12 @@ class _EpochRun:
         ctl_endpoint = f"ipc://{pipe.folder}/ctl-{epoch}"
         self.ctl.bind(ctl_endpoint)
         cfg = VentilatorConfig(
-            reader, reader_type, pipe.ins, list(feeds), o.task_rows, o.task_bytes,
+            reader, reader_type, pipe.ins, list(feeds), pipe.task_rows(), o.task_bytes,
             max(o.window, 3 * o.in_flight * len(pipe.workers)),  # every worker busy, and as much again queued
             o.max_inflight_bytes,
-            epoch, pipe.tasks_endpoint, ctl_endpoint, pipe.slots_folder, os.getpid(),
+            epoch, [p.endpoint for p in pipe.workers.values()], ctl_endpoint, pipe.slots_folder, os.getpid(),
         )
+        pipe.unannounced.clear()
         self.buffer: ReorderBuffer[wire.Message] = ReorderBuffer()
         self.total: int | None = None
         self.retries: Counter[int] = Counter()
@@ -372,11 +405,14 @@ class _EpochRun:
         self.highest_seen = max(self.highest_seen, task)
         if msg.kind == "done":
             stats = self._teacher(msg.header)
+            rows = len(next(iter(msg.arrays.values()), ()))
             stats.tasks += 1
-            stats.samples += len(next(iter(msg.arrays.values()), ()))
+            stats.samples += rows
             stats.first_task_at = stats.first_task_at or time.monotonic()
             if self.buffer.add(task, msg):
-                self.pipe.task_times.append(float(msg.header.get("elapsed", 0.0)))
+                elapsed = float(msg.header.get("elapsed", 0.0))
+                self.pipe.task_times.append(elapsed)
+                self.pipe.row_times.append(elapsed / max(1, rows))
             self.last_progress = time.monotonic()
         elif msg.kind == "returned":
             self._teacher(msg.header).returned += 1
@@ -431,6 +467,9 @@ class _EpochRun:
         self._chase_straggler(now)
         if self.pipe.reap_workers():
             self._resend_missing()
+        if self.pipe.unannounced:
+            wire.send(self.ctl, {"kind": "connect", "endpoints": self.pipe.unannounced})
+            self.pipe.unannounced.clear()
         any_up = any(p.up for p in self.pipe.workers.values())
         if any_up:
             self.down_since = None

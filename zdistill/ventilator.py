@@ -8,14 +8,15 @@ every task until the student says it was consumed: that table is what lets a tas
 whose worker or teacher died be sent again.  A credit window (tasks and bytes) bounds
 the table, so memory stays flat on an endless reader.
 
-Tasks socket (a ROUTER; workers connect DEALERs): workers say ``ready {credit,
-reset}`` when they have room, and a task goes to the worker with the most room, as
+Tasks socket (a ROUTER connected to every worker's DEALER): workers say ``ready
+{credit, reset}`` when they have room (first as soon as this process connects), and a task goes to the worker with the most room, as
 in the zguide's load-balancing broker.  A slow teacher's worker thus gets fewer
 tasks instead of an equal share, and a worker that is down has no credit at all.
 
 Control channel (a PAIR socket to the student, :mod:`zdistill.wire` messages):
 
-- student -> ventilator: ``consumed {upto}`` frees tasks up to ``upto``;
+- student -> ventilator: ``connect {endpoints}``: workers started during the epoch;
+  ``consumed {upto}`` frees tasks up to ``upto``;
   ``resend {tasks}`` sends those tasks again; ``resend_all {except}`` sends every held
   task not listed (after a worker died); ``stop``.
 - ventilator -> student: ``end {tasks}`` once the reader is exhausted; ``error
@@ -58,7 +59,7 @@ class VentilatorConfig:
     window: int
     max_bytes: int
     epoch: int
-    tasks_endpoint: str
+    worker_endpoints: list[str]
     ctl_endpoint: str
     slots_folder: str
     parent_pid: int
@@ -77,7 +78,9 @@ class Ventilator:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker is an error, not a lost task
-        self.router.bind(cfg.tasks_endpoint)
+        self.router.setsockopt(zmq.RECONNECT_IVL, 10)  # a worker still starting binds soon
+        for endpoint in cfg.worker_endpoints:
+            self.router.connect(endpoint)
         self.credits: dict[bytes, int] = {}  # worker identity -> tasks it can take now
         self.ctl = self.ctx.socket(zmq.PAIR)
         self.ctl.setsockopt(zmq.LINGER, 1000)
@@ -189,7 +192,10 @@ class Ventilator:
             self.resends.popleft()
 
     def _on_control(self, msg: wire.Message) -> None:
-        if msg.kind == "consumed":
+        if msg.kind == "connect":
+            for endpoint in msg.header["endpoints"]:
+                self.router.connect(str(endpoint))
+        elif msg.kind == "consumed":
             self.consumed_upto = int(msg.header["upto"])
             while self.held and next(iter(self.held)) <= self.consumed_upto:
                 self.held_bytes -= self.held.popitem(last=False)[1].nbytes

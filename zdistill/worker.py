@@ -61,13 +61,13 @@ class Worker:
         self.args = args
         self.predicts: list[str] = args.predicts.split(",")
         self.ctx = zmq.Context()
+        # Bound here, connected to by each epoch's reader process: a new reader reaches us
+        # at once.  With no reader connected, credit is dropped (not queued for the next).
         self.tasks = self.ctx.socket(zmq.DEALER)
         self.tasks.setsockopt(zmq.LINGER, 0)
-        self.tasks.setsockopt(zmq.IMMEDIATE, 1)  # credit for a ventilator that is gone is dropped, not queued
-        self.tasks.setsockopt(zmq.RECONNECT_IVL, 10)
         self.tasks_events = self.tasks.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.last_task = 0.0  # when the last task came: an idle worker repeats its credit
-        self.tasks.connect(args.tasks)
+        self.tasks.bind(args.tasks)
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 2000)
         self.push.connect(args.results)
