@@ -114,6 +114,38 @@ def test_many_epochs_reuse_workers_and_early_break_restarts(teachers, data):
         assert sorted(reader_pids(dr)[:2]) == workers  # the same worker processes across epochs
 
 
+def test_training_loop_may_keep_and_write_its_arrays(teachers, data):
+    """Output arrays are zero-copy views of shared memory: the slot they live in must not
+    be reused while the loop holds them, across epochs too, and writing into them is allowed."""
+    x, y = data
+    epoch = [1]  # set here before each epoch: the reader process is forked with it
+
+    def shifted():  # every epoch's data differ, so a slot reused under a kept array would show
+        return ((x[i : i + 32] + epoch[0], y[i : i + 32]) for i in range(0, len(x), 32))
+
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teachers[:2])
+        dr.options.task_rows = 32  # a task (and a slot) per batch: slots are reused many times per epoch
+        dr.set_batch_generator(shifted)
+        kept = []
+        for i, (img, label, prob) in enumerate(dr()):
+            if i < 3:
+                kept.append((img, label, prob))
+            else:
+                img[:] = -1.0  # the loop owns what it was given
+        for _ in range(2):
+            epoch[0] += 1
+            imgs, labels, probs, _ = collect(dr, "batch")
+            np.testing.assert_array_equal(labels, y)
+            np.testing.assert_array_equal(imgs, x + epoch[0])
+            np.testing.assert_allclose(probs, softmax_np(x + epoch[0]), rtol=1e-5, atol=1e-6)
+    for i, (img, label, prob) in enumerate(kept):  # still the first epoch's data, after the reader closed
+        rows = slice(32 * i, 32 * i + 32)
+        np.testing.assert_array_equal(img, x[rows] + 1)
+        np.testing.assert_array_equal(label, y[rows])
+        np.testing.assert_allclose(prob, softmax_np(x[rows] + 1), rtol=1e-5, atol=1e-6)
+
+
 def test_reader_exception_reaches_training_loop(teachers, data):
     x, y = data
 

@@ -36,7 +36,7 @@ import zmq
 from zdistill import wire
 from zdistill.errors import ReaderError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
-from zdistill.shm import SlotReader, make_private_folder, make_slot_folder
+from zdistill.shm import SlotReader, make_private_folder, make_slot_folder, slot_of
 from zdistill.sink import ReorderBuffer
 from zdistill.tasks import ReaderType, predict_key, split_output
 from zdistill.ventilator import VentilatorConfig, run_reader_process
@@ -146,6 +146,10 @@ class Pipeline:
         # Shared-memory task slots (kept across epochs; see zdistill.shm).
         self.slots_folder = make_slot_folder(options.max_inflight_bytes)
         self.slot_reader = SlotReader(self.slots_folder)
+        # Slots whose arrays the training loop may still hold (zdistill.shm): taken until
+        # the finalizer of their mapping puts them on ``released`` (from any thread).
+        self.taken_slots: set[int] = set()
+        self.released: deque[int] = deque()
         self.results_endpoint = f"ipc://{self.folder}/results"
         self.sink = self.ctx.socket(zmq.PULL)
         self.sink.setsockopt(zmq.LINGER, 0)
@@ -258,6 +262,36 @@ class Pipeline:
                 self.workers[teacher] = self._spawn_worker(teacher)
         return gone
 
+    # -- slots ----------------------------------------------------------------
+
+    def lend(self, descriptor: dict[str, Any], keep_limit: int) -> dict[str, np.ndarray]:
+        """A task's slot arrays for the training loop: views while few slots are lent, else copies.
+
+        Views cost nothing, but their slot stays taken while the loop holds them; a loop
+        that keeps everything (``list(dr())``) would take every slot.  So past
+        ``keep_limit`` slots lent, the loop gets copies and the slot is free at once.
+        """
+        arrays, mapping = self.slot_reader.view(descriptor)
+        slot = slot_of(descriptor)
+        if len(self.taken_slots) - len(self.released) < keep_limit:
+            self.taken_slots.add(slot)
+            weakref.finalize(mapping, self.released.append, slot)
+            return arrays
+        copies = {name: np.array(arr) for name, arr in arrays.items()}
+        del arrays
+        mapping.close()
+        self.released.append(slot)
+        return copies
+
+    def collect_released(self) -> list[int]:
+        """Slots given back since the last call (their arrays are gone)."""
+        freed = []
+        while self.released:
+            slot = self.released.popleft()
+            self.taken_slots.discard(slot)
+            freed.append(slot)
+        return freed
+
     # -- one epoch ----------------------------------------------------------
 
     def task_rows(self) -> int:
@@ -307,10 +341,12 @@ class _EpochRun:
         self.ctl.setsockopt(zmq.LINGER, 0)
         ctl_endpoint = f"ipc://{pipe.folder}/ctl-{epoch}"
         self.ctl.bind(ctl_endpoint)
+        window = max(o.window, 3 * o.in_flight * len(pipe.workers))  # every worker busy, and as much again queued
+        self.keep_limit = max(1, window // 4)  # slots the training loop may hold views of
+        pipe.collect_released()  # the new reader process starts from the slots free now
         cfg = VentilatorConfig(
             reader, reader_type, pipe.ins, list(feeds), pipe.task_rows(), o.task_bytes,
-            max(o.window, 3 * o.in_flight * len(pipe.workers)),  # every worker busy, and as much again queued
-            o.max_inflight_bytes,
+            window, window + self.keep_limit, sorted(pipe.taken_slots), o.max_inflight_bytes,
             epoch, [p.endpoint for p in pipe.workers.values()], ctl_endpoint, pipe.slots_folder, os.getpid(),
         )
         pipe.unannounced.clear()
@@ -343,10 +379,9 @@ class _EpochRun:
             if msg is None:
                 self._pump()
                 continue
-            # A copy out of shared memory: the slot is reused once this task is credited,
-            # and the training loop may keep what it was given.
-            shared = self.pipe.slot_reader.read(msg.header["shm"])
-            slots = [np.array(shared[n]) for n in self.pipe.ins]
+            shared = self.pipe.lend(msg.header["shm"], self.keep_limit)
+            slots = [shared[n] for n in self.pipe.ins]
+            del shared
             preds = [msg.arrays[predict_key(n)] for n in self.pipe.predicts]
             yield from split_output(self.reader_type, slots, preds, msg.header.get("sizes"))
             self.pipe.stats["tasks"] += 1
@@ -375,6 +410,9 @@ class _EpochRun:
         if upto > self.credited and (waiting or upto - self.credited >= max(1, self.pipe.options.window // 4)):
             wire.send(self.ctl, {"kind": "consumed", "upto": upto})
             self.credited = upto
+        freed = self.pipe.collect_released()
+        if freed:
+            wire.send(self.ctl, {"kind": "released", "slots": freed})
 
     def _pump(self) -> None:
         self._credit_ventilator(waiting=True)

@@ -7,20 +7,22 @@ one hop that must carry them) and the student reads the slots back from it.  Com
 with moving the arrays over sockets this saves two full copies through the kernel per
 task, which is most of what a pipeline hop costs.
 
-Slots are reused round-robin: task ``t`` lives in slot ``t % window``, which is free
-because the credit window lets task ``t`` exist only once task ``t - window`` has
-been consumed.  A slot whose task is bigger than its file gets a new, bigger file (a
-new *generation*); readers map each file once and drop the mapping of an older
-generation, so memory stays bounded by the window.  Slot files outlive an epoch, so
-the next epoch writes into pages that already exist instead of faulting in fresh ones
+The ventilator gives each task a free slot and gets it back once the student is done
+with it.  A slot whose task is bigger than its file gets a new, bigger file (a new
+*generation*); readers map each file once and drop the mapping of an older generation,
+so memory stays bounded by the number of slots.  Slot files outlive an epoch, so the
+next epoch writes into pages that already exist instead of faulting in fresh ones
 (for big samples that was most of the reader process's time).  Space is reserved with
 ``posix_fallocate`` when a file is made, so a full ``/dev/shm`` is a clear error then,
 never a SIGBUS later.
 
-A worker that is late with a task the student already consumed may read a reused
-slot; its answer is for a task id the sink already yielded, so it is dropped.  The
-student copies slot data out before it credits the task, since the training loop
-may keep the arrays it was given.
+The student hands the training loop views of a slot (:meth:`SlotReader.view`), not
+copies: a private, copy-on-write mapping of the slot file, so the loop may write into
+its arrays without touching the file.  The slot stays taken while any of those arrays
+lives (the mapping's finalizer gives it back), so the next task never overwrites data
+the loop still holds.  A worker that is late with a task the student already consumed
+may read a reused slot; its answer is for a task id the sink already yielded, so it is
+dropped.
 """
 
 from __future__ import annotations
@@ -93,8 +95,8 @@ class SlotWriter:
     It adopts the slot files an earlier epoch's writer left in ``folder``.
     """
 
-    def __init__(self, folder: str, window: int) -> None:
-        self.folder, self.window = folder, window
+    def __init__(self, folder: str, slots: int) -> None:
+        self.folder = folder
         self._slots: dict[int, tuple[str, int, mmap.mmap | None]] = {}  # slot -> (file, size, mapping)
         self._generation = 0
         for name in sorted(os.listdir(folder), key=lambda n: int(m.group(2)) if (m := _NAME.match(n)) else -1):
@@ -103,22 +105,21 @@ class SlotWriter:
                 continue
             slot, generation = int(match.group(1)), int(match.group(2))
             self._generation = max(self._generation, generation)
-            if slot < window:
+            if slot < slots:  # a slot beyond this epoch's count stays as it is
                 old = self._slots.get(slot)
                 if old is not None:
                     os.unlink(os.path.join(folder, old[0]))
                 self._slots[slot] = (name, os.path.getsize(os.path.join(folder, name)), None)
 
-    def allocate(self, task_id: int, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
+    def allocate(self, slot: int, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]
     ]:
-        """Writable arrays for ``specs`` (name -> (shape, dtype)) in this task's slot, and its descriptor."""
+        """Writable arrays for ``specs`` (name -> (shape, dtype)) in ``slot``, and their descriptor."""
         layout, offset = [], 0
         for name, (shape, dtype) in specs.items():
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             layout.append((name, shape, dtype, offset))
             offset = _aligned(offset + nbytes)
-        slot = task_id % self.window
         file_name, size, mapping = self._ensure(slot, max(offset, _ALIGN))
         arrays = {
             name: np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=off).reshape(
@@ -165,36 +166,60 @@ class SlotWriter:
             os.close(fd)
 
 
+def slot_of(descriptor: Mapping[str, Any]) -> int:
+    """The slot a descriptor's file belongs to."""
+    return _parse(descriptor)[0]
+
+
+def _parse(descriptor: Mapping[str, Any]) -> tuple[int, str, int, Any]:
+    try:
+        name, size, table = str(descriptor["file"]), int(descriptor["size"]), descriptor["arrays"]
+        match = _NAME.match(name)
+        if match is None:
+            raise ValueError(name)
+    except (KeyError, TypeError, ValueError):
+        raise WireError(f"bad shared-memory descriptor {descriptor!r:.120}") from None
+    return int(match.group(1)), name, size, table
+
+
+def _arrays(mapping: mmap.mmap, size: int, table: Any) -> dict[str, np.ndarray]:
+    arrays = {}
+    for key, dtype_str, shape, offset in table:
+        dtype = check_dtype(np.dtype(dtype_str))
+        count = int(np.prod(shape, dtype=np.int64))
+        if offset < 0 or offset + count * dtype.itemsize > size:
+            raise WireError(f"array {key!r} lies outside its slot file")
+        arrays[key] = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return arrays
+
+
 class SlotReader:
-    """A worker's or the student's side: read-only views of a task's arrays, mappings cached."""
+    """A worker's or the student's side: views of a task's arrays."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self._maps: dict[int, tuple[str, mmap.mmap]] = {}  # slot -> (file, mapping)
 
     def read(self, descriptor: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """The arrays a descriptor names; raises WireError if it does not describe its file."""
-        try:
-            name, size, table = str(descriptor["file"]), int(descriptor["size"]), descriptor["arrays"]
-            match = _NAME.match(name)
-            if match is None:
-                raise ValueError(name)
-        except (KeyError, TypeError, ValueError):
-            raise WireError(f"bad shared-memory descriptor {descriptor!r:.120}") from None
-        mapping = self._map(int(match.group(1)), name, size)
-        arrays = {}
-        for key, dtype_str, shape, offset in table:
-            dtype = check_dtype(np.dtype(dtype_str))
-            count = int(np.prod(shape, dtype=np.int64))
-            if offset < 0 or offset + count * dtype.itemsize > size:
-                raise WireError(f"array {key!r} lies outside its slot file")
-            arrays[key] = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)
-        return arrays
-
-    def _map(self, slot: int, name: str, size: int) -> mmap.mmap:
+        """Read-only arrays of a descriptor (mappings cached); raises WireError if it does not describe its file."""
+        slot, name, size, table = _parse(descriptor)
         held = self._maps.get(slot)
-        if held is not None and held[0] == name:
-            return held[1]
+        if held is None or held[0] != name:
+            held = (name, self._open(name, size, mmap.ACCESS_READ))
+            self._maps[slot] = held  # the old generation's mapping goes with its last view
+        return _arrays(held[1], size, table)
+
+    def view(self, descriptor: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], mmap.mmap]:
+        """Writable arrays of a descriptor in a private copy-on-write mapping of their own.
+
+        No bytes are copied until someone writes.  The mapping lives as long as any of the
+        arrays (or views of them) does: a finalizer on it tells when the slot is free.
+        """
+        _, name, size, table = _parse(descriptor)
+        mapping = self._open(name, size, mmap.ACCESS_COPY)
+        return _arrays(mapping, size, table), mapping
+
+    def _open(self, name: str, size: int, access: int) -> mmap.mmap:
         try:
             fd = os.open(os.path.join(self.folder, name), os.O_RDONLY)
         except FileNotFoundError:
@@ -202,8 +227,6 @@ class SlotReader:
         try:
             if os.fstat(fd).st_size < size:
                 raise WireError(f"slot file {name} is smaller than its descriptor says")
-            mapping = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            return mmap.mmap(fd, size, access=access)
         finally:
             os.close(fd)
-        self._maps[slot] = (name, mapping)  # the old generation's mapping goes with its last view
-        return mapping

@@ -9,14 +9,15 @@ whose worker or teacher died be sent again.  A credit window (tasks and bytes) b
 the table, so memory stays flat on an endless reader.
 
 Tasks socket (a ROUTER connected to every worker's DEALER): workers say ``ready
-{credit, reset}`` when they have room (first as soon as this process connects), and a task goes to the worker with the most room, as
-in the zguide's load-balancing broker.  A slow teacher's worker thus gets fewer
+{credit, reset}`` when they have room (first as soon as this process connects), and
+a task goes to the worker with the most room, as in the zguide's load-balancing
+broker.  A slow teacher's worker thus gets fewer
 tasks instead of an equal share, and a worker that is down has no credit at all.
 
 Control channel (a PAIR socket to the student, :mod:`zdistill.wire` messages):
 
 - student -> ventilator: ``connect {endpoints}``: workers started during the epoch;
-  ``consumed {upto}`` frees tasks up to ``upto``;
+  ``consumed {upto}`` frees tasks up to ``upto``; ``released {slots}`` frees slots;
   ``resend {tasks}`` sends those tasks again; ``resend_all {except}`` sends every held
   task not listed (after a worker died); ``stop``.
 - ventilator -> student: ``end {tasks}`` once the reader is exhausted; ``error
@@ -57,6 +58,8 @@ class VentilatorConfig:
     task_rows: int
     task_bytes: int
     window: int
+    slots: int  # shared-memory slots: the window, plus room for arrays the training loop keeps
+    taken_slots: list[int]  # slots whose arrays the training loop still holds from an earlier epoch
     max_bytes: int
     epoch: int
     worker_endpoints: list[str]
@@ -88,7 +91,8 @@ class Ventilator:
         self.poller = zmq.Poller()
         self.poller.register(self.ctl, zmq.POLLIN)
         self.poller.register(self.router, zmq.POLLIN)
-        self.slots = SlotWriter(cfg.slots_folder, cfg.window)
+        self.slots = SlotWriter(cfg.slots_folder, cfg.slots)
+        self.free_slots = deque(s for s in range(cfg.slots) if s not in set(cfg.taken_slots))
         self.held: OrderedDict[int, Task] = OrderedDict()
         self.held_bytes = 0  # bytes of the tasks in ``held``
         self.resends: deque[int] = deque()
@@ -132,17 +136,19 @@ class Ventilator:
     def _allocate(self, task_id: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]
     ]:
-        """Room for a task's arrays in its shared-memory slot, once the credit window allows.
+        """Room for a task's arrays in a free shared-memory slot, once the credit window allows.
 
-        Task ``t`` reuses the slot of task ``t - window``, so it waits until that one was
-        consumed; it also waits while the tasks held would exceed the byte budget.
+        It waits while task ``t - window`` is not consumed, while the tasks held would
+        exceed the byte budget, and while no slot is free.
         """
         needed = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in specs.values())
-        while task_id - self.consumed_upto > self.cfg.window or (
-            self.held and self.held_bytes + needed > self.cfg.max_bytes
+        while (
+            task_id - self.consumed_upto > self.cfg.window
+            or (self.held and self.held_bytes + needed > self.cfg.max_bytes)
+            or not self.free_slots
         ):
             self._serve(_POLL_MS)
-        return self.slots.allocate(task_id, specs)
+        return self.slots.allocate(self.free_slots.popleft(), specs)
 
     def _hand_out(self, task: Task) -> None:
         """Hold ``task`` (until it is consumed) and send it once a worker has room for it."""
@@ -195,6 +201,8 @@ class Ventilator:
         if msg.kind == "connect":
             for endpoint in msg.header["endpoints"]:
                 self.router.connect(str(endpoint))
+        elif msg.kind == "released":
+            self.free_slots.extend(int(slot) for slot in msg.header["slots"] if 0 <= int(slot) < self.cfg.slots)
         elif msg.kind == "consumed":
             self.consumed_upto = int(msg.header["upto"])
             while self.held and next(iter(self.held)) <= self.consumed_upto:
