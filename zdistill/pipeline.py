@@ -44,6 +44,7 @@ from zdistill.ventilator import VentilatorConfig, run_reader_process
 log = logging.getLogger("zdistill.reader")
 
 FATAL_CODES = frozenset({"bad_request", "too_large", "bad_message"})
+_SUPERVISE_EVERY = 0.01  # seconds: how often a waiting sink checks workers, teachers and stragglers
 
 
 @dataclass
@@ -359,6 +360,7 @@ class _EpochRun:
         self.credited = -1  # the last task the ventilator was told was consumed
         self.highest_seen = -1  # the highest task id any worker reported on
         self.blocked: tuple[int, float] | None = None  # (next task, since when later tasks are done)
+        self.supervised_at = 0.0
         self.reader_pid = self._fork_reader(cfg)
         self.poller = zmq.Poller()
         self.poller.register(pipe.sink, zmq.POLLIN)
@@ -402,17 +404,16 @@ class _EpochRun:
     # -- receiving ------------------------------------------------------------
 
     def _credit_ventilator(self, waiting: bool) -> None:
-        """Tell the ventilator what was consumed: every few tasks, and always before waiting.
+        """Tell the ventilator what was consumed and which slots are free again: every
+        few tasks, and always before waiting.
 
         Each message wakes two processes; a quarter of the window late is still early.
         """
         upto = self.buffer.next_id - 1
-        if upto > self.credited and (waiting or upto - self.credited >= max(1, self.pipe.options.window // 4)):
-            wire.send(self.ctl, {"kind": "consumed", "upto": upto})
+        due = waiting or upto - self.credited >= max(1, self.pipe.options.window // 4)
+        if due and (upto > self.credited or self.pipe.released):
+            wire.send(self.ctl, {"kind": "consumed", "upto": upto, "slots": self.pipe.collect_released()})
             self.credited = upto
-        freed = self.pipe.collect_released()
-        if freed:
-            wire.send(self.ctl, {"kind": "released", "slots": freed})
 
     def _pump(self) -> None:
         self._credit_ventilator(waiting=True)
@@ -424,7 +425,9 @@ class _EpochRun:
         if self.ctl in events:
             while self.ctl.poll(0):
                 self._on_control(wire.decode(self.ctl.recv_multipart(copy=False)))
-        self._supervise()
+        if started - self.supervised_at >= _SUPERVISE_EVERY:
+            self.supervised_at = started
+            self._supervise()
         self.pipe.stats["buffered"] = len(self.buffer)
         self.pipe.stats["in_flight"] = max(0, self.highest_seen + 1 - self.buffer.next_id)
         self.pipe.wait_seconds += time.monotonic() - started

@@ -17,7 +17,7 @@ tasks instead of an equal share, and a worker that is down has no credit at all.
 Control channel (a PAIR socket to the student, :mod:`zdistill.wire` messages):
 
 - student -> ventilator: ``connect {endpoints}``: workers started during the epoch;
-  ``consumed {upto}`` frees tasks up to ``upto``; ``released {slots}`` frees slots;
+  ``consumed {upto, slots}`` frees tasks up to ``upto`` and those shared-memory slots;
   ``resend {tasks}`` sends those tasks again; ``resend_all {except}`` sends every held
   task not listed (after a worker died); ``stop``.
 - ventilator -> student: ``end {tasks}`` once the reader is exhausted; ``error
@@ -201,9 +201,8 @@ class Ventilator:
         if msg.kind == "connect":
             for endpoint in msg.header["endpoints"]:
                 self.router.connect(str(endpoint))
-        elif msg.kind == "released":
-            self.free_slots.extend(int(slot) for slot in msg.header["slots"] if 0 <= int(slot) < self.cfg.slots)
         elif msg.kind == "consumed":
+            self.free_slots.extend(int(slot) for slot in msg.header.get("slots", ()) if 0 <= int(slot) < self.cfg.slots)
             self.consumed_upto = int(msg.header["upto"])
             while self.held and next(iter(self.held)) <= self.consumed_upto:
                 self.held_bytes -= self.held.popitem(last=False)[1].nbytes

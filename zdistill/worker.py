@@ -87,6 +87,7 @@ class Worker:
     # -- main loop ----------------------------------------------------------
 
     def run(self) -> None:
+        poller, polled = zmq.Poller(), None
         while not (self.stopping and not self.jobs):
             if os.getppid() != self.args.parent_pid:
                 log.info("student process is gone; worker for %s exits", self.args.teacher)
@@ -99,16 +100,15 @@ class Worker:
                     self.probe = self.client.submit("meta", timeout=1.0)
                 except TeacherTimeout:
                     self._teacher_down("the teacher cannot be reached")
-            poller = zmq.Poller()
-            poller.register(self.client.socket, zmq.POLLIN)
-            poller.register(self.tasks, zmq.POLLIN)
-            poller.register(self.tasks_events, zmq.POLLIN)
-            if self.client.monitor is not None:
-                poller.register(self.client.monitor, zmq.POLLIN)
+            if polled is not self.client.socket:  # a new poller only when the client reconnected
+                polled, poller = self.client.socket, zmq.Poller()
+                for sock in (self.client.socket, self.tasks, self.tasks_events, self.client.monitor):
+                    if sock is not None:
+                        poller.register(sock, zmq.POLLIN)
             deadline = self.client.next_deadline()
             wait = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
             events = dict(poller.poll(wait * 1000))
-            if self.client.disconnected():
+            if self.client.monitor in events and self.client.disconnected():
                 self._teacher_down("the connection to the teacher dropped")
                 continue
             if self.tasks_events in events:
@@ -118,10 +118,12 @@ class Worker:
                 # again heals a credit lost while a new ventilator was still connecting.
                 self._credit(self._room(), reset=True)
                 self.last_task = time.monotonic()
-            while self.tasks.poll(0):
-                self._on_task(self.tasks.recv_multipart(copy=False))
-            for completion in self.client.collect(0):
-                self._on_completion(completion)
+            if self.tasks in events:
+                while self.tasks.poll(0):
+                    self._on_task(self.tasks.recv_multipart(copy=False))
+            if self.client.socket in events or (deadline is not None and time.monotonic() >= deadline):
+                for completion in self.client.collect(0):
+                    self._on_completion(completion)
 
     # -- credit -----------------------------------------------------------------
 
