@@ -178,7 +178,12 @@ class CpuSnap:
 
 
 class PeakRss:
-    """Samples the RSS of this process and all its descendants every 50 ms; keeps the peak."""
+    """Samples the RSS of this process and all its descendants every 200 ms; keeps the peak.
+
+    Used in case (d) only: each sample walks the process table in a thread of the
+    student's process, which would tax the short epochs of (b) and (c) (and not their
+    raw baselines).
+    """
 
     def __init__(self) -> None:
         self.peak = 0
@@ -187,7 +192,7 @@ class PeakRss:
 
     def _run(self) -> None:
         me = psutil.Process()
-        while not self._stop.wait(0.05):
+        while not self._stop.wait(0.2):
             total = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
@@ -332,21 +337,29 @@ class ReaderBench:
         self.dr.close()
 
     def _warm_up(self) -> None:
-        first = None
-        n = 0
+        n, first = 0, 0.0
         for item in self.dr():
-            if first is None:
+            if n == 0:
                 first = time.perf_counter()
-                if self.check is not None:
-                    if self.kind == "batch":
-                        self.check(item[0], item[2])
-                    else:
-                        self.check(np.stack([s[0] for s in item]), np.stack([s[2] for s in item]))
+            if n == 0 and self.check is not None:
+                if self.kind == "batch":
+                    self.check(item[0], item[2])
+                else:
+                    self.check(np.stack([s[0] for s in item]), np.stack([s[2] for s in item]))
             n += len(item[0]) if self.kind == "batch" else len(item)
         if n != self.count[0] * self.batch:
             raise RuntimeError(f"warm-up epoch yielded {n} samples, expected {self.count[0] * self.batch}")
-        rate = n / max(1e-6, time.perf_counter() - (first or time.perf_counter()))  # from the first output
-        self.count[0] = self.epoch_batches or max(8, int(rate * self.seconds / self.batch))
+        if self.epoch_batches:
+            self.count[0] = self.epoch_batches
+            return
+        # The warm-up starts the workers, so even its rate from the first output on
+        # underestimates: it only sizes a second epoch, whose whole rate sizes the rest.
+        self._size(n / max(1e-6, time.perf_counter() - first))
+        self._size(self.epoch()[0])
+
+    def _size(self, rate: float) -> None:
+        """Make the next epochs last about ``seconds`` at ``rate`` samples/s."""
+        self.count[0] = max(8, int(rate * self.seconds / self.batch))
 
     def epoch(self) -> tuple[float, int, dict[str, float]]:
         """One measured epoch: samples/s, samples, CPU seconds per 100k samples per process role."""
@@ -369,7 +382,7 @@ class ReaderBench:
 def run_reader(addresses: Sequence[str], teacher_pids: Sequence[int], kind: str, batch: int, plan: Plan,
                row_shape: tuple[int, ...] = (784,), options: dict[str, Any] | None = None,
                epoch_batches: int | None = None, check: Callable[[np.ndarray, np.ndarray], None] | None = None,
-               paired: Callable[[], dict[str, float]] | None = None) -> ReaderRun:
+               paired: Callable[[], dict[str, float]] | None = None, track_rss: bool = False) -> ReaderRun:
     """A warm-up epoch, then ``plan.repeats`` measured epochs, each just after a ``paired`` measurement.
 
     ``paired`` (a raw run, or an epoch of the default configuration) runs while this
@@ -381,9 +394,10 @@ def run_reader(addresses: Sequence[str], teacher_pids: Sequence[int], kind: str,
         for _ in range(plan.repeats):
             if paired is not None:
                 run.paired.append(paired())
-            with PeakRss() as rss:  # this reader's epochs only, not the paired runs
+            with PeakRss() if track_rss else nullcontext() as rss:  # this reader's epochs only, not the paired runs
                 rate, n, cpu = bench.epoch()
-            run.peak_rss_mb = max(run.peak_rss_mb, rss.peak / 2**20)
+            if rss is not None:
+                run.peak_rss_mb = max(run.peak_rss_mb, rss.peak / 2**20)
             run.rates.append(rate)
             run.samples.append(n)
             run.cpu.append(cpu)
@@ -632,10 +646,11 @@ def case_d(plan: Plan, folder: Path, results: dict[str, Any]) -> None:
                 with ReaderBench(fleet.addresses(), fleet.pids(), "batch", batch, plan.seconds, IMG_SHAPE,
                                  epoch_batches=plan.big_batches) as base:
                     run = run_reader(fleet.addresses(), fleet.pids(), "batch", batch, plan, row_shape=IMG_SHAPE,
-                                     options=opts, epoch_batches=plan.big_batches, paired=versus_defaults(base, raw))
+                                     options=opts, epoch_batches=plan.big_batches, paired=versus_defaults(base, raw),
+                                     track_rss=True)
             else:
                 run = run_reader(fleet.addresses(), fleet.pids(), "batch", batch, plan, row_shape=IMG_SHAPE,
-                                 options=opts, epoch_batches=plan.big_batches, paired=raw)
+                                 options=opts, epoch_batches=plan.big_batches, paired=raw, track_rss=True)
             gbs = [r * row_bytes / 1e9 for r in run.rates]
             out[name] = {
                 "options": opts, "gb_per_s": gbs, "median": med(gbs), "samples_per_s": run.rates,

@@ -112,6 +112,7 @@ def test_many_epochs_reuse_workers_and_early_break_restarts(teachers, data):
             _, labels, _, _ = collect(dr, "sample_list")
             np.testing.assert_array_equal(labels, y)  # each new epoch starts from the beginning
         assert sorted(reader_pids(dr)[:2]) == workers  # the same worker processes across epochs
+        assert len(dr._pipeline.reader_pids) <= 2  # ended epochs' reader processes are reaped, not piled up
 
 
 def test_training_loop_may_keep_and_write_its_arrays(teachers, data):

@@ -113,12 +113,13 @@ def _shutdown(
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _kill_reader(pid: int) -> None:
+def _kill_reader(pid: int, wait: bool = True) -> bool:
+    """SIGKILL a reader process; True once it is reaped (``wait=False`` only tries)."""
     try:
         os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        return os.waitpid(pid, 0 if wait else os.WNOHANG)[0] == pid
     except (ProcessLookupError, ChildProcessError):
-        pass
+        return True
 
 
 def rebuild_exception(header: dict[str, Any]) -> BaseException:
@@ -397,8 +398,11 @@ class _EpochRun:
             wire.send(self.ctl, {"kind": "stop"}, flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        _kill_reader(self.reader_pid)
-        self.pipe.reader_pids.discard(self.reader_pid)
+        # Tearing down a big forked process takes milliseconds: the training loop does
+        # not wait for it.  The next epoch, or close(), reaps what is left.
+        for pid in list(self.pipe.reader_pids):
+            if _kill_reader(pid, wait=False):
+                self.pipe.reader_pids.discard(pid)
         self.ctl.close(linger=0)
 
     # -- receiving ------------------------------------------------------------

@@ -8,10 +8,11 @@ every task until the student says it was consumed: that table is what lets a tas
 whose worker or teacher died be sent again.  A credit window (tasks and bytes) bounds
 the table, so memory stays flat on an endless reader.
 
-Tasks socket (a ROUTER connected to every worker's DEALER): workers say ``ready
-{credit, reset}`` when they have room (first as soon as this process connects), and
-a task goes to the worker with the most room, as in the zguide's load-balancing
-broker.  A slow teacher's worker thus gets fewer
+Tasks sockets (a DEALER of ours per worker, connected to the worker's ROUTER): we
+say ``hello`` on connecting, workers answer and say again ``ready {credit, reset}``
+when they have room, and a task goes to the worker with the most room, as in the
+zguide's load-balancing broker.  The worker replies to whoever said hello last, so a
+credit never goes to the reader process of an epoch that ended.  A slow teacher's worker thus gets fewer
 tasks instead of an equal share, and a worker that is down has no credit at all.
 
 Control channel (a PAIR socket to the student, :mod:`zdistill.wire` messages):
@@ -73,24 +74,19 @@ class ParentGone(Exception):
 
 
 class Ventilator:
-    """Owns the held-task table and the two sockets of the reader process."""
+    """Owns the held-task table and the sockets of the reader process."""
 
     def __init__(self, cfg: VentilatorConfig) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
-        self.router = self.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone worker is an error, not a lost task
-        self.router.setsockopt(zmq.RECONNECT_IVL, 10)  # a worker still starting binds soon
-        for endpoint in cfg.worker_endpoints:
-            self.router.connect(endpoint)
-        self.credits: dict[bytes, int] = {}  # worker identity -> tasks it can take now
         self.ctl = self.ctx.socket(zmq.PAIR)
         self.ctl.setsockopt(zmq.LINGER, 1000)
         self.ctl.connect(cfg.ctl_endpoint)
         self.poller = zmq.Poller()
         self.poller.register(self.ctl, zmq.POLLIN)
-        self.poller.register(self.router, zmq.POLLIN)
+        self.credits: dict[zmq.Socket, int] = {}  # a worker's socket -> tasks it can take now
+        for endpoint in cfg.worker_endpoints:
+            self._connect(endpoint)
         self.slots = SlotWriter(cfg.slots_folder, cfg.slots)
         self.free_slots = deque(s for s in range(cfg.slots) if s not in set(cfg.taken_slots))
         self.held: OrderedDict[int, Task] = OrderedDict()
@@ -98,6 +94,22 @@ class Ventilator:
         self.resends: deque[int] = deque()
         self.total: int | None = None
         self.consumed_upto = -1
+
+    def _connect(self, endpoint: str) -> None:
+        """A socket to one worker, and a hello (queued until connected) that it answers with credit."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a worker still starting binds soon
+        sock.connect(endpoint)
+        wire.send(sock, {"kind": "hello", "epoch": self.cfg.epoch}, flags=zmq.NOBLOCK)
+        self.poller.register(sock, zmq.POLLIN)
+        self.credits[sock] = 0
+
+    def close(self) -> None:
+        for sock in self.credits:
+            sock.close(linger=0)
+        self.ctl.close()
+        self.ctx.term()
 
     def run(self) -> None:
         builder = TaskBuilder(self.cfg.reader_type, self.cfg.ins, self.cfg.feeds, self.cfg.task_rows,
@@ -169,10 +181,10 @@ class Ventilator:
                 if sock is self.ctl:
                     self._on_control(wire.decode(frames))
                 else:
-                    self._on_credit(bytes(frames[0]), wire.decode(frames[1:]))
+                    self._on_credit(sock, wire.decode(frames))
         self._dispatch()
 
-    def _on_credit(self, worker: bytes, msg: wire.Message) -> None:
+    def _on_credit(self, worker: zmq.Socket, msg: wire.Message) -> None:
         """``ready {credit, reset}``: a worker has room for ``credit`` more tasks (or exactly that many)."""
         if msg.kind != "ready":
             return
@@ -190,9 +202,9 @@ class Ventilator:
                 header = {"kind": "task", "epoch": self.cfg.epoch, "task": task.task_id, "sizes": task.sizes,
                           "shm": task.descriptor}  # only the descriptor: the arrays are in shared memory
                 try:
-                    wire.send(self.router, header, envelope=[worker], flags=zmq.NOBLOCK)
-                except zmq.ZMQError:  # that worker is gone (or stuck): its credit is void
-                    del self.credits[worker]
+                    wire.send(worker, header, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:  # that worker is stuck: its credit is void
+                    self.credits[worker] = 0
                     continue
                 self.credits[worker] -= 1
             self.resends.popleft()
@@ -200,7 +212,7 @@ class Ventilator:
     def _on_control(self, msg: wire.Message) -> None:
         if msg.kind == "connect":
             for endpoint in msg.header["endpoints"]:
-                self.router.connect(str(endpoint))
+                self._connect(str(endpoint))
         elif msg.kind == "consumed":
             self.free_slots.extend(int(slot) for slot in msg.header.get("slots", ()) if 0 <= int(slot) < self.cfg.slots)
             self.consumed_upto = int(msg.header["upto"])
@@ -223,9 +235,7 @@ def run_reader_process(cfg: VentilatorConfig) -> None:
         try:
             vent.run()
         finally:
-            vent.router.close(linger=0)
-            vent.ctl.close()
-            vent.ctx.term()
+            vent.close()
     except BaseException:  # nothing may escape into the forked copy of the student's stack
         log.exception("reader process failed")
         code = 1

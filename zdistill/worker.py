@@ -1,8 +1,8 @@
 """A reader worker: one process, one teacher connection, several requests in flight.
 
 Started by the student (``python -m zdistill.worker``), never forked, so it carries
-none of the student's state.  It takes tasks from the ventilator (a DEALER that
-announces its free room as credit), sends the feed slots straight from shared memory
+none of the student's state.  It takes tasks from each epoch's ventilator (on a
+ROUTER it binds, announcing its free room as credit), sends the feed slots straight from shared memory
 to its teacher in requests of at most ``--request-rows`` rows, and PUSHes each
 finished task's predictions (the slots stay in shared memory) to the student's sink.
 
@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from zdistill import wire
 from zdistill.client import Completion, TeacherClient
@@ -61,13 +60,15 @@ class Worker:
         self.args = args
         self.predicts: list[str] = args.predicts.split(",")
         self.ctx = zmq.Context()
-        # Bound here, connected to by each epoch's reader process: a new reader reaches us
-        # at once.  With no reader connected, credit is dropped (not queued for the next).
-        self.tasks = self.ctx.socket(zmq.DEALER)
+        # Bound here, connected to by each epoch's reader process, which says hello: a new
+        # reader reaches us at once, and credit goes to the reader that said hello last,
+        # never to one of an epoch that ended (whose connection may linger a moment).
+        self.tasks = self.ctx.socket(zmq.ROUTER)
         self.tasks.setsockopt(zmq.LINGER, 0)
-        self.tasks_events = self.tasks.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self.last_task = 0.0  # when the last task came: an idle worker repeats its credit
+        self.tasks.setsockopt(zmq.ROUTER_MANDATORY, 1)  # credit for a reader that is gone is an error: dropped
         self.tasks.bind(args.tasks)
+        self.reader: bytes | None = None  # the identity of the current epoch's reader process
+        self.last_task = 0.0  # when the last task came: an idle worker repeats its credit
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 2000)
         self.push.connect(args.results)
@@ -102,7 +103,7 @@ class Worker:
                     self._teacher_down("the teacher cannot be reached")
             if polled is not self.client.socket:  # a new poller only when the client reconnected
                 polled, poller = self.client.socket, zmq.Poller()
-                for sock in (self.client.socket, self.tasks, self.tasks_events, self.client.monitor):
+                for sock in (self.client.socket, self.tasks, self.client.monitor):
                     if sock is not None:
                         poller.register(sock, zmq.POLLIN)
             deadline = self.client.next_deadline()
@@ -111,9 +112,7 @@ class Worker:
             if self.client.monitor in events and self.client.disconnected():
                 self._teacher_down("the connection to the teacher dropped")
                 continue
-            if self.tasks_events in events:
-                self._on_ventilator_event()
-            elif not self.jobs and self.up and time.monotonic() - self.last_task > _IDLE_CREDIT:
+            if not self.jobs and self.up and time.monotonic() - self.last_task > _IDLE_CREDIT:
                 # Idle: nothing can be in transit to us, so our full room is exact. Saying it
                 # again heals a credit lost while a new ventilator was still connecting.
                 self._credit(self._room(), reset=True)
@@ -126,12 +125,6 @@ class Worker:
                     self._on_completion(completion)
 
     # -- credit -----------------------------------------------------------------
-
-    def _on_ventilator_event(self) -> None:
-        """A (new) ventilator is connected: tell it how many tasks we can take."""
-        while self.tasks_events.poll(0):
-            if recv_monitor_message(self.tasks_events)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._credit(self._room(), reset=True)
 
     def _room(self) -> int:
         return max(0, self.args.in_flight - len(self.jobs)) if self.up and not self.stopping else 0
@@ -146,14 +139,21 @@ class Worker:
 
     def _credit(self, credit: int, reset: bool = False) -> None:
         self.unsaid_room = 0
+        if self.reader is None:
+            return  # no reader yet: the first one hears from us when it says hello
         try:
-            wire.send(self.tasks, {"kind": "ready", "credit": credit, "reset": reset}, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # no ventilator now: the next one hears from us when it connects
+            wire.send(self.tasks, {"kind": "ready", "credit": credit, "reset": reset}, envelope=[self.reader],
+                      flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.reader = None  # that reader is gone: the next one says hello
 
     def _on_task(self, frames: list[zmq.Frame]) -> None:
         self.last_task = time.monotonic()
-        msg = wire.decode(frames)
+        msg = wire.decode(frames[1:])
+        if msg.kind == "hello":  # a new epoch's reader process: it gets our credit from now on
+            self.reader = bytes(frames[0])
+            self._credit(self._room(), reset=True)
+            return
         if not self.up or self.stopping:
             self._send_result({**msg.header, "kind": "returned", "worker": self.args.teacher})
             return
@@ -270,8 +270,6 @@ class Worker:
 
     def close(self) -> None:
         self.client.close()
-        self.tasks.disable_monitor()
-        self.tasks_events.close(linger=0)
         self.tasks.close(linger=0)
         self.push.close()
         self.ctx.term()
