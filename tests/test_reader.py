@@ -147,6 +147,26 @@ def test_training_loop_may_keep_and_write_its_arrays(teachers, data):
         np.testing.assert_allclose(prob, softmax_np(x[rows] + 1), rtol=1e-5, atol=1e-6)
 
 
+def test_slow_teachers_get_smaller_tasks(start_teacher, data):
+    """A task holds about ``task_seconds`` of its teacher's time (a slow teacher's epoch
+    does not end on a few long tasks), never fewer rows than one request; same output."""
+    x, y = data
+    slow = start_teacher(f"{procs.TEACHERS}:slow_softmax", env={"ZDISTILL_TEST_DELAY_MS": "20"})
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([slow.endpoint])
+        dr.set_batch_generator(batch_reader(x, y))
+        assert dr.stats()["task_rows"] == dr.options.task_rows == 1024  # nothing measured yet
+        collect(dr, "batch")
+        assert dr.stats()["tasks"] == 1  # 1000 rows: one task, four 20 ms teacher calls
+        assert dr.stats()["task_rows"] == dr.options.request_rows == 256
+        imgs, labels, probs, sizes = collect(dr, "batch")
+        assert dr.stats()["tasks"] == 1 + 4  # 256 + 256 + 256 + 232 rows (whole 32-row batches)
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_array_equal(imgs, x)
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+    assert sizes == [32] * (N // 32) + [N % 32]
+
+
 def test_reader_exception_reaches_training_loop(teachers, data):
     x, y = data
 

@@ -136,12 +136,8 @@ class TeacherClient:
         """Answers on the socket (waiting up to ``wait`` s for one) and requests past their deadline."""
         done: list[Completion] = []
         self.socket.poll(max(0, int(wait * 1000)))
-        while True:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            completion = self._on_reply(frames)
+        while self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+            completion = self._on_reply(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
             if completion is not None:
                 done.append(completion)
         return done + self._expire(time.monotonic())

@@ -192,6 +192,7 @@ class Pipeline:
             "tasks": self.stats["tasks"],
             "samples_per_s": self.stats["samples"] / busy if busy else 0.0,
             "wait_s": self.wait_seconds,
+            "task_rows": self.task_rows(),  # rows per task of the next epoch (see task_rows())
             "tasks_in_flight": self.stats["in_flight"],  # handed out, not yet consumed (as the sink knows)
             "tasks_buffered": self.stats["buffered"],  # finished, waiting for an earlier task or the loop
             "resent": self.stats["resent"] + self.stats["resend_all"],

@@ -264,10 +264,12 @@ class DistillReader:
         ``samples_per_s`` counts time inside epochs only; ``wait_s`` is how long the
         training loop waited for data (near zero when the teachers keep up);
         ``teachers`` maps each teacher seen to its tasks, samples, failures, returned
-        tasks and whether its worker holds it *up* now.
+        tasks and whether its worker holds it *up* now; ``task_rows`` is the task size
+        the next epoch uses (smaller than ``options.task_rows`` for slow teachers).
         """
         if self._pipeline is None:
-            return {"samples": 0, "tasks": 0, "samples_per_s": 0.0, "wait_s": 0.0, "teachers": {}}
+            return {"samples": 0, "tasks": 0, "samples_per_s": 0.0, "wait_s": 0.0,
+                    "task_rows": self.options.task_rows, "teachers": {}}
         return self._pipeline.snapshot()
 
     def close(self) -> None:

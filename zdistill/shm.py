@@ -27,6 +27,7 @@ dropped.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -117,14 +118,12 @@ class SlotWriter:
         """Writable arrays for ``specs`` (name -> (shape, dtype)) in ``slot``, and their descriptor."""
         layout, offset = [], 0
         for name, (shape, dtype) in specs.items():
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             layout.append((name, shape, dtype, offset))
             offset = _aligned(offset + nbytes)
         file_name, size, mapping = self._ensure(slot, max(offset, _ALIGN))
         arrays = {
-            name: np.frombuffer(mapping, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=off).reshape(
-                shape
-            )
+            name: np.frombuffer(mapping, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
             for name, shape, dtype, off in layout
         }
         descriptor = {
@@ -186,7 +185,9 @@ def _arrays(mapping: mmap.mmap, size: int, table: Any) -> dict[str, np.ndarray]:
     arrays = {}
     for key, dtype_str, shape, offset in table:
         dtype = check_dtype(np.dtype(dtype_str))
-        count = int(np.prod(shape, dtype=np.int64))
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) and type(offset) is int):
+            raise WireError(f"array {key!r} has a bad shape or offset in its descriptor")
+        count = math.prod(shape)
         if offset < 0 or offset + count * dtype.itemsize > size:
             raise WireError(f"array {key!r} lies outside its slot file")
         arrays[key] = np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)

@@ -28,6 +28,7 @@ Control channel (a PAIR socket to the student, :mod:`zdistill.wire` messages):
 from __future__ import annotations
 
 import logging
+import math
 import os
 import traceback
 from collections import OrderedDict, deque
@@ -153,7 +154,7 @@ class Ventilator:
         It waits while task ``t - window`` is not consumed, while the tasks held would
         exceed the byte budget, and while no slot is free.
         """
-        needed = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for shape, dtype in specs.values())
+        needed = sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
         while (
             task_id - self.consumed_upto > self.cfg.window
             or (self.held and self.held_bytes + needed > self.cfg.max_bytes)

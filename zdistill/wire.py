@@ -34,6 +34,11 @@ _DTYPE_RE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
 _ALLOWED_KINDS = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
 _MAX_NDIM = 16
 _MAX_NAME = 256
+_SNDMORE = int(zmq.SNDMORE)  # plain ints: flag arithmetic on enums costs a Python call per frame
+# Dtypes already checked, by object and by wire string: every message checks its arrays,
+# and there are only a few dozen valid dtypes, so these stay small.
+_CHECKED: set[np.dtype] = set()
+_PARSED: dict[str, np.dtype] = {}
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,15 @@ def _frame_bytes(frame: zmq.Frame | bytes | memoryview) -> memoryview:
 
 def check_dtype(dtype: np.dtype) -> np.dtype:
     """Return ``dtype`` if it may cross the wire (bool or a fixed-size number), else raise."""
+    if dtype in _CHECKED:
+        return dtype
     if (
         f"{dtype.kind}{dtype.itemsize}" not in _ALLOWED_KINDS
         or dtype.fields is not None
         or dtype.subdtype is not None
     ):
         raise WireError(f"dtype {dtype} is not allowed on the wire (bool and numbers only)")
+    _CHECKED.add(dtype)
     return dtype
 
 
@@ -125,10 +133,10 @@ def send(
     """
     frames = [*envelope, *encode(header, arrays)]
     last = len(frames) - 1
+    flags = int(flags)
     for i, frame in enumerate(frames):
         size = frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
-        more = zmq.SNDMORE if i < last else 0
-        sock.send(frame, flags | more, copy=size < ZERO_COPY_THRESHOLD)
+        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=size < ZERO_COPY_THRESHOLD)
 
 
 def decode(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -180,12 +188,14 @@ def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.
     name, dtype_str, shape = entry
     if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
         raise WireError(f"array name {name!r:.80} is not a non-empty string of at most {_MAX_NAME} characters")
-    if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
-        raise WireError(f"array {name!r}: dtype {dtype_str!r:.40} is not allowed (bool and numbers only)")
-    try:
-        dtype = check_dtype(np.dtype(dtype_str))
-    except (TypeError, ValueError):
-        raise WireError(f"array {name!r}: unknown dtype {dtype_str!r}") from None
+    dtype = _PARSED.get(dtype_str) if isinstance(dtype_str, str) else None
+    if dtype is None:
+        if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
+            raise WireError(f"array {name!r}: dtype {dtype_str!r:.40} is not allowed (bool and numbers only)")
+        try:
+            dtype = _PARSED[dtype_str] = check_dtype(np.dtype(dtype_str))
+        except (TypeError, ValueError):
+            raise WireError(f"array {name!r}: unknown dtype {dtype_str!r}") from None
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_NDIM
