@@ -129,11 +129,9 @@ class TeacherServer:
     def _receive_ready(self, limit: int = _DRAIN_AT_ONCE) -> int:
         """Handle up to ``limit`` messages already queued on the socket; return how many."""
         for count in range(limit):
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
                 return count
-            self._on_message(frames)
+            self._on_message(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
         return limit
 
     def _finish(self) -> None:
