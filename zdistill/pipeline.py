@@ -305,8 +305,9 @@ class Pipeline:
         pipeline's cost is per message).  With slow ones (a 10 ms GPU call per 256 rows
         makes a 1024-row task 40 ms of one teacher) big tasks leave teachers idle at the
         start of an epoch, until each has one, and at its end, while the last few run on
-        some teachers only.  So a task gets about ``task_seconds`` of teacher time, as
-        measured on recent tasks, but never fewer rows than one teacher request.
+        some teachers only.  So a task gets about ``task_seconds`` of worker time (from
+        receipt to answer, as workers measured recent tasks: the teacher's time plus the
+        wait behind the worker's other task), but never fewer rows than one request.
         """
         o = self.options
         floor = min(o.request_rows, o.task_rows)

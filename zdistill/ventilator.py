@@ -11,9 +11,9 @@ the table, so memory stays flat on an endless reader.
 Tasks sockets (a DEALER of ours per worker, connected to the worker's ROUTER): we
 say ``hello`` on connecting, workers answer and say again ``ready {credit, reset}``
 when they have room, and a task goes to the worker with the most room, as in the
-zguide's load-balancing broker.  The worker replies to whoever said hello last, so a
-credit never goes to the reader process of an epoch that ended.  A slow teacher's worker thus gets fewer
-tasks instead of an equal share, and a worker that is down has no credit at all.
+zguide's load-balancing broker.  A slow teacher's worker thus gets fewer tasks
+instead of an equal share, and a worker that is down has no credit at all.  A worker
+credits whoever said hello last, never the reader process of an epoch that ended.
 
 Control channel (a PAIR socket to the student, :mod:`zdistill.wire` messages):
 
@@ -89,7 +89,8 @@ class Ventilator:
         for endpoint in cfg.worker_endpoints:
             self._connect(endpoint)
         self.slots = SlotWriter(cfg.slots_folder, cfg.slots)
-        self.free_slots = deque(s for s in range(cfg.slots) if s not in set(cfg.taken_slots))
+        taken = set(cfg.taken_slots)
+        self.free_slots = deque(s for s in range(cfg.slots) if s not in taken)
         self.held: OrderedDict[int, Task] = OrderedDict()
         self.held_bytes = 0  # bytes of the tasks in ``held``
         self.resends: deque[int] = deque()

@@ -144,8 +144,9 @@ class Worker:
         try:
             wire.send(self.tasks, {"kind": "ready", "credit": credit, "reset": reset}, envelope=[self.reader],
                       flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            self.reader = None  # that reader is gone: the next one says hello
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self.reader = None  # that reader is gone: the next one says hello
 
     def _on_task(self, frames: list[zmq.Frame]) -> None:
         self.last_task = time.monotonic()
