@@ -15,6 +15,7 @@ import pytest
 from tests import procs
 from tests.teachers import softmax_np
 from zdistill import ConfigError, DistillReader, ReaderError, TeacherError
+from zdistill.pipeline import Pipeline, PipelineOptions
 
 N = 1000  # samples per epoch: not a multiple of any batch size used below
 
@@ -159,12 +160,29 @@ def test_slow_teachers_get_smaller_tasks(start_teacher, data):
         collect(dr, "batch")
         assert dr.stats()["tasks"] == 1  # 1000 rows: one task, four 20 ms teacher calls
         assert dr.stats()["task_rows"] == dr.options.request_rows == 256
+        assert dr.stats()["in_flight"] == dr.options.in_flight == 2  # two 20 ms tasks queue 40 ms already
         imgs, labels, probs, sizes = collect(dr, "batch")
         assert dr.stats()["tasks"] == 1 + 4  # 256 + 256 + 256 + 232 rows (whole 32-row batches)
     np.testing.assert_array_equal(labels, y)
     np.testing.assert_array_equal(imgs, x)
     np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
     assert sizes == [32] * (N // 32) + [N % 32]
+
+
+def test_plan_sizes_tasks_and_queues_by_teacher_time():
+    """The rule behind the adaptive task size and depth, on measured teacher times per row."""
+    pipe = Pipeline(["img"], ["prob"], PipelineOptions())
+    try:
+        assert pipe.plan(workers=1) == (1024, 2)  # nothing measured: the options as they are
+        pipe.row_service.extend([10e-3 / 256] * 5)  # a GPU call of 10 ms per 256 rows
+        assert pipe.plan(workers=4) == (256, 2)  # one request per task, two in flight
+        pipe.row_service.extend([2e-6] * 10)  # a fast teacher: 1024 rows take 2 ms
+        assert pipe.plan(workers=1) == (1024, 8)  # big tasks, a deep queue
+        assert pipe.plan(workers=2) == (1024, 8)
+        assert pipe.plan(workers=4) == (1024, 4)  # all workers together hold about a window of 16
+        assert pipe.plan(workers=16) == (1024, 2)  # never fewer than options.in_flight
+    finally:
+        pipe.close()
 
 
 def test_reader_exception_reaches_training_loop(teachers, data):

@@ -53,11 +53,12 @@ class PipelineOptions:
 
     request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)
     task_rows: int = 1024  # rows per task at most: whole reader batches are packed up to this
-    task_seconds: float = 0.02  # slow teachers get tasks of about this much teacher time (see Pipeline.task_rows)
+    task_seconds: float = 0.01  # teacher time per task: slow teachers get smaller tasks (see Pipeline.plan)
     task_bytes: int = 4 << 20  # ...or up to this many bytes
     window: int = 16  # tasks in flight per epoch, at least 3 x in_flight per worker (memory bound)
     max_inflight_bytes: int = 512 << 20  # bytes of tasks in flight (memory bound for big samples)
-    in_flight: int = 2  # tasks in flight per worker (each is one or more teacher requests)
+    in_flight: int = 2  # tasks in flight per worker, at least (each is one or more teacher requests)
+    max_in_flight: int = 8  # ...and at most, for short tasks and few workers (see Pipeline.plan)
     request_timeout: float = 30.0  # a teacher silent this long is treated as down
     max_retries: int = 3  # refusals of one task before the error reaches the training loop
     teacher_wait: float = 300.0  # how long an epoch waits with no teacher up before it fails
@@ -167,7 +168,8 @@ class Pipeline:
         # How long workers took for recent tasks; their median is the typical task time.
         # A median, because the stragglers it is used to spot must not raise it.
         self.task_times: deque[float] = deque(maxlen=64)
-        self.row_times: deque[float] = deque(maxlen=64)  # the same, per row
+        # The teacher time per row those tasks took (a worker's time divided by its tasks in flight).
+        self.row_service: deque[float] = deque(maxlen=64)
         self.teacher_stats: dict[str, TeacherStats] = {}
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
         self.busy_seconds = 0.0  # time inside epochs, for samples/s
@@ -192,7 +194,8 @@ class Pipeline:
             "tasks": self.stats["tasks"],
             "samples_per_s": self.stats["samples"] / busy if busy else 0.0,
             "wait_s": self.wait_seconds,
-            "task_rows": self.task_rows(),  # rows per task of the next epoch (see task_rows())
+            "task_rows": self.plan(len(self.workers))[0],  # rows per task of the next epoch (see plan())
+            "in_flight": self.plan(len(self.workers))[1],  # tasks per worker of the next epoch
             "tasks_in_flight": self.stats["in_flight"],  # handed out, not yet consumed (as the sink knows)
             "tasks_buffered": self.stats["buffered"],  # finished, waiting for an earlier task or the loop
             "resent": self.stats["resent"] + self.stats["resend_all"],
@@ -297,25 +300,31 @@ class Pipeline:
 
     # -- one epoch ----------------------------------------------------------
 
-    def task_rows(self) -> int:
-        """Rows per task for the next epoch: ``options.task_rows``, fewer if teachers are slow.
+    def plan(self, workers: int) -> tuple[int, int]:
+        """Rows per task and tasks per worker for the next epoch, from the teacher time measured.
 
         A task is the unit of load balancing: one teacher runs it, and the epoch cannot
         end before its slowest task.  With fast teachers big tasks are cheapest (the
         pipeline's cost is per message).  With slow ones (a 10 ms GPU call per 256 rows
         makes a 1024-row task 40 ms of one teacher) big tasks leave teachers idle at the
         start of an epoch, until each has one, and at its end, while the last few run on
-        some teachers only.  So a task gets about ``task_seconds`` of worker time (from
-        receipt to answer, as workers measured recent tasks: the teacher's time plus the
-        wait behind the worker's other task), but never fewer rows than one request.
+        some teachers only.  So a task holds about ``task_seconds`` of teacher time, but
+        never fewer rows than one request, and at most ``task_rows``.
+
+        A worker holds about two tasks' worth of that time in flight (the teacher never
+        waits for the next task), more when tasks are short: with few workers a deeper
+        queue rides out the moments the machine runs other processes, so a worker gets
+        up to ``max_in_flight`` tasks while all of them together hold about ``window``.
         """
         o = self.options
+        if not self.row_service:
+            return o.task_rows, o.in_flight
+        per_row = statistics.median(self.row_service)
         floor = min(o.request_rows, o.task_rows)
-        if not self.row_times:
-            return o.task_rows
-        per_row = statistics.median(self.row_times)
         fit = int(o.task_seconds / per_row) if per_row > 0 else o.task_rows
-        return max(floor, min(o.task_rows, fit // floor * floor))
+        rows = max(floor, min(o.task_rows, fit // floor * floor))
+        deep = int(2 * o.task_seconds / (per_row * rows)) if per_row > 0 else o.max_in_flight
+        return rows, max(o.in_flight, min(o.max_in_flight, deep, o.window // max(1, workers)))
 
     def epoch(
         self, reader: Callable[[], Iterable[Any]], reader_type: ReaderType, feeds: Sequence[TensorSpec]
@@ -345,11 +354,12 @@ class _EpochRun:
         self.ctl.setsockopt(zmq.LINGER, 0)
         ctl_endpoint = f"ipc://{pipe.folder}/ctl-{epoch}"
         self.ctl.bind(ctl_endpoint)
-        window = max(o.window, 3 * o.in_flight * len(pipe.workers))  # every worker busy, and as much again queued
+        task_rows, self.in_flight = pipe.plan(len(pipe.workers))
+        window = max(o.window, 3 * self.in_flight * len(pipe.workers))  # every worker busy, and as much again queued
         self.keep_limit = max(1, window // 4)  # slots the training loop may hold views of
         pipe.collect_released()  # the new reader process starts from the slots free now
         cfg = VentilatorConfig(
-            reader, reader_type, pipe.ins, list(feeds), pipe.task_rows(), o.task_bytes,
+            reader, reader_type, pipe.ins, list(feeds), task_rows, self.in_flight, o.task_bytes,
             window, window + self.keep_limit, sorted(pipe.taken_slots), o.max_inflight_bytes,
             epoch, [p.endpoint for p in pipe.workers.values()], ctl_endpoint, pipe.slots_folder, os.getpid(),
         )
@@ -459,7 +469,8 @@ class _EpochRun:
             if self.buffer.add(task, msg):
                 elapsed = float(msg.header.get("elapsed", 0.0))
                 self.pipe.task_times.append(elapsed)
-                self.pipe.row_times.append(elapsed / max(1, rows))
+                # A busy worker's task waits behind its others: its teacher's share is 1/in_flight.
+                self.pipe.row_service.append(elapsed / max(1, rows) / self.in_flight)
             self.last_progress = time.monotonic()
         elif msg.kind == "returned":
             self._teacher(msg.header).returned += 1

@@ -264,12 +264,13 @@ class DistillReader:
         ``samples_per_s`` counts time inside epochs only; ``wait_s`` is how long the
         training loop waited for data (near zero when the teachers keep up);
         ``teachers`` maps each teacher seen to its tasks, samples, failures, returned
-        tasks and whether its worker holds it *up* now; ``task_rows`` is the task size
-        the next epoch uses (smaller than ``options.task_rows`` for slow teachers).
+        tasks and whether its worker holds it *up* now; ``task_rows`` and ``in_flight``
+        are the task size and the tasks per worker the next epoch uses (see
+        :meth:`zdistill.pipeline.Pipeline.plan`).
         """
         if self._pipeline is None:
             return {"samples": 0, "tasks": 0, "samples_per_s": 0.0, "wait_s": 0.0,
-                    "task_rows": self.options.task_rows, "teachers": {}}
+                    "task_rows": self.options.task_rows, "in_flight": self.options.in_flight, "teachers": {}}
         return self._pipeline.snapshot()
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ whose worker or teacher died be sent again.  A credit window (tasks and bytes) b
 the table, so memory stays flat on an endless reader.
 
 Tasks sockets (a DEALER of ours per worker, connected to the worker's ROUTER): we
-say ``hello`` on connecting, workers answer and say again ``ready {credit, reset}``
+say ``hello {in_flight}`` on connecting, workers answer and say again ``ready {credit, reset}``
 when they have room, and a task goes to the worker with the most room, as in the
 zguide's load-balancing broker.  A slow teacher's worker thus gets fewer tasks
 instead of an equal share, and a worker that is down has no credit at all.  A worker
@@ -58,6 +58,7 @@ class VentilatorConfig:
     ins: list[str]
     feeds: list[TensorSpec]
     task_rows: int
+    in_flight: int  # tasks a worker may hold this epoch (it hears so in our hello)
     task_bytes: int
     window: int
     slots: int  # shared-memory slots: the window, plus room for arrays the training loop keeps
@@ -103,7 +104,7 @@ class Ventilator:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a worker still starting binds soon
         sock.connect(endpoint)
-        wire.send(sock, {"kind": "hello", "epoch": self.cfg.epoch}, flags=zmq.NOBLOCK)
+        wire.send(sock, {"kind": "hello", "epoch": self.cfg.epoch, "in_flight": self.cfg.in_flight}, flags=zmq.NOBLOCK)
         self.poller.register(sock, zmq.POLLIN)
         self.credits[sock] = 0
 

@@ -68,6 +68,7 @@ class Worker:
         self.tasks.setsockopt(zmq.ROUTER_MANDATORY, 1)  # credit for a reader that is gone is an error: dropped
         self.tasks.bind(args.tasks)
         self.reader: bytes | None = None  # the identity of the current epoch's reader process
+        self.in_flight: int = args.in_flight  # tasks we may hold: each epoch's hello says
         self.last_task = 0.0  # when the last task came: an idle worker repeats its credit
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 2000)
@@ -127,14 +128,14 @@ class Worker:
     # -- credit -----------------------------------------------------------------
 
     def _room(self) -> int:
-        return max(0, self.args.in_flight - len(self.jobs)) if self.up and not self.stopping else 0
+        return max(0, self.in_flight - len(self.jobs)) if self.up and not self.stopping else 0
 
     def _freed(self) -> None:
         """A task is off our hands: give its room back, two at a time to halve the messages."""
         if not self.up or self.stopping:  # no room to give: the reset to 0 already said so
             return
         self.unsaid_room += 1
-        if self.unsaid_room >= max(1, self.args.in_flight // 2) or not self.jobs:
+        if self.unsaid_room >= max(1, self.in_flight // 2) or not self.jobs:
             self._credit(self.unsaid_room)
 
     def _credit(self, credit: int, reset: bool = False) -> None:
@@ -153,6 +154,7 @@ class Worker:
         msg = wire.decode(frames[1:])
         if msg.kind == "hello":  # a new epoch's reader process: it gets our credit from now on
             self.reader = bytes(frames[0])
+            self.in_flight = max(1, int(msg.header.get("in_flight", self.in_flight)))
             self._credit(self._room(), reset=True)
             return
         if not self.up or self.stopping:
