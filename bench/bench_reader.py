@@ -562,8 +562,9 @@ def case_a_b_e(plan: Plan, folder: Path, results: dict[str, Any]) -> None:
                   flush=True)
         if plan.explore:  # one knob away from the defaults, epochs alternating with a default reader
             with ReaderBench(fleet.addresses(1), fleet.pids(1), "batch", 32, plan.seconds) as base:
-                for name, opts in (("batch32_k1_in_flight8", {"in_flight": 8}), ("batch32_k1_window64", {"window": 64}),
-                                   ("batch32_k1_task_rows1024", {"task_rows": 1024})):
+                for name, opts in (("batch32_k1_max_in_flight2", {"max_in_flight": 2}),
+                                   ("batch32_k1_window64", {"window": 64}),
+                                   ("batch32_k1_task_rows256", {"task_rows": 256})):
                     run = run_reader(fleet.addresses(1), fleet.pids(1), "batch", 32, plan, options=opts,
                                      check=softmax_check, paired=versus_defaults(base))
                     reader[name] = {
@@ -598,6 +599,7 @@ def case_c(plan: Plan, folder: Path, results: dict[str, Any]) -> None:
     variants: list[tuple[str, int, dict[str, Any]]] = [(f"k{k}", k, {}) for k in plan.ks_c]
     if plan.explore:
         variants.append((f"k{kmax}_window64", kmax, {"window": 64}))
+        variants.append((f"k{kmax}_fixed_1024_row_tasks", kmax, {"task_seconds": 10.0}))  # no adaptive task size
     with (Fleet("fixed_time_softmax", kmax, folder) as fleet,
           ReaderBench(fleet.addresses(), fleet.pids(), "batch", MAX_BATCH, plan.seconds) if plan.explore
           else nullcontext() as base):
