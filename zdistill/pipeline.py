@@ -356,6 +356,7 @@ class _EpochRun:
         self.ctl.bind(ctl_endpoint)
         task_rows, self.in_flight = pipe.plan(len(pipe.workers))
         window = max(o.window, 3 * self.in_flight * len(pipe.workers))  # every worker busy, and as much again queued
+        self.window = window
         self.keep_limit = max(1, window // 4)  # slots the training loop may hold views of
         pipe.collect_released()  # the new reader process starts from the slots free now
         cfg = VentilatorConfig(
@@ -426,7 +427,7 @@ class _EpochRun:
         Each message wakes two processes; a quarter of the window late is still early.
         """
         upto = self.buffer.next_id - 1
-        due = waiting or upto - self.credited >= max(1, self.pipe.options.window // 4)
+        due = waiting or upto - self.credited >= max(1, self.window // 4)
         if due and (upto > self.credited or self.pipe.released):
             wire.send(self.ctl, {"kind": "consumed", "upto": upto, "slots": self.pipe.collect_released()})
             self.credited = upto
