@@ -36,7 +36,7 @@ import zmq
 from zdistill import wire
 from zdistill.errors import ReaderError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
-from zdistill.shm import SlotReader, make_private_folder, make_slot_folder, slot_of
+from zdistill.shm import SlotReader, make_private_folder, make_slot_folder
 from zdistill.sink import ReorderBuffer
 from zdistill.tasks import ReaderType, predict_key, split_output
 from zdistill.ventilator import VentilatorConfig, run_reader_process
@@ -189,13 +189,14 @@ class Pipeline:
         """Counters for :meth:`DistillReader.stats`: throughput, waits, resends, per teacher."""
         busy = self.busy_seconds + (time.monotonic() - self._epoch_started if self._epoch_started else 0.0)
         now = time.monotonic()
+        task_rows, in_flight = self.plan(len(self.workers))
         return {
             "samples": self.stats["samples"],
             "tasks": self.stats["tasks"],
             "samples_per_s": self.stats["samples"] / busy if busy else 0.0,
             "wait_s": self.wait_seconds,
-            "task_rows": self.plan(len(self.workers))[0],  # rows per task of the next epoch (see plan())
-            "in_flight": self.plan(len(self.workers))[1],  # tasks per worker of the next epoch
+            "task_rows": task_rows,  # rows per task of the next epoch (see plan())
+            "in_flight": in_flight,  # tasks per worker of the next epoch
             "tasks_in_flight": self.stats["in_flight"],  # handed out, not yet consumed (as the sink knows)
             "tasks_buffered": self.stats["buffered"],  # finished, waiting for an earlier task or the loop
             "resent": self.stats["resent"] + self.stats["resend_all"],
@@ -277,10 +278,10 @@ class Pipeline:
         that keeps everything (``list(dr())``) would take every slot.  So past
         ``keep_limit`` slots lent, the loop gets copies and the slot is free at once.
         """
-        arrays, mapping = self.slot_reader.view(descriptor)
-        slot = slot_of(descriptor)
-        if len(self.taken_slots) - len(self.released) < keep_limit:
-            self.taken_slots.add(slot)
+        slot, arrays, mapping = self.slot_reader.view(descriptor)
+        lent = len(self.taken_slots) - len(self.released)  # every released slot is still in taken_slots
+        self.taken_slots.add(slot)
+        if lent < keep_limit:
             weakref.finalize(mapping, self.released.append, slot)
             return arrays
         copies = {name: np.array(arr) for name, arr in arrays.items()}

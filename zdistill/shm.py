@@ -169,11 +169,6 @@ class SlotWriter:
             os.close(fd)
 
 
-def slot_of(descriptor: Mapping[str, Any]) -> int:
-    """The slot a descriptor's file belongs to."""
-    return _parse(descriptor)[0]
-
-
 def _parse(descriptor: Mapping[str, Any]) -> tuple[int, str, int, Any]:
     try:
         name, size, table = str(descriptor["file"]), int(descriptor["size"]), descriptor["arrays"]
@@ -214,15 +209,15 @@ class SlotReader:
             self._maps[slot] = held  # the old generation's mapping goes with its last view
         return _arrays(held[1], size, table)
 
-    def view(self, descriptor: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], mmap.mmap]:
-        """Writable arrays of a descriptor in a private copy-on-write mapping of their own.
+    def view(self, descriptor: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray], mmap.mmap]:
+        """The slot, and writable arrays of a descriptor in a private copy-on-write mapping of their own.
 
         No bytes are copied until someone writes.  The mapping lives as long as any of the
         arrays (or views of them) does: a finalizer on it tells when the slot is free.
         """
-        _, name, size, table = _parse(descriptor)
+        slot, name, size, table = _parse(descriptor)
         mapping = self._open(name, size, mmap.ACCESS_COPY)
-        return _arrays(mapping, size, table), mapping
+        return slot, _arrays(mapping, size, table), mapping
 
     def _open(self, name: str, size: int, access: int) -> mmap.mmap:
         try:
