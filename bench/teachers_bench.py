@@ -4,7 +4,8 @@
   serve, so a benchmark figure and a test describe the same work.
 - :func:`fixed_time_softmax` stands in for a GPU in case (c): every call takes 10 ms
   (``ZDISTILL_BENCH_SERVICE_MS``) whatever its size up to the max batch, so a teacher's
-  capacity is exactly ``max_batch / 10 ms`` and any shortfall is the pipeline's.
+  capacity is exactly ``max_batch / 10 ms`` and any shortfall is the pipeline's (its
+  sleeps are corrected for waking late: see :class:`_Lateness`).
 - :func:`image_mean` is the big-payload teacher of case (d): 3x224x224 float32 in, 10
   floats out.  It reads every byte once (a mean per channel), which is about the least a
   real model could do, so the case measures moving bytes, not computing.
@@ -28,6 +29,31 @@ _SERVICE_S = float(os.environ.get("ZDISTILL_BENCH_SERVICE_MS", "10")) / 1000
 _W_IMG = np.random.default_rng(7).standard_normal((3, 10)).astype(np.float32)
 
 
+class _Lateness:
+    """How late ``time.sleep`` wakes in this process, as an exponential average.
+
+    On a loaded 2-core machine a 10 ms sleep wakes 0.1-0.4 ms late (timer slack, then a
+    wait for a free core), so a stand-in that slept to its deadline lasted ~10.2-10.35 ms
+    per call at k = 8: ~3% below the nominal capacity that case (c) divides by, for the
+    raw baseline and the pipeline alike.  A GPU kernel of 10 ms does not run late, so the
+    stand-in sets its alarm early by the lateness it has seen; its calls then last 10 ms
+    on average, which the benchmark checks from the teachers' ``model_seconds``.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+
+    def sleep_until(self, deadline: float) -> None:
+        alarm = deadline - self.mean
+        wait = alarm - time.perf_counter()
+        if wait > 0:  # only sleeps that happened say anything about lateness
+            time.sleep(wait)
+            self.mean += 0.1 * (time.perf_counter() - alarm - self.mean)
+
+
+_LATENESS = _Lateness()
+
+
 @zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
 def fixed_time_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """softmax whose every call lasts 10 ms *including* its math, like a GPU kernel of fixed latency.
@@ -39,7 +65,7 @@ def fixed_time_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     z = batch["img"] @ W  # softmax_np without its copy: a GPU stand-in should spend little CPU
     e = np.exp(z - z.max(axis=1, keepdims=True))
     out = e / e.sum(axis=1, keepdims=True)
-    time.sleep(max(0.0, start + _SERVICE_S - time.perf_counter()))
+    _LATENESS.sleep_until(start + _SERVICE_S)
     return {"prob": out}
 
 

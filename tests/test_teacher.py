@@ -123,7 +123,8 @@ def test_meta_describes_the_model(client) -> None:
     assert meta["max_delay_ms"] == 0
     assert meta["device"] == "cpu"
     assert "teachers.py:softmax" in meta["description"] and "softmax(img @ W)" in meta["description"]
-    assert {"requests", "rows", "batches", "merged_batches", "max_batch_rows", "errors"} <= set(meta["stats"])
+    counters = {"requests", "rows", "batches", "merged_batches", "max_batch_rows", "model_seconds", "queued", "errors"}
+    assert counters <= set(meta["stats"])
 
 
 def test_ping(client) -> None:
@@ -196,6 +197,7 @@ def test_batcher_merges_concurrent_requests_and_splits_them_back(start_teacher) 
     assert stats["merged_batches"] > 0
     assert stats["batches"] < stats["requests"]
     assert stats["max_batch_rows"] > 2
+    assert stats["model_seconds"] >= stats["batches"] * 0.020  # every call sleeps 20 ms: the teacher's busy time
 
 
 def test_max_delay_waits_to_fill_a_batch(start_teacher) -> None:

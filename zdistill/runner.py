@@ -53,6 +53,7 @@ class ModelRunner:
         self.model = model
         self.metrics = metrics
         self.pending = 0  # batches handed over and not yet collected (socket thread's count)
+        self.model_seconds = 0.0  # time spent in successful model calls: the teacher's busy time
         self._todo: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
         self._done: deque[list[Finished]] = deque()
         endpoint = f"inproc://zdistill-runner-{id(self)}"
@@ -120,6 +121,7 @@ class ModelRunner:
             exc = done.outcome
             log.warning("model failed on a batch of %d rows: %s: %s", rows, type(exc).__name__, exc)
             return [(req, exc) for req in done.requests]
+        self.model_seconds += done.seconds
         self.metrics.model_time.observe(done.seconds)
         self.metrics.rows.inc(rows)
         results: list[Result] = []

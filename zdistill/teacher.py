@@ -258,6 +258,8 @@ class TeacherServer:
             "batches": s.batches,
             "merged_batches": s.merged_batches,
             "max_batch_rows": s.max_batch_rows,
+            "model_seconds": self.runner.model_seconds,
+            "queued": len(self.batcher),
             "errors": dict(self.errors),
         }
 
