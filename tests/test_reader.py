@@ -15,6 +15,7 @@ import pytest
 from tests import procs
 from tests.teachers import softmax_np
 from zdistill import ConfigError, DistillReader, ReaderError, TeacherError
+from zdistill.client import TeacherClient
 from zdistill.pipeline import Pipeline, PipelineOptions
 
 N = 1000  # samples per epoch: not a multiple of any batch size used below
@@ -167,6 +168,38 @@ def test_slow_teachers_get_smaller_tasks(start_teacher, data):
     np.testing.assert_array_equal(imgs, x)
     np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
     assert sizes == [32] * (N // 32) + [N % 32]
+
+
+def test_a_worker_never_holds_more_tasks_than_it_may(start_teacher, data):
+    """An epoch's first tasks go to idle workers before they answer the reader's hello; the
+    answer must count them, and a worker still busy with the epoch before gets none, or it
+    would hold more than ``in_flight`` tasks.  The teacher waits 150 ms to fill a 16-row
+    batch, so two 8-row tasks held at once would merge."""
+    x, y = data
+    teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", "--max-batch-size", "16", "--max-delay-ms", "150",
+                            env={"ZDISTILL_TEST_DELAY_MS": "1"})
+    client = TeacherClient(teacher.endpoint, timeout=10.0)
+    try:
+        with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+            dr.set_fixed_teacher([teacher.endpoint])
+            dr.options.task_rows = dr.options.request_rows = 8
+            dr.options.in_flight = dr.options.max_in_flight = 1
+            dr.set_batch_generator(batch_reader(x[:48], y[:48], batch=8))  # six tasks of one 8-row request
+            for epoch in range(4):
+                if epoch == 2:  # leave while the teacher holds the next task: the worker is still busy
+                    outputs = dr()
+                    assert len(next(outputs)[0]) == 8
+                    procs.wait_for(lambda: client.stats()["queued"] == 1, 10.0, "the next task at the teacher")
+                    outputs.close()
+                    continue
+                _, labels, probs, _ = collect(dr, "batch")
+                np.testing.assert_array_equal(labels, y[:48])
+                np.testing.assert_allclose(probs, softmax_np(x[:48]), rtol=1e-5, atol=1e-6)
+        stats = client.stats()
+    finally:
+        client.close()
+    assert stats["requests"] >= 3 * 6 + 1
+    assert stats["merged_batches"] == 0 and stats["max_batch_rows"] == 8
 
 
 def test_plan_sizes_tasks_and_queues_by_teacher_time():

@@ -163,6 +163,7 @@ class Pipeline:
         self.spawned = 0  # workers started so far: each gets an endpoint of its own
         self.unannounced: list[str] = []  # endpoints of workers started since the epoch's reader was told
         self.epochs = 0
+        self.settled = True  # every epoch so far ran to its end: no worker still holds a task of one
         self.stats: Counter[str] = Counter()
         self.membership: Callable[[], list[str] | None] | None = None  # dynamic teachers: new list or None
         # How long workers took for recent tasks; their median is the typical task time.
@@ -363,8 +364,11 @@ class _EpochRun:
         cfg = VentilatorConfig(
             reader, reader_type, pipe.ins, list(feeds), task_rows, self.in_flight, o.task_bytes,
             window, window + self.keep_limit, sorted(pipe.taken_slots), o.max_inflight_bytes,
-            epoch, [p.endpoint for p in pipe.workers.values()], ctl_endpoint, pipe.slots_folder, os.getpid(),
+            epoch, [p.endpoint for p in pipe.workers.values()],
+            [p.endpoint for p in pipe.workers.values() if p.up and pipe.settled], ctl_endpoint, pipe.slots_folder,
+            os.getpid(),
         )
+        pipe.settled = False
         pipe.unannounced.clear()
         self.buffer: ReorderBuffer[wire.Message] = ReorderBuffer()
         self.total: int | None = None
@@ -405,6 +409,7 @@ class _EpochRun:
             self.pipe.stats["samples"] += len(slots[0])
             self.last_progress = time.monotonic()
             self._credit_ventilator(waiting=False)
+        self.pipe.settled = True
 
     def stop(self) -> None:
         self.pipe.stats["duplicates"] += self.buffer.duplicates

@@ -9,9 +9,10 @@ whose worker or teacher died be sent again.  A credit window (tasks and bytes) b
 the table, so memory stays flat on an endless reader.
 
 Tasks sockets (a DEALER of ours per worker, connected to the worker's ROUTER): we
-say ``hello {in_flight}`` on connecting, workers answer and say again ``ready {credit, reset}``
-when they have room, and a task goes to the worker with the most room, as in the
-zguide's load-balancing broker.  A slow teacher's worker thus gets fewer tasks
+say ``hello {in_flight}`` on connecting, workers answer and say again ``ready {credit, reset,
+received}`` when they have room, and a task goes to the worker with the most room, as in the
+zguide's load-balancing broker.  Workers known up and idle when the epoch began get
+their first tasks without waiting for the answer.  A slow teacher's worker thus gets fewer tasks
 instead of an equal share, and a worker that is down has no credit at all.  A worker
 credits whoever said hello last, never the reader process of an epoch that ended.
 
@@ -66,6 +67,7 @@ class VentilatorConfig:
     max_bytes: int
     epoch: int
     worker_endpoints: list[str]
+    up_endpoints: list[str]  # workers known up and idle when the epoch began: tasks go before they answer
     ctl_endpoint: str
     slots_folder: str
     parent_pid: int
@@ -87,8 +89,10 @@ class Ventilator:
         self.poller = zmq.Poller()
         self.poller.register(self.ctl, zmq.POLLIN)
         self.credits: dict[zmq.Socket, int] = {}  # a worker's socket -> tasks it can take now
+        self.sent: dict[zmq.Socket, int] = {}  # a worker's socket -> tasks sent to it
+        up = set(cfg.up_endpoints)
         for endpoint in cfg.worker_endpoints:
-            self._connect(endpoint)
+            self._connect(endpoint, cfg.in_flight if endpoint in up else 0)
         self.slots = SlotWriter(cfg.slots_folder, cfg.slots)
         taken = set(cfg.taken_slots)
         self.free_slots = deque(s for s in range(cfg.slots) if s not in taken)
@@ -98,15 +102,21 @@ class Ventilator:
         self.total: int | None = None
         self.consumed_upto = -1
 
-    def _connect(self, endpoint: str) -> None:
-        """A socket to one worker, and a hello (queued until connected) that it answers with credit."""
+    def _connect(self, endpoint: str, credit: int = 0) -> None:
+        """A socket to one worker, and a hello (queued until connected) that it answers with credit.
+
+        A worker known up and idle gets ``credit`` tasks at once, before its answer: that
+        saves a round trip to every worker at each epoch's start.  Its answer then says
+        how much room it really had, and :meth:`_on_credit` deducts what was sent meanwhile.
+        """
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 10)  # a worker still starting binds soon
         sock.connect(endpoint)
         wire.send(sock, {"kind": "hello", "epoch": self.cfg.epoch, "in_flight": self.cfg.in_flight}, flags=zmq.NOBLOCK)
         self.poller.register(sock, zmq.POLLIN)
-        self.credits[sock] = 0
+        self.credits[sock] = credit
+        self.sent[sock] = 0
 
     def close(self) -> None:
         for sock in self.credits:
@@ -188,11 +198,16 @@ class Ventilator:
         self._dispatch()
 
     def _on_credit(self, worker: zmq.Socket, msg: wire.Message) -> None:
-        """``ready {credit, reset}``: a worker has room for ``credit`` more tasks (or exactly that many)."""
+        """``ready {credit, reset, received}``: a worker has room for ``credit`` more tasks (or,
+        with ``reset``, exactly that many once the tasks still on their way to it are in)."""
         if msg.kind != "ready":
             return
         credit = max(0, int(msg.header.get("credit", 0)))
-        self.credits[worker] = credit if msg.header.get("reset") else self.credits.get(worker, 0) + credit
+        if msg.header.get("reset"):
+            in_transit = max(0, self.sent[worker] - int(msg.header.get("received", self.sent[worker])))
+            self.credits[worker] = credit - in_transit
+        else:
+            self.credits[worker] += credit
 
     def _dispatch(self) -> None:
         """Queued tasks to the workers with the most room: a slow worker gets fewer (load balancing)."""
@@ -210,6 +225,7 @@ class Ventilator:
                     self.credits[worker] = 0
                     continue
                 self.credits[worker] -= 1
+                self.sent[worker] += 1
             self.resends.popleft()
 
     def _on_control(self, msg: wire.Message) -> None:

@@ -85,6 +85,7 @@ class Worker:
         self.stopping = False
         self.said_stop = False
         self.unsaid_room = 0  # tasks finished since the last credit message
+        self.received = 0  # task messages from the current reader: lets it square a reset with tasks in transit
 
     # -- main loop ----------------------------------------------------------
 
@@ -143,8 +144,8 @@ class Worker:
         if self.reader is None:
             return  # no reader yet: the first one hears from us when it says hello
         try:
-            wire.send(self.tasks, {"kind": "ready", "credit": credit, "reset": reset}, envelope=[self.reader],
-                      flags=zmq.NOBLOCK)
+            wire.send(self.tasks, {"kind": "ready", "credit": credit, "reset": reset, "received": self.received},
+                      envelope=[self.reader], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 self.reader = None  # that reader is gone: the next one says hello
@@ -154,9 +155,12 @@ class Worker:
         msg = wire.decode(frames[1:])
         if msg.kind == "hello":  # a new epoch's reader process: it gets our credit from now on
             self.reader = bytes(frames[0])
+            self.received = 0
             self.in_flight = max(1, int(msg.header.get("in_flight", self.in_flight)))
             self._credit(self._room(), reset=True)
             return
+        if frames[0].bytes == self.reader:  # not a late task of the epoch before
+            self.received += 1
         if not self.up or self.stopping:
             self._send_result({**msg.header, "kind": "returned", "worker": self.args.teacher})
             return
