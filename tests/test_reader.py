@@ -207,13 +207,17 @@ def test_plan_sizes_tasks_and_queues_by_teacher_time():
     pipe = Pipeline(["img"], ["prob"], PipelineOptions())
     try:
         assert pipe.plan(workers=1) == (1024, 2)  # nothing measured: the options as they are
+        pipe.row_bytes = 784 * 4
         pipe.row_service.extend([10e-3 / 256] * 5)  # a GPU call of 10 ms per 256 rows
-        assert pipe.plan(workers=4) == (256, 2)  # one request per task, two in flight
+        assert pipe.plan(workers=4) == (256, 4)  # one request per task, 40 ms of them in flight
+        assert pipe.plan(workers=8) == (256, 4)  # 32 tasks of 0.8 MB: within 16 tasks of 4 MiB
         pipe.row_service.extend([2e-6] * 10)  # a fast teacher: 1024 rows take 2 ms
         assert pipe.plan(workers=1) == (1024, 8)  # big tasks, a deep queue
         assert pipe.plan(workers=2) == (1024, 8)
-        assert pipe.plan(workers=4) == (1024, 4)  # all workers together hold about a window of 16
+        assert pipe.plan(workers=4) == (1024, 5)  # all workers together hold about 16 tasks of 4 MiB
         assert pipe.plan(workers=16) == (1024, 2)  # never fewer than options.in_flight
+        pipe.row_service.extend([20e-3 / 256] * 30)  # 20 ms per request: two tasks are 40 ms already
+        assert pipe.plan(workers=1) == (256, 2)
     finally:
         pipe.close()
 

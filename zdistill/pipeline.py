@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -59,6 +60,7 @@ class PipelineOptions:
     max_inflight_bytes: int = 512 << 20  # bytes of tasks in flight (memory bound for big samples)
     in_flight: int = 2  # tasks in flight per worker, at least (each is one or more teacher requests)
     max_in_flight: int = 8  # ...and at most, for short tasks and few workers (see Pipeline.plan)
+    queue_seconds: float = 0.04  # teacher time a worker holds in flight (see Pipeline.plan)
     request_timeout: float = 30.0  # a teacher silent this long is treated as down
     max_retries: int = 3  # refusals of one task before the error reaches the training loop
     teacher_wait: float = 300.0  # how long an epoch waits with no teacher up before it fails
@@ -169,8 +171,9 @@ class Pipeline:
         # How long workers took for recent tasks; their median is the typical task time.
         # A median, because the stragglers it is used to spot must not raise it.
         self.task_times: deque[float] = deque(maxlen=64)
-        # The teacher time per row those tasks took (a worker's time divided by its tasks in flight).
+        # The teacher time per row those tasks took (not counting their wait behind the worker's others).
         self.row_service: deque[float] = deque(maxlen=64)
+        self.row_bytes = 0  # shared-memory bytes per row of the last task (all its slots)
         self.teacher_stats: dict[str, TeacherStats] = {}
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
         self.busy_seconds = 0.0  # time inside epochs, for samples/s
@@ -313,10 +316,13 @@ class Pipeline:
         some teachers only.  So a task holds about ``task_seconds`` of teacher time, but
         never fewer rows than one request, and at most ``task_rows``.
 
-        A worker holds about two tasks' worth of that time in flight (the teacher never
-        waits for the next task), more when tasks are short: with few workers a deeper
-        queue rides out the moments the machine runs other processes, so a worker gets
-        up to ``max_in_flight`` tasks while all of them together hold about ``window``.
+        A worker holds about ``queue_seconds`` (40 ms) of teacher time in flight, so its
+        teacher never waits while one task's result travels to the student and the next
+        task to the worker, even while other processes hold the cores for a while (with
+        two 10 ms tasks per worker and two busy loops beside 8 teachers on 2 cores, the
+        teachers were 73% busy; with four, 83%).  Short tasks thus get deeper queues, up
+        to ``max_in_flight``, as long as all workers together hold no more bytes than
+        ``window`` full-size tasks (``window * task_bytes``, 64 MiB by default).
         """
         o = self.options
         if not self.row_service:
@@ -325,8 +331,10 @@ class Pipeline:
         floor = min(o.request_rows, o.task_rows)
         fit = int(o.task_seconds / per_row) if per_row > 0 else o.task_rows
         rows = max(floor, min(o.task_rows, fit // floor * floor))
-        deep = int(2 * o.task_seconds / (per_row * rows)) if per_row > 0 else o.max_in_flight
-        return rows, max(o.in_flight, min(o.max_in_flight, deep, o.window // max(1, workers)))
+        deep = math.ceil(o.queue_seconds / (per_row * rows)) if per_row > 0 else o.max_in_flight
+        task_bytes = min(o.task_bytes, rows * self.row_bytes)
+        fits = o.window * o.task_bytes // (max(1, workers) * task_bytes) if task_bytes > 0 else o.max_in_flight
+        return rows, max(o.in_flight, min(o.max_in_flight, deep, fits))
 
     def epoch(
         self, reader: Callable[[], Iterable[Any]], reader_type: ReaderType, feeds: Sequence[TensorSpec]
@@ -402,6 +410,7 @@ class _EpochRun:
                 continue
             shared = self.pipe.lend(msg.header["shm"], self.keep_limit)
             slots = [shared[n] for n in self.pipe.ins]
+            self.pipe.row_bytes = sum(a.nbytes for a in slots) // max(1, len(slots[0]))
             del shared
             preds = [msg.arrays[predict_key(n)] for n in self.pipe.predicts]
             yield from split_output(self.reader_type, slots, preds, msg.header.get("sizes"))
@@ -474,10 +483,8 @@ class _EpochRun:
             stats.samples += rows
             stats.first_task_at = stats.first_task_at or time.monotonic()
             if self.buffer.add(task, msg):
-                elapsed = float(msg.header.get("elapsed", 0.0))
-                self.pipe.task_times.append(elapsed)
-                # A busy worker's task waits behind its others: its teacher's share is 1/in_flight.
-                self.pipe.row_service.append(elapsed / max(1, rows) / self.in_flight)
+                self.pipe.task_times.append(float(msg.header.get("elapsed", 0.0)))
+                self.pipe.row_service.append(float(msg.header.get("service", 0.0)) / max(1, rows))
             self.last_progress = time.monotonic()
         elif msg.kind == "returned":
             self._teacher(msg.header).returned += 1

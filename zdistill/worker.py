@@ -86,6 +86,7 @@ class Worker:
         self.said_stop = False
         self.unsaid_room = 0  # tasks finished since the last credit message
         self.received = 0  # task messages from the current reader: lets it square a reset with tasks in transit
+        self.last_finish = 0.0  # when the last task was done
 
     # -- main loop ----------------------------------------------------------
 
@@ -218,8 +219,13 @@ class Worker:
             parts = [p[name] for p in job.parts if p is not None]
             arrays[predict_key(name)] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         self._freed()
-        elapsed = time.monotonic() - job.started
-        self._send_result({**job.header, "kind": "done", "worker": self.args.teacher, "elapsed": elapsed}, arrays)
+        now = time.monotonic()
+        # The teacher's time for this task: since it came, or since the task before it was
+        # done if it queued behind that one (the student sizes tasks and queues by it).
+        service = now - max(job.started, self.last_finish)
+        self.last_finish = now
+        self._send_result({**job.header, "kind": "done", "worker": self.args.teacher, "elapsed": now - job.started,
+                           "service": service}, arrays)
 
     def _drop_job(self, key: tuple[int, int]) -> None:
         job = self.jobs.pop(key)
