@@ -709,10 +709,14 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         same, sent = r.get(f"ratio_vs_ceiling_rows{r['batch']}"), r[f"ratio_vs_ceiling_rows{MAX_BATCH}"]
         against = f"{sent:.0%} of (a) {MAX_BATCH}-row" + (f", {same:.0%} of (a) {r['batch']}-row" if
                                                             r["batch"] != MAX_BATCH else "")
-        against += f"; {r['vs_k1']:.2f}x of 1 teacher" if r["teachers"] > 1 else ""
         verdict = "ok" if sent >= 0.6 else ("ok vs same rows" if same >= 0.6 else "MISS")
-        if r["teachers"] > 1 and r["vs_k1"] < 0.9:
-            verdict += ", worse than k=1"
+        if r["teachers"] > 1:
+            # With a CPU-bound teacher on 2 cores, more teachers slow the ceiling itself down;
+            # "no worse with more teachers" is judged on the share of the ceiling.
+            ceiling = a[f"k{r['teachers']}_rows{MAX_BATCH}"]["median"] / a[f"k1_rows{MAX_BATCH}"]["median"]
+            against += f"; {r['vs_k1']:.2f}x of 1 teacher (the ceiling {ceiling:.2f}x)"
+            if sent < 0.9 * b[f"batch{r['batch']}_k1"][f"ratio_vs_ceiling_rows{MAX_BATCH}"]:
+                verdict += ", worse share than k=1"
         rows.append((f"(b) {name}", f"{r['median']:,.0f}/s", against + "; need >=60%", verdict))
     for name in ("sample_list32_k1", "batch32_k1"):
         if name in b:
