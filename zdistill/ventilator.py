@@ -11,10 +11,11 @@ the table, so memory stays flat on an endless reader.
 Tasks sockets (a DEALER of ours per worker, connected to the worker's ROUTER): we
 say ``hello {in_flight}`` on connecting, workers answer and say again ``ready {credit, reset,
 received}`` when they have room, and a task goes to the worker with the most room, as in the
-zguide's load-balancing broker.  Workers known up and idle when the epoch began get
-their first tasks without waiting for the answer.  A slow teacher's worker thus gets fewer tasks
-instead of an equal share, and a worker that is down has no credit at all.  A worker
-credits whoever said hello last, never the reader process of an epoch that ended.
+zguide's load-balancing broker.  A slow teacher's worker thus gets fewer tasks instead
+of an equal share, and a worker that is down has no credit at all.  A worker credits
+whoever said hello last, never the reader process of an epoch that ended.  Workers
+known up and idle when the epoch began get their first tasks without waiting for
+their answer, which then counts them (``received``).
 
 Control channel (a PAIR socket to the student, :mod:`zdistill.wire` messages):
 
