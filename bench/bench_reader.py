@@ -53,9 +53,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from tests.procs import Proc, wait_for  # noqa: E402
+from tests.procs import Proc, teacher_stats, wait_for  # noqa: E402
 from zdistill import DistillReader, wire  # noqa: E402
-from zdistill.client import TeacherClient  # noqa: E402
 from zdistill.pipeline import PipelineOptions  # noqa: E402
 
 TEACHERS = BENCH / "teachers_bench.py"
@@ -263,15 +262,8 @@ def raw_round_trips(addresses: Sequence[str], rows: int, in_flight: int, seconds
 
 def model_time(addresses: Sequence[str]) -> tuple[float, int]:
     """The teachers' ``model_seconds`` and ``batches`` so far, summed (their ``stats`` replies)."""
-    seconds, batches = 0.0, 0
-    for address in addresses:
-        client = TeacherClient(address, timeout=10.0)
-        try:
-            stats = client.stats()
-        finally:
-            client.close()
-        seconds, batches = seconds + stats["model_seconds"], batches + stats["batches"]
-    return seconds, batches
+    stats = [teacher_stats(address, timeout=10.0) for address in addresses]
+    return sum(s["model_seconds"] for s in stats), sum(s["batches"] for s in stats)
 
 
 # -- cases (b), (c), (d), (e): the DistillReader -----------------------------------------

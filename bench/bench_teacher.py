@@ -268,7 +268,7 @@ def case_four_clients(prefix: Path, tmp: Path, plan: Plan) -> dict[str, Any]:
         clients = ClientProcs([t.endpoint for t in teachers.values()], N_CLIENTS)
         for window in plan.client_windows:
             runs: dict[str, list[float]] = {name: [] for name in CONFIGS}
-            stats_before = {name: teacher_stats(t) for name, t in teachers.items()}
+            stats_before = {name: procs.teacher_stats(t.endpoint, TIMEOUT) for name, t in teachers.items()}
             for r in range(plan.repeats):
                 for name, teacher in teachers.items():
                     runs[name].append(clients.run(teacher.endpoint, plan.seconds, window))
@@ -276,7 +276,7 @@ def case_four_clients(prefix: Path, tmp: Path, plan: Plan) -> dict[str, Any]:
                 print(f"  (ii) {window} in flight per client, repeat {r + 1}/{plan.repeats}: rows/s {line}", flush=True)
             result: dict[str, Any] = {}
             for name, teacher in teachers.items():
-                after, before = teacher_stats(teacher), stats_before[name]
+                after, before = procs.teacher_stats(teacher.endpoint, TIMEOUT), stats_before[name]
                 batches = after["batches"] - before["batches"]
                 result[name] = {
                     "rows_per_s": statistics.median(runs[name]),
@@ -294,14 +294,6 @@ def case_four_clients(prefix: Path, tmp: Path, plan: Plan) -> dict[str, Any]:
         for t in teachers.values():
             t.stop()
     return out
-
-
-def teacher_stats(teacher: procs.Proc) -> dict[str, Any]:
-    c = TeacherClient(teacher.endpoint, timeout=TIMEOUT)
-    try:
-        return c.stats()
-    finally:
-        c.close()
 
 
 # -- report ----------------------------------------------------------------------------------------

@@ -117,15 +117,20 @@ def start_teacher(model: str, tmp_path: Path, *extra: str, env: dict | None = No
     return start(args, "teacher", ready_file=str(ready), timeout=timeout, env=env)
 
 
-def requests_served(teacher: Proc) -> int:
-    """How many requests a running teacher has answered (its own ``stats``)."""
+def teacher_stats(endpoint: str, timeout: float = 5.0) -> dict:
+    """A running teacher's own ``stats`` (requests, rows, batches, model_seconds, ...)."""
     from zdistill.client import TeacherClient
 
-    client = TeacherClient(teacher.endpoint, timeout=5)
+    client = TeacherClient(endpoint, timeout=timeout)
     try:
-        return int(client.stats()["requests"])
+        return client.stats()
     finally:
         client.close()
+
+
+def requests_served(teacher: Proc) -> int:
+    """How many requests a running teacher has answered."""
+    return int(teacher_stats(teacher.endpoint)["requests"])
 
 
 def redis_server_path() -> str | None:
