@@ -10,7 +10,9 @@ Late answers to requests that already timed out are dropped.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,6 +31,49 @@ def teacher_endpoint(address: str) -> str:
     """``'10.0.0.5:9292'`` -> ``'tcp://10.0.0.5:9292'``; full ZeroMQ endpoints pass through."""
     address = address.strip()
     return address if "://" in address else f"tcp://{address}"
+
+
+def unreachable(address: str, timeout: float = 1.0) -> str | None:
+    """Why a TCP connection to ``address`` fails, or None when it connects.
+
+    ZeroMQ retries a connection quietly for ever; a plain connect says at once whether
+    nothing listens, the host is unknown, or there is no route to it.
+    """
+    endpoint = teacher_endpoint(address)
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return None
+    except ValueError:
+        return f"{port!r} is not a port number"
+    except socket.gaierror as exc:
+        return f"unknown host {host!r} ({exc.strerror})"
+    except ConnectionRefusedError:
+        return "connection refused (nothing listens on that port)"
+    except TimeoutError:
+        return f"no answer to a TCP connect within {timeout:g} s (the host is down, or a firewall drops packets)"
+    except OSError as exc:
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return f"no route to host ({exc.strerror})"
+        return f"cannot connect ({exc.strerror or exc})"
+
+
+def handshake_failure(event: int, has_keys: bool) -> str:
+    """What a failed ZeroMQ handshake means for a zdistill client, and what to set."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return ("CURVE handshake refused: this client's key (ZDISTILL_CURVE_CLIENT_KEY) is not on the server's "
+                "allow list (--curve-allow)")
+    if not has_keys:
+        return "the server requires CURVE and this client has no keys: set ZDISTILL_CURVE_SERVER_KEY"
+    return ("CURVE handshake refused: ZDISTILL_CURVE_SERVER_KEY is not this server's public key "
+            "(or the server does not use CURVE)")
+
+
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
 @dataclass
@@ -68,6 +113,7 @@ class TeacherClient:
         self._watch = watch
         self._curve = client_keys_from_env() if curve == "env" else curve
         self.monitor: zmq.Socket | None = None
+        self.handshake_error: str | None = None  # why the last handshake failed (``watch=True`` only)
         self.socket = self._connect()
 
     def _connect(self) -> zmq.Socket:
@@ -77,16 +123,24 @@ class TeacherClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         secure_client(sock, self._curve)
         if self._watch:  # a dropped TCP connection is the fastest sign of a dead teacher
-            self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            events = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
+            self.monitor = sock.get_monitor_socket(events)
         sock.connect(self.endpoint)
         return sock
 
     def disconnected(self) -> bool:
-        """Drain connection events (``watch=True`` only); True if the link to the teacher dropped."""
+        """Drain connection events (``watch=True`` only); True if the link to the teacher dropped.
+
+        A failed handshake (CURVE keys that do not fit) is kept in :attr:`handshake_error`.
+        """
         dropped = False
         while self.monitor is not None and self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)
-            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
+            event = recv_monitor_message(self.monitor)["event"]
+            dropped = dropped or event == zmq.EVENT_DISCONNECTED
+            if event & _HANDSHAKE_FAILED:
+                self.handshake_error = handshake_failure(event, self._curve is not None)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshake_error = None
         return dropped
 
     def _close_socket(self) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from zdistill.client import TeacherClient
+from zdistill.client import TeacherClient, unreachable
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
 from zdistill.pipeline import Pipeline, PipelineOptions
@@ -185,6 +185,7 @@ class DistillReader:
             else:
                 teachers = self._start_discovery()
             self._feeds = self._fetch_feeds(pipeline.ctx, teachers)
+            pipeline.feeds = self._feeds
             pipeline.set_teachers(teachers)
             if self._discovery is not None:
                 pipeline.membership = self._membership_changes
@@ -201,13 +202,35 @@ class DistillReader:
         self._discovery = DiscoveryClient(self._discovery_servers, self._service_name, self._require_num)
         self._discovery.start()
         version, teachers = self._discovery.current()
-        deadline = time.monotonic() + self.options.teacher_wait
-        while not teachers and time.monotonic() < deadline:
-            version, teachers = self._discovery.wait_for_change(version, 1.0)
-        if not teachers:
-            raise TeacherTimeout(f"the balancer gave no teacher of {self._service_name!r} in time")
+        wait = self.options.teacher_wait
+        deadline = time.monotonic() + wait
+        said = ""
+        while not teachers:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TeacherTimeout(f"no teacher of {self._service_name!r} within {wait:.0f} s: {said}")
+            version, teachers = self._discovery.wait_for_change(version, min(0.5, left))
+            why = "" if teachers else self._why_no_teacher()
+            if why and why != said:
+                log.warning("%s; waiting up to %.0f s more (DistillReader.options.teacher_wait)", why, left)
+                said = why
         self._membership_version = version
         return teachers
+
+    def _why_no_teacher(self) -> str:
+        """What the balancers say (or why they say nothing) while they give this student no teacher."""
+        from zdistill.cli import ask_balancer
+
+        leader = self._discovery.leader
+        if leader is None:
+            causes = [f"{s}: {unreachable(s) or 'no answer'}" for s in self._discovery.servers]
+            return f"no balancer answers ({'; '.join(causes)})"
+        status = ask_balancer(leader, {"kind": "status"}, timeout=1.0) or {}
+        known = status.get("teachers") if isinstance(status.get("teachers"), dict) else {}
+        if self._service_name in known:
+            return f"the balancer at {leader} has no live teacher of service {self._service_name!r} yet"
+        services = ", ".join(f"{name} ({count} teachers)" for name, count in sorted(known.items())) or "none"
+        return f"the balancer at {leader} knows no service {self._service_name!r}; the services it knows: {services}"
 
     def _membership_changes(self) -> list[str] | None:
         """The new teacher list when the balancer changed it since the last look, else None."""
@@ -218,23 +241,52 @@ class DistillReader:
         return teachers
 
     def _fetch_feeds(self, ctx: zmq.Context, teachers: Sequence[str]) -> list[TensorSpec]:
-        """Ask the teachers (in turn, until one answers) which slots they take."""
-        deadline = time.monotonic() + self.options.teacher_wait
+        """Ask the teachers (in turn, until one answers) which slots they take.
+
+        A teacher that cannot be reached is named at once, with the cause (connection
+        refused, unknown host, no route, CURVE keys that do not fit, no answer), and
+        again whenever the cause changes, until ``teacher_wait`` runs out.
+        """
+        wait = self.options.teacher_wait
+        deadline = time.monotonic() + wait
+        said: dict[str, str] = {}
         while True:
             for address in teachers:
-                client = TeacherClient(address, ctx, timeout=2.0)
-                try:
-                    meta = client.meta()
-                except TeacherTimeout:
-                    log.warning("teacher %s does not answer yet", address)
-                    continue
-                except TeacherError as exc:
-                    raise ConfigError(f"teacher {address} refused meta: {exc}") from exc
-                finally:
-                    client.close()
-                return self._check_meta(address, meta)
+                cause = unreachable(address)
+                if cause is None:
+                    meta, cause = self._ask_meta(ctx, address)
+                    if meta is not None:
+                        return self._check_meta(address, meta)
+                if said.get(address) != cause:
+                    left = max(0.0, deadline - time.monotonic())
+                    log.warning("teacher %s: %s; trying again for up to %.0f s (DistillReader.options.teacher_wait)",
+                                address, cause, left)
+                    said[address] = cause
             if time.monotonic() > deadline:
-                raise TeacherTimeout(f"no teacher of {list(teachers)} answered within {self.options.teacher_wait} s")
+                causes = "; ".join(f"{address}: {cause}" for address, cause in said.items())
+                raise TeacherTimeout(f"no teacher answered within {wait:.0f} s ({causes})")
+            time.sleep(0.25)  # between rounds of refused connections: they fail in microseconds
+
+    def _ask_meta(self, ctx: zmq.Context, address: str, timeout: float = 2.0) -> tuple[dict[str, Any] | None, str]:
+        """A teacher's meta, or None and why it did not come (a failed handshake is known at once)."""
+        client = TeacherClient(address, ctx, timeout=timeout, watch=True)
+        try:
+            req_id = client.submit("meta")
+            while True:
+                for done in client.collect(0.05):
+                    if done.req_id != req_id:
+                        continue
+                    if isinstance(done.error, TeacherError):
+                        raise ConfigError(f"teacher {address} refused meta: {done.error}")
+                    if done.error is not None:
+                        return None, (f"it accepts connections but does not answer in {timeout:g} s "
+                                      "(is it a zdistill-teacher? still loading its model?)")
+                    return dict(done.header or {}), ""
+                client.disconnected()
+                if client.handshake_error:
+                    return None, client.handshake_error
+        finally:
+            client.close()
 
     def _check_meta(self, address: str, meta: dict[str, Any]) -> list[TensorSpec]:
         feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
