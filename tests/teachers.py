@@ -41,3 +41,15 @@ def fragile_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if np.isnan(batch["img"]).any():
         raise FloatingPointError("NaN in the input")
     return {"prob": softmax_np(batch["img"])}
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [100])}, fetches={"prob": ("float32", [10])})
+def softmax_100(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A teacher whose ``img`` rows hold 100 values: students with 784-value images cannot use it."""
+    return {"prob": softmax_np(np.tile(batch["img"], (1, 8))[:, :784])}
+
+
+@zdistill.teacher_function(feeds={"pixels": ("float32", [784])}, fetches={"prob": ("float32", [10])})
+def renamed_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax whose feed is called ``pixels``: a model redeployed with another input name."""
+    return {"prob": softmax_np(batch["pixels"])}

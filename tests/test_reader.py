@@ -222,6 +222,28 @@ def test_plan_sizes_tasks_and_queues_by_teacher_time():
         pipe.close()
 
 
+def test_small_tasks_are_kept_in_flight_until_they_fill_the_teachers_batches(start_teacher, data):
+    """Tasks of few rows (big samples end a task at ``task_bytes``): the student keeps
+    ``(instances + 1) * max_batch_size`` rows at the teacher, from its meta, so the teacher
+    runs full batches instead of one task at a time."""
+    x, y = data
+    teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", "--max-batch-size", "64",
+                            env={"ZDISTILL_TEST_DELAY_MS": "5"})
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.options.task_rows = dr.options.request_rows = 8
+        dr.set_batch_generator(batch_reader(x[:1600], y[:1600], batch=8))
+        collect(dr, "batch")  # the first epoch learns the teacher's meta and the task size
+        assert dr.stats()["in_flight"] == 2 * 64 // 8
+        before = procs.teacher_stats(teacher.endpoint)
+        _, labels, probs, _ = collect(dr, "batch")
+        after = procs.teacher_stats(teacher.endpoint)
+    np.testing.assert_array_equal(labels, y[:1600])
+    np.testing.assert_allclose(probs, softmax_np(x[:1600]), rtol=1e-5, atol=1e-6)
+    rows_per_call = (after["rows"] - before["rows"]) / (after["batches"] - before["batches"])
+    assert rows_per_call > 32, rows_per_call  # with the old 2 tasks per worker: 16 at most
+
+
 def test_reader_exception_reaches_training_loop(teachers, data):
     x, y = data
 

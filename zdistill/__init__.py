@@ -12,6 +12,7 @@ from zdistill.errors import (
     TeacherError,
     TeacherTimeout,
     WireError,
+    WorkerError,
     ZDistillError,
 )
 from zdistill.model import teacher_function
@@ -25,6 +26,7 @@ __all__ = [
     "TeacherError",
     "TeacherTimeout",
     "WireError",
+    "WorkerError",
     "ZDistillError",
     "teacher_function",
     "__version__",

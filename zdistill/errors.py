@@ -35,5 +35,9 @@ class ReaderError(ZDistillError):
     """The user's reader failed in its process with an exception zdistill cannot re-create."""
 
 
+class WorkerError(ZDistillError):
+    """A DistillReader's worker processes cannot start (the message quotes what they printed)."""
+
+
 class ConfigError(ZDistillError, ValueError):
     """A DistillReader or daemon was configured with arguments that cannot work."""

@@ -16,14 +16,15 @@ by PID on :meth:`close`, on garbage collection and at interpreter exit.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import math
 import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
+import threading
 import time
 import weakref
 from collections import Counter, deque
@@ -35,17 +36,19 @@ import numpy as np
 import zmq
 
 from zdistill import wire
-from zdistill.errors import ReaderError, TeacherError, TeacherTimeout
+from zdistill.errors import ConfigError, ReaderError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader, make_private_folder, make_slot_folder
 from zdistill.sink import ReorderBuffer
 from zdistill.tasks import ReaderType, predict_key, split_output
 from zdistill.ventilator import VentilatorConfig, run_reader_process
+from zdistill.worker_pool import WorkerPool, WorkerProc
 
 log = logging.getLogger("zdistill.reader")
 
 FATAL_CODES = frozenset({"bad_request", "too_large", "bad_message"})
 _SUPERVISE_EVERY = 0.01  # seconds: how often a waiting sink checks workers, teachers and stragglers
+_DEEP_MAX = 8  # tasks per worker the teacher time alone asks for, at most (unless max_in_flight says)
 
 
 @dataclass
@@ -59,7 +62,7 @@ class PipelineOptions:
     window: int = 16  # tasks in flight per epoch, at least 3 x in_flight per worker (memory bound)
     max_inflight_bytes: int = 512 << 20  # bytes of tasks in flight (memory bound for big samples)
     in_flight: int = 2  # tasks in flight per worker, at least (each is one or more teacher requests)
-    max_in_flight: int = 8  # ...and at most, for short tasks and few workers (see Pipeline.plan)
+    max_in_flight: int | None = None  # ...and at most (None: up to 8, more to fill a teacher's batches; see plan)
     queue_seconds: float = 0.04  # teacher time a worker holds in flight (see Pipeline.plan)
     request_timeout: float = 30.0  # a teacher silent this long is treated as down
     max_retries: int = 3  # refusals of one task before the error reaches the training loop
@@ -67,14 +70,6 @@ class PipelineOptions:
     stall_timeout: float = 60.0  # no progress this long: send every missing task again
     straggler_factor: float = 4.0  # the next task late by this many typical task times is sent again
     straggler_min: float = 0.5  # ...but never sooner than this many seconds
-
-
-@dataclass
-class _WorkerProc:
-    teacher: str
-    popen: subprocess.Popen
-    endpoint: str  # where it takes tasks: each epoch's reader process connects to it
-    up: bool = False
 
 
 @dataclass
@@ -88,32 +83,71 @@ class TeacherStats:
     up: bool = False
     changed_at: float = 0.0  # monotonic time of the last up/down change
     first_task_at: float = 0.0  # monotonic time its first finished task reached the sink
+    reason: str = ""  # why it is not up, as its worker said
 
 
-def _shutdown(
-    procs: dict[str, _WorkerProc], retiring: list[_WorkerProc], reader_pids: set[int], folders: list[str],
-    ctx: zmq.Context,
-) -> None:
+def _shutdown(pool: WorkerPool, reader_pids: set[int], folders: list[str], ctx: zmq.Context) -> None:
     """Stop every process by PID and free the endpoints; safe to call twice and at exit."""
+    _live.pop(id(pool), None)
     for pid in list(reader_pids):
         _kill_reader(pid)
     reader_pids.clear()
-    everyone = [*procs.values(), *retiring]
-    for proc in everyone:
-        if proc.popen.poll() is None:
-            proc.popen.terminate()
-    deadline = time.monotonic() + 3.0
-    for proc in everyone:
-        try:
-            proc.popen.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait()
-    procs.clear()
-    retiring.clear()
+    pool.close()
     ctx.destroy(linger=0)
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# Every open pipeline's clean-up, by id of its pool, for the SIGTERM handler below.
+_live: dict[int, Callable[[], None]] = {}
+_sigterm_lock = threading.Lock()
+_sigterm_installed = False
+_sigterm_before: Any = None
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM: the handler that was there before decides, but its default (dying) first
+    removes every pipeline's processes, shared memory and endpoints.
+
+    A handler of the user's own runs as before: if it ends the program, the pipelines'
+    finalizers clean up at exit; if it does not, the pipelines go on.  Without a Python
+    handler (the default, or one set in C, as Paddle does) the process would die with
+    the folders left behind, so they are removed first, and then the process dies of
+    the same signal.
+    """
+    before = _sigterm_before
+    if callable(before):
+        before(signum, frame)
+        return
+    if before == signal.SIG_IGN:
+        return
+    for cleanup in list(_live.values()):
+        cleanup()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _clean_up_on_sigterm() -> None:
+    """Install :func:`_on_sigterm` once (only the main thread may set signal handlers)."""
+    global _sigterm_installed, _sigterm_before
+    with _sigterm_lock:
+        if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+            return
+        _sigterm_before = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _sigterm_installed = True
+
+
+def describe_exit(status: int) -> str:
+    """A wait status in words: ``killed by signal 9 (SIGKILL)``, ``exited with code 1``."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {number} ({name})"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
 
 
 def _kill_reader(pid: int, wait: bool = True) -> bool:
@@ -159,11 +193,9 @@ class Pipeline:
         self.sink = self.ctx.socket(zmq.PULL)
         self.sink.setsockopt(zmq.LINGER, 0)
         self.sink.bind(self.results_endpoint)
-        self.workers: dict[str, _WorkerProc] = {}  # the current teachers' workers
-        self.retiring: list[_WorkerProc] = []  # workers of teachers gone, finishing their requests
+        self.pool = WorkerPool(self._worker_command, self.folder)
+        self.feeds: list[TensorSpec] = []  # what the teachers take: workers check each teacher against it
         self.reader_pids: set[int] = set()
-        self.spawned = 0  # workers started so far: each gets an endpoint of its own
-        self.unannounced: list[str] = []  # endpoints of workers started since the epoch's reader was told
         self.epochs = 0
         self.settled = True  # every epoch so far ran to its end: no worker still holds a task of one
         self.stats: Counter[str] = Counter()
@@ -174,13 +206,21 @@ class Pipeline:
         # The teacher time per row those tasks took (not counting their wait behind the worker's others).
         self.row_service: deque[float] = deque(maxlen=64)
         self.row_bytes = 0  # shared-memory bytes per row of the last task (all its slots)
+        self.task_sizes: deque[int] = deque(maxlen=64)  # rows of recent tasks (a task ends at task_bytes)
         self.teacher_stats: dict[str, TeacherStats] = {}
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
         self.busy_seconds = 0.0  # time inside epochs, for samples/s
         self._epoch_started: float | None = None
         self._finalizer = weakref.finalize(
-            self, _shutdown, self.workers, self.retiring, self.reader_pids, [self.folder, self.slots_folder], self.ctx
+            self, _shutdown, self.pool, self.reader_pids, [self.folder, self.slots_folder], self.ctx
         )
+        _live[id(self.pool)] = self._finalizer
+        _clean_up_on_sigterm()
+
+    @property
+    def workers(self) -> dict[str, WorkerProc]:
+        """The current teachers' workers, by teacher address."""
+        return self.pool.workers
 
     @property
     def closed(self) -> bool:
@@ -218,6 +258,7 @@ class Pipeline:
                     "samples_per_s": t.samples / busy if busy else 0.0,
                     "failed": t.failed,
                     "returned": t.returned,
+                    "reason": t.reason,
                     "state_age_s": now - t.changed_at if t.changed_at else None,
                 }
                 for name, t in self.teacher_stats.items()
@@ -228,50 +269,18 @@ class Pipeline:
 
     def set_teachers(self, teachers: Iterable[str]) -> None:
         """Start a worker for each new teacher; retire the workers of teachers gone."""
-        wanted = list(dict.fromkeys(teachers))
-        for teacher in wanted:
-            if teacher not in self.workers:
-                self.workers[teacher] = self._spawn_worker(teacher)
-        for teacher in [t for t in self.workers if t not in wanted]:
-            proc = self.workers.pop(teacher)
-            proc.popen.terminate()  # it finishes its requests in flight, then exits
-            self.retiring.append(proc)
+        self.pool.set_teachers(teachers)
 
-    def _spawn_worker(self, teacher: str) -> _WorkerProc:
-        """Start a worker; it binds an endpoint of its own, which reader processes connect to.
-
-        The worker binds (and the short-lived reader process connects) so that a new
-        epoch's reader reaches every worker at once; a worker connecting to each new
-        reader would find it only at its next reconnect attempt.
-        """
+    def _worker_command(self, teacher: str, endpoint: str) -> list[str]:
         o = self.options
-        self.spawned += 1
-        endpoint = f"ipc://{self.folder}/w{self.spawned}"
-        self.unannounced.append(endpoint)
-        args = [
+        return [
             sys.executable, "-m", "zdistill.worker", "--teacher", teacher,
             "--tasks", endpoint, "--results", self.results_endpoint, "--slots", self.slots_folder,
-            "--predicts", ",".join(self.predicts), "--request-rows", str(o.request_rows),
-            "--in-flight", str(o.in_flight), "--timeout", str(o.request_timeout),
+            "--predicts", ",".join(self.predicts), "--feeds", json.dumps([f.to_wire() for f in self.feeds]),
+            "--request-rows", str(o.request_rows), "--in-flight", str(o.in_flight), "--timeout", str(o.request_timeout),
             "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(max(logging.getLogger("zdistill").getEffectiveLevel(), logging.INFO)),
         ]
-        return _WorkerProc(teacher, subprocess.Popen(args, stdin=subprocess.DEVNULL, close_fds=True), endpoint)
-
-    def reap_workers(self) -> bool:
-        """Replace crashed workers, forget retired ones; True if any worker went away."""
-        retired = [p for p in self.retiring if p.popen.poll() is not None]
-        for proc in retired:
-            self.retiring.remove(proc)
-        gone = bool(retired)
-        for teacher, proc in list(self.workers.items()):
-            code = proc.popen.poll()
-            if code is not None:
-                gone = True
-                log.warning("worker for teacher %s exited with code %s; starting a new one", teacher, code)
-                self.stats["workers_restarted"] += 1
-                self.workers[teacher] = self._spawn_worker(teacher)
-        return gone
 
     # -- slots ----------------------------------------------------------------
 
@@ -321,8 +330,15 @@ class Pipeline:
         task to the worker, even while other processes hold the cores for a while (with
         two 10 ms tasks per worker and two busy loops beside 8 teachers on 2 cores, the
         teachers were 73% busy; with four, 83%).  Short tasks thus get deeper queues, up
-        to ``max_in_flight``, as long as all workers together hold no more bytes than
-        ``window`` full-size tasks (``window * task_bytes``, 64 MiB by default).
+        to 8 (or ``max_in_flight``), as long as all workers together hold no more bytes
+        than ``window`` full-size tasks (``window * task_bytes``, 64 MiB by default).
+
+        A teacher also needs enough rows queued to fill a batch on each of its model
+        instances, and one more batch waiting: ``(instances + 1) * max_batch_size`` rows
+        (from its meta).  Tasks of big samples hold few rows (a task ends at ``task_bytes``:
+        one reader batch of 32 images of 150 KB), so that can take many more tasks; they are
+        kept in flight within ``max_inflight_bytes`` over all workers (and within
+        ``max_in_flight`` if it is set).
         """
         o = self.options
         if not self.row_service:
@@ -331,10 +347,23 @@ class Pipeline:
         floor = min(o.request_rows, o.task_rows)
         fit = int(o.task_seconds / per_row) if per_row > 0 else o.task_rows
         rows = max(floor, min(o.task_rows, fit // floor * floor))
-        deep = math.ceil(o.queue_seconds / (per_row * rows)) if per_row > 0 else o.max_in_flight
+        cap = o.max_in_flight or _DEEP_MAX
+        deep = math.ceil(o.queue_seconds / (per_row * rows)) if per_row > 0 else cap
         task_bytes = min(o.task_bytes, rows * self.row_bytes)
-        fits = o.window * o.task_bytes // (max(1, workers) * task_bytes) if task_bytes > 0 else o.max_in_flight
-        return rows, max(o.in_flight, min(o.max_in_flight, deep, fits))
+        fits = o.window * o.task_bytes // (max(1, workers) * task_bytes) if task_bytes > 0 else cap
+        return rows, max(o.in_flight, min(cap, deep, fits), self._fill(rows, workers))
+
+    def _fill(self, rows: int, workers: int) -> int:
+        """Tasks per worker that keep ``(instances + 1) * max_batch_size`` rows at each teacher."""
+        o = self.options
+        wanted = max(((p.instances + 1) * p.max_batch_size for p in self.workers.values()), default=0)
+        if not wanted or not self.row_bytes:
+            return 0
+        per_task = max(1, int(statistics.median(self.task_sizes)) if self.task_sizes else rows)
+        tasks = math.ceil(wanted / per_task)
+        if o.max_in_flight is not None:
+            tasks = min(tasks, o.max_in_flight)
+        return min(tasks, o.max_inflight_bytes // (max(1, workers) * per_task * self.row_bytes))
 
     def epoch(
         self, reader: Callable[[], Iterable[Any]], reader_type: ReaderType, feeds: Sequence[TensorSpec]
@@ -377,7 +406,7 @@ class _EpochRun:
             os.getpid(),
         )
         pipe.settled = False
-        pipe.unannounced.clear()
+        pipe.pool.unannounced.clear()
         self.buffer: ReorderBuffer[wire.Message] = ReorderBuffer()
         self.total: int | None = None
         self.retries: Counter[int] = Counter()
@@ -388,6 +417,7 @@ class _EpochRun:
         self.highest_seen = -1  # the highest task id any worker reported on
         self.blocked: tuple[int, float] | None = None  # (next task, since when later tasks are done)
         self.supervised_at = 0.0
+        self.reader_exit: str | None = None  # how the reader process ended, once it has
         self.reader_pid = self._fork_reader(cfg)
         self.poller = zmq.Poller()
         self.poller.register(pipe.sink, zmq.POLLIN)
@@ -444,8 +474,23 @@ class _EpochRun:
         upto = self.buffer.next_id - 1
         due = waiting or upto - self.credited >= max(1, self.window // 4)
         if due and (upto > self.credited or self.pipe.released):
-            wire.send(self.ctl, {"kind": "consumed", "upto": upto, "slots": self.pipe.collect_released()})
+            self._tell({"kind": "consumed", "upto": upto, "slots": self.pipe.collect_released()})
             self.credited = upto
+
+    def _tell(self, header: dict[str, Any]) -> None:
+        """A message to the reader process, waiting for room only while that process lives.
+
+        A blocking send to a reader process that died (the OOM killer's favourite: it
+        holds the dataset) would wait for ever; so the send never blocks, and while the
+        socket has no room the reader process is checked every 100 ms.
+        """
+        while True:
+            try:
+                wire.send(self.ctl, header, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self._check_reader()
+                self.ctl.poll(100, zmq.POLLOUT)
 
     def _pump(self) -> None:
         self._credit_ventilator(waiting=True)
@@ -483,6 +528,7 @@ class _EpochRun:
             stats.samples += rows
             stats.first_task_at = stats.first_task_at or time.monotonic()
             if self.buffer.add(task, msg):
+                self.pipe.task_sizes.append(rows)
                 self.pipe.task_times.append(float(msg.header.get("elapsed", 0.0)))
                 self.pipe.row_service.append(float(msg.header.get("service", 0.0)) / max(1, rows))
             self.last_progress = time.monotonic()
@@ -504,14 +550,20 @@ class _EpochRun:
         self._resend([task])
 
     def _on_status(self, header: dict[str, Any]) -> None:
-        proc = next((p for p in self.pipe.workers.values() if p.popen.pid == header.get("pid")), None)
+        proc = self.pipe.pool.by_pid(header.get("pid"))
         if proc is None:
             return  # a retired worker's last words
+        proc.started = True
+        if header.get("started"):
+            return  # its first word: it runs, and knows nothing of its teacher yet
         proc.up = bool(header.get("up"))
+        proc.unusable = str(header.get("unusable") or "")
+        proc.max_batch_size = _int(header.get("max_batch_size"), proc.max_batch_size)
+        proc.instances = max(1, _int(header.get("instances"), proc.instances))
         stats = self._teacher(header)
-        stats.up, stats.changed_at = proc.up, time.monotonic()
-        if not proc.up and header.get("reason"):
-            log.warning("teacher %s unavailable: %s", proc.teacher, header["reason"])
+        stats.up, stats.changed_at, stats.reason = proc.up, time.monotonic(), str(header.get("reason") or "")
+        if not proc.up and stats.reason:
+            log.warning("teacher %s unavailable: %s", proc.teacher, stats.reason)
 
     def _on_control(self, msg: wire.Message) -> None:
         if msg.kind == "end":
@@ -523,11 +575,11 @@ class _EpochRun:
 
     def _resend(self, tasks: list[int]) -> None:
         self.pipe.stats["resent"] += len(tasks)
-        wire.send(self.ctl, {"kind": "resend", "tasks": tasks})
+        self._tell({"kind": "resend", "tasks": tasks})
 
     def _resend_missing(self) -> None:
         self.pipe.stats["resend_all"] += 1
-        wire.send(self.ctl, {"kind": "resend_all", "except": self.buffer.held_ids()})
+        self._tell({"kind": "resend_all", "except": self.buffer.held_ids()})
 
     def _supervise(self) -> None:
         now = time.monotonic()
@@ -537,30 +589,42 @@ class _EpochRun:
                 log.info("teachers now: %s", ", ".join(teachers) or "none")
                 self.pipe.set_teachers(teachers)
         self._chase_straggler(now)
-        if self.pipe.reap_workers():
+        pool = self.pipe.pool
+        if pool.reap(now):
             self._resend_missing()
-        if self.pipe.unannounced:
-            wire.send(self.ctl, {"kind": "connect", "endpoints": self.pipe.unannounced})
-            self.pipe.unannounced.clear()
-        any_up = any(p.up for p in self.pipe.workers.values())
-        if any_up:
-            self.down_since = None
-            if self.parked:
-                self._resend(sorted(self.parked))
-                self.parked.clear()
-        else:
-            self.down_since = self.down_since or now
-            if now - self.down_since > self.pipe.options.teacher_wait:
-                names = ", ".join(self.pipe.workers) or "none"
-                raise TeacherTimeout(
-                    f"no teacher answered for {self.pipe.options.teacher_wait:.0f} s (teachers: {names})"
-                )
-        if self.total is None and self._reader_gone():
-            raise ReaderError("the reader process died before the end of the epoch")
+        self.pipe.stats["workers_restarted"] = pool.restarted
+        if pool.unannounced:
+            self._tell({"kind": "connect", "endpoints": pool.unannounced})
+            pool.unannounced.clear()
+        self._check_teachers(now)
+        self._check_reader()
         if now - self.last_progress > self.pipe.options.stall_timeout:
             log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
             self.last_progress = now
             self._resend_missing()
+
+    def _check_teachers(self, now: float) -> None:
+        """Resend parked tasks while a teacher is up; fail when none can be, or none came back in time.
+
+        Teachers that answer but take other inputs than this reader's (another model
+        deployed at the address) cannot come back by waiting: when every teacher is
+        such a one, the epoch fails at once, naming them and why.
+        """
+        workers = list(self.pipe.workers.values())
+        if any(p.up for p in workers):
+            self.down_since = None
+            if self.parked:
+                self._resend(sorted(self.parked))
+                self.parked.clear()
+            return
+        if workers and all(p.unusable for p in workers):
+            reasons = "; ".join(f"{p.teacher}: {p.unusable}" for p in workers)
+            raise ConfigError(f"no teacher can take this reader's inputs ({reasons})")
+        self.down_since = self.down_since or now
+        if now - self.down_since > self.pipe.options.teacher_wait:
+            why = {p.teacher: self.pipe.teacher_stats.get(p.teacher, TeacherStats()).reason for p in workers}
+            names = ", ".join(f"{t} ({r})" if r else t for t, r in why.items()) or "none"
+            raise TeacherTimeout(f"no teacher answered for {self.pipe.options.teacher_wait:.0f} s (teachers: {names})")
 
     def _chase_straggler(self, now: float) -> None:
         """Send the next task again when later ones finished long before it (first answer wins)."""
@@ -576,12 +640,39 @@ class _EpochRun:
             self._resend([self.buffer.next_id])
             self.blocked = (self.buffer.next_id, now)
 
-    def _reader_gone(self) -> bool:
-        """True once the reader process has exited without a last word on the control socket."""
-        try:
-            pid, _ = os.waitpid(self.reader_pid, os.WNOHANG)
-        except ChildProcessError:
-            pid = self.reader_pid
-        if pid == 0:
+    def _check_reader(self) -> None:
+        """Raise if the reader process ended before the epoch can (its last words first).
+
+        The reader process holds every task not yet consumed: once it is gone, a task
+        whose teacher fails can never be sent again, so the epoch ends here, with how the
+        process ended (the OOM killer's SIGKILL is the usual one).
+        """
+        if self.reader_exit is None:
+            try:
+                pid, status = os.waitpid(self.reader_pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = self.reader_pid, 0
+            if pid == 0:
+                return
+            self.pipe.reader_pids.discard(self.reader_pid)
+            self.reader_exit = describe_exit(status)
+        if self._can_finish():
+            return
+        while self.ctl.poll(200):  # its last words (end or error) may still be in transit
+            self._on_control(wire.decode(self.ctl.recv_multipart(copy=False)))
+        if not self._can_finish():
+            raise ReaderError(
+                f"the reader process (pid {self.reader_pid}) {self.reader_exit} before the end of the epoch; "
+                "if the machine ran out of memory, the kernel's log (dmesg) names it"
+            )
+
+    def _can_finish(self) -> bool:
+        """Every task still to be yielded has arrived (nothing more is needed from the reader process)."""
+        if self.total is None:
             return False
-        return not self.ctl.poll(1000)  # its last words (end or error) may still be in transit
+        held = set(self.buffer.held_ids())
+        return all(t in held for t in range(self.buffer.next_id, self.total))
+
+
+def _int(value: Any, default: int) -> int:
+    return value if type(value) is int else default

@@ -80,6 +80,30 @@ def to_feed(arr: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return arr.astype(spec.dtype, copy=False)
 
 
+def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str | None:
+    """Why a teacher taking ``feeds`` cannot be sent tasks built for ``slots``, or None if it can.
+
+    ``slots`` are the feeds of the teacher the tasks were built for; another teacher
+    must take the same names, rows of as many values (a reshape is free), and a dtype
+    the values cast to within their kind (float32 to float16, not float to int).
+    """
+    mine = {s.name: s for s in slots}
+    absent = [f.name for f in feeds if f.name not in mine]
+    if absent:
+        return f"it takes feeds {absent}, but this reader's tasks hold {sorted(mine)}"
+    for feed in feeds:
+        slot = mine[feed.name]
+        try:
+            check_feed(feed.name, slot.shape, feed)
+        except ConfigError:
+            if all(d >= 0 for d in slot.shape):
+                return (f"its feed {feed.name!r} takes rows of shape {list(feed.shape)}, "
+                        f"this reader's are {list(slot.shape)}")
+        if not np.can_cast(np.dtype(slot.dtype), np.dtype(feed.dtype), "same_kind"):
+            return f"its feed {feed.name!r} takes {feed.dtype}, this reader's rows are {slot.dtype}"
+    return None
+
+
 class TaskBuilder:
     """Turns what the user's reader yields into tasks of about ``task_rows`` rows.
 

@@ -140,24 +140,35 @@ class Ventilator:
             self._report(exc)
             return
         self.total = builder.tasks_made
-        wire.send(self.ctl, {"kind": "end", "tasks": self.total})
         try:
+            self._tell({"kind": "end", "tasks": self.total})
             while self.consumed_upto < self.total - 1:
                 self._serve(_POLL_MS)
         except ParentGone:
             return
 
     def _report(self, exc: BaseException) -> None:
-        wire.send(
-            self.ctl,
-            {
+        try:
+            self._tell({
                 "kind": "error",
                 "type": type(exc).__name__,
                 "module": type(exc).__module__,
                 "message": str(exc),
                 "traceback": "".join(traceback.format_exception(exc)),
-            },
-        )
+            })
+        except ParentGone:
+            pass
+
+    def _tell(self, header: dict[str, Any]) -> None:
+        """A message to the student, waiting for room only while the student lives."""
+        while True:
+            try:
+                wire.send(self.ctl, header, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if os.getppid() != self.cfg.parent_pid:
+                    raise ParentGone from None
+                self.ctl.poll(_POLL_MS, zmq.POLLOUT)
 
     def _allocate(self, task_id: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import heapq
+import json
 import logging
 import os
 import signal
@@ -32,15 +34,18 @@ import zmq
 
 from zdistill import wire
 from zdistill.client import Completion, TeacherClient
-from zdistill.errors import TeacherError, TeacherTimeout, WireError
+from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader
-from zdistill.tasks import predict_key, to_feed
+from zdistill.tasks import check_feed, feeds_mismatch, predict_key, to_feed
 
 log = logging.getLogger("zdistill.worker")
 
 _PROBE_EVERY = 0.25
+_PROBE_UNUSABLE = 2.0  # a teacher that takes other inputs is asked again this rarely (it may be redeployed)
 _IDLE_CREDIT = 0.2
+_BUSY_FIRST = 0.02  # a request the teacher was too busy for is sent again after this...
+_BUSY_MAX = 1.0  # ...doubling up to this
 
 
 @dataclass
@@ -48,9 +53,15 @@ class Job:
     """A task in progress: its message and the parts its teacher requests answered."""
 
     header: dict[str, Any]
+    chunks: list[dict[str, np.ndarray]]  # the feeds of each teacher request (views of shared memory)
     parts: list[dict[str, np.ndarray] | None]
     pending: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
+    busy: int = 0  # "busy" answers so far: the back-off before the next try grows with them
+
+
+class StudentGone(Exception):
+    """The student process died: nobody waits for our results any more."""
 
 
 class Worker:
@@ -75,6 +86,7 @@ class Worker:
         self.push.connect(args.results)
         self.client = TeacherClient(args.teacher, self.ctx, timeout=args.timeout, watch=True)
         self.slots = SlotReader(args.slots)
+        self.expected = [TensorSpec.from_wire(f) for f in json.loads(args.feeds)]  # what the tasks are built for
         self.feeds: list[TensorSpec] = []
         self.request_rows = args.request_rows
         self.up = False
@@ -82,6 +94,7 @@ class Worker:
         self.next_probe = 0.0
         self.jobs: dict[tuple[int, int], Job] = {}
         self.requests: dict[int, tuple[tuple[int, int], int]] = {}  # request id -> (job key, part)
+        self.retries: list[tuple[float, tuple[int, int], int]] = []  # heap: (when, job key, part) the teacher was busy
         self.stopping = False
         self.said_stop = False
         self.unsaid_room = 0  # tasks finished since the last credit message
@@ -92,6 +105,7 @@ class Worker:
 
     def run(self) -> None:
         poller, polled = zmq.Poller(), None
+        self._send_result({"kind": "status", "worker": self.args.teacher, "up": False, "started": True})
         while not (self.stopping and not self.jobs):
             if os.getppid() != self.args.parent_pid:
                 log.info("student process is gone; worker for %s exits", self.args.teacher)
@@ -110,6 +124,8 @@ class Worker:
                     if sock is not None:
                         poller.register(sock, zmq.POLLIN)
             deadline = self.client.next_deadline()
+            if self.retries:
+                deadline = min(deadline or self.retries[0][0], self.retries[0][0])
             wait = 0.1 if deadline is None else min(0.1, max(0.0, deadline - time.monotonic()))
             events = dict(poller.poll(wait * 1000))
             if self.client.monitor in events and self.client.disconnected():
@@ -126,6 +142,10 @@ class Worker:
             if self.client.socket in events or (deadline is not None and time.monotonic() >= deadline):
                 for completion in self.client.collect(0):
                     self._on_completion(completion)
+            while self.retries and self.retries[0][0] <= time.monotonic():
+                _, key, part = heapq.heappop(self.retries)
+                if key in self.jobs and not self._submit(key, part):
+                    break
 
     # -- credit -----------------------------------------------------------------
 
@@ -172,20 +192,38 @@ class Worker:
             log.debug("dropping task %s: %s", key, exc)
             self._freed()
             return
-        feeds = {spec.name: to_feed(slots[spec.name], spec) for spec in self.feeds}
+        try:
+            feeds = {spec.name: self._feed(slots, spec) for spec in self.feeds}
+        except ConfigError as exc:  # the teacher was redeployed with other inputs since its meta said
+            self._send_result({**msg.header, "kind": "returned", "worker": self.args.teacher})
+            self._unusable(str(exc))
+            return
         rows = len(next(iter(feeds.values())))
         starts = range(0, rows, self.request_rows)
-        job = Job(msg.header, [None] * len(starts))
-        self.jobs[key] = job
-        for part, start in enumerate(starts):
-            chunk = {name: arr[start : start + self.request_rows] for name, arr in feeds.items()}
-            try:
-                req_id = self.client.submit("predict", chunk)
-            except TeacherTimeout as exc:
-                self._teacher_down(str(exc))  # hands this job back too
+        chunks = [{name: arr[start : start + self.request_rows] for name, arr in feeds.items()} for start in starts]
+        self.jobs[key] = Job(msg.header, chunks, [None] * len(chunks))
+        for part in range(len(chunks)):
+            if not self._submit(key, part):
                 return
-            self.requests[req_id] = (key, part)
-            job.pending.add(req_id)
+
+    @staticmethod
+    def _feed(slots: dict[str, np.ndarray], spec: TensorSpec) -> np.ndarray:
+        if spec.name not in slots:
+            raise ConfigError(f"the teacher takes feed {spec.name!r}, which this reader's tasks do not hold")
+        check_feed(spec.name, slots[spec.name].shape[1:], spec)
+        return to_feed(slots[spec.name], spec)
+
+    def _submit(self, key: tuple[int, int], part: int) -> bool:
+        """Send one request of a job to the teacher; False if the teacher turned out to be down."""
+        job = self.jobs[key]
+        try:
+            req_id = self.client.submit("predict", job.chunks[part])
+        except TeacherTimeout as exc:
+            self._teacher_down(str(exc))  # hands this job back too
+            return False
+        self.requests[req_id] = (key, part)
+        job.pending.add(req_id)
+        return True
 
     def _on_completion(self, done: Completion) -> None:
         if done.req_id == self.probe:
@@ -199,12 +237,17 @@ class Worker:
         if job is None:
             return
         job.pending.discard(done.req_id)
-        if isinstance(done.error, TeacherTimeout) or getattr(done.error, "code", "") == "shutting_down":
+        code = getattr(done.error, "code", "")
+        if code == "busy":  # the teacher's queue is full: the same request again, a little later
+            job.busy += 1
+            heapq.heappush(self.retries, (time.monotonic() + min(_BUSY_MAX, _BUSY_FIRST * 2 ** (job.busy - 1)), key,
+                                          part))
+        elif isinstance(done.error, TeacherTimeout) or code == "shutting_down":
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._drop_job(key)
             self._freed()
-            code = done.error.code if isinstance(done.error, TeacherError) else "error"
+            code = code if isinstance(done.error, TeacherError) else "error"
             self._send_result({**job.header, "kind": "failed", "code": code, "message": str(done.error),
                                "worker": self.args.teacher})
         else:
@@ -240,20 +283,40 @@ class Worker:
         if done.error is not None or done.header is None:
             return
         meta = done.header
-        self.feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
-        fetches = {f["name"] for f in meta.get("fetches", [])}
-        missing = [p for p in self.predicts if p not in fetches]
-        if missing:
-            self._send_result({"kind": "status", "worker": self.args.teacher, "up": False,
-                               "reason": f"teacher has no outputs {missing}; it has {sorted(fetches)}"})
+        try:
+            feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
+            fetches = {str(f["name"]) for f in meta.get("fetches", [])}
+            max_batch = int(meta.get("max_batch_size", 1))
+            instances = int(meta.get("instances", 1))
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            self._unusable(f"its meta is malformed ({type(exc).__name__}: {exc})")
             return
-        self.request_rows = max(1, min(self.args.request_rows, int(meta.get("max_batch_size", 1))))
+        missing = [p for p in self.predicts if p not in fetches]
+        why = f"it has no outputs {missing}, only {sorted(fetches)}" if missing else None
+        why = why or feeds_mismatch(self.expected, feeds)
+        if why:
+            self._unusable(why)
+            return
+        self.feeds = feeds
+        self.request_rows = max(1, min(self.args.request_rows, max_batch))
         self.up = True
         log.info("teacher %s is up", self.args.teacher)
         self._credit(self._room(), reset=True)
-        self._send_result({"kind": "status", "worker": self.args.teacher, "up": True, "reason": ""})
+        self._send_result({"kind": "status", "worker": self.args.teacher, "up": True, "reason": "",
+                           "max_batch_size": max_batch, "instances": max(1, instances)})
 
-    def _teacher_down(self, reason: str) -> None:
+    def _unusable(self, why: str) -> None:
+        """The teacher answers but cannot take this reader's tasks: say so, hand back what we
+        hold, and ask again only now and then (it may be redeployed with the right model)."""
+        reason = f"it cannot take this reader's tasks: {why}"
+        if self.up:
+            self._teacher_down(reason, announce=False)
+        self.next_probe = time.monotonic() + _PROBE_UNUSABLE
+        log.warning("teacher %s %s", self.args.teacher, reason)
+        self._send_result({"kind": "status", "worker": self.args.teacher, "up": False, "reason": reason,
+                           "unusable": why})
+
+    def _teacher_down(self, reason: str, announce: bool = True) -> None:
         """Hand back every task held, start afresh, and probe until the teacher answers."""
         was_up = self.up
         self.up = False
@@ -264,14 +327,24 @@ class Worker:
             self._send_result({**job.header, "kind": "returned", "worker": self.args.teacher})
         self.client.reset()
         self.requests.clear()
+        self.retries.clear()
         self.probe = None
         self.next_probe = time.monotonic() + _PROBE_EVERY
-        if was_up:
+        if was_up and announce:
             log.warning("teacher %s is down: %s", self.args.teacher, reason)
             self._send_result({"kind": "status", "worker": self.args.teacher, "up": False, "reason": reason})
 
     def _send_result(self, header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
-        wire.send(self.push, {**header, "pid": os.getpid()}, arrays)
+        """To the student's sink; waits while the sink is full, but only while the student lives."""
+        header = {**header, "pid": os.getpid()}
+        while True:
+            try:
+                wire.send(self.push, header, arrays, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if os.getppid() != self.args.parent_pid:
+                    raise StudentGone from None
+                self.push.poll(100, zmq.POLLOUT)
 
     def stop(self) -> None:
         """Take no more tasks, finish the ones held, then leave (a retired teacher's worker).
@@ -304,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", required=True)
     p.add_argument("--slots", required=True, help="folder of the shared-memory task slots")
     p.add_argument("--predicts", required=True)
+    p.add_argument("--feeds", default="[]", help="JSON: the feeds (TensorSpec) this reader's tasks are built for")
     p.add_argument("--request-rows", type=int, default=256)
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--timeout", type=float, default=30.0)
@@ -321,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
     try:
         worker.run()
+    except StudentGone:
+        log.info("student process is gone; worker for %s exits", args.teacher)
     finally:
         worker.close()
     return 0
