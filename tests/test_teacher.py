@@ -122,9 +122,13 @@ def test_meta_describes_the_model(client) -> None:
     assert meta["max_batch_size"] == 64
     assert meta["max_delay_ms"] == 0
     assert meta["device"] == "cpu"
+    assert meta["instances"] == 1 and meta["thread_safe"] is True  # auto: one instance on a CPU
+    assert meta["max_message_bytes"] == 128 * 2**20 and meta["max_queue_bytes"] == 512 * 2**20
     assert "teachers.py:softmax" in meta["description"] and "softmax(img @ W)" in meta["description"]
-    counters = {"requests", "rows", "batches", "merged_batches", "max_batch_rows", "model_seconds", "queued", "errors"}
+    counters = {"requests", "rows", "batches", "merged_batches", "max_batch_rows", "model_seconds", "queued", "errors",
+                "instance_seconds", "held_bytes", "dropped_replies"}
     assert counters <= set(meta["stats"])
+    assert len(meta["stats"]["instance_seconds"]) == 1
 
 
 def test_ping(client) -> None:
@@ -389,14 +393,17 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         ("zdistill_no_such_module_xyz:fn", "cannot import module 'zdistill_no_such_module_xyz'"),
         ("/nonexistent/dir/file.py:fn", "does not exist"),
         ("/nonexistent/model/prefix", "no saved Paddle model"),
+        (str(procs.TEACHERS), f"is a Python file: name the teacher function too, as {procs.TEACHERS}:function"),
+        (f"{procs.TEACHERS}:", f"names no function: give it after the colon, as {procs.TEACHERS}:function"),
     ],
-    ids=["no function", "undeclared function", "no module", "no file", "no paddle model"],
+    ids=["no function", "undeclared function", "no module", "no file", "no paddle model", "file without function",
+         "file and colon without function"],
 )
 def test_cli_rejects_a_bad_model_with_exit_2(model: str, says: str) -> None:
     result = run_cli("--model", model)
     assert result.returncode == 2, result.stderr
     assert says in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 BROKEN_MODELS = {
@@ -425,11 +432,21 @@ def test_cli_rejects_a_model_file_that_cannot_serve(tmp_path: Path, source: str,
     assert says in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flags", [["--max-batch-size", "0"], ["--gpu-ids", "zero"]])
-def test_cli_rejects_bad_flags_with_exit_2(flags: list[str]) -> None:
+BAD_FLAGS = {
+    "max batch 0": (["--max-batch-size", "0"], "max batch size must be at least 1"),
+    "gpu ids not numbers": (["--gpu-ids", "zero"], "--gpu-ids must be a comma list"),
+    "0 instances": (["--instances", "0"], "--instances must be auto or a count from 1 to 64"),
+    "instances not a number": (["--instances", "many"], "--instances must be auto or a count"),
+    "message over the queue": (["--max-message-mb", "64", "--max-queue-mb", "32"], "raise --max-queue-mb"),
+    "queue of 0": (["--max-queue-mb", "0"], "must be positive"),
+}
+
+
+@pytest.mark.parametrize("flags, says", list(BAD_FLAGS.values()), ids=list(BAD_FLAGS))
+def test_cli_rejects_bad_flags_with_exit_2(flags: list[str], says: str) -> None:
     result = run_cli("--model", SOFTMAX, *flags)
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_port_in_use_is_a_clear_error(softmax_teacher) -> None:
