@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +168,23 @@ def test_file_model_with_two_feeds(start_teacher, tmp_path) -> None:
         np.testing.assert_allclose(c.predict({"a": a, "b": np.ones((2, 2), np.int64)})["s"], a.sum(1) + 2)
     finally:
         c.close()
+
+
+def test_the_readme_teacher_function_runs_as_pasted(start_teacher, tmp_path) -> None:
+    """The README's ``teacher_function`` example, copied into a file as it stands, is served."""
+    readme = (procs.REPO / "README.md").read_text()
+    section = readme[readme.index("### `zdistill-teacher`"):]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = textwrap.dedent(section[start : section.index("```", start)])
+    (tmp_path / "readme_teacher.py").write_text(snippet)
+    proc = start_teacher(f"{tmp_path / 'readme_teacher.py'}:predict")
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        prob = c.predict({"img": rows(5, 3)})["prob"]
+    finally:
+        c.close()
+    assert prob.shape == (3, 10)
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-5)
 
 
 # -- the dynamic batcher --------------------------------------------------------------------------
