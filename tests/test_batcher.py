@@ -101,14 +101,20 @@ def test_close_returns_what_waits_and_wakes_the_instances() -> None:
     assert len(b) == 0 and b.take(0.0, force=True) is None
 
 
-def test_next_batch_wakes_when_a_request_arrives() -> None:
-    b = Batcher(max_rows=4, max_delay=0.0)
-    got: list[object] = []
-    waiter = threading.Thread(target=lambda: got.append(b.next_batch()))
-    waiter.start()
-    b.add(req(1, req_id=7))
-    waiter.join(10)
-    assert not waiter.is_alive() and ids(got[0]) == [7]
+def test_a_burst_wakes_one_instance_and_each_wakes_the_next_while_work_is_left() -> None:
+    """wake() after a burst of adds: one waiting instance takes the first batch and, as
+    requests are left, wakes another, which takes the second."""
+    b = Batcher(max_rows=2, max_delay=0.0)
+    got: list[list[int]] = []
+    waiters = [threading.Thread(target=lambda: got.append(ids(b.next_batch()))) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    for i, width in enumerate([1, 1, 2]):
+        b.add(req(width, req_id=i))
+    b.wake()
+    for waiter in waiters:
+        waiter.join(10)
+    assert not any(w.is_alive() for w in waiters) and sorted(got) == [[0, 1], [2]]
 
 
 class Reference:

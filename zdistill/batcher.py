@@ -124,7 +124,17 @@ class Batcher:
             self._peer_bytes[request.peer] = self._peer_bytes.get(request.peer, 0) + request.nbytes
             self._count += 1
             self._bytes += request.nbytes
-            self._changed.notify()
+
+    def wake(self) -> None:
+        """Wake one waiting instance if anything is queued (after a burst of :meth:`add`).
+
+        Not on every add: an instance woken by a burst's first request would take it
+        alone while the rest of the burst is still being received.  An instance that
+        takes a batch and leaves requests behind wakes the next one.
+        """
+        with self._lock:
+            if self._count:
+                self._changed.notify()
 
     def take(self, now: float, force: bool = False) -> list[Request] | None:
         """Remove and return the next batch if it is ready (or ``force``), else None."""
@@ -141,6 +151,8 @@ class Batcher:
             while not self._closed:
                 batch = self._take(time.monotonic(), force=False)
                 if batch is not None:
+                    if self._count:
+                        self._changed.notify()
                     return batch
                 key = self._oldest_key()
                 wait = None if key is None else self._queues[key][0].arrived + self.max_delay - time.monotonic()

@@ -167,6 +167,7 @@ class TeacherServer:
         while count < limit and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
             self._on_message(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
             count += 1
+        self.batcher.wake()  # once per burst, so a free instance takes the burst together
         self.metrics.in_flight.set(len(self.batcher))
         self.metrics.held_bytes.set(self.held_bytes)
         return count
