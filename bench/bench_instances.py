@@ -33,7 +33,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -48,6 +47,7 @@ import numpy as np  # noqa: E402
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))
 
+from bench.bench_teacher import pipelined_rows_per_s, write_results  # noqa: E402
 from bench.teachers_bench import gpu_standin  # noqa: E402
 from tests import procs  # noqa: E402
 from zdistill.batcher import Request  # noqa: E402
@@ -85,27 +85,6 @@ def in_process_rows_per_s(seconds: float) -> float:
     return done / elapsed
 
 
-def served_rows_per_s(client: TeacherClient, seconds: float, in_flight: int) -> float:
-    """Keep ``in_flight`` 64-image requests in flight for ``seconds``; rows answered per second."""
-    feeds = {"img": images(ROWS)}
-    client.predict(feeds)
-    done = pending = 0
-    start = time.perf_counter()
-    end = start + seconds
-    while True:
-        now = time.perf_counter()
-        while now < end and pending < in_flight:
-            client.submit("predict", feeds)
-            pending += 1
-        if pending == 0:
-            return done / (now - start)
-        for completion in client.collect(wait=TIMEOUT):
-            pending -= 1
-            if completion.error is not None:
-                raise completion.error
-            done += ROWS
-
-
 def merge_ms(fresh: bool, repeats: int = 20) -> float:
     """Median ms to merge four 64-image requests into one batch."""
     batch = [Request([b"p"], i, {"img": images(ROWS, i)}, ROWS, 0.0) for i in range(4)]
@@ -137,7 +116,7 @@ def run(plan: Plan, in_flight: int, tmp: Path) -> dict[str, Any]:
                     rate = in_process_rows_per_s(plan.seconds)
                 else:
                     n = int(case[-1])
-                    rate = served_rows_per_s(clients[n], plan.seconds, in_flight)
+                    rate = pipelined_rows_per_s(clients[n], {"img": images(ROWS)}, plan.seconds, in_flight)
                 runs[case].append(rate)
             print(f"  repeat {r + 1}/{plan.repeats}: in-process {runs['in_process'][-1]:6.0f} rows/s, "
                   f"served --instances 1 {runs['served_1'][-1]:6.0f}, --instances 2 {runs['served_2'][-1]:6.0f}",
@@ -190,10 +169,7 @@ def main() -> int:
     m = result["merge_4x64_images_ms"]
     print(f"    merging 4 x 64 images: {m['reused_buffer']:.1f} ms into a reused buffer, "
           f"{m['fresh_concatenate']:.1f} ms into fresh memory")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out} ({result['seconds']} s)")
+    write_results(Path(args.out), result)
     return 0
 
 
