@@ -170,6 +170,23 @@ def test_file_model_with_two_feeds(start_teacher, tmp_path) -> None:
         c.close()
 
 
+def test_a_request_over_max_message_mb_in_all_its_arrays_is_too_large(start_teacher, tmp_path) -> None:
+    """--max-message-mb bounds all arrays of a request together, not each one: two arrays
+    each under the bound but over it together get too_large; a smaller request is served."""
+    model = tmp_path / "two_feed.py"
+    model.write_text(TWO_FEED_SOURCE)
+    proc = start_teacher(f"{model}:add", "--max-message-mb", str(2000 / 2**20))  # 2000 bytes
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        a = np.ones((20, 3), np.float32)  # 240 bytes
+        with pytest.raises(TeacherError, match="more than the teacher's --max-message-mb") as info:
+            c.predict({"a": a, "b": np.ones((20, 12), np.int64)})  # + 1920 bytes
+        assert info.value.code == "too_large"
+        np.testing.assert_allclose(c.predict({"a": a, "b": np.ones((20, 2), np.int64)})["s"], 5.0)
+    finally:
+        c.close()
+
+
 def test_the_readme_teacher_function_runs_as_pasted(start_teacher, tmp_path) -> None:
     """The README's ``teacher_function`` example, copied into a file as it stands, is served."""
     readme = (procs.REPO / "README.md").read_text()

@@ -161,16 +161,15 @@ class TeacherServer:
                 self._reply_results()
         self._finish(poller)
 
-    def _receive_ready(self, limit: int = _DRAIN_AT_ONCE) -> int:
-        """Handle up to ``limit`` messages already queued on the socket; return how many."""
-        count = 0
-        while count < limit and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+    def _receive_ready(self) -> None:
+        """Handle the messages already queued on the socket (at most a few hundred at once)."""
+        for _ in range(_DRAIN_AT_ONCE):
+            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
+                break
             self._on_message(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
-            count += 1
         self.batcher.wake()  # once per burst, so a free instance takes the burst together
         self.metrics.in_flight.set(len(self.batcher))
         self.metrics.held_bytes.set(self.held_bytes)
-        return count
 
     def _finish(self, poller: zmq.Poller) -> None:
         """Answer the batches running, refuse everything else with ``shutting_down``, then close.
