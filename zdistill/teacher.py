@@ -72,7 +72,11 @@ DEFAULT_MAX_QUEUE = 512 * MiB
 MAX_INSTANCES = 64
 _DRAIN_AT_ONCE = 256
 _RCVHWM = 8  # whole messages libzmq may hold per client before this thread reads them (then TCP backpressure)
-_SNDHWM = 64  # replies libzmq may hold per client that does not read them (then they are dropped)
+# Replies libzmq may hold per client before they leave (then they are dropped and counted).
+# A merged batch answers all its requests at once, faster than the I/O thread sends them,
+# so this must exceed the requests any client keeps in flight (64 is too few for a
+# student sending many 1-row requests).  1000 is libzmq's own default.
+_SNDHWM = 1000
 _LINGER_MS = 1000  # how long the last replies may take to leave after the socket closes
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _KINDS = frozenset({"predict", "meta", "stats", "ping"})
