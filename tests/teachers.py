@@ -36,14 +36,6 @@ def slow_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"prob": softmax_np(batch["img"])}
 
 
-@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
-def fragile_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """softmax that raises on any row holding a NaN: a model failing on bad input."""
-    if np.isnan(batch["img"]).any():
-        raise FloatingPointError("NaN in the input")
-    return {"prob": softmax_np(batch["img"])}
-
-
 _CALLS = {"running": 0}
 _CALLS_LOCK = threading.Lock()
 
@@ -80,3 +72,11 @@ def serial_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def echo(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Returns its input itself (a view of it): a model whose output shares the input's memory."""
     return {"y": batch["x"]}
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
+def fragile_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax that raises on any row holding a NaN: a model failing on bad input."""
+    if np.isnan(batch["img"]).any():
+        raise FloatingPointError("NaN in the input")
+    return {"prob": softmax_np(batch["img"])}
