@@ -110,9 +110,9 @@ def in_process_rows_per_s(model: Any, rows: int, seconds: float) -> float:
     return done / elapsed
 
 
-def pipelined_rows_per_s(client: TeacherClient, rows: int, seconds: float, window: int) -> float:
-    """Keep ``window`` requests of ``rows`` rows in flight for ``seconds``; count answered rows."""
-    feeds = {FEED: inputs(rows)}
+def pipelined_rows_per_s(client: TeacherClient, feeds: dict[str, np.ndarray], seconds: float, window: int) -> float:
+    """Keep ``window`` requests of ``feeds`` in flight for ``seconds``; count answered rows."""
+    rows = len(next(iter(feeds.values())))
     client.predict(feeds)  # warm the connection and the teacher's buffers
     done = in_flight = 0
     start = time.perf_counter()
@@ -144,9 +144,9 @@ def case_served_vs_in_process(prefix: Path, tmp: Path, plan: Plan) -> dict[str, 
             for rows in BATCHES:
                 local = in_process_rows_per_s(model, rows, plan.seconds)
                 before = client.stats()
-                served = pipelined_rows_per_s(client, rows, plan.seconds, plan.in_flight)
+                served = pipelined_rows_per_s(client, {FEED: inputs(rows)}, plan.seconds, plan.in_flight)
                 after = client.stats()
-                single = pipelined_rows_per_s(client, rows, plan.seconds, 1)
+                single = pipelined_rows_per_s(client, {FEED: inputs(rows)}, plan.seconds, 1)
                 per_call = (after["rows"] - before["rows"]) / max(1, after["batches"] - before["batches"])
                 for key, value in zip(keys, [local, served, served / local, per_call, single, single / local],
                                       strict=True):
@@ -185,7 +185,7 @@ def client_main(endpoint_arg: str) -> int:
         go = sys.stdin.readline()
         if go.strip() != "go":
             break
-        rate = pipelined_rows_per_s(clients[endpoint], 1, seconds, window)
+        rate = pipelined_rows_per_s(clients[endpoint], {FEED: inputs(1)}, seconds, window)
         print(json.dumps({"rows_per_s": rate}), flush=True)
     for c in clients.values():
         c.close()
@@ -347,11 +347,15 @@ def main() -> int:
         "seconds": time.time() - started,
     }
     print_table(results)
-    out = Path(args.out)
+    write_results(Path(args.out), results)
+    return 0
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """Write a benchmark's results as JSON (every repeat, the medians, the plan) and say where."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {out} ({results['seconds']:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

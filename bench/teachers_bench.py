@@ -9,12 +9,17 @@
 - :func:`image_mean` is the big-payload teacher of case (d): 3x224x224 float32 in, 10
   floats out.  It reads every byte once (a mean per channel), which is about the least a
   real model could do, so the case measures moving bytes, not computing.
+- :func:`gpu_standin` is the GPU stand-in of ``bench_instances.py``: uint8 3x224x224
+  images in, 10 floats out; it copies every input byte into a buffer of its thread (like
+  a host-to-device copy, numpy releasing the GIL) and then waits 30 ms per 64 images
+  (like a kernel), so model instances can overlap one call's copy with another's wait.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,3 +81,19 @@ def image_mean(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     z = x.reshape(len(x), 3, -1).mean(axis=2, dtype=np.float32) @ _W_IMG
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return {"prob": (e / e.sum(axis=1, keepdims=True)).astype(np.float32)}
+
+
+_KERNEL_S_PER_ROW = float(os.environ.get("ZDISTILL_BENCH_KERNEL_MS", "30")) / 1000 / 64
+_DEVICE = threading.local()  # one "device buffer" per model instance (thread), reused like a GPU's
+
+
+@zdistill.teacher_function(feeds={"img": ("uint8", [3, 224, 224])}, fetches={"prob": ("float32", [10])})
+def gpu_standin(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies every input byte (a host-to-device copy), then waits 30 ms per 64 images (a kernel)."""
+    x = batch["img"]
+    buf = getattr(_DEVICE, "buf", None)
+    if buf is None or len(buf) < len(x):
+        buf = _DEVICE.buf = np.empty_like(x)
+    np.copyto(buf[: len(x)], x)
+    _LATENESS.sleep_until(time.perf_counter() + _KERNEL_S_PER_ROW * len(x))
+    return {"prob": buf[: len(x), 0, 0, :10].astype(np.float32)}

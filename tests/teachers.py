@@ -6,6 +6,7 @@ They are plain numpy so a test can compute the expected predictions itself.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -33,6 +34,44 @@ def slow_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """softmax with a fixed service time per call (ZDISTILL_TEST_DELAY_MS, default 10 ms)."""
     time.sleep(float(os.environ.get("ZDISTILL_TEST_DELAY_MS", "10")) / 1000)
     return {"prob": softmax_np(batch["img"])}
+
+
+_CALLS = {"running": 0}
+_CALLS_LOCK = threading.Lock()
+
+
+def _count_calls(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax that takes ZDISTILL_TEST_DELAY_MS and reports, per row, how many calls were running when it began."""
+    with _CALLS_LOCK:
+        _CALLS["running"] += 1
+        running = _CALLS["running"]
+    try:
+        time.sleep(float(os.environ.get("ZDISTILL_TEST_DELAY_MS", "10")) / 1000)
+        return {"prob": softmax_np(batch["img"]), "calls": np.full(len(batch["img"]), running, np.int32)}
+    finally:
+        with _CALLS_LOCK:
+            _CALLS["running"] -= 1
+
+
+_COUNTED = {"feeds": {"img": ("float32", [784])}, "fetches": {"prob": ("float32", [10]), "calls": ("int32", [])}}
+
+
+@zdistill.teacher_function(**_COUNTED)
+def overlap_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax reporting how many calls ran at once (thread-safe: instances may overlap)."""
+    return _count_calls(batch)
+
+
+@zdistill.teacher_function(**_COUNTED, thread_safe=False)
+def serial_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The same, declared not thread-safe: the teacher must never run two calls at once."""
+    return _count_calls(batch)
+
+
+@zdistill.teacher_function(feeds={"x": ("float32", [4])}, fetches={"y": ("float32", [4])})
+def echo(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Returns its input itself (a view of it): a model whose output shares the input's memory."""
+    return {"y": batch["x"]}
 
 
 @zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})

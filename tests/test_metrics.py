@@ -26,7 +26,7 @@ def value(text: str, name: str) -> float:
 
 def test_teacher_metrics_count_requests_rows_batches_and_errors(start_teacher):
     port = procs.free_port()
-    teacher = start_teacher(f"{procs.TEACHERS}:softmax", "--metrics-port", str(port))
+    teacher = start_teacher(f"{procs.TEACHERS}:softmax", "--metrics-port", str(port), "--instances", "2")
     client = TeacherClient(teacher.endpoint, timeout=10)
     x = np.ones((8, 784), np.float32)
     ids = [client.submit("predict", {"img": x}) for _ in range(20)]
@@ -44,6 +44,11 @@ def test_teacher_metrics_count_requests_rows_batches_and_errors(start_teacher):
     assert value(text, "zdistill_teacher_model_seconds_count") == value(text, "zdistill_teacher_batch_rows_count")
     assert value(text, 'zdistill_teacher_errors_total{code="bad_request"}') == 1
     assert value(text, "zdistill_teacher_in_flight_requests") == 0
+    assert value(text, "zdistill_teacher_held_bytes") == 0  # every request answered
+    assert value(text, "zdistill_teacher_instances") == 2
+    busy = [value(text, f'zdistill_teacher_instance_busy_seconds_total{{instance="{i}"}}') for i in "01"
+            if f'instance="{i}"' in text]
+    assert busy and sum(busy) == pytest.approx(value(text, "zdistill_teacher_model_seconds_sum"))
 
 
 def test_balancer_and_register_metrics(redis_server, start_teacher, tmp_path):

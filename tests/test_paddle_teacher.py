@@ -160,6 +160,34 @@ def test_pipelined_requests_merge_and_still_match(exported, served) -> None:
         c.close()
 
 
+def test_instances_answer_bit_for_bit_alike(exported, tmp_path_factory) -> None:
+    """--instances 1, 2 and 4 (cloned predictors sharing the weights, running at once) serve
+    the same bytes for the same requests; each request is its own batch (64 rows, max 64)."""
+    requests = [inputs(64, seed) for seed in range(12)]
+    answers: dict[int, list[np.ndarray]] = {}
+    for n in (1, 2, 4):
+        proc = procs.start_teacher(str(exported.pir_prefix), tmp_path_factory.mktemp(f"instances{n}"), "--threads",
+                                   "1", "--instances", str(n), "--max-batch-size", "64")
+        c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+        try:
+            assert c.meta()["instances"] == n
+            ids = [c.submit("predict", {"img": x}) for x in requests]
+            got: dict = {}
+            while len(got) < len(ids):
+                batch = c.collect(wait=TIMEOUT)
+                assert batch, "teacher stopped answering"
+                got.update({d.req_id: d for d in batch})
+            assert all(got[i].error is None for i in ids), [got[i].error for i in ids]
+            answers[n] = [got[i].result["fetch_name_0"] for i in ids]
+        finally:
+            c.close()
+        stop_cleanly(proc)
+    for n in (2, 4):
+        assert all(np.array_equal(a, b) for a, b in zip(answers[n], answers[1], strict=True)), f"--instances {n}"
+    for x, got in zip(requests, answers[1], strict=True):
+        np.testing.assert_allclose(got, exported.predict(x), rtol=RTOL, atol=ATOL)
+
+
 def test_meta_reports_feeds_and_fetches(exported, served) -> None:
     c = TeacherClient(served.endpoint, timeout=TIMEOUT)
     try:
@@ -170,6 +198,7 @@ def test_meta_reports_feeds_and_fetches(exported, served) -> None:
     assert meta["fetches"] == [{"name": "fetch_name_0", "dtype": "float32", "shape": [10]}]
     assert meta["device"] == "cpu"
     assert meta["max_batch_size"] == 256
+    assert meta["instances"] == 1 and meta["thread_safe"] is True
     assert "paddle inference model" in meta["description"] and "mlp.json" in meta["description"]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,9 +123,13 @@ def test_meta_describes_the_model(client) -> None:
     assert meta["max_batch_size"] == 64
     assert meta["max_delay_ms"] == 0
     assert meta["device"] == "cpu"
+    assert meta["instances"] == 1 and meta["thread_safe"] is True  # auto: one instance on a CPU
+    assert meta["max_message_bytes"] == 128 * 2**20 and meta["max_queue_bytes"] == 512 * 2**20
     assert "teachers.py:softmax" in meta["description"] and "softmax(img @ W)" in meta["description"]
-    counters = {"requests", "rows", "batches", "merged_batches", "max_batch_rows", "model_seconds", "queued", "errors"}
+    counters = {"requests", "rows", "batches", "merged_batches", "max_batch_rows", "model_seconds", "queued", "errors",
+                "instance_seconds", "held_bytes", "dropped_replies"}
     assert counters <= set(meta["stats"])
+    assert len(meta["stats"]["instance_seconds"]) == 1
 
 
 def test_ping(client) -> None:
@@ -163,6 +168,40 @@ def test_file_model_with_two_feeds(start_teacher, tmp_path) -> None:
         np.testing.assert_allclose(c.predict({"a": a, "b": np.ones((2, 2), np.int64)})["s"], a.sum(1) + 2)
     finally:
         c.close()
+
+
+def test_a_request_over_max_message_mb_in_all_its_arrays_is_too_large(start_teacher, tmp_path) -> None:
+    """--max-message-mb bounds all arrays of a request together, not each one: two arrays
+    each under the bound but over it together get too_large; a smaller request is served."""
+    model = tmp_path / "two_feed.py"
+    model.write_text(TWO_FEED_SOURCE)
+    proc = start_teacher(f"{model}:add", "--max-message-mb", str(2000 / 2**20))  # 2000 bytes
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        a = np.ones((20, 3), np.float32)  # 240 bytes
+        with pytest.raises(TeacherError, match="more than the teacher's --max-message-mb") as info:
+            c.predict({"a": a, "b": np.ones((20, 12), np.int64)})  # + 1920 bytes
+        assert info.value.code == "too_large"
+        np.testing.assert_allclose(c.predict({"a": a, "b": np.ones((20, 2), np.int64)})["s"], 5.0)
+    finally:
+        c.close()
+
+
+def test_the_readme_teacher_function_runs_as_pasted(start_teacher, tmp_path) -> None:
+    """The README's ``teacher_function`` example, copied into a file as it stands, is served."""
+    readme = (procs.REPO / "README.md").read_text()
+    section = readme[readme.index("### `zdistill-teacher`"):]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = textwrap.dedent(section[start : section.index("```", start)])
+    (tmp_path / "readme_teacher.py").write_text(snippet)
+    proc = start_teacher(f"{tmp_path / 'readme_teacher.py'}:predict")
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        prob = c.predict({"img": rows(5, 3)})["prob"]
+    finally:
+        c.close()
+    assert prob.shape == (3, 10)
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-5)
 
 
 # -- the dynamic batcher --------------------------------------------------------------------------
@@ -323,34 +362,40 @@ def test_one_bad_request_in_a_merged_batch_spares_the_others(fragile_teacher) ->
 # -- shutdown -----------------------------------------------------------------------------------
 
 
-def test_sigterm_answers_every_request_in_flight_and_exits_0(start_teacher) -> None:
-    """Requests sent before SIGTERM are all answered, including those still queued in the socket
-    (not yet read by the server) when the signal comes; one sent after the teacher has taken
-    its last requests gets ``shutting_down``; then the process exits with status 0.
+def test_sigterm_answers_what_runs_refuses_what_waits_and_exits_0(start_teacher) -> None:
+    """On SIGTERM the batch running is answered; the requests queued behind it, and one sent
+    after the teacher has started refusing, get ``shutting_down`` (a client resends them
+    elsewhere at once); none is lost; then the process exits with status 0.
 
-    Order of events, each awaited, none slept for: wave 1 is read by the server; its first
-    answer shows the model busy; wave 2 lands in the socket unread and SIGTERM follows at
-    once (the model still has ~300 ms of wave 1 to do); the first answer to wave 2 proves
-    the server has read its last requests, so a request sent then must be refused.
+    Order of events, each awaited, none slept for: eight 1-row requests reach a teacher that
+    runs one per 100 ms; the first answer shows the model busy with the next one and the
+    rest queued; SIGTERM follows at once; the first refusal proves the teacher refuses, so a
+    request sent then must be refused too.
     """
-    proc = start_teacher(SLOW, "--max-batch-size", "1", env={"ZDISTILL_TEST_DELAY_MS": "100"})
+    proc = start_teacher(SLOW, "--max-batch-size", "1", "--instances", "1", env={"ZDISTILL_TEST_DELAY_MS": "100"})
     c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
     try:
-        wave1 = {c.submit("predict", {"img": rows(j, 1)}): rows(j, 1) for j in range(4)}
+        sent = {c.submit("predict", {"img": rows(j, 1)}): rows(j, 1) for j in range(8)}
         done = {d.req_id: d for d in c.collect(wait=TIMEOUT)}
-        assert done, "no answer to the first wave"
-        wave2 = {c.submit("predict", {"img": rows(j, 1)}): rows(j, 1) for j in range(4, 8)}
+        assert done, "no answer to the first request"
         proc.popen.send_signal(signal.SIGTERM)
         late: int | None = None
         end = time.monotonic() + TIMEOUT
-        while len(done) < len(wave1) + len(wave2) + (late is not None) and time.monotonic() < end:
+        while len(done) < len(sent) + (late is not None) and time.monotonic() < end:
             done.update({d.req_id: d for d in c.collect(wait=0.1)})
-            if late is None and set(done) & set(wave2):
+            refused = any(d.error is not None for d in done.values())
+            if late is None and refused:
                 late = c.submit("predict", {"img": rows(0, 1)})
-        for req_id, x in {**wave1, **wave2}.items():
-            assert req_id in done, "an in-flight request was never answered"
-            assert done[req_id].error is None, done[req_id].error
-            np.testing.assert_allclose(done[req_id].result["prob"], softmax_np(x), rtol=RTOL, atol=ATOL)
+        codes = []
+        for req_id, x in sent.items():
+            assert req_id in done, "a request was never answered"
+            if done[req_id].error is None:
+                np.testing.assert_allclose(done[req_id].result["prob"], softmax_np(x), rtol=RTOL, atol=ATOL)
+            else:
+                assert isinstance(done[req_id].error, TeacherError), done[req_id].error
+                codes.append(done[req_id].error.code)
+        assert codes and set(codes) == {"shutting_down"}, codes
+        assert len(codes) >= 4, "the queued requests were run, not refused"
         assert late in done, "the late request got no reply"
         assert isinstance(done[late].error, TeacherError) and done[late].error.code == "shutting_down"
         assert proc.popen.wait(TIMEOUT) == 0
@@ -383,14 +428,17 @@ def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         ("zdistill_no_such_module_xyz:fn", "cannot import module 'zdistill_no_such_module_xyz'"),
         ("/nonexistent/dir/file.py:fn", "does not exist"),
         ("/nonexistent/model/prefix", "no saved Paddle model"),
+        (str(procs.TEACHERS), f"is a Python file: name the teacher function too, as {procs.TEACHERS}:function"),
+        (f"{procs.TEACHERS}:", f"names no function: give it after the colon, as {procs.TEACHERS}:function"),
     ],
-    ids=["no function", "undeclared function", "no module", "no file", "no paddle model"],
+    ids=["no function", "undeclared function", "no module", "no file", "no paddle model", "file without function",
+         "file and colon without function"],
 )
 def test_cli_rejects_a_bad_model_with_exit_2(model: str, says: str) -> None:
     result = run_cli("--model", model)
     assert result.returncode == 2, result.stderr
     assert says in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 BROKEN_MODELS = {
@@ -419,11 +467,21 @@ def test_cli_rejects_a_model_file_that_cannot_serve(tmp_path: Path, source: str,
     assert says in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flags", [["--max-batch-size", "0"], ["--gpu-ids", "zero"]])
-def test_cli_rejects_bad_flags_with_exit_2(flags: list[str]) -> None:
+BAD_FLAGS = {
+    "max batch 0": (["--max-batch-size", "0"], "max batch size must be at least 1"),
+    "gpu ids not numbers": (["--gpu-ids", "zero"], "--gpu-ids must be a comma list"),
+    "0 instances": (["--instances", "0"], "--instances must be auto or a count from 1 to 64"),
+    "instances not a number": (["--instances", "many"], "--instances must be auto or a count"),
+    "message over the queue": (["--max-message-mb", "64", "--max-queue-mb", "32"], "raise --max-queue-mb"),
+    "queue of 0": (["--max-queue-mb", "0"], "must be positive"),
+}
+
+
+@pytest.mark.parametrize("flags, says", list(BAD_FLAGS.values()), ids=list(BAD_FLAGS))
+def test_cli_rejects_bad_flags_with_exit_2(flags: list[str], says: str) -> None:
     result = run_cli("--model", SOFTMAX, *flags)
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cli_port_in_use_is_a_clear_error(softmax_teacher) -> None:

@@ -1,0 +1,205 @@
+"""The teacher's batcher as pure bookkeeping: batching rule, FIFO by the oldest request, fair eviction.
+
+The rule is checked on small cases, then on random sequences of adds, takes and evictions
+against a reference that scans the whole queue the obvious way (what the batcher did when
+its cost grew with the square of the queue).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zdistill.batcher import Batcher, Request
+
+
+def req(width: int, rows: int = 1, peer: bytes = b"p", arrived: float = 0.0, req_id: int = 0) -> Request:
+    """A request of ``rows`` rows of a variable-size feed ``width`` wide (its shape key)."""
+    return Request([peer], req_id, {"x": np.zeros((rows, width), np.float32)}, rows, arrived)
+
+
+def ids(batch: list[Request] | None) -> list[int]:
+    assert batch is not None
+    return [r.req_id for r in batch]
+
+
+def test_batches_start_with_the_oldest_request_and_take_its_shape_in_order() -> None:
+    b = Batcher(max_rows=8, max_delay=0.0)
+    for i, width in enumerate([1, 2, 1, 3, 2, 1]):
+        b.add(req(width, req_id=i))
+    assert ids(b.take(0.0)) == [0, 2, 5]
+    assert ids(b.take(0.0)) == [1, 4]
+    assert ids(b.take(0.0)) == [3]
+    assert b.take(0.0) is None and len(b) == 0 and b.queued_bytes == 0
+    assert (b.stats.batches, b.stats.requests, b.stats.merged_batches, b.stats.max_batch_rows) == (3, 6, 2, 3)
+
+
+def test_a_batch_stops_at_the_first_request_that_does_not_fit() -> None:
+    b = Batcher(max_rows=5, max_delay=0.0)
+    for i, rows in enumerate([2, 2, 3, 1]):
+        b.add(req(1, rows, req_id=i))
+    assert ids(b.take(0.0)) == [0, 1]  # the 1-row request behind the 3-row one waits its turn
+    assert ids(b.take(0.0)) == [2, 3]
+
+
+def test_max_delay_holds_a_partial_batch_until_its_oldest_request_is_due() -> None:
+    b = Batcher(max_rows=4, max_delay=1.0)
+    b.add(req(1, 2, arrived=10.0, req_id=0))
+    assert b.take(10.5) is None
+    assert ids(b.take(10.5, force=True)) == [0]
+    b.add(req(1, 2, arrived=20.0, req_id=1))
+    b.add(req(1, 2, arrived=20.1, req_id=2))
+    assert ids(b.take(20.2)) == [1, 2]  # full: no need to wait
+    b.add(req(1, 1, arrived=30.0, req_id=3))
+    assert ids(b.take(31.0)) == [3]
+
+
+def test_make_room_takes_the_newest_requests_of_the_peer_holding_the_most() -> None:
+    b = Batcher(max_rows=256, max_delay=0.0)
+    for i in range(4):
+        b.add(req(100, peer=b"flood", req_id=i))  # 400 bytes each
+    b.add(req(100, peer=b"calm", req_id=10))
+    evicted = b.make_room(b"calm", 400, need=700)
+    assert ids(evicted) == [3, 2]  # newest first, until enough is free
+    assert len(b) == 3 and b.queued_bytes == 1200
+    assert ids(b.take(0.0)) == [0, 1, 10]  # evicted requests are gone from the batches too
+
+
+def test_an_evicted_head_leaves_the_next_oldest_request_first() -> None:
+    b = Batcher(max_rows=8, max_delay=0.0)
+    b.add(req(1, 5, peer=b"x", req_id=0))  # the head of width 1, and x's only request
+    b.add(req(2, 1, peer=b"y", req_id=1))
+    b.add(req(1, 1, peer=b"y", req_id=2))
+    assert ids(b.make_room(b"z", 4, need=1)) == [0]
+    assert ids(b.take(0.0)) == [1]  # now the oldest; width 1 must not keep request 0's place
+    assert ids(b.take(0.0)) == [2]
+
+
+def test_make_room_never_takes_from_a_peer_holding_no_more_than_the_newcomer() -> None:
+    b = Batcher(max_rows=256, max_delay=0.0)
+    b.add(req(100, peer=b"a", req_id=0))
+    b.add(req(100, peer=b"b", req_id=1))
+    assert b.make_room(b"b", 400, need=400) == []  # a holds 400, b would hold 800
+    assert b.make_room(b"a", 400, need=400) == []  # the newcomer's own requests are never taken
+    assert len(b) == 2
+
+
+def test_close_returns_what_waits_and_wakes_the_instances() -> None:
+    b = Batcher(max_rows=4, max_delay=60.0)
+    b.add(req(1, req_id=0, arrived=time.monotonic()))  # not due for a minute: the waiter waits
+    b.add(req(2, req_id=1, arrived=time.monotonic()))
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(b.next_batch()))
+    waiter.start()
+    assert ids(b.close()) == [0, 1]
+    waiter.join(10)
+    assert not waiter.is_alive() and got == [None]
+    assert len(b) == 0 and b.take(0.0, force=True) is None
+
+
+def test_a_burst_wakes_one_instance_and_each_wakes_the_next_while_work_is_left() -> None:
+    """wake() after a burst of adds: one waiting instance takes the first batch and, as
+    requests are left, wakes another, which takes the second."""
+    b = Batcher(max_rows=2, max_delay=0.0)
+    got: list[list[int]] = []
+    waiters = [threading.Thread(target=lambda: got.append(ids(b.next_batch()))) for _ in range(2)]
+    for waiter in waiters:
+        waiter.start()
+    for i, width in enumerate([1, 1, 2]):
+        b.add(req(width, req_id=i))
+    b.wake()
+    for waiter in waiters:
+        waiter.join(10)
+    assert not any(w.is_alive() for w in waiters) and sorted(got) == [[0, 1], [2]]
+
+
+class Reference:
+    """The batching rule the obvious way: one list, scanned whole at every step.
+
+    Among peers holding the same bytes, the victim of an eviction is the one that has
+    held requests the longest without a break (``order``).
+    """
+
+    def __init__(self, max_rows: int, max_delay: float) -> None:
+        self.max_rows, self.max_delay = max_rows, max_delay
+        self.queue: list[Request] = []
+        self.order: list[bytes] = []
+
+    def add(self, r: Request) -> None:
+        if all(q.peer != r.peer for q in self.queue):
+            self.order.append(r.peer)
+        self.queue.append(r)
+
+    def remove(self, gone: list[Request]) -> None:
+        self.queue = [r for r in self.queue if r not in gone]
+        self.order = [p for p in self.order if any(r.peer == p for r in self.queue)]
+
+    def take(self, now: float, force: bool) -> list[int] | None:
+        if not self.queue:
+            return None
+        head = self.queue[0]
+        same = [r for r in self.queue if r.key == head.key]
+        batch, rows = [], 0
+        for r in same:
+            if rows + r.rows > self.max_rows:
+                break
+            batch.append(r)
+            rows += r.rows
+        full = sum(r.rows for r in same) >= self.max_rows
+        if not (full or force or now >= head.arrived + self.max_delay):
+            return None
+        self.remove(batch)
+        return [r.req_id for r in batch]
+
+    def make_room(self, peer: bytes, nbytes: int, need: int) -> list[int]:
+        evicted = []
+        while need > 0 and self.queue:
+            held = {p: sum(r.nbytes for r in self.queue if r.peer == p) for p in self.order}
+            victim = max(self.order, key=held.__getitem__)
+            if victim == peer or held[victim] <= held.get(peer, 0) + nbytes:
+                break
+            newest = [r for r in self.queue if r.peer == victim][-1]
+            self.remove([newest])
+            evicted.append(newest.req_id)
+            need -= newest.nbytes
+        return evicted
+
+
+PEERS = st.sampled_from([b"a", b"b", b"c"])
+ADD = st.tuples(st.just("add"), st.integers(1, 4), st.integers(1, 5), PEERS)
+OPS = st.lists(
+    st.one_of(ADD, ADD, ADD, st.tuples(st.just("take"), st.booleans()),
+              st.tuples(st.just("room"), PEERS, st.integers(1, 100))),
+    min_size=10, max_size=120,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(ops=OPS, max_rows=st.integers(1, 8), delay=st.sampled_from([0.0, 2.5, 50.0]))
+def test_the_batcher_forms_the_same_batches_as_the_reference(ops, max_rows: int, delay: float) -> None:
+    b, ref = Batcher(max_rows, delay), Reference(max_rows, delay)
+    now = 0.0
+    for i, op in enumerate(ops):
+        now += 1.0
+        if op[0] == "add":
+            _, width, rows, peer = op
+            if rows > max_rows:  # the server refuses those before they reach the batcher
+                continue
+            r = req(width, rows, peer, arrived=now, req_id=i)
+            b.add(r)
+            ref.add(r)
+        elif op[0] == "take":
+            got = b.take(now, force=op[1])
+            assert (None if got is None else ids(got)) == ref.take(now, op[1])
+        else:
+            _, peer, need = op
+            assert ids(b.make_room(peer, 4, need)) == ref.make_room(peer, 4, need)
+        assert len(b) == len(ref.queue)
+        assert b.queued_bytes == sum(r.nbytes for r in ref.queue)
+    while (got := b.take(now, force=True)) is not None:
+        assert ids(got) == ref.take(now, True)
+    assert ref.queue == []
