@@ -20,8 +20,10 @@ What the other ``vocab_size - k`` tokens get is a choice (``rest``):
 - ``"drop"``: the other tokens get ``-inf`` (probability 0) and the top-k are
   renormalised to sum to 1.  Use it for raw top-k logits (which carry no
   full-vocabulary normaliser) or to distil on the teacher's top-k support only.  The
-  KL loss must then treat ``0 * log 0`` as 0 (``torch.nn.functional.kl_div`` with
-  ``log_target=True`` does; a hand-written ``p * (log p - log q)`` gives NaN).
+  KL loss must then treat ``0 * log 0`` as 0: give PyTorch's ``kl_div`` probabilities
+  (``exp`` of this array, ``log_target=False``), or use ``cross_entropy`` with them as
+  soft targets (the same gradient); ``kl_div(..., log_target=True)`` and a hand-written
+  ``p * (log p - log q)`` give NaN for the ``-inf`` entries.
 
 A dense batch is big (32 sequences x 128 tokens x 50,257 float32 = 823 MB), so pass
 ``out`` to reuse one array across batches instead of allocating one per batch.
