@@ -323,34 +323,40 @@ def test_one_bad_request_in_a_merged_batch_spares_the_others(fragile_teacher) ->
 # -- shutdown -----------------------------------------------------------------------------------
 
 
-def test_sigterm_answers_every_request_in_flight_and_exits_0(start_teacher) -> None:
-    """Requests sent before SIGTERM are all answered, including those still queued in the socket
-    (not yet read by the server) when the signal comes; one sent after the teacher has taken
-    its last requests gets ``shutting_down``; then the process exits with status 0.
+def test_sigterm_answers_what_runs_refuses_what_waits_and_exits_0(start_teacher) -> None:
+    """On SIGTERM the batch running is answered; the requests queued behind it, and one sent
+    after the teacher has started refusing, get ``shutting_down`` (a client resends them
+    elsewhere at once); none is lost; then the process exits with status 0.
 
-    Order of events, each awaited, none slept for: wave 1 is read by the server; its first
-    answer shows the model busy; wave 2 lands in the socket unread and SIGTERM follows at
-    once (the model still has ~300 ms of wave 1 to do); the first answer to wave 2 proves
-    the server has read its last requests, so a request sent then must be refused.
+    Order of events, each awaited, none slept for: eight 1-row requests reach a teacher that
+    runs one per 100 ms; the first answer shows the model busy with the next one and the
+    rest queued; SIGTERM follows at once; the first refusal proves the teacher refuses, so a
+    request sent then must be refused too.
     """
-    proc = start_teacher(SLOW, "--max-batch-size", "1", env={"ZDISTILL_TEST_DELAY_MS": "100"})
+    proc = start_teacher(SLOW, "--max-batch-size", "1", "--instances", "1", env={"ZDISTILL_TEST_DELAY_MS": "100"})
     c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
     try:
-        wave1 = {c.submit("predict", {"img": rows(j, 1)}): rows(j, 1) for j in range(4)}
+        sent = {c.submit("predict", {"img": rows(j, 1)}): rows(j, 1) for j in range(8)}
         done = {d.req_id: d for d in c.collect(wait=TIMEOUT)}
-        assert done, "no answer to the first wave"
-        wave2 = {c.submit("predict", {"img": rows(j, 1)}): rows(j, 1) for j in range(4, 8)}
+        assert done, "no answer to the first request"
         proc.popen.send_signal(signal.SIGTERM)
         late: int | None = None
         end = time.monotonic() + TIMEOUT
-        while len(done) < len(wave1) + len(wave2) + (late is not None) and time.monotonic() < end:
+        while len(done) < len(sent) + (late is not None) and time.monotonic() < end:
             done.update({d.req_id: d for d in c.collect(wait=0.1)})
-            if late is None and set(done) & set(wave2):
+            refused = any(d.error is not None for d in done.values())
+            if late is None and refused:
                 late = c.submit("predict", {"img": rows(0, 1)})
-        for req_id, x in {**wave1, **wave2}.items():
-            assert req_id in done, "an in-flight request was never answered"
-            assert done[req_id].error is None, done[req_id].error
-            np.testing.assert_allclose(done[req_id].result["prob"], softmax_np(x), rtol=RTOL, atol=ATOL)
+        codes = []
+        for req_id, x in sent.items():
+            assert req_id in done, "a request was never answered"
+            if done[req_id].error is None:
+                np.testing.assert_allclose(done[req_id].result["prob"], softmax_np(x), rtol=RTOL, atol=ATOL)
+            else:
+                assert isinstance(done[req_id].error, TeacherError), done[req_id].error
+                codes.append(done[req_id].error.code)
+        assert codes and set(codes) == {"shutting_down"}, codes
+        assert len(codes) >= 4, "the queued requests were run, not refused"
         assert late in done, "the late request got no reply"
         assert isinstance(done[late].error, TeacherError) and done[late].error.code == "shutting_down"
         assert proc.popen.wait(TIMEOUT) == 0

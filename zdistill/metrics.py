@@ -61,7 +61,7 @@ def _make(kind: type, registry: object, *args: object, **kwargs: object) -> obje
 
 
 class TeacherMetrics(_Metrics):
-    """``zdistill-teacher``: requests, rows, formed batches, waits, model time, errors."""
+    """``zdistill-teacher``: requests, rows, formed batches, waits, model time per instance, errors, memory."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,8 +76,15 @@ class TeacherMetrics(_Metrics):
                                 "Time a request waited for its batch to start", buckets=_TIME_BUCKETS)
         self.model_time = _make(Histogram, r, "zdistill_teacher_model_seconds", "Time of one model call",
                                 buckets=_TIME_BUCKETS)
+        self.instance_seconds = _make(Counter, r, "zdistill_teacher_instance_busy_seconds",
+                                      "Time in model calls, by model instance", ["instance"])
+        self.instances = _make(Gauge, r, "zdistill_teacher_instances", "Model instances (--instances)")
         self.errors = _make(Counter, r, "zdistill_teacher_errors", "Error replies, by code", ["code"])
+        self.dropped_replies = _make(Counter, r, "zdistill_teacher_dropped_replies",
+                                     "Replies dropped: the client had disconnected or was not reading")
         self.in_flight = _make(Gauge, r, "zdistill_teacher_in_flight_requests", "Requests waiting for the model")
+        self.held_bytes = _make(Gauge, r, "zdistill_teacher_held_bytes",
+                                "Bytes of requests held, queued or running (bounded by --max-queue-mb)")
 
 
 class BalancerMetrics(_Metrics):

@@ -9,10 +9,12 @@ what the teacher reports in ``meta`` and checks every request against.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -51,15 +53,25 @@ class TensorSpec:
 
 
 class Model(Protocol):
-    """The interface the teacher server needs from any model."""
+    """The interface the teacher server needs from any model.
+
+    The teacher runs ``--instances`` copies of a model, each in its own thread: the first
+    is the loaded model, the others come from :meth:`clone`.  ``thread_safe`` says whether
+    two instances may run at the same time (the teacher reports it in ``meta``).
+    """
 
     feeds: list[TensorSpec]
     fetches: list[TensorSpec]
     description: str
     device: str
+    thread_safe: bool
 
     def run(self, feeds: Arrays) -> Arrays:
         """Run one batch: every feed has the same number of rows; so must every fetch."""
+        ...
+
+    def clone(self) -> Model:
+        """Another instance for another thread, sharing this one's weights."""
         ...
 
 
@@ -82,53 +94,84 @@ def teacher_function(
     feeds: Mapping[str, tuple[str, Sequence[int]]],
     fetches: Mapping[str, tuple[str, Sequence[int]]],
     description: str = "",
+    thread_safe: bool = True,
 ) -> Callable[[Callable[[Arrays], Arrays]], Callable[[Arrays], Arrays]]:
     """Declare a Python function as a teacher model.
 
     ``feeds`` and ``fetches`` map each name to ``(dtype, per_row_shape)``; use -1 for
     a size that varies.  Example::
 
+        import numpy as np
+        import zdistill
+
+        W = np.random.default_rng(0).standard_normal((784, 10)).astype(np.float32)
+
+        def softmax(z):
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            return e / e.sum(axis=1, keepdims=True)
+
         @zdistill.teacher_function(feeds={"img": ("float32", [784])},
                                    fetches={"prob": ("float32", [10])})
         def predict(batch):
             return {"prob": softmax(batch["img"] @ W)}
 
-    and serve it with ``zdistill-teacher --model mymodule:predict``.
+    and serve it with ``zdistill-teacher --model mymodule:predict`` (or ``file.py:predict``).
+
+    Threads: with ``zdistill-teacher --instances N`` the function is called from N
+    threads at once, each with its own batch.  It must then not change shared state
+    without a lock (reading weights is fine; numpy and PyTorch inference are), and it
+    must not keep its input arrays after it returns: they are read-only, and a merged
+    batch's memory is reused for the instance's next batch (an output that is a view of
+    an input is copied before the reply).  A function that cannot run twice at once
+    declares ``thread_safe=False``: its calls are then serialised, while the other
+    instances still merge inputs and the server still splits and sends replies meanwhile.
     """
     feed_specs, fetch_specs = _specs(feeds, "feed"), _specs(fetches, "fetch")
 
     def mark(fn: Callable[[Arrays], Arrays]) -> Callable[[Arrays], Arrays]:
-        fn.zdistill_spec = (feed_specs, fetch_specs, description or fn.__doc__ or "")  # type: ignore[attr-defined]
+        fn.zdistill_spec = (feed_specs, fetch_specs, description or fn.__doc__ or "", bool(thread_safe))  # type: ignore[attr-defined]
         return fn
 
     return mark
 
 
 class CallableModel:
-    """A Python function declared with :func:`teacher_function`, run in the server's thread."""
+    """A Python function declared with :func:`teacher_function`.
 
-    device = "cpu"
+    All instances share the one function (:meth:`clone` returns the model itself); a
+    function declared ``thread_safe=False`` is called under a lock, one call at a time.
+    ``device`` is what the operator said with ``--gpu-ids`` (the function itself decides
+    where it computes), else ``cpu``.
+    """
 
-    def __init__(self, fn: Callable[[Arrays], Arrays], origin: str) -> None:
+    def __init__(self, fn: Callable[[Arrays], Arrays], origin: str, device: str = "cpu") -> None:
         spec = getattr(fn, "zdistill_spec", None)
         if spec is None:
             raise ConfigError(
                 f"{origin} does not declare its feeds and fetches: decorate it with "
                 "@zdistill.teacher_function(feeds={...}, fetches={...})"
             )
-        self.feeds, self.fetches, doc = spec
+        self.feeds, self.fetches, doc, self.thread_safe = spec
         self.description = f"python callable {origin}" + (f": {doc.strip().splitlines()[0]}" if doc.strip() else "")
+        self.device = device
         self._fn = fn
+        self._serial = contextlib.nullcontext() if self.thread_safe else threading.Lock()
 
     def run(self, feeds: Arrays) -> Arrays:
-        out = self._fn(feeds)
+        with self._serial:
+            out = self._fn(feeds)
         if not isinstance(out, Mapping):
             raise TypeError(f"the teacher function returned {type(out).__name__}, not a dict of arrays")
         return {spec.name: np.asarray(out[spec.name], dtype=spec.dtype) for spec in self.fetches}
 
+    def clone(self) -> CallableModel:
+        return self
 
-def _load_callable(target: str) -> CallableModel:
+
+def _load_callable(target: str, device: str) -> CallableModel:
     where, _, attr = target.rpartition(":")
+    if not attr:
+        raise ConfigError(f"--model {target!r} names no function: give it after the colon, as {where}:function")
     if where.endswith(".py") or os.sep in where:
         if not os.path.isfile(where):
             raise ConfigError(f"model file {where!r} does not exist")
@@ -151,7 +194,7 @@ def _load_callable(target: str) -> CallableModel:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"{where!r} has no callable named {attr!r}")
-    return CallableModel(fn, target)
+    return CallableModel(fn, target, device)
 
 
 def load_model(target: str, gpu_ids: Sequence[int] = (), threads: int = 1) -> Model:
@@ -161,7 +204,9 @@ def load_model(target: str, gpu_ids: Sequence[int] = (), threads: int = 1) -> Mo
     folder holding exactly one model.
     """
     if ":" in target and not os.path.exists(target):
-        return _load_callable(target)
+        return _load_callable(target, f"gpu:{gpu_ids[0]}" if gpu_ids else "cpu")
+    if target.endswith(".py"):
+        raise ConfigError(f"--model {target!r} is a Python file: name the teacher function too, as {target}:function")
     from zdistill.paddle_model import PaddleModel  # Paddle only when a Paddle model is served
 
     return PaddleModel(target, gpu_ids=gpu_ids, threads=threads)

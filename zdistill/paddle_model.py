@@ -10,6 +10,7 @@ names are whatever the predictor reports (``fetch_name_0`` for Paddle 3 models).
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import logging
@@ -94,7 +95,13 @@ def _collect_pir_data_ops(node: Any, found: dict[str, tuple[str, list[int]]]) ->
 
 
 class PaddleModel:
-    """One ``paddle.inference`` predictor: on a GPU when asked and available, else CPU + oneDNN."""
+    """One ``paddle.inference`` predictor: on a GPU when asked and available, else CPU + oneDNN.
+
+    A predictor must not run in two threads at once; each model instance of the teacher
+    is a :meth:`clone` with a predictor of its own, so the instances are thread-safe.
+    """
+
+    thread_safe = True
 
     def __init__(self, target: str, gpu_ids: Sequence[int] = (), threads: int = 1) -> None:
         program, params = resolve_model_files(target)  # before importing Paddle: a wrong path is the common error
@@ -121,15 +128,26 @@ class PaddleModel:
             config.set_cpu_math_library_num_threads(max(1, threads))
             self.device = "cpu"
         try:
-            self._predictor = inference.create_predictor(config)
+            self._bind(inference.create_predictor(config))
         except Exception as exc:  # Paddle raises its own types for a corrupt or incompatible program
             raise ConfigError(f"Paddle cannot load {program}: {type(exc).__name__}: {exc}") from None
-        self._inputs = {n: self._predictor.get_input_handle(n) for n in self._predictor.get_input_names()}
-        self._outputs = {n: self._predictor.get_output_handle(n) for n in self._predictor.get_output_names()}
         self.feeds = read_feed_specs(program, list(self._inputs))
         warm = self.run({spec.name: spec.example(1) for spec in self.feeds})
         self.fetches = [TensorSpec(n, a.dtype.name, tuple(a.shape[1:])) for n, a in warm.items()]
         self.description = f"paddle inference model {program} (Paddle {paddle.__version__})"
+
+    def clone(self) -> PaddleModel:
+        """Another predictor for another thread: Paddle's ``clone()`` shares the weights (one
+        copy in memory, on the GPU too) and gives the clone its own input, output and
+        intermediate tensors, so the instances can run at the same time."""
+        twin = copy.copy(self)
+        twin._bind(self._predictor.clone())
+        return twin
+
+    def _bind(self, predictor: Any) -> None:
+        self._predictor = predictor
+        self._inputs = {n: predictor.get_input_handle(n) for n in predictor.get_input_names()}
+        self._outputs = {n: predictor.get_output_handle(n) for n in predictor.get_output_names()}
 
     def run(self, feeds: Arrays) -> Arrays:
         for name, handle in self._inputs.items():

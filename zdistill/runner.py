@@ -1,34 +1,39 @@
-"""The teacher's model thread: runs batches while the socket thread keeps receiving and replying.
+"""The teacher's model instances: threads that each pull the next batch as soon as they are free.
 
-A teacher that received, ran and replied in one thread left its model idle during
-every receive and reply (about 5% of a 10 ms GPU call, more for shorter ones).  Here
-one thread owns the model and runs the batches it is handed, one at a time; the
-socket thread forms the next batch meanwhile, so the model always has work when
-there is any.  The model's own calls (Paddle's predictor, numpy) release the GIL.
+One model thread ran copy-in, compute and copy-out back to back, so a GPU idled during
+every copy and every Python step between two calls, and a partial batch waited in the
+socket thread while the model was busy.  Here ``--instances N`` threads each own one
+instance of the model (Paddle predictors cloned from one another share the weights; a
+Python function is called from every thread, see :func:`zdistill.teacher_function`),
+and each takes its next batch from the :class:`~zdistill.batcher.Batcher` the moment it
+is free, formed then from everything queued (Triton's instance groups).  While one
+instance copies or runs Python, another computes.  The model calls (Paddle's predictor,
+numpy, PyTorch) release the GIL.
 
-Hand-over: :meth:`ModelRunner.submit` puts a batch on a queue; the model thread puts
-each finished batch's outputs on a deque and writes one byte to an inproc socket,
-which the socket thread polls along with its ROUTER.  The socket thread then cuts the
-outputs per request and records the metrics while the model already runs the next
-batch: between two calls the model thread does only what it must (that cut the
-pause between two calls of a fixed 10 ms model from ~165 to ~125 us).  No lock guards
-anything else: the model belongs to the model thread; the socket, the batcher and the
-metrics to the socket thread.
+A merged batch is copied once, into a buffer per feed that the instance reuses from
+batch to batch (:class:`MergeBuffers`): ``np.concatenate`` into fresh memory made the
+kernel map and zero new pages for every batch.  A batch of one request is not copied.
+
+Hand-over back: an instance appends what it finished to a deque and pushes one byte on
+an inproc socket that the socket thread polls beside its ROUTER; the socket thread cuts
+the outputs per request, records the metrics and replies, while the instance already
+runs its next batch.  The model instances belong to their threads; the socket, the
+replies and the metrics to the socket thread; the queue to the batcher (its own lock).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
-from zdistill.batcher import Request, merge
+from zdistill.batcher import Batcher, Request
 from zdistill.metrics import TeacherMetrics
 from zdistill.model import Arrays, Model
 
@@ -39,90 +44,161 @@ Result = tuple[Request, Arrays | Exception]
 
 @dataclass
 class Finished:
-    """Requests the model ran together, and what came out (or the exception it raised)."""
+    """Requests an instance ran together, and what came out (or the exception it raised)."""
 
     requests: list[Request]
     outcome: Arrays | Exception
+    instance: int
+    taken: float  # when the instance took the batch (monotonic)
     seconds: float  # the model call's duration (0 when it failed)
 
 
-class ModelRunner:
-    """One thread that runs the model on the batches it is given (see the module docstring)."""
+class MergeBuffers:
+    """One instance's reusable input buffers: a merged batch is copied once, into memory already mapped.
 
-    def __init__(self, model: Model, context: zmq.Context, metrics: TeacherMetrics) -> None:
-        self.model = model
+    Each feed's buffer grows to the largest batch seen (at most ``--max-batch-size`` rows
+    of that feed) and is then reused, so steady serving allocates nothing per batch.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, np.ndarray] = {}
+
+    def merge(self, batch: list[Request]) -> Arrays:
+        """The feeds of a batch as one array per feed (no copy for a batch of one)."""
+        if len(batch) == 1:
+            return batch[0].feeds
+        merged = {}
+        for name, first in batch[0].feeds.items():
+            rows = sum(r.rows for r in batch)
+            shape = (rows, *first.shape[1:])
+            nbytes = rows * (first.nbytes // len(first))
+            buf = self._buffers.get(name)
+            if buf is None or buf.nbytes < nbytes:
+                buf = self._buffers[name] = np.empty(nbytes, np.uint8)
+            out = buf[:nbytes].view(first.dtype).reshape(shape)
+            np.concatenate([r.feeds[name] for r in batch], out=out)
+            out.flags.writeable = False  # like every input a model gets
+            merged[name] = out
+        return merged
+
+    def holds(self, arr: np.ndarray) -> bool:
+        """Whether ``arr`` may be a view of a buffer the next batch overwrites."""
+        return any(np.may_share_memory(arr, buf) for buf in self._buffers.values())
+
+
+class ModelInstances:
+    """``len(models)`` threads, each running one model instance on the batches it pulls (see the module)."""
+
+    def __init__(self, models: Sequence[Model], batcher: Batcher, context: zmq.Context,
+                 metrics: TeacherMetrics) -> None:
         self.metrics = metrics
-        self.pending = 0  # batches handed over and not yet collected (socket thread's count)
-        self.model_seconds = 0.0  # time spent in successful model calls: the teacher's busy time
-        self._todo: queue.SimpleQueue[list[Request] | None] = queue.SimpleQueue()
+        self.batcher = batcher
+        self.fetches = models[0].fetches
+        self.instance_seconds = [0.0] * len(models)  # time in successful model calls, per instance
         self._done: deque[list[Finished]] = deque()
-        endpoint = f"inproc://zdistill-runner-{id(self)}"
-        self.wake = context.socket(zmq.PAIR)
-        self.wake.bind(endpoint)
-        self._bell = context.socket(zmq.PAIR)
-        self._bell.connect(endpoint)
-        self._thread = threading.Thread(target=self._loop, name="zdistill-model", daemon=True)
-        self._thread.start()
+        self._endpoint = f"inproc://zdistill-instances-{id(self)}"
+        self.wake = context.socket(zmq.PULL)
+        self.wake.bind(self._endpoint)
+        self._context = context
+        self._threads = [
+            threading.Thread(target=self._loop, args=(i, model), name=f"zdistill-model-{i}", daemon=True)
+            for i, model in enumerate(models)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def submit(self, batch: list[Request]) -> None:
-        self.pending += 1
-        self._todo.put(batch)
+    @property
+    def model_seconds(self) -> float:
+        """Time spent in successful model calls, all instances together: the teacher's busy time."""
+        return sum(self.instance_seconds)
 
     def collect(self) -> list[Result]:
-        """Per-request results of the batches finished since the last call."""
+        """Per-request results of the batches finished since the last call (socket thread)."""
         while self.wake.poll(0):
             self.wake.recv()
         results: list[Result] = []
         while self._done:
             for done in self._done.popleft():
                 results.extend(self._split(done))
-            self.pending -= 1
         return results
 
-    def close(self) -> None:
-        """Stop the thread after the batches already handed over; close the sockets."""
-        self._todo.put(None)
-        self._thread.join(30)
+    def running(self) -> bool:
+        """Whether an instance is still at work (after :meth:`Batcher.close`: finishing its batch)."""
+        return any(t.is_alive() for t in self._threads)
+
+    def stop(self, timeout: float) -> list[Result]:
+        """Wait up to ``timeout`` s for the instances to end (close the batcher first); the last results.
+
+        Closes the wake socket; an instance still running then (a hung model call) is
+        left behind, and said so.
+        """
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
+        if self.running():
+            log.warning("a model instance is still running after %.0f s; stopping without its answer", timeout)
+        results = self.collect()
         self.wake.close(linger=0)
+        return results
 
-    def _loop(self) -> None:
-        while (batch := self._todo.get()) is not None:
-            self._done.append(self._run(batch))
-            self._bell.send(b"")
-        self._bell.close(linger=0)
+    # -- in each instance's thread ------------------------------------------
 
-    def _run(self, batch: list[Request]) -> list[Finished]:
+    def _loop(self, index: int, model: Model) -> None:
+        bell = self._context.socket(zmq.PUSH)
+        bell.connect(self._endpoint)
+        buffers = MergeBuffers()
         try:
-            outputs, seconds = self._call(merge(batch), sum(r.rows for r in batch))
+            while (batch := self.batcher.next_batch()) is not None:
+                self._done.append(self._run(index, model, buffers, batch, time.monotonic()))
+                try:
+                    bell.send(b"", zmq.NOBLOCK)
+                except zmq.Again:  # the socket thread has bells unread: it will collect this batch with theirs
+                    pass
+        finally:
+            bell.close(linger=0)
+
+    def _run(self, index: int, model: Model, buffers: MergeBuffers, batch: list[Request],
+             taken: float) -> list[Finished]:
+        try:
+            outputs, seconds = self._call(model, buffers, batch)
         except Exception as exc:  # the model is user code: any failure becomes a reply
             if len(batch) > 1:  # find the request that breaks it; the others still get answers
-                return [done for req in batch for done in self._run([req])]
-            return [Finished(batch, exc, 0.0)]
-        return [Finished(batch, outputs, seconds)]
+                return [done for req in batch for done in self._run(index, model, buffers, [req], taken)]
+            return [Finished(batch, exc, index, taken, 0.0)]
+        return [Finished(batch, outputs, index, taken, seconds)]
 
-    def _call(self, feeds: Arrays, rows: int) -> tuple[Arrays, float]:
+    def _call(self, model: Model, buffers: MergeBuffers, batch: list[Request]) -> tuple[Arrays, float]:
         """The model's outputs, checked to have a row per input row, and how long the model took."""
+        feeds = buffers.merge(batch)
+        rows = sum(r.rows for r in batch)
         started = time.monotonic()
-        outputs = self.model.run(feeds)
+        outputs = model.run(feeds)
         seconds = time.monotonic() - started
         checked = {}
-        for spec in self.model.fetches:
+        for spec in self.fetches:
             out = outputs.get(spec.name)
             if not isinstance(out, np.ndarray) or out.ndim == 0 or out.shape[0] != rows:
                 shape = None if not isinstance(out, np.ndarray) else list(out.shape)
                 raise ValueError(f"output {spec.name!r} has shape {shape}, expected {rows} rows")
-            checked[spec.name] = out
+            checked[spec.name] = out.copy() if buffers.holds(out) else out
         return checked, seconds
 
+    # -- in the socket thread ---------------------------------------------
+
     def _split(self, done: Finished) -> list[Result]:
-        """Per-request results of a finished batch, and its metrics (socket thread)."""
+        """Per-request results of a finished batch, and its metrics."""
         rows = sum(r.rows for r in done.requests)
+        for req in done.requests:
+            self.metrics.queue_wait.observe(max(0.0, done.taken - req.arrived))
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.batch_requests.observe(len(done.requests))
         if isinstance(done.outcome, Exception):
             exc = done.outcome
             log.warning("model failed on a batch of %d rows: %s: %s", rows, type(exc).__name__, exc)
             return [(req, exc) for req in done.requests]
-        self.model_seconds += done.seconds
+        self.instance_seconds[done.instance] += done.seconds
         self.metrics.model_time.observe(done.seconds)
+        self.metrics.instance_seconds.labels(str(done.instance)).inc(done.seconds)
         self.metrics.rows.inc(rows)
         results: list[Result] = []
         start = 0

@@ -8,29 +8,42 @@ request     header / arrays                             reply
 ``predict`` ``{"kind": "predict", "id"}`` + one array   ``{"kind": "result", "id"}`` + one
             per feed, all with the same number of rows  array per fetch, the same rows
 ``meta``    ``{"kind": "meta", "id"}``                  ``{"kind": "meta", ...}``: feeds,
-                                                        fetches, max batch, device, stats
+                                                        fetches, max batch, instances,
+                                                        device, bounds, stats
 ``stats``   ``{"kind": "stats", "id"}``                 ``{"kind": "stats", "stats": {...}}``
 ``ping``    ``{"kind": "ping", "id"}``                  ``{"kind": "pong", "id"}``
 ==========  ==========================================  =====================================
 
 Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` and the server goes
-on serving everyone else.  The socket is bound only after the model has loaded and
-run once, so an answered ``ping`` means the teacher is really ready.
+on serving everyone else.  The socket is bound only after every model instance has
+loaded and run once, so an answered ``ping`` means the teacher is really ready.
 
-On SIGTERM (or SIGINT) the teacher answers every request that had reached its socket,
-including those still queued in libzmq and not yet read; requests that arrive after
-that get the error code ``shutting_down`` (so a client can resend them elsewhere at
-once instead of waiting for a timeout); it closes when the socket has been quiet for
-a moment, flushes its replies and exits 0.
+Memory is bounded.  The requests a teacher holds (queued or running) may take at most
+``--max-queue-mb``; a ``predict`` that does not fit gets the error code ``busy`` at once
+(retry later, elsewhere or here: it is not a failure).  Before refusing, the teacher
+makes room for a client holding less than the one holding the most, by refusing the
+latter's newest queued requests with ``busy`` (so one flooding client cannot lock out
+the others).  ``meta``, ``ping`` and ``stats`` are answered whatever the queue holds.
+One message may carry at most ``--max-message-mb`` over all its arrays (``too_large``
+beyond; a single frame beyond it makes libzmq drop the connection).  See
+docs/teacher.md for what libzmq itself buffers per client.
 
-One thread owns the socket and the batcher; another owns the model
-(:mod:`zdistill.runner`), so receiving, batching and replying overlap the model's
-run.  Requests that arrive while the model runs are merged into the next batch.
+On SIGTERM (or SIGINT) the teacher lets the batches its instances are running finish
+and answers them, refuses every queued request, and every request that arrives until
+its socket has been quiet for a moment (at most a second), with ``shutting_down`` (a
+client resends those elsewhere at once), then flushes its replies and exits 0: a few
+seconds, whatever the backlog.
+
+One thread owns the socket: it receives, validates, admits and replies.  The model
+instances (:mod:`zdistill.runner`) each pull their next batch from the batcher
+(:mod:`zdistill.batcher`) the moment they are free, so receiving, batching, running and
+replying overlap.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -48,17 +61,25 @@ from zdistill.errors import ConfigError, WireError
 from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
 from zdistill.model import Model, load_model
-from zdistill.runner import ModelRunner
+from zdistill.runner import ModelInstances, Result
 from zdistill.security import ServerKeys, server_keys, stop_authenticator
 
 log = logging.getLogger("zdistill.teacher")
 
+MiB = 2**20
+DEFAULT_MAX_MESSAGE = 128 * MiB  # 256 rows of uint8 3x224x224 or 64 rows of float32 3x224x224: 37 MiB
+DEFAULT_MAX_QUEUE = 512 * MiB
+MAX_INSTANCES = 64
 _DRAIN_AT_ONCE = 256
-_DEPTH = 2  # batches handed to the model thread at once: one running, one waiting
+_RCVHWM = 8  # whole messages libzmq may hold per client before this thread reads them (then TCP backpressure)
+_SNDHWM = 64  # replies libzmq may hold per client that does not read them (then they are dropped)
+_LINGER_MS = 1000  # how long the last replies may take to leave after the socket closes
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _KINDS = frozenset({"predict", "meta", "stats", "ping"})
 _STOP_QUIET_S = 0.05  # a stopping teacher closes once no message came for this long...
-_STOP_GRACE_S = 5.0  # ...or after this long, however busy its peers still are
+_STOP_GRACE_S = 1.0  # ...or after this long, however busy its peers still are
+_STOP_RUNNING_S = 30.0  # the longest a stopping teacher waits for the batches already running
+_WARN_EVERY_S = 10.0
 
 
 class RequestError(Exception):
@@ -70,31 +91,48 @@ class RequestError(Exception):
 
 
 class TeacherServer:
-    """The teacher's event loop: receive, validate, batch, run, split, reply."""
+    """The teacher's event loop: receive, validate, admit, reply; the instances batch and run."""
 
     def __init__(
         self,
-        model: Model,
+        models: Sequence[Model],
         endpoint: str,
         max_batch_size: int = 256,
         max_delay: float = 0.0,
-        limits: wire.Limits = wire.DEFAULT_LIMITS,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        max_queue_bytes: int = DEFAULT_MAX_QUEUE,
         context: zmq.Context | None = None,
         curve: ServerKeys | None = None,
         metrics: TeacherMetrics | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max batch size must be at least 1, got {max_batch_size}")
-        self.model = model
-        self.limits = limits
+        if not models:
+            raise ConfigError("a teacher needs at least one model instance")
+        if max_message_bytes < 1 or max_queue_bytes < max_message_bytes:
+            raise ConfigError(
+                f"the queue bound ({max_queue_bytes / MiB:g} MiB) must be positive and hold at least one message "
+                f"of the largest size ({max_message_bytes / MiB:g} MiB): raise --max-queue-mb or lower --max-message-mb"
+            )
+        self.model = models[0]
+        self.max_message_bytes = max_message_bytes
+        self.max_queue_bytes = max_queue_bytes
+        self.limits = wire.Limits(max_array_bytes=max_message_bytes)
         self.batcher = Batcher(max_batch_size, max_delay)
+        self.held_bytes = 0  # requests admitted and not yet answered, queued or running
         self.errors: dict[str, int] = {}
+        self.dropped_replies = 0
         self._stopping = False
         self._refusing = False
+        self._next_drop_warning = 0.0
         self.metrics = metrics or TeacherMetrics()
+        self.metrics.instances.set(len(models))
         self._ctx = context or zmq.Context.instance()
-        self.socket = wire.limit_socket(self._ctx.socket(zmq.ROUTER), limits)
-        self.socket.setsockopt(zmq.LINGER, 2000)
+        self.socket = wire.limit_socket(self._ctx.socket(zmq.ROUTER), self.limits)
+        self.socket.setsockopt(zmq.LINGER, _LINGER_MS)
+        self.socket.setsockopt(zmq.RCVHWM, _RCVHWM)
+        self.socket.setsockopt(zmq.SNDHWM, _SNDHWM)
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply that cannot be queued raises, so it is counted
         try:
             if curve is not None:
                 curve.apply(self.socket)
@@ -103,74 +141,59 @@ class TeacherServer:
             self.socket.close(linger=0)  # an open socket would block the context's term() forever
             raise
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.runner = ModelRunner(model, self._ctx, self.metrics)
+        self.instances = ModelInstances(models, self.batcher, self._ctx, self.metrics)
 
     def stop(self) -> None:
-        """Stop taking requests; :meth:`serve` answers those already taken, then returns."""
+        """Stop taking requests; :meth:`serve` answers those running, refuses the rest, then returns."""
         self._stopping = True
 
     def serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        poller.register(self.runner.wake, zmq.POLLIN)
+        poller.register(self.instances.wake, zmq.POLLIN)
         while not self._stopping:
-            deadline = self.batcher.deadline() if not self.runner.pending else None
-            wait_ms = 100 if deadline is None else max(0.0, (deadline - time.monotonic()) * 1000)
-            events = dict(poller.poll(wait_ms))
-            if self._stopping:  # SIGTERM during the poll: no reply may go out before _finish reads the socket
+            events = dict(poller.poll(100))
+            if self._stopping:  # SIGTERM during the poll: _finish decides what is answered
                 break
             if self.socket in events:
                 self._receive_ready()
-            if self.runner.wake in events:
+            if self.instances.wake in events:
                 self._reply_results()
-            self._run_ready(force=False)
-        self._finish()
+        self._finish(poller)
 
     def _receive_ready(self, limit: int = _DRAIN_AT_ONCE) -> int:
         """Handle up to ``limit`` messages already queued on the socket; return how many."""
-        for count in range(limit):
-            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
-                return count
+        count = 0
+        while count < limit and self.socket.get(zmq.EVENTS) & zmq.POLLIN:
             self._on_message(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
-        return limit
+            count += 1
+        self.metrics.in_flight.set(len(self.batcher))
+        self.metrics.held_bytes.set(self.held_bytes)
+        return count
 
-    def _finish(self) -> None:
-        """Answer what reached the socket before the stop, refuse later arrivals, then close.
+    def _finish(self, poller: zmq.Poller) -> None:
+        """Answer the batches running, refuse everything else with ``shutting_down``, then close.
 
-        Messages queued inside libzmq were sent by clients before the stop: they are in
-        flight, so they get real answers, however many.  Whatever comes after gets a
-        ``shutting_down`` error until the socket has been quiet for a moment.
+        Queued requests are refused at once rather than run: a deep queue could take
+        minutes, and the clients can resend them to another teacher now.  Whatever
+        arrives meanwhile is refused too, until the socket has been quiet for a moment.
         """
-        while self._receive_ready() == _DRAIN_AT_ONCE:
-            pass
-        self._run_ready(force=True)
-        while self.runner.pending:  # the model finishes what it was given
-            if self.runner.wake.poll(1000):
-                self._reply_results()
-        self.runner.close()
         self._refusing = True
+        for req in self.batcher.close():
+            self._release(req)
+            self._reply_error(req.envelope, req.req_id, "shutting_down", _SHUTTING_DOWN)
+        end = time.monotonic() + _STOP_RUNNING_S
+        while self.instances.running() and time.monotonic() < end:
+            events = dict(poller.poll(50))
+            if self.socket in events:
+                self._receive_ready()
+            if self.instances.wake in events:
+                self._reply_results()
+        self._reply(self.instances.stop(max(0.0, end - time.monotonic())))
         end = time.monotonic() + _STOP_GRACE_S
         while time.monotonic() < end and self.socket.poll(int(_STOP_QUIET_S * 1000)):
             self._receive_ready()
         self.socket.close()  # LINGER lets the replies still queued go out
-
-    def _run_ready(self, force: bool) -> None:
-        """Hand batches to the model thread: one running and, if full, one ready behind it.
-
-        A full batch waits behind the running one, so a busy model never waits for us;
-        a partial batch waits here instead, where requests arriving meanwhile join it.
-        """
-        while force or self.runner.pending < _DEPTH:
-            batch = self.batcher.take(time.monotonic(), force, full_only=self.runner.pending > 0 and not force)
-            if batch is None:
-                break
-            now = time.monotonic()
-            for req in batch:
-                self.metrics.queue_wait.observe(now - req.arrived)
-            self.metrics.batch_rows.observe(sum(r.rows for r in batch))
-            self.metrics.batch_requests.observe(len(batch))
-            self.runner.submit(batch)
-        self.metrics.in_flight.set(len(self.batcher))
 
     # -- receiving --------------------------------------------------------
 
@@ -180,6 +203,10 @@ class TeacherServer:
         try:
             msg = wire.decode(body, self.limits)
             req_id = msg.header.get("id")
+            size = sum(arr.nbytes for arr in msg.arrays.values())
+            if size > self.max_message_bytes:
+                raise RequestError("too_large", f"the arrays of this request take {size / MiB:.1f} MiB, more than "
+                                                f"the teacher's --max-message-mb {self.max_message_bytes / MiB:g}")
             self._dispatch(envelope, req_id, msg)
         except WireError as exc:
             self._reply_error(envelope, req_id, "bad_message", str(exc))
@@ -189,10 +216,10 @@ class TeacherServer:
     def _dispatch(self, envelope: list[Any], req_id: Any, msg: wire.Message) -> None:
         self.metrics.requests.labels(msg.kind if msg.kind in _KINDS else "other").inc()
         if self._refusing:
-            raise RequestError("shutting_down", "the teacher is shutting down: send this request to another teacher")
+            raise RequestError("shutting_down", _SHUTTING_DOWN)
         if msg.kind == "predict":
             rows = self._validate(msg.arrays)
-            self.batcher.add(Request(envelope, req_id, msg.arrays, rows, time.monotonic()))
+            self._admit(Request(envelope, req_id, msg.arrays, rows, time.monotonic()))
         elif msg.kind == "ping":
             self._send(envelope, {"kind": "pong", "id": req_id})
         elif msg.kind == "meta":
@@ -201,6 +228,21 @@ class TeacherServer:
             self._send(envelope, {"kind": "stats", "id": req_id, "stats": self.stats()})
         else:
             raise RequestError("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
+
+    def _admit(self, req: Request) -> None:
+        """Queue ``req`` if the held bytes stay within the bound, after making room fairly; else refuse it."""
+        over = self.held_bytes + req.nbytes - self.max_queue_bytes
+        if over > 0:
+            for old in self.batcher.make_room(req.peer, req.nbytes, over):
+                self._release(old)
+                self._reply_error(old.envelope, old.req_id, "busy", _BUSY)
+            if self.held_bytes + req.nbytes > self.max_queue_bytes:
+                raise RequestError("busy", _BUSY)
+        self.held_bytes += req.nbytes
+        self.batcher.add(req)
+
+    def _release(self, req: Request) -> None:
+        self.held_bytes -= req.nbytes
 
     def _validate(self, arrays: dict[str, np.ndarray]) -> int:
         feeds = {spec.name: spec for spec in self.model.feeds}
@@ -228,16 +270,19 @@ class TeacherServer:
                 )
         return n
 
-    # -- running ----------------------------------------------------------
+    # -- replying ---------------------------------------------------------
 
     def _reply_results(self) -> None:
-        for req, result in self.runner.collect():
+        self._reply(self.instances.collect())
+
+    def _reply(self, results: list[Result]) -> None:
+        for req, result in results:
+            self._release(req)
             if isinstance(result, Exception):
                 self._reply_error(req.envelope, req.req_id, "model_error", f"{type(result).__name__}: {result}")
             else:
                 self._send(req.envelope, {"kind": "result", "id": req.req_id}, result)
-
-    # -- replying ---------------------------------------------------------
+        self.metrics.held_bytes.set(self.held_bytes)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -245,22 +290,29 @@ class TeacherServer:
             "fetches": [s.to_wire() for s in self.model.fetches],
             "max_batch_size": self.batcher.max_rows,
             "max_delay_ms": self.batcher.max_delay * 1000,
+            "instances": len(self.instances.instance_seconds),
+            "thread_safe": self.model.thread_safe,
+            "max_message_bytes": self.max_message_bytes,
+            "max_queue_bytes": self.max_queue_bytes,
             "description": self.model.description,
             "device": self.model.device,
             "stats": self.stats(),
         }
 
     def stats(self) -> dict[str, Any]:
-        s = self.batcher.stats
+        s = self.batcher.counters()
         return {
             "requests": s.requests,
             "rows": s.rows,
             "batches": s.batches,
             "merged_batches": s.merged_batches,
             "max_batch_rows": s.max_batch_rows,
-            "model_seconds": self.runner.model_seconds,
+            "model_seconds": self.instances.model_seconds,
+            "instance_seconds": list(self.instances.instance_seconds),
             "queued": len(self.batcher),
+            "held_bytes": self.held_bytes,
             "errors": dict(self.errors),
+            "dropped_replies": self.dropped_replies,
         }
 
     def _reply_error(self, envelope: list[Any], req_id: Any, code: str, message: str) -> None:
@@ -274,12 +326,28 @@ class TeacherServer:
     def _send(self, envelope: list[Any], header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
         try:
             wire.send(self.socket, header, arrays, envelope=envelope, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("client %r is not reading its replies; one reply dropped", bytes(envelope[0]))
+        except zmq.Again:  # SNDHWM replies already wait for this client
+            self._dropped(envelope, "is not reading its replies")
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            self._dropped(envelope, "has disconnected")
         except WireError as exc:  # e.g. a model output of a dtype the wire refuses
             log.warning("cannot encode a reply: %s", exc)
             if header.get("kind") != "error":  # the client must still hear back, not time out
                 self._reply_error(envelope, header.get("id"), "model_error", f"the reply cannot be sent: {exc}")
+
+    def _dropped(self, envelope: list[Any], why: str) -> None:
+        self.dropped_replies += 1
+        self.metrics.dropped_replies.inc()
+        now = time.monotonic()
+        if now >= self._next_drop_warning:  # a client that stopped reading would otherwise flood the log
+            self._next_drop_warning = now + _WARN_EVERY_S
+            log.warning("client %r %s: reply dropped (%d so far)", bytes(envelope[0]), why, self.dropped_replies)
+
+
+_BUSY = "the teacher's queue is full: send this request again later (or to another teacher)"
+_SHUTTING_DOWN = "the teacher is shutting down: send this request to another teacher"
 
 
 def parse_gpu_ids(text: str | None) -> list[int]:
@@ -289,6 +357,37 @@ def parse_gpu_ids(text: str | None) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--gpu-ids must be a comma list of integers, got {text!r}") from None
+
+
+def parse_instances(text: str, model: Model) -> int:
+    """``--instances``: a count, or ``auto``: 2 on a GPU, 1 on a CPU (see the flag's help)."""
+    if text == "auto":
+        return 1 if model.device == "cpu" else 2
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_INSTANCES:
+        raise ConfigError(f"--instances must be auto or a count from 1 to {MAX_INSTANCES}, got {text!r}")
+    return n
+
+
+def model_instances(model: Model, n: int) -> list[Model]:
+    """The loaded model and ``n - 1`` clones sharing its weights, each run once (ready means it has run)."""
+    models = [model, *(model.clone() for _ in range(n - 1))]
+    for instance in models:
+        try:
+            instance.run({spec.name: spec.example(1) for spec in model.feeds})
+        except Exception as exc:  # user code: a model that cannot run once is a bad --model
+            raise ConfigError(f"the model failed its first run: {type(exc).__name__}: {exc}") from None
+    return models
+
+
+def max_message_bytes(args: argparse.Namespace) -> int:
+    """``--max-message-mb``, by default 128 MiB or the queue bound if that is smaller."""
+    if args.max_message_mb is None:
+        return min(DEFAULT_MAX_MESSAGE, int(args.max_queue_mb * MiB))
+    return int(args.max_message_mb * MiB)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -301,16 +400,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, required=True, help="TCP port to listen on (0 picks a free one)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
-    p.add_argument("--gpu-ids", "--gpu_ids", default=None, help="serve on this GPU (needs paddlepaddle-gpu), e.g. 0")
+    p.add_argument("--gpu-ids", "--gpu_ids", default=None,
+                   help="serve on this GPU, e.g. 0 (a Paddle model needs paddlepaddle-gpu; a Python function is "
+                        "only reported as on it: it picks its device itself)")
     p.add_argument("--max-batch-size", type=int, default=256, help="most rows in one model call (default 256)")
     p.add_argument(
         "--max-delay-ms", type=float, default=0.0,
         help="how long a request may wait for others to fill a batch (default 0: merge what queued while busy)",
     )
-    p.add_argument("--threads", type=int, default=1, help="CPU math threads for a Paddle model (default 1)")
+    p.add_argument(
+        "--instances", default="auto",
+        help="model instances in this process, sharing the weights, each running the next batch as soon as it "
+             "is free (default auto: 2 on a GPU, so one batch's copies and Python overlap another's kernels; "
+             "1 on a CPU, whose cores the math threads already use)",
+    )
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU math threads per instance of a Paddle model (default 1)")
     p.add_argument("--ready-file", default=None, help="write the bound endpoint to this file once serving")
-    p.add_argument("--max-message-mb", type=float, default=1024,
-                   help="largest array a request may carry, in MiB; bigger frames are refused by libzmq (default 1024)")
+    p.add_argument("--max-message-mb", type=float, default=None,
+                   help="largest request, all its arrays together, in MiB: bigger ones get too_large, and libzmq "
+                        f"drops a client sending a bigger frame (default {DEFAULT_MAX_MESSAGE // MiB}, or the "
+                        "queue bound if that is smaller)")
+    p.add_argument("--max-queue-mb", type=float, default=DEFAULT_MAX_QUEUE / MiB,
+                   help="most MiB of requests held, queued or running; beyond, predict requests get busy "
+                        f"(default {DEFAULT_MAX_QUEUE // MiB})")
     add_daemon_flags(p, curve=True)
     return p
 
@@ -327,17 +440,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = zmq.Context()
     try:
         model = load_model(args.model, gpu_ids=parse_gpu_ids(args.gpu_ids), threads=args.threads)
-        try:  # ready means it has run
-            model.run({spec.name: spec.example(1) for spec in model.feeds})
-        except Exception as exc:  # user code: a model that cannot run once is a bad --model
-            raise ConfigError(f"the model failed its first run: {type(exc).__name__}: {exc}") from None
+        models = model_instances(model, parse_instances(args.instances, model))
         endpoint = f"tcp://{args.host}:{args.port}"
-        limits = wire.Limits(max_array_bytes=int(args.max_message_mb * 2**20))
         metrics = TeacherMetrics()
         try:
-            server = TeacherServer(model, endpoint, args.max_batch_size, args.max_delay_ms / 1000, limits=limits,
-                                   context=context, curve=server_keys(args.curve_secret_key, args.curve_allow),
-                                   metrics=metrics)
+            server = TeacherServer(models, endpoint, args.max_batch_size, args.max_delay_ms / 1000,
+                                   max_message_bytes(args), int(args.max_queue_mb * MiB), context=context,
+                                   curve=server_keys(args.curve_secret_key, args.curve_allow), metrics=metrics)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
         metrics.serve(args.metrics_port, args.host)
@@ -349,8 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Paddle installs its own SIGTERM handler on import; ours must come after the model loads.
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
-    log.info("serving %s on %s (device %s, max batch %d)", model.description, server.endpoint, model.device,
-             args.max_batch_size)
+    serial = "" if model.thread_safe or len(models) == 1 else "; the function is not thread-safe: calls serialised"
+    log.info("serving %s on %s (device %s, max batch %d, %d instance%s%s)", model.description, server.endpoint,
+             model.device, args.max_batch_size, len(models), "s" if len(models) > 1 else "", serial)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
@@ -358,7 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.replace(tmp, args.ready_file)
     server.serve()
     stop_authenticator(context)
-    context.term()  # waits (up to the socket's LINGER) until the last replies have left
+    if server.instances.running():  # a hung model call: its thread's socket would keep term() waiting
+        context.destroy(linger=_LINGER_MS)
+    else:
+        context.term()  # waits (up to the socket's LINGER) until the last replies have left
     log.info("stopped after %d requests", server.batcher.stats.requests)
     return 0
 
