@@ -430,9 +430,11 @@ def start_teachers(case: Case, configs: Sequence[Config], folder: Path, stack: E
     """
     from tests import procs
 
+    explicit = teacher_has_instances()  # its default may be more than one on a GPU: always say how many
+
     def one(config: Config) -> Any:
         flags = ["--max-batch-size", str(MAX_BATCH), "--log-level", "WARNING"]
-        if config.instances > 1:
+        if explicit:
             flags += ["--instances", str(config.instances)]
         proc = procs.start_teacher(case.target(), folder, *flags, timeout=TIMEOUT)
         stack.callback(proc.stop)
