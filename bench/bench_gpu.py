@@ -240,6 +240,22 @@ class Teachers:
     def addresses(self) -> list[str]:
         return [p.endpoint.removeprefix("tcp://") for p in self.procs]
 
+    def meta(self) -> dict[str, Any]:
+        """The first process's ``meta`` without its stats (every process of a configuration is started alike)."""
+        from zdistill.client import TeacherClient
+
+        client = TeacherClient(self.procs[0].endpoint, timeout=TIMEOUT)
+        try:
+            return {k: v for k, v in client.meta().items() if k not in ("stats", "id", "kind")}
+        finally:
+            client.close()
+
+    def raw_window(self, request_bytes: int) -> int:
+        """Requests a raw client keeps in flight per process: 4 per instance, within what the teacher may hold."""
+        meta = self.meta()
+        room = meta.get("max_queue_bytes", 1 << 62) // max(1, request_bytes)
+        return max(1, min(4 * self.config.instances, room))
+
     def stats(self) -> list[dict[str, Any]]:
         from tests.procs import teacher_stats
 
@@ -472,6 +488,7 @@ def run_case(name: str, configs: Sequence[Config], batches: Sequence[int], plan:
         local = {f"threads{t}": Series() for t in threads} | {"plain": Series()}
         raw = {c: Series() for c in configs}
         read = {(c, b): Series() for c in configs for b in batches}
+        windows = {c: fleet[c].raw_window(x.nbytes) for c in configs}
         rate = measure(Series(), lambda: in_process(fn, feeds, plan.warm_seconds, 1), gpu)  # a first estimate
         readers: dict[tuple[Config, int], Reader] = {}
         for (config, b) in read:
@@ -488,7 +505,7 @@ def run_case(name: str, configs: Sequence[Config], batches: Sequence[int], plan:
             local["plain"].ratio.append(local["plain"].rows_per_s[-1] / base[1])
             for config in configs:
                 teachers = fleet[config]
-                window = 4 * config.instances
+                window = windows[config]
                 measure(raw[config], lambda t=teachers, w=window: served_raw(t.addresses, feeds, plan.seconds, w),
                         gpu, teachers)
                 for (c, b), series in read.items():
@@ -502,8 +519,9 @@ def run_case(name: str, configs: Sequence[Config], batches: Sequence[int], plan:
                     f"{read[c, b].ratio[-1]:.2f}" for b in batches) for c in configs), flush=True)
         out["in_process"] = {key: s.summary() for key, s in local.items()}
         out["served"] = {
-            c.name: {"processes": c.processes, "instances": c.instances, "raw_in_flight_per_process": 4 * c.instances,
-                     "raw": raw[c].summary(), **{f"reader{b}": read[c, b].summary() for b in batches}}
+            c.name: {"processes": c.processes, "instances": c.instances, "raw_in_flight_per_process": windows[c],
+                     "teacher_meta": fleet[c].meta(), "raw": raw[c].summary(),
+                     **{f"reader{b}": read[c, b].summary() for b in batches}}
             for c in configs}
     return out
 
@@ -522,9 +540,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             rows.append((name, f"in-process, {what}", fmt(s["rows_per_s"], ",.0f"), fmt(s["ratio"], ".2f"),
                          "", "", "", fmt(s["gpu_util"], ".0f")))
         for config, served in case["served"].items():
-            for key, s in served.items():
-                if not isinstance(s, dict):
-                    continue
+            for key in ["raw", *(k for k in served if k.startswith("reader"))]:
+                s = served[key]
                 what = "raw TeacherClient" if key == "raw" else f"DistillReader, batch {key.removeprefix('reader')}"
                 rows.append((name, f"{config}: {what}", fmt(s["rows_per_s"], ",.0f"), fmt(s["ratio"], ".2f"),
                              fmt(s["ratio_same_threads"], ".2f"), fmt(s["busy"], ".2f"), fmt(s["rows_per_call"], ".0f"),
