@@ -300,3 +300,23 @@ def test_sigterm_removes_the_students_folders(start_teacher, students, own_handl
     code = student.popen.wait(15)
     assert code == (3 if own_handler else -signal.SIGTERM)
     assert not any(os.path.exists(f) for f in folders), folders
+
+
+# -- a teacher too busy for more -------------------------------------------------------
+
+
+def test_busy_answers_are_retried_not_counted_as_failures(start_teacher):
+    """A teacher whose queue bound is smaller than what the student keeps in flight answers
+    ``busy``: the worker sends those requests again a little later, and the epoch is exact."""
+    teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", "--max-queue-mb", "1",
+                            env={"ZDISTILL_TEST_DELAY_MS": "20"})
+    x = np.random.default_rng(4).random((N, 784), dtype=np.float32)
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.set_batch_generator(batches(x))
+        dr.options.task_rows = dr.options.request_rows = B
+        dr.options.in_flight = 16  # 16 x 50 rows x 3 KiB: more than the teacher's 1 MiB
+        check(list(dr()), x)
+        stats = dr.stats()
+    assert procs.teacher_stats(teacher.endpoint)["errors"].get("busy", 0) > 0, "the teacher never said busy"
+    assert stats["failed"] == 0 and stats["returned"] == 0, stats
