@@ -269,22 +269,28 @@ class DistillReader:
 
     def _ask_meta(self, ctx: zmq.Context, address: str, timeout: float = 2.0) -> tuple[dict[str, Any] | None, str]:
         """A teacher's meta, or None and why it did not come (a failed handshake is known at once)."""
+        silent = (f"it accepts connections but does not answer in {timeout:g} s "
+                  "(is it a zdistill-teacher? still loading its model?)")
         client = TeacherClient(address, ctx, timeout=timeout, watch=True)
+        deadline = time.monotonic() + timeout
+        req_id: int | None = None
         try:
-            req_id = client.submit("meta")
-            while True:
+            while time.monotonic() < deadline:
+                if req_id is None:
+                    try:
+                        req_id = client.submit("meta", timeout=max(0.0, deadline - time.monotonic()))
+                    except TeacherTimeout:
+                        pass  # no connection to queue it on yet (between two failed handshakes, say)
                 for done in client.collect(0.05):
                     if done.req_id != req_id:
                         continue
                     if isinstance(done.error, TeacherError):
                         raise ConfigError(f"teacher {address} refused meta: {done.error}")
-                    if done.error is not None:
-                        return None, (f"it accepts connections but does not answer in {timeout:g} s "
-                                      "(is it a zdistill-teacher? still loading its model?)")
-                    return dict(done.header or {}), ""
+                    return (None, silent) if done.error is not None else (dict(done.header or {}), "")
                 client.disconnected()
                 if client.handshake_error:
                     return None, client.handshake_error
+            return None, silent
         finally:
             client.close()
 
