@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def add_db_flags(p: argparse.ArgumentParser) -> None:
@@ -21,9 +24,19 @@ def add_daemon_flags(p: argparse.ArgumentParser, curve: bool) -> None:
         p.add_argument("--curve-secret-key", default=None,
                        help="CURVE: this server's secret key file (python -m zdistill.security keygen); off if unset")
         p.add_argument("--curve-allow", default=None, help="CURVE: folder of the client public keys allowed in")
-    p.add_argument("--log-level", default="INFO")
+    add_log_level(p)
+
+
+def add_log_level(p: argparse.ArgumentParser, default: str = "INFO") -> None:
+    p.add_argument("--log-level", default=default, metavar="LEVEL",
+                   help=f"log messages of this level and above: {', '.join(LOG_LEVELS)} (default {default})")
 
 
 def setup_logging(level: str) -> None:
+    """Log to stderr at ``level``; a level that is none exits 2 with one line, as a bad flag does."""
+    if not isinstance(level, str) or level.upper() not in LOG_LEVELS:
+        sys.stderr.write(f"{sys.argv[0].rsplit('/', 1)[-1] or 'zdistill'}: --log-level {str(level)[:40]!r} "
+                         f"is not one of {', '.join(LOG_LEVELS)}\n")
+        raise SystemExit(2)
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("redis").setLevel(max(logging.INFO, logging.getLogger().level))
