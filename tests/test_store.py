@@ -140,3 +140,16 @@ def test_keyspace_events_are_enabled_and_keep_existing_flags(store):
     assert set("Kg$xEl") <= set(flags) or ("A" in flags and "K" in flags and "E" in flags)
     assert store.keyspace_channel_pattern() == "__keyspace@0__:zdistill:teacher:*"
     assert json.loads(_teacher().to_json())["address"] == "127.0.0.1:7001"
+
+
+def test_endpoints_never_show_a_password():
+    assert describe(":s3cret@10.0.0.1:6379") == ":***@10.0.0.1:6379"  # no scheme: still a password
+    assert describe("s3cret@10.0.0.1:6379") == ":***@10.0.0.1:6379"
+    assert describe("rediss://:p@ss@10.0.0.1:6379") == "rediss://:***@10.0.0.1:6379"
+    for endpoint in (":s3cret@10.0.0.1:6379", "redis://:s3cret@10.0.0.1:99999", "redis://:s3cret@10.0.0.1:x",
+                     "http://:s3cret@10.0.0.1:1", "10.0.0.1:0", "10.0.0.1:", "10.0.0.1"):
+        with pytest.raises(ConfigError) as err:
+            connect(endpoint)
+        assert "s3cret" not in str(err.value), endpoint
+    with pytest.raises(ConfigError, match="given twice"):
+        connect("redis://:s3cret@10.0.0.1:6379", "other")

@@ -63,7 +63,7 @@ import zmq
 from zdistill import wire
 from zdistill.assignment import assign
 from zdistill.errors import ConfigError, WireError
-from zdistill.flags import add_daemon_flags, add_db_flags, setup_logging
+from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import BalancerMetrics
 from zdistill.security import ServerKeys, server_keys
 from zdistill.store import (
@@ -73,7 +73,6 @@ from zdistill.store import (
     LeaderRecord,
     Store,
     StudentRecord,
-    db_password,
     describe,
 )
 
@@ -635,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        store = Store.open(args.db_endpoints, db_password(args.db_passwd))
+        store = Store.open(args.db_endpoints, password_from_args(args))
         metrics = BalancerMetrics()
         balancer = Balancer(store, args.server, args.pub_port, args.advertise, args.student_lease,
                             args.leader_lease, args.resync, args.republish, not args.no_notifications,

@@ -22,7 +22,7 @@ import zmq
 from zdistill import wire
 from zdistill.client import TeacherClient, teacher_endpoint
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
-from zdistill.flags import add_db_flags
+from zdistill.flags import add_db_flags, password_from_args
 from zdistill.security import client_keys_from_env, secure_client
 
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ping(args.kind, args.address, args.timeout)
         from zdistill.status import collect_status, render_status
 
-        report = collect_status(args.db_endpoints, args.db_passwd, args.balancer, args.timeout, time.time())
+        report = collect_status(args.db_endpoints, password_from_args(args), args.balancer, args.timeout, time.time())
         sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
         return 0 if report.get("redis", {}).get("ok") else 1
     except ConfigError as exc:

@@ -36,14 +36,13 @@ import zmq
 
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherTimeout
-from zdistill.flags import add_daemon_flags, add_db_flags, setup_logging
+from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import RegisterMetrics
 from zdistill.store import (
     Store,
     TeacherRecord,
     check_address,
     check_service,
-    db_password,
     describe,
 )
 
@@ -216,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        store = Store.open(args.db_endpoints, db_password(args.db_passwd))
+        store = Store.open(args.db_endpoints, password_from_args(args))
         metrics = RegisterMetrics()
         registrar = Registrar(store, args.service_name, args.server, args.ttl, args.ping_timeout,
                               db_label=describe(args.db_endpoints), metrics=metrics)

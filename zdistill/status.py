@@ -12,7 +12,7 @@ from typing import Any
 
 import redis
 
-from zdistill.store import Store, db_password, describe
+from zdistill.store import Store, describe
 
 
 def collect_status(
@@ -20,7 +20,7 @@ def collect_status(
 ) -> dict[str, Any]:
     """The report as plain data (what ``--json`` prints)."""
     report: dict[str, Any] = {"redis": {"endpoint": describe(endpoint), "ok": False}, "services": {}, "leader": None}
-    store = Store.open(endpoint, db_password(password), timeout=timeout)
+    store = Store.open(endpoint, password, timeout=timeout)
     try:
         teachers = store.all_teachers()
         students = store.load_students()
@@ -31,7 +31,7 @@ def collect_status(
                 left_ms = store.r.pttl(store.teacher_key(service, address))
                 ages[(service, address)] = (rec.ttl_ms - left_ms) / 1000 if rec.ttl_ms and left_ms > 0 else None
     except redis.AuthenticationError:
-        report["redis"]["error"] = "Redis refused the password (or needs one: --db_passwd / ZDISTILL_DB_PASSWD)"
+        report["redis"]["error"] = "Redis refused the password (or needs one: --db_passwd_file / $ZDISTILL_DB_PASSWD)"
         return report
     except redis.RedisError as exc:
         report["redis"]["error"] = f"Redis unreachable: {type(exc).__name__}: {exc}"

@@ -47,7 +47,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -61,8 +61,8 @@ DEFAULT_PREFIX = "zdistill"
 SERVICE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 ADDRESS_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:[0-9]{1,5}$")
 STUDENT_RE = re.compile(r"^[A-Za-z0-9_.:@\-]{1,128}$")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 MAX_TEACHERS_LIMIT = 100_000
-PASSWORD_ENV = "ZDISTILL_DB_PASSWD"
 
 # Compare-and-delete: only the writer of a value may remove it.
 _DELETE_IF = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -111,23 +111,25 @@ def check_student(student_id: str) -> str:
 
 
 def describe(endpoint: str) -> str:
-    """``endpoint`` fit for a log line: any password in a URL is masked."""
+    """``endpoint`` fit for a log line: whatever precedes an ``@`` (a password) is masked.
+
+    Also without a scheme (``:pw@host:port`` is a typo, not a URL, and still a secret).
+    """
     endpoint = endpoint.strip()
-    if "://" not in endpoint:
+    creds, at, host = endpoint.rpartition("@")
+    if not at:
         return endpoint
-    parts = urlsplit(endpoint)
-    if parts.password is None:
-        return endpoint
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+    scheme = _SCHEME_RE.match(creds)
+    prefix = scheme.group(0) if scheme else ""
+    userinfo = creds[len(prefix):]
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else ""
+    return f"{prefix}{user}:***@{host}"
 
 
-def db_password(flag_value: str | None) -> str | None:
-    """``--db_passwd``, else ``$ZDISTILL_DB_PASSWD``: the variable keeps the password out of ``ps``."""
-    return flag_value or os.environ.get(PASSWORD_ENV) or None
+def _port(text: str, endpoint: str) -> int:
+    if not text.isdigit() or not 0 < int(text) <= 65535:
+        raise ConfigError(f"--db_endpoints {describe(endpoint)!r:.200}: the port must be 1..65535")
+    return int(text)
 
 
 def connect(endpoint: str, password: str | None = None, timeout: float = 2.0) -> redis.Redis:
@@ -135,11 +137,13 @@ def connect(endpoint: str, password: str | None = None, timeout: float = 2.0) ->
 
     Commands fail fast (no hidden retries, short socket timeouts): each daemon has its
     own retry loop and must stay responsive while Redis is away.  The password is
-    handed to redis-py only; nothing here logs it.
+    handed to redis-py only; nothing here logs it, and every error names the endpoint
+    through :func:`describe`.  A malformed endpoint raises :class:`ConfigError`.
     """
     endpoint = endpoint.strip()
+    shown = describe(endpoint)
     if "," in endpoint:
-        raise ConfigError(f"--db_endpoints takes one Redis endpoint, got {describe(endpoint)!r}")
+        raise ConfigError(f"--db_endpoints takes one Redis endpoint, got {shown!r:.200}")
     common: dict[str, Any] = {
         "decode_responses": True,
         "socket_timeout": timeout,
@@ -148,13 +152,31 @@ def connect(endpoint: str, password: str | None = None, timeout: float = 2.0) ->
         "health_check_interval": 0,
     }
     if "://" in endpoint:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(f"--db_endpoints {shown!r:.200}: the scheme must be redis://, rediss:// or unix://")
+        if parts.scheme != "unix":
+            if not parts.hostname:
+                raise ConfigError(f"--db_endpoints {shown!r:.200} names no host")
+            netloc_port = parts.netloc.rpartition("@")[2].rpartition("]")[2]
+            if ":" in netloc_port:
+                _port(netloc_port.rpartition(":")[2], endpoint)
+        if parts.password and password:
+            raise ConfigError("the Redis password is given twice: in the --db_endpoints URL and in --db_passwd, "
+                              "--db_passwd_file or $ZDISTILL_DB_PASSWD; give it once")
         if password:
             common["password"] = password
-        return redis.Redis.from_url(endpoint, **common)
+        try:
+            return redis.Redis.from_url(endpoint, **common)
+        except ValueError as exc:
+            raise ConfigError(f"--db_endpoints {shown!r:.200} is not a Redis URL ({type(exc).__name__})") from None
+    if "@" in endpoint:
+        raise ConfigError(f"--db_endpoints {shown!r:.200}: a password goes in a redis:// URL "
+                          "(redis://:PASSWORD@HOST:PORT), or better in --db_passwd_file")
     host, sep, port = endpoint.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"--db_endpoints must be HOST:PORT or a redis:// URL, got {endpoint!r:.80}")
-    return redis.Redis(host=host.strip("[]"), port=int(port), password=password or None, **common)
+    if not sep or not host:
+        raise ConfigError(f"--db_endpoints must be HOST:PORT or a redis:// URL, got {shown!r:.200}")
+    return redis.Redis(host=host.strip("[]"), port=_port(port, endpoint), password=password or None, **common)
 
 
 # -- records -------------------------------------------------------------------
