@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -228,3 +229,84 @@ def test_balancer_refuses_bad_arguments(redis_server):
     proc = procs.start([sys.executable, "-m", "zdistill.balancer", "--db_endpoints", redis_server.endpoint,
                         "--server", "not-an-address"], "balancer")
     assert proc.popen.wait(20) == 2
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _scans(store: Store) -> int:
+    """How many SCANs Redis has served: a leader's resync is one (a few teachers)."""
+    return int(store.r.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+
+def test_bad_records_end_no_balancer(redis_server, store, tmp_path, stopper, clients):
+    """Malformed teacher and student records are skipped; the leader and the standby that takes over serve on."""
+    add_teacher(store, "10.0.0.1:1")
+    good = json.loads(TeacherRecord("10.0.0.2:2", "svc").to_json())
+    bad_teachers = {"10.0.0.2:2": {"ttl_ms": "6000"}, "10.0.0.3:3": {"ttl_ms": None},
+                    "10.0.0.4:4": {"device": {"gpu": 0}}, "10.0.0.5:5": {"max_batch_size": [1]}}
+    for address, odd in bad_teachers.items():
+        store.r.set(store.teacher_key("svc", address), json.dumps({**good, "address": address, **odd}), px=60_000)
+    store.r.set(store.teacher_key("svc", "10.0.0.6:6"), DEEP, px=60_000)
+    store.r.hset(store.students_key, mapping={"zero": json.dumps({"service": "svc", "max_teachers": 0}),
+                                              "deep": DEEP})
+    store.r.set(store.epoch_key, "e1")  # a history to resume: the student records are read
+
+    b1 = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(b1)
+    procs.wait_for(lambda: _leading(b1.endpoint), 10, "first leader", b1.popen)
+    b2 = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(b2)
+    client = DiscoveryClient(f"{b1.endpoint},{b2.endpoint}", "svc", 4)
+    clients.append(client)
+    client.start()
+    _wait_teachers(client, ["10.0.0.1:1"])
+    assert set(store.r.hkeys(store.students_key)) == {client.student_id}  # the unreadable ones removed
+
+    # A teacher record that arrives bad by keyspace notification, and a good one.
+    store.r.set(store.teacher_key("svc", "10.0.0.7:7"), json.dumps({**good, "address": "10.0.0.7:7", "ttl_ms": "x"}),
+                px=60_000)
+    add_teacher(store, "10.0.0.8:8")
+    _wait_teachers(client, ["10.0.0.1:1", "10.0.0.8:8"])
+    b1.kill()
+    procs.wait_for(lambda: _leading(b2.endpoint), 10, "the standby takes over", b2.popen)
+    add_teacher(store, "10.0.0.9:9")
+    _wait_teachers(client, ["10.0.0.1:1", "10.0.0.8:8", "10.0.0.9:9"])
+
+    # Each resync reads every bad record again; each is logged once all the same.
+    bad_keys = [store.teacher_key("svc", a) for a in [*bad_teachers, "10.0.0.6:6", "10.0.0.7:7"]]
+    procs.wait_for(lambda: all(k in b2.log() for k in bad_keys), 10, "the bad records logged", b2.popen)
+    scans = _scans(store)
+    procs.wait_for(lambda: _scans(store) >= scans + 3, 10, "three more resyncs", b2.popen)
+    assert b2.log().count("ignoring the record at") == len(bad_keys)
+    assert "nests too deep" in b2.log() and "ttl_ms must be an integer" in b2.log()
+    assert "zero" in b1.log() and "deep" in b1.log()
+    assert b2.popen.poll() is None and _leading(b2.endpoint)
+
+
+def test_keys_of_the_wrong_type_are_named_and_replaced(redis_server, store, tmp_path, stopper, clients):
+    """``zdistill:students`` as a string, a leader key no balancer wrote: the leader says so and repairs them."""
+    add_teacher(store, "10.0.0.1:1")
+    store.r.set(store.students_key, "oops")
+    store.r.set(store.epoch_key, "e1")
+    store.r.hset(store.leader_key, "x", "1")  # without a TTL, and of the wrong type: it would block every balancer
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(bal)
+    procs.wait_for(lambda: _leading(bal.endpoint), 10, "a leader", bal.popen)
+    first = DiscoveryClient(bal.endpoint, "svc", 1)
+    clients.append(first)
+    first.start()
+    _wait_teachers(first, ["10.0.0.1:1"])
+    procs.wait_for(lambda: first.student_id in store.load_students(), 5, "the students hash rewritten")
+
+    store.r.set(store.students_key, "oops again")  # while serving
+    second = DiscoveryClient(bal.endpoint, "svc", 1)
+    clients.append(second)
+    second.start()
+    _wait_teachers(second, ["10.0.0.1:1"])
+    procs.wait_for(lambda: store.r.type(store.students_key) == "hash"
+                   and {first.student_id, second.student_id} <= set(store.load_students()), 5, "rewritten again")
+    log = bal.log()
+    assert log.count("zdistill:students holds a string, not a hash") == 2
+    assert "zdistill:leader: it held no balancer's lease" in log
+    assert "lost Redis" not in log and bal.popen.poll() is None

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from tests import daemons, procs
+from zdistill.store import TeacherRecord
 
 SERVICE = "status_svc"
 
@@ -63,3 +64,25 @@ def test_status_explains_unreachable_redis_and_wrong_password(tmp_path):
 def test_ping_fails_for_nobody_listening():
     assert zdistill("ping", "teacher", f"127.0.0.1:{procs.free_port()}", "--timeout", "0.5").returncode == 1
     assert zdistill("ping", "balancer", f"127.0.0.1:{procs.free_port()}", "--timeout", "0.5").returncode == 1
+
+
+def test_status_skips_bad_records_and_names_wrong_types(redis_server, store):
+    store.register_teacher(TeacherRecord("10.0.0.1:1", SERVICE, device="cpu", max_batch_size=8), ttl=60)
+    good = json.loads(TeacherRecord("10.0.0.2:2", SERVICE).to_json())
+    store.r.set(store.teacher_key(SERVICE, "10.0.0.2:2"), json.dumps({**good, "device": {"gpu": 0}}), px=60_000)
+    store.r.set(store.teacher_key(SERVICE, "10.0.0.3:3"),
+                json.dumps({**good, "address": "10.0.0.3:3", "max_batch_size": [256]}), px=60_000)
+    result = zdistill("status", "--db_endpoints", redis_server.endpoint)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"service {SERVICE}: 1 teachers, 0 students" in result.stdout
+    assert "skipped 2 malformed records" in result.stdout
+    assert "device must be a string" in result.stdout and "max_batch_size must be an integer" in result.stdout
+
+    store.r.set(store.students_key, "a string")
+    result = zdistill("status", "--db_endpoints", redis_server.endpoint, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["redis"]["ok"] is True
+    assert "zdistill:students holds a string, not a hash" in report["problems"]["zdistill:students"]
+    assert [t["address"] for t in report["services"][SERVICE]["teachers"]] == ["10.0.0.1:1"]

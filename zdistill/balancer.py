@@ -62,7 +62,7 @@ import zmq
 
 from zdistill import wire
 from zdistill.assignment import assign
-from zdistill.errors import ConfigError, WireError
+from zdistill.errors import ConfigError, WireError, WrongTypeError
 from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import BalancerMetrics
 from zdistill.security import ServerKeys, server_keys
@@ -83,6 +83,7 @@ LIMITS = wire.Limits(max_header_bytes=16 * 1024, max_arrays=0, max_array_bytes=0
 _STUDENT_KINDS = ("register", "heartbeat", "snapshot", "bye")
 _DRAIN_AT_ONCE = 512
 _REDIS_RETRY = 0.25
+_ERROR_LOG_EVERY = 10.0
 
 
 class BadRequest(Exception):
@@ -174,6 +175,7 @@ class Balancer:
         self.notifications = False
         self._pubsub: Any = None
         self._stopping = False
+        self._errors_logged: dict[str, float] = {}
         self._due: dict[str, float] = {"lease": 0.0, "resync": 0.0, "republish": 0.0, "expire": 0.0, "redis": 0.0}
 
     # -- lifecycle ----------------------------------------------------------
@@ -185,7 +187,7 @@ class Balancer:
         log.info("balancer on %s, updates on %s; student lease %.3g s, leader lease %.3g s",
                  self.address, self.pub_endpoint, self.student_lease, self.leader_lease)
         self._subscribe()
-        self._tick(time.monotonic())
+        self._guarded(self._tick, time.monotonic())
         if ready_file:
             _write_ready(ready_file, {"server": self.address, "pub": self.pub_endpoint, "leading": self.leading})
         poller = zmq.Poller()
@@ -198,8 +200,22 @@ class Balancer:
                     except zmq.Again:
                         break
                     self._on_message(frames)
-            self._tick(time.monotonic())
+            self._guarded(self._tick, time.monotonic())
         self._shutdown()
+
+    def _guarded(self, step: Any, *args: Any) -> None:
+        """Run one step of the loop; a bug in it is logged (every 10 s at most) and the service goes on.
+
+        Records from Redis are checked before use, so this is the last line: without
+        it, one unforeseen value would end this balancer and, read again, every standby.
+        """
+        try:
+            step(*args)
+        except Exception:
+            now = time.monotonic()
+            if now - self._errors_logged.get(step.__name__, -_ERROR_LOG_EVERY) >= _ERROR_LOG_EVERY:
+                self._errors_logged[step.__name__] = now
+                log.exception("balancer step %s failed; serving on", step.__name__)
 
     def _shutdown(self) -> None:
         if self.leading:
@@ -376,6 +392,7 @@ class Balancer:
     def _take_office(self, now: float) -> None:
         """Become (or stay) leader: adopt the state in Redis, or restore ours if Redis lost it."""
         stored_epoch = self.store.get_epoch()
+        unreadable: list[str] = []
         if stored_epoch is None and self.epoch is not None:
             log.info("Redis lost the assignment state; restoring %d students from memory", len(self.students))
             self.unsaved = True
@@ -387,17 +404,27 @@ class Balancer:
             log.info("leading with a new assignment history %s", self.epoch)
         else:
             self.epoch = stored_epoch
-            self.students = self.store.load_students()
-            log.info("leading; resumed %d students of history %s", len(self.students), self.epoch)
+            try:
+                self.students = self.store.load_students()
+                log.info("leading; resumed %d students of history %s", len(self.students), self.epoch)
+                unreadable = [sid for sid in self.store.r.hkeys(self.store.students_key) if sid not in self.students]
+            except WrongTypeError as exc:
+                log.error("%s; leading without stored students, and replacing it", exc)
+                self.students = {}
+                self.unsaved = True
         self.by_service = {}
         for sid, rec in self.students.items():
             self.by_service.setdefault(rec.service, set()).add(sid)
         # Every known student gets a full lease from now: it may have been talking to
         # the old leader until a moment ago.
         self.last_seen = {sid: max(now, self.last_seen.get(sid, now)) for sid in self.students}
+        if unreadable:  # skipped (and logged) by load_students; this leader owns the hash, so they go
+            log.warning("removing %d unreadable student records from Redis", len(unreadable))
         self.leading = True
         self.leader_seen = self.me
         self._save_all()  # writes the epoch first, so the resync below trusts the store
+        if unreadable and not self.unsaved:
+            self._save([], unreadable)
         self._resync(now)
         self._due["resync"] = now + self.resync_every
         self.dirty |= set(self.by_service)
@@ -452,17 +479,20 @@ class Balancer:
             elif not self.store.write_students(self.me, put, remove):
                 log.warning("lost the leader lease while saving: standing by")
                 self._step_down()
+        except WrongTypeError as exc:
+            log.error("%s; replacing it with this leader's students", exc)
+            self.unsaved = True
+            self._save_all()
         except redis.RedisError as exc:
             self.unsaved = True
             self._redis_lost(exc)
 
     def _save_all(self) -> None:
-        """Make Redis hold exactly our students (after an outage or on taking office)."""
-        if not self.redis_ok or not self.unsaved:
+        """Make Redis hold exactly our students and epoch (after an outage or on taking office)."""
+        if not self.redis_ok or not self.unsaved or self.epoch is None:
             return
         try:
-            stale = [sid for sid in self.store.r.hkeys(self.store.students_key) if sid not in self.students]
-            if self.store.write_students(self.me, list(self.students.values()), stale, epoch=self.epoch):
+            if self.store.replace_students(self.me, self.students.values(), self.epoch):
                 self.unsaved = False
             else:
                 self._step_down()
