@@ -281,6 +281,25 @@ def _specs(data: Mapping[str, Any], name: str) -> list[dict[str, Any]]:
     return specs
 
 
+def teacher_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a teacher record from the teacher's own ``meta`` reply, checked.
+
+    The register writes what a teacher says about itself into Redis, where every
+    balancer and ``zdistill status`` reads it: a teacher with odd meta must be refused
+    here, not crash its readers.  A long description is cut, not refused.
+    """
+    description = meta.get("description") or ""
+    if not isinstance(description, str):
+        raise RecordError(f"description must be a string, got {_show(description)}")
+    return {
+        "feeds": _specs(meta, "feeds"),
+        "fetches": _specs(meta, "fetches"),
+        "max_batch_size": _int(meta, "max_batch_size", 1, 2**31 - 1),
+        "device": _text(meta, "device", limit=256),
+        "description": description[:MAX_TEXT],
+    }
+
+
 @dataclass
 class TeacherRecord:
     """What ``zdistill-register`` knows about a teacher, from the teacher's own ``meta``."""
