@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 
 import msgpack
 import zmq
@@ -282,6 +283,75 @@ def test_bad_records_end_no_balancer(redis_server, store, tmp_path, stopper, cli
     assert "nests too deep" in b2.log() and "ttl_ms must be an integer" in b2.log()
     assert "zero" in b1.log() and "deep" in b1.log()
     assert b2.popen.poll() is None and _leading(b2.endpoint)
+
+
+def _writes(store: Store) -> int:
+    """Fenced writes of students so far: scripts run, less the lease refreshes (the only other script here)."""
+    stats = store.r.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) - int(stats.get("cmdstat_pexpire", {}).get("calls", 0))
+
+
+def _burst(address: str, requests: list[dict], timeout: float = 30.0) -> list[dict]:
+    """Send every request at once from one DEALER, then collect every answer."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{address}")
+    try:
+        for i, req in enumerate(requests):
+            wire.send(sock, {**req, "id": i})
+        replies = []
+        end = time.monotonic() + timeout
+        while len(replies) < len(requests) and sock.poll(max(0, int((end - time.monotonic()) * 1000))):
+            replies.append(wire.decode(sock.recv_multipart()).header)
+        return replies
+    finally:
+        sock.close(linger=0)
+
+
+def _balanced(store: Store, teachers: int) -> bool:
+    loads = Counter(t for rec in store.load_students().values() for t in rec.teachers)
+    return len(loads) == teachers and max(loads.values()) - min(loads.values()) <= 1
+
+
+def test_student_churn_is_coalesced(redis_server, store, tmp_path, stopper):
+    """A burst of registrations, byes or expiries costs a few rebalances and writes, not one per student."""
+    for i in range(4):
+        add_teacher(store, f"10.0.0.{i + 1}:1")
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, student_lease=5.0)
+    stopper.append(bal)
+    procs.wait_for(lambda: daemons.status(bal.endpoint)["teachers"].get("svc") == 4, 10, "teachers", bal.popen)
+    n = 2000
+    ids = [f"burst-{i}" for i in range(n)]
+    register = [{"kind": "register", "student": sid, "service": "svc", "max_teachers": 2} for sid in ids]
+
+    before = _writes(store)
+    replies = _burst(bal.endpoint, register)
+    assert len(replies) == n and all(r["kind"] == "assignment" and r["teachers"] for r in replies)
+    assert sorted(r["id"] for r in replies) == list(range(n))
+    registered = _writes(store) - before
+    assert registered < n / 10, f"{registered} writes for {n} registrations"
+
+    procs.wait_for(lambda: _balanced(store, 4), 10, "the last batch's write")
+    before = _writes(store)
+    beats = _burst(bal.endpoint, [{**req, "kind": "heartbeat"} for req in register])
+    assert len(beats) == n and all(r["kind"] == "assignment" and len(r["teachers"]) == 1 for r in beats)
+    beaten = _writes(store) - before  # none, unless the machine is so slow that some expired meanwhile
+    assert beaten < n / 20, f"{beaten} writes for {n} heartbeats"
+
+    before = _writes(store)
+    byes = _burst(bal.endpoint, [{"kind": "bye", "student": sid} for sid in ids[: n // 2]])
+    assert len(byes) == n // 2 and all(r["kind"] == "ok" for r in byes)
+    procs.wait_for(lambda: daemons.status(bal.endpoint)["students"] == n - n // 2, 10, "byes", bal.popen)
+    left = _writes(store) - before
+    assert left < n / 20, f"{left} writes for {n // 2} byes"
+    procs.wait_for(lambda: _balanced(store, 4) and len(store.load_students()) == n // 2, 10, "rebalanced")
+
+    before = _writes(store)  # the rest never beat again: all expire within a few ticks of each other
+    procs.wait_for(lambda: daemons.status(bal.endpoint)["students"] == 0, 20, "expiry", bal.popen)
+    expired = _writes(store) - before
+    assert expired < n / 20, f"{expired} writes for {n // 2} expiries"
+    assert store.load_students() == {}
+    assert "more; their teachers go to others" in bal.log()  # one line per tick, not one per student
 
 
 def test_keys_of_the_wrong_type_are_named_and_replaced(redis_server, store, tmp_path, stopper, clients):
