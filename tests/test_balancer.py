@@ -380,3 +380,11 @@ def test_keys_of_the_wrong_type_are_named_and_replaced(redis_server, store, tmp_
     assert log.count("zdistill:students holds a string, not a hash") == 2
     assert "zdistill:leader: it held no balancer's lease" in log
     assert "lost Redis" not in log and bal.popen.poll() is None
+
+
+def test_a_teacher_ping_at_a_balancer_says_so(redis_server, tmp_path, stopper):
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(bal)
+    reply = daemons.request(bal.endpoint, {"kind": "ping", "id": 4})
+    assert reply == {"kind": "error", "code": "wrong_server", "message": "this is a zdistill balancer, not a teacher",
+                     "id": 4}

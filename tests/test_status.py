@@ -86,3 +86,42 @@ def test_status_skips_bad_records_and_names_wrong_types(redis_server, store):
     assert report["redis"]["ok"] is True
     assert "zdistill:students holds a string, not a hash" in report["problems"]["zdistill:students"]
     assert [t["address"] for t in report["services"][SERVICE]["teachers"]] == ["10.0.0.1:1"]
+
+
+def test_status_exit_codes(redis_server, tmp_path):
+    """0: all answered; 1: Redis down; 2: bad arguments (one line, no password); 3: the balancer down."""
+    nobody = f"127.0.0.1:{procs.free_port()}"
+    down = zdistill("status", "--db_endpoints", redis_server.endpoint, "--balancer", nobody, "--timeout", "0.5")
+    assert down.returncode == 3 and f"balancer {nobody}: no answer in 0.5 s" in down.stdout
+    assert zdistill("status", "--db_endpoints", nobody, "--timeout", "0.5").returncode == 1
+    for endpoint in (":s3cret@127.0.0.1:6379", "127.0.0.1:99999", "redis://:s3cret@127.0.0.1:x", "http://h:1"):
+        bad = zdistill("status", "--db_endpoints", endpoint)
+        assert bad.returncode == 2, (endpoint, bad.stdout, bad.stderr)
+        assert bad.stderr.startswith("zdistill: --db_endpoints") and bad.stderr.count("\n") == 1, bad.stderr
+        assert "s3cret" not in bad.stdout + bad.stderr
+    assert zdistill("status", "--db_endpoints", redis_server.endpoint, "--balancer", "nowhere").returncode == 2
+
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    try:
+        up = zdistill("status", "--db_endpoints", redis_server.endpoint, "--balancer", balancer.endpoint)
+        assert up.returncode == 0 and f"balancer {balancer.endpoint}: leading" in up.stdout
+    finally:
+        balancer.stop()
+
+
+def test_ping_says_what_answered(redis_server, start_teacher, tmp_path):
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    teacher = start_teacher()
+    address = teacher.endpoint.replace("tcp://", "")
+    try:
+        wrong = zdistill("ping", "teacher", balancer.endpoint)
+        assert wrong.returncode == 1
+        assert wrong.stderr == f"{balancer.endpoint}: a zdistill balancer answered, not a teacher\n"
+        wrong = zdistill("ping", "balancer", address)
+        assert wrong.returncode == 1 and "answered, but not as a zdistill balancer" in wrong.stderr
+    finally:
+        balancer.stop()
+    nobody = f"127.0.0.1:{procs.free_port()}"
+    silent = zdistill("ping", "teacher", nobody, "--timeout", "0.5")
+    assert silent.returncode == 1 and silent.stderr.count(nobody) == 1, silent.stderr
+    assert zdistill("ping", "teacher", "127.0.0.1:70000").returncode == 2

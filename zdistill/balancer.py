@@ -82,6 +82,7 @@ log = logging.getLogger("zdistill.balancer")
 # Students send headers only: tiny messages, no arrays.
 LIMITS = wire.Limits(max_header_bytes=16 * 1024, max_arrays=0, max_array_bytes=0)
 _STUDENT_KINDS = ("register", "heartbeat", "snapshot", "bye")
+_TEACHER_KINDS = ("ping", "meta", "predict", "stats")  # someone took this balancer for a teacher
 _DRAIN_AT_ONCE = 512
 _REDIS_RETRY = 0.25
 _GAUGES_EVERY = 1.0
@@ -663,6 +664,8 @@ class Balancer:
         self.metrics.requests.labels(kind if kind in _STUDENT_KINDS or kind == "status" else "other").inc()
         if kind == "status":
             return self._status()
+        if kind in _TEACHER_KINDS:
+            raise BadRequest("wrong_server", "this is a zdistill balancer, not a teacher")
         if kind not in _STUDENT_KINDS:
             raise BadRequest("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
         sid = _field(msg.header, "student", str)

@@ -5,6 +5,13 @@ register last refreshed it, how many students use it) and each student (its
 teachers, the version of its list); plus the leading balancer, and the records that
 were skipped as malformed (the balancers skip them too).  A heartbeat's age comes
 from the record's remaining TTL, so no clock needs to agree with another.
+
+Exit codes (:func:`exit_code`), so that scripts and probes can use it:
+
+- 0: Redis answered (and the balancer asked about with ``--balancer`` too);
+- 1: Redis is unreachable or refused the password;
+- 2: bad arguments (a malformed ``--db_endpoints``, an unreadable password file);
+- 3: Redis answered, but the balancer asked about did not answer as a balancer.
 """
 
 from __future__ import annotations
@@ -16,6 +23,9 @@ import redis
 from zdistill.errors import WrongTypeError
 from zdistill.store import Store, describe
 
+EXIT_OK = 0
+EXIT_REDIS_DOWN = 1
+EXIT_BALANCER_DOWN = 3
 _PROBLEMS_SHOWN = 20
 
 
@@ -90,12 +100,23 @@ def _ask_balancer(address: str, timeout: float) -> dict[str, Any]:
     from zdistill.cli import ask_balancer
 
     reply = ask_balancer(address, {"kind": "status"}, timeout)
-    info: dict[str, Any] = {"address": address, "reachable": reply is not None}
+    info: dict[str, Any] = {"address": address, "reachable": reply is not None and reply.get("kind") == "status"}
     if reply is None:
-        info["error"] = "not answering"
+        info["error"] = f"no answer in {timeout:g} s"
+    elif not info["reachable"]:
+        info["error"] = f"answered, but not as a zdistill balancer ({str(reply.get('message'))[:200]})"
     else:
         info.update({k: reply.get(k) for k in ("leading", "leader", "epoch", "redis", "students")})
     return info
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """0 when everything asked about answered; see the module docstring for the others."""
+    if not report["redis"]["ok"]:
+        return EXIT_REDIS_DOWN
+    if "balancer" in report and not report["balancer"]["reachable"]:
+        return EXIT_BALANCER_DOWN
+    return EXIT_OK
 
 
 def render_status(report: dict[str, Any]) -> str:
