@@ -1,6 +1,6 @@
 """Student churn at the balancer: a real student's answer times while thousands of students come and go.
 
-    python bench/bench_churn.py [--students 3000,10000] [--teachers 10] [--lease 5] [--code PATH]
+    python bench/bench_churn.py [--students 3000,10000] [--teachers 10] [--lease 5] [--window 256] [--code PATH]
 
 For each number of students, on a fresh private ``redis-server`` and a fresh
 ``zdistill-balancer`` process (``--student-lease`` = ``--lease``, log level INFO, as
@@ -10,11 +10,13 @@ an operator runs it) with ``--teachers`` teacher records in one service:
    ``heartbeat`` every 100 ms and, once a second, ``register`` of a fresh student id
    followed by its ``bye`` (a short job coming and going).  Each request waits up to
    60 s for its answer; every answer time is recorded.
-2. This process registers N fake students of the same service from one DEALER, 256
-   requests in flight, each once: *registration time* is the first send to the last
-   answer (a registration refused with a ``redirect``, while no balancer leads, is sent
-   again 100 ms later; the table counts them).  The fake students never heartbeat, so
-   each expires one lease after its registration.
+2. This process registers N fake students of the same service from one DEALER,
+   ``--window`` requests in flight (many students starting at once; ``--window 1``
+   is one client registering them one after the other), each once: *registration
+   time* is the first send to the last answer (a registration refused with a
+   ``redirect``, while no balancer leads, is sent again 100 ms later; the table
+   counts them).  The fake students never heartbeat, so each expires one lease
+   after its registration.
 3. It then asks the balancer for ``status`` every 250 ms until only the probe's
    student is left: *expiry time* runs from the last registration answer to that
    moment, and counts the lease itself.
@@ -23,7 +25,7 @@ The assignment is checked at the end of step 2, from Redis: every student has on
 teacher (teachers < students: shared regime) and teacher loads differ by at most one.
 
 ``--code PATH`` runs the balancer of another checkout (e.g. main, from
-``git worktree add /tmp/churn-main main``) under the same script, for a before/after
+``git worktree add --detach /tmp/churn-main main``) under the same script, for a before/after
 comparison; the probe and the fake students speak the same wire protocol either way.
 Prints a table and writes ``bench/results/churn.json``.  Every process it starts is
 stopped by PID in a ``finally`` block.
@@ -54,7 +56,6 @@ from zdistill.store import Store, TeacherRecord  # noqa: E402
 SERVICE = "churn"
 PROBE_EVERY = 0.1
 PROBE_TIMEOUT = 60.0
-WINDOW = 256
 
 
 def start_balancer(code: Path, redis_endpoint: str, tmp: Path, lease: float) -> tuple[subprocess.Popen, str]:
@@ -141,8 +142,8 @@ def probe_main(address: str, out: str) -> int:
 # -- one scenario ----------------------------------------------------------------
 
 
-def register_fakes(sock: zmq.Socket, n: int) -> tuple[float, int]:
-    """Register ``n`` fake students, ``WINDOW`` in flight; the time from the first send to the last answer.
+def register_fakes(sock: zmq.Socket, n: int, window: int) -> tuple[float, int]:
+    """Register ``n`` fake students, ``window`` in flight; the time from the first send to the last answer.
 
     A registration answered with anything but an assignment (a ``redirect`` while no
     balancer leads) is sent again 100 ms later, as a real student would; how many were
@@ -152,7 +153,7 @@ def register_fakes(sock: zmq.Socket, n: int) -> tuple[float, int]:
     in_flight = answered = refused = 0
     start = time.monotonic()
     while answered < n:
-        while todo and in_flight < WINDOW:
+        while todo and in_flight < window:
             i = todo.pop()
             wire.send(sock, {"kind": "register", "id": i, "student": f"fake-{i:06d}", "service": SERVICE,
                              "max_teachers": 2})
@@ -189,7 +190,7 @@ def quantiles(samples: list[float]) -> dict[str, float]:
             "over_1s": sum(s > 1.0 for s in ordered)}
 
 
-def scenario(code: Path, n: int, teachers: int, lease: float, tmp: Path) -> dict:
+def scenario(code: Path, n: int, teachers: int, lease: float, window: int, tmp: Path) -> dict:
     redis_proc = procs.start_redis()
     store = Store.open(redis_proc.endpoint)
     balancer = probe = None
@@ -204,7 +205,7 @@ def scenario(code: Path, n: int, teachers: int, lease: float, tmp: Path) -> dict
 
         fakes = dealer(ctx, address)
         t0 = time.time()
-        registration, refused = register_fakes(fakes, n)
+        registration, refused = register_fakes(fakes, n, window)
         t1 = time.time()
         fakes.close()
         ok = balanced(store)
@@ -240,7 +241,7 @@ def scenario(code: Path, n: int, teachers: int, lease: float, tmp: Path) -> dict
         out["unanswered"] = sum(s["seconds"] is None for s in window)
         return out
 
-    return {"students": n, "teachers": teachers, "lease_s": lease, "registration_s": registration,
+    return {"students": n, "teachers": teachers, "lease_s": lease, "window": window, "registration_s": registration,
             "registrations_per_s": n / registration,
             "registrations_refused": refused, "expiry_s": t2 - t1, "balanced": ok,
             "probe_registering": during(t0, t1), "probe_expiring": during(t1, t2),
@@ -252,6 +253,7 @@ def main() -> int:
     parser.add_argument("--students", default="3000,10000", help="comma list of fake student counts, one run each")
     parser.add_argument("--teachers", type=int, default=10)
     parser.add_argument("--lease", type=float, default=5.0, help="the balancer's --student-lease (seconds)")
+    parser.add_argument("--window", type=int, default=256, help="registrations in flight at once (default 256)")
     parser.add_argument("--code", default=str(ROOT), help="checkout whose balancer is measured (default: this one)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "churn.json"))
     parser.add_argument("--probe", nargs=2, metavar=("ADDRESS", "OUT"), help=argparse.SUPPRESS)
@@ -261,11 +263,12 @@ def main() -> int:
     code = Path(args.code).resolve()
     tmp = Path(tempfile.mkdtemp(prefix="zd-bench-churn-"))
     results = []
-    print(f"balancer of {code}; {args.teachers} teachers, student lease {args.lease:g} s")
+    print(f"balancer of {code}; {args.teachers} teachers, student lease {args.lease:g} s, "
+          f"{args.window} registrations in flight")
     print(f"{'students':>8} {'register s':>10} {'/s':>7} {'expiry s':>8} {'balanced':>8} | probe answer s "
           f"while registering: p50 p95 max >1s | while expiring: p50 p95 max >1s | status max s | refused")
     for n in (int(x) for x in args.students.split(",")):
-        r = scenario(code, n, args.teachers, args.lease, tmp)
+        r = scenario(code, n, args.teachers, args.lease, args.window, tmp)
         results.append(r)
         a, b, refused = r["probe_registering"], r["probe_expiring"], r["registrations_refused"]
 

@@ -179,6 +179,8 @@ class Balancer:
         self.to_save: set[str] = set()
         self.to_remove: set[str] = set()
         self.unsaved = False  # a write to Redis failed: write everything when it is back
+        self._committed_at = 0.0  # when the last commit that had work began (monotonic)
+        self._commit_seconds = 0.0  # how long it took
         self.teacher_ttl = 0.0  # the longest TTL seen on a teacher record
         self.hold_removals_until = 0.0
         self.redis_ok = True
@@ -201,8 +203,11 @@ class Balancer:
         """The loop: take a batch of requests, commit what they changed, answer them, tick.
 
         Requests change tables only; the rebalancing and the Redis write they call for
-        happen once per batch (:meth:`_commit`), before the answers go out, so answers
-        carry the new assignment and a burst of registrations costs one rebalance.
+        happen in :meth:`_commit`, once for a whole batch and, under churn, at most once
+        per three times what the last commit took (see :meth:`_commit_due`).  A commit due runs before the batch
+        is answered, so at a quiet time a ``register`` is answered with its teachers;
+        under churn it is answered at once with what the student has so far (maybe no
+        teacher yet), and the teachers follow on PUB after the next commit.
         """
         log.info("balancer on %s, updates on %s; student lease %.3g s, leader lease %.3g s",
                  self.address, self.pub_endpoint, self.student_lease, self.leader_lease)
@@ -221,7 +226,8 @@ class Balancer:
                     except zmq.Again:
                         break
                     answers.append(self._on_message(frames))
-                self._guarded(self._commit)
+                if self._commit_due(time.monotonic()):
+                    self._guarded(self._commit)
                 for answer in answers:
                     self._answer(*answer)
             self._guarded(self._tick, time.monotonic())
@@ -276,7 +282,8 @@ class Balancer:
             if now >= self._due["expire"]:
                 self._due["expire"] = now + min(0.1, self.student_lease / 10)
                 self._expire_students(now)
-            self._commit()
+            if self._commit_due(now):
+                self._commit()
             if now >= self._due["gauges"]:
                 self._due["gauges"] = now + _GAUGES_EVERY
                 self._update_gauges()
@@ -470,15 +477,27 @@ class Balancer:
 
     # -- students and assignments -------------------------------------------
 
+    def _commit_due(self, now: float) -> bool:
+        """Whether to commit now: when the last commit is three times as old as it took.
+
+        So rebalancing takes at most about a quarter of the loop's time however fast
+        students come and go (one client registering 10,000 students one after the other
+        included), and the requests between two commits wait for none.  A commit takes
+        about a millisecond per few hundred students of the service, so at a quiet time,
+        and for a small service, every batch is committed before it is answered.
+        """
+        return now - self._committed_at >= 3 * self._commit_seconds
+
     def _commit(self) -> None:
         """Rebalance each service whose members changed, write the changed records, publish them.
 
-        Called once per batch of requests and once per tick: however many students
-        joined, left or expired meanwhile, each service is rebalanced once and Redis gets
-        one write of only the records that changed.
+        However many students joined, left or expired since the last commit, each
+        service is rebalanced once and Redis gets one write of only the records that
+        changed.
         """
-        if not self.leading:
+        if not self.leading or not (self.dirty or self.to_save or self.to_remove or self.unsaved):
             return
+        started = self._committed_at = time.monotonic()
         changed: list[StudentRecord] = []
         services = set(self.dirty)
         while self.dirty:
@@ -489,6 +508,7 @@ class Balancer:
                 self._publish(rec)
             if services:
                 self._update_gauges({rec.service for rec in changed})
+        self._commit_seconds = time.monotonic() - started
 
     def _rebalance(self, service: str) -> list[StudentRecord]:
         """Assign the service's teachers anew; the records whose list changed (version bumped)."""
