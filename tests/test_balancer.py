@@ -318,7 +318,8 @@ def test_student_churn_is_coalesced(redis_server, store, tmp_path, stopper):
     """A burst of registrations, byes or expiries costs a few rebalances and writes, not one per student."""
     for i in range(4):
         add_teacher(store, f"10.0.0.{i + 1}:1")
-    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, student_lease=5.0)
+    # A lease long enough that no student expires before the heartbeats, even on a loaded machine.
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, student_lease=10.0)
     stopper.append(bal)
     procs.wait_for(lambda: daemons.status(bal.endpoint)["teachers"].get("svc") == 4, 10, "teachers", bal.popen)
     n = 2000
@@ -327,7 +328,8 @@ def test_student_churn_is_coalesced(redis_server, store, tmp_path, stopper):
 
     before = _writes(store)
     replies = _burst(bal.endpoint, register)
-    assert len(replies) == n and all(r["kind"] == "assignment" for r in replies)  # teachers may follow on PUB
+    kinds = Counter(r["kind"] for r in replies)
+    assert kinds == {"assignment": n}, kinds  # with teachers, or (under churn) before them: they follow on PUB
     assert sorted(r["id"] for r in replies) == list(range(n))
     procs.wait_for(lambda: len(store.load_students()) == n and _balanced(store, 4), 10, "the last commit")
     registered = _writes(store) - before
@@ -335,20 +337,22 @@ def test_student_churn_is_coalesced(redis_server, store, tmp_path, stopper):
 
     before = _writes(store)
     beats = _burst(bal.endpoint, [{**req, "kind": "heartbeat"} for req in register])
-    assert len(beats) == n and all(r["kind"] == "assignment" and len(r["teachers"]) == 1 for r in beats)
-    beaten = _writes(store) - before  # none, unless the machine is so slow that some expired meanwhile
+    answers = Counter((r["kind"], len(r.get("teachers", ()))) for r in beats)
+    assert answers == {("assignment", 1): n}, answers
+    beaten = _writes(store) - before  # none
     assert beaten < n / 20, f"{beaten} writes for {n} heartbeats"
 
     before = _writes(store)
     byes = _burst(bal.endpoint, [{"kind": "bye", "student": sid} for sid in ids[: n // 2]])
-    assert len(byes) == n // 2 and all(r["kind"] == "ok" for r in byes)
+    kinds = Counter(r["kind"] for r in byes)
+    assert kinds == {"ok": n // 2}, kinds
     procs.wait_for(lambda: daemons.status(bal.endpoint)["students"] == n - n // 2, 10, "byes", bal.popen)
     left = _writes(store) - before
     assert left < n / 20, f"{left} writes for {n // 2} byes"
     procs.wait_for(lambda: _balanced(store, 4) and len(store.load_students()) == n // 2, 10, "rebalanced")
 
     before = _writes(store)  # the rest never beat again: all expire within a few ticks of each other
-    procs.wait_for(lambda: daemons.status(bal.endpoint)["students"] == 0, 20, "expiry", bal.popen)
+    procs.wait_for(lambda: daemons.status(bal.endpoint)["students"] == 0, 30, "expiry", bal.popen)
     expired = _writes(store) - before
     assert expired < n / 20, f"{expired} writes for {n // 2} expiries"
     assert store.load_students() == {}
