@@ -314,14 +314,20 @@ def _balanced(store: Store, teachers: int) -> bool:
     return len(loads) == teachers and max(loads.values()) - min(loads.values()) <= 1
 
 
-def test_student_churn_is_coalesced(redis_server, store, tmp_path, stopper):
-    """A burst of registrations, byes or expiries costs a few rebalances and writes, not one per student."""
+def _balancer_of_four(redis_server, store: Store, tmp_path, stopper, student_lease: float) -> procs.Proc:
+    """A balancer that knows four teachers of ``svc``."""
     for i in range(4):
         add_teacher(store, f"10.0.0.{i + 1}:1")
-    # A lease long enough that no student expires before the heartbeats, even on a loaded machine.
-    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, student_lease=10.0)
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, student_lease=student_lease)
     stopper.append(bal)
     procs.wait_for(lambda: daemons.status(bal.endpoint)["teachers"].get("svc") == 4, 10, "teachers", bal.popen)
+    return bal
+
+
+def test_student_churn_is_coalesced(redis_server, store, tmp_path, stopper):
+    """A burst of registrations, byes or expiries costs a few rebalances and writes, not one per student."""
+    # A lease long enough that no student expires before the heartbeats, even on a loaded machine.
+    bal = _balancer_of_four(redis_server, store, tmp_path, stopper, student_lease=10.0)
     n = 2000
     ids = [f"burst-{i}" for i in range(n)]
     register = [{"kind": "register", "student": sid, "service": "svc", "max_teachers": 2} for sid in ids]
@@ -397,11 +403,7 @@ def test_a_teacher_ping_at_a_balancer_says_so(redis_server, tmp_path, stopper):
 
 def test_one_client_registering_students_one_by_one_is_coalesced(redis_server, store, tmp_path, stopper):
     """Registrations that arrive one at a time are not one rebalance and one write each either."""
-    for i in range(4):
-        add_teacher(store, f"10.0.0.{i + 1}:1")
-    bal = daemons.start_balancer(redis_server.endpoint, tmp_path, student_lease=30.0)
-    stopper.append(bal)
-    procs.wait_for(lambda: daemons.status(bal.endpoint)["teachers"].get("svc") == 4, 10, "teachers", bal.popen)
+    bal = _balancer_of_four(redis_server, store, tmp_path, stopper, student_lease=30.0)
     n = 600
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
