@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -114,3 +115,37 @@ def _exists(store: Store, key: str) -> bool:
         return bool(store.r.exists(key))
     except Exception:  # Redis still starting, or the client's connection died with the old server
         return False
+
+
+SANE_META = {"feeds": [{"name": "img", "dtype": "float32", "shape": [784]}],
+             "fetches": [{"name": "prob", "dtype": "float32", "shape": [10]}], "max_batch_size": 64, "device": "cpu",
+             "description": "odd"}
+
+
+def test_odd_meta_keeps_the_teacher_unregistered_until_it_is_sane(redis_server, store, tmp_path, stopper):
+    """A teacher whose meta has odd fields is logged and left out of Redis; the register keeps running."""
+    port = procs.free_port()
+    address = f"127.0.0.1:{port}"
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({**SANE_META, "max_batch_size": "lots", "feeds": 5}))
+    ready = tmp_path / "odd.ready"
+    teacher = procs.start([sys.executable, "-m", "tests.odd_teacher", str(port), str(meta), str(ready)],
+                          "odd-teacher", ready_file=str(ready))
+    stopper.append(teacher)
+    reg = daemons.start_register(redis_server.endpoint, "svc", address, tmp_path, ttl=TTL, wait=False)
+    stopper.append(reg)
+    odd = [{"device": {"gpu": 0}}, {"max_batch_size": [1]}, {"fetches": [{"name": 1}]}, {"max_batch_size": 0}]
+    for n, fields in enumerate([None, *odd], start=1):
+        if fields is not None:
+            meta.write_text(json.dumps({**SANE_META, **fields}))
+        procs.wait_for(lambda n=n: reg.log().count("meta is not sane") == n, 10, f"refusal {n}", reg.popen)
+    asked = teacher.log().count("meta asked")
+    procs.wait_for(lambda: teacher.log().count("meta asked") >= asked + 3, 10, "three more checks", reg.popen)
+    assert reg.log().count("meta is not sane") == len(odd) + 1  # once per different problem, not per check
+    assert store.list_teachers("svc") == []
+
+    meta.write_text(json.dumps(SANE_META))
+    procs.wait_for(lambda: store.list_teachers("svc") == [address], 10, "registration once sane", reg.popen)
+    rec = store.get_teacher("svc", address)
+    assert rec is not None and rec.max_batch_size == 64 and rec.device == "cpu"
+    assert reg.stop() == 0

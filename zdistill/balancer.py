@@ -48,13 +48,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import socket
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis
@@ -62,8 +63,8 @@ import zmq
 
 from zdistill import wire
 from zdistill.assignment import assign
-from zdistill.errors import ConfigError, WireError
-from zdistill.flags import add_daemon_flags, add_db_flags, setup_logging
+from zdistill.errors import ConfigError, WireError, WrongTypeError
+from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import BalancerMetrics
 from zdistill.security import ServerKeys, server_keys
 from zdistill.store import (
@@ -73,7 +74,6 @@ from zdistill.store import (
     LeaderRecord,
     Store,
     StudentRecord,
-    db_password,
     describe,
 )
 
@@ -82,8 +82,12 @@ log = logging.getLogger("zdistill.balancer")
 # Students send headers only: tiny messages, no arrays.
 LIMITS = wire.Limits(max_header_bytes=16 * 1024, max_arrays=0, max_array_bytes=0)
 _STUDENT_KINDS = ("register", "heartbeat", "snapshot", "bye")
+_TEACHER_KINDS = ("ping", "meta", "predict", "stats")  # someone took this balancer for a teacher
 _DRAIN_AT_ONCE = 512
 _REDIS_RETRY = 0.25
+_GAUGES_EVERY = 1.0
+_ERROR_LOG_EVERY = 10.0
+_NAMED_IN_A_LOG_LINE = 10  # students named when many expire at once
 
 
 class BadRequest(Exception):
@@ -166,16 +170,29 @@ class Balancer:
         self.teachers: dict[str, set[str]] = {}
         self.students: dict[str, StudentRecord] = {}
         self.by_service: dict[str, set[str]] = {}
+        # Student id -> when last heard from, oldest first (an update moves it to the end),
+        # so the expiry check reads only the students that are due.
         self.last_seen: dict[str, float] = {}
+        # Changes waiting for the next commit (once per loop turn): services to rebalance,
+        # student records to write, student ids to delete.
         self.dirty: set[str] = set()
+        self.to_save: set[str] = set()
+        self.to_remove: set[str] = set()
         self.unsaved = False  # a write to Redis failed: write everything when it is back
+        self._committed_at = 0.0  # when the last commit that had work began (monotonic)
+        self._commit_seconds = 0.0  # how long it took
         self.teacher_ttl = 0.0  # the longest TTL seen on a teacher record
         self.hold_removals_until = 0.0
         self.redis_ok = True
         self.notifications = False
         self._pubsub: Any = None
         self._stopping = False
-        self._due: dict[str, float] = {"lease": 0.0, "resync": 0.0, "republish": 0.0, "expire": 0.0, "redis": 0.0}
+        self._errors_logged: dict[str, float] = {}
+        self._republish_queue: list[StudentRecord] = []  # still to republish this period
+        self._republish_total = 0
+        self._republish_from = 0.0
+        self._due: dict[str, float] = {"lease": 0.0, "resync": 0.0, "republish": 0.0, "expire": 0.0, "redis": 0.0,
+                                       "gauges": 0.0}
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -183,24 +200,52 @@ class Balancer:
         self._stopping = True
 
     def serve(self, ready_file: str | None = None) -> None:
+        """The loop: take a batch of requests, commit what they changed, answer them, tick.
+
+        Requests change tables only; the rebalancing and the Redis write they call for
+        happen in :meth:`_commit`, once for a whole batch and, under churn, at most once
+        per three times what the last commit took (see :meth:`_commit_due`).  A commit due runs before the batch
+        is answered, so at a quiet time a ``register`` is answered with its teachers;
+        under churn it is answered at once with what the student has so far (maybe no
+        teacher yet), and the teachers follow on PUB after the next commit.
+        """
         log.info("balancer on %s, updates on %s; student lease %.3g s, leader lease %.3g s",
                  self.address, self.pub_endpoint, self.student_lease, self.leader_lease)
         self._subscribe()
-        self._tick(time.monotonic())
+        self._guarded(self._tick, time.monotonic())
         if ready_file:
             _write_ready(ready_file, {"server": self.address, "pub": self.pub_endpoint, "leading": self.leading})
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         while not self._stopping:
             if poller.poll(20 if self._pubsub is not None else 50):
+                answers = []
                 for _ in range(_DRAIN_AT_ONCE):
                     try:
                         frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._on_message(frames)
-            self._tick(time.monotonic())
+                    answers.append(self._on_message(frames))
+                if self._commit_due(time.monotonic()):
+                    self._guarded(self._commit)
+                for answer in answers:
+                    self._answer(*answer)
+            self._guarded(self._tick, time.monotonic())
         self._shutdown()
+
+    def _guarded(self, step: Any, *args: Any) -> None:
+        """Run one step of the loop; a bug in it is logged (every 10 s at most) and the service goes on.
+
+        Records from Redis are checked before use, so this is the last line: without
+        it, one unforeseen value would end this balancer and, read again, every standby.
+        """
+        try:
+            step(*args)
+        except Exception:
+            now = time.monotonic()
+            if now - self._errors_logged.get(step.__name__, -_ERROR_LOG_EVERY) >= _ERROR_LOG_EVERY:
+                self._errors_logged[step.__name__] = now
+                log.exception("balancer step %s failed; serving on", step.__name__)
 
     def _shutdown(self) -> None:
         if self.leading:
@@ -237,12 +282,12 @@ class Balancer:
             if now >= self._due["expire"]:
                 self._due["expire"] = now + min(0.1, self.student_lease / 10)
                 self._expire_students(now)
-            self._rebalance_dirty()
-            self._update_gauges()
-            if now >= self._due["republish"]:
-                self._due["republish"] = now + self.republish_every
-                for rec in self.students.values():
-                    self._publish(rec)
+            if self._commit_due(now):
+                self._commit()
+            if now >= self._due["gauges"]:
+                self._due["gauges"] = now + _GAUGES_EVERY
+                self._update_gauges()
+            self._republish(now)
 
     # -- Redis: connection, lease, teachers ----------------------------------
 
@@ -377,6 +422,7 @@ class Balancer:
     def _take_office(self, now: float) -> None:
         """Become (or stay) leader: adopt the state in Redis, or restore ours if Redis lost it."""
         stored_epoch = self.store.get_epoch()
+        unreadable: list[str] = []
         if stored_epoch is None and self.epoch is not None:
             log.info("Redis lost the assignment state; restoring %d students from memory", len(self.students))
             self.unsaved = True
@@ -388,14 +434,25 @@ class Balancer:
             log.info("leading with a new assignment history %s", self.epoch)
         else:
             self.epoch = stored_epoch
-            self.students = self.store.load_students()
-            log.info("leading; resumed %d students of history %s", len(self.students), self.epoch)
+            try:
+                self.students = self.store.load_students()
+                log.info("leading; resumed %d students of history %s", len(self.students), self.epoch)
+                unreadable = [sid for sid in self.store.r.hkeys(self.store.students_key) if sid not in self.students]
+            except WrongTypeError as exc:
+                log.error("%s; leading without stored students, and replacing it", exc)
+                self.students = {}
+                self.unsaved = True
         self.by_service = {}
         for sid, rec in self.students.items():
             self.by_service.setdefault(rec.service, set()).add(sid)
         # Every known student gets a full lease from now: it may have been talking to
         # the old leader until a moment ago.
-        self.last_seen = {sid: max(now, self.last_seen.get(sid, now)) for sid in self.students}
+        self.last_seen = dict.fromkeys(self.students, now)
+        self.to_save.clear()
+        self.to_remove.clear()
+        if unreadable:  # skipped (and logged) by load_students; this leader owns the hash, so they go
+            log.warning("removing %d unreadable student records from Redis", len(unreadable))
+            self.to_remove.update(unreadable)
         self.leading = True
         self.leader_seen = self.me
         self._save_all()  # writes the epoch first, so the resync below trusts the store
@@ -408,24 +465,56 @@ class Balancer:
         self.leader_seen = None
         self.metrics.leader.set(0)
 
-    def _update_gauges(self) -> None:
+    def _update_gauges(self, services: Iterable[str] | None = None) -> None:
+        """The gauges; the assignment versions only of ``services`` (default all: a pass over every student)."""
         self.metrics.leader.set(1)
         self.metrics.set_counts({s: len(t) for s, t in self.teachers.items()},
                                 {s: len(ids) for s, ids in self.by_service.items()})
-        for service, ids in self.by_service.items():
+        for service in self.by_service if services is None else services:
+            ids = self.by_service.get(service, ())
             versions = [self.students[sid].version for sid in ids if sid in self.students]
             self.metrics.version.labels(service).set(max(versions, default=0))
 
     # -- students and assignments -------------------------------------------
 
-    def _rebalance_dirty(self) -> None:
-        while self.dirty:
-            self._rebalance(self.dirty.pop())
+    def _commit_due(self, now: float) -> bool:
+        """Whether to commit now: when the last commit is three times as old as it took.
 
-    def _rebalance(self, service: str, removed: Sequence[str] = ()) -> None:
-        ids = self.by_service.get(service, set())
-        if not ids and not removed:
+        So rebalancing takes at most about a quarter of the loop's time however fast
+        students come and go (one client registering 10,000 students one after the other
+        included), and the requests between two commits wait for none.  A commit takes
+        about a millisecond per few hundred students of the service, so at a quiet time,
+        and for a small service, every batch is committed before it is answered.
+        """
+        return now - self._committed_at >= 3 * self._commit_seconds
+
+    def _commit(self) -> None:
+        """Rebalance each service whose members changed, write the changed records, publish them.
+
+        However many students joined, left or expired since the last commit, each
+        service is rebalanced once and Redis gets one write of only the records that
+        changed.
+        """
+        if not self.leading or not (self.dirty or self.to_save or self.to_remove or self.unsaved):
             return
+        started = self._committed_at = time.monotonic()
+        changed: list[StudentRecord] = []
+        services = set(self.dirty)
+        while self.dirty:
+            changed += self._rebalance(self.dirty.pop())
+        self._flush()
+        if self.leading:
+            for rec in changed:
+                self._publish(rec)
+            if services:
+                self._update_gauges({rec.service for rec in changed})
+        self._commit_seconds = time.monotonic() - started
+
+    def _rebalance(self, service: str) -> list[StudentRecord]:
+        """Assign the service's teachers anew; the records whose list changed (version bumped)."""
+        ids = self.by_service.get(service, set())
+        if not ids:
+            return []
         wanted = {sid: self.students[sid].max_teachers for sid in ids}
         previous = {sid: self.students[sid].teachers for sid in ids}
         result = assign(sorted(self.teachers.get(service, ())), wanted, previous)
@@ -436,34 +525,42 @@ class Balancer:
                 rec.teachers = list(teachers)
                 rec.version += 1
                 changed.append(rec)
+                self.to_save.add(sid)
         if changed:
             self.metrics.rebalances.inc()
             log.info("service %s: %d of %d students get new teachers", service, len(changed), len(ids))
-        self._save(changed, removed)
-        for rec in changed:
-            self._publish(rec)
+        return changed
 
-    def _save(self, put: Sequence[StudentRecord], remove: Sequence[str] = ()) -> None:
-        if not (put or remove) or not self.redis_ok:
-            self.unsaved = self.unsaved or bool(put or remove)
+    def _flush(self) -> None:
+        """Write what changed since the last flush, in one fenced call."""
+        if not (self.to_save or self.to_remove or self.unsaved):
+            return
+        put = [self.students[sid] for sid in self.to_save if sid in self.students]
+        remove = list(self.to_remove)
+        self.to_save.clear()
+        self.to_remove.clear()
+        if self.unsaved or not self.redis_ok:
+            self.unsaved = True  # the full write after the outage covers these too
+            self._save_all()
             return
         try:
-            if self.unsaved:
-                self._save_all()
-            elif not self.store.write_students(self.me, put, remove):
+            if not self.store.write_students(self.me, put, remove):
                 log.warning("lost the leader lease while saving: standing by")
                 self._step_down()
+        except WrongTypeError as exc:
+            log.error("%s; replacing it with this leader's students", exc)
+            self.unsaved = True
+            self._save_all()
         except redis.RedisError as exc:
             self.unsaved = True
             self._redis_lost(exc)
 
     def _save_all(self) -> None:
-        """Make Redis hold exactly our students (after an outage or on taking office)."""
-        if not self.redis_ok or not self.unsaved:
+        """Make Redis hold exactly our students and epoch (after an outage or on taking office)."""
+        if not self.redis_ok or not self.unsaved or self.epoch is None:
             return
         try:
-            stale = [sid for sid in self.store.r.hkeys(self.store.students_key) if sid not in self.students]
-            if self.store.write_students(self.me, list(self.students.values()), stale, epoch=self.epoch):
+            if self.store.replace_students(self.me, self.students.values(), self.epoch):
                 self.unsaved = False
             else:
                 self._step_down()
@@ -471,9 +568,18 @@ class Balancer:
             self._redis_lost(exc)
 
     def _expire_students(self, now: float) -> None:
-        gone = [sid for sid, seen in self.last_seen.items() if now - seen > self.student_lease]
+        gone = []
+        for sid, seen in self.last_seen.items():  # oldest first: stop at the first one still in time
+            if now - seen <= self.student_lease:
+                break
+            gone.append(sid)
+        if not gone:
+            return
+        named = ", ".join(gone[:_NAMED_IN_A_LOG_LINE]) + (f" and {len(gone) - _NAMED_IN_A_LOG_LINE} more"
+                                                          if len(gone) > _NAMED_IN_A_LOG_LINE else "")
+        log.info("%d students silent for over %.3g s: %s; their teachers go to others",
+                 len(gone), self.student_lease, named)
         for sid in gone:
-            log.info("student %s silent for %.3g s: its teachers go to others", sid, now - self.last_seen[sid])
             self._remove_student(sid)
 
     def _remove_student(self, sid: str) -> None:
@@ -482,9 +588,16 @@ class Balancer:
         if rec is None:
             return
         self.by_service.get(rec.service, set()).discard(sid)
-        self._rebalance(rec.service, removed=[sid])
+        self.dirty.add(rec.service)
+        self.to_save.discard(sid)
+        self.to_remove.add(sid)
+
+    def _seen(self, sid: str, now: float) -> None:
+        self.last_seen.pop(sid, None)  # re-inserted at the end: the dict stays oldest first
+        self.last_seen[sid] = now
 
     def _upsert_student(self, sid: str, service: str, max_teachers: int) -> StudentRecord:
+        """The student's record, created or updated; the rebalance it needs waits for the commit."""
         rec = self.students.get(sid)
         if rec is not None and rec.service == service and rec.max_teachers == max_teachers:
             return rec
@@ -494,17 +607,34 @@ class Balancer:
             self.students[sid] = rec
         elif rec.service != service:
             self.by_service.get(rec.service, set()).discard(sid)
-            old = rec.service
+            self.dirty.add(rec.service)
             rec.service, rec.max_teachers, rec.teachers = service, max_teachers, []
             rec.version += 1
-            self._rebalance(old)
         else:
             rec.max_teachers = max_teachers
         self.by_service.setdefault(service, set()).add(sid)
-        self._rebalance(service)
-        if not rec.version:  # no teacher yet: still a record in Redis, version 0
-            self._save([rec])
+        self.dirty.add(service)
+        self.to_remove.discard(sid)
+        self.to_save.add(sid)  # also with no teacher yet: a record in Redis, version 0
         return rec
+
+    def _republish(self, now: float) -> None:
+        """Publish every student's state once per ``--republish`` period, spread over its first half.
+
+        A little each tick, not all at once: 10,000 students take ~0.1 s to publish,
+        which would hold up every request waiting behind them.
+        """
+        if now >= self._due["republish"]:
+            self._due["republish"] = now + self.republish_every
+            self._republish_queue = list(self.students.values())
+            self._republish_total = len(self._republish_queue)
+            self._republish_from = now
+        share = min(1.0, (now - self._republish_from) / (self.republish_every / 2))
+        due = len(self._republish_queue) - (self._republish_total - math.ceil(self._republish_total * share))
+        for _ in range(due):
+            rec = self._republish_queue.pop()
+            if self.students.get(rec.student_id) is rec:  # not gone since the period began
+                self._publish(rec)
 
     def _publish(self, rec: StudentRecord) -> None:
         try:
@@ -519,10 +649,12 @@ class Balancer:
 
     # -- requests -------------------------------------------------------------
 
-    def _on_message(self, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, frames: list[zmq.Frame]) -> tuple[list[zmq.Frame], Any, dict[str, Any] | StudentRecord]:
+        """Handle one request: its envelope, id and answer (a student's record: send its assignment)."""
         envelope_len = 2 if len(frames) > 2 and len(frames[1]) == 0 else 1  # REQ peers add a delimiter
         envelope, body = frames[:envelope_len], frames[envelope_len:]
         req_id: Any = None
+        reply: dict[str, Any] | StudentRecord
         try:
             msg = wire.decode(body, LIMITS)
             req_id = msg.header.get("id")
@@ -538,16 +670,22 @@ class Balancer:
             reply = {"kind": "error", "code": "internal", "message": f"{type(exc).__name__}"}
         if type(req_id) not in (int, str, type(None)) or (isinstance(req_id, str) and len(req_id) > 128):
             req_id = None
+        return envelope, req_id, reply
+
+    def _answer(self, envelope: list[zmq.Frame], req_id: Any, reply: dict[str, Any] | StudentRecord) -> None:
+        header = self._assignment(reply) if isinstance(reply, StudentRecord) else reply
         try:
-            wire.send(self.router, {**reply, "id": req_id}, envelope=envelope, flags=zmq.NOBLOCK)
+            wire.send(self.router, {**header, "id": req_id}, envelope=envelope, flags=zmq.NOBLOCK)
         except (zmq.Again, WireError) as exc:
             log.debug("reply dropped: %s", exc)
 
-    def _dispatch(self, msg: wire.Message) -> dict[str, Any]:
+    def _dispatch(self, msg: wire.Message) -> dict[str, Any] | StudentRecord:
         kind = msg.kind
         self.metrics.requests.labels(kind if kind in _STUDENT_KINDS or kind == "status" else "other").inc()
         if kind == "status":
             return self._status()
+        if kind in _TEACHER_KINDS:
+            raise BadRequest("wrong_server", "this is a zdistill balancer, not a teacher")
         if kind not in _STUDENT_KINDS:
             raise BadRequest("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
         sid = _field(msg.header, "student", str)
@@ -565,8 +703,8 @@ class Balancer:
             if not 1 <= most <= MAX_TEACHERS_LIMIT:
                 raise BadRequest("bad_request", f"max_teachers must be 1..{MAX_TEACHERS_LIMIT}, got {most}")
             rec = self._upsert_student(sid, service, most)
-            self.last_seen[sid] = now
-            return self._assignment(rec)
+            self._seen(sid, now)
+            return rec
         if kind == "bye":
             if sid in self.students:
                 log.info("student %s left", sid)
@@ -575,8 +713,8 @@ class Balancer:
         rec = self.students.get(sid)  # snapshot
         if rec is None:
             return {"kind": "error", "code": "unknown_student", "message": "register first"}
-        self.last_seen[sid] = now
-        return self._assignment(rec)
+        self._seen(sid, now)
+        return rec
 
     def _assignment(self, rec: StudentRecord) -> dict[str, Any]:
         return {"kind": "assignment", **self._state(rec), "pub": self.pub_endpoint,
@@ -635,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        store = Store.open(args.db_endpoints, db_password(args.db_passwd))
+        store = Store.open(args.db_endpoints, password_from_args(args))
         metrics = BalancerMetrics()
         balancer = Balancer(store, args.server, args.pub_port, args.advertise, args.student_lease,
                             args.leader_lease, args.resync, args.republish, not args.no_notifications,

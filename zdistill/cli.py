@@ -5,7 +5,11 @@
 - ``zdistill ping balancer HOST:PORT`` exits 0 when the balancer answers ``status``.
 - ``zdistill status --db_endpoints HOST:PORT`` prints, per service, the teachers
   (address, device, heartbeat age, load), the students and their teachers, and the
-  leading balancer; ``--json`` for scripts.
+  leading balancer; ``--json`` for scripts.  Exits 0 when Redis (and the balancer
+  given with ``--balancer``) answered, 1 when Redis did not, 3 when the balancer did
+  not (:mod:`zdistill.status`).
+
+Every command exits 2, with one line on stderr, on bad arguments.
 """
 
 from __future__ import annotations
@@ -21,40 +25,60 @@ import zmq
 
 from zdistill import wire
 from zdistill.client import TeacherClient, teacher_endpoint
-from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
-from zdistill.flags import add_db_flags
+from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
+from zdistill.flags import add_db_flags, password_from_args
 from zdistill.security import client_keys_from_env, secure_client
+from zdistill.store import is_address
+
+
+def checked_address(address: str) -> str:
+    """``HOST:PORT`` (port 1..65535) or a full ZeroMQ endpoint, else :class:`ConfigError`."""
+    if "://" not in address and not is_address(address.strip()):
+        raise ConfigError(f"{address!r:.80} is not HOST:PORT with a port of 1..65535")
+    return address
 
 
 def ask_balancer(address: str, header: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """One request to a balancer; its reply header, or None if it did not answer in time."""
+    """One request to a balancer; its reply header, or None if nothing readable came in time."""
     ctx = zmq.Context.instance()
     sock = secure_client(ctx.socket(zmq.DEALER), client_keys_from_env())
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(teacher_endpoint(address))
+        sock.connect(teacher_endpoint(checked_address(address)))
         wire.send(sock, {**header, "id": 1})
         if not sock.poll(int(timeout * 1000)):
             return None
         return wire.decode(sock.recv_multipart()).header
+    except WireError:
+        return None
     finally:
         sock.close(linger=0)
 
 
 def ping(kind: str, address: str, timeout: float) -> int:
+    """0 if a ``kind`` answers at ``address``; else 1 and one line saying what answered, if anything."""
+    checked_address(address)
     if kind == "teacher":
         client = TeacherClient(address, timeout=timeout)
         try:
             client.ping()
-        except (TeacherTimeout, TeacherError) as exc:
-            sys.stderr.write(f"teacher {address}: {exc}\n")
+        except TeacherError as exc:
+            # str(exc) names the teacher already: "teacher ADDR: what it said"
+            line = f"{address}: a zdistill balancer answered, not a teacher" if exc.code == "wrong_server" else exc
+            sys.stderr.write(f"{line}\n")
+            return 1
+        except TeacherTimeout:
+            sys.stderr.write(f"teacher {address}: no answer in {timeout:g} s\n")
             return 1
         finally:
             client.close()
         return 0
     reply = ask_balancer(address, {"kind": "status"}, timeout)
-    if reply is None or reply.get("kind") != "status":
-        sys.stderr.write(f"balancer {address} did not answer\n")
+    if reply is None:
+        sys.stderr.write(f"balancer {address}: no answer in {timeout:g} s\n")
+        return 1
+    if reply.get("kind") != "status":
+        sys.stderr.write(f"{address}: answered, but not as a zdistill balancer ({str(reply.get('message'))[:200]})\n")
         return 1
     return 0
 
@@ -62,15 +86,19 @@ def ping(kind: str, address: str, timeout: float) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zdistill", description="Ask a running zdistill system questions.")
     sub = p.add_subparsers(dest="command", required=True)
-    pg = sub.add_parser("ping", help="exit 0 if a teacher or balancer answers (for probes)")
+    pg = sub.add_parser("ping", help="exit 0 if a teacher or balancer answers (for probes)",
+                        description="Exit 0 if a teacher or balancer answers at HOST:PORT, else 1; 2 on bad arguments.")
     pg.add_argument("kind", choices=["teacher", "balancer"])
     pg.add_argument("address", help="HOST:PORT")
-    pg.add_argument("--timeout", type=float, default=2.0)
-    st = sub.add_parser("status", help="teachers, students and balancers, per service")
+    pg.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer (default 2)")
+    st = sub.add_parser("status", help="teachers, students and balancers, per service",
+                        description="Teachers, students and balancers, per service.  Exit codes: 0 all answered, "
+                                    "1 Redis unreachable or refusing the password, 2 bad arguments, "
+                                    "3 the --balancer did not answer.")
     add_db_flags(st)
     st.add_argument("--balancer", default=None, help="also ask this balancer (HOST:PORT) for its view")
     st.add_argument("--json", action="store_true", help="print JSON for scripts")
-    st.add_argument("--timeout", type=float, default=2.0)
+    st.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for Redis and the balancer (default 2)")
     return p
 
 
@@ -79,11 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ping":
             return ping(args.kind, args.address, args.timeout)
-        from zdistill.status import collect_status, render_status
+        from zdistill.status import collect_status, exit_code, render_status
 
-        report = collect_status(args.db_endpoints, args.db_passwd, args.balancer, args.timeout, time.time())
+        if args.balancer:
+            checked_address(args.balancer)
+        report = collect_status(args.db_endpoints, password_from_args(args), args.balancer, args.timeout, time.time())
         sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
-        return 0 if report.get("redis", {}).get("ok") else 1
+        return exit_code(report)
     except ConfigError as exc:
         sys.stderr.write(f"zdistill: {exc}\n")
         return 2

@@ -41,3 +41,19 @@ class WorkerError(ZDistillError):
 
 class ConfigError(ZDistillError, ValueError):
     """A DistillReader or daemon was configured with arguments that cannot work."""
+
+
+class RecordError(ZDistillError, ValueError):
+    """A record read from Redis (or a teacher's ``meta`` bound for one) is malformed.
+
+    Redis is shared and anyone with its password can write there, so every record is
+    checked before use; a bad one is skipped with a log line and the daemon keeps
+    serving, never crashes on it.
+    """
+
+
+class WrongTypeError(ZDistillError):
+    """A zdistill key in Redis holds the wrong kind of value (a string where a hash belongs).
+
+    Its own type, so that it is reported as what it is, not as Redis being unreachable.
+    """

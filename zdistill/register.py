@@ -35,16 +35,16 @@ import redis
 import zmq
 
 from zdistill.client import Completion, TeacherClient
-from zdistill.errors import ConfigError, TeacherTimeout
-from zdistill.flags import add_daemon_flags, add_db_flags, setup_logging
+from zdistill.errors import ConfigError, RecordError, TeacherTimeout
+from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import RegisterMetrics
 from zdistill.store import (
     Store,
     TeacherRecord,
     check_address,
     check_service,
-    db_password,
     describe,
+    teacher_meta,
 )
 
 log = logging.getLogger("zdistill.register")
@@ -79,7 +79,8 @@ class Registrar:
         self.stop_event = threading.Event()
         self.client = TeacherClient(address, context=context, timeout=self.ping_timeout)
         self.registered = False  # our record should be in Redis now
-        self.healthy = False  # the teacher answered the last check
+        self.healthy = False  # the teacher answered the last check, with sane meta
+        self.bad_meta: tuple[Any, ...] = ()  # what was wrong with the teacher's meta, as last logged
         self.redis_ok = True
 
     # -- talking to the teacher -----------------------------------------------
@@ -100,7 +101,12 @@ class Registrar:
         return None
 
     def check_teacher(self) -> bool:
-        """Ping; on the first answer after a failure also read ``meta`` for the record."""
+        """Ping; on the first answer after a failure also read ``meta`` for the record.
+
+        A teacher whose ``meta`` is not sane (a ``max_batch_size`` of "lots", feeds that
+        are a number) fails the check: it is not written to Redis, where every balancer
+        and ``zdistill status`` would have to read it, and it is asked again next time.
+        """
         done = self._call("ping")
         if done is None or done.error is not None:
             if done is not None:
@@ -111,16 +117,21 @@ class Registrar:
         done = self._call("meta")
         if done is None or done.error is not None:
             return False
-        self._update_record(done.header or {})
+        try:
+            fields = teacher_meta(done.header or {})
+        except RecordError as exc:
+            if exc.args != self.bad_meta:
+                log.error("teacher %s answers, but its meta is not sane (%s): not registering it until it is",
+                          self.record.address, exc)
+                self.bad_meta = exc.args
+            self.remove()  # a record from before, with the old meta, must not outlive this
+            return False
+        if self.bad_meta:
+            log.info("teacher %s now has sane meta", self.record.address)
+            self.bad_meta = ()
+        for name, value in fields.items():
+            setattr(self.record, name, value)
         return True
-
-    def _update_record(self, meta: dict[str, Any]) -> None:
-        rec = self.record
-        rec.feeds = list(meta.get("feeds") or [])
-        rec.fetches = list(meta.get("fetches") or [])
-        rec.max_batch_size = int(meta.get("max_batch_size") or 0)
-        rec.device = str(meta.get("device") or "")
-        rec.description = str(meta.get("description") or "")
 
     # -- talking to Redis -------------------------------------------------------
 
@@ -216,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:
-        store = Store.open(args.db_endpoints, db_password(args.db_passwd))
+        store = Store.open(args.db_endpoints, password_from_args(args))
         metrics = RegisterMetrics()
         registrar = Registrar(store, args.service_name, args.server, args.ttl, args.ping_timeout,
                               db_label=describe(args.db_endpoints), metrics=metrics)

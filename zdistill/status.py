@@ -2,8 +2,16 @@
 
 Read-only.  Per service: each teacher (address, device, max batch, how long ago its
 register last refreshed it, how many students use it) and each student (its
-teachers, the version of its list); plus the leading balancer.  A heartbeat's age
-comes from the record's remaining TTL, so no clock needs to agree with another.
+teachers, the version of its list); plus the leading balancer, and the records that
+were skipped as malformed (the balancers skip them too).  A heartbeat's age comes
+from the record's remaining TTL, so no clock needs to agree with another.
+
+Exit codes (:func:`exit_code`), so that scripts and probes can use it:
+
+- 0: Redis answered (and the balancer asked about with ``--balancer`` too);
+- 1: Redis is unreachable or refused the password;
+- 2: bad arguments (a malformed ``--db_endpoints``, an unreadable password file);
+- 3: Redis answered, but the balancer asked about did not answer as a balancer.
 """
 
 from __future__ import annotations
@@ -12,43 +20,62 @@ from typing import Any
 
 import redis
 
-from zdistill.store import Store, db_password, describe
+from zdistill.errors import WrongTypeError
+from zdistill.store import Store, describe
+
+EXIT_OK = 0
+EXIT_REDIS_DOWN = 1
+EXIT_BALANCER_DOWN = 3
+_PROBLEMS_SHOWN = 20
 
 
 def collect_status(
     endpoint: str, password: str | None, balancer: str | None, timeout: float, now: float
 ) -> dict[str, Any]:
     """The report as plain data (what ``--json`` prints)."""
-    report: dict[str, Any] = {"redis": {"endpoint": describe(endpoint), "ok": False}, "services": {}, "leader": None}
-    store = Store.open(endpoint, db_password(password), timeout=timeout)
+    report: dict[str, Any] = {"redis": {"endpoint": describe(endpoint), "ok": False}, "services": {}, "leader": None,
+                              "problems": {}}
+    store = Store.open(endpoint, password, timeout=timeout)
+    problems: dict[str, str] = report["problems"]
     try:
-        teachers = store.all_teachers()
-        students = store.load_students()
-        leader = store.get_leader()
+        teachers = store.all_teachers(problems)
+        try:
+            students = store.load_students(problems)
+        except WrongTypeError as exc:
+            problems[store.students_key] = str(exc)
+            students = {}
+        leader = store.get_leader(problems)
         ages = {}
         for service, records in teachers.items():
             for address, rec in records.items():
                 left_ms = store.r.pttl(store.teacher_key(service, address))
                 ages[(service, address)] = (rec.ttl_ms - left_ms) / 1000 if rec.ttl_ms and left_ms > 0 else None
     except redis.AuthenticationError:
-        report["redis"]["error"] = "Redis refused the password (or needs one: --db_passwd / ZDISTILL_DB_PASSWD)"
-        return report
+        report["redis"]["error"] = "Redis refused the password (or needs one: --db_passwd_file / $ZDISTILL_DB_PASSWD)"
     except redis.RedisError as exc:
         report["redis"]["error"] = f"Redis unreachable: {type(exc).__name__}: {exc}"
-        return report
+    else:
+        report["redis"]["ok"] = True
+        if leader is not None:
+            report["leader"] = {"server": leader.server, "pub": leader.pub,
+                                "leading_for_s": round(now - leader.since, 1)}
+        report["services"] = _services(teachers, students, ages)
     finally:
         store.close()
-    report["redis"]["ok"] = True
-    if leader is not None:
-        report["leader"] = {"server": leader.server, "pub": leader.pub, "leading_for_s": round(now - leader.since, 1)}
-    services = sorted(set(teachers) | {s.service for s in students.values()})
-    for service in services:
+    if balancer:
+        report["balancer"] = _ask_balancer(balancer, timeout)
+    return report
+
+
+def _services(teachers: dict, students: dict, ages: dict) -> dict[str, Any]:
+    services: dict[str, Any] = {}
+    for service in sorted(set(teachers) | {s.service for s in students.values()}):
         mine = {sid: rec for sid, rec in students.items() if rec.service == service}
         load: dict[str, int] = {}
         for rec in mine.values():
             for t in rec.teachers:
                 load[t] = load.get(t, 0) + 1
-        report["services"][service] = {
+        services[service] = {
             "teachers": [
                 {
                     "address": address,
@@ -66,29 +93,51 @@ def collect_status(
                 for sid, rec in sorted(mine.items())
             ],
         }
-    if balancer:
-        from zdistill.cli import ask_balancer
+    return services
 
-        reply = ask_balancer(balancer, {"kind": "status"}, timeout)
-        report["balancer"] = {"address": balancer, "reachable": reply is not None}
-        if reply is not None:
-            report["balancer"].update({k: reply.get(k) for k in ("leading", "leader", "epoch", "redis", "students")})
-    return report
+
+def _ask_balancer(address: str, timeout: float) -> dict[str, Any]:
+    from zdistill.cli import ask_balancer
+
+    reply = ask_balancer(address, {"kind": "status"}, timeout)
+    info: dict[str, Any] = {"address": address, "reachable": reply is not None and reply.get("kind") == "status"}
+    if reply is None:
+        info["error"] = f"no answer in {timeout:g} s"
+    elif not info["reachable"]:
+        info["error"] = f"answered, but not as a zdistill balancer ({str(reply.get('message'))[:200]})"
+    else:
+        info.update({k: reply.get(k) for k in ("leading", "leader", "epoch", "redis", "students")})
+    return info
+
+
+def exit_code(report: dict[str, Any]) -> int:
+    """0 when everything asked about answered; see the module docstring for the others."""
+    if not report["redis"]["ok"]:
+        return EXIT_REDIS_DOWN
+    if "balancer" in report and not report["balancer"]["reachable"]:
+        return EXIT_BALANCER_DOWN
+    return EXIT_OK
 
 
 def render_status(report: dict[str, Any]) -> str:
     """The report as text for a person at a shell."""
     lines = [f"Redis {report['redis']['endpoint']}: " + ("ok" if report["redis"]["ok"] else report["redis"]["error"])]
-    if not report["redis"]["ok"]:
-        return "\n".join(lines) + "\n"
-    leader = report.get("leader")
-    lines.append(f"leader balancer: {leader['server']} (for {leader['leading_for_s']} s)" if leader
-                 else "leader balancer: none")
     if "balancer" in report:
         b = report["balancer"]
         lines.append(f"balancer {b['address']}: " + (
             f"{'leading' if b.get('leading') else 'standby'}, {b.get('students')} students, "
-            f"redis {'ok' if b.get('redis') else 'unreachable'}" if b["reachable"] else "not answering"))
+            f"redis {'ok' if b.get('redis') else 'unreachable'}" if b["reachable"] else b["error"]))
+    if not report["redis"]["ok"]:
+        return "\n".join(lines) + "\n"
+    leader = report.get("leader")
+    lines.insert(1, f"leader balancer: {leader['server']} (for {leader['leading_for_s']} s)" if leader
+                 else "leader balancer: none")
+    problems = report["problems"]
+    if problems:
+        lines.append(f"skipped {len(problems)} malformed records (the balancers skip them too):")
+        lines += [f"  {key}: {why}" for key, why in list(problems.items())[:_PROBLEMS_SHOWN]]
+        if len(problems) > _PROBLEMS_SHOWN:
+            lines.append(f"  and {len(problems) - _PROBLEMS_SHOWN} more (--json lists them all)")
     if not report["services"]:
         lines.append("no service has teachers or students")
     for service, info in report["services"].items():

@@ -35,6 +35,7 @@ import zmq
 from zdistill import wire
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
+from zdistill.flags import add_log_level, setup_logging
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader
 from zdistill.tasks import check_feed, feeds_mismatch, predict_key, to_feed
@@ -382,13 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-flight", type=int, default=4)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--parent-pid", type=int, required=True)
-    p.add_argument("--log-level", default="WARNING")
+    add_log_level(p, default="WARNING")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level)
     _die_with_parent()
     worker = Worker(args)
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
