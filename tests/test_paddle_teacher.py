@@ -280,3 +280,18 @@ def test_bad_model_folder_is_a_clear_error(tmp_path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "must hold exactly one saved model" in result.stderr
+
+
+def test_the_readme_distill_reader_example_runs_as_pasted(served) -> None:
+    """The README's first DistillReader example, against a Paddle model with an input ``img``:
+    only the teacher's address is changed (it names a port of its own)."""
+    readme = (procs.REPO / "README.md").read_text()
+    section = readme[readme.index("## Drop-in table"):]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = section[start : section.index("```", start)]
+    assert "'127.0.0.1:9292'" in snippet
+    namespace: dict = {}
+    exec(snippet.replace("127.0.0.1:9292", served.endpoint.replace("tcp://", "")), namespace)  # noqa: S102
+    img, label, soft_label = namespace["img"], namespace["label"], namespace["soft_label"]
+    assert img.shape == (784,) and soft_label.shape == (10,) and label == 31 % 10  # the last sample
+    assert abs(float(soft_label.sum()) - 1.0) < 1e-5  # the model ends in a softmax
