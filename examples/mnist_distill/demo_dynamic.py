@@ -87,7 +87,7 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
     import distill_student as ds
     from data import load_data
     from tqdm import tqdm
-    from train_teacher import TEACHER_OUTPUT, export_teacher, train_teacher
+    from train_teacher import TEACHER_EPOCHS, TEACHER_OUTPUT, export_teacher, train_teacher
 
     from zdistill import DistillReader
 
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
         data, epochs = data.subset(256, 64), 2
     prefix = os.path.join(args.out, "teacher", "model")
     if args.retrain or args.tiny or not os.path.exists(prefix + ".json"):
-        print(f"[0] training the teacher ({'1 epoch, tiny' if args.tiny else '20 epochs'})")
-        model, _ = train_teacher(data, 1 if args.tiny else 20)
+        print(f"[0] training the teacher ({1 if args.tiny else TEACHER_EPOCHS} epochs)")
+        model, _ = train_teacher(data, 1 if args.tiny else TEACHER_EPOCHS)
         export_teacher(model, prefix, data.image_shape)
     else:
         print(f"[0] using the teacher demo.py trained: {show(prefix)}")

@@ -91,19 +91,25 @@ def soften(prob: np.ndarray, temperature: float) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def distill_loss(logits: paddle.Tensor, soft_label: paddle.Tensor, label: paddle.Tensor | None = None,
+def distill_loss(logits: paddle.Tensor, soft_label: paddle.Tensor, label: np.ndarray | None = None,
                  temperature: float = 1.0, hard_weight: float = 0.0) -> paddle.Tensor:
     """The seed guide's soft-label cross-entropy, optionally tempered and mixed with the hard loss.
 
     ``soft_label`` must already be softened to ``temperature`` (see :func:`soften`).  The
     soft term is scaled by ``T**2`` so its gradients keep their size as ``T`` grows
     (Hinton et al. 2015); with ``T = 1`` and ``hard_weight = 0`` this is exactly EDL's
-    ``mean(cross_entropy(prediction, soft_label, soft_label=True))``.
+    ``mean(cross_entropy(prediction, soft_label, soft_label=True))``.  The hard term
+    covers only the rows whose ``label`` is known (``>= 0``): most of the student's
+    images have no label, and those learn from the teacher alone.
     """
     soft = F.cross_entropy(logits / temperature, soft_label, soft_label=True).mean() * (temperature**2)
     if hard_weight <= 0.0 or label is None:
         return soft
-    hard = F.cross_entropy(logits, label.reshape([-1])).mean()
+    known = np.flatnonzero(label.reshape(-1) >= 0)
+    if len(known) == 0:
+        return (1.0 - hard_weight) * soft
+    hard = F.cross_entropy(paddle.gather(logits, paddle.to_tensor(known)),
+                           paddle.to_tensor(label.reshape(-1)[known])).mean()
     return (1.0 - hard_weight) * soft + hard_weight * hard
 
 
@@ -217,6 +223,6 @@ def make_distill_step(temperature: float = 1.0, hard_weight: float = 0.0, record
         if record is not None:
             record.append([img.copy(), label.copy(), prob.copy()])
         soft = paddle.to_tensor(soften(prob, temperature))
-        return distill_loss(layer(paddle.to_tensor(img)), soft, paddle.to_tensor(label), temperature, hard_weight)
+        return distill_loss(layer(paddle.to_tensor(img)), soft, label, temperature, hard_weight)
 
     return step

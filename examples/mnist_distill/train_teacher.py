@@ -17,25 +17,33 @@ import sys
 import time
 
 import paddle
-from data import Digits, SampleListReader, load_data
+from data import AUGMENT, LABELED_FRACTION, Augment, Digits, SampleListReader, load_data
 from models import History, ServedTeacher, TeacherCNN, hard_label_step, n_params, train_epochs
 
 TEACHER_OUTPUT = "fetch_name_0"  # what Paddle 3's predictor reports for a jit.save'd layer
+TEACHER_EPOCHS = 60
 
 
-def train_teacher(data: Digits, epochs: int = 20, batch_size: int = 64, lr: float = 2e-3,
-                  seed: int = 0, progress: bool = True) -> tuple[TeacherCNN, History]:
-    """Hard-label training with 1-pixel shifts: the teacher must generalise well for the student to gain."""
+def train_teacher(data: Digits, epochs: int = TEACHER_EPOCHS, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+                  augment: Augment | None = AUGMENT, progress: bool = True) -> tuple[TeacherCNN, History]:
+    """Hard-label training on the labeled images only (the labels that exist), augmented afresh every time.
+
+    An epoch is as many samples as there are training images, in passes over the labeled
+    ones, so the budget does not shrink with the labeled fraction.  A CNN learns from few
+    augmented images what an MLP cannot: that is the knowledge the student gets from it.
+    """
     paddle.seed(seed)
     model = TeacherCNN(data.image_shape[1:])
-    reader = SampleListReader(data.x_train, data.y_train, batch_size, augment=True, seed=seed)
+    reader = SampleListReader(data.x_labeled, data.y_labeled, batch_size, augment=augment, seed=seed,
+                              samples_per_epoch=len(data.y_train))
 
     def batches(epoch: int):
         reader.epoch = epoch
         return reader()
 
     if progress:
-        print(f"teacher: CNN with {n_params(model):,} parameters, {epochs} epochs on {len(data.y_train)} images")
+        print(f"teacher: CNN with {n_params(model):,} parameters, {epochs} epochs of {len(data.y_train)} samples "
+              f"from the {len(data.y_labeled)} labeled images")
     hist = train_epochs(model, batches, hard_label_step, data.x_test, data.y_test, epochs, lr, "teacher", len(reader),
                         progress)
     return model, hist
@@ -56,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="folder with MNIST idx files (default: scikit-learn digits)")
     p.add_argument("--out", default=os.path.join(here, "out", "teacher", "model"), help="export prefix")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--labeled-fraction", type=float, default=LABELED_FRACTION,
+                   help="part of the training images whose labels exist (the demo's students get the same ones)")
+    p.add_argument("--epochs", type=int, default=TEACHER_EPOCHS)
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's weights and the augmentation")
     p.add_argument("--tiny", action="store_true", help="a few samples, 1 epoch: a smoke run")
     args = p.parse_args(argv)
 
-    data = load_data(args.data_dir, args.seed)
+    data = load_data(args.data_dir, labeled_fraction=args.labeled_fraction)
     epochs = args.epochs
     if args.tiny:
         data, epochs = data.subset(256, 64), 1
