@@ -175,12 +175,12 @@ def test_verdict_reports_the_gain_and_the_seeds_honestly():
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    """A teacher CNN trained for one epoch on a tiny slice and exported like the demo does."""
+    """A teacher (two CNNs averaged) trained for one epoch on a tiny slice and exported like the demo does."""
     if not (HAVE_PADDLE and HAVE_DEMO_DEPS):
         pytest.skip("the example needs paddlepaddle, scikit-learn, tqdm and matplotlib")
     data, train_teacher = example("data"), example("train_teacher")
     digits = data.load_data().subset(N_TRAIN, N_TEST)
-    model, _ = train_teacher.train_teacher(digits, epochs=1, progress=False)
+    model, _ = train_teacher.train_teachers(digits, epochs=1, members=2, progress=False)
     prefix = train_teacher.export_teacher(model, str(tmp_path_factory.mktemp("teacher") / "model"), digits.image_shape)
     return digits, model, prefix
 
@@ -245,8 +245,11 @@ def test_distilled_student_trains_on_the_teachers_outputs(tiny_teacher, start_te
 
     # the soft labels are the teacher's outputs for those very images
     np.testing.assert_allclose(prob, reference_predictor(prefix)(img), rtol=1e-4, atol=1e-6)
-    dygraph = models.predict(models.ServedTeacher(model), img)
+    dygraph = models.predict(model, img)
     np.testing.assert_allclose(prob, dygraph, rtol=1e-4, atol=1e-5)
+    each = [models.predict(models.ServedTeacher([net]), img) for net in model.nets]
+    assert len(each) == 2 and not np.allclose(each[0], each[1], atol=1e-3)
+    np.testing.assert_allclose(prob, np.mean(each, axis=0), rtol=1e-4, atol=1e-5)  # the served mean of the CNNs
     known = label != data.UNLABELED
     assert not np.allclose(prob[known], np.eye(10, dtype=np.float32)[label[known]]), "soft labels must not be hard"
 
@@ -323,7 +326,7 @@ def assert_gone(pids: list[int]) -> None:
 def test_demo_tiny_runs_end_to_end_and_stops_its_teacher(tmp_path):
     out = tmp_path / "out"
     output = run_demo("demo.py", "--tiny", "--seeds", "2", "--out", str(out))
-    for row in ("teacher (CNN)", "student alone (MLP)", "student distilled (MLP)", "samples/s"):
+    for row in ("teacher (3 CNNs)", "student alone (MLP)", "student distilled (MLP)", "samples/s"):
         assert row in output
     assert (out / "curves.png").stat().st_size > 0
     assert (out / "teacher" / "model.json").exists()

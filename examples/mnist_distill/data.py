@@ -36,7 +36,7 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 
 UNLABELED = -1  # the label of a training image whose label the student does not have
-LABELED_FRACTION = 0.05  # the part of the training images whose labels the student has, by default
+LABELED_FRACTION = 0.03  # the part of the training images whose labels the student has, by default
 
 
 def labeled_subset(y: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -204,26 +204,29 @@ class Augment:
     holds) are rotated, scaled and shifted (one random affine map), bent by a smooth random
     displacement field (elastic: a 3x3 grid of random offsets, interpolated), resampled
     bilinearly (zero outside), and given Gaussian pixel noise; values stay in [0, 1].
+    Distances are fractions of the image's side, so 8x8 digits and 28x28 MNIST get the
+    same distortions (1/8 is one pixel of an 8x8 digit).
     """
 
     rotation: float = 12.0  # degrees, either way
     scale: float = 0.1  # relative, either way
-    shift: float = 1.0  # pixels, either way, in each direction
-    elastic: float = 0.4  # pixels: standard deviation of the coarse displacement field
+    shift: float = 0.125  # of the side, either way, in each direction
+    elastic: float = 0.05  # of the side: standard deviation of the coarse displacement field
     noise: float = 0.05  # standard deviation of the pixel noise (images are in [0, 1])
     share: float = 0.5  # of the views that are distorted
 
     def describe(self) -> str:
         return (f"{100 * self.share:g}% of the views distorted: rotation +-{self.rotation:g} deg, "
-                f"scale +-{100 * self.scale:g}%, shift +-{self.shift:g} px, elastic {self.elastic:g} px, "
-                f"noise {self.noise:g}")
+                f"scale +-{100 * self.scale:g}%, shift +-{100 * self.shift:g}% of the side, "
+                f"elastic {100 * self.elastic:g}% of the side, noise {self.noise:g}")
 
     def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``x`` is ``(N, 1, H, W)`` float32 in [0, 1]; returns new views of the same shape."""
         n, _, h, w = x.shape
         theta = np.deg2rad(rng.uniform(-self.rotation, self.rotation, n))[:, None, None]
         zoom = 1.0 + rng.uniform(-self.scale, self.scale, n)[:, None, None]
-        shift = rng.uniform(-self.shift, self.shift, (n, 2, 1, 1))
+        side = np.array([h, w], dtype=np.float64)[None, :, None, None]
+        shift = rng.uniform(-self.shift, self.shift, (n, 2, 1, 1)) * side
         cy, cx = (h - 1) / 2, (w - 1) / 2
         yy, xx = np.meshgrid(np.arange(h) - cy, np.arange(w) - cx, indexing="ij")
         oy, ox = yy[None] - shift[:, 0], xx[None] - shift[:, 1]
@@ -231,7 +234,7 @@ class Augment:
         sy = (np.cos(theta) * oy - np.sin(theta) * ox) / zoom + cy
         sx = (np.sin(theta) * oy + np.cos(theta) * ox) / zoom + cx
         if self.elastic > 0:
-            coarse = rng.normal(0.0, self.elastic, (n, 2, 3, 3))
+            coarse = rng.normal(0.0, self.elastic, (n, 2, 3, 3)) * side
             field = np.einsum("hi,nkij,wj->nkhw", _interpolation_matrix(h, 3), coarse, _interpolation_matrix(w, 3))
             sy, sx = sy + field[:, 0], sx + field[:, 1]
         out = _sample_bilinear(x[:, 0].astype(np.float64), sy, sx)

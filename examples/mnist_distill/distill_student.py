@@ -40,7 +40,7 @@ TEACHER_OUTPUT = "fetch_name_0"
 
 # Defaults shared by the demo and the CLI; the lone and the distilled student differ only in their targets.
 STUDENT_HIDDEN = 128
-STUDENT_EPOCHS = 30
+STUDENT_EPOCHS = 60
 STUDENT_LR = 1e-2
 STUDENT_BATCH = 32
 TEMPERATURE = 1.0

@@ -43,18 +43,23 @@ class TeacherCNN(nn.Layer):
 
 
 class ServedTeacher(nn.Layer):
-    """What ``zdistill-teacher`` serves: the teacher's softmax, as EDL students expect.
+    """What ``zdistill-teacher`` serves: the mean of its CNNs' softmax outputs, as EDL students expect.
 
+    CNNs trained from different seeds on a few labeled images disagree on the hard
+    images; their average is a better and steadier teacher than any one of them (a
+    bigger model, as served teachers usually are).  One CNN is the plain case.
     ``paddle.jit.save`` names the input after ``forward``'s argument, which must match
     the ``InputSpec`` name (``img``); Paddle 3 calls the single output ``fetch_name_0``.
     """
 
-    def __init__(self, net: nn.Layer) -> None:
+    def __init__(self, nets: Sequence[nn.Layer]) -> None:
         super().__init__()
-        self.net = net
+        if not nets:
+            raise ValueError("a teacher needs at least one network")
+        self.nets = nn.LayerList(nets)
 
     def forward(self, img: paddle.Tensor) -> paddle.Tensor:
-        return F.softmax(self.net(img), axis=-1)
+        return paddle.stack([F.softmax(net(img), axis=-1) for net in self.nets]).mean(axis=0)
 
 
 class StudentMLP(nn.Layer):

@@ -61,11 +61,13 @@ def write_json(path: str, results: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(runs: dict[str, list], path: str, note: str) -> None:
+def plot_curves(runs: dict[str, list], path: str, note: str, finals: dict[str, float] | None = None) -> None:
     """Test accuracy over training of the three models (mean over seeds, min-max band), full range and zoomed.
 
     The x axis is each model's share of its own training (the teacher trains for more
     epochs than the students), so the zoom on the second half shows every model.
+    ``finals`` are accuracies drawn as horizontal lines (the averaged teacher's, which has
+    no curve of its own).
     """
     import matplotlib
 
@@ -83,6 +85,9 @@ def plot_curves(runs: dict[str, list], path: str, note: str) -> None:
             if len(hists) > 1:
                 ax.fill_between(done, acc.min(axis=0), acc.max(axis=0), color=line.get_color(), alpha=0.15)
             lows.append(acc[:, acc.shape[1] // 2 :].min())
+        for name, value in (finals or {}).items():
+            ax.axhline(value, color="black", linestyle=":", linewidth=1, label=f"{name}: {value:.4f}")
+            lows.append(value)
         ax.set_xlabel("training done (% of each model's epochs)")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
