@@ -252,7 +252,8 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
     print(f"setting: {scenario}")
     timings: dict[str, float] = {}
 
-    print(f"\n[1/4] training the teacher, {members} CNN(s) averaged, on the {n_labeled} labeled images "
+    cnns = f"{members} CNN{'s' if members > 1 else ''}"
+    print(f"\n[1/4] training the teacher ({cnns}, averaged) on the {n_labeled} labeled images "
           f"({teacher_epochs} epochs each)")
     t = time.perf_counter()
     teacher, teacher_hists = train_teachers(data, teacher_epochs, members, seed=args.seed, augment=augment)
@@ -293,7 +294,7 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
     rate = samples / max(sum(h.seconds for h in distilled), 1e-9)
     alone_accs, distilled_accs = [h.final_acc for h in alone], [h.final_acc for h in distilled]
     rows = [
-        (f"teacher ({members} CNN{'s' if members > 1 else ''})", n_params(teacher), f"{n_labeled} labeled",
+        (f"teacher ({cnns})", n_params(teacher), f"{n_labeled} labeled",
          teacher_hists, f"{teacher_acc:.4f}", timings["teacher"]),
         ("student alone (MLP)", student_params, f"{n_labeled} labeled", alone, mean_std(alone_accs), timings["alone"]),
         ("student distilled (MLP)", student_params, f"all {n_train}", distilled, mean_std(distilled_accs),
@@ -321,15 +322,15 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
         "scenario": scenario,
         "data": {"source": data.source, "train_images": n_train, "labeled_images": n_labeled,
                  "test_images": len(data.y_test), "augmentation": augment.describe() if augment else None},
-        "teacher": {"model": f"mean of {members} CNN(s)", "params": n_params(teacher), "epochs": teacher_epochs,
+        "teacher": {"model": f"mean of {cnns}", "params": n_params(teacher), "epochs": teacher_epochs,
                     "accuracy": teacher_acc, "member_accuracies": [h.final_acc for h in teacher_hists],
                     "address": address},
         "distillation": {"temperature": temperature, "hard_weight": hard_weight},
         "seeds": {"split": args.split_seed, "teacher": args.seed, "students": seeds},
-        "student_alone": {"model": f"MLP {ds.STUDENT_HIDDEN} hidden", "params": student_params,
+        "student_alone": {"model": f"MLP, {ds.STUDENT_HIDDEN} hidden units", "params": student_params,
                           "epochs": student_epochs, "samples_per_seed": alone[0].samples,
                           "accuracies": alone_accs, "mean": float(np.mean(alone_accs))},
-        "student_distilled": {"model": f"MLP {ds.STUDENT_HIDDEN} hidden", "params": student_params,
+        "student_distilled": {"model": f"MLP, {ds.STUDENT_HIDDEN} hidden units", "params": student_params,
                               "epochs": student_epochs, "samples_per_seed": distilled[0].samples,
                               "accuracies": distilled_accs, "mean": float(np.mean(distilled_accs)),
                               "samples_per_s": rate},
