@@ -314,6 +314,14 @@ def run_demo(script: str, *args: str, timeout: float = 120.0) -> str:
     return output
 
 
+def final_bar_accuracies(output: str, name: str) -> list[float]:
+    """The test accuracy each ``name`` progress bar showed last, one per training run, in order."""
+    starts = list(re.finditer(r"(teacher \d+/\d+|student alone|student distilled):   0%", output))
+    ends = [m.start() for m in starts[1:]] + [len(output)]
+    return [float(re.findall(r"test acc (\d\.\d{4})", output[m.start() : end])[-1])
+            for m, end in zip(starts, ends, strict=True) if m.group(1) == name]
+
+
 def assert_gone(pids: list[int]) -> None:
     """Each PID is gone, and reaped (``kill(pid, 0)`` still succeeds on a zombie)."""
     assert pids
@@ -343,6 +351,9 @@ def test_demo_tiny_runs_end_to_end_and_stops_its_teacher(tmp_path):
     assert results["every_distilled_seed_above_every_alone_seed"] == (min(distilled) > max(alone))
     assert results["data"]["labeled_images"] < results["data"]["train_images"] == 256
     assert results["student_alone"]["samples_per_seed"] == results["student_distilled"]["samples_per_seed"]
+    # ... and are those each training run ended with (its progress bar's last test accuracy)
+    for arm, bar in (("student_alone", "student alone"), ("student_distilled", "student distilled")):
+        assert [round(a, 4) for a in results[arm]["accuracies"]] == final_bar_accuracies(output, bar)
     # the verdict line is printed as written, and its numbers are the run's
     assert f"  {results['verdict']}\n" in output
     assert re.search(r"Distillation (helped|hurt) the student|No measurable gain from distillation",
