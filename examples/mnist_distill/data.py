@@ -20,7 +20,7 @@ import gzip
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -35,25 +35,75 @@ MNIST_FILES = {
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+UNLABELED = -1  # the label of a training image whose label the student does not have
+LABELED_FRACTION = 0.03  # the part of the training images whose labels the student has, by default
+
+
+def labeled_subset(y: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Indices of the training images whose labels the student keeps: ``fraction`` of each class.
+
+    Stratified, so every digit has labels (at least one each); the same ``seed`` always picks the
+    same images, so the teacher and every student seed see the same labeled set.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the labeled fraction must be in (0, 1], not {fraction}")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for digit in np.unique(y):
+        members = np.flatnonzero(y == digit)
+        picked.append(rng.choice(members, size=max(1, round(fraction * len(members))), replace=False))
+    return np.sort(np.concatenate(picked))
+
+
 @dataclass
 class Digits:
-    """A train/test split of digit images; ``source`` says where they came from."""
+    """A train/test split of digit images; ``source`` says where they came from.
+
+    ``labeled`` holds the indices of the training images whose labels the student has
+    (all of them unless :meth:`with_labels_for` picked a part): the rest are images
+    only, for a teacher to label.
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     source: str
+    labeled: np.ndarray | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """Per-sample shape ``(1, H, W)``: what the teacher's ``img`` feed expects."""
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
 
+    @property
+    def labeled_index(self) -> np.ndarray:
+        return np.arange(len(self.y_train)) if self.labeled is None else self.labeled
+
+    @property
+    def x_labeled(self) -> np.ndarray:
+        return self.x_train[self.labeled_index]
+
+    @property
+    def y_labeled(self) -> np.ndarray:
+        return self.y_train[self.labeled_index]
+
+    @property
+    def student_labels(self) -> np.ndarray:
+        """``y_train`` as the student knows it: ``UNLABELED`` wherever it has no label."""
+        known = np.full_like(self.y_train, UNLABELED)
+        known[self.labeled_index] = self.y_train[self.labeled_index]
+        return known
+
+    def with_labels_for(self, fraction: float, seed: int = 0) -> Digits:
+        """The same images, with labels kept for ``fraction`` of the training images (stratified)."""
+        return replace(self, labeled=labeled_subset(self.y_train, fraction, seed))
+
     def subset(self, n_train: int, n_test: int) -> Digits:
-        """The first rows only: the ``--tiny`` smoke run needs seconds, not accuracy."""
+        """The first rows only, labeled in the same proportion: the ``--tiny`` smoke run needs seconds, not accuracy."""
+        fraction = len(self.labeled_index) / len(self.y_train)
         return Digits(self.x_train[:n_train], self.y_train[:n_train], self.x_test[:n_test], self.y_test[:n_test],
-                      f"{self.source} (tiny slice: {n_train} train / {n_test} test)")
+                      f"{self.source} (tiny slice: {n_train} train / {n_test} test)").with_labels_for(fraction)
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -108,24 +158,93 @@ def load_sklearn_digits(seed: int = 0, test_fraction: float = 0.2) -> Digits:
                   f"scikit-learn load_digits, 8x8 (seed {seed}: {len(y_train)} train / {len(y_test)} test)")
 
 
-def load_data(data_dir: str | None = None, seed: int = 0) -> Digits:
-    """MNIST when ``data_dir`` is given (fail loudly if its files are missing), else sklearn digits."""
-    return load_mnist(data_dir) if data_dir else load_sklearn_digits(seed)
+def load_data(data_dir: str | None = None, seed: int = 0, labeled_fraction: float = LABELED_FRACTION) -> Digits:
+    """MNIST when ``data_dir`` is given (fail loudly if its files are missing), else sklearn digits.
 
-
-def shift_images(x: np.ndarray, rng: np.random.Generator, max_shift: int = 1) -> np.ndarray:
-    """Move each image by up to ``max_shift`` pixels (zero fill): cheap, label-preserving augmentation.
-
-    Fresh variations every epoch are where a *served* teacher earns its keep: their
-    soft labels cannot be computed once in advance, so the student asks the teacher.
+    The student keeps the labels of ``labeled_fraction`` of the training images, picked
+    with ``seed`` (1: all of them).
     """
-    n, _, h, w = x.shape
-    padded = np.pad(x, ((0, 0), (0, 0), (max_shift, max_shift), (max_shift, max_shift)))
-    dy = rng.integers(0, 2 * max_shift + 1, size=n)
-    dx = rng.integers(0, 2 * max_shift + 1, size=n)
-    rows = dy[:, None] + np.arange(h)[None, :]  # (n, h)
-    cols = dx[:, None] + np.arange(w)[None, :]  # (n, w)
-    return padded[np.arange(n)[:, None, None], 0, rows[:, :, None], cols[:, None, :]][:, None]
+    digits = load_mnist(data_dir) if data_dir else load_sklearn_digits(seed)
+    return digits.with_labels_for(labeled_fraction, seed)
+
+
+def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``(n_out, n_in)`` weights that linearly interpolate ``n_in`` evenly spaced values to ``n_out``."""
+    pos = np.linspace(0, n_in - 1, n_out)
+    lo = np.minimum(np.floor(pos).astype(int), n_in - 2)
+    frac = pos - lo
+    m = np.zeros((n_out, n_in))
+    m[np.arange(n_out), lo] = 1 - frac
+    m[np.arange(n_out), lo + 1] = frac
+    return m
+
+
+def _sample_bilinear(img: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
+    """``img[n, sy, sx]`` at fractional coordinates ``(n, h, w)``, bilinear, zero outside the image."""
+    n, h, w = img.shape
+    padded = np.pad(img, ((0, 0), (1, 1), (1, 1)))  # a ring of zeros: coordinates outside land on it
+    y0, x0 = np.floor(sy), np.floor(sx)
+    fy, fx = sy - y0, sx - x0
+    rows = np.arange(n)[:, None, None]
+
+    def at(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return padded[rows, np.clip(y + 1, 0, h + 1).astype(np.intp), np.clip(x + 1, 0, w + 1).astype(np.intp)]
+
+    return ((1 - fy) * ((1 - fx) * at(y0, x0) + fx * at(y0, x0 + 1))
+            + fy * ((1 - fx) * at(y0 + 1, x0) + fx * at(y0 + 1, x0 + 1)))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Random, label-preserving distortions, drawn afresh for every view of every image.
+
+    Fresh views every epoch are where a *served* teacher earns its keep: their soft labels
+    cannot be computed once in advance, so the student asks the teacher for each batch.
+    A ``share`` of the views (the rest are the plain images, which is what the test set
+    holds) are rotated, scaled and shifted (one random affine map), bent by a smooth random
+    displacement field (elastic: a 3x3 grid of random offsets, interpolated), resampled
+    bilinearly (zero outside), and given Gaussian pixel noise; values stay in [0, 1].
+    Distances are fractions of the image's side, so 8x8 digits and 28x28 MNIST get the
+    same distortions (1/8 is one pixel of an 8x8 digit).
+    """
+
+    rotation: float = 12.0  # degrees, either way
+    scale: float = 0.1  # relative, either way
+    shift: float = 0.125  # of the side, either way, in each direction
+    elastic: float = 0.05  # of the side: standard deviation of the coarse displacement field
+    noise: float = 0.05  # standard deviation of the pixel noise (images are in [0, 1])
+    share: float = 0.5  # of the views that are distorted
+
+    def describe(self) -> str:
+        return (f"{100 * self.share:g}% of the views distorted: rotation +-{self.rotation:g} deg, "
+                f"scale +-{100 * self.scale:g}%, shift +-{100 * self.shift:g}% of the side, "
+                f"elastic {100 * self.elastic:g}% of the side, noise {self.noise:g}")
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``x`` is ``(N, 1, H, W)`` float32 in [0, 1]; returns new views of the same shape."""
+        n, _, h, w = x.shape
+        theta = np.deg2rad(rng.uniform(-self.rotation, self.rotation, n))[:, None, None]
+        zoom = 1.0 + rng.uniform(-self.scale, self.scale, n)[:, None, None]
+        side = np.array([h, w], dtype=np.float64)[None, :, None, None]
+        shift = rng.uniform(-self.shift, self.shift, (n, 2, 1, 1)) * side
+        cy, cx = (h - 1) / 2, (w - 1) / 2
+        yy, xx = np.meshgrid(np.arange(h) - cy, np.arange(w) - cx, indexing="ij")
+        oy, ox = yy[None] - shift[:, 0], xx[None] - shift[:, 1]
+        # where each output pixel comes from: the inverse of rotate-then-zoom-then-shift
+        sy = (np.cos(theta) * oy - np.sin(theta) * ox) / zoom + cy
+        sx = (np.sin(theta) * oy + np.cos(theta) * ox) / zoom + cx
+        if self.elastic > 0:
+            coarse = rng.normal(0.0, self.elastic, (n, 2, 3, 3)) * side
+            field = np.einsum("hi,nkij,wj->nkhw", _interpolation_matrix(h, 3), coarse, _interpolation_matrix(w, 3))
+            sy, sx = sy + field[:, 0], sx + field[:, 1]
+        out = _sample_bilinear(x[:, 0].astype(np.float64), sy, sx)
+        if self.noise > 0:
+            out += rng.normal(0.0, self.noise, out.shape)
+        distorted = (rng.random(n) < self.share)[:, None, None, None]
+        return np.where(distorted, np.clip(out, 0.0, 1.0)[:, None], x).astype(np.float32)
+
+
+AUGMENT = Augment()  # what both students and the teacher train with
 
 
 class SampleListReader:
@@ -133,32 +252,42 @@ class SampleListReader:
 
     A class rather than a closure so it pickles: zdistill may run the reader in its own
     process.  ``img`` is ``float32 (1, H, W)``, ``label`` is ``int64 (1,)`` as in Paddle's
-    MNIST examples.  Each call shuffles (and optionally shifts) afresh; the epoch seed mixes
-    ``epoch`` (set by the training loop) with a per-object call count, so epochs differ
-    whether the reader runs in this process, a fresh child per epoch, or one long-lived child.
+    MNIST examples (``UNLABELED`` where the student has no label).  Each call shuffles and
+    augments afresh; the epoch seed mixes ``epoch`` (set by the training loop) with a
+    per-object call count, so epochs differ whether the reader runs in this process, a fresh
+    child per epoch, or one long-lived child.
+
+    ``samples_per_epoch`` (default: one pass) makes an epoch that many samples, going
+    through the images in fresh shuffled passes: a student with few labeled images then
+    takes as many steps per epoch as one that reads them all, so both get the same budget.
     """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = True,
-                 augment: bool = False, seed: int = 0) -> None:
+                 augment: Augment | None = None, seed: int = 0, samples_per_epoch: int | None = None) -> None:
+        if len(y) == 0:
+            raise ValueError("a reader needs at least one image")
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         self.y = np.asarray(y, dtype=np.int64)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
         self.seed = seed
+        self.samples_per_epoch = samples_per_epoch or len(self.y)
         self.epoch = 0
         self._calls = 0
 
     def __len__(self) -> int:
         """Batches per epoch (for progress bars)."""
-        return -(-len(self.y) // self.batch_size)
+        return -(-self.samples_per_epoch // self.batch_size)
 
     def __call__(self) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
         self._calls += 1
         rng = np.random.default_rng([self.seed, self.epoch, self._calls])
-        order = rng.permutation(len(self.y)) if self.shuffle else np.arange(len(self.y))
+        passes = -(-self.samples_per_epoch // len(self.y))
+        order = np.concatenate([rng.permutation(len(self.y)) if self.shuffle else np.arange(len(self.y))
+                                for _ in range(passes)])[: self.samples_per_epoch]
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            imgs = shift_images(self.x[idx], rng) if self.augment else self.x[idx]
+            imgs = self.augment(self.x[idx], rng) if self.augment else self.x[idx]
             labels = self.y[idx]
             yield [(imgs[i], labels[i : i + 1]) for i in range(len(idx))]

@@ -1,16 +1,21 @@
 """The first thing to run: train a teacher, serve it, distill a student from it, compare.
 
-    python examples/mnist_distill/demo.py            # ~20-30 s on 2 CPU cores
-    python examples/mnist_distill/demo.py --tiny     # a few seconds: a smoke run
+    python examples/mnist_distill/demo.py            # 1-2 minutes on 2 CPU cores
+    python examples/mnist_distill/demo.py --tiny     # seconds: a smoke run
 
+The setting is one where only a live teacher will do: the student has labels for 3% of
+its training images, and every epoch it sees freshly augmented views of all of them.
 Steps, each with a progress bar:
 
-1. train the teacher CNN on handwritten digits and export it (``paddle.jit.save``);
+1. train the teacher (three CNNs, averaged) on the labeled images and export it
+   (``paddle.jit.save``);
 2. start ``zdistill-teacher`` on it as a child process (stopped by PID on exit and Ctrl-C)
-   and, while it loads, train the student alone (hard labels) as the baseline;
-3. train the same student through ``DistillReader`` against that teacher (soft labels);
-4. print test accuracy of teacher / student alone / student distilled, the distilled
-   training's samples/s, and write the training curves to ``out/curves.png``.
+   and, while it loads, train the student alone on the labeled images, as the baseline;
+3. train the same student on all the images through ``DistillReader``: the teacher labels
+   each augmented view as it is made;
+4. print the test accuracy of teacher / student alone / student distilled, an honest
+   verdict, the distilled training's samples/s, and write ``out/results.json`` and the
+   training curves ``out/curves.png``.
 """
 
 from __future__ import annotations
@@ -162,79 +167,37 @@ def start_teacher(children: Children, prefix: str, name: str = "teacher", port: 
 # -- the demo ----------------------------------------------------------------------------
 
 
-def plot_curves(runs: dict[str, list], path: str, note: str) -> None:
-    """Test accuracy per epoch of the three models (mean over seeds, min-max band), full range and zoomed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, zoom in zip(axes, (False, True), strict=True):
-        lows = []
-        for name, hists in runs.items():
-            acc = np.array([h.epoch_test_acc for h in hists])
-            epochs = np.arange(1, acc.shape[1] + 1)
-            label = name if len(hists) == 1 else f"{name} (mean of {len(hists)} seeds)"
-            line = ax.plot(epochs, acc.mean(axis=0), "--" if "alone" in name else "-", marker=".", label=label)[0]
-            if len(hists) > 1:
-                ax.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=line.get_color(), alpha=0.15)
-            lows.append(acc[:, acc.shape[1] // 2 :].min())
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy")
-        ax.grid(alpha=0.3)
-        if zoom:
-            ax.set_ylim(max(0.0, min(lows) - 0.01), 1.0)
-            ax.set_xlim(left=max(len(h[0].epoch_test_acc) for h in runs.values()) / 2)
-            ax.set_title("zoom: second half of training")
-        else:
-            ax.set_ylim(0.0, 1.0)
-            ax.set_title("test accuracy per epoch")
-            ax.legend(loc="lower right", fontsize=8)
-    fig.suptitle(note, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def verdict(teacher_acc: float, alone: list[float], distilled: list[float], n_test: int, train_conf: float,
-            small_digits: bool = True) -> str:
-    """An honest sentence on whether distillation helped, with the reason when it did not.
-
-    "Measurable" means the mean gain over seeds exceeds both one test image and twice
-    the standard error of the difference of the means (seed-to-seed noise).
-    """
-    diff = float(np.mean(distilled) - np.mean(alone))
-    var = (np.var(alone, ddof=1) / len(alone) + np.var(distilled, ddof=1) / len(distilled)) if len(alone) > 1 else 0.0
-    noise = max(2 * float(np.sqrt(var)), 1.0 / n_test)
-    gap = teacher_acc - float(np.mean(alone))
-    pts = f"{100 * diff:+.2f} points ({diff * n_test:+.1f} of {n_test} test images) over {len(alone)} seed(s)"
-    if diff > noise:
-        return f"Distillation helped the student: {pts}, above the noise (~{100 * noise:.2f} points)."
-    why = (f"the student alone is already within {100 * gap:.1f} points of the teacher, and the teacher is "
-           f"{100 * train_conf:.0f}% sure on average of the training images it was trained on, so its soft labels "
-           "carry little beyond the hard labels")
-    if diff < -noise:
-        return (f"Distillation hurt here: {pts}, beyond the noise (~{100 * noise:.2f} points). Likely because "
-                f"{why}; the student also copies the teacher's own mistakes.")
-    where = "On 8x8 digits (1437 training images) a tiny MLP is nearly as good as the CNN. " if small_digits else ""
-    return (f"No measurable gain from distillation on this data: {pts}, within the noise (~{100 * noise:.2f} "
-            f"points). Why: {why}. {where}Distillation pays off where the teacher is far ahead of the student, "
-            "or where the teacher labels data the student has no labels for.")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="folder with MNIST idx files (default: scikit-learn digits)")
-    p.add_argument("--out", default=os.path.join(HERE, "out"), help="model, logs and the PNG go here")
-    p.add_argument("--teacher-epochs", type=int, default=None, help="default 20 on 8x8 digits, 2 on MNIST")
-    p.add_argument("--student-epochs", type=int, default=None, help="default 30 on 8x8 digits, 5 on MNIST")
+    p.add_argument("--out", default=os.path.join(HERE, "out"), help="model, logs, results.json and the PNG go here")
+    p.add_argument("--labeled-fraction", type=float, default=None,
+                   help="part of the training images the student has labels for (default: data.LABELED_FRACTION; "
+                        "1 gives the student every label)")
+    p.add_argument("--no-augment", action="store_true", help="train every model on the plain images")
+    p.add_argument("--teacher-members", type=int, default=None,
+                   help="CNNs averaged into the teacher (default: train_teacher.TEACHER_MEMBERS on 8x8 digits, 1 on "
+                        "MNIST)")
+    p.add_argument("--teacher-epochs", type=int, default=None,
+                   help="default: train_teacher.TEACHER_EPOCHS on 8x8 digits, 1 on MNIST")
+    p.add_argument("--student-epochs", type=int, default=None,
+                   help="default: distill_student.STUDENT_EPOCHS on 8x8 digits, 2 on MNIST")
     p.add_argument("--seeds", type=int, default=3, help="students trained per kind, to tell gain from noise")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the teacher's seed; the students get the next --seeds ones (another value: another run)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="picks the labeled images and the digits' train/test split (MNIST keeps its own split)")
     p.add_argument("--temperature", type=float, default=None, help="default: distill_student.TEMPERATURE")
     p.add_argument("--hard-weight", type=float, default=None, help="default: distill_student.HARD_WEIGHT")
     p.add_argument("--port", type=int, default=0, help="teacher port (default 0: any free port)")
-    p.add_argument("--tiny", action="store_true", help="256 training images, 1 epoch, 1 seed: a smoke run")
+    p.add_argument("--tiny", action="store_true", help="256 training images, 1 epoch: a smoke run")
     args = p.parse_args(argv)
+    if args.labeled_fraction is not None and not 0.0 < args.labeled_fraction <= 1.0:
+        p.error(f"--labeled-fraction must be in (0, 1], not {args.labeled_fraction}")
+    for name in ("seeds", "teacher_members", "teacher_epochs", "student_epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
 
     return run_with_children(os.path.join(args.out, "logs"), lambda children: run_demo(args, children))
 
@@ -254,25 +217,6 @@ def run_with_children(log_dir: str, body: Callable[[Children], int]) -> int:
         children.stop_all()
 
 
-class Confidence:
-    """Receives the distilled student's ``[img, label, prob]`` batches; keeps the teacher's mean top probability."""
-
-    def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
-
-    def append(self, batch: list[np.ndarray]) -> None:
-        self.total += float(batch[2].max(axis=1).sum())
-        self.count += len(batch[2])
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.count if self.count else float("nan")
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
-
-
 def run_demo(args: argparse.Namespace, children: Children) -> int:
     started = time.perf_counter()
     # zdistill's workers log at the parent's level: keep their INFO lines out of the progress bars.
@@ -280,54 +224,65 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
     logging.getLogger("zdistill").setLevel(logging.WARNING)
     print("loading Paddle ...", flush=True)
     import distill_student as ds
-    from data import load_data
-    from models import n_params
-    from train_teacher import TEACHER_OUTPUT, export_teacher, train_teacher
+    from data import AUGMENT, LABELED_FRACTION, load_data
+    from models import accuracy, n_params
+    from report import mean_std, plot_curves, verdict, write_json
+    from train_teacher import TEACHER_EPOCHS, TEACHER_MEMBERS, TEACHER_OUTPUT, export_teacher, train_teachers
 
     from zdistill import DistillReader
 
     children.catch_signals()  # after `import paddle`, which replaced the SIGTERM handler
     temperature = ds.TEMPERATURE if args.temperature is None else args.temperature
     hard_weight = ds.HARD_WEIGHT if args.hard_weight is None else args.hard_weight
-    seeds = list(range(1, max(1, args.seeds) + 1))
-    data = load_data(args.data_dir)
-    # MNIST is 42x the pixels of 8x8 digits; fewer epochs keep it to minutes on a CPU (an estimate: not run here).
+    augment = None if args.no_augment else AUGMENT
+    seeds = list(range(args.seed + 1, args.seed + args.seeds + 1))
+    data = load_data(args.data_dir, args.split_seed, args.labeled_fraction or LABELED_FRACTION)
+    # MNIST is 12x the pixels of 8x8 digits and 42x the images: a smaller budget keeps it to minutes on a CPU.
     small = data.image_shape[1:] == (8, 8)
-    teacher_epochs = args.teacher_epochs or (20 if small else 2)
-    student_epochs = args.student_epochs or (ds.STUDENT_EPOCHS if small else 5)
+    members = args.teacher_members or (TEACHER_MEMBERS if small else 1)
+    teacher_epochs = args.teacher_epochs or (TEACHER_EPOCHS if small else 1)
+    student_epochs = args.student_epochs or (ds.STUDENT_EPOCHS if small else 2)
     if args.tiny:
-        data, teacher_epochs, student_epochs, seeds = data.subset(256, 64), 1, 1, [1]
+        data, teacher_epochs, student_epochs = data.subset(256, 64), 1, 1
+    n_train, n_labeled = len(data.y_train), len(data.y_labeled)
+    scenario = (f"the student has labels for {n_labeled} of its {n_train} training images "
+                f"({100 * n_labeled / n_train:.0f}%); " + ("every epoch brings freshly augmented views "
+                f"({augment.describe()})" if augment else "no augmentation"))
     print(f"data: {data.source}; images {list(data.image_shape)}")
+    print(f"setting: {scenario}")
     timings: dict[str, float] = {}
 
-    print(f"\n[1/4] training the teacher CNN ({teacher_epochs} epochs)")
+    cnns = f"{members} CNN{'s' if members > 1 else ''}"
+    print(f"\n[1/4] training the teacher ({cnns}, averaged) on the {n_labeled} labeled images "
+          f"({teacher_epochs} epochs each)")
     t = time.perf_counter()
-    teacher, teacher_hist = train_teacher(data, teacher_epochs)
+    teacher, teacher_hists = train_teachers(data, teacher_epochs, members, seed=args.seed, augment=augment)
+    teacher_acc = accuracy(teacher, data.x_test, data.y_test)
     prefix = export_teacher(teacher, os.path.join(args.out, "teacher", "model"), data.image_shape)
     timings["teacher"] = time.perf_counter() - t
-    print(f"  test accuracy {teacher_hist.final_acc:.4f}; exported {show(prefix)}.json + .pdiparams")
+    print(f"  test accuracy {teacher_acc:.4f} (each CNN alone: {mean_std([h.final_acc for h in teacher_hists])}); "
+          f"exported {show(prefix)}.json + .pdiparams")
 
-    print(f"\n[2/4] starting zdistill-teacher; meanwhile the student trains alone (hard labels, seeds {seeds})")
+    print(f"\n[2/4] starting zdistill-teacher; meanwhile the student trains alone on its {n_labeled} labeled images "
+          f"(seeds {seeds})")
     server, ready = start_teacher(children, prefix, port=args.port)
     print(f"  zdistill-teacher --model {show(prefix)} --host 127.0.0.1 --port {args.port} --threads 1 "
           f"(pid {server.pid}, log {show(server.log_path)})")
     t = time.perf_counter()
-    alone = [ds.train_student_alone(data, student_epochs, seed=seed)[1] for seed in seeds]
+    alone = [ds.train_student_alone(data, student_epochs, seed=seed, augment=augment)[1] for seed in seeds]
     timings["alone"] = time.perf_counter() - t
     address = host_port(wait_for_file(ready, server))
     print(f"  teacher serving at {address}")
 
-    print(f"\n[3/4] distilling the student from the teacher at {address} through DistillReader "
-          f"(T={temperature:g}, hard-label weight {hard_weight:g}, seeds {seeds})")
-    confidence = Confidence()
+    print(f"\n[3/4] distilling the student on all {n_train} images, each view labeled by the teacher at {address} "
+          f"through DistillReader (T={temperature:g}, hard-label weight {hard_weight:g}, seeds {seeds})")
     distilled, pipeline_rates = [], []
     t = time.perf_counter()
     for seed in seeds:
         with DistillReader(ins=["img", "label"], predicts=[TEACHER_OUTPUT]) as dr:
             dr.set_fixed_teacher(address)
             _, hist = ds.train_student_distilled(data, dr, student_epochs, temperature=temperature,
-                                                 hard_weight=hard_weight, seed=seed,
-                                                 record=confidence if seed == seeds[0] else None)
+                                                 hard_weight=hard_weight, seed=seed, augment=augment)
             pipeline_rates.append(float(dr.stats().get("samples_per_s", 0.0)))
         distilled.append(hist)
     timings["distilled"] = time.perf_counter() - t
@@ -335,34 +290,61 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
 
     print("\n[4/4] results")
     student_params = n_params(ds.StudentMLP(data.image_shape[1:], ds.STUDENT_HIDDEN))
-    train_conf = confidence.mean
     samples = sum(h.samples for h in distilled)
     rate = samples / max(sum(h.seconds for h in distilled), 1e-9)
+    alone_accs, distilled_accs = [h.final_acc for h in alone], [h.final_acc for h in distilled]
     rows = [
-        ("teacher (CNN)", n_params(teacher), [teacher_hist], timings["teacher"]),
-        ("student alone (MLP)", student_params, alone, timings["alone"]),
-        ("student distilled (MLP)", student_params, distilled, timings["distilled"]),
+        (f"teacher ({cnns})", n_params(teacher), f"{n_labeled} labeled",
+         teacher_hists, f"{teacher_acc:.4f}", timings["teacher"]),
+        ("student alone (MLP)", student_params, f"{n_labeled} labeled", alone, mean_std(alone_accs), timings["alone"]),
+        ("student distilled (MLP)", student_params, f"all {n_train}", distilled, mean_std(distilled_accs),
+         timings["distilled"]),
     ]
-    print(f"  {'model':<25}{'params':>8}{'runs':>6}{'epochs':>8}  {'test accuracy':<18}{'wall s':>7}"
-          f"{'samples/s':>11}")
-    for name, params, hists, secs in rows:
-        accs = [h.final_acc for h in hists]
+    print(f"  {'model':<25}{'params':>8}  {'trained on':<13}{'runs':>4}{'epochs':>8}  {'test accuracy':<18}"
+          f"{'wall s':>7}{'samples/s':>11}")
+    for name, params, images, hists, acc, secs in rows:
         speed = sum(h.samples for h in hists) / max(sum(h.seconds for h in hists), 1e-9)
-        print(f"  {name:<25}{params:>8,}{len(hists):>6}{len(hists[0].epoch_test_acc):>8}  {mean_std(accs):<18}"
-              f"{secs:>7.1f}{speed:>11,.0f}")
+        print(f"  {name:<25}{params:>8,}  {images:<13}{len(hists):>4}{len(hists[0].epoch_test_acc):>8}  "
+              f"{acc:<18}{secs:>7.1f}{speed:>11,.0f}")
     print(f"  distilled training: {samples:,} samples with teacher soft labels at {rate:,.0f} samples/s "
           f"(training loop incl. the student's steps); DistillReader alone {np.mean(pipeline_rates):,.0f} samples/s")
+    note = verdict(alone_accs, distilled_accs, len(data.y_test))
     if args.tiny:
-        note = "tiny smoke run (256 images, 1 epoch): the accuracies mean nothing here."
-    else:
-        note = verdict(teacher_hist.final_acc, [h.final_acc for h in alone], [h.final_acc for h in distilled],
-                       len(data.y_test), train_conf, small_digits=small)
+        note = f"A tiny smoke run (256 images, 1 epoch): these accuracies mean nothing. {note}"
     print(f"  {note}")
     png = os.path.join(args.out, "curves.png")
-    plot_curves({"teacher": [teacher_hist], "student alone": alone, "student distilled": distilled}, png,
-                f"{data.source}; student distilled with T={temperature:g}, hard-label weight {hard_weight:g}")
-    print(f"  training curves: {show(png)}")
-    print(f"  total wall time {time.perf_counter() - started:.1f} s")
+    plot_curves({"teacher's CNNs, each": teacher_hists, "student alone": alone, "student distilled": distilled}, png,
+                f"{data.source}; {n_labeled} labeled; student distilled with T={temperature:g}, "
+                f"hard-label weight {hard_weight:g}", finals={"teacher (its CNNs averaged)": teacher_acc})
+    wall = time.perf_counter() - started
+    cpu = sum(os.times()[:4])  # this process and the children it has waited for (the teacher, the readers)
+    results = {
+        "scenario": scenario,
+        "data": {"source": data.source, "train_images": n_train, "labeled_images": n_labeled,
+                 "test_images": len(data.y_test), "augmentation": augment.describe() if augment else None},
+        "teacher": {"model": f"mean of {cnns}", "params": n_params(teacher), "epochs": teacher_epochs,
+                    "accuracy": teacher_acc, "member_accuracies": [h.final_acc for h in teacher_hists],
+                    "address": address},
+        "distillation": {"temperature": temperature, "hard_weight": hard_weight},
+        "seeds": {"split": args.split_seed, "teacher": args.seed, "students": seeds},
+        "student_alone": {"model": f"MLP, {ds.STUDENT_HIDDEN} hidden units", "params": student_params,
+                          "epochs": student_epochs, "samples_per_seed": alone[0].samples,
+                          "accuracies": alone_accs, "mean": float(np.mean(alone_accs))},
+        "student_distilled": {"model": f"MLP, {ds.STUDENT_HIDDEN} hidden units", "params": student_params,
+                              "epochs": student_epochs, "samples_per_seed": distilled[0].samples,
+                              "accuracies": distilled_accs, "mean": float(np.mean(distilled_accs)),
+                              "samples_per_s": rate},
+        "gain_points": 100 * float(np.mean(distilled_accs) - np.mean(alone_accs)),
+        "every_distilled_seed_above_every_alone_seed": min(distilled_accs) > max(alone_accs),
+        "verdict": note,
+        "tiny": args.tiny,
+        "wall_seconds": wall,
+        "cpu_seconds": cpu,
+    }
+    json_path = os.path.join(args.out, "results.json")
+    write_json(json_path, results)
+    print(f"  results: {show(json_path)}; training curves: {show(png)}")
+    print(f"  total wall time {wall:.1f} s, CPU time {cpu:.1f} s (this process and the ones it started)")
     return 0
 
 

@@ -14,6 +14,9 @@ and then the student, whose only change from the fixed demo is one call:
 
     dr.set_dynamic_teacher('127.0.0.1:BP', 'mnist_teacher', require_max_teacher=2)
 
+It trains in demo.py's setting: labels for a few of the images, fresh augmented views of
+all of them every epoch, each view labeled by whichever teacher gets it.
+
 Half way through the student's training one teacher is removed: ``--remove kill`` (the
 default) SIGKILLs it mid-epoch, as a crash would; ``--remove graceful`` stops its
 ``zdistill-register`` first (the record leaves Redis, the balancer tells the student),
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
     import distill_student as ds
     from data import load_data
     from tqdm import tqdm
-    from train_teacher import TEACHER_OUTPUT, export_teacher, train_teacher
+    from train_teacher import TEACHER_EPOCHS, TEACHER_OUTPUT, export_teacher, train_teachers
 
     from zdistill import DistillReader
 
@@ -98,9 +101,9 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
         data, epochs = data.subset(256, 64), 2
     prefix = os.path.join(args.out, "teacher", "model")
     if args.retrain or args.tiny or not os.path.exists(prefix + ".json"):
-        print(f"[0] training the teacher ({'1 epoch, tiny' if args.tiny else '20 epochs'})")
-        model, _ = train_teacher(data, 1 if args.tiny else 20)
-        export_teacher(model, prefix, data.image_shape)
+        print(f"[0] training the teacher ({1 if args.tiny else TEACHER_EPOCHS} epochs)")
+        teacher, _ = train_teachers(data, 1 if args.tiny else TEACHER_EPOCHS)
+        export_teacher(teacher, prefix, data.image_shape)
     else:
         print(f"[0] using the teacher demo.py trained: {show(prefix)}")
     python = sys.executable
@@ -156,7 +159,8 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
                    "the student carries on")
 
     print(f"\n[3/4] the student: DistillReader.set_dynamic_teacher({discovery!r}, {SERVICE!r}, "
-          f"require_max_teacher=2), {epochs} epochs")
+          f"require_max_teacher=2), {epochs} epochs on all {len(data.y_train)} images (labels for "
+          f"{len(data.y_labeled)}), each augmented view labeled by whichever teacher gets it")
     t = time.perf_counter()
     with DistillReader(ins=["img", "label"], predicts=[TEACHER_OUTPUT]) as dr:
         dr.set_dynamic_teacher(discovery, SERVICE, require_max_teacher=2)
