@@ -52,14 +52,14 @@ def run_trials(dr: DistillReader, redis: procs.Proc, tmp: Path, trials: int, out
             registered_at = json.loads(Path(register.extra["ready_file"]).read_text())["registered_at"]
             procs.wait_for(lambda a=address: dr.stats()["teachers"].get(a, {}).get("tasks", 0) > 0, 20,
                            "the new teacher's first task")
-            first = dr._pipeline.teacher_stats[address].first_task_at
+            first = dr.stats()["teachers"][address]["first_task_at"]
             out["register_to_first_task_s"].append(wall_of(first) - registered_at)
             killed_at = time.monotonic()
             teacher.popen.send_signal(signal.SIGKILL)
             teacher.popen.wait(10)
-            procs.wait_for(lambda a=address, k=killed_at: (s := dr._pipeline.teacher_stats[a]).changed_at > k
-                           and not s.up, 20, "the worker to notice the dead teacher")
-            out["kill_to_no_new_tasks_s"].append(dr._pipeline.teacher_stats[address].changed_at - killed_at)
+            procs.wait_for(lambda a=address, k=killed_at: (s := dr.stats()["teachers"][a])["changed_at"] > k
+                           and not s["up"], 20, "the worker to notice the dead teacher")
+            out["kill_to_no_new_tasks_s"].append(dr.stats()["teachers"][address]["changed_at"] - killed_at)
         finally:
             register.stop()
             teacher.stop()

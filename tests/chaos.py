@@ -84,13 +84,12 @@ class Cluster:
     def kill_and_restart(self, kind: str, rng: random.Random, pause: float, dr: DistillReader) -> str:
         """Kill one process of ``kind`` now; restart it after ``pause`` s in a background thread."""
         if kind == "worker":
-            pipe = dr._pipeline
-            workers = list(pipe.workers.values()) if pipe else []
+            workers = [t["worker_pid"] for t in dr.stats()["teachers"].values() if t.get("worker_pid")]
             if not workers:
                 return "no worker"
-            victim = rng.choice(workers)
-            os.kill(victim.popen.pid, signal.SIGKILL)  # the student replaces it by itself
-            return f"worker pid {victim.popen.pid}"
+            victim = rng.choice(sorted(workers))
+            os.kill(victim, signal.SIGKILL)  # the student replaces it by itself
+            return f"worker pid {victim}"
         with self.lock:
             # Only a live process is killed: two restarts of one address would leave one behind.
             if kind == "teacher":
@@ -185,7 +184,7 @@ def run(samples: int, seed: int, events: int, n_teachers: int, batch: int, teach
                     event.fired_at = time.monotonic() - t0
                     event.target = cluster.kill_and_restart(event.kind, chaos_rng, event.pause, dr)
             elapsed = time.monotonic() - t0
-            stats = dict(dr._pipeline.stats)
+            stats = dr.stats()
     finally:
         cluster.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,7 +47,7 @@ def kill_reader(teacher: str) -> None:
     try:
         for i, _ in enumerate(dr()):
             if i == 5:
-                pid = next(iter(dr._pipeline.reader_pids))
+                pid = dr.stats()["reader_pid"]
                 os.kill(pid, signal.SIGKILL)
                 killed_at = time.monotonic()
                 say("killed", pid=pid)
@@ -74,8 +74,7 @@ def wait_for_sigterm(teacher: str) -> None:
     it = dr()
     for _ in range(3):
         next(it)
-    pipe = dr._pipeline
-    say("running", folders=[pipe.folder, pipe.slots_folder])
+    say("running", folders=dr.stats()["folders"])
     while True:
         time.sleep(1)
 

@@ -67,4 +67,5 @@ def test_teachers_join_and_leave_mid_epoch(cluster):
 
         epoch(dr, x, at=5, action=leave)
         epoch(dr, x)
-        assert list(dr._pipeline.workers) == [joined[0].endpoint.replace("tcp://", "")]
+        in_use = [name for name, t in dr.stats()["teachers"].items() if t["in_use"]]
+        assert in_use == [joined[0].endpoint.replace("tcp://", "")]

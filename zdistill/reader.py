@@ -29,7 +29,8 @@ import zmq
 from zdistill.client import TeacherClient, unreachable
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
-from zdistill.pipeline import Pipeline, PipelineOptions
+from zdistill.options import PipelineOptions
+from zdistill.pipeline import Pipeline
 from zdistill.tasks import ReaderType
 
 log = logging.getLogger("zdistill.reader")
@@ -186,9 +187,7 @@ class DistillReader:
                 teachers = self._start_discovery()
             self._feeds = self._fetch_feeds(pipeline.ctx, teachers)
             pipeline.feeds = self._feeds
-            pipeline.set_teachers(teachers)
-            if self._discovery is not None:
-                pipeline.membership = self._membership_changes
+            pipeline.set_teachers(teachers, self._membership_changes if self._discovery is not None else None)
         except BaseException:
             pipeline.close()
             raise
@@ -313,7 +312,7 @@ class DistillReader:
             self._active.close()  # a new epoch starts from its beginning, whatever the last one did
         if self._pipeline is None or self._pipeline.closed:
             self._pipeline = self._start()
-        self._active = self._pipeline.epoch(self._reader, self._reader_type, self._feeds)
+        self._active = self._pipeline.epoch(self._reader, self._reader_type)
         return self._active
 
     def stats(self) -> dict[str, Any]:
@@ -324,7 +323,8 @@ class DistillReader:
         ``teachers`` maps each teacher seen to its tasks, samples, failures, returned
         tasks and whether its worker holds it *up* now; ``task_rows`` and ``in_flight``
         are the task size and the tasks per worker the next epoch uses (see
-        :meth:`zdistill.pipeline.Pipeline.plan`).
+        :meth:`zdistill.scheduler.Scheduler.plan`); ``reader_pid``, each teacher's ``worker_pid`` and
+        ``folders`` name the processes and folders the reader made (for monitoring).
         """
         if self._pipeline is None:
             return {"samples": 0, "tasks": 0, "samples_per_s": 0.0, "wait_s": 0.0,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from zdistill.errors import WorkerError
 
-log = logging.getLogger("zdistill.reader")
+log = logging.getLogger(__name__)
 
 MAX_START_FAILURES = 3  # workers of one teacher dying before they started, in a row: the epoch fails
 _BACKOFF_FIRST = 0.25  # seconds before the second restart in a row of young deaths; doubles with each...
@@ -48,13 +48,9 @@ class WorkerProc:
 
     teacher: str
     popen: subprocess.Popen
-    endpoint: str  # where it takes tasks: each epoch's reader process connects to it
+    identity: bytes  # its name on the dispatcher's socket (one per process, never reused)
     started_at: float = field(default_factory=time.monotonic)
-    started: bool = False  # it said so (its first status): a later exit is a crash, not a failed start
-    up: bool = False
-    unusable: str = ""  # why its teacher cannot take this reader's tasks ("" while it can)
-    max_batch_size: int = 0  # the teacher's, from its meta (0: not known yet)
-    instances: int = 1  # model instances the teacher runs at once, from its meta
+    started: bool = False  # it said hello: a later exit is a crash, not a failed start
 
 
 def import_path_env() -> dict[str, str]:
@@ -146,80 +142,85 @@ class StderrRelay:
 class WorkerPool:
     """Owns the worker processes of one DistillReader (see the module docstring).
 
-    ``command(teacher, endpoint)`` is the worker's command line; ``folder`` the private
-    folder where each worker's task endpoint is made.
+    ``command(teacher, identity)`` is the worker's command line.  Used by the dispatcher
+    thread only; it tells the scheduler which workers started, retired and died.
     """
 
-    def __init__(self, command: Callable[[str, str], list[str]], folder: str) -> None:
+    def __init__(self, command: Callable[[str, bytes], list[str]]) -> None:
         self.command = command
-        self.folder = folder
         self.workers: dict[str, WorkerProc] = {}  # the current teachers' workers
         self.retiring: list[WorkerProc] = []  # workers of teachers gone, finishing their requests
-        self.spawned = 0  # workers started so far: each gets an endpoint of its own
-        self.unannounced: list[str] = []  # endpoints of workers started since the epoch's reader was told
+        self.spawned = 0  # workers started so far: each gets an identity of its own
         self.restarted = 0
         self._deaths: dict[str, int] = {}  # per teacher: workers that died young in a row
         self._failed_starts: dict[str, int] = {}  # per teacher: workers that died before starting, in a row
         self._restart_at: dict[str, float] = {}  # per teacher whose worker died: when to start the next
         self.relay = StderrRelay()
 
-    def set_teachers(self, teachers: Iterable[str]) -> None:
-        """Start a worker for each new teacher; retire the workers of teachers gone."""
+    def set_teachers(self, teachers: Iterable[str]) -> tuple[list[WorkerProc], list[WorkerProc]]:
+        """Start a worker for each new teacher; retire the workers of teachers gone.
+
+        Returns the workers started and those retired.
+        """
         wanted = list(dict.fromkeys(teachers))
+        started = []
         for teacher in wanted:
             if teacher not in self.workers:
                 self.workers[teacher] = self._spawn(teacher)
+                started.append(self.workers[teacher])
+        retired = []
         for teacher in [t for t in self.workers if t not in wanted]:
             proc = self.workers.pop(teacher)
             self._restart_at.pop(teacher, None)
+            retired.append(proc)
             if proc.popen.poll() is None:
                 proc.popen.terminate()  # it finishes its requests in flight, then exits
-                self.retiring.append(proc)
+            self.retiring.append(proc)
+        return started, retired
 
-    def by_pid(self, pid: object) -> WorkerProc | None:
-        return next((p for p in self.workers.values() if p.popen.pid == pid), None)
+    def mark_started(self, identity: bytes) -> None:
+        """The worker said hello: it runs."""
+        for proc in self.workers.values():
+            if proc.identity == identity:
+                proc.started = True
 
     def _spawn(self, teacher: str) -> WorkerProc:
-        """Start a worker; it binds an endpoint of its own, which reader processes connect to.
-
-        The worker binds (and the short-lived reader process connects) so that a new
-        epoch's reader reaches every worker at once; a worker connecting to each new
-        reader would find it only at its next reconnect attempt.
-        """
+        """Start a worker; it connects to the dispatcher under an identity of its own."""
         self.spawned += 1
-        endpoint = f"ipc://{self.folder}/w{self.spawned}"
-        popen = subprocess.Popen(self.command(teacher, endpoint), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        identity = b"w%d" % self.spawned
+        popen = subprocess.Popen(self.command(teacher, identity), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  close_fds=True, env=import_path_env())
         assert popen.stderr is not None
         self.relay.watch(popen.pid, os.dup(popen.stderr.fileno()))
         popen.stderr.close()
-        self.unannounced.append(endpoint)
-        return WorkerProc(teacher, popen, endpoint)
+        return WorkerProc(teacher, popen, identity)
 
-    def reap(self, now: float) -> bool:
-        """Replace dead workers (after their back-off), forget retired ones; True if any went away.
+    def reap(self, now: float) -> tuple[list[WorkerProc], list[WorkerProc]]:
+        """Forget exited workers and replace the current teachers' (after their back-off).
 
-        Raises :class:`WorkerError` once a teacher's workers failed to start
+        Returns the workers that exited and those started in their place.  Raises
+        :class:`WorkerError` once a teacher's workers failed to start
         :data:`MAX_START_FAILURES` times in a row.
         """
-        retired = [p for p in self.retiring if p.popen.poll() is not None]
-        for proc in retired:
+        died = [p for p in self.retiring if p.popen.poll() is not None]
+        for proc in died:
             self.retiring.remove(proc)
             self.relay.forget(proc.popen.pid)
-        gone = bool(retired)
+        started = []
         for teacher, proc in list(self.workers.items()):
             code = proc.popen.poll()
             if code is None:
                 continue
             if teacher not in self._restart_at:
-                gone = True
+                died.append(proc)
                 self._restart_at[teacher] = now + self._died(proc, code, now)
             if now >= self._restart_at[teacher]:
                 del self._restart_at[teacher]
                 self.relay.forget(proc.popen.pid)
                 self.restarted += 1
                 self.workers[teacher] = self._spawn(teacher)
-        return gone
+                started.append(self.workers[teacher])
+        return died, started
 
     def _died(self, proc: WorkerProc, code: int, now: float) -> float:
         """Count a worker's death; the back-off before its replacement (or WorkerError)."""

@@ -1,0 +1,407 @@
+"""The dispatcher: one thread of the student that owns the data plane's state.
+
+It is to a DistillReader what ``_MultiProcessingDataLoaderIter`` is to a PyTorch
+DataLoader, with ZeroMQ where that uses ``mp.Queue``: it owns the worker processes
+(:class:`~zdistill.worker_pool.WorkerPool`), the bookkeeping of tasks, credit and
+slots (:class:`~zdistill.scheduler.Scheduler`), the one ROUTER socket every worker
+talks to for its whole life, and the socket of the current epoch's producer.  It
+lives as long as the reader, so workers never re-handshake at an epoch's start.
+
+A thread and not a process: it keeps the teachers fed while the training step holds
+the GIL for milliseconds at a time, because it mostly waits in ``zmq_poll`` (which
+releases the GIL) and each message costs it microseconds; a process would add a hop
+for every result (``bench/bench_reader.py`` case (f) measures a GIL-holding step).
+
+Other threads talk to it only through :meth:`post` (commands), :meth:`release` (a
+slot the training loop let go of, from any thread) and :attr:`events` (what it tells
+the training loop).  :attr:`lock` is held while it handles messages: the training
+loop takes it to fork the producer (so no lock of this thread is inherited held) and
+to read :meth:`snapshot`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zmq
+
+from zdistill import protocol
+from zdistill.errors import ReaderError, WireError
+from zdistill.options import PipelineOptions
+from zdistill.producer import describe_exit, rebuild_exception
+from zdistill.scheduler import Plan, Scheduler
+from zdistill.worker_pool import WorkerPool
+
+log = logging.getLogger(__name__)
+
+_SUPERVISE_EVERY = 0.01  # seconds: workers, membership, producer, stragglers
+_BURST = 64  # messages read from one socket before the others get a turn
+
+
+# -- commands (to the dispatcher) and events (from it) ------------------------------
+
+
+@dataclass(frozen=True)
+class SetTeachers:
+    teachers: list[str]
+    membership: Callable[[], list[str] | None] | None = None  # dynamic teachers: a new list, or None
+
+
+@dataclass(frozen=True)
+class Begin:
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Started:
+    epoch: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    epoch: int
+    lent: frozenset[int]  # slots whose arrays the training loop still holds
+
+
+@dataclass(frozen=True)
+class Planned:
+    epoch: int
+    plan: Plan
+    endpoint: str  # where the producer connects
+    slot_count: int
+    grants: list[int]  # the slots the producer may fill at once
+
+
+@dataclass(frozen=True)
+class Result:
+    epoch: int
+    task: protocol.Task
+    arrays: dict[str, np.ndarray]  # the predictions
+
+
+@dataclass(frozen=True)
+class Finished:
+    epoch: int
+    tasks: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    epoch: int
+    error: BaseException
+
+
+Event = Planned | Result | Finished | Failed
+
+
+class Dispatcher:
+    """Owns the scheduler, the workers, their socket and the producer's (see the module docstring)."""
+
+    def __init__(
+        self, ctx: zmq.Context, folder: str, options: PipelineOptions,
+        worker_command: Callable[[str, str, bytes], list[str]],
+    ) -> None:
+        self.ctx, self.folder = ctx, folder
+        self.endpoint = f"ipc://{folder}/dispatch"
+        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.sched = Scheduler(options)
+        self.pool = WorkerPool(lambda teacher, identity: worker_command(teacher, self.endpoint, identity))
+        self._router = ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a worker gone fails instead of vanishing
+        self._router.bind(self.endpoint)
+        self._commands: deque[Any] = deque()
+        self._released: deque[int] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._membership: Callable[[], list[str] | None] | None = None
+        self._producer: zmq.Socket | None = None
+        self._producer_pid: int | None = None
+        self._producer_ended = False  # its end came (it may exit now)
+        self._producers: set[int] = set()  # forked, not yet reaped
+        self._grants: list[int] = []  # granted, not yet sent (the producer was not connected)
+        self._error: BaseException | None = None  # failed between epochs: told at the next one
+        self._said_finished = False
+        self._supervised_at = 0.0
+        self._closing = False
+        self._closed = False  # the wake-up pipe is closed
+        self._thread = threading.Thread(target=self._run, name="zdistill-dispatcher", daemon=True)
+        self._thread.start()
+
+    # -- the interface of other threads -------------------------------------------
+
+    def post(self, command: Any) -> None:
+        self._commands.append(command)
+        self._wake()
+
+    def release(self, slot: int) -> None:
+        """A slot is free again (called by the finalizer of its arrays, in any thread)."""
+        self._released.append(slot)
+        self._wake()
+
+    def close(self) -> None:
+        """Stop the thread; it stops every worker and producer by PID on its way out."""
+        if self._thread.is_alive():
+            self._closing = True
+            self._wake()
+            self._thread.join(10.0)
+        if not self._closed:
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            s = self.sched
+            return {
+                "counters": {**s.counters.__dict__},
+                "plan": s.plan(len(s.workers)),
+                "tasks_in_flight": len(s.pending),
+                "teachers": {name: {**t.__dict__} for name, t in s.teachers.items()},
+                "in_use": {p.teacher for p in self.pool.workers.values()},
+                "worker_pids": {p.teacher: p.popen.pid for p in self.pool.workers.values()},
+                "workers_spawned": self.pool.spawned,
+                "reader_pid": self._producer_pid,
+            }
+
+    def _wake(self) -> None:
+        if self._closed:
+            return  # a finalizer after close(): nothing to wake
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed
+
+    # -- the thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        polled: zmq.Socket | None = None  # the producer socket registered
+        try:
+            while not self._closing:
+                if polled is not None and polled is not self._producer:
+                    poller.unregister(polled)  # closed with its epoch
+                    polled = None
+                if self._producer is not None:
+                    poller.register(self._producer, zmq.POLLIN | (zmq.POLLOUT if self._grants else 0))
+                    polled = self._producer
+                ready = dict(poller.poll(_SUPERVISE_EVERY * 1000))
+                with self.lock:
+                    try:
+                        self._step(ready)
+                    except Exception as exc:  # noqa: BLE001 - every failure ends the epoch, never the thread
+                        self._fail(exc)
+        finally:
+            with self.lock:
+                self._shutdown()
+
+    def _step(self, ready: dict[Any, int]) -> None:
+        if self._wake_r in ready:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+        while self._commands:
+            self._on_command(self._commands.popleft())
+        while self._released:
+            self.sched.release(self._released.popleft())
+        now = time.monotonic()
+        if self._router in ready:
+            self._read_workers(now)
+        if self._producer is not None and self._producer in ready:
+            self._read_producer()
+        if now - self._supervised_at >= _SUPERVISE_EVERY:
+            self._supervised_at = now
+            self._supervise(now)
+        self._send_tasks(now)
+        self._send_grants()
+        s = self.sched
+        if s.active and s.finished and not self._said_finished:
+            self._said_finished = True
+            self.events.put(Finished(s.epoch, s.total or 0))
+
+    def _on_command(self, cmd: Any) -> None:
+        if isinstance(cmd, SetTeachers):
+            self._membership = cmd.membership
+            self._set_teachers(cmd.teachers)
+        elif isinstance(cmd, Begin):
+            self._begin(cmd.epoch)
+        elif isinstance(cmd, Started):
+            if cmd.epoch == self.sched.epoch:
+                self._producer_pid = cmd.pid
+            self._producers.add(cmd.pid)
+        elif isinstance(cmd, Stop):
+            if cmd.epoch == self.sched.epoch:
+                self._end_epoch(cmd.lent)
+
+    def _begin(self, epoch: int) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            self.events.put(Failed(epoch, error))
+            return
+        plan = self.sched.begin(epoch, time.monotonic())
+        self._said_finished = False
+        self._producer_ended = False
+        self._producer = self.ctx.socket(zmq.PAIR)
+        self._producer.setsockopt(zmq.LINGER, 0)
+        endpoint = f"ipc://{self.folder}/producer-{epoch}"
+        self._producer.bind(endpoint)
+        self.events.put(Planned(epoch, plan, endpoint, self.sched.slot_count, self.sched.grants()))
+
+    def _end_epoch(self, lent: frozenset[int]) -> None:
+        """The training loop is done with the epoch (to its end, by a break, or by an error)."""
+        self.sched.stop(set(lent))
+        self._grants.clear()
+        if self._producer is not None:
+            self._producer.close(linger=0)
+            self._producer = None
+        pid, self._producer_pid = self._producer_pid, None
+        if pid is not None and pid in self._producers:
+            try:
+                os.kill(pid, signal.SIGKILL)  # it may still be building tasks nobody will take
+            except ProcessLookupError:
+                pass
+        self._reap_producers()
+
+    def _fail(self, exc: BaseException) -> None:
+        """An error the training loop must hear: it ends the epoch (or the next one, between epochs)."""
+        if self.sched.active:
+            self.sched.active = False
+            self.events.put(Failed(self.sched.epoch, exc))
+        else:
+            self._error = exc
+
+    # -- workers ---------------------------------------------------------------------
+
+    def _set_teachers(self, teachers: Sequence[str]) -> None:
+        started, retired = self.pool.set_teachers(teachers)
+        for proc in started:
+            self.sched.add_worker(proc.identity, proc.teacher)
+        for proc in retired:
+            self.sched.retire_worker(proc.identity)
+
+    def _read_workers(self, now: float) -> None:
+        for _ in range(_BURST):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            try:
+                msg, arrays = protocol.decode(frames[1:])
+            except WireError as exc:
+                log.warning("dropping a malformed message from a worker: %s", exc)
+                continue
+            if isinstance(msg, protocol.Done):
+                rows = len(next(iter(arrays.values()), ()))
+                held = self.sched.on_done(identity, msg, rows, now)
+                if held is not None:
+                    self.events.put(Result(msg.epoch, held.task, arrays))
+            elif isinstance(msg, protocol.Undone):
+                self.sched.on_undone(identity, msg)
+            elif isinstance(msg, protocol.Status):
+                self.pool.mark_started(identity)
+                self.sched.on_status(identity, msg, now)
+            elif isinstance(msg, protocol.Hello):
+                self.pool.mark_started(identity)
+                self.sched.on_hello(identity)
+
+    def _send_tasks(self, now: float) -> None:
+        for identity, held in self.sched.assignments(now):
+            try:
+                self._router.send_multipart([identity, *held.wire], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # gone, or not connected yet: the task waits for another
+                log.debug("could not send task %d to worker %r: %s", held.task.task, identity, exc)
+                self.sched.unsent(identity, held.task.task)
+                return
+
+    def _supervise(self, now: float) -> None:
+        if self._membership is not None:
+            teachers = self._membership()
+            if teachers is not None:
+                log.info("teachers now: %s", ", ".join(teachers) or "none")
+                self._set_teachers(teachers)
+        died, started = self.pool.reap(now)
+        for proc in died:
+            self.sched.worker_gone(proc.identity)
+        for proc in started:
+            self.sched.add_worker(proc.identity, proc.teacher)
+        self.sched.counters.workers_restarted = self.pool.restarted
+        self._reap_producers()
+        self.sched.check(now)
+
+    # -- the producer -----------------------------------------------------------------
+
+    def _read_producer(self) -> None:
+        assert self._producer is not None
+        for _ in range(_BURST):
+            try:
+                frames = self._producer.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            msg, _ = protocol.decode(frames)
+            if isinstance(msg, protocol.Task):
+                self.sched.on_task(msg, frames)
+            elif isinstance(msg, protocol.End):
+                self._producer_ended = True
+                if msg.error is not None:
+                    raise rebuild_exception(msg.error)
+                self.sched.on_end(msg)
+
+    def _send_grants(self) -> None:
+        self._grants += self.sched.grants()
+        if self._grants and self._producer is not None:
+            try:
+                protocol.send(self._producer, protocol.Grant(slots=self._grants), flags=zmq.NOBLOCK)
+                self._grants = []
+            except zmq.Again:
+                pass  # not connected yet: polled for POLLOUT
+
+    def _reap_producers(self) -> None:
+        """Reap exited producers; one that died before its end fails the epoch, saying how it died."""
+        for pid in list(self._producers):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            self._producers.discard(pid)
+            if pid == self._producer_pid and self.sched.active:
+                if self._producer is not None and self._producer.poll(200):  # its last words may be in transit
+                    self._read_producer()
+                if not self._producer_ended:
+                    raise ReaderError(
+                        f"the reader process (pid {pid}) {describe_exit(status)} before the end of the epoch; "
+                        "if the machine ran out of memory, the kernel's log (dmesg) names it"
+                    )
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        for pid in self._producers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        self._producers.clear()
+        if self._producer is not None:
+            self._producer.close(linger=0)
+        self.pool.close()
+        self._router.close(linger=0)

@@ -1,0 +1,29 @@
+"""The knobs of a DistillReader's data plane (``DistillReader.options``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(kw_only=True)
+class PipelineOptions:
+    """Knobs of the pipeline; the defaults are chosen for throughput on small machines.
+
+    How tasks and queues are sized from them is :meth:`zdistill.scheduler.Scheduler.plan`.
+    """
+
+    request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)
+    task_rows: int = 1024  # rows per task at most: whole reader batches are packed up to this
+    task_seconds: float = 0.01  # teacher time per task: slow teachers get smaller tasks
+    task_bytes: int = 4 << 20  # ...or up to this many bytes
+    window: int = 16  # tasks in flight per epoch, at least 3 x in_flight per worker (memory bound)
+    max_inflight_bytes: int = 512 << 20  # bytes of tasks in flight (memory bound for big samples)
+    in_flight: int = 2  # tasks in flight per worker, at least (each is one or more teacher requests)
+    max_in_flight: int | None = None  # ...and at most (None: up to 8, more to fill a teacher's batches)
+    queue_seconds: float = 0.04  # teacher time a worker holds in flight
+    request_timeout: float = 30.0  # a teacher silent this long is treated as down
+    max_retries: int = 3  # refusals of one task before the error reaches the training loop
+    teacher_wait: float = 300.0  # how long an epoch waits with no teacher up before it fails
+    stall_timeout: float = 60.0  # no progress this long: send every missing task again
+    straggler_factor: float = 4.0  # the next task late by this many typical task times is sent again
+    straggler_min: float = 0.5  # ...but never sooner than this many seconds

@@ -1,0 +1,200 @@
+"""The producer: runs the user's reader in a process of its own and builds tasks.
+
+It is forked from the student for each epoch (the reader is often a closure, which
+only a fork can carry).  It cuts the reader's output into tasks
+(:class:`~zdistill.tasks.TaskBuilder`) built directly in shared-memory slots
+(:mod:`zdistill.shm`) and streams each task's small descriptor to the dispatcher.
+That is all it does: it holds no table of tasks and makes no decision, so it may
+exit as soon as the reader is exhausted (resends are made from shared memory by the
+dispatcher).  Its only credit is the slots the dispatcher granted it (``grant``):
+with none left, it waits for more, which bounds how far the reader runs ahead of the
+training loop.
+
+Messages (:mod:`zdistill.protocol`): ``grant`` in; ``task`` and one ``end`` out (the
+end carries the reader's exception, if it raised, re-raised in the training loop by
+:func:`rebuild_exception`: by name, never by pickle).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import numpy as np
+import zmq
+
+from zdistill import protocol
+from zdistill.errors import ReaderError
+from zdistill.model import TensorSpec
+from zdistill.shm import SlotWriter
+from zdistill.tasks import ReaderType, Task, TaskBuilder
+
+log = logging.getLogger(__name__)
+
+_POLL_MS = 100
+_END_LINGER_MS = 10_000  # how long the end may wait to be delivered when the producer exits
+
+
+@dataclass(kw_only=True)
+class ProducerConfig:
+    """Everything the producer needs, passed across the fork."""
+
+    reader: Callable[[], Iterable[Any]]
+    reader_type: ReaderType
+    ins: list[str]
+    feeds: list[TensorSpec]
+    epoch: int
+    task_rows: int
+    task_bytes: int
+    endpoint: str  # the dispatcher's socket for this epoch
+    slots_folder: str
+    slot_count: int
+    grants: list[int]  # slots it may fill at once
+    parent_pid: int
+
+
+class ParentGone(Exception):
+    """The student process died: leave at once."""
+
+
+class Producer:
+    """Owns the reader's iteration, the slot writer and the socket to the dispatcher."""
+
+    def __init__(self, cfg: ProducerConfig) -> None:
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PAIR)
+        self.sock.setsockopt(zmq.LINGER, _END_LINGER_MS)
+        self.sock.connect(cfg.endpoint)
+        self.slots = SlotWriter(cfg.slots_folder, cfg.slot_count)
+        self.granted: deque[int] = deque(cfg.grants)
+        self.slot_of: dict[int, int] = {}  # task id -> the slot it was built in
+
+    def run(self) -> None:
+        cfg = self.cfg
+        builder = TaskBuilder(cfg.reader_type, cfg.ins, cfg.feeds, cfg.task_rows, cfg.task_bytes, self._allocate)
+        try:
+            for item in cfg.reader():
+                for task in builder.add(item):
+                    self._send(task)
+            for task in builder.flush():
+                self._send(task)
+        except ParentGone:
+            raise
+        except BaseException as exc:  # the user's reader: anything it raises goes to the training loop
+            self._tell(protocol.End(epoch=cfg.epoch, tasks=builder.tasks_made, error=describe_exception(exc)))
+            return
+        self._tell(protocol.End(epoch=cfg.epoch, tasks=builder.tasks_made))
+
+    def close(self) -> None:
+        self.sock.close()  # lingers until the end is delivered (or the dispatcher is gone)
+        self.ctx.term()
+
+    def _allocate(self, task_id: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
+        dict[str, np.ndarray], dict[str, Any]
+    ]:
+        """Room for a task's arrays in a granted slot, waiting for a grant if none is left."""
+        while not self.granted:
+            self._wait_for_grant()
+        slot = self.slot_of[task_id] = self.granted.popleft()
+        return self.slots.allocate(slot, specs)
+
+    def _wait_for_grant(self) -> None:
+        if os.getppid() != self.cfg.parent_pid:
+            raise ParentGone
+        if self.sock.poll(_POLL_MS):
+            msg, _ = protocol.decode(self.sock.recv_multipart())
+            if isinstance(msg, protocol.Grant):
+                self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
+
+    def _send(self, task: Task) -> None:
+        self._tell(protocol.Task(
+            epoch=self.cfg.epoch, task=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
+            nbytes=task.nbytes, sizes=task.sizes, shm=task.descriptor,
+        ))
+
+    def _tell(self, msg: protocol.Msg) -> None:
+        """A message to the dispatcher, waiting for room only while the student lives."""
+        while True:
+            try:
+                protocol.send(self.sock, msg, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if os.getppid() != self.cfg.parent_pid:
+                    raise ParentGone from None
+                self.sock.poll(_POLL_MS, zmq.POLLOUT)
+
+
+def run_producer(cfg: ProducerConfig) -> NoReturn:
+    """Entry point of the forked producer; never returns to the caller's code."""
+    code = 0
+    try:
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the training loop, which stops us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        producer = Producer(cfg)
+        try:
+            producer.run()
+        finally:
+            producer.close()
+    except ParentGone:
+        pass
+    except BaseException:  # nothing may escape into the forked copy of the student's stack
+        log.exception("reader process failed")
+        code = 1
+    os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill us when the student dies, even by kill -9 (we hold its dataset)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the getppid() checks still catch it
+
+
+def describe_exception(exc: BaseException) -> dict[str, str]:
+    """The reader's exception as plain strings, for the end message."""
+    return {
+        "type": type(exc).__name__,
+        "module": type(exc).__module__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def rebuild_exception(error: dict[str, str]) -> BaseException:
+    """The reader's exception, re-created by type name (no pickle), else a ReaderError."""
+    name, module, message = str(error.get("type")), str(error.get("module")), str(error.get("message"))
+    remote = str(error.get("traceback", ""))
+    exc: BaseException
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            raise TypeError(name)
+        exc = cls(message)
+    except Exception:
+        exc = ReaderError(f"{module}.{name}: {message}")
+    exc.add_note(f"raised in the DistillReader's reader process:\n{remote}")
+    return exc
+
+
+def describe_exit(status: int) -> str:
+    """A wait status in words: ``killed by signal 9 (SIGKILL)``, ``exited with code 1``."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {number} ({name})"
+    return f"exited with code {os.waitstatus_to_exitcode(status)}"
+

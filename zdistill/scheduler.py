@@ -1,0 +1,457 @@
+"""The dispatcher's bookkeeping: tasks in flight, what each worker holds, slots, resends.
+
+Everything the student must remember about work in progress lives here, in one
+object owned by the dispatcher thread (:mod:`zdistill.dispatcher`), which feeds it
+the messages it receives and sends what it decides.  It has no sockets and no clock
+of its own (callers pass ``now``), so its rules are unit-tested with plain calls
+(``tests/test_scheduler.py``).
+
+- **Tasks**: a task of the current epoch is *pending* from the moment the producer
+  built it until its first answer; a queue (lowest id first, as the training loop
+  wants them in order) holds those waiting for a worker.  A task goes back in the
+  queue when its worker hands it back, dies or refuses it (a few times at most), when
+  later tasks finished long before it (a straggler: the first answer wins), and when
+  nothing finished for ``stall_timeout``.
+- **Workers**: what each one holds, counted here (sent, not yet answered), is its
+  credit: a worker gets a task only while it holds fewer than the epoch's
+  ``in_flight``.  Among those with room, the one holding least gets it, so a slow
+  teacher gets fewer tasks, not an equal share.  Tasks of an ended epoch still count
+  until answered, so a worker never holds more than it may.
+- **Slots**: each task is built in a shared-memory slot the producer was granted.
+  A slot is free again once the training loop let go of the task's arrays
+  (:meth:`release`), or at the epoch's end if the loop never got it.  Grants stop
+  while the tasks held would exceed ``max_inflight_bytes``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import statistics
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from zdistill import protocol
+from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
+from zdistill.options import PipelineOptions
+
+log = logging.getLogger(__name__)
+
+FATAL_CODES = frozenset({"bad_request", "too_large", "bad_message"})
+_DEEP_MAX = 8  # tasks per worker the teacher time alone asks for, at most (unless max_in_flight says)
+
+
+@dataclass
+class HeldTask:
+    """A pending task: its message (forwarded to workers as received) and who holds it."""
+
+    task: protocol.Task
+    wire: list[Any]  # the producer's frames
+    holders: set[bytes] = field(default_factory=set)
+    sent_at: float = 0.0
+
+
+@dataclass
+class WorkerState:
+    """One worker as the dispatcher knows it: its teacher's health and what it holds."""
+
+    teacher: str
+    started: bool = False  # it said hello
+    up: bool = False
+    retiring: bool = False  # its teacher left: it gets no more tasks
+    unusable: str = ""  # why its teacher cannot take this reader's tasks ("" while it can)
+    reason: str = ""  # why it is down, as it said
+    max_batch_size: int = 0  # the teacher's, from its meta (0: not known yet)
+    instances: int = 1
+    holds: set[tuple[int, int]] = field(default_factory=set)  # (epoch, task) sent to it, not answered
+
+
+@dataclass
+class TeacherStats:
+    """What the student saw of one teacher, for ``DistillReader.stats()``."""
+
+    tasks: int = 0
+    samples: int = 0
+    failed: int = 0
+    returned: int = 0
+    up: bool = False
+    changed_at: float = 0.0  # monotonic time of the last up/down change
+    first_task_at: float = 0.0  # monotonic time its first answer reached the dispatcher
+    reason: str = ""
+
+
+@dataclass
+class Counters:
+    """Counters over the reader's life (``DistillReader.stats()``)."""
+
+    tasks: int = 0  # answered (first answers only)
+    samples: int = 0
+    resent: int = 0  # sends beyond the first (a worker died, a refusal, a stall)
+    returned: int = 0  # handed back by a worker whose teacher could not run them
+    failed: int = 0  # refused by a teacher
+    straggler_resends: int = 0
+    duplicates_dropped: int = 0  # second answers of a task sent twice
+    workers_restarted: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the next epoch is cut and queued (see :meth:`Scheduler.plan`)."""
+
+    task_rows: int
+    in_flight: int  # tasks a worker may hold
+    window: int  # tasks built ahead of the training loop
+    keep_limit: int  # slots the training loop may hold views of (past it, it gets copies)
+
+
+class Scheduler:
+    """Owns tasks in flight, per-worker holdings, slots and the measured task times."""
+
+    def __init__(self, options: PipelineOptions) -> None:
+        self.options = options
+        self.workers: dict[bytes, WorkerState] = {}
+        self.teachers: dict[str, TeacherStats] = {}
+        self.counters = Counters()
+        self.epoch = 0
+        self.active = False  # an epoch runs
+        self.plan_now = Plan(options.task_rows, options.in_flight, options.window, 1)
+        self.pending: dict[int, HeldTask] = {}
+        self._queue: list[int] = []  # heap of pending task ids waiting for a worker
+        self._queued: set[int] = set()
+        self.produced = 0
+        self.total: int | None = None  # tasks of the epoch, once the producer said
+        self.retries: Counter[int] = Counter()
+        self.last_progress = 0.0
+        self.highest_done = -1
+        self._blocked: tuple[int, float] | None = None  # (lowest pending task, since when later ones are done)
+        self._down_since: float | None = None
+        # Slots: free, granted to the producer, or holding a task (until released).
+        self.slot_count = 0
+        self.free: deque[int] = deque()
+        self.granted: set[int] = set()
+        self.slot_task: dict[int, tuple[int, int]] = {}  # slot -> (epoch, nbytes) of the task in it
+        self.held_bytes = 0
+        # Measured, kept across epochs: the plan of the next epoch follows them.
+        self.task_times: deque[float] = deque(maxlen=64)  # a median: stragglers must not raise it
+        self.row_service: deque[float] = deque(maxlen=64)  # teacher time per row
+        self.task_sizes: deque[int] = deque(maxlen=64)
+        self.row_bytes = 0
+
+    # -- workers ------------------------------------------------------------------
+
+    def add_worker(self, identity: bytes, teacher: str) -> None:
+        self.workers[identity] = WorkerState(teacher)
+        self.teachers.setdefault(teacher, TeacherStats())
+
+    def retire_worker(self, identity: bytes) -> None:
+        """Its teacher left: no new tasks; what it holds it finishes or hands back."""
+        if identity in self.workers:
+            self.workers[identity].retiring = True
+
+    def worker_gone(self, identity: bytes) -> int:
+        """A worker exited: what it held of this epoch is sent again; the count resent."""
+        state = self.workers.pop(identity, None)
+        if state is None:
+            return 0
+        resent = 0
+        for epoch, task in state.holds:
+            held = self.pending.get(task) if epoch == self.epoch else None
+            if held is not None:
+                held.holders.discard(identity)
+                if not held.holders:
+                    resent += self._requeue(task)
+        self.counters.resent += resent
+        return resent
+
+    def on_hello(self, identity: bytes) -> None:
+        if identity in self.workers:
+            self.workers[identity].started = True
+
+    def on_status(self, identity: bytes, status: protocol.Status, now: float) -> None:
+        state = self.workers.get(identity)
+        if state is None:
+            return  # a worker already forgotten
+        state.started = True
+        state.up, state.unusable, state.reason = status.up, status.unusable, status.reason
+        state.max_batch_size = status.max_batch_size or state.max_batch_size
+        state.instances = max(1, status.instances)
+        stats = self.teachers.setdefault(state.teacher, TeacherStats())
+        stats.up, stats.changed_at, stats.reason = status.up, now, status.unusable or status.reason
+        if not status.up and stats.reason:
+            log.warning("teacher %s unavailable: %s", state.teacher, stats.reason)
+
+    # -- one epoch ------------------------------------------------------------------
+
+    def begin(self, epoch: int, now: float) -> Plan:
+        """Start ``epoch``: its plan, and room for its slots."""
+        self.epoch, self.active = epoch, True
+        self.pending.clear()
+        self._queue.clear()
+        self._queued.clear()
+        self.retries.clear()
+        self.produced, self.total, self.highest_done = 0, None, -1
+        self._blocked = self._down_since = None
+        self.last_progress = now
+        task_rows, in_flight = self.plan(len(self.workers))
+        window = max(self.options.window, 3 * in_flight * len(self.workers))  # every worker busy, as much queued
+        self.plan_now = Plan(task_rows, in_flight, window, max(1, window // 4))
+        wanted = window + self.plan_now.keep_limit
+        self.free.extend(range(self.slot_count, wanted))
+        self.slot_count = max(self.slot_count, wanted)
+        return self.plan_now
+
+    def stop(self, lent: set[int]) -> None:
+        """The epoch is over (ended or abandoned): every slot of it the training loop does
+        not hold is free again, and nothing more of it is sent."""
+        self.active = False
+        for slot, (epoch, _) in list(self.slot_task.items()):
+            if epoch == self.epoch and slot not in lent:
+                self.release(slot)
+        self.free.extend(sorted(self.granted))
+        self.granted.clear()
+        self.pending.clear()
+        self._queue.clear()
+        self._queued.clear()
+
+    def grants(self) -> list[int]:
+        """Free slots the producer may fill now (within the byte budget)."""
+        if not self.active or self.total is not None:
+            return []
+        typical = self.row_bytes * self.plan_now.task_rows
+        out = []
+        while self.free:
+            committed = self.held_bytes + (len(self.granted) + len(out)) * typical
+            if (self.slot_task or self.granted or out) and committed + typical > self.options.max_inflight_bytes:
+                break
+            out.append(self.free.popleft())
+        self.granted.update(out)
+        return out
+
+    def release(self, slot: int) -> None:
+        """The training loop let go of a slot's arrays (or never got them)."""
+        held = self.slot_task.pop(slot, None)
+        if held is not None:
+            self.held_bytes -= held[1]
+            self.free.append(slot)
+
+    def on_task(self, task: protocol.Task, frames: list[Any]) -> bool:
+        """The producer built a task; False if it is not one of this epoch's."""
+        if not self.active or task.epoch != self.epoch or task.slot not in self.granted:
+            return False
+        self.granted.discard(task.slot)
+        self.slot_task[task.slot] = (task.epoch, task.nbytes)
+        self.held_bytes += task.nbytes
+        self.pending[task.task] = HeldTask(task, frames)
+        self.produced += 1
+        if task.rows:
+            self.row_bytes = task.nbytes // task.rows
+        self._requeue(task.task)
+        return True
+
+    def on_end(self, end: protocol.End) -> None:
+        """The producer made its last task: the slots it was granted and did not use are free."""
+        if self.active and end.epoch == self.epoch and end.error is None:
+            self.total = end.tasks
+            self.free.extend(sorted(self.granted))
+            self.granted.clear()
+
+    @property
+    def finished(self) -> bool:
+        """Every task of the epoch was made and answered."""
+        return self.total is not None and self.produced == self.total and not self.pending
+
+    def assignments(self, now: float) -> list[tuple[bytes, HeldTask]]:
+        """Queued tasks to workers with room, lowest task first, least-loaded worker first."""
+        out: list[tuple[bytes, HeldTask]] = []
+        cap = self.plan_now.in_flight
+        while self._queue:
+            task_id = self._queue[0]
+            held = self.pending.get(task_id)
+            if held is None:
+                self._pop()
+                continue
+            best, room = None, 0
+            for identity, state in self.workers.items():
+                free = cap - len(state.holds)
+                if free > room and state.up and not state.retiring and identity not in held.holders:
+                    best, room = identity, free
+            if best is None:
+                break
+            self._pop()
+            held.holders.add(best)
+            held.sent_at = now
+            self.workers[best].holds.add((self.epoch, task_id))
+            out.append((best, held))
+        return out
+
+    def unsent(self, identity: bytes, task_id: int) -> None:
+        """A task could not be sent to the worker :meth:`assignments` chose: it waits again."""
+        state = self.workers.get(identity)
+        if state is not None:
+            state.holds.discard((self.epoch, task_id))
+        held = self.pending.get(task_id)
+        if held is not None:
+            held.holders.discard(identity)
+            self._requeue(task_id)
+
+    def on_done(self, identity: bytes, done: protocol.Done, rows: int, now: float) -> HeldTask | None:
+        """A task's answer: the held task if it is the first (to forward), else None."""
+        state = self.workers.get(identity)
+        if state is not None:
+            state.holds.discard((done.epoch, done.task))
+        held = self.pending.pop(done.task, None) if done.epoch == self.epoch else None
+        if held is None:
+            if done.epoch == self.epoch:
+                self.counters.duplicates_dropped += 1
+            return None
+        self.counters.tasks += 1
+        self.counters.samples += held.task.rows
+        if state is not None:
+            stats = self.teachers.setdefault(state.teacher, TeacherStats())
+            stats.tasks += 1
+            stats.samples += rows
+            stats.first_task_at = stats.first_task_at or now
+        self.task_sizes.append(rows)
+        self.task_times.append(done.elapsed)
+        self.row_service.append(done.service / max(1, rows))
+        self.last_progress = now
+        self.highest_done = max(self.highest_done, done.task)
+        return held
+
+    def on_undone(self, identity: bytes, undone: protocol.Undone) -> None:
+        """A task handed back (sent elsewhere) or refused (retried, up to ``max_retries``)."""
+        state = self.workers.get(identity)
+        if state is not None:
+            state.holds.discard((undone.epoch, undone.task))
+        held = self.pending.get(undone.task) if undone.epoch == self.epoch else None
+        if held is None:
+            return
+        held.holders.discard(identity)
+        stats = self.teachers.setdefault(state.teacher, TeacherStats()) if state else TeacherStats()
+        if undone.code == protocol.RETURNED:
+            self.counters.returned += 1
+            stats.returned += 1
+        else:
+            self.retries[undone.task] += 1
+            self.counters.failed += 1
+            stats.failed += 1
+            tries = self.retries[undone.task]
+            if undone.code in FATAL_CODES or tries > self.options.max_retries:
+                raise TeacherError(f"task {undone.task} failed {tries} time(s); last error: {undone.message}",
+                                   undone.code)
+            log.warning("task %d failed (%s), sending it again: %s", undone.task, undone.code, undone.message)
+            self.counters.resent += 1
+        if not held.holders:
+            self._requeue(undone.task)
+
+    # -- supervision ------------------------------------------------------------------
+
+    def check(self, now: float) -> None:
+        """Stragglers, stalls and teachers gone: resend, or raise when waiting cannot help."""
+        if not self.active:
+            return
+        self._chase_straggler(now)
+        if self.pending and now - self.last_progress > self.options.stall_timeout:
+            log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
+            self.last_progress = now
+            for task_id in list(self.pending):
+                self.counters.resent += self._requeue(task_id)
+        self._check_teachers(now)
+
+    def _chase_straggler(self, now: float) -> None:
+        """Send the lowest pending task again when later ones finished long before it."""
+        lowest = min(self.pending, default=None)
+        if lowest is None or self.highest_done < lowest:
+            self._blocked = None
+            return
+        if self._blocked is None or self._blocked[0] != lowest:
+            self._blocked = (lowest, now)
+        typical = statistics.median(self.task_times) if self.task_times else 0.0
+        limit = max(self.options.straggler_min, self.options.straggler_factor * typical)
+        if now - self._blocked[1] > limit:
+            self.counters.straggler_resends += 1
+            self._requeue(lowest)
+            self._blocked = (lowest, now)
+
+    def _check_teachers(self, now: float) -> None:
+        """Fail when no teacher can ever take the tasks, or none came back within ``teacher_wait``.
+
+        Teachers that answer but take other inputs than this reader's (another model
+        deployed at the address) cannot come back by waiting: when every teacher is such
+        a one, the epoch fails at once, naming them and why.
+        """
+        states = [s for s in self.workers.values() if not s.retiring]
+        if any(s.up for s in states):
+            self._down_since = None
+            return
+        if states and all(s.unusable for s in states):
+            reasons = "; ".join(f"{s.teacher}: {s.unusable}" for s in states)
+            raise ConfigError(f"no teacher can take this reader's inputs ({reasons})")
+        self._down_since = self._down_since or now
+        if now - self._down_since > self.options.teacher_wait:
+            why = {s.teacher: s.reason for s in states}
+            names = ", ".join(f"{t} ({r})" if r else t for t, r in why.items()) or "none"
+            raise TeacherTimeout(f"no teacher answered for {self.options.teacher_wait:.0f} s (teachers: {names})")
+
+    def _requeue(self, task_id: int) -> int:
+        """Queue a pending task (once); 1 if it was queued, else 0."""
+        if task_id not in self.pending or task_id in self._queued:
+            return 0
+        heapq.heappush(self._queue, task_id)
+        self._queued.add(task_id)
+        return 1
+
+    def _pop(self) -> None:
+        self._queued.discard(heapq.heappop(self._queue))
+
+    # -- the plan ------------------------------------------------------------------
+
+    def plan(self, workers: int) -> tuple[int, int]:
+        """Rows per task and tasks per worker for the next epoch, from the teacher time measured.
+
+        A task is the unit of load balancing: one teacher runs it, and the epoch cannot
+        end before its slowest task.  With fast teachers big tasks are cheapest (the
+        pipeline's cost is per message).  With slow ones (a 10 ms GPU call per 256 rows
+        makes a 1024-row task 40 ms of one teacher) big tasks leave teachers idle at the
+        start of an epoch, until each has one, and at its end, while the last few run on
+        some teachers only.  So a task holds about ``task_seconds`` of teacher time, but
+        never fewer rows than one request, and at most ``task_rows``.
+
+        A worker holds about ``queue_seconds`` of teacher time in flight, so its teacher
+        never waits while one task's result travels to the student and the next task to
+        the worker, even while other processes hold the cores for a while.  Short tasks
+        thus get deeper queues, up to 8 (or ``max_in_flight``), as long as all workers
+        together hold no more bytes than ``window`` full-size tasks (``window * task_bytes``).
+
+        A teacher also needs enough rows queued to fill a batch on each of its model
+        instances, and one more batch waiting: ``(instances + 1) * max_batch_size`` rows
+        (from its meta).  Tasks of big samples hold few rows (a task ends at ``task_bytes``),
+        so that can take many more tasks; they are kept in flight within
+        ``max_inflight_bytes`` over all workers (and within ``max_in_flight`` if it is set).
+        """
+        o = self.options
+        if not self.row_service:
+            return o.task_rows, o.in_flight
+        per_row = statistics.median(self.row_service)
+        floor = min(o.request_rows, o.task_rows)
+        fit = int(o.task_seconds / per_row) if per_row > 0 else o.task_rows
+        rows = max(floor, min(o.task_rows, fit // floor * floor))
+        cap = o.max_in_flight or _DEEP_MAX
+        deep = math.ceil(o.queue_seconds / (per_row * rows)) if per_row > 0 else cap
+        task_bytes = min(o.task_bytes, rows * self.row_bytes)
+        fits = o.window * o.task_bytes // (max(1, workers) * task_bytes) if task_bytes > 0 else cap
+        return rows, max(o.in_flight, min(cap, deep, fits), self._fill(rows, workers))
+
+    def _fill(self, rows: int, workers: int) -> int:
+        """Tasks per worker that keep ``(instances + 1) * max_batch_size`` rows at each teacher."""
+        o = self.options
+        wanted = max(((s.instances + 1) * s.max_batch_size for s in self.workers.values()), default=0)
+        if not wanted or not self.row_bytes:
+            return 0
+        per_task = max(1, int(statistics.median(self.task_sizes)) if self.task_sizes else rows)
+        tasks = math.ceil(wanted / per_task)
+        if o.max_in_flight is not None:
+            tasks = min(tasks, o.max_in_flight)
+        return min(tasks, o.max_inflight_bytes // (max(1, workers) * per_task * self.row_bytes))
