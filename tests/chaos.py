@@ -84,7 +84,7 @@ class Cluster:
     def kill_and_restart(self, kind: str, rng: random.Random, pause: float, dr: DistillReader) -> str:
         """Kill one process of ``kind`` now; restart it after ``pause`` s in a background thread."""
         if kind == "worker":
-            workers = [t["worker_pid"] for t in dr.stats()["teachers"].values() if t.get("worker_pid")]
+            workers = list(dr.stats().get("workers", {}).values())
             if not workers:
                 return "no worker"
             victim = rng.choice(sorted(workers))

@@ -90,14 +90,14 @@ def test_worker_killed_is_replaced_and_its_tasks_sent_again(start_teacher, data)
         victims = []
 
         def kill_worker():
-            pid = next(iter(dr.stats()["teachers"].values()))["worker_pid"]
+            pid = next(iter(dr.stats()["workers"].values()))
             victims.append(pid)
             os.kill(pid, signal.SIGKILL)
 
         out = run_epoch(dr, at=5, action=kill_worker)
         check_epoch(out, data)
         stats = dr.stats()
-        pids = [t["worker_pid"] for t in stats["teachers"].values() if t["in_use"]]
+        pids = list(stats["workers"].values())
         assert stats["workers_restarted"] == 1
         assert victims[0] not in pids
         assert all(psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)

@@ -50,8 +50,7 @@ def batch_reader(x, y, batch=32):
 
 def reader_pids(dr: DistillReader) -> list[int]:
     stats = dr.stats()
-    workers = [t["worker_pid"] for t in stats["teachers"].values() if t["in_use"]]
-    return workers + ([stats["reader_pid"]] if stats["reader_pid"] else [])
+    return [*stats["workers"].values()] + ([stats["reader_pid"]] if stats["reader_pid"] else [])
 
 
 def assert_gone(pids: list[int]) -> None:
@@ -341,7 +340,7 @@ def test_interpreter_exit_mid_epoch_stops_workers_quietly(teachers):
         for i, batch in enumerate(dr()):
             if i == 5:
                 break
-        print(' '.join(str(t['worker_pid']) for t in dr.stats()['teachers'].values()), flush=True)
+        print(*dr.stats()['workers'].values(), flush=True)
     """)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr

@@ -151,13 +151,13 @@ class Pipeline:
             "tasks_in_flight": snap["tasks_in_flight"],  # built, not yet answered
             "tasks_buffered": len(self._sink.buffer) if self._sink else 0,  # answered, waiting for an earlier one
             "reader_pid": snap["reader_pid"],  # the producer of the epoch running, if any
+            "workers": snap["worker_pids"],  # the current teachers' worker processes: teacher -> PID
             "workers_spawned": snap["workers_spawned"],
             "folders": [self.folder, self.slots_folder],
             "teachers": {
                 name: {
                     "up": t["up"],
                     "in_use": name in snap["in_use"],
-                    "worker_pid": snap["worker_pids"].get(name),
                     "tasks": t["tasks"],
                     "samples": t["samples"],
                     "samples_per_s": t["samples"] / busy if busy else 0.0,

@@ -323,7 +323,7 @@ class DistillReader:
         ``teachers`` maps each teacher seen to its tasks, samples, failures, returned
         tasks and whether its worker holds it *up* now; ``task_rows`` and ``in_flight``
         are the task size and the tasks per worker the next epoch uses (see
-        :meth:`zdistill.scheduler.Scheduler.plan`); ``reader_pid``, each teacher's ``worker_pid`` and
+        :meth:`zdistill.scheduler.Scheduler.plan`); ``reader_pid``, ``workers`` (teacher -> PID) and
         ``folders`` name the processes and folders the reader made (for monitoring).
         """
         if self._pipeline is None:

@@ -142,8 +142,7 @@ class Scheduler:
     # -- workers ------------------------------------------------------------------
 
     def add_worker(self, identity: bytes, teacher: str) -> None:
-        self.workers[identity] = WorkerState(teacher)
-        self.teachers.setdefault(teacher, TeacherStats())
+        self.workers[identity] = WorkerState(teacher)  # its teacher's stats start with its first word of it
 
     def retire_worker(self, identity: bytes) -> None:
         """Its teacher left: no new tasks; what it holds it finishes or hands back."""
