@@ -637,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine(gpu), "size": size, "plan": asdict(plan), "max_batch": MAX_BATCH,
             "configs": [c.name for c in configs], "skipped_configs": skipped, "batches": args.batches,
         }
-        from zdistill.pipeline import PipelineOptions
+        from zdistill.options import PipelineOptions
 
         results["pipeline_options"] = asdict(PipelineOptions())
         print(f"device: {results['machine']['gpu'] or 'CPU'}; {plan.repeats} round(s) of {plan.seconds} s; "

@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.procs import Proc, teacher_stats, wait_for  # noqa: E402
 from zdistill import DistillReader, wire  # noqa: E402
-from zdistill.pipeline import PipelineOptions  # noqa: E402
+from zdistill.options import PipelineOptions  # noqa: E402
 
 TEACHERS = BENCH / "teachers_bench.py"
 RESULTS = BENCH / "results"

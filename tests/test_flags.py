@@ -25,7 +25,7 @@ DAEMONS = {
     "zdistill.balancer": ["--db_endpoints", "127.0.0.1:1", "--server", "127.0.0.1:0"],
     "zdistill.register": ["--db_endpoints", "127.0.0.1:1", "--service_name", "svc", "--server", "127.0.0.1:5"],
     "zdistill.teacher": ["--model", f"{procs.TEACHERS}:softmax", "--port", "0"],
-    "zdistill.worker": ["--teacher", "tcp://127.0.0.1:1", "--tasks", "ipc:///nowhere", "--results", "ipc:///nowhere",
+    "zdistill.worker": ["--teacher", "tcp://127.0.0.1:1", "--dispatcher", "ipc:///nowhere", "--identity", "w1",
                         "--slots", "/nowhere", "--predicts", "prob", "--parent-pid", "1"],
 }
 

@@ -279,10 +279,15 @@ class Dispatcher:
         self._reap_producers()
 
     def _fail(self, exc: BaseException) -> None:
-        """An error the training loop must hear: it ends the epoch (or the next one, between epochs)."""
+        """An error the training loop must hear: it ends the epoch (or the next one, between epochs).
+
+        An epoch fails once: a second error before the loop stopped it is only logged.
+        """
         if self.sched.active:
             self.sched.active = False
             self.events.put(Failed(self.sched.epoch, exc))
+        elif self._producer is not None:  # the epoch failed already; its Stop is on its way
+            log.debug("epoch %d already failed; also: %s", self.sched.epoch, exc)
         else:
             self._error = exc
 
@@ -328,7 +333,6 @@ class Dispatcher:
             except zmq.ZMQError as exc:  # gone, or not connected yet: the task waits for another
                 log.debug("could not send task %d to worker %r: %s", held.task.task, identity, exc)
                 self.sched.unsent(identity, held.task.task)
-                return
 
     def _supervise(self, now: float) -> None:
         if self._membership is not None:

@@ -129,7 +129,7 @@ class Scheduler:
         self._down_since: float | None = None
         # Slots: free, granted to the producer, or holding a task (until released).
         self.slot_count = 0
-        self.free: deque[int] = deque()
+        self.free: list[int] = []  # a heap: the lowest slots are reused, so few slot files are ever made
         self.granted: set[int] = set()
         self.slot_task: dict[int, tuple[int, int]] = {}  # slot -> (epoch, nbytes) of the task in it
         self.held_bytes = 0
@@ -137,6 +137,7 @@ class Scheduler:
         self.task_times: deque[float] = deque(maxlen=64)  # a median: stragglers must not raise it
         self.row_service: deque[float] = deque(maxlen=64)  # teacher time per row
         self.task_sizes: deque[int] = deque(maxlen=64)
+        self.task_bytes: deque[int] = deque(maxlen=8)  # bytes of the latest tasks: what a grant may cost
         self.row_bytes = 0
 
     # -- workers ------------------------------------------------------------------
@@ -197,7 +198,8 @@ class Scheduler:
         window = max(self.options.window, 3 * in_flight * len(self.workers))  # every worker busy, as much queued
         self.plan_now = Plan(task_rows, in_flight, window, max(1, window // 4))
         wanted = window + self.plan_now.keep_limit
-        self.free.extend(range(self.slot_count, wanted))
+        for slot in range(self.slot_count, wanted):
+            heapq.heappush(self.free, slot)
         self.slot_count = max(self.slot_count, wanted)
         return self.plan_now
 
@@ -208,23 +210,29 @@ class Scheduler:
         for slot, (epoch, _) in list(self.slot_task.items()):
             if epoch == self.epoch and slot not in lent:
                 self.release(slot)
-        self.free.extend(sorted(self.granted))
-        self.granted.clear()
+        self._return_grants()
         self.pending.clear()
         self._queue.clear()
         self._queued.clear()
 
     def grants(self) -> list[int]:
-        """Free slots the producer may fill now (within the byte budget)."""
+        """Free slots the producer may fill now, within the byte budget.
+
+        A grant is priced at the biggest of the latest tasks; before any task was made
+        its size is unknown, so the producer gets one slot, and more once it is known.
+        """
         if not self.active or self.total is not None:
             return []
-        typical = self.row_bytes * self.plan_now.task_rows
-        out = []
+        typical = max(self.task_bytes, default=0)
+        out: list[int] = []
         while self.free:
-            committed = self.held_bytes + (len(self.granted) + len(out)) * typical
-            if (self.slot_task or self.granted or out) and committed + typical > self.options.max_inflight_bytes:
+            busy = self.slot_task or self.granted or out
+            if busy and not typical:
                 break
-            out.append(self.free.popleft())
+            committed = self.held_bytes + (len(self.granted) + len(out) + 1) * typical
+            if busy and committed > self.options.max_inflight_bytes:
+                break
+            out.append(heapq.heappop(self.free))
         self.granted.update(out)
         return out
 
@@ -233,7 +241,12 @@ class Scheduler:
         held = self.slot_task.pop(slot, None)
         if held is not None:
             self.held_bytes -= held[1]
-            self.free.append(slot)
+            heapq.heappush(self.free, slot)
+
+    def _return_grants(self) -> None:
+        for slot in self.granted:
+            heapq.heappush(self.free, slot)
+        self.granted.clear()
 
     def on_task(self, task: protocol.Task, frames: list[Any]) -> bool:
         """The producer built a task; False if it is not one of this epoch's."""
@@ -244,6 +257,7 @@ class Scheduler:
         self.held_bytes += task.nbytes
         self.pending[task.task] = HeldTask(task, frames)
         self.produced += 1
+        self.task_bytes.append(task.nbytes)
         if task.rows:
             self.row_bytes = task.nbytes // task.rows
         self._requeue(task.task)
@@ -253,8 +267,7 @@ class Scheduler:
         """The producer made its last task: the slots it was granted and did not use are free."""
         if self.active and end.epoch == self.epoch and end.error is None:
             self.total = end.tasks
-            self.free.extend(sorted(self.granted))
-            self.granted.clear()
+            self._return_grants()
 
     @property
     def finished(self) -> bool:
@@ -264,12 +277,15 @@ class Scheduler:
     def assignments(self, now: float) -> list[tuple[bytes, HeldTask]]:
         """Queued tasks to workers with room, lowest task first, least-loaded worker first."""
         out: list[tuple[bytes, HeldTask]] = []
+        if not self.active:
+            return out
         cap = self.plan_now.in_flight
+        skipped = []  # tasks every worker with room already holds (a straggler's copy): they wait
         while self._queue:
-            task_id = self._queue[0]
+            task_id = heapq.heappop(self._queue)
             held = self.pending.get(task_id)
             if held is None:
-                self._pop()
+                self._queued.discard(task_id)
                 continue
             best, room = None, 0
             for identity, state in self.workers.items():
@@ -277,12 +293,17 @@ class Scheduler:
                 if free > room and state.up and not state.retiring and identity not in held.holders:
                     best, room = identity, free
             if best is None:
-                break
-            self._pop()
+                skipped.append(task_id)
+                if not any(cap > len(s.holds) and s.up and not s.retiring for s in self.workers.values()):
+                    break  # no worker has room: the rest waits too
+                continue
+            self._queued.discard(task_id)
             held.holders.add(best)
             held.sent_at = now
             self.workers[best].holds.add((self.epoch, task_id))
             out.append((best, held))
+        for task_id in skipped:
+            heapq.heappush(self._queue, task_id)
         return out
 
     def unsent(self, identity: bytes, task_id: int) -> None:
@@ -302,7 +323,7 @@ class Scheduler:
             state.holds.discard((done.epoch, done.task))
         held = self.pending.pop(done.task, None) if done.epoch == self.epoch else None
         if held is None:
-            if done.epoch == self.epoch:
+            if done.epoch == self.epoch and self.active:
                 self.counters.duplicates_dropped += 1
             return None
         self.counters.tasks += 1
@@ -370,8 +391,7 @@ class Scheduler:
         typical = statistics.median(self.task_times) if self.task_times else 0.0
         limit = max(self.options.straggler_min, self.options.straggler_factor * typical)
         if now - self._blocked[1] > limit:
-            self.counters.straggler_resends += 1
-            self._requeue(lowest)
+            self.counters.straggler_resends += self._requeue(lowest)
             self._blocked = (lowest, now)
 
     def _check_teachers(self, now: float) -> None:
@@ -401,9 +421,6 @@ class Scheduler:
         heapq.heappush(self._queue, task_id)
         self._queued.add(task_id)
         return 1
-
-    def _pop(self) -> None:
-        self._queued.discard(heapq.heappop(self._queue))
 
     # -- the plan ------------------------------------------------------------------
 

@@ -1,14 +1,14 @@
 """Task slots in shared memory: the student's own bytes never cross a socket twice.
 
-The reader process builds each task's arrays directly in a memory-mapped file (under
-``/dev/shm`` where it exists); only a small descriptor travels to the worker and on
-to the sink.  The worker sends the feed slots from that memory to its teacher (the
+The producer (the reader process) builds each task's arrays directly in a
+memory-mapped file (under ``/dev/shm`` where it exists); only a small descriptor
+travels to the dispatcher and the worker.  The worker sends the feed slots from that memory to its teacher (the
 one hop that must carry them) and the student reads the slots back from it.  Compared
 with moving the arrays over sockets this saves two full copies through the kernel per
 task, which is most of what a pipeline hop costs.
 
-The ventilator gives each task a free slot and gets it back once the student is done
-with it.  A slot whose task is bigger than its file gets a new, bigger file (a new
+The dispatcher grants the producer free slots and gets each back once the training
+loop let go of its arrays (:class:`zdistill.scheduler.Scheduler`).  A slot whose task is bigger than its file gets a new, bigger file (a new
 *generation*); readers map each file once and drop the mapping of an older generation,
 so memory stays bounded by the number of slots.  Slot files outlive an epoch, so the
 next epoch writes into pages that already exist instead of faulting in fresh ones
@@ -21,8 +21,8 @@ copies: a private, copy-on-write mapping of the slot file, so the loop may write
 its arrays without touching the file.  The slot stays taken while any of those arrays
 lives (the mapping's finalizer gives it back), so the next task never overwrites data
 the loop still holds.  A worker that is late with a task the student already consumed
-may read a reused slot; its answer is for a task id the sink already yielded, so it is
-dropped.
+may read a reused slot; its answer is for a task already answered, so the dispatcher
+drops it.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ class Worker:
             slots = self.slots.read(task.shm)
         except WireError as exc:  # a task of an epoch that ended: nobody waits for it any more
             log.debug("dropping task %s: %s", key, exc)
-            self._send(protocol.Undone(epoch=task.epoch, task=task.task, code="gone", message=str(exc)))
+            self._send(protocol.Undone(epoch=task.epoch, task=task.task, code=protocol.RETURNED, message=str(exc)))
             return
         try:
             feeds = {spec.name: self._feed(slots, spec) for spec in self.feeds}
@@ -288,16 +288,19 @@ class Worker:
         """The teacher answers but cannot take this reader's tasks: say so, hand back what we
         hold, and ask again only now and then (it may be redeployed with the right model)."""
         reason = f"it cannot take this reader's tasks: {why}"
+        log.warning("teacher %s %s", self.cfg.teacher, reason)
+        self._send(protocol.Status(up=False, reason=reason, unusable=why))
         if self.up:
             self._teacher_down(reason, announce=False)
         self.next_probe = time.monotonic() + _PROBE_UNUSABLE
-        log.warning("teacher %s %s", self.cfg.teacher, reason)
-        self._send(protocol.Status(up=False, reason=reason, unusable=why))
 
     def _teacher_down(self, reason: str, announce: bool = True) -> None:
         """Hand back every task held, start afresh, and probe until the teacher answers."""
         was_up = self.up
         self.up = False
+        if was_up and announce:  # first, so that the tasks handed back are not sent to us again
+            log.warning("teacher %s is down: %s", self.cfg.teacher, reason)
+            self._send(protocol.Status(up=False, reason=reason))
         for key in list(self.jobs):
             job = self.jobs[key]
             self._drop_job(key)
@@ -307,9 +310,6 @@ class Worker:
         self.retries.clear()
         self.probe = None
         self.next_probe = time.monotonic() + _PROBE_EVERY
-        if was_up and announce:
-            log.warning("teacher %s is down: %s", self.cfg.teacher, reason)
-            self._send(protocol.Status(up=False, reason=reason))
 
     def _send(self, msg: protocol.Msg, arrays: dict[str, np.ndarray] | None = None) -> None:
         """To the dispatcher; waits while its queue is full, but only while the student lives."""

@@ -229,6 +229,7 @@ class WorkerPool:
         if not proc.started:
             failed = self._failed_starts[teacher] = self._failed_starts.get(teacher, 0) + 1
             if failed >= MAX_START_FAILURES:
+                self._restart_at[teacher] = now + _BACKOFF_MAX  # said once; the next try comes later
                 raise WorkerError(
                     f"the worker process for teacher {teacher} could not start ({failed} tries, the last {how}); "
                     f"it printed:\n{tail or '(nothing)'}"
