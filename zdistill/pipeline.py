@@ -29,6 +29,7 @@ from typing import Any
 import zmq
 
 from zdistill import dispatcher as d
+from zdistill.cache import CacheIndex, cacheable, default_max_bytes, evict, folder_for, stored_bytes
 from zdistill.model import TensorSpec
 from zdistill.options import PipelineOptions
 from zdistill.producer import ProducerConfig, run_producer
@@ -99,6 +100,8 @@ class Pipeline:
         self.folder = make_private_folder("ipc")  # ipc endpoints (mode 0700)
         self.slots_folder = make_slot_folder(options.max_inflight_bytes)  # kept across epochs (zdistill.shm)
         self.feeds: list[TensorSpec] = []  # what the teachers take: workers check each teacher against it
+        self.cache: CacheIndex | None = None  # the teacher-output cache, if the reader has one (use_cache)
+        self.cache_root, self.cache_max_bytes = "", 0
         self.dispatcher = d.Dispatcher(self.ctx, self.folder, options, self._worker_command)
         self.lender = SlotLender(self.slots_folder, self.dispatcher.release)
         self.epochs = 0
@@ -124,8 +127,33 @@ class Pipeline:
         """Workers for these teachers (and, for dynamic teachers, where to hear of changes)."""
         self.dispatcher.post(d.SetTeachers(list(teachers), membership))
 
+    def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None) -> None:
+        """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta`` names.
+
+        Without a ``model_id`` in the teachers' meta, or with outputs whose row size
+        varies, the cache cannot be used: that is logged once and the reader runs without.
+        """
+        model_id = meta.get("model_id")
+        specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
+        fetches = [specs[name] for name in self.predicts]
+        why = cacheable(fetches)
+        if not isinstance(model_id, str) or not model_id:
+            why = "the teacher's meta has no model_id (a zdistill-teacher older than the cache?)"
+        if why:
+            log.warning("the teacher-output cache at %s is not used: %s", root, why)
+            return
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.cache_root = os.path.abspath(root)
+        self.cache_max_bytes = max_bytes if max_bytes is not None else default_max_bytes(self.cache_root)
+        evict(self.cache_root, self.cache_max_bytes)
+        self.cache = CacheIndex(folder_for(self.cache_root, model_id, fetches), fetches)
+
     def _worker_command(self, teacher: str, endpoint: str, identity: bytes) -> list[str]:
         o = self.options
+        cache = [] if self.cache is None else [
+            "--cache-root", self.cache_root, "--cache-folder", self.cache.folder,
+            "--cache-max-bytes", str(self.cache_max_bytes),
+        ]
         return [
             sys.executable, "-m", "zdistill.worker", "--teacher", teacher, "--dispatcher", endpoint,
             "--identity", identity.decode(), "--slots", self.slots_folder,
@@ -133,6 +161,7 @@ class Pipeline:
             "--request-rows", str(o.request_rows), "--timeout", str(o.request_timeout),
             "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(max(logging.getLogger("zdistill").getEffectiveLevel(), logging.INFO)),
+            *cache,
         ]
 
     def snapshot(self) -> dict[str, Any]:
@@ -140,7 +169,10 @@ class Pipeline:
         now = time.monotonic()
         busy = self.busy_seconds + (now - self._epoch_started if self._epoch_started else 0.0)
         snap = self.dispatcher.snapshot()
-        counters = snap["counters"]
+        counters = dict(snap["counters"])
+        cache = {"hits": counters.pop("cache_hits"), "misses": counters.pop("cache_misses"),
+                 "bytes_stored": stored_bytes(self.cache_root) if self.cache_root else 0,
+                 "enabled": self.cache is not None and snap["cache_ok"]}
         task_rows, in_flight = snap["plan"]
         return {
             **counters,
@@ -154,6 +186,7 @@ class Pipeline:
             "workers": snap["worker_pids"],  # the current teachers' worker processes: teacher -> PID
             "workers_spawned": snap["workers_spawned"],
             "folders": [self.folder, self.slots_folder],
+            "cache": cache,  # the teacher-output cache: rows answered from it, rows asked, bytes on disk
             "teachers": {
                 name: {
                     "up": t["up"],
@@ -178,7 +211,11 @@ class Pipeline:
         epoch = self.epochs
         self.dispatcher.post(d.Begin(epoch))
         planned = self._planned(epoch)
+        cache = self.cache if planned.cache else None
+        if cache is not None:
+            cache.refresh()  # what the workers stored so far: the producer inherits it across the fork
         cfg = ProducerConfig(
+            cache=cache, cache_feeds=[f.name for f in self.feeds if f.name in self.ins],
             reader=reader, reader_type=reader_type, ins=self.ins, feeds=self.feeds, epoch=epoch,
             task_rows=planned.plan.task_rows, task_bytes=self.options.task_bytes, endpoint=planned.endpoint,
             slots_folder=self.slots_folder, slot_count=planned.slot_count, grants=planned.grants,

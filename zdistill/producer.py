@@ -25,17 +25,18 @@ import signal
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import numpy as np
 import zmq
 
 from zdistill import protocol
+from zdistill.cache import CacheIndex, key_seed, row_keys
 from zdistill.errors import ReaderError
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotWriter
-from zdistill.tasks import ReaderType, Task, TaskBuilder
+from zdistill.tasks import HITS_SLOT, ID_SLOT, KEYS_SLOT, ReaderType, Task, TaskBuilder, cached_key
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,8 @@ class ProducerConfig:
     slot_count: int
     grants: list[int]  # slots it may fill at once
     parent_pid: int
+    cache: CacheIndex | None = None  # the teacher-output cache, refreshed just before the fork
+    cache_feeds: list[str] = field(default_factory=list)  # the slots a row's cache key covers
 
 
 class ParentGone(Exception):
@@ -105,7 +108,37 @@ class Producer:
         while not self.granted:
             self._wait_for_grant()
         slot = self.slot_of[task_id] = self.granted.popleft()
-        return self.slots.allocate(slot, specs)
+        cache = self.cfg.cache
+        if cache is None:
+            return self.slots.allocate(slot, specs)
+        rows = next(iter(specs.values()))[0][0]
+        specs = {
+            **specs, ID_SLOT: ((2,), np.dtype(np.int64)), KEYS_SLOT: ((rows, 16), np.dtype(np.uint8)),
+            HITS_SLOT: ((rows,), np.dtype(bool)),
+            **{cached_key(f.name): ((rows, *f.shape), np.dtype(f.dtype)) for f in cache.fetches},
+        }
+        arrays, descriptor = self.slots.allocate(slot, specs)
+        arrays[ID_SLOT][:] = (self.cfg.epoch, task_id)  # first: a worker still on the slot's last task sees it
+        return arrays, descriptor
+
+    def _look_up(self, task: Task) -> int:
+        """Answer the task's rows the cache has, in its slot; the number answered."""
+        cache = self.cfg.cache
+        assert cache is not None
+        feeds = [task.slots[name] for name in self.cfg.cache_feeds]
+        seed = key_seed({name: (a.dtype.str, a.shape[1:]) for name, a in zip(self.cfg.cache_feeds, feeds, strict=True)})
+        keys = task.slots[KEYS_SLOT]
+        keys[:] = row_keys(feeds, seed)
+        found = cache.lookup(keys)
+        hit = task.slots[HITS_SLOT]
+        hit[:] = found >= 0
+        rows = np.flatnonzero(hit)
+        if len(rows):
+            answers = {f.name: np.empty((len(rows), *f.shape), f.dtype) for f in cache.fetches}
+            cache.gather(found[rows], answers)
+            for name, arr in answers.items():
+                task.slots[cached_key(name)][rows] = arr
+        return len(rows)
 
     def _wait_for_grant(self) -> None:
         if os.getppid() != self.cfg.parent_pid:
@@ -116,9 +149,10 @@ class Producer:
                 self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
 
     def _send(self, task: Task) -> None:
+        hits = self._look_up(task) if self.cfg.cache is not None else None
         self._tell(protocol.Task(
             epoch=self.cfg.epoch, task=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
-            nbytes=task.nbytes, sizes=task.sizes, shm=task.descriptor,
+            nbytes=task.nbytes, sizes=task.sizes, shm=task.descriptor, hits=hits,
         ))
 
     def _tell(self, msg: protocol.Msg) -> None:

@@ -60,6 +60,7 @@ class Task:
     nbytes: int  # bytes of its slot arrays
     sizes: list[int] | None  # the reader's batch sizes; None: a sample reader
     shm: dict[str, Any]  # the slot descriptor (zdistill.shm)
+    hits: int | None = None  # rows answered from the teacher-output cache (None: no cache)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +91,7 @@ class Status:
     unusable: str = ""  # why its teacher cannot take this reader's tasks (waiting will not help)
     max_batch_size: int = 0
     instances: int = 1
+    cache: str = ""  # why its answers cannot go to the reader's cache ("" when they can, or no cache)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,6 +162,7 @@ def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[Msg, dict[str, np.ndarr
 
 _CHECKERS: dict[str, typing.Callable[[Any], bool]] = {
     "int": lambda v: type(v) is int,
+    "int | None": lambda v: v is None or type(v) is int,
     "float": lambda v: type(v) in (int, float),
     "str": lambda v: type(v) is str,
     "bool": lambda v: type(v) is bool,

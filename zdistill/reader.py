@@ -72,6 +72,8 @@ class DistillReader:
         self.options = PipelineOptions()
         self._pipeline: Pipeline | None = None
         self._feeds: list[TensorSpec] = []  # what the teachers take, asked when the pipeline starts
+        self._meta: dict[str, Any] = {}  # the meta of the teacher those feeds came from
+        self._cache: tuple[str, int | None] | None = None  # the teacher-output cache: path, max bytes
         self._active: Iterator[Any] | None = None
         self._discovery: Any = None
         self._membership_version = -1
@@ -103,6 +105,31 @@ class DistillReader:
         if int(teacher_batch_size) < 1:
             raise ConfigError(f"teacher_batch_size must be >= 1, got {teacher_batch_size}")
         self._teacher_batch_size = int(teacher_batch_size)
+
+    def set_teacher_cache(self, path: str | os.PathLike[str], max_bytes: int | None = None) -> None:
+        """Keep the teachers' answers under ``path`` and answer rows asked before from there.
+
+        A row is looked up by the teacher's ``model_id`` and a 128-bit hash of the exact
+        bytes of its feeds; rows found never go to a teacher, and a task whose rows are
+        all found never leaves this machine.  The cache outlives the process (a restarted
+        student, or several students on this machine, share what is under ``path``) and
+        holds at most ``max_bytes`` over the whole ``path`` (default: a tenth of its file
+        system, at most half of what is free), the oldest answers going first.  The output
+        is the same with or without it, bit for bit.  It helps where samples repeat (a
+        fixed dataset: every epoch after the first; restarts; sweeps of the student
+        against one teacher) and cannot where they never do (augmented inputs: every row
+        misses, and hashing is what it costs; see ``bench/bench_cache.py``).  Call before
+        the first epoch.
+        """
+        try:
+            import xxhash  # noqa: F401 - the row hash
+        except ImportError:
+            raise ConfigError("the teacher-output cache needs xxhash: pip install 'zdistill[cache]'") from None
+        if max_bytes is not None and int(max_bytes) <= 0:
+            raise ConfigError(f"max_bytes must be positive, got {max_bytes}")
+        if self._pipeline is not None:
+            raise ConfigError("set_teacher_cache must be called before the first epoch")
+        self._cache = (os.fspath(path), None if max_bytes is None else int(max_bytes))
 
     def set_serving_conf_file(self, conf_file: str) -> None:
         """Accepted for EDL compatibility and unused: a zdistill teacher describes its own feeds."""
@@ -187,6 +214,8 @@ class DistillReader:
                 teachers = self._start_discovery()
             self._feeds = self._fetch_feeds(pipeline.ctx, teachers)
             pipeline.feeds = self._feeds
+            if self._cache is not None:
+                pipeline.use_cache(self._cache[0], self._meta, self._cache[1])
             pipeline.set_teachers(teachers, self._membership_changes if self._discovery is not None else None)
         except BaseException:
             pipeline.close()
@@ -255,6 +284,7 @@ class DistillReader:
                 if cause is None:
                     meta, cause = self._ask_meta(ctx, address)
                     if meta is not None:
+                        self._meta = meta
                         return self._check_meta(address, meta)
                 if said.get(address) != cause:
                     left = max(0.0, deadline - time.monotonic())

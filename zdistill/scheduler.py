@@ -94,6 +94,8 @@ class Counters:
     straggler_resends: int = 0
     duplicates_dropped: int = 0  # second answers of a task sent twice
     workers_restarted: int = 0
+    cache_hits: int = 0  # rows answered from the teacher-output cache
+    cache_misses: int = 0  # rows looked up there in vain (they went to a teacher)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,11 @@ class Plan:
     in_flight: int  # tasks a worker may hold
     window: int  # tasks built ahead of the training loop
     keep_limit: int  # slots the training loop may hold views of (past it, it gets copies)
+
+
+def cached_whole(task: protocol.Task) -> bool:
+    """Every row of ``task`` was answered from the cache (its predictions are in its slot)."""
+    return task.hits is not None and task.rows > 0 and task.hits == task.rows
 
 
 class Scheduler:
@@ -249,17 +256,28 @@ class Scheduler:
         self.granted.clear()
 
     def on_task(self, task: protocol.Task, frames: list[Any]) -> bool:
-        """The producer built a task; False if it is not one of this epoch's."""
+        """The producer built a task; False if it is not one of this epoch's.
+
+        A task the cache answered whole is done at once: it never leaves the machine.
+        """
         if not self.active or task.epoch != self.epoch or task.slot not in self.granted:
             return False
         self.granted.discard(task.slot)
         self.slot_task[task.slot] = (task.epoch, task.nbytes)
         self.held_bytes += task.nbytes
-        self.pending[task.task] = HeldTask(task, frames)
         self.produced += 1
         self.task_bytes.append(task.nbytes)
         if task.rows:
             self.row_bytes = task.nbytes // task.rows
+        if task.hits is not None:
+            self.counters.cache_hits += task.hits
+            self.counters.cache_misses += task.rows - task.hits
+        if cached_whole(task):
+            self.counters.tasks += 1
+            self.counters.samples += task.rows
+            self.highest_done = max(self.highest_done, task.task)
+            return True
+        self.pending[task.task] = HeldTask(task, frames)
         self._requeue(task.task)
         return True
 

@@ -8,13 +8,13 @@ with moving the arrays over sockets this saves two full copies through the kerne
 task, which is most of what a pipeline hop costs.
 
 The dispatcher grants the producer free slots and gets each back once the training
-loop let go of its arrays (:class:`zdistill.scheduler.Scheduler`).  A slot whose task is bigger than its file gets a new, bigger file (a new
-*generation*); readers map each file once and drop the mapping of an older generation,
-so memory stays bounded by the number of slots.  Slot files outlive an epoch, so the
-next epoch writes into pages that already exist instead of faulting in fresh ones
-(for big samples that was most of the reader process's time).  Space is reserved with
-``posix_fallocate`` when a file is made, so a full ``/dev/shm`` is a clear error then,
-never a SIGBUS later.
+loop let go of its arrays (:class:`zdistill.scheduler.Scheduler`).  A slot whose task
+is bigger than its file gets a new, bigger file (a new *generation*); readers map each
+file once and drop the mapping of an older generation, so memory stays bounded by the
+number of slots.  Slot files outlive an epoch, so the next epoch writes into pages that
+already exist instead of faulting in fresh ones (for big samples that was most of the
+reader process's time).  Space is reserved with ``posix_fallocate`` when a file is
+made, so a full ``/dev/shm`` is a clear error then, never a SIGBUS later.
 
 The student hands the training loop views of a slot (:meth:`SlotReader.view`), not
 copies: a private, copy-on-write mapping of the slot file, so the loop may write into

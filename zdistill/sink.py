@@ -20,8 +20,9 @@ import numpy as np
 
 from zdistill import dispatcher as d
 from zdistill import protocol
+from zdistill.scheduler import cached_whole
 from zdistill.shm import SlotReader
-from zdistill.tasks import ReaderType, predict_key, split_output
+from zdistill.tasks import ReaderType, cached_key, predict_key, split_output
 
 T = TypeVar("T")
 
@@ -84,7 +85,7 @@ class EpochSink:
     def __init__(self, events: queue.SimpleQueue[d.Event], epoch: int, reader_type: ReaderType,
                  ins: Sequence[str], predicts: Sequence[str], lender: SlotLender, keep_limit: int) -> None:
         self.events, self.epoch, self.reader_type = events, epoch, reader_type
-        self.ins, self.predicts = list(ins), [predict_key(n) for n in predicts]
+        self.ins, self.predicts = list(ins), list(predicts)
         self.lender, self.keep_limit = lender, keep_limit
         self.buffer: ReorderBuffer[d.Result] = ReorderBuffer()
         self.total: int | None = None
@@ -98,8 +99,11 @@ class EpochSink:
                 continue
             shared = self.lender.lend(result.task, self.keep_limit)
             slots = [shared[n] for n in self.ins]
+            if cached_whole(result.task):  # answered from the cache: the predictions are in the slot
+                preds = [shared[cached_key(n)] for n in self.predicts]
+            else:
+                preds = [result.arrays[predict_key(n)] for n in self.predicts]
             del shared
-            preds = [result.arrays[n] for n in self.predicts]
             yield from split_output(self.reader_type, slots, preds, result.task.sizes)
 
     def _wait(self) -> None:

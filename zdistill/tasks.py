@@ -35,6 +35,16 @@ def predict_key(name: str) -> str:
     return "p:" + name
 
 
+def cached_key(name: str) -> str:
+    """A task slot array of the predictions the teacher-output cache had (rows not cached: zeros)."""
+    return "c:" + name
+
+
+KEYS_SLOT = "k:"  # a task slot array: each row's cache key (rows x 16 bytes)
+HITS_SLOT = "h:"  # a task slot array: which rows the cache answered
+ID_SLOT = "i:"  # a task slot array: (epoch, task), written before anything else of the task
+
+
 Allocator = Callable[[int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]
 
 

@@ -34,12 +34,13 @@ import numpy as np
 import zmq
 
 from zdistill import protocol
+from zdistill.cache import CacheWriter, folder_for
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader
-from zdistill.tasks import check_feed, feeds_mismatch, predict_key, to_feed
+from zdistill.tasks import HITS_SLOT, ID_SLOT, KEYS_SLOT, cached_key, check_feed, feeds_mismatch, predict_key, to_feed
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class WorkerConfig:
     request_rows: int
     timeout: float
     parent_pid: int
+    cache_root: str = ""  # the reader's teacher-output cache ("": none)
+    cache_folder: str = ""  # where its answers go: the teacher's must be the same to write there
+    cache_max_bytes: int = 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
@@ -69,6 +73,7 @@ class WorkerConfig:
             teacher=args.teacher, dispatcher=args.dispatcher, identity=args.identity.encode(), slots=args.slots,
             predicts=args.predicts.split(","), feeds=[TensorSpec.from_wire(f) for f in json.loads(args.feeds)],
             request_rows=args.request_rows, timeout=args.timeout, parent_pid=args.parent_pid,
+            cache_root=args.cache_root, cache_folder=args.cache_folder, cache_max_bytes=args.cache_max_bytes,
         )
 
 
@@ -82,6 +87,8 @@ class Job:
     pending: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
     busy: int = 0  # "busy" answers so far: the back-off before the next try grows with them
+    slots: dict[str, np.ndarray] = field(default_factory=dict)  # the task's slot arrays (shared memory)
+    misses: np.ndarray | None = None  # with the cache: the rows it did not answer, sent to the teacher
 
 
 class StudentGone(Exception):
@@ -111,6 +118,7 @@ class Worker:
         self.stopping = False
         self.said_stop = False
         self.last_finish = 0.0  # when the last task was done
+        self.cache: CacheWriter | None = None  # where answers go, while the teacher's model is the cache's
 
     # -- main loop ----------------------------------------------------------
 
@@ -179,10 +187,13 @@ class Worker:
             self._hand_back(task)
             self._unusable(str(exc))
             return
+        misses = np.flatnonzero(~slots[HITS_SLOT]) if task.hits else None
+        if misses is not None:  # only what the cache did not answer goes to the teacher
+            feeds = {name: arr[misses] for name, arr in feeds.items()}
         rows = len(next(iter(feeds.values())))
         starts = range(0, rows, self.request_rows)
         chunks = [{name: arr[start : start + self.request_rows] for name, arr in feeds.items()} for start in starts]
-        self.jobs[key] = Job(task, chunks, [None] * len(chunks))
+        self.jobs[key] = Job(task, chunks, [None] * len(chunks), slots=slots, misses=misses)
         for part in range(len(chunks)):
             if not self._submit(key, part):
                 return
@@ -239,10 +250,12 @@ class Worker:
 
     def _finish(self, key: tuple[int, int], job: Job) -> None:
         del self.jobs[key]
-        arrays = {}  # the predictions alone: the student reads the slots from shared memory
+        answers = {}
         for name in self.cfg.predicts:
             parts = [p[name] for p in job.parts if p is not None]
-            arrays[predict_key(name)] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            answers[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        arrays = self._with_cache(job, answers) if job.task.hits is not None else answers
+        arrays = {predict_key(name): arr for name, arr in arrays.items()}  # the student reads the slots itself
         now = time.monotonic()
         # The teacher's time for this task: since it came, or since the task before it was
         # done if it queued behind that one (the student sizes tasks and queues by it).
@@ -250,6 +263,28 @@ class Worker:
         self.last_finish = now
         self._send(protocol.Done(epoch=job.task.epoch, task=job.task.task, elapsed=now - job.started,
                                  service=service), arrays)
+
+    def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Store the teacher's answers in the cache; the task's full predictions (cached rows too).
+
+        Only while the slot still holds this task: a slot reused by a later one (the
+        epoch ended meanwhile) may have changed under the requests, and its answers must
+        never be filed under this task's keys.  The slot's id is written before anything
+        else of a new task, so an unchanged id means unchanged inputs.
+        """
+        slots, task = job.slots, job.task
+        if tuple(slots[ID_SLOT]) != (task.epoch, task.task):
+            return answers  # stale: the dispatcher drops the answer anyway
+        rows = slice(None) if job.misses is None else job.misses
+        if self.cache is not None:
+            self.cache.append(slots[KEYS_SLOT][rows], answers)
+        if job.misses is None:
+            return answers
+        full = {}
+        for name, arr in answers.items():
+            full[name] = np.array(slots[cached_key(name)])
+            full[name][job.misses] = arr
+        return full
 
     def _drop_job(self, key: tuple[int, int]) -> None:
         job = self.jobs.pop(key)
@@ -282,7 +317,25 @@ class Worker:
         self.request_rows = max(1, min(self.cfg.request_rows, max_batch))
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)
-        self._send(protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances)))
+        cache = self._cache_for(meta)
+        self._send(protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances), cache=cache))
+
+    def _cache_for(self, meta: dict) -> str:
+        """Open the cache for this teacher's answers if its model is the cache's; else why not."""
+        if not self.cfg.cache_folder:
+            return ""
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+        model_id = meta.get("model_id")
+        if not isinstance(model_id, str) or not model_id:
+            return f"teacher {self.cfg.teacher} says no model_id"
+        specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
+        fetches = [specs[name] for name in self.cfg.predicts]
+        if folder_for(self.cfg.cache_root, model_id, fetches) != self.cfg.cache_folder:
+            return f"teacher {self.cfg.teacher} serves model_id {model_id!r}, not the model the cache was opened for"
+        self.cache = CacheWriter(self.cfg.cache_folder, fetches, self.cfg.cache_max_bytes, self.cfg.cache_root)
+        return ""
 
     def _unusable(self, why: str) -> None:
         """The teacher answers but cannot take this reader's tasks: say so, hand back what we
@@ -331,6 +384,8 @@ class Worker:
         self.stopping = True
 
     def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
         self.client.close()
         self.sock.close()
         self.ctx.term()
@@ -355,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feeds", default="[]", help="JSON: the feeds (TensorSpec) this reader's tasks are built for")
     p.add_argument("--request-rows", type=int, default=256)
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--cache-root", default="", help="the reader's teacher-output cache, if it has one")
+    p.add_argument("--cache-folder", default="", help="where this reader's model's answers go in it")
+    p.add_argument("--cache-max-bytes", type=int, default=0)
     p.add_argument("--parent-pid", type=int, required=True)
     add_log_level(p, default="WARNING")
     return p

@@ -1,0 +1,212 @@
+"""The teacher-output cache: a teacher is never asked twice about the same sample.
+
+End to end with real teacher processes (their ``stats`` count the rows they were
+asked), and the on-disk format on its own: torn writes, concurrent writers, eviction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from tests import procs
+from tests.teachers import softmax_np
+from zdistill import DistillReader
+from zdistill.cache import CacheIndex, CacheWriter, evict, folder_for, key_seed, row_keys, stored_bytes
+from zdistill.errors import ConfigError
+from zdistill.model import TensorSpec
+
+N, B = 1000, 50
+FETCHES = [TensorSpec("prob", "float32", (10,))]
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(5)
+    return rng.random((N, 784), dtype=np.float32), np.arange(N, dtype=np.int64)
+
+
+def batches(x, y):
+    return lambda: ((x[i : i + B], y[i : i + B]) for i in range(0, len(x), B))
+
+
+def epoch(dr: DistillReader) -> tuple[np.ndarray, np.ndarray]:
+    out = list(dr())
+    return np.concatenate([b[1] for b in out]), np.concatenate([b[2] for b in out])
+
+
+def rows_asked(teacher: procs.Proc) -> int:
+    return int(procs.teacher_stats(teacher.endpoint)["rows"])
+
+
+def reader(teacher: procs.Proc, cache, x, y) -> DistillReader:
+    dr = DistillReader(ins=["img", "label"], predicts=["prob"])
+    dr.set_fixed_teacher([teacher.endpoint])
+    dr.set_batch_generator(batches(x, y))
+    dr.set_teacher_cache(cache)
+    return dr
+
+
+def test_second_epoch_new_student_and_other_model(start_teacher, tmp_path, data):
+    """Epoch 2 is answered whole from the cache, bit for bit; a new student process with the
+    same cache asks nothing; a teacher with another model_id is asked everything."""
+    x, y = data
+    cache = tmp_path / "cache"
+    teacher = start_teacher()
+    with reader(teacher, cache, x, y) as dr:
+        labels1, probs1 = epoch(dr)
+        asked = rows_asked(teacher)
+        assert asked == N
+        labels2, probs2 = epoch(dr)
+        assert rows_asked(teacher) == asked, "epoch 2 went to the teacher"
+        stats = dr.stats()["cache"]
+    np.testing.assert_array_equal(labels2, y)
+    assert probs2.tobytes() == probs1.tobytes()  # bit for bit
+    np.testing.assert_allclose(probs1, softmax_np(x), rtol=1e-5, atol=1e-6)
+    assert (stats["hits"], stats["misses"]) == (N, N) and stats["bytes_stored"] > N * 40 and stats["enabled"]
+
+    script = textwrap.dedent(f"""
+        import json, numpy as np
+        from zdistill import DistillReader
+        x = np.random.default_rng(5).random(({N}, 784), dtype=np.float32)
+        dr = DistillReader(ins=['img'], predicts=['prob'])
+        dr.set_fixed_teacher([{teacher.endpoint!r}])
+        dr.set_batch_generator(lambda: ((x[i:i + 100],) for i in range(0, {N}, 100)))
+        dr.set_teacher_cache({str(cache)!r})
+        probs = np.concatenate([b[1] for b in dr()])
+        print(json.dumps({{'cache': dr.stats()['cache'], 'sum': float(probs.astype(np.float64).sum())}}))
+        dr.close()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    other = json.loads(result.stdout.strip().splitlines()[-1])
+    assert rows_asked(teacher) == asked, "a new student with the same cache asked the teacher"
+    assert other["cache"]["hits"] == N and other["cache"]["misses"] == 0
+    assert other["sum"] == pytest.approx(float(probs1.astype(np.float64).sum()), rel=1e-12)
+
+    renamed = start_teacher(f"{procs.TEACHERS}:softmax", "--model-id", "softmax-v2")
+    with reader(renamed, cache, x, y) as dr:
+        _, probs3 = epoch(dr)
+        assert rows_asked(renamed) == N  # answers cached for another model are never served
+        assert dr.stats()["cache"]["hits"] == 0
+    np.testing.assert_allclose(probs3, softmax_np(x), rtol=1e-5, atol=1e-6)
+
+
+def test_rows_seen_before_are_answered_from_the_cache_and_the_rest_asked(start_teacher, tmp_path, data):
+    """A dataset that grows: the rows of the first epoch come from the cache, only new rows
+    go to the teacher, and every prediction is still the teacher's for its own row."""
+    x, y = data
+    teacher = start_teacher()
+    half = N // 2
+    seen = {"n": half}
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.set_batch_generator(lambda: ((x[i : i + 30], y[i : i + 30]) for i in range(0, seen["n"], 30)))
+        dr.set_teacher_cache(tmp_path / "cache")
+        epoch(dr)
+        seen["n"] = N
+        labels, probs = epoch(dr)
+        stats = dr.stats()["cache"]
+    assert rows_asked(teacher) == N  # half, then the other half
+    assert stats["hits"] == half and stats["misses"] == N
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+
+
+def test_set_teacher_cache_checks_its_arguments(tmp_path):
+    dr = DistillReader(ins=["img"], predicts=["prob"])
+    with pytest.raises(ConfigError, match="max_bytes"):
+        dr.set_teacher_cache(tmp_path, max_bytes=0)
+
+
+# -- the on-disk format ------------------------------------------------------------------
+
+
+def answers(rows: int, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    x = np.random.default_rng(seed).random((rows, 784), dtype=np.float32)
+    return row_keys([x], key_seed({"img": ("<f4", (784,))})), {"prob": softmax_np(x)}
+
+
+def look_up(index: CacheIndex, keys: np.ndarray) -> dict[str, np.ndarray] | None:
+    found = index.lookup(keys)
+    if (found < 0).any():
+        return None
+    out = {"prob": np.empty((len(keys), 10), np.float32)}
+    index.gather(found, out)
+    return out
+
+
+def test_concurrent_writers_are_all_read_and_rows_come_back_bit_for_bit(tmp_path):
+    folder = folder_for(str(tmp_path), "m1", FETCHES)
+    writers = [CacheWriter(folder, FETCHES, 1 << 30, str(tmp_path)) for _ in range(2)]
+    batches = [answers(100, seed) for seed in range(4)]
+    for i, (keys, out) in enumerate(batches):
+        writers[i % 2].append(keys, out)  # interleaved, each to its own segment
+    index = CacheIndex(folder, FETCHES)
+    assert index.refresh() == 400
+    for keys, out in batches:
+        got = look_up(index, keys)
+        assert got is not None and got["prob"].tobytes() == out["prob"].tobytes()
+    keys, out = answers(50, 9)
+    writers[0].append(keys, out)
+    assert index.refresh() == 50  # only what was added since
+    assert look_up(index, keys) is not None
+    assert look_up(index, answers(5, 99)[0]) is None
+    assert len(os.listdir(folder)) == 2
+    for w in writers:
+        w.close()
+
+
+def test_a_torn_or_damaged_record_is_never_served(tmp_path):
+    folder = folder_for(str(tmp_path), "m1", FETCHES)
+    writer = CacheWriter(folder, FETCHES, 1 << 30, str(tmp_path))
+    keys, out = answers(10, 1)
+    writer.append(keys, out)
+    writer.close()
+    (segment,) = [os.path.join(folder, n) for n in os.listdir(folder)]
+    size = os.path.getsize(segment)
+    record = (size - 4096) // 10
+    with open(segment, "r+b") as f:
+        f.seek(4096 + 3 * record + 20)  # damage record 3's prediction
+        f.write(b"\xff\x00\x13\x37")
+        f.truncate(size - record // 2)  # and tear the last one, as kill -9 mid-write would
+    index = CacheIndex(folder, FETCHES)
+    assert index.refresh() == 8
+    found = index.lookup(keys)
+    assert list(np.flatnonzero(found < 0)) == [3, 9]
+    good = np.flatnonzero(found >= 0)
+    got = {"prob": np.empty((len(good), 10), np.float32)}
+    index.gather(found[good], got)
+    assert got["prob"].tobytes() == out["prob"][good].tobytes()
+
+
+def test_another_model_or_other_outputs_live_apart(tmp_path):
+    a = folder_for(str(tmp_path), "m1", FETCHES)
+    assert folder_for(str(tmp_path), "m2", FETCHES) != a
+    assert folder_for(str(tmp_path), "m1", [TensorSpec("prob", "float16", (10,))]) != a
+    assert folder_for(str(tmp_path), "m1", FETCHES) == a
+
+
+def test_eviction_removes_the_oldest_segments_first(tmp_path):
+    root = str(tmp_path)
+    folder = folder_for(root, "m1", FETCHES)
+    made = []
+    for seed in range(3):
+        w = CacheWriter(folder, FETCHES, 1 << 30, root)
+        w.append(*answers(200, seed))
+        w.close()
+        made.append(sorted(set(os.listdir(folder)) - {os.path.basename(p) for p in made})[0])
+        os.utime(os.path.join(folder, made[-1]), (1000 + seed, 1000 + seed))
+    one = os.path.getsize(os.path.join(folder, made[0]))
+    assert stored_bytes(root) == 3 * one
+    assert evict(root, 2 * one) == one
+    assert sorted(os.listdir(folder)) == sorted(made[1:])  # the oldest went
+    index = CacheIndex(folder, FETCHES)
+    index.refresh()
+    assert look_up(index, answers(200, 0)[0]) is None and look_up(index, answers(200, 2)[0]) is not None
