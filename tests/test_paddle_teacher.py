@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -200,6 +202,64 @@ def test_meta_reports_feeds_and_fetches(exported, served) -> None:
     assert meta["max_batch_size"] == 256
     assert meta["instances"] == 1 and meta["thread_safe"] is True
     assert "paddle inference model" in meta["description"] and "mlp.json" in meta["description"]
+
+
+def served_meta(proc: procs.Proc) -> dict:
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        return c.meta()
+    finally:
+        c.close()
+
+
+def test_model_id_is_a_hash_of_the_model_files(exported, served, served_pb, tmp_path) -> None:
+    """Two loads of the same files agree, wherever the files lie (a copy elsewhere); one changed
+    byte of the parameters changes the id; a Paddle 2 program is another model."""
+    from zdistill.paddle_model import model_files_id
+
+    first = served_meta(served)["model_id"]
+    assert re.fullmatch(r"paddle:[0-9a-f]{32}", first), first
+    assert first == model_files_id(f"{exported.pir_prefix}.json", f"{exported.pir_prefix}.pdiparams")
+    assert f"(model_id {first}, device cpu" in served.log()
+    assert served_meta(served_pb)["model_id"] not in (first, None)
+    copy = tmp_path / "copy"
+    shutil.copytree(exported.pir_prefix.parent, copy)
+    proc = procs.start_teacher(str(copy / "mlp"), tmp_path, "--threads", "1")
+    try:
+        assert served_meta(proc)["model_id"] == first
+    finally:
+        stop_cleanly(proc)
+    params = copy / "mlp.pdiparams"
+    data = bytearray(params.read_bytes())
+    data[-4] ^= 1  # the lowest mantissa bit of the last weight: the model still loads and runs
+    params.write_bytes(bytes(data))
+    proc = procs.start_teacher(str(copy / "mlp"), tmp_path, "--threads", "1")
+    try:
+        changed = served_meta(proc)["model_id"]
+    finally:
+        stop_cleanly(proc)
+    assert re.fullmatch(r"paddle:[0-9a-f]{32}", changed) and changed != first
+
+
+def test_model_id_given_and_files_changed_while_loading(exported, tmp_path, monkeypatch) -> None:
+    """A given model_id (--model-id) replaces the hash; files rewritten between the hash and the
+    load are refused, since the id might name other bytes than those served."""
+    from zdistill import paddle_model
+    from zdistill.errors import ConfigError
+
+    shutil.copytree(exported.pir_prefix.parent, tmp_path / "m")
+    prefix = str(tmp_path / "m" / "mlp")
+    assert paddle_model.PaddleModel(prefix, model_id="tiny mlp 7").model_id == "tiny mlp 7"
+    hash_files = paddle_model.model_files_id
+
+    def hash_then_rewrite(program: str, params: str) -> str:
+        model_id = hash_files(program, params)
+        os.utime(params, ns=(0, 0))  # as a deploy copying new weights in would
+        return model_id
+
+    monkeypatch.setattr(paddle_model, "model_files_id", hash_then_rewrite)
+    with pytest.raises(ConfigError, match="changed while the teacher loaded it"):
+        paddle_model.PaddleModel(prefix)
 
 
 HAS_CUDA = bool(paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0)

@@ -7,6 +7,8 @@ ROUTER loop, the dynamic batcher and the signal handling together.
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -410,6 +412,94 @@ def test_sigterm_when_idle_exits_0(start_teacher) -> None:
     assert proc.popen.wait(TIMEOUT) == 0
 
 
+# -- the model id -------------------------------------------------------------------------------
+
+# A teacher declaring a version, written to files at test time with one comment line changed.
+VERSIONED_SOURCE = '''
+import zdistill
+
+# {comment}
+@zdistill.teacher_function(feeds={{"x": ("float32", [2])}}, fetches={{"y": ("float32", [2])}},
+                           version="doubler 2024-06")
+def double(batch):
+    return {{"y": batch["x"] * 2}}
+'''
+
+
+def served_model_id(proc: procs.Proc) -> str:
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        return c.meta()["model_id"]
+    finally:
+        c.close()
+
+
+def test_model_id_is_a_hash_of_the_teacher_file(softmax_teacher, start_teacher, tmp_path) -> None:
+    """The same file served again gives the same model_id; a copy with one line changed gives
+    another; the startup log names it."""
+    first = served_model_id(softmax_teacher)
+    assert re.fullmatch(r"py:[0-9a-f]{32}", first), first
+    assert f"(model_id {first}, device cpu" in softmax_teacher.log()
+    assert served_model_id(start_teacher(SOFTMAX)) == first
+    source = procs.TEACHERS.read_text()
+    assert source.count("* 0.05") == 1
+    edited = tmp_path / "teachers_edited.py"
+    edited.write_text(source.replace("* 0.05", "* 0.06"))
+    other = served_model_id(start_teacher(f"{edited}:softmax"))
+    assert re.fullmatch(r"py:[0-9a-f]{32}", other) and other != first
+
+
+def test_version_keeps_the_model_id_across_edits_and_model_id_flag_overrides(start_teacher, tmp_path) -> None:
+    """version= gives "version:" + the version, whatever else the file holds; --model-id (up to
+    256 printable characters, spaces and non-ASCII letters included) overrides it."""
+    ids = []
+    for comment in ("first", "second"):
+        model = tmp_path / f"doubler_{comment}.py"
+        model.write_text(VERSIONED_SOURCE.format(comment=comment))
+        ids.append(served_model_id(start_teacher(f"{model}:double")))
+    assert ids == ["version:doubler 2024-06"] * 2
+    chosen = "doubler für Schüler " + "x" * 236
+    assert len(chosen) == 256
+    proc = start_teacher(f"{tmp_path / 'doubler_first.py'}:double", "--model-id", chosen)
+    assert served_model_id(proc) == chosen
+    assert f"(model_id {chosen}, device cpu" in proc.log()
+
+
+EXEC_SOURCE = """
+import zdistill
+@zdistill.teacher_function(feeds={"x": ("float32", [1])}, fetches={"y": ("float32", [1])})
+def f(batch):
+    return {"y": batch["x"] * 2 if "a" in {"a", "b", "c"} else batch["x"]}
+"""
+
+EXEC_MODEL_ID = (
+    "import sys\nfrom zdistill.model import CallableModel\nns = {}\nexec(sys.argv[1], ns)\n"
+    "print(CallableModel(ns['f'], 'f').model_id)"
+)
+
+
+def test_model_id_without_a_source_file_and_of_two_functions_in_one_file() -> None:
+    """A function with no source file (made by exec) is hashed by its code: the same code gives
+    the same id in every process, whatever the string hash seed; another constant gives
+    another.  Two functions of one file get two ids."""
+    from zdistill.model import load_model
+
+    def exec_ids(source: str, seeds: tuple[str, ...]) -> set[str]:
+        got = set()
+        for seed in seeds:
+            env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(procs.REPO)}
+            result = subprocess.run([sys.executable, "-c", EXEC_MODEL_ID, source], capture_output=True, text=True,
+                                    timeout=60, cwd=str(procs.REPO), env=env)
+            assert result.returncode == 0, result.stderr
+            got.add(result.stdout.strip())
+        return got
+
+    same = exec_ids(EXEC_SOURCE, ("1", "2"))
+    assert len(same) == 1 and re.fullmatch(r"py:[0-9a-f]{32}", next(iter(same))), same
+    assert exec_ids(EXEC_SOURCE.replace("* 2", "* 3"), ("1",)).isdisjoint(same)
+    assert load_model("tests.teachers:softmax").model_id != load_model("tests.teachers:slow_softmax").model_id
+
+
 # -- the command line -----------------------------------------------------------------------------
 
 
@@ -455,6 +545,12 @@ BROKEN_MODELS = {
         "def fn(batch):\n    return {}\n",
         "failed its first run: KeyError",
     ),
+    "declares an empty version": (
+        "import zdistill\n"
+        "@zdistill.teacher_function(feeds={'x': ('float32', [1])}, fetches={'y': ('float32', [1])}, version='')\n"
+        "def fn(batch):\n    return {'y': batch['x']}\n",
+        "teacher_function's version must be 1 to 248 printable characters",
+    ),
 }
 
 
@@ -474,6 +570,9 @@ BAD_FLAGS = {
     "instances not a number": (["--instances", "many"], "--instances must be auto or a count"),
     "message over the queue": (["--max-message-mb", "64", "--max-queue-mb", "32"], "raise --max-queue-mb"),
     "queue of 0": (["--max-queue-mb", "0"], "must be positive"),
+    "empty model id": (["--model-id", ""], "--model-id must be 1 to 256 printable characters"),
+    "model id too long": (["--model-id", "x" * 257], "--model-id must be 1 to 256 printable characters"),
+    "model id with a newline": (["--model-id", "v1\nv2"], "--model-id must be 1 to 256 printable characters"),
 }
 
 
@@ -482,6 +581,7 @@ def test_cli_rejects_bad_flags_with_exit_2(flags: list[str], says: str) -> None:
     result = run_cli("--model", SOFTMAX, *flags)
     assert result.returncode == 2, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_cli_port_in_use_is_a_clear_error(softmax_teacher) -> None:

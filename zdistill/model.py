@@ -10,8 +10,10 @@ what the teacher reports in ``meta`` and checks every request against.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import threading
@@ -24,6 +26,8 @@ import numpy as np
 from zdistill.errors import ConfigError, ZDistillError
 
 Arrays = dict[str, np.ndarray]
+
+MAX_MODEL_ID = 256  # characters; a model id travels in every meta reply and keys a student's cache
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,11 @@ class Model(Protocol):
     The teacher runs ``--instances`` copies of a model, each in its own thread: the first
     is the loaded model, the others come from :meth:`clone`.  ``thread_safe`` says whether
     two instances may run at the same time (the teacher reports it in ``meta``).
+
+    ``model_id`` names what the model computes and changes whenever the model does (a
+    hash of its files unless the operator or the function's ``version=`` names it): a
+    student's teacher-output cache keys predictions by it, so answers cached for one
+    ``model_id`` are never served for another.  The teacher reports it in ``meta``.
     """
 
     feeds: list[TensorSpec]
@@ -65,6 +74,7 @@ class Model(Protocol):
     description: str
     device: str
     thread_safe: bool
+    model_id: str
 
     def run(self, feeds: Arrays) -> Arrays:
         """Run one batch: every feed has the same number of rows; so must every fetch."""
@@ -73,6 +83,74 @@ class Model(Protocol):
     def clone(self) -> Model:
         """Another instance for another thread, sharing this one's weights."""
         ...
+
+
+def check_model_id(model_id: object, what: str = "--model-id", limit: int = MAX_MODEL_ID) -> str:
+    """``model_id`` if it is 1 to ``limit`` printable characters, else a :class:`ConfigError` naming ``what``."""
+    if not isinstance(model_id, str) or not 1 <= len(model_id) <= limit or not model_id.isprintable():
+        raise ConfigError(f"{what} must be 1 to {limit} printable characters (no tabs or newlines), "
+                          f"got {model_id!r:.80}")
+    return model_id
+
+
+def version_model_id(version: str) -> str:
+    """The model id of a function declared with ``teacher_function(..., version=version)``."""
+    return "version:" + version
+
+
+def _const_text(const: Any) -> str:
+    """A constant's text, the same in every process (a frozenset's order follows the string hash seed)."""
+    if isinstance(const, frozenset):
+        return "frozenset(" + ",".join(sorted(_const_text(c) for c in const)) + ")"
+    if isinstance(const, tuple):
+        return "(" + ",".join(_const_text(c) for c in const) + ")"
+    return repr(const)
+
+
+def _hash_code(code: Any, h: Any) -> None:
+    """Feed a code object's bytecode, names and constants (nested functions too) to ``h``."""
+    h.update(code.co_code)
+    h.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            _hash_code(const, h)
+        else:
+            h.update(_const_text(const).encode() + b"\0")
+
+
+def function_model_id(fn: Callable[..., Any]) -> str:
+    """The model id of a Python teacher function without a ``version``: ``py:`` + 32 hex digits.
+
+    A hash of the bytes of the file that defines ``fn`` (so any edit to it, and only
+    that, changes the id) and of ``fn``'s qualified name (so two functions of one file
+    differ).  A function with no source file (defined by ``exec``, say) is hashed by its
+    bytecode, names and constants instead.  Weights the function loads from elsewhere are
+    not seen: declare ``version=`` or serve with ``--model-id`` when they change.
+    """
+    h = hashlib.blake2b(digest_size=16)  # 32 hex digits: ample to tell a model's versions apart
+    h.update(getattr(fn, "__qualname__", type(fn).__qualname__).encode() + b"\0")
+    try:
+        path = inspect.getsourcefile(fn)
+    except TypeError:  # a callable object: its class's file
+        try:
+            path = inspect.getsourcefile(type(fn))
+        except TypeError:
+            path = None
+    try:
+        if path is None:
+            raise OSError("no source file")
+        with open(path, "rb") as f:
+            h.update(b"file\0")
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError:
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            raise ConfigError(f"cannot derive a model id for {fn!r:.80}: it has neither a source file nor Python "
+                              "code; declare teacher_function(..., version=...) or serve it with --model-id") from None
+        h.update(b"code\0")
+        _hash_code(code, h)
+    return "py:" + h.hexdigest()
 
 
 def _specs(declared: Mapping[str, tuple[str, Sequence[int]]], what: str) -> list[TensorSpec]:
@@ -95,6 +173,7 @@ def teacher_function(
     fetches: Mapping[str, tuple[str, Sequence[int]]],
     description: str = "",
     thread_safe: bool = True,
+    version: str | None = None,
 ) -> Callable[[Callable[[Arrays], Arrays]], Callable[[Arrays], Arrays]]:
     """Declare a Python function as a teacher model.
 
@@ -125,11 +204,25 @@ def teacher_function(
     an input is copied before the reply).  A function that cannot run twice at once
     declares ``thread_safe=False``: its calls are then serialised, while the other
     instances still merge inputs and the server still splits and sends replies meanwhile.
+
+    Model id: the teacher reports a ``model_id`` in ``meta``, and a student's
+    teacher-output cache keys the predictions it keeps by it, so that answers cached for
+    one model are never served for another.  By default it is ``py:`` and a hash of the
+    file that defines the function (and of its name): any edit to that file gives a new
+    id, and so an empty cache.  ``version="..."`` makes the id ``version:`` + that string
+    instead, whatever the file holds: keep the version to keep the cache across edits that
+    change no prediction (comments, logging), change it to drop the cache when the
+    predictions change while the file does not (new weights loaded from elsewhere, which
+    the file hash cannot see).  A version must name the model, not only count its
+    releases: two functions declaring the same version share one id.  ``zdistill-teacher
+    --model-id`` overrides either.
     """
     feed_specs, fetch_specs = _specs(feeds, "feed"), _specs(fetches, "fetch")
+    if version is not None:
+        check_model_id(version, "teacher_function's version", MAX_MODEL_ID - len(version_model_id("")))
 
     def mark(fn: Callable[[Arrays], Arrays]) -> Callable[[Arrays], Arrays]:
-        fn.zdistill_spec = (feed_specs, fetch_specs, description or fn.__doc__ or "", bool(thread_safe))  # type: ignore[attr-defined]
+        fn.zdistill_spec = (feed_specs, fetch_specs, description or fn.__doc__ or "", bool(thread_safe), version)  # type: ignore[attr-defined]
         return fn
 
     return mark
@@ -141,17 +234,26 @@ class CallableModel:
     All instances share the one function (:meth:`clone` returns the model itself); a
     function declared ``thread_safe=False`` is called under a lock, one call at a time.
     ``device`` is what the operator said with ``--gpu-ids`` (the function itself decides
-    where it computes), else ``cpu``.
+    where it computes), else ``cpu``.  ``model_id`` is ``model_id`` when given (the
+    operator's ``--model-id``), else derived from the declared ``version``, else from the
+    function's source file (:func:`function_model_id`), once, here.
     """
 
-    def __init__(self, fn: Callable[[Arrays], Arrays], origin: str, device: str = "cpu") -> None:
+    def __init__(self, fn: Callable[[Arrays], Arrays], origin: str, device: str = "cpu",
+                 model_id: str | None = None) -> None:
         spec = getattr(fn, "zdistill_spec", None)
         if spec is None:
             raise ConfigError(
                 f"{origin} does not declare its feeds and fetches: decorate it with "
                 "@zdistill.teacher_function(feeds={...}, fetches={...})"
             )
-        self.feeds, self.fetches, doc, self.thread_safe = spec
+        self.feeds, self.fetches, doc, self.thread_safe, version = spec
+        if model_id is not None:
+            self.model_id = check_model_id(model_id)
+        elif version is not None:
+            self.model_id = version_model_id(version)
+        else:
+            self.model_id = function_model_id(fn)
         self.description = f"python callable {origin}" + (f": {doc.strip().splitlines()[0]}" if doc.strip() else "")
         self.device = device
         self._fn = fn
@@ -168,7 +270,7 @@ class CallableModel:
         return self
 
 
-def _load_callable(target: str, device: str) -> CallableModel:
+def _load_callable(target: str, device: str, model_id: str | None = None) -> CallableModel:
     where, _, attr = target.rpartition(":")
     if not attr:
         raise ConfigError(f"--model {target!r} names no function: give it after the colon, as {where}:function")
@@ -194,19 +296,22 @@ def _load_callable(target: str, device: str) -> CallableModel:
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"{where!r} has no callable named {attr!r}")
-    return CallableModel(fn, target, device)
+    return CallableModel(fn, target, device, model_id)
 
 
-def load_model(target: str, gpu_ids: Sequence[int] = (), threads: int = 1) -> Model:
+def load_model(target: str, gpu_ids: Sequence[int] = (), threads: int = 1, model_id: str | None = None) -> Model:
     """Load ``target``: ``module:function`` / ``file.py:function``, or a saved Paddle model.
 
     A Paddle model is given as its path prefix, its ``.json`` / ``.pdmodel`` file, or a
-    folder holding exactly one model.
+    folder holding exactly one model.  ``model_id`` (``--model-id``) replaces the id the
+    model would derive from its files (see :class:`Model`).
     """
+    if model_id is not None:
+        check_model_id(model_id)  # before loading: a bad flag fails fast, not after minutes of loading
     if ":" in target and not os.path.exists(target):
-        return _load_callable(target, f"gpu:{gpu_ids[0]}" if gpu_ids else "cpu")
+        return _load_callable(target, f"gpu:{gpu_ids[0]}" if gpu_ids else "cpu", model_id)
     if target.endswith(".py"):
         raise ConfigError(f"--model {target!r} is a Python file: name the teacher function too, as {target}:function")
     from zdistill.paddle_model import PaddleModel  # Paddle only when a Paddle model is served
 
-    return PaddleModel(target, gpu_ids=gpu_ids, threads=threads)
+    return PaddleModel(target, gpu_ids=gpu_ids, threads=threads, model_id=model_id)

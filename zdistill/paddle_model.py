@@ -6,12 +6,14 @@ predictor reports input *names* but not their shapes or dtypes before a run, so 
 feeds are read from the program file itself (the ``data`` ops of a PIR program, the
 ``feed`` targets of a protobuf one), and the fetches from a warm-up run.  Output
 names are whatever the predictor reports (``fetch_name_0`` for Paddle 3 models).
+The model id is a hash of the program and parameters files (:func:`model_files_id`).
 """
 
 from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from zdistill.errors import ConfigError
-from zdistill.model import Arrays, TensorSpec
+from zdistill.model import Arrays, TensorSpec, check_model_id
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,36 @@ def resolve_model_files(target: str) -> tuple[str, str]:
         f"no saved Paddle model at {target!r}: expected {prefix}.json (Paddle 3) or {prefix}.pdmodel "
         "(Paddle 2) beside a .pdiparams file, or module:function for a Python teacher"
     )
+
+
+def model_files_id(program_file: str, params_file: str, chunk_bytes: int = 8 << 20) -> str:
+    """The model id of a saved Paddle model: ``paddle:`` + 32 hex digits of a hash of both files' bytes.
+
+    Any change to the program or the parameters changes it; where the files lie does
+    not.  Read in chunks: a parameters file may take gigabytes.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for path in (program_file, params_file):
+        try:
+            with open(path, "rb") as f:
+                h.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))  # where one file ends and the next begins
+                for chunk in iter(lambda: f.read(chunk_bytes), b""):
+                    h.update(chunk)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path} to derive the model id: {exc.strerror or exc}") from None
+    return "paddle:" + h.hexdigest()
+
+
+def _files_state(*paths: str) -> list[tuple[int, int, int, int]]:
+    """What tells a replaced or rewritten file apart: device, inode, size, modification time."""
+    state = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+        state.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return state
 
 
 def read_feed_specs(program_file: str, names: Sequence[str]) -> list[TensorSpec]:
@@ -99,12 +131,17 @@ class PaddleModel:
 
     A predictor must not run in two threads at once; each model instance of the teacher
     is a :meth:`clone` with a predictor of its own, so the instances are thread-safe.
+    ``model_id`` is ``model_id`` when given (``--model-id``), else :func:`model_files_id`
+    of the files, computed once, here (clones share it).
     """
 
     thread_safe = True
 
-    def __init__(self, target: str, gpu_ids: Sequence[int] = (), threads: int = 1) -> None:
+    def __init__(self, target: str, gpu_ids: Sequence[int] = (), threads: int = 1,
+                 model_id: str | None = None) -> None:
         program, params = resolve_model_files(target)  # before importing Paddle: a wrong path is the common error
+        files_before = _files_state(program, params)
+        self.model_id = check_model_id(model_id) if model_id is not None else model_files_id(program, params)
         try:
             import paddle
             from paddle import inference
@@ -132,6 +169,10 @@ class PaddleModel:
         except Exception as exc:  # Paddle raises its own types for a corrupt or incompatible program
             raise ConfigError(f"Paddle cannot load {program}: {type(exc).__name__}: {exc}") from None
         self.feeds = read_feed_specs(program, list(self._inputs))
+        if model_id is None and _files_state(program, params) != files_before:
+            # the id might name other bytes than those loaded: a student would cache this
+            # model's answers under another model's id
+            raise ConfigError(f"{program} or {params} changed while the teacher loaded it: start the teacher again")
         warm = self.run({spec.name: spec.example(1) for spec in self.feeds})
         self.fetches = [TensorSpec(n, a.dtype.name, tuple(a.shape[1:])) for n, a in warm.items()]
         self.description = f"paddle inference model {program} (Paddle {paddle.__version__})"

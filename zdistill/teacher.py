@@ -9,7 +9,7 @@ request     header / arrays                             reply
             per feed, all with the same number of rows  array per fetch, the same rows
 ``meta``    ``{"kind": "meta", "id"}``                  ``{"kind": "meta", ...}``: feeds,
                                                         fetches, max batch, instances,
-                                                        device, bounds, stats
+                                                        device, model id, bounds, stats
 ``stats``   ``{"kind": "stats", "id"}``                 ``{"kind": "stats", "stats": {...}}``
 ``ping``    ``{"kind": "ping", "id"}``                  ``{"kind": "pong", "id"}``
 ==========  ==========================================  =====================================
@@ -60,7 +60,7 @@ from zdistill.batcher import Batcher, Request
 from zdistill.errors import ConfigError, WireError
 from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
-from zdistill.model import Model, load_model
+from zdistill.model import MAX_MODEL_ID, Model, load_model
 from zdistill.runner import ModelInstances, Result
 from zdistill.security import ServerKeys, server_keys, stop_authenticator
 
@@ -300,6 +300,7 @@ class TeacherServer:
             "max_queue_bytes": self.max_queue_bytes,
             "description": self.model.description,
             "device": self.model.device,
+            "model_id": self.model.model_id,
             "stats": self.stats(),
         }
 
@@ -402,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="Paddle model prefix/file/folder, or module:function, or file.py:function"
     )
+    p.add_argument("--model-id", default=None, metavar="ID",
+                   help="the model id meta reports, instead of the one derived from the model (a hash of its "
+                        "files, or a function's version=): students key cached predictions by it, so give a new "
+                        f"one whenever the predictions change (1 to {MAX_MODEL_ID} printable characters)")
     p.add_argument("--port", type=int, required=True, help="TCP port to listen on (0 picks a free one)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     p.add_argument("--gpu-ids", "--gpu_ids", default=None,
@@ -443,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "zdistill.teacher", *sys.argv[1:]])
     context = zmq.Context()
     try:
-        model = load_model(args.model, gpu_ids=parse_gpu_ids(args.gpu_ids), threads=args.threads)
+        model = load_model(args.model, gpu_ids=parse_gpu_ids(args.gpu_ids), threads=args.threads,
+                           model_id=args.model_id)
         models = model_instances(model, parse_instances(args.instances, model))
         endpoint = f"tcp://{args.host}:{args.port}"
         metrics = TeacherMetrics()
@@ -463,8 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     serial = "" if model.thread_safe or len(models) == 1 else "; the function is not thread-safe: calls serialised"
-    log.info("serving %s on %s (device %s, max batch %d, %d instance%s%s)", model.description, server.endpoint,
-             model.device, args.max_batch_size, len(models), "s" if len(models) > 1 else "", serial)
+    log.info("serving %s on %s (model_id %s, device %s, max batch %d, %d instance%s%s)", model.description,
+             server.endpoint, model.model_id, model.device, args.max_batch_size, len(models),
+             "s" if len(models) > 1 else "", serial)
     if args.ready_file:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
