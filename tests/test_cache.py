@@ -107,7 +107,7 @@ def test_rows_seen_before_are_answered_from_the_cache_and_the_rest_asked(start_t
     seen = {"n": half}
     with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
         dr.set_fixed_teacher([teacher.endpoint])
-        dr.set_batch_generator(lambda: ((x[i : i + 30], y[i : i + 30]) for i in range(0, seen["n"], 30)))
+        dr.set_batch_generator(lambda: ((x[i : i + 25], y[i : i + 25]) for i in range(0, seen["n"], 25)))
         dr.set_teacher_cache(tmp_path / "cache")
         epoch(dr)
         seen["n"] = N
@@ -210,3 +210,24 @@ def test_eviction_removes_the_oldest_segments_first(tmp_path):
     index = CacheIndex(folder, FETCHES)
     index.refresh()
     assert look_up(index, answers(200, 0)[0]) is None and look_up(index, answers(200, 2)[0]) is not None
+
+
+def test_teachers_that_disagree_on_the_model_turn_the_cache_off(start_teacher, tmp_path, data, caplog):
+    x, y = data
+    teachers = [start_teacher(), start_teacher(f"{procs.TEACHERS}:softmax", "--model-id", "another")]
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([t.endpoint for t in teachers])
+        dr.set_batch_generator(batches(x, y))
+        dr.set_teacher_cache(tmp_path / "cache")
+        with caplog.at_level("WARNING", logger="zdistill"):
+            for _ in range(3):  # both workers report their teacher within an epoch or two
+                epoch(dr)
+                if not dr.stats()["cache"]["enabled"]:
+                    break
+        assert not dr.stats()["cache"]["enabled"]
+        asked = sum(rows_asked(t) for t in teachers)
+        labels, probs = epoch(dr)
+        assert sum(rows_asked(t) for t in teachers) == asked + N  # every row asked again: no cache
+    assert sum("cache is off" in r.getMessage() for r in caplog.records) == 1
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
