@@ -327,11 +327,11 @@ class Pipeline:
 
         A worker holds about ``queue_seconds`` (40 ms) of teacher time in flight, so its
         teacher never waits while one task's result travels to the student and the next
-        task to the worker, even while other processes hold the cores for a while (with
-        two 10 ms tasks per worker and two busy loops beside 8 teachers on 2 cores, the
-        teachers were 73% busy; with four, 83%).  Short tasks thus get deeper queues, up
-        to 8 (or ``max_in_flight``), as long as all workers together hold no more bytes
-        than ``window`` full-size tasks (``window * task_bytes``, 64 MiB by default).
+        task to the worker, even while other processes hold the cores for a while (four
+        10 ms tasks per worker keep teachers busier under load than two: "Under load" in
+        bench/README.md).  Short tasks thus get deeper queues, up to 8 (or
+        ``max_in_flight``), as long as all workers together hold no more bytes than
+        ``window`` full-size tasks (``window * task_bytes``, 64 MiB by default).
 
         A teacher also needs enough rows queued to fill a batch on each of its model
         instances, and one more batch waiting: ``(instances + 1) * max_batch_size`` rows
