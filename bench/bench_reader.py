@@ -604,7 +604,7 @@ def case_c(plan: Plan, folder: Path, results: dict[str, Any]) -> None:
     kmax = max(plan.ks_c)
     variants: list[tuple[str, int, dict[str, Any]]] = [(f"k{k}", k, {}) for k in plan.ks_c]
     if plan.explore:
-        variants.append((f"k{kmax}_queue_20ms", kmax, {"queue_seconds": 0.02}))  # the depth before: two tasks
+        variants.append((f"k{kmax}_queue_20ms", kmax, {"queue_seconds": 0.02}))  # half the default depth: two tasks
         variants.append((f"k{kmax}_fixed_1024_row_tasks", kmax, {"task_seconds": 10.0}))  # no adaptive task size
     with (Fleet("fixed_time_softmax", kmax, folder) as fleet,
           ReaderBench(fleet.addresses(), fleet.pids(), "batch", MAX_BATCH, plan.seconds) if plan.explore

@@ -98,7 +98,7 @@ def test_reader_process_killed_mid_epoch_raises_within_seconds(start_teacher, st
     student = students("kill_reader", "--teacher", teacher.endpoint)
     killed = student.event(timeout=60)
     assert killed["event"] == "killed", killed
-    outcome = student.event(timeout=15)  # it used to block for ever in a send to the dead process
+    outcome = student.event(timeout=15)  # must not block for ever in a send to the dead process
     assert outcome["event"] == "raised", outcome
     assert outcome["type"] == "ReaderError"
     assert "killed by signal 9 (SIGKILL)" in outcome["message"], outcome

@@ -11,7 +11,7 @@ architecture, augmentation, schedule and number of training samples.
     # or teachers found through zdistill-balancer:
     python examples/mnist_distill/distill_student.py --discovery 127.0.0.1:7001 --service-name mnist_teacher
 
-The distilled loop is the seed guide's, in Paddle 3 dynamic graph:
+The distilled loop is the one of EDL's distillation guide, in Paddle 3 dynamic graph:
 
     dr = DistillReader(ins=['img', 'label'], predicts=['fetch_name_0'])
     dr.set_fixed_teacher(address)

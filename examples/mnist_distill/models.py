@@ -102,7 +102,7 @@ def soften(prob: np.ndarray, temperature: float) -> np.ndarray:
 
 def distill_loss(logits: paddle.Tensor, soft_label: paddle.Tensor, label: np.ndarray | None = None,
                  temperature: float = 1.0, hard_weight: float = 0.0) -> paddle.Tensor:
-    """The seed guide's soft-label cross-entropy, optionally tempered and mixed with the hard loss.
+    """EDL's soft-label cross-entropy, optionally tempered and mixed with the hard loss.
 
     ``soft_label`` must already be softened to ``temperature`` (see :func:`soften`).  The
     soft term is scaled by ``T**2`` so its gradients keep their size as ``T`` grows
