@@ -231,3 +231,18 @@ def test_teachers_that_disagree_on_the_model_turn_the_cache_off(start_teacher, t
     assert sum("cache is off" in r.getMessage() for r in caplog.records) == 1
     np.testing.assert_array_equal(labels, y)
     np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_segment_of_another_schema_in_the_folder_is_ignored(tmp_path):
+    folder = folder_for(str(tmp_path), "m1", FETCHES)
+    writer = CacheWriter(folder, FETCHES, 1 << 30, str(tmp_path))
+    keys, out = answers(20, 1)
+    writer.append(keys, out)
+    writer.close()
+    stranger = CacheWriter(folder, [TensorSpec("prob", "float64", (10,))], 1 << 30, str(tmp_path))
+    stranger.append(answers(20, 2)[0], {"prob": out["prob"].astype(np.float64)})
+    stranger.close()
+    index = CacheIndex(folder, FETCHES)
+    assert index.refresh() == 20
+    assert index.refresh() == 0  # and stays ignored
+    assert look_up(index, keys) is not None and look_up(index, answers(20, 2)[0]) is None

@@ -20,7 +20,8 @@ look, map each segment read-only, and look keys up in sorted arrays, vectorized 
 task; the producer inherits the index and the mappings across its fork and copies
 hits straight from the mappings into the task's slot.  The cache is bounded by
 ``max_bytes`` over the whole ``path``: writers delete the oldest segments (by
-modification time) when they start a new one.
+modification time) when they start a new one (segments are at most an eighth of
+``max_bytes``, so the bound holds within a segment per writer).
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def key_seed(specs: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:
 @dataclass
 class _Segment:
     path: str
+    usable: bool = True  # False: a file of another schema, never read
     mapping: mmap.mmap | None = None
     records: np.ndarray | None = None  # the complete records, a view of the mapping
     scanned: int = 0  # records looked at so far
@@ -154,7 +156,7 @@ class CacheIndex:
         his, los, segs, rows = [], [], [], []
         for name in names:
             seg = self._segments.get(name) or self._open(name)
-            if seg is None:
+            if seg is None or not seg.usable:
                 continue
             new = self._scan(seg)
             if new is None:
@@ -207,7 +209,7 @@ class CacheIndex:
             return None  # its writer is still writing the header
         if not head.startswith(MAGIC) or json.loads(head[4:].rstrip(b"\0") or b"null") != self._schema():
             log.warning("cache segment %s is not one of this folder's; ignored", path)
-            self._segments[name] = _Segment(path)  # remembered, never read
+            self._segments[name] = _Segment(path, usable=False)  # remembered, never read
             self._names.append(name)
             return None
         seg = self._segments[name] = _Segment(path)
@@ -254,6 +256,8 @@ class CacheWriter:
     def __init__(self, folder: str, fetches: Sequence[TensorSpec], max_bytes: int, root: str) -> None:
         self.folder, self.fetches, self.max_bytes, self.root = folder, list(fetches), max_bytes, root
         self.dtype = record_dtype(self.fetches)
+        # Segments small beside max_bytes, so that deleting whole ones keeps the bound close.
+        self.segment_bytes = max(1 << 20, min(_SEGMENT_BYTES, max_bytes // 8))
         self._fd: int | None = None
         self._size = 0
         self.stored = 0  # records written
@@ -265,7 +269,7 @@ class CacheWriter:
         for f in self.fetches:
             records[f"p:{f.name}"] = outputs[f.name]
         records["check"] = _checks(records)
-        if self._fd is None or self._size >= _SEGMENT_BYTES:
+        if self._fd is None or self._size >= self.segment_bytes:
             self._start_segment()
         assert self._fd is not None
         os.write(self._fd, records.tobytes())  # one write: a torn one leaves an incomplete tail
@@ -280,7 +284,7 @@ class CacheWriter:
     def _start_segment(self) -> None:
         self.close()
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
-        evict(self.root, self.max_bytes - _SEGMENT_BYTES)
+        evict(self.root, self.max_bytes - self.segment_bytes)
         name = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}{_SUFFIX}"
         fd = os.open(os.path.join(self.folder, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         head = MAGIC + json.dumps([f.to_wire() for f in self.fetches]).encode()
