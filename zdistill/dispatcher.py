@@ -394,7 +394,7 @@ class Dispatcher:
             if done == 0:
                 continue
             self._producers.discard(pid)
-            if pid == self._producer_pid and self.sched.active:
+            if pid == self._producer_pid and self.sched.active and not self._producer_ended:
                 if self._producer is not None and self._producer.poll(200):  # its last words may be in transit
                     self._read_producer()
                 if not self._producer_ended:
