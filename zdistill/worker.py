@@ -42,7 +42,7 @@ from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader
 from zdistill.tasks import HITS_SLOT, ID_SLOT, KEYS_SLOT, cached_key, check_feed, feeds_mismatch, predict_key, to_feed
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("zdistill.worker")  # not __name__: it runs as __main__
 
 _PROBE_EVERY = 0.25
 _PROBE_UNUSABLE = 2.0  # a teacher that takes other inputs is asked again this rarely (it may be redeployed)
