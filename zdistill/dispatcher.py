@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 _SUPERVISE_EVERY = 0.01  # seconds: workers, membership, producer, stragglers
 _BURST = 64  # messages read from one socket before the others get a turn
-_GRANT_BATCH = 4  # slots granted in one message while the producer still holds some
 
 
 # -- commands (to the dispatcher) and events (from it) ------------------------------
@@ -377,11 +376,8 @@ class Dispatcher:
                 self.sched.on_end(msg)
 
     def _send_grants(self) -> None:
-        """Slots to the producer, a few at a time unless it is about to run out (each message
-        costs both processes a wake-up)."""
         self._grants += self.sched.grants()
-        holds = len(self.sched.granted) - len(self._grants)  # granted, already told
-        if self._grants and self._producer is not None and (holds < 2 or len(self._grants) >= _GRANT_BATCH):
+        if self._grants and self._producer is not None:
             try:
                 protocol.send(self._producer, protocol.Grant(slots=self._grants), flags=zmq.NOBLOCK)
                 self._grants = []
