@@ -10,7 +10,7 @@ lives as long as the reader, so workers never re-handshake at an epoch's start.
 A thread and not a process: it keeps the teachers fed while the training step holds
 the GIL for milliseconds at a time, because it mostly waits in ``zmq_poll`` (which
 releases the GIL) and each message costs it microseconds; a process would add a hop
-for every result (``bench/bench_reader.py`` case (f) measures a GIL-holding step).
+for every result (``bench/bench_gil.py`` measures a GIL-holding step: docs/dataplane.md).
 
 Other threads talk to it only through :meth:`post` (commands), :meth:`release` (a
 slot the training loop let go of, from any thread) and :attr:`events` (what it tells
