@@ -646,3 +646,19 @@ def test_reorder_buffer_ignores_ids_already_yielded():
     assert len(buf) == 0 and buf.pop_next() is None
     buf.add(1, "b")
     assert buf.pop_next() == "b" and buf.next_id == 2
+
+
+def test_a_queued_copy_no_worker_can_take_does_not_block_the_tasks_behind_it():
+    """A straggler's copy that only its own worker could take waits; later tasks still go."""
+    s = make(workers=1)
+    w = wid(0)
+    produce(s, 2)
+    assert sent(s) == [(w, 0), (w, 1)]
+    done(s, w, 1)  # task 1 answered, task 0 late
+    s.check(T0 + 1)  # task 0 blocks the order from now...
+    s.check(T0 + 10)  # ...past straggler_min: it is queued again, but w already holds it
+    assert s.counters.straggler_resends == 1
+    produce(s, 1)
+    assert sent(s, T0 + 10) == [(w, 2)]
+    s.check(T0 + 20)
+    assert s.counters.straggler_resends == 1  # still queued: not counted again
