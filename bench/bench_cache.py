@@ -28,7 +28,6 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Iterator, Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,6 +37,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
+from bench_gil import epoch_rate  # noqa: E402
 from bench_reader import MAX_BATCH, Fleet  # noqa: E402
 
 from zdistill import DistillReader  # noqa: E402
@@ -67,14 +67,6 @@ class Data:
             yield (x[i : i + MAX_BATCH],)
 
 
-def rate(dr: DistillReader) -> float:
-    rows = 0
-    start = time.perf_counter()
-    for batch in dr():
-        rows += len(batch[0])
-    return rows / (time.perf_counter() - start)
-
-
 def reader(address: str, data: Data, cache: str | None) -> DistillReader:
     dr = DistillReader(ins=["img"], predicts=["prob"])
     dr.set_fixed_teacher([address])
@@ -88,19 +80,19 @@ def one_repeat(address: str, data: Data, tmp: str, r: int) -> dict[str, float]:
     out = {}
     with reader(address, data, None) as plain:
         data.fixed(seed=1000 + r)
-        rate(plain)  # workers up, the plan measured
+        epoch_rate(plain, 0.0)  # workers up, the plan measured
         data.fixed()
-        out["no_cache"] = rate(plain)
+        out["no_cache"] = epoch_rate(plain, 0.0)
         data.augmented()
-        out["augmented_no_cache"] = rate(plain)
+        out["augmented_no_cache"] = epoch_rate(plain, 0.0)
     with reader(address, data, os.path.join(tmp, f"cache{r}")) as cached:
         data.fixed(seed=2000 + r)
-        rate(cached)  # the same warm-up, on rows the measured epochs never see
+        epoch_rate(cached, 0.0)  # the same warm-up, on rows the measured epochs never see
         data.fixed()
-        out["epoch1"] = rate(cached)
-        out["epoch2"] = rate(cached)
+        out["epoch1"] = epoch_rate(cached, 0.0)
+        out["epoch2"] = epoch_rate(cached, 0.0)
         data.augmented()
-        out["augmented_cache"] = rate(cached)
+        out["augmented_cache"] = epoch_rate(cached, 0.0)
         out["hits"] = cached.stats()["cache"]["hits"]
     return out
 

@@ -163,12 +163,18 @@ def test_concurrent_writers_are_all_read_and_rows_come_back_bit_for_bit(tmp_path
         w.close()
 
 
-def test_a_torn_or_damaged_record_is_never_served(tmp_path):
+def one_segment(tmp_path, rows: int, seed: int) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
+    """A cache folder holding one segment of ``rows`` answers: the folder, their keys and rows."""
     folder = folder_for(str(tmp_path), "m1", FETCHES)
     writer = CacheWriter(folder, FETCHES, 1 << 30, str(tmp_path))
-    keys, out = answers(10, 1)
+    keys, out = answers(rows, seed)
     writer.append(keys, out)
     writer.close()
+    return folder, keys, out
+
+
+def test_a_torn_or_damaged_record_is_never_served(tmp_path):
+    folder, keys, out = one_segment(tmp_path, 10, 1)
     (segment,) = [os.path.join(folder, n) for n in os.listdir(folder)]
     size = os.path.getsize(segment)
     record = (size - 4096) // 10
@@ -234,11 +240,7 @@ def test_teachers_that_disagree_on_the_model_turn_the_cache_off(start_teacher, t
 
 
 def test_a_segment_of_another_schema_in_the_folder_is_ignored(tmp_path):
-    folder = folder_for(str(tmp_path), "m1", FETCHES)
-    writer = CacheWriter(folder, FETCHES, 1 << 30, str(tmp_path))
-    keys, out = answers(20, 1)
-    writer.append(keys, out)
-    writer.close()
+    folder, keys, out = one_segment(tmp_path, 20, 1)
     stranger = CacheWriter(folder, [TensorSpec("prob", "float64", (10,))], 1 << 30, str(tmp_path))
     stranger.append(answers(20, 2)[0], {"prob": out["prob"].astype(np.float64)})
     stranger.close()

@@ -266,7 +266,6 @@ class CacheWriter:
         self.segment_bytes = max(1 << 20, min(_SEGMENT_BYTES, max_bytes // 8))
         self._fd: int | None = None
         self._size = 0
-        self.stored = 0  # records written
 
     def append(self, keys: np.ndarray, outputs: Mapping[str, np.ndarray]) -> None:
         """Store one row per key: ``outputs[name]`` rows are the predictions, in key order."""
@@ -280,7 +279,6 @@ class CacheWriter:
         assert self._fd is not None
         os.write(self._fd, records.tobytes())  # one write: a torn one leaves an incomplete tail
         self._size += records.nbytes
-        self.stored += len(records)
 
     def close(self) -> None:
         if self._fd is not None:

@@ -169,7 +169,7 @@ class Dispatcher:
         with self.lock:
             s = self.sched
             return {
-                "counters": {**s.counters.__dict__},
+                "counters": {**s.counters.__dict__, "workers_restarted": self.pool.restarted},
                 "plan": s.plan(len(s.workers)),
                 "tasks_in_flight": len(s.pending),
                 "teachers": {name: {**t.__dict__} for name, t in s.teachers.items()},
@@ -231,7 +231,7 @@ class Dispatcher:
         if now - self._supervised_at >= _SUPERVISE_EVERY:
             self._supervised_at = now
             self._supervise(now)
-        self._send_tasks(now)
+        self._send_tasks()
         self._send_grants()
         s = self.sched
         if s.active and s.finished and not self._said_finished:
@@ -331,10 +331,9 @@ class Dispatcher:
                                 "go to it (%s)", msg.cache)
             elif isinstance(msg, protocol.Hello):
                 self.pool.mark_started(identity)
-                self.sched.on_hello(identity)
 
-    def _send_tasks(self, now: float) -> None:
-        for identity, held in self.sched.assignments(now):
+    def _send_tasks(self) -> None:
+        for identity, held in self.sched.assignments():
             try:
                 self._router.send_multipart([identity, *held.wire], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # gone, or not connected yet: the task waits for another
@@ -352,7 +351,6 @@ class Dispatcher:
             self.sched.worker_gone(proc.identity)
         for proc in started:
             self.sched.add_worker(proc.identity, proc.teacher)
-        self.sched.counters.workers_restarted = self.pool.restarted
         self._reap_producers()
         self.sched.check(now)
 

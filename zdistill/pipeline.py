@@ -177,7 +177,7 @@ class Pipeline:
         return {
             **counters,
             "samples_per_s": counters["samples"] / busy if busy else 0.0,
-            "wait_s": self.wait_seconds,
+            "wait_s": self.wait_seconds + (self._sink.wait_seconds if self._sink else 0.0),
             "task_rows": task_rows,  # rows per task of the next epoch (see Scheduler.plan)
             "in_flight": in_flight,  # tasks per worker of the next epoch
             "tasks_in_flight": snap["tasks_in_flight"],  # built, not yet answered

@@ -50,7 +50,6 @@ class HeldTask:
     task: protocol.Task
     wire: list[Any]  # the producer's frames
     holders: set[bytes] = field(default_factory=set)
-    sent_at: float = 0.0
 
 
 @dataclass
@@ -58,7 +57,6 @@ class WorkerState:
     """One worker as the dispatcher knows it: its teacher's health and what it holds."""
 
     teacher: str
-    started: bool = False  # it said hello
     up: bool = False
     retiring: bool = False  # its teacher left: it gets no more tasks
     unusable: str = ""  # why its teacher cannot take this reader's tasks ("" while it can)
@@ -93,7 +91,6 @@ class Counters:
     failed: int = 0  # refused by a teacher
     straggler_resends: int = 0
     duplicates_dropped: int = 0  # second answers of a task sent twice
-    workers_restarted: int = 0
     cache_hits: int = 0  # rows answered from the teacher-output cache
     cache_misses: int = 0  # rows looked up there in vain (they went to a teacher)
 
@@ -172,15 +169,10 @@ class Scheduler:
         self.counters.resent += resent
         return resent
 
-    def on_hello(self, identity: bytes) -> None:
-        if identity in self.workers:
-            self.workers[identity].started = True
-
     def on_status(self, identity: bytes, status: protocol.Status, now: float) -> None:
         state = self.workers.get(identity)
         if state is None:
             return  # a worker already forgotten
-        state.started = True
         state.up, state.unusable, state.reason = status.up, status.unusable, status.reason
         state.max_batch_size = status.max_batch_size or state.max_batch_size
         state.instances = max(1, status.instances)
@@ -292,7 +284,7 @@ class Scheduler:
         """Every task of the epoch was made and answered."""
         return self.total is not None and self.produced == self.total and not self.pending
 
-    def assignments(self, now: float) -> list[tuple[bytes, HeldTask]]:
+    def assignments(self) -> list[tuple[bytes, HeldTask]]:
         """Queued tasks to workers with room, lowest task first, least-loaded worker first."""
         out: list[tuple[bytes, HeldTask]] = []
         if not self.active:
@@ -317,7 +309,6 @@ class Scheduler:
                 continue
             self._queued.discard(task_id)
             held.holders.add(best)
-            held.sent_at = now
             self.workers[best].holds.add((self.epoch, task_id))
             out.append((best, held))
         for task_id in skipped:
