@@ -543,7 +543,7 @@ BROKEN_MODELS = {
         "import zdistill\n"
         "@zdistill.teacher_function(feeds={'x': ('float32', [1])}, fetches={'y': ('float32', [1])})\n"
         "def fn(batch):\n    return {}\n",
-        "failed its first run: KeyError",
+        "returned no output 'y' (only [])",
     ),
     "declares an empty version": (
         "import zdistill\n"

@@ -19,12 +19,22 @@ class TeacherError(ZDistillError):
     """A teacher answered a request with an error reply (bad input, model failure, ...).
 
     ``code`` is the teacher's machine-readable reason (``bad_request``, ``model_error``,
-    ``too_large``, ``shutting_down``, ...); the message says what was wrong.
+    ``bad_output``, ``too_large``, ``shutting_down``, ...); the message says what was wrong.
     """
 
     def __init__(self, message: str, code: str = "error") -> None:
         super().__init__(message)
         self.code = code
+
+
+class ModelOutputError(ZDistillError):
+    """A teacher's model returned outputs that do not match what it declares.
+
+    Raised in the teacher, where it becomes the error reply ``bad_output``: a student
+    keys, caches and joins predictions by the declared fetches, so an output of other
+    rows, row shape or kind of dtype would be a wrong answer, never one to pass on.
+    The message names the model, the output, and the declared and returned shapes.
+    """
 
 
 class TeacherTimeout(ZDistillError):

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from zdistill.errors import ConfigError, ZDistillError
+from zdistill.errors import ConfigError, ModelOutputError, ZDistillError
 
 Arrays = dict[str, np.ndarray]
 
@@ -77,7 +77,13 @@ class Model(Protocol):
     model_id: str
 
     def run(self, feeds: Arrays) -> Arrays:
-        """Run one batch: every feed has the same number of rows; so must every fetch."""
+        """Run one batch: every feed has the same number of rows.
+
+        Returns the declared fetches as checked by :func:`check_outputs` (or raises its
+        :class:`~zdistill.errors.ModelOutputError`), in arrays the caller owns: they share
+        no memory with the feeds or with anything the model writes again, because the
+        teacher encodes them while the instance already runs its next batch.
+        """
         ...
 
     def clone(self) -> Model:
@@ -153,6 +159,43 @@ def function_model_id(fn: Callable[..., Any]) -> str:
     return "py:" + h.hexdigest()
 
 
+def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, origin: str, copy: bool) -> Arrays:
+    """A model's declared fetches for a batch of ``rows`` rows, each as its declared dtype.
+
+    A student joins, caches and hands on predictions by the declared fetches, so an
+    output that does not match its declaration would be a wrong answer: each declared
+    fetch must be present, have ``rows`` rows of the declared row shape (-1 matches any
+    size), and a dtype that casts to the declared one without changing its kind (numpy's
+    ``same_kind``: float64 to float32, int64 to int32 or bool to float are fine; float to
+    int, complex to float, a string or an object array are not).  Anything else raises a
+    :class:`~zdistill.errors.ModelOutputError` naming ``origin``, the output, and the
+    declared and returned shapes.  Outputs the model did not declare are left out.
+    ``copy`` returns a fresh array for every fetch, even one already of its dtype.
+    """
+    if not isinstance(outputs, Mapping):
+        raise ModelOutputError(f"{origin} returned {type(outputs).__name__}, not a dict of arrays")
+    checked = {}
+    for spec in fetches:
+        declared = [rows, *spec.shape]
+        declared_text = f"declared {spec.dtype} {declared}" + (" (-1: any size)" if -1 in spec.shape else "")
+        if spec.name not in outputs:
+            names = sorted(str(name) for name in outputs)
+            raise ModelOutputError(f"{origin} returned no output {spec.name!r} (only {names}), {declared_text}")
+        try:
+            arr = np.asarray(outputs[spec.name])
+        except (TypeError, ValueError) as exc:  # ragged lists, tensors numpy cannot read
+            raise ModelOutputError(f"{origin}: output {spec.name!r} is not an array ({type(exc).__name__}: {exc}), "
+                                   f"{declared_text}") from None
+        if arr.ndim == 0 or arr.shape[0] != rows or not spec.matches(arr.shape[1:]):
+            raise ModelOutputError(f"{origin}: output {spec.name!r} has shape {list(arr.shape)} for a batch of "
+                                   f"{rows} rows, {declared_text}")
+        if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
+            raise ModelOutputError(f"{origin}: output {spec.name!r} has dtype {arr.dtype}, which does not cast to the "
+                                   f"declared {spec.dtype} within its kind (numpy 'same_kind'), {declared_text}")
+        checked[spec.name] = arr.astype(spec.dtype, copy=copy)
+    return checked
+
+
 def _specs(declared: Mapping[str, tuple[str, Sequence[int]]], what: str) -> list[TensorSpec]:
     from zdistill.wire import check_dtype  # a declared dtype the wire refuses could never be served
 
@@ -200,10 +243,22 @@ def teacher_function(
     threads at once, each with its own batch.  It must then not change shared state
     without a lock (reading weights is fine; numpy and PyTorch inference are), and it
     must not keep its input arrays after it returns: they are read-only, and a merged
-    batch's memory is reused for the instance's next batch (an output that is a view of
-    an input is copied before the reply).  A function that cannot run twice at once
-    declares ``thread_safe=False``: its calls are then serialised, while the other
-    instances still merge inputs and the server still splits and sends replies meanwhile.
+    batch's memory is reused for the instance's next batch.  A function that cannot run
+    twice at once declares ``thread_safe=False``: its calls are then serialised, while the
+    other instances still merge inputs and the server still splits and sends replies
+    meanwhile.  A thread-safe function that writes its outputs into buffers it reuses
+    needs one set of buffers per thread (``threading.local``).
+
+    Outputs: the function returns a dict holding every declared fetch, each an array
+    (or anything ``np.asarray`` reads) with one row per input row, rows of the declared
+    shape, and a dtype that casts to the declared one within its kind (numpy's
+    ``same_kind``: returning float64 for a declared float32 is fine, float for a
+    declared int is not).  Any other output is refused with the error ``bad_output``,
+    which names the function, the output and both shapes; the teacher keeps serving.
+    The teacher copies every output before the function can run again (under the lock
+    of a function declared ``thread_safe=False``), so the function may return views of
+    its inputs or of buffers it overwrites on its next call (preallocated or pinned
+    output buffers); the copy costs a memcpy of the outputs.
 
     Model id: the teacher reports a ``model_id`` in ``meta``, and a student's
     teacher-output cache keys the predictions it keeps by it, so that answers cached for
@@ -232,9 +287,10 @@ class CallableModel:
     """A Python function declared with :func:`teacher_function`.
 
     All instances share the one function (:meth:`clone` returns the model itself); a
-    function declared ``thread_safe=False`` is called under a lock, one call at a time.
-    ``device`` is what the operator said with ``--gpu-ids`` (the function itself decides
-    where it computes), else ``cpu``.  ``model_id`` is ``model_id`` when given (the
+    function declared ``thread_safe=False`` is called under a lock, one call at a time,
+    and its outputs are copied before the lock is released.  ``device`` is what the
+    operator said with ``--gpu-ids`` (the function itself decides where it computes),
+    else ``cpu``.  ``model_id`` is ``model_id`` when given (the
     operator's ``--model-id``), else derived from the declared ``version``, else from the
     function's source file (:func:`function_model_id`), once, here.
     """
@@ -254,17 +310,17 @@ class CallableModel:
             self.model_id = version_model_id(version)
         else:
             self.model_id = function_model_id(fn)
+        self.origin = f"teacher function {origin}"
         self.description = f"python callable {origin}" + (f": {doc.strip().splitlines()[0]}" if doc.strip() else "")
         self.device = device
         self._fn = fn
         self._serial = contextlib.nullcontext() if self.thread_safe else threading.Lock()
 
     def run(self, feeds: Arrays) -> Arrays:
+        """Call the function; its checked outputs, copied before it can run again (see :class:`Model`)."""
+        rows = len(next(iter(feeds.values())))
         with self._serial:
-            out = self._fn(feeds)
-        if not isinstance(out, Mapping):
-            raise TypeError(f"the teacher function returned {type(out).__name__}, not a dict of arrays")
-        return {spec.name: np.asarray(out[spec.name], dtype=spec.dtype) for spec in self.fetches}
+            return check_outputs(self._fn(feeds), self.fetches, rows, self.origin, copy=True)
 
     def clone(self) -> CallableModel:
         return self

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from zdistill.errors import ConfigError
-from zdistill.model import Arrays, TensorSpec, check_model_id
+from zdistill.model import Arrays, TensorSpec, check_model_id, check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ class PaddleModel:
             # the id might name other bytes than those loaded: a student would cache this
             # model's answers under another model's id
             raise ConfigError(f"{program} or {params} changed while the teacher loaded it: start the teacher again")
-        warm = self.run({spec.name: spec.example(1) for spec in self.feeds})
+        self.origin = f"Paddle model {program}"
+        warm = self._predict({spec.name: spec.example(1) for spec in self.feeds})
         self.fetches = [TensorSpec(n, a.dtype.name, tuple(a.shape[1:])) for n, a in warm.items()]
         self.description = f"paddle inference model {program} (Paddle {paddle.__version__})"
 
@@ -191,6 +192,14 @@ class PaddleModel:
         self._outputs = {n: predictor.get_output_handle(n) for n in predictor.get_output_names()}
 
     def run(self, feeds: Arrays) -> Arrays:
+        """The predictor's outputs, checked against the fetches its first run showed.
+
+        ``copy_to_cpu()`` returns fresh arrays, so the outputs are the caller's as they are.
+        """
+        rows = len(next(iter(feeds.values())))
+        return check_outputs(self._predict(feeds), self.fetches, rows, self.origin, copy=False)
+
+    def _predict(self, feeds: Arrays) -> Arrays:
         for name, handle in self._inputs.items():
             arr = np.ascontiguousarray(feeds[name])
             handle.reshape(list(arr.shape))

@@ -81,10 +81,6 @@ class MergeBuffers:
             merged[name] = out
         return merged
 
-    def holds(self, arr: np.ndarray) -> bool:
-        """Whether ``arr`` may be a view of a buffer the next batch overwrites."""
-        return any(np.may_share_memory(arr, buf) for buf in self._buffers.values())
-
 
 class ModelInstances:
     """``len(models)`` threads, each running one model instance on the batches it pulls (see the module)."""
@@ -93,7 +89,6 @@ class ModelInstances:
                  metrics: TeacherMetrics) -> None:
         self.metrics = metrics
         self.batcher = batcher
-        self.fetches = models[0].fetches
         self.instance_seconds = [0.0] * len(models)  # time in successful model calls, per instance
         self._done: deque[list[Finished]] = deque()
         self._endpoint = f"inproc://zdistill-instances-{id(self)}"
@@ -168,20 +163,17 @@ class ModelInstances:
         return [Finished(batch, outputs, index, taken, seconds)]
 
     def _call(self, model: Model, buffers: MergeBuffers, batch: list[Request]) -> tuple[Arrays, float]:
-        """The model's outputs, checked to have a row per input row, and how long the model took."""
+        """The model's outputs and how long the model took.
+
+        :meth:`Model.run` checks the outputs against the declared fetches and returns
+        arrays of its caller's own, which share no memory with the merge buffers or with
+        anything the model writes on its next call: the socket thread may split and send
+        them while this instance already runs its next batch.
+        """
         feeds = buffers.merge(batch)
-        rows = sum(r.rows for r in batch)
         started = time.monotonic()
         outputs = model.run(feeds)
-        seconds = time.monotonic() - started
-        checked = {}
-        for spec in self.fetches:
-            out = outputs.get(spec.name)
-            if not isinstance(out, np.ndarray) or out.ndim == 0 or out.shape[0] != rows:
-                shape = None if not isinstance(out, np.ndarray) else list(out.shape)
-                raise ValueError(f"output {spec.name!r} has shape {shape}, expected {rows} rows")
-            checked[spec.name] = out.copy() if buffers.holds(out) else out
-        return checked, seconds
+        return outputs, time.monotonic() - started
 
     # -- in the socket thread ---------------------------------------------
 

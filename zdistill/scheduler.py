@@ -39,7 +39,7 @@ from zdistill.options import PipelineOptions
 
 log = logging.getLogger(__name__)
 
-FATAL_CODES = frozenset({"bad_request", "too_large", "bad_message"})
+FATAL_CODES = frozenset({"bad_request", "too_large", "bad_message", "bad_output"})
 _DEEP_MAX = 8  # tasks per worker the teacher time alone asks for, at most (unless max_in_flight says)
 
 

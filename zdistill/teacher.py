@@ -15,8 +15,11 @@ request     header / arrays                             reply
 ==========  ==========================================  =====================================
 
 Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` and the server goes
-on serving everyone else.  The socket is bound only after every model instance has
-loaded and run once, so an answered ``ping`` means the teacher is really ready.
+on serving everyone else.  A model that raises gets ``model_error``; one whose outputs
+do not match the fetches it declares (rows, row shape, dtype; see
+:func:`~zdistill.model.check_outputs`) gets ``bad_output``, which no retry mends.  The
+socket is bound only after every model instance has loaded and run once, so an answered
+``ping`` means the teacher is really ready.
 
 Memory is bounded.  The requests a teacher holds (queued or running) may take at most
 ``--max-queue-mb``; a ``predict`` that does not fit gets the error code ``busy`` at once
@@ -57,7 +60,7 @@ import zmq
 
 from zdistill import wire
 from zdistill.batcher import Batcher, Request
-from zdistill.errors import ConfigError, WireError
+from zdistill.errors import ConfigError, ModelOutputError, WireError
 from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
 from zdistill.model import MAX_MODEL_ID, Model, load_model
@@ -282,7 +285,9 @@ class TeacherServer:
     def _reply(self, results: list[Result]) -> None:
         for req, result in results:
             self._release(req)
-            if isinstance(result, Exception):
+            if isinstance(result, ModelOutputError):
+                self._reply_error(req.envelope, req.req_id, "bad_output", str(result))
+            elif isinstance(result, Exception):
                 self._reply_error(req.envelope, req.req_id, "model_error", f"{type(result).__name__}: {result}")
             else:
                 self._send(req.envelope, {"kind": "result", "id": req.req_id}, result)
