@@ -145,6 +145,6 @@ class TorchTeacher:
             # copies still queued on the stream would otherwise read.
             if lane.stream is not None:
                 lane.stream.synchronize()
-        # Copies out of the staging buffers: the server keeps the outputs until the
-        # replies have left, while this thread's next call reuses the buffers.
-        return {name: host.numpy().copy() for name, host in staged.items()}
+        # Views of the staging buffers, which this thread's next call overwrites: the
+        # teacher copies every output before the function can run again on this thread.
+        return {name: host.numpy() for name, host in staged.items()}
