@@ -9,6 +9,7 @@ The tests serve them with real ``zdistill-teacher`` processes.  Each computes
 - :func:`misbehaving`, whose outputs break its declaration in the way a row's first
   value asks for (:data:`MODES`), and are right otherwise: its warm-up run on zeros
   passes, so the teacher starts, and a test can show it stays up after a bad answer.
+- :func:`any_width`, declaring rows of any size (-1).
 - :func:`one_column`, wrong from its first call: the teacher must refuse to start.
 """
 
@@ -115,6 +116,17 @@ def misbehaving(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if mode == "int64":
         return {"y": np.rint(y).astype(np.int64)}
     return {"y": y}
+
+
+@zdistill.teacher_function(feeds={"x": ("float32", [4])}, fetches={"y": ("float32", [-1])})
+def any_width(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Declares rows of any size: the first ``1 + int(x[0, 0]) % 4`` columns of double(x),
+    or rows of shape [4, 1], which no [-1] matches, when a row's first value is -1."""
+    x = batch["x"]
+    y = double(x)
+    if (x[:, 0] == -1).any():
+        return {"y": y[:, :, None]}
+    return {"y": y[:, : 1 + int(x[0, 0]) % 4]}
 
 
 @zdistill.teacher_function(**SPEC)

@@ -146,6 +146,26 @@ def test_an_output_whose_dtype_casts_within_its_kind_is_served_as_declared(clien
     assert y.dtype == np.float32 and np.array_equal(y, want.astype(np.float32))
 
 
+def test_a_declared_any_size_matches_every_size_but_not_another_rank(start_teacher) -> None:
+    """A fetch declared [-1] takes rows of any width; rows of another number of axes are bad_output."""
+    proc = start_teacher(f"{OUTPUTS}:any_width")
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        for width in (1, 2, 3, 4):
+            x = inputs(1, 6)
+            x[0, 0] = width - 1
+            assert np.array_equal(c.predict({"x": x})["y"], double(x)[:, :width])
+        x = inputs(2, 8)
+        x[5, 0] = -1
+        with pytest.raises(TeacherError) as info:
+            c.predict({"x": x})
+        assert info.value.code == "bad_output"
+        assert "output 'y' has shape [8, 4, 1] for a batch of 8 rows, declared float32 [8, -1] (-1: any size)" \
+            in str(info.value)
+    finally:
+        c.close()
+
+
 def test_a_bad_output_in_a_merged_batch_spares_the_other_requests(client) -> None:
     """The batch fails as a whole; the teacher runs each request alone, so only the one whose
     row misbehaves gets ``bad_output`` and the others their own rows."""
