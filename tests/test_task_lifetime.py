@@ -22,6 +22,7 @@ from zdistill.client import TeacherClient
 N, B = 1000, 50
 HUNG_ROW = 520  # in the 11th task: ten tasks are answered before it
 HANG = f"{procs.TEACHERS}:hang_softmax"
+ONE_TASK = ("--max-batch-size", str(B))  # a model call never merges the stuck task's rows with another's
 
 
 def data(marked: bool) -> np.ndarray:
@@ -51,7 +52,7 @@ def waited(message: str) -> float:
 
 @pytest.mark.timeout(60)
 def test_a_batch_the_model_never_returns_fails_the_epoch_naming_the_teacher(start_teacher):
-    teacher = start_teacher(HANG, "--instances", "2")
+    teacher = start_teacher(HANG, "--instances", "2", *ONE_TASK)
     x = data(marked=True)
     out = []
     with make_reader(x, [teacher.endpoint], request_timeout=1.0, max_retries=1) as dr:
@@ -97,7 +98,7 @@ def test_a_teacher_busy_for_ever_fails_the_epoch_naming_it(start_teacher):
 @pytest.mark.timeout(60)
 def test_a_batch_one_teacher_never_returns_is_answered_by_another(start_teacher):
     """The stuck task is tried elsewhere: the epoch ends whole, every prediction right."""
-    hung = start_teacher(HANG, "--instances", "2")
+    hung = start_teacher(HANG, "--instances", "2", *ONE_TASK)
     good = start_teacher()
     x = data(marked=True)
     try:
