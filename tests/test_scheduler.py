@@ -361,7 +361,6 @@ def test_hand_backs_within_request_timeout_unsent_tasks_and_dead_workers_are_no_
         assert sent(s, now) == [(w0, 0)]
         undone(s, w0, 0, protocol.RETURNED, now=now + 4.0)
         s.check(now + 4.0)
-    s.unsent(w0, 0)
     assert sent(s, T0 + 100.0) == [(w0, 0)]
     s.unsent(w0, 0)  # the send failed: no try
     s.check(T0 + 200.0)
