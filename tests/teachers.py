@@ -92,3 +92,16 @@ def softmax_100(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def renamed_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """softmax whose feed is called ``pixels``: a model redeployed with another input name."""
     return {"prob": softmax_np(batch["pixels"])}
+
+
+HANG_MARK = -1.0  # an img row starting with this value makes hang_softmax's model call never return
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
+def hang_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax whose call never returns (it sleeps ZDISTILL_TEST_HANG_S, default an hour) for a batch
+    holding a row that starts with HANG_MARK: a model stuck on one input, while the teacher still
+    answers pings and, on its other instances, other batches."""
+    if (batch["img"][:, 0] == HANG_MARK).any():
+        time.sleep(float(os.environ.get("ZDISTILL_TEST_HANG_S", "3600")))
+    return {"prob": softmax_np(batch["img"])}

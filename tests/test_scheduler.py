@@ -25,9 +25,10 @@ def wid(i: int) -> bytes:
 def make(workers: int = 2, up: bool = True, epoch: int = 1, **options) -> Scheduler:
     """A scheduler with ``workers`` workers (up, unless told), in ``epoch``.
 
-    ``max_in_flight=2`` keeps the plan at 2 tasks per worker whatever was measured.
+    ``max_in_flight=2`` keeps the plan at 2 tasks per worker whatever was measured; the
+    tries' own clock (``request_timeout``) runs out only in the tests that set it.
     """
-    s = Scheduler(PipelineOptions(**{"max_in_flight": 2, **options}))
+    s = Scheduler(PipelineOptions(**{"max_in_flight": 2, "request_timeout": 1e6, **options}))
     for i in range(workers):
         add(s, i, up=up)
     s.begin(epoch, T0)
@@ -58,8 +59,8 @@ def produce(s: Scheduler, n: int, nbytes: int = 100, rows: int = 8) -> list[int]
     return used
 
 
-def sent(s: Scheduler) -> list[tuple[bytes, int]]:
-    return [(identity, held.task.task) for identity, held in s.assignments()]
+def sent(s: Scheduler, now: float = T0) -> list[tuple[bytes, int]]:
+    return [(identity, held.task.task) for identity, held in s.assignments(now)]
 
 
 def done(s: Scheduler, w: bytes, task_id: int, epoch: int | None = None, now: float = T0, elapsed: float = 0.01):
@@ -67,9 +68,9 @@ def done(s: Scheduler, w: bytes, task_id: int, epoch: int | None = None, now: fl
     return s.on_done(w, msg, 8, now)
 
 
-def undone(s: Scheduler, w: bytes, task_id: int, code: str, epoch: int | None = None) -> None:
+def undone(s: Scheduler, w: bytes, task_id: int, code: str, epoch: int | None = None, now: float = T0) -> None:
     s.on_undone(w, protocol.Undone(epoch=s.epoch if epoch is None else epoch, task=task_id, code=code,
-                                   message="no"))
+                                   message="no"), now)
 
 
 def holds(s: Scheduler, w: bytes) -> int:
@@ -138,7 +139,7 @@ def test_a_task_is_never_given_twice_to_the_same_worker():
     assert holds(s, w0) == 1
     w1 = add(s, 1)
     assert sent(s) == [(w1, 0)]  # another worker may take a copy
-    assert s.pending[0].holders == {w0, w1}
+    assert s.pending[0].holders.keys() == {w0, w1}
 
 
 # -- answers ----------------------------------------------------------------------
@@ -199,7 +200,7 @@ def test_a_returned_task_goes_elsewhere_without_counting_a_failure():
     s.on_status(w0, protocol.Status(up=False, reason="teacher down"), T0)
     undone(s, w0, 0, protocol.RETURNED)
     assert s.counters.returned == 1 and s.teachers["teacher0"].returned == 1
-    assert s.counters.failed == 0 and s.counters.resent == 0 and not s.retries
+    assert s.counters.failed == 0 and s.counters.resent == 0 and not s.pending[0].failures
     assert holds(s, w0) == 0
     assert sent(s) == [(w1, 0)]
     for _ in range(10):  # hand-backs never fail the epoch
@@ -268,7 +269,7 @@ def test_a_dead_worker_s_task_held_by_another_too_is_not_queued_again():
     s.check(T0 + 11.0)
     assert sent(s) == [(w1, 0)]
     assert s.worker_gone(w0) == 0
-    assert s.pending[0].holders == {w1}
+    assert s.pending[0].holders.keys() == {w1}
     assert sent(s) == []
 
 
@@ -283,6 +284,121 @@ def test_an_unsent_task_waits_again():
     assert sent(s) == [(w0, 0), (w0, 1)]  # in order again, and to w0 again: it never got them
     s.unsent(wid(7), 0)  # a worker unknown: nothing breaks
     assert holds(s, w0) == 2
+
+
+# -- a task's life: every try has request_timeout -----------------------------------
+
+
+def test_a_try_unanswered_for_request_timeout_fails_and_its_task_goes_elsewhere():
+    s = make(workers=2, request_timeout=5.0, max_retries=1)
+    w0, w1 = wid(0), wid(1)
+    produce(s, 2)
+    assert sent(s) == [(w0, 0)] + [(w1, 1)]
+    done(s, w1, 1, now=T0 + 1.0)
+    s.check(T0 + 4.9)
+    assert s.counters.timed_out == 0 and sent(s, T0 + 4.9) == []
+    s.check(T0 + 5.0)  # task 0 waited request_timeout on teacher0: one failed try
+    assert s.counters.timed_out == 1 and s.teachers["teacher0"].timed_out == 1
+    assert sent(s, T0 + 5.0) == [(w1, 0)]  # tried elsewhere; w0 still holds it (its credit)
+    assert holds(s, w0) == 1
+    assert done(s, w0, 0, now=T0 + 5.5) is not None  # a late answer still wins
+    assert done(s, w1, 0, now=T0 + 6.0) is None
+    s.check(T0 + 20.0)
+    assert s.counters.timed_out == 1
+
+
+def test_a_task_unanswered_on_every_try_fails_the_epoch_naming_the_teachers_and_the_time():
+    s = make(workers=2, request_timeout=5.0, max_retries=1)
+    w0, w1 = wid(0), wid(1)
+    produce(s, 1)
+    assert sent(s) == [(w0, 0)]
+    s.check(T0 + 5.0)
+    assert sent(s, T0 + 5.0) == [(w1, 0)]
+    undone(s, w0, 0, protocol.RETURNED, now=T0 + 5.02)  # w0's own request timed out too
+    s.check(T0 + 9.9)
+    with pytest.raises(TeacherTimeout) as info:
+        s.check(T0 + 10.0)
+    message = str(info.value)
+    assert "task 0 failed 2 time(s) over 10.0 s (max_retries 1)" in message, message
+    assert "teacher teacher0: no answer within request_timeout (5 s)" in message, message
+    assert "teacher teacher1: no answer within request_timeout (5 s)" in message, message
+
+
+def test_a_hand_back_after_request_timeout_is_a_failed_try_counted_once():
+    s = make(workers=1, request_timeout=5.0, max_retries=2)
+    w0 = wid(0)
+    produce(s, 1)
+    assert sent(s) == [(w0, 0)]
+    undone(s, w0, 0, protocol.RETURNED, now=T0 + 5.01)  # the worker's request timed out before check() ran
+    assert s.counters.timed_out == 1 and s.counters.returned == 1
+    s.check(T0 + 5.02)
+    assert s.counters.timed_out == 1
+    assert sent(s, T0 + 5.3) == [(w0, 0)]  # its teacher is up again
+    s.check(T0 + 10.29)
+    assert s.counters.timed_out == 1
+    s.check(T0 + 10.3)  # ...and times out again: counted by the clock; the hand-back after it is not
+    assert s.counters.timed_out == 2
+
+
+def test_a_hand_back_after_the_clock_counted_the_try_is_not_counted_again():
+    s = make(workers=1, request_timeout=5.0, max_retries=1)
+    w0 = wid(0)
+    produce(s, 1)
+    assert sent(s) == [(w0, 0)]
+    s.check(T0 + 5.0)
+    undone(s, w0, 0, protocol.RETURNED, now=T0 + 5.02)
+    assert s.counters.timed_out == 1
+    assert s.pending[0].failures == [("teacher0", "no answer within request_timeout (5 s)")]
+    assert sent(s, T0 + 5.3) == [(w0, 0)]
+
+
+def test_hand_backs_within_request_timeout_unsent_tasks_and_dead_workers_are_no_failure():
+    s = make(workers=2, request_timeout=5.0, max_retries=0)
+    w0, w1 = wid(0), wid(1)
+    produce(s, 1)
+    for i in range(20):  # a teacher going down and up again many times: never the task's fault
+        now = T0 + 4.0 * i
+        assert sent(s, now) == [(w0, 0)]
+        undone(s, w0, 0, protocol.RETURNED, now=now + 4.0)
+        s.check(now + 4.0)
+    assert sent(s, T0 + 100.0) == [(w0, 0)]
+    s.unsent(w0, 0)  # the send failed: no try
+    s.check(T0 + 200.0)
+    assert sent(s, T0 + 200.0) == [(w0, 0)]
+    assert s.worker_gone(w0) == 1  # its try ends with it
+    s.check(T0 + 300.0)
+    assert sent(s, T0 + 300.0) == [(w1, 0)]
+    assert s.counters.timed_out == 0 and not s.pending[0].failures
+
+
+def test_a_worker_keeping_a_task_counts_a_failed_try_each_request_timeout():
+    """A worker that never answers nor hands back (frozen) cannot hold a task for ever."""
+    s = make(workers=1, request_timeout=5.0, max_retries=2)
+    produce(s, 1)
+    assert sent(s) == [(wid(0), 0)]
+    s.check(T0 + 5.0)
+    s.check(T0 + 9.9)
+    assert s.counters.timed_out == 1
+    s.check(T0 + 10.0)
+    assert s.counters.timed_out == 2
+    with pytest.raises(TeacherTimeout, match=r"task 0 failed 3 time\(s\) over 15.0 s .*\(3 times\)"):
+        s.check(T0 + 15.0)
+
+
+def test_a_busy_refusal_is_a_failed_try_and_one_after_the_timeout_is_not_counted_twice():
+    s = make(workers=1, request_timeout=5.0, max_retries=1)
+    w0 = wid(0)
+    produce(s, 1)
+    assert sent(s) == [(w0, 0)]
+    s.check(T0 + 5.0)
+    undone(s, w0, 0, "busy", now=T0 + 5.1)  # the same try: no second count
+    assert len(s.pending[0].failures) == 1 and s.counters.failed == 1
+    assert sent(s, T0 + 5.2) == [(w0, 0)]
+    with pytest.raises(TeacherError) as info:
+        undone(s, w0, 0, "busy", now=T0 + 6.0)
+    message = str(info.value)
+    assert info.value.code == "busy" and "2 time(s) over 6.0 s" in message, message
+    assert "teacher teacher0: no answer within request_timeout (5 s); teacher teacher0: busy: no" in message
 
 
 # -- slots ----------------------------------------------------------------------

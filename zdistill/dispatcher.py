@@ -321,7 +321,7 @@ class Dispatcher:
                 if held is not None:
                     self.events.put(Result(msg.epoch, held.task, arrays))
             elif isinstance(msg, protocol.Undone):
-                self.sched.on_undone(identity, msg)
+                self.sched.on_undone(identity, msg, time.monotonic())
             elif isinstance(msg, protocol.Status):
                 self.pool.mark_started(identity)
                 self.sched.on_status(identity, msg, now)
@@ -333,7 +333,7 @@ class Dispatcher:
                 self.pool.mark_started(identity)
 
     def _send_tasks(self) -> None:
-        for identity, held in self.sched.assignments():
+        for identity, held in self.sched.assignments(time.monotonic()):
             try:
                 self._router.send_multipart([identity, *held.wire], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # gone, or not connected yet: the task waits for another

@@ -10,6 +10,10 @@ class PipelineOptions:
     """Knobs of the pipeline; the defaults are chosen for throughput on small machines.
 
     How tasks and queues are sized from them is :meth:`zdistill.scheduler.Scheduler.plan`.
+    Every task has a bounded life: each send of it is a try that fails when refused or
+    unanswered for ``request_timeout``, and a task whose tries failed ``max_retries + 1``
+    times fails the epoch, naming the teachers and the time waited (see
+    :mod:`zdistill.scheduler`).
     """
 
     request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)
@@ -21,8 +25,8 @@ class PipelineOptions:
     in_flight: int = 2  # tasks in flight per worker, at least (each is one or more teacher requests)
     max_in_flight: int | None = None  # ...and at most (None: up to 8, more to fill a teacher's batches)
     queue_seconds: float = 0.04  # teacher time a worker holds in flight
-    request_timeout: float = 30.0  # a teacher silent this long is treated as down
-    max_retries: int = 3  # refusals of one task before the error reaches the training loop
+    request_timeout: float = 30.0  # a request unanswered this long marks its teacher down; a try of a task, failed
+    max_retries: int = 3  # failed tries of a task (refused, busy, unanswered) retried: one more fails the epoch
     teacher_wait: float = 300.0  # how long an epoch waits with no teacher up before it fails
     stall_timeout: float = 60.0  # no progress this long: send every missing task again
     straggler_factor: float = 4.0  # the next task late by this many typical task times is sent again

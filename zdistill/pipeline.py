@@ -195,6 +195,7 @@ class Pipeline:
                     "samples": t["samples"],
                     "samples_per_s": t["samples"] / busy if busy else 0.0,
                     "failed": t["failed"],
+                    "timed_out": t["timed_out"],
                     "returned": t["returned"],
                     "reason": t["reason"],
                     "state_age_s": now - t["changed_at"] if t["changed_at"] else None,

@@ -9,9 +9,16 @@ of its own (callers pass ``now``), so its rules are unit-tested with plain calls
 - **Tasks**: a task of the current epoch is *pending* from the moment the producer
   built it until its first answer; a queue (lowest id first, as the training loop
   wants them in order) holds those waiting for a worker.  A task goes back in the
-  queue when its worker hands it back, dies or refuses it (a few times at most), when
-  later tasks finished long before it (a straggler: the first answer wins), and when
-  nothing finished for ``stall_timeout``.
+  queue when its worker hands it back, dies or refuses it, when a try of it went
+  unanswered for ``request_timeout``, when later tasks finished long before it (a
+  straggler: the first answer wins), and when nothing finished for ``stall_timeout``.
+- **A task's life is bounded**: each send of it to a worker is a *try* with its own
+  clock.  A try fails when the teacher refuses it (``busy`` included) or leaves it
+  unanswered for ``request_timeout`` (counted again for each further
+  ``request_timeout`` its worker keeps it); a hand-back within ``request_timeout``, or a
+  worker's death, is not the task's failure.  A task that failed more than
+  ``max_retries`` tries fails the epoch (:meth:`Scheduler._fail_try`) with an error
+  naming the teachers tried, why each try failed and the seconds since it was first sent.
 - **Workers**: what each one holds, counted here (sent, not yet answered), is its
   credit: a worker gets a task only while it holds fewer than the epoch's
   ``in_flight``.  Among those with room, the one holding least gets it, so a slow
@@ -44,12 +51,23 @@ _DEEP_MAX = 8  # tasks per worker the teacher time alone asks for, at most (unle
 
 
 @dataclass
+class Try:
+    """One send of a task to a worker, while that worker holds it."""
+
+    teacher: str
+    deadline: float  # sent + request_timeout: unanswered then, the try fails (and again each request_timeout more)
+    failed: bool = False  # counted as a failed try already: a refusal coming later is not counted again
+
+
+@dataclass
 class HeldTask:
-    """A pending task: its message (forwarded to workers as received) and who holds it."""
+    """A pending task: its message (forwarded to workers as received), who holds it, its failed tries."""
 
     task: protocol.Task
     wire: list[Any]  # the producer's frames
-    holders: set[bytes] = field(default_factory=set)
+    holders: dict[bytes, Try] = field(default_factory=dict)  # the workers it was sent to, not yet answered
+    first_sent: float | None = None  # when it was first sent (the error says how long it waited)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (teacher, why) of each failed try
 
 
 @dataclass
@@ -73,6 +91,7 @@ class TeacherStats:
     tasks: int = 0
     samples: int = 0
     failed: int = 0
+    timed_out: int = 0
     returned: int = 0
     up: bool = False
     changed_at: float = 0.0  # monotonic time of the last up/down change
@@ -89,6 +108,7 @@ class Counters:
     resent: int = 0  # sends beyond the first (a worker died, a refusal, a stall)
     returned: int = 0  # handed back by a worker whose teacher could not run them
     failed: int = 0  # refused by a teacher
+    timed_out: int = 0  # tries unanswered within request_timeout
     straggler_resends: int = 0
     duplicates_dropped: int = 0  # second answers of a task sent twice
     cache_hits: int = 0  # rows answered from the teacher-output cache
@@ -126,11 +146,11 @@ class Scheduler:
         self._queued: set[int] = set()
         self.produced = 0
         self.total: int | None = None  # tasks of the epoch, once the producer said
-        self.retries: Counter[int] = Counter()
         self.last_progress = 0.0
         self.highest_done = -1
         self._blocked: tuple[int, float] | None = None  # (lowest pending task, since when later ones are done)
         self._down_since: float | None = None
+        self._next_expiry = math.inf  # no try can run out of time before this
         # Slots: free, granted to the producer, or holding a task (until released).
         self.slot_count = 0
         self.free: list[int] = []  # a heap: the lowest slots are reused, so few slot files are ever made
@@ -163,7 +183,7 @@ class Scheduler:
         for epoch, task in state.holds:
             held = self.pending.get(task) if epoch == self.epoch else None
             if held is not None:
-                held.holders.discard(identity)
+                held.holders.pop(identity, None)
                 if not held.holders:
                     resent += self._requeue(task)
         self.counters.resent += resent
@@ -189,7 +209,7 @@ class Scheduler:
         self.pending.clear()
         self._queue.clear()
         self._queued.clear()
-        self.retries.clear()
+        self._next_expiry = math.inf
         self.produced, self.total, self.highest_done = 0, None, -1
         self._blocked = self._down_since = None
         self.last_progress = now
@@ -284,8 +304,9 @@ class Scheduler:
         """Every task of the epoch was made and answered."""
         return self.total is not None and self.produced == self.total and not self.pending
 
-    def assignments(self) -> list[tuple[bytes, HeldTask]]:
-        """Queued tasks to workers with room, lowest task first, least-loaded worker first."""
+    def assignments(self, now: float) -> list[tuple[bytes, HeldTask]]:
+        """Queued tasks to workers with room, lowest task first, least-loaded worker first; each
+        one a try sent ``now``."""
         out: list[tuple[bytes, HeldTask]] = []
         if not self.active:
             return out
@@ -308,7 +329,9 @@ class Scheduler:
                     break  # no worker has room: the rest waits too
                 continue
             self._queued.discard(task_id)
-            held.holders.add(best)
+            held.holders[best] = Try(self.workers[best].teacher, now + self.options.request_timeout)
+            held.first_sent = now if held.first_sent is None else held.first_sent
+            self._next_expiry = min(self._next_expiry, now + self.options.request_timeout)
             self.workers[best].holds.add((self.epoch, task_id))
             out.append((best, held))
         for task_id in skipped:
@@ -322,7 +345,7 @@ class Scheduler:
             state.holds.discard((self.epoch, task_id))
         held = self.pending.get(task_id)
         if held is not None:
-            held.holders.discard(identity)
+            held.holders.pop(identity, None)
             self._requeue(task_id)
 
     def on_done(self, identity: bytes, done: protocol.Done, rows: int, now: float) -> HeldTask | None:
@@ -349,31 +372,65 @@ class Scheduler:
         self.highest_done = max(self.highest_done, done.task)
         return held
 
-    def on_undone(self, identity: bytes, undone: protocol.Undone) -> None:
-        """A task handed back (sent elsewhere) or refused (retried, up to ``max_retries``)."""
+    def on_undone(self, identity: bytes, undone: protocol.Undone, now: float) -> None:
+        """A task handed back (sent elsewhere) or refused (a failed try: retried, up to ``max_retries``).
+
+        A hand-back that comes once the try's ``request_timeout`` ran out (the worker's
+        request timed out first) is a failed try too, if the clock did not count it yet.
+        """
         state = self.workers.get(identity)
         if state is not None:
             state.holds.discard((undone.epoch, undone.task))
         held = self.pending.get(undone.task) if undone.epoch == self.epoch else None
         if held is None:
             return
-        held.holders.discard(identity)
-        stats = self.teachers.setdefault(state.teacher, TeacherStats()) if state else TeacherStats()
+        attempt = held.holders.pop(identity, None)
+        if attempt is None:
+            return  # the word of a worker already forgotten: the task is queued or held elsewhere
+        stats = self.teachers.setdefault(attempt.teacher, TeacherStats())
         if undone.code == protocol.RETURNED:
             self.counters.returned += 1
             stats.returned += 1
+            if now >= attempt.deadline:
+                self._timed_out(held, attempt, now)
         else:
-            self.retries[undone.task] += 1
             self.counters.failed += 1
             stats.failed += 1
-            tries = self.retries[undone.task]
-            if undone.code in FATAL_CODES or tries > self.options.max_retries:
-                raise TeacherError(f"task {undone.task} failed {tries} time(s); last error: {undone.message}",
-                                   undone.code)
+            if not attempt.failed or undone.code in FATAL_CODES:
+                self._fail_try(held, attempt.teacher, f"{undone.code}: {undone.message}", now, undone.code)
             log.warning("task %d failed (%s), sending it again: %s", undone.task, undone.code, undone.message)
             self.counters.resent += 1
         if not held.holders:
             self._requeue(undone.task)
+
+    def _timed_out(self, held: HeldTask, attempt: Try, now: float) -> None:
+        """A try went ``request_timeout`` unanswered: a failed try; its clock starts again."""
+        attempt.failed = True
+        attempt.deadline = now + self.options.request_timeout
+        self.counters.timed_out += 1
+        self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
+        log.warning("task %d: no answer from teacher %s within %g s (request_timeout)", held.task.task,
+                    attempt.teacher, self.options.request_timeout)
+        self._fail_try(held, attempt.teacher, f"no answer within request_timeout ({self.options.request_timeout:g} s)",
+                       now, None)
+
+    def _fail_try(self, held: HeldTask, teacher: str, why: str, now: float, code: str | None) -> None:
+        """Count a failed try of ``held``; past ``max_retries`` (or refused as hopeless) the epoch fails.
+
+        The error is a :class:`TeacherError` with the teacher's code when the last try was
+        refused, a :class:`TeacherTimeout` when it went unanswered; its message names every
+        teacher tried, why each try failed and how long the task waited since first sent.
+        """
+        held.failures.append((teacher, why))
+        tries = len(held.failures)
+        if (code is None or code not in FATAL_CODES) and tries <= self.options.max_retries:
+            return
+        waited = 0.0 if held.first_sent is None else now - held.first_sent
+        each = Counter(held.failures)  # in the order they came, alike ones once
+        message = (f"task {held.task.task} failed {tries} time(s) over {waited:.1f} s (max_retries "
+                   f"{self.options.max_retries}): "
+                   + "; ".join(f"teacher {t}: {w}" + (f" ({n} times)" if n > 1 else "") for (t, w), n in each.items()))
+        raise TeacherTimeout(message) if code is None else TeacherError(message, code)
 
     # -- supervision ------------------------------------------------------------------
 
@@ -381,6 +438,7 @@ class Scheduler:
         """Stragglers, stalls and teachers gone: resend, or raise when waiting cannot help."""
         if not self.active:
             return
+        self._expire_tries(now)
         self._chase_straggler(now)
         if self.pending and now - self.last_progress > self.options.stall_timeout:
             log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
@@ -388,6 +446,18 @@ class Scheduler:
             for task_id in list(self.pending):
                 self.counters.resent += self._requeue(task_id)
         self._check_teachers(now)
+
+    def _expire_tries(self, now: float) -> None:
+        """Count each try unanswered for ``request_timeout`` as failed, and queue its task for another worker."""
+        if now < self._next_expiry:
+            return
+        self._next_expiry = math.inf
+        for held in self.pending.values():
+            for attempt in held.holders.values():
+                if now >= attempt.deadline:
+                    self._timed_out(held, attempt, now)
+                    self.counters.resent += self._requeue(held.task.task)
+                self._next_expiry = min(self._next_expiry, attempt.deadline)
 
     def _chase_straggler(self, now: float) -> None:
         """Send the lowest pending task again when later ones finished long before it."""

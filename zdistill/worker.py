@@ -13,7 +13,10 @@ past its timeout marks the teacher *down*; the worker then hands back every task
 holds (``undone`` with code ``returned``: sent elsewhere without counting a retry)
 and probes the teacher with ``meta`` until it answers again.  The dispatcher hears a
 ``status`` on each change.  Requests the teacher refuses come back as ``undone`` with
-the teacher's error code, for the dispatcher to retry or give up on.
+the teacher's error code, for the dispatcher to retry or give up on.  A ``busy`` answer
+is retried here, after a growing pause, but only while the task is younger than the
+request timeout: past it the dispatcher counts the try as failed anyway, so the task
+comes back as ``undone`` ``busy`` and this worker holds nothing for ever.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ log = logging.getLogger("zdistill.worker")  # not __name__: it runs as __main__
 _PROBE_EVERY = 0.25
 _PROBE_UNUSABLE = 2.0  # a teacher that takes other inputs is asked again this rarely (it may be redeployed)
 _BUSY_FIRST = 0.02  # a request the teacher was too busy for is sent again after this...
-_BUSY_MAX = 1.0  # ...doubling up to this
+_BUSY_MAX = 1.0  # ...doubling up to this, while the task is younger than the request timeout
 
 
 @dataclass(kw_only=True)
@@ -235,8 +238,14 @@ class Worker:
         code = getattr(done.error, "code", "")
         if code == "busy":  # the teacher's queue is full: the same request again, a little later
             job.busy += 1
-            heapq.heappush(self.retries, (time.monotonic() + min(_BUSY_MAX, _BUSY_FIRST * 2 ** (job.busy - 1)), key,
-                                          part))
+            now = time.monotonic()
+            retry_at = now + min(_BUSY_MAX, _BUSY_FIRST * 2 ** (job.busy - 1))
+            if retry_at - job.started < self.cfg.timeout:
+                heapq.heappush(self.retries, (retry_at, key, part))
+            else:  # a try the dispatcher counts as failed: it decides whether the task goes on
+                self._drop_job(key)
+                self._send(protocol.Undone(epoch=job.task.epoch, task=job.task.task, code="busy",
+                                           message=f"answered busy for {now - job.started:.1f} s (its queue is full)"))
         elif isinstance(done.error, TeacherTimeout) or code == "shutting_down":
             self._teacher_down(str(done.error))
         elif done.error is not None:
@@ -287,9 +296,13 @@ class Worker:
         return full
 
     def _drop_job(self, key: tuple[int, int]) -> None:
+        """Forget a job, its requests and its busy retries (the same task may come here again)."""
         job = self.jobs.pop(key)
         for req_id in job.pending:
             self.requests.pop(req_id, None)
+        if any(k == key for _, k, _ in self.retries):
+            self.retries = [r for r in self.retries if r[1] != key]
+            heapq.heapify(self.retries)
 
     # -- teacher health -----------------------------------------------------
 
