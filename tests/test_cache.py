@@ -248,3 +248,284 @@ def test_a_segment_of_another_schema_in_the_folder_is_ignored(tmp_path):
     assert index.refresh() == 20
     assert index.refresh() == 0  # and stays ignored
     assert look_up(index, keys) is not None and look_up(index, answers(20, 2)[0]) is None
+
+
+# -- damaged, truncated and foreign segments ----------------------------------------------
+
+
+def segments_under(root) -> list[str]:
+    """Every cache segment under ``root``, whatever folder the model's answers live in."""
+    return sorted(os.path.join(f, n) for f, _, files in os.walk(root) for n in files if n.endswith(".zdc"))
+
+
+def test_a_record_with_two_words_swapped_is_never_served(tmp_path):
+    """A check that does not see where each word is would pass every one of these records."""
+    folder, keys, out = one_segment(tmp_path, 100, 1)
+    (segment,) = segments_under(tmp_path)
+    record = (os.path.getsize(segment) - 4096) // 100
+    with open(segment, "r+b") as f:
+        for i in range(100):  # swap the prediction's first two floats (they differ: a softmax of random rows)
+            at = 4096 + i * record + 16
+            f.seek(at)
+            words = f.read(8)
+            f.seek(at)
+            f.write(words[4:] + words[:4])
+    index = CacheIndex(folder, FETCHES)
+    added = index.refresh()
+    served = look_up_rows(index, keys)
+    wrong = sum(served[i] is not None and served[i].tobytes() != out["prob"][i].tobytes() for i in range(100))
+    assert (added, wrong) == (0, 0), f"{wrong} of 100 records served wrong"
+
+
+def look_up_rows(index: CacheIndex, keys: np.ndarray) -> list[np.ndarray | None]:
+    """Each key's cached row as the producer would serve it, or None where it is not served."""
+    found = index.lookup(keys)
+    rows = np.flatnonzero(found >= 0)
+    got = {"prob": np.empty((len(rows), 10), np.float32)}
+    served = index.gather(found[rows], got)
+    result: list[np.ndarray | None] = [None] * len(keys)
+    for j, i in enumerate(rows):
+        if served is None or served[j]:
+            result[i] = got["prob"][j]
+    return result
+
+
+def test_the_record_check_is_xxh32_of_the_record_bytes():
+    """The vectorised check computes exactly xxh32 (the library's own, record by record)."""
+    import xxhash
+
+    from zdistill.cache import CHECK_SEED, record_checks, record_dtype
+
+    for fetches in (FETCHES, [TensorSpec("a", "float16", (3,)), TensorSpec("b", "int64", (5, 2))]):
+        dtype = record_dtype(fetches)
+        records = np.zeros(7, dtype)
+        raw = records.view(np.uint8).reshape(7, -1)
+        raw[:] = np.random.default_rng(3).integers(0, 256, raw.shape, dtype=np.uint8)
+        want = [xxhash.xxh32_intdigest(row[:-4].tobytes(), CHECK_SEED) for row in raw]
+        assert record_checks(records).tolist() == want
+
+
+def old_format_segment(folder: str, keys: np.ndarray, out: dict[str, np.ndarray]) -> str:
+    """A segment as the cache's first format wrote it: magic ZDC1, a plain sum as its check."""
+    dtype = np.dtype([("key", "u1", (16,)), ("p:prob", "<f4", (10,)), ("check", "<u4")])
+    records = np.zeros(len(keys), dtype)
+    records["key"], records["p:prob"] = keys, out["prob"]
+    words = records.view(np.uint8).reshape(len(keys), -1)[:, :-4].view("<u4")
+    records["check"] = words.sum(axis=1, dtype=np.uint32) + np.uint32(0x9E3779B9)
+    path = os.path.join(folder, "00000000000000000001-1-00000000.zdc")
+    head = b"ZDC1" + json.dumps([f.to_wire() for f in FETCHES]).encode()
+    with open(path, "wb") as f:
+        f.write(head.ljust(4096, b"\0") + records.tobytes())
+    return path
+
+
+def test_a_segment_of_the_old_format_is_skipped_not_misread(tmp_path, caplog):
+    folder = folder_for(str(tmp_path), "m1", FETCHES)
+    os.makedirs(folder)
+    keys, out = answers(30, 4)
+    path = old_format_segment(folder, keys, out)
+    index = CacheIndex(folder, FETCHES)
+    with caplog.at_level("WARNING", logger="zdistill"):
+        assert index.refresh() == 0
+    assert look_up(index, keys) is None
+    assert any(path in r.getMessage() for r in caplog.records)
+
+
+def test_a_segment_with_a_damaged_header_is_skipped_and_named(tmp_path, caplog):
+    """Bytes that are not UTF-8 (or not JSON) in a header: that segment is skipped, the rest read."""
+    folder, keys, out = one_segment(tmp_path, 20, 1)
+    (good,) = segments_under(tmp_path)
+    damaged = []
+    for seed, junk in ((2, b"\xff\xfe\x80"), (3, b"{]")):
+        writer = CacheWriter(folder, FETCHES, 1 << 30, str(tmp_path))
+        writer.append(*answers(20, seed))
+        writer.close()
+        (path,) = set(segments_under(tmp_path)) - {good, *damaged}
+        with open(path, "r+b") as f:
+            f.seek(4)
+            f.write(junk)
+        damaged.append(path)
+    index = CacheIndex(folder, FETCHES)
+    with caplog.at_level("WARNING", logger="zdistill"):
+        assert index.refresh() == 20
+        assert index.refresh() == 0
+    served = look_up_rows(index, keys)
+    assert all(row is not None and row.tobytes() == out["prob"][i].tobytes() for i, row in enumerate(served))
+    assert look_up(index, answers(20, 2)[0]) is None
+    for path in damaged:
+        assert sum(path in r.getMessage() for r in caplog.records) == 1, f"{path} not named once"
+
+
+_TRUNCATED = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    from tests.test_cache import FETCHES, answers, look_up_rows, segments_under
+    from zdistill.cache import CacheIndex, CacheWriter, folder_for
+    root = sys.argv[1]
+    folder = folder_for(root, "m1", FETCHES)
+    writer = CacheWriter(folder, FETCHES, 1 << 30, root)
+    keys, out = answers(1000, 1)
+    writer.append(keys, out)
+    writer.close()
+    index = CacheIndex(folder, FETCHES)
+    index.refresh()
+    (segment,) = segments_under(root)
+    record = (os.path.getsize(segment) - 4096) // 1000
+    os.truncate(segment, 4096 + 10 * record + record // 2)  # 10 records and half of one are left
+    served = look_up_rows(index, keys)
+    right = [i for i, row in enumerate(served) if row is not None and row.tobytes() == out["prob"][i].tobytes()]
+    print(json.dumps({"served": sum(row is not None for row in served), "right": right}))
+""")
+
+
+def test_a_segment_truncated_after_the_scan_is_read_as_far_as_it_goes(tmp_path):
+    """The rows past the file's new end are misses (no SIGBUS); the rows before it are served."""
+    result = subprocess.run([sys.executable, "-c", _TRUNCATED, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=procs.REPO)
+    assert result.returncode == 0, f"the reader died ({result.returncode}): {result.stderr[-2000:]}"
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got == {"served": 10, "right": list(range(10))}
+
+
+def test_segments_truncated_under_a_running_student(start_teacher, tmp_path, data, caplog):
+    """The segments shrink between the student's scan and the producer's copy of the hits:
+    the epoch ends with the teacher's answers (no SIGBUS), the workers store them in new
+    segments, and the next refresh names the shrunk ones and answers from the new."""
+    x, y = data
+    cache = tmp_path / "cache"
+    teacher = start_teacher()
+    truncate = {"on": False}
+
+    def shrinking():  # runs in the producer, after the scan: the segments shrink under it
+        if truncate["on"]:
+            for path in segments_under(cache):
+                os.truncate(path, 4096)
+        return batches(x, y)()
+
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.set_batch_generator(shrinking)
+        dr.set_teacher_cache(cache)
+        epoch(dr)
+        truncate["on"] = True
+        shrunk = segments_under(cache)
+        with caplog.at_level("WARNING", logger="zdistill"):
+            labels, probs = epoch(dr)
+            assert rows_asked(teacher) == 2 * N  # every row asked again: none could be read
+            truncate["on"] = False
+            labels3, probs3 = epoch(dr)
+            assert rows_asked(teacher) == 2 * N  # answered from the segments written in epoch 2
+    for got_labels, got in ((labels, probs), (labels3, probs3)):
+        np.testing.assert_array_equal(got_labels, y)
+        np.testing.assert_allclose(got, softmax_np(x), rtol=1e-5, atol=1e-6)
+    for path in shrunk:
+        assert any(path in r.getMessage() for r in caplog.records), f"{path} not named"
+
+
+def test_a_new_student_with_a_damaged_segment_in_its_cache(start_teacher, tmp_path, data, caplog):
+    x, y = data
+    cache = tmp_path / "cache"
+    teacher = start_teacher()
+    with reader(teacher, cache, x, y) as dr:
+        epoch(dr)
+    (segment,) = segments_under(cache)
+    with open(segment, "r+b") as f:
+        f.seek(4)
+        f.write(b"\xff\xfe")
+    with reader(teacher, cache, x, y) as dr, caplog.at_level("WARNING", logger="zdistill"):
+        labels, probs = epoch(dr)
+    assert rows_asked(teacher) == 2 * N
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+    assert any(segment in r.getMessage() for r in caplog.records)
+
+
+# -- a cache that cannot be written -------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a real file system of ``size`` (tmpfs, mounted here: needs root), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = []
+
+    def mount(size: str):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                              capture_output=True, text=True, timeout=30)
+        if made.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30, check=True)
+
+
+def remount_read_only(mount) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True, timeout=30, check=True)
+
+
+def only_warning_naming(caplog, path) -> str:
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and str(path) in r.getMessage()]
+    assert len(warned) == 1, warned
+    return warned[0]
+
+
+def assert_teachers_answers(outputs, x, y) -> None:
+    for labels, probs in outputs:
+        np.testing.assert_array_equal(labels, y)
+        np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_a_cache_on_a_full_file_system_turns_itself_off(start_teacher, tmpfs, data, caplog):
+    """The file system fills up during the first epoch (ENOSPC): the epochs end with the
+    teacher's answers, and one warning names the cache."""
+    x, y = data
+    small_fs = tmpfs("16k")  # a segment's header and about 200 of the 1000 rows
+    teacher = start_teacher()
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.set_batch_generator(batches(x, y))
+        dr.set_teacher_cache(small_fs, max_bytes=1 << 30)
+        with caplog.at_level("WARNING", logger="zdistill"):
+            outputs = [epoch(dr)]
+            assert not dr.stats()["cache"]["enabled"]
+            outputs.append(epoch(dr))
+    assert_teachers_answers(outputs, x, y)
+    assert "No space left on device" in only_warning_naming(caplog, small_fs)
+
+
+@pytest.mark.timeout(120)
+def test_a_cache_on_a_read_only_file_system_turns_itself_off(start_teacher, tmpfs, data, caplog):
+    """A cache a first student filled is read-only for the next (EROFS): its rows are still
+    answered, the rows it lacks cannot be stored, and one warning names the cache."""
+    x, y = data
+    small_fs = tmpfs("1m")
+    teacher = start_teacher()
+    with reader(teacher, small_fs, x[: N // 2], y[: N // 2]) as dr:
+        epoch(dr)
+    remount_read_only(small_fs)
+    with reader(teacher, small_fs, x, y) as dr, caplog.at_level("WARNING", logger="zdistill"):
+        outputs = [epoch(dr)]
+        assert dr.stats()["cache"]["hits"] == N // 2
+        assert not dr.stats()["cache"]["enabled"]
+        outputs.append(epoch(dr))
+    assert_teachers_answers(outputs, x, y)
+    assert "Read-only file system" in only_warning_naming(caplog, small_fs)
+
+
+def test_a_read_only_cache_without_this_model_is_not_used(start_teacher, tmpfs, data, caplog):
+    x, y = data
+    small_fs = tmpfs("1m")
+    teacher = start_teacher()
+    remount_read_only(small_fs)
+    with reader(teacher, small_fs, x, y) as dr, caplog.at_level("WARNING", logger="zdistill"):
+        outputs = [epoch(dr)]
+        assert not dr.stats()["cache"]["enabled"]
+    assert_teachers_answers(outputs, x, y)
+    assert "Read-only file system" in only_warning_naming(caplog, small_fs)
