@@ -55,7 +55,7 @@ MAGIC = b"ZDC2"  # the format: records checked by xxh32 (ZDC1's plain sums are n
 _HEADER = 4096  # a segment starts with MAGIC and its schema as JSON, padded to this
 _SEGMENT_BYTES = 64 << 20  # a writer starts a new segment past this
 CHECK_SEED = 0x5A444332  # the seed of each record's xxh32
-_GAP_BYTES = 64 << 10  # hits closer than this in a segment are read with one pread
+_GAP_BYTES = 4 << 10  # hits closer than this in a segment are read with one pread
 _SUFFIX = ".zdc"
 
 
@@ -138,6 +138,8 @@ class _Segment:
     fd: int = -1  # open read-only while usable: positional reads never fault, whatever the file becomes
     usable: bool = True  # False: a file of another format or schema, or damaged, never read
     scanned: int = 0  # complete records looked at so far
+    stat: tuple[int, int] = (-1, -1)  # its size and modification time (ns) when last scanned
+    settled: bool = False  # modified over a second before that scan: any change since shows in its stat
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -232,7 +234,10 @@ class CacheIndex:
 
         A row is copied only if its record, read now, still holds its key and passes its
         check: a segment that shrank or changed since the scan gives misses, never wrong
-        rows, and is skipped from then on (in this process) with a warning naming it.
+        rows, and is skipped from then on (in this process) with a warning naming it.  The
+        checks are computed again unless the segment is as it was when scanned (its size
+        and modification time, and that time was a second older than the scan, so that a
+        later change cannot share its clock tick).
         """
         served = np.zeros(len(positions), bool)
         segs, rows = self._seg[positions], self._row[positions]
@@ -242,9 +247,11 @@ class CacheIndex:
             mine = np.flatnonzero(segs == seg_no)
             if not seg.usable:
                 continue
+            st = os.fstat(seg.fd)
             records, read = self._read(seg, rows[mine])
             ok = read & (records["key"].copy().view("<u8") == keys[mine]).all(axis=1)
-            ok &= record_checks(records) == records["check"]
+            if not seg.settled or (st.st_size, st.st_mtime_ns) != seg.stat:  # else checked when scanned
+                ok &= record_checks(records) == records["check"]
             if not ok.all():
                 short = int((~read).sum())
                 self._skip(seg, f"changed since it was scanned ({short} of {len(mine)} records read past its end, "
@@ -260,21 +267,22 @@ class CacheIndex:
         size = self.dtype.itemsize
         order = np.argsort(rows, kind="stable")
         ordered = rows[order]
-        runs = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(ordered) > max(1, _GAP_BYTES // size)) + 1)
-        records, read = np.zeros(len(rows), self.dtype), np.zeros(len(rows), bool)
-        for run in runs:
-            first = ordered[run[0]]
-            buf = np.empty(ordered[run[-1]] + 1 - first, self.dtype)
-            try:
-                got = os.preadv(seg.fd, [buf.view(np.uint8)], _HEADER + int(first) * size) // size
-            except OSError as exc:
-                log.warning("cache segment %s cannot be read: %s", seg.path, exc)
-                got = 0
-            at = ordered[run] - first
-            whole = at < got
-            records[order[run[whole]]] = buf[at[whole]]
-            read[order[run[whole]]] = True
-        return records, read
+        starts = np.flatnonzero(np.diff(ordered, prepend=-_GAP_BYTES) > max(1, _GAP_BYTES // size))
+        ends = np.append(starts[1:], len(rows))
+        first, spans = ordered[starts], ordered[ends - 1] + 1 - ordered[starts]
+        base = np.cumsum(spans) - spans  # each run's place in the buffer, in records
+        buf = np.empty((int(spans.sum()), size), np.uint8)
+        raw, got = memoryview(buf.reshape(-1)), np.zeros(len(spans), np.int64)
+        try:
+            for i, (at, to, n) in enumerate(zip(first.tolist(), base.tolist(), spans.tolist(), strict=True)):
+                got[i] = os.preadv(seg.fd, [raw[to * size : (to + n) * size]], _HEADER + at * size) // size
+        except OSError as exc:
+            log.warning("cache segment %s cannot be read: %s", seg.path, exc)
+        run = np.repeat(np.arange(len(spans)), ends - starts)
+        offset = ordered - first[run]
+        pick, read = np.empty(len(rows), np.int64), np.empty(len(rows), bool)
+        pick[order], read[order] = base[run] + offset, offset < got[run]
+        return buf[pick].view(self.dtype).reshape(-1), read
 
     def _skip(self, seg: _Segment, why: str) -> None:
         """Never read ``seg`` again, saying why once."""
@@ -325,7 +333,9 @@ class CacheIndex:
         As many as a read gets now: a file that shrank since the last scan is skipped
         (its records scanned before may be gone), never read past its end.
         """
-        size = os.fstat(seg.fd).st_size
+        st = os.fstat(seg.fd)
+        size = st.st_size
+        seg.stat, seg.settled = (size, st.st_mtime_ns), time.time_ns() - st.st_mtime_ns > 1_000_000_000
         count = max(0, size - _HEADER) // self.dtype.itemsize
         if count < seg.scanned:
             self._skip(seg, f"shrank to {count} records after {seg.scanned} were scanned")
