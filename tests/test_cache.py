@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -303,6 +304,25 @@ def test_the_record_check_is_xxh32_of_the_record_bytes():
         raw[:] = np.random.default_rng(3).integers(0, 256, raw.shape, dtype=np.uint8)
         want = [xxhash.xxh32_intdigest(row[:-4].tobytes(), CHECK_SEED) for row in raw]
         assert record_checks(records).tolist() == want
+
+
+def test_a_record_changed_after_the_scan_is_never_served(tmp_path, caplog):
+    """A segment settled long before the scan is not checked again while unchanged; a write
+    into it after the scan changes its modification time, and its records are checked again."""
+    folder, keys, out = one_segment(tmp_path, 10, 1)
+    (segment,) = segments_under(tmp_path)
+    os.utime(segment, (time.time() - 10, time.time() - 10))
+    index = CacheIndex(folder, FETCHES)
+    assert index.refresh() == 10
+    record = (os.path.getsize(segment) - 4096) // 10
+    with open(segment, "r+b") as f:
+        f.seek(4096 + 3 * record + 20)
+        f.write(b"\xff\x00\x13\x37")
+    with caplog.at_level("WARNING", logger="zdistill"):
+        served = look_up_rows(index, keys)
+    assert served[3] is None
+    assert all(served[i].tobytes() == out["prob"][i].tobytes() for i in range(10) if i != 3)
+    assert any(segment in r.getMessage() for r in caplog.records)
 
 
 def old_format_segment(folder: str, keys: np.ndarray, out: dict[str, np.ndarray]) -> str:
