@@ -6,6 +6,7 @@ asked), and the on-disk format on its own: torn writes, concurrent writers, evic
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from tests import procs
 from tests.teachers import softmax_np
 from zdistill import DistillReader
-from zdistill.cache import CacheIndex, CacheWriter, evict, folder_for, key_seed, row_keys, stored_bytes
+from zdistill.cache import CacheIndex, CacheWriter, evict, folder_for, key_seed, record_dtype, row_keys, stored_bytes
 from zdistill.errors import ConfigError
 from zdistill.model import TensorSpec
 
@@ -295,7 +296,7 @@ def test_the_record_check_is_xxh32_of_the_record_bytes():
     """The vectorised check computes exactly xxh32 (the library's own, record by record)."""
     import xxhash
 
-    from zdistill.cache import CHECK_SEED, record_checks, record_dtype
+    from zdistill.cache import CHECK_SEED, record_checks
 
     for fetches in (FETCHES, [TensorSpec("a", "float16", (3,)), TensorSpec("b", "int64", (5, 2))]):
         dtype = record_dtype(fetches)
@@ -374,6 +375,18 @@ def test_a_segment_with_a_damaged_header_is_skipped_and_named(tmp_path, caplog):
     assert look_up(index, answers(20, 2)[0]) is None
     for path in damaged:
         assert sum(path in r.getMessage() for r in caplog.records) == 1, f"{path} not named once"
+
+
+def test_a_segment_that_cannot_be_read_is_skipped_and_named(tmp_path, caplog):
+    folder, keys, out = one_segment(tmp_path, 20, 1)
+    odd = os.path.join(folder, "00000000000000000002-1-00000000.zdc")
+    os.mkdir(odd)  # a name like a segment's that cannot be read
+    index = CacheIndex(folder, FETCHES)
+    with caplog.at_level("WARNING", logger="zdistill"):
+        assert index.refresh() == 20
+        assert index.refresh() == 0
+    assert look_up(index, keys) is not None
+    assert sum(odd in r.getMessage() for r in caplog.records) == 1
 
 
 _TRUNCATED = textwrap.dedent("""
@@ -483,6 +496,30 @@ def tmpfs(tmp_path):
     yield mount
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30, check=True)
+
+
+def test_a_write_cut_short_by_a_full_file_system_raises_naming_the_segment(tmpfs):
+    """A full file system cuts a write short: the writer raises ENOSPC naming the file, and
+    what it did write reads back as whole records; a new segment's header that cannot be
+    written leaves no file behind."""
+    root = str(tmpfs("8k"))  # a segment's header and 68 records of 60 bytes
+    folder = folder_for(root, "m1", FETCHES)
+    keys, out = answers(100, 1)
+    writer = CacheWriter(folder, FETCHES, 1 << 30, root)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        writer.append(keys, out)
+    (segment,) = segments_under(root)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == segment
+    whole = (8192 - 4096) // record_dtype(FETCHES).itemsize  # what fits; the next one is cut short
+    assert os.path.getsize(segment) == 8192
+    index = CacheIndex(folder, FETCHES)
+    assert index.refresh() == whole
+    served = look_up_rows(index, keys)
+    assert [i for i, row in enumerate(served) if row is not None and row.tobytes() == out["prob"][i].tobytes()] == list(
+        range(whole))
+    with pytest.raises(OSError, match="No space left on device"):
+        CacheWriter(folder, FETCHES, 1 << 30, root).append(keys, out)
+    assert segments_under(root) == [segment]
 
 
 def remount_read_only(mount) -> None:

@@ -190,13 +190,17 @@ class CacheIndex:
                 self._segments.pop(name).close()
             self._rebuild()
         his, los, added_to, rows = [], [], [], []
-        shrunk = False
+        skipped = False
         for name in names:
             seg = self._segments.get(name) or self._open(name)
             if seg is None or not seg.usable:
                 continue
-            new = self._scan(seg)
-            shrunk |= not seg.usable
+            try:
+                new = self._scan(seg)
+            except OSError as exc:
+                self._skip(seg, f"cannot be read ({exc})")
+                new = None
+            skipped |= not seg.usable
             if new is None:
                 continue
             first, records = new
@@ -208,7 +212,7 @@ class CacheIndex:
             los.append(keys[:, 1])
             added_to.append(name)
             rows.append(first + good)
-        if shrunk:
+        if skipped:
             self._rebuild()  # before numbering the new keys' segments
         if not his:
             return 0
@@ -296,23 +300,28 @@ class CacheIndex:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            return self._ignore(name, path, f"cannot be opened ({exc})")
         try:
             head = os.pread(fd, _HEADER, 0)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
-            raise
+            return self._ignore(name, path, f"cannot be read ({exc})")
         if len(head) < _HEADER:
             os.close(fd)
             return None  # its writer is still writing the header
-        self._names.append(name)
         why = self._header_problem(head)
         if why:
             os.close(fd)
-            log.warning("cache segment %s %s; ignored", path, why)
-            self._segments[name] = _Segment(path, usable=False)  # remembered, never read
-            return None
+            return self._ignore(name, path, why)
+        self._names.append(name)
         seg = self._segments[name] = _Segment(path, fd)
         return seg
+
+    def _ignore(self, name: str, path: str, why: str) -> None:
+        """A segment never to be read: remembered, so that it is named once."""
+        log.warning("cache segment %s %s; ignored", path, why)
+        self._segments[name] = _Segment(path, usable=False)
 
     def _header_problem(self, head: bytes) -> str:
         """Why a segment with this header is not to be read ("" when it is)."""
