@@ -538,12 +538,12 @@ def assert_teachers_answers(outputs, x, y) -> None:
         np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 def test_a_cache_on_a_full_file_system_turns_itself_off(start_teacher, tmpfs, data, caplog):
-    """The file system fills up during the first epoch (ENOSPC): the epochs end with the
+    """The file system is full after a segment's header (ENOSPC): the epochs end with the
     teacher's answers, and one warning names the cache."""
     x, y = data
-    small_fs = tmpfs("16k")  # a segment's header and about 200 of the 1000 rows
+    small_fs = tmpfs("4k")
     teacher = start_teacher()
     with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
         dr.set_fixed_teacher([teacher.endpoint])
