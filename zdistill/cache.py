@@ -22,8 +22,9 @@ Readers (the student, before each epoch) scan only the bytes added since their l
 look and look keys up in sorted arrays, vectorized per task; the producer inherits the
 index and the segments' open files across its fork and reads its hits with ``pread``,
 never through a mapping, so a segment that shrinks under a running student yields
-short reads (misses), never a SIGBUS.  Each record read is checked again (its key and
-check word): one that changed since the scan is a miss, never a wrong row.  A writer
+short reads (misses), never a SIGBUS.  Each record read is checked again (its key, and
+its check word where the segment changed since the scan): one that changed is a miss,
+never a wrong row.  A writer
 whose file a full or read-only file system stops raises an ``OSError`` naming it and
 leaves nothing a later record could follow; the worker then stops writing and the
 reader turns the cache off.
