@@ -20,7 +20,18 @@ import pytest
 from tests import procs
 from tests.teachers import softmax_np
 from zdistill import DistillReader
-from zdistill.cache import CacheIndex, CacheWriter, evict, folder_for, key_seed, record_dtype, row_keys, stored_bytes
+from zdistill.cache import (
+    CHECK_SEED,
+    CacheIndex,
+    CacheWriter,
+    evict,
+    folder_for,
+    key_seed,
+    record_checks,
+    record_dtype,
+    row_keys,
+    stored_bytes,
+)
 from zdistill.errors import ConfigError
 from zdistill.model import TensorSpec
 
@@ -287,16 +298,14 @@ def look_up_rows(index: CacheIndex, keys: np.ndarray) -> list[np.ndarray | None]
     served = index.gather(found[rows], got)
     result: list[np.ndarray | None] = [None] * len(keys)
     for j, i in enumerate(rows):
-        if served is None or served[j]:
+        if served[j]:
             result[i] = got["prob"][j]
     return result
 
 
 def test_the_record_check_is_xxh32_of_the_record_bytes():
-    """The vectorised check computes exactly xxh32 (the library's own, record by record)."""
+    """Each record's check is the xxh32 of its bytes before the check, padding included."""
     import xxhash
-
-    from zdistill.cache import CHECK_SEED, record_checks
 
     for fetches in (FETCHES, [TensorSpec("a", "float16", (3,)), TensorSpec("b", "int64", (5, 2))]):
         dtype = record_dtype(fetches)
