@@ -6,11 +6,13 @@ asked), and the on-disk format on its own: torn writes, concurrent writers, evic
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +20,18 @@ import pytest
 from tests import procs
 from tests.teachers import softmax_np
 from zdistill import DistillReader
-from zdistill.cache import CacheIndex, CacheWriter, evict, folder_for, key_seed, row_keys, stored_bytes
+from zdistill.cache import (
+    CHECK_SEED,
+    CacheIndex,
+    CacheWriter,
+    evict,
+    folder_for,
+    key_seed,
+    record_checks,
+    record_dtype,
+    row_keys,
+    stored_bytes,
+)
 from zdistill.errors import ConfigError
 from zdistill.model import TensorSpec
 
@@ -248,3 +261,337 @@ def test_a_segment_of_another_schema_in_the_folder_is_ignored(tmp_path):
     assert index.refresh() == 20
     assert index.refresh() == 0  # and stays ignored
     assert look_up(index, keys) is not None and look_up(index, answers(20, 2)[0]) is None
+
+
+# -- damaged, truncated and foreign segments ----------------------------------------------
+
+
+def segments_under(root) -> list[str]:
+    """Every cache segment under ``root``, whatever folder the model's answers live in."""
+    return sorted(os.path.join(f, n) for f, _, files in os.walk(root) for n in files if n.endswith(".zdc"))
+
+
+def test_a_record_with_two_words_swapped_is_never_served(tmp_path):
+    """A check that does not see where each word is would pass every one of these records."""
+    folder, keys, out = one_segment(tmp_path, 100, 1)
+    (segment,) = segments_under(tmp_path)
+    record = (os.path.getsize(segment) - 4096) // 100
+    with open(segment, "r+b") as f:
+        for i in range(100):  # swap the prediction's first two floats (they differ: a softmax of random rows)
+            at = 4096 + i * record + 16
+            f.seek(at)
+            words = f.read(8)
+            f.seek(at)
+            f.write(words[4:] + words[:4])
+    index = CacheIndex(folder, FETCHES)
+    added = index.refresh()
+    served = look_up_rows(index, keys)
+    wrong = sum(served[i] is not None and served[i].tobytes() != out["prob"][i].tobytes() for i in range(100))
+    assert (added, wrong) == (0, 0), f"{wrong} of 100 records served wrong"
+
+
+def look_up_rows(index: CacheIndex, keys: np.ndarray) -> list[np.ndarray | None]:
+    """Each key's cached row as the producer would serve it, or None where it is not served."""
+    found = index.lookup(keys)
+    rows = np.flatnonzero(found >= 0)
+    got = {"prob": np.empty((len(rows), 10), np.float32)}
+    served = index.gather(found[rows], got)
+    result: list[np.ndarray | None] = [None] * len(keys)
+    for j, i in enumerate(rows):
+        if served[j]:
+            result[i] = got["prob"][j]
+    return result
+
+
+def test_the_record_check_is_xxh32_of_the_record_bytes():
+    """Each record's check is the xxh32 of its bytes before the check, padding included."""
+    import xxhash
+
+    for fetches in (FETCHES, [TensorSpec("a", "float16", (3,)), TensorSpec("b", "int64", (5, 2))]):
+        dtype = record_dtype(fetches)
+        records = np.zeros(7, dtype)
+        raw = records.view(np.uint8).reshape(7, -1)
+        raw[:] = np.random.default_rng(3).integers(0, 256, raw.shape, dtype=np.uint8)
+        want = [xxhash.xxh32_intdigest(row[:-4].tobytes(), CHECK_SEED) for row in raw]
+        assert record_checks(records).tolist() == want
+
+
+def test_a_record_changed_after_the_scan_is_never_served(tmp_path, caplog):
+    """A segment settled long before the scan is not checked again while unchanged; a write
+    into it after the scan changes its modification time, and its records are checked again."""
+    folder, keys, out = one_segment(tmp_path, 10, 1)
+    (segment,) = segments_under(tmp_path)
+    os.utime(segment, (time.time() - 10, time.time() - 10))
+    index = CacheIndex(folder, FETCHES)
+    assert index.refresh() == 10
+    record = (os.path.getsize(segment) - 4096) // 10
+    with open(segment, "r+b") as f:
+        f.seek(4096 + 3 * record + 20)
+        f.write(b"\xff\x00\x13\x37")
+    with caplog.at_level("WARNING", logger="zdistill"):
+        served = look_up_rows(index, keys)
+    assert served[3] is None
+    assert all(served[i].tobytes() == out["prob"][i].tobytes() for i in range(10) if i != 3)
+    assert any(segment in r.getMessage() for r in caplog.records)
+
+
+def old_format_segment(folder: str, keys: np.ndarray, out: dict[str, np.ndarray]) -> str:
+    """A segment as the cache's first format wrote it: magic ZDC1, a plain sum as its check."""
+    dtype = np.dtype([("key", "u1", (16,)), ("p:prob", "<f4", (10,)), ("check", "<u4")])
+    records = np.zeros(len(keys), dtype)
+    records["key"], records["p:prob"] = keys, out["prob"]
+    words = records.view(np.uint8).reshape(len(keys), -1)[:, :-4].view("<u4")
+    records["check"] = words.sum(axis=1, dtype=np.uint32) + np.uint32(0x9E3779B9)
+    path = os.path.join(folder, "00000000000000000001-1-00000000.zdc")
+    head = b"ZDC1" + json.dumps([f.to_wire() for f in FETCHES]).encode()
+    with open(path, "wb") as f:
+        f.write(head.ljust(4096, b"\0") + records.tobytes())
+    return path
+
+
+def test_a_segment_of_the_old_format_is_skipped_not_misread(tmp_path, caplog):
+    folder = folder_for(str(tmp_path), "m1", FETCHES)
+    os.makedirs(folder)
+    keys, out = answers(30, 4)
+    path = old_format_segment(folder, keys, out)
+    index = CacheIndex(folder, FETCHES)
+    with caplog.at_level("WARNING", logger="zdistill"):
+        assert index.refresh() == 0
+    assert look_up(index, keys) is None
+    assert any(path in r.getMessage() for r in caplog.records)
+
+
+def test_a_segment_with_a_damaged_header_is_skipped_and_named(tmp_path, caplog):
+    """Bytes that are not UTF-8 (or not JSON) in a header: that segment is skipped, the rest read."""
+    folder, keys, out = one_segment(tmp_path, 20, 1)
+    (good,) = segments_under(tmp_path)
+    damaged = []
+    for seed, junk in ((2, b"\xff\xfe\x80"), (3, b"{]")):
+        writer = CacheWriter(folder, FETCHES, 1 << 30, str(tmp_path))
+        writer.append(*answers(20, seed))
+        writer.close()
+        (path,) = set(segments_under(tmp_path)) - {good, *damaged}
+        with open(path, "r+b") as f:
+            f.seek(4)
+            f.write(junk)
+        damaged.append(path)
+    index = CacheIndex(folder, FETCHES)
+    with caplog.at_level("WARNING", logger="zdistill"):
+        assert index.refresh() == 20
+        assert index.refresh() == 0
+    served = look_up_rows(index, keys)
+    assert all(row is not None and row.tobytes() == out["prob"][i].tobytes() for i, row in enumerate(served))
+    assert look_up(index, answers(20, 2)[0]) is None
+    for path in damaged:
+        assert sum(path in r.getMessage() for r in caplog.records) == 1, f"{path} not named once"
+
+
+def test_a_segment_that_cannot_be_read_is_skipped_and_named(tmp_path, caplog):
+    folder, keys, out = one_segment(tmp_path, 20, 1)
+    odd = os.path.join(folder, "00000000000000000002-1-00000000.zdc")
+    os.mkdir(odd)  # a name like a segment's that cannot be read
+    index = CacheIndex(folder, FETCHES)
+    with caplog.at_level("WARNING", logger="zdistill"):
+        assert index.refresh() == 20
+        assert index.refresh() == 0
+    assert look_up(index, keys) is not None
+    assert sum(odd in r.getMessage() for r in caplog.records) == 1
+
+
+_TRUNCATED = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    from tests.test_cache import FETCHES, answers, look_up_rows, segments_under
+    from zdistill.cache import CacheIndex, CacheWriter, folder_for
+    root = sys.argv[1]
+    folder = folder_for(root, "m1", FETCHES)
+    writer = CacheWriter(folder, FETCHES, 1 << 30, root)
+    keys, out = answers(1000, 1)
+    writer.append(keys, out)
+    writer.close()
+    index = CacheIndex(folder, FETCHES)
+    index.refresh()
+    (segment,) = segments_under(root)
+    record = (os.path.getsize(segment) - 4096) // 1000
+    os.truncate(segment, 4096 + 10 * record + record // 2)  # 10 records and half of one are left
+    served = look_up_rows(index, keys)
+    right = [i for i, row in enumerate(served) if row is not None and row.tobytes() == out["prob"][i].tobytes()]
+    print(json.dumps({"served": sum(row is not None for row in served), "right": right}))
+""")
+
+
+def test_a_segment_truncated_after_the_scan_is_read_as_far_as_it_goes(tmp_path):
+    """The rows past the file's new end are misses (no SIGBUS); the rows before it are served."""
+    result = subprocess.run([sys.executable, "-c", _TRUNCATED, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=procs.REPO)
+    assert result.returncode == 0, f"the reader died ({result.returncode}): {result.stderr[-2000:]}"
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got == {"served": 10, "right": list(range(10))}
+
+
+def test_segments_truncated_under_a_running_student(start_teacher, tmp_path, data, caplog):
+    """The segments shrink between the student's scan and the producer's copy of the hits:
+    the epoch ends with the teacher's answers (no SIGBUS), the workers store them in new
+    segments, and the next refresh names the shrunk ones and answers from the new."""
+    x, y = data
+    cache = tmp_path / "cache"
+    teacher = start_teacher()
+    truncate = {"on": False}
+
+    def shrinking():  # runs in the producer, after the scan: the segments shrink under it
+        if truncate["on"]:
+            for path in segments_under(cache):
+                os.truncate(path, 4096)
+        return batches(x, y)()
+
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.set_batch_generator(shrinking)
+        dr.set_teacher_cache(cache)
+        epoch(dr)
+        truncate["on"] = True
+        shrunk = segments_under(cache)
+        with caplog.at_level("WARNING", logger="zdistill"):
+            labels, probs = epoch(dr)
+            assert rows_asked(teacher) == 2 * N  # every row asked again: none could be read
+            truncate["on"] = False
+            labels3, probs3 = epoch(dr)
+            assert rows_asked(teacher) == 2 * N  # answered from the segments written in epoch 2
+    for got_labels, got in ((labels, probs), (labels3, probs3)):
+        np.testing.assert_array_equal(got_labels, y)
+        np.testing.assert_allclose(got, softmax_np(x), rtol=1e-5, atol=1e-6)
+    for path in shrunk:
+        assert any(path in r.getMessage() for r in caplog.records), f"{path} not named"
+
+
+def test_a_new_student_with_a_damaged_segment_in_its_cache(start_teacher, tmp_path, data, caplog):
+    x, y = data
+    cache = tmp_path / "cache"
+    teacher = start_teacher()
+    with reader(teacher, cache, x, y) as dr:
+        epoch(dr)
+    (segment,) = segments_under(cache)
+    with open(segment, "r+b") as f:
+        f.seek(4)
+        f.write(b"\xff\xfe")
+    with reader(teacher, cache, x, y) as dr, caplog.at_level("WARNING", logger="zdistill"):
+        labels, probs = epoch(dr)
+    assert rows_asked(teacher) == 2 * N
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+    assert any(segment in r.getMessage() for r in caplog.records)
+
+
+# -- a cache that cannot be written -------------------------------------------------------
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(size)``: a real file system of ``size`` (tmpfs, mounted here: needs root), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = []
+
+    def mount(size: str):
+        where = tmp_path / f"fs{len(mounted)}"
+        where.mkdir()
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                              capture_output=True, text=True, timeout=30)
+        if made.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=30, check=True)
+
+
+def test_a_write_cut_short_by_a_full_file_system_raises_naming_the_segment(tmpfs):
+    """A full file system cuts a write short: the writer raises ENOSPC naming the file, and
+    what it did write reads back as whole records; a new segment's header that cannot be
+    written leaves no file behind."""
+    root = str(tmpfs("8k"))  # a segment's header and 68 records of 60 bytes
+    folder = folder_for(root, "m1", FETCHES)
+    keys, out = answers(100, 1)
+    writer = CacheWriter(folder, FETCHES, 1 << 30, root)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        writer.append(keys, out)
+    (segment,) = segments_under(root)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == segment
+    whole = (8192 - 4096) // record_dtype(FETCHES).itemsize  # what fits; the next one is cut short
+    assert os.path.getsize(segment) == 8192
+    index = CacheIndex(folder, FETCHES)
+    assert index.refresh() == whole
+    served = look_up_rows(index, keys)
+    assert [i for i, row in enumerate(served) if row is not None and row.tobytes() == out["prob"][i].tobytes()] == list(
+        range(whole))
+    with pytest.raises(OSError, match="No space left on device"):
+        CacheWriter(folder, FETCHES, 1 << 30, root).append(keys, out)
+    assert segments_under(root) == [segment]
+
+
+def remount_read_only(mount) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True, timeout=30, check=True)
+
+
+def only_warning_naming(caplog, path) -> str:
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and str(path) in r.getMessage()]
+    assert len(warned) == 1, warned
+    return warned[0]
+
+
+def assert_teachers_answers(outputs, x, y) -> None:
+    for labels, probs in outputs:
+        np.testing.assert_array_equal(labels, y)
+        np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(60)
+def test_a_cache_on_a_full_file_system_turns_itself_off(start_teacher, tmpfs, data, caplog):
+    """The file system is full after a segment's header (ENOSPC): the epochs end with the
+    teacher's answers, and one warning names the cache."""
+    x, y = data
+    small_fs = tmpfs("4k")
+    teacher = start_teacher()
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.set_batch_generator(batches(x, y))
+        dr.set_teacher_cache(small_fs, max_bytes=1 << 30)
+        with caplog.at_level("WARNING", logger="zdistill"):
+            outputs = [epoch(dr)]
+            assert not dr.stats()["cache"]["enabled"]
+            outputs.append(epoch(dr))
+    assert_teachers_answers(outputs, x, y)
+    assert "No space left on device" in only_warning_naming(caplog, small_fs)
+
+
+@pytest.mark.timeout(120)
+def test_a_cache_on_a_read_only_file_system_turns_itself_off(start_teacher, tmpfs, data, caplog):
+    """A cache a first student filled is read-only for the next (EROFS): its rows are still
+    answered, the rows it lacks cannot be stored, and one warning names the cache."""
+    x, y = data
+    small_fs = tmpfs("1m")
+    teacher = start_teacher()
+    with reader(teacher, small_fs, x[: N // 2], y[: N // 2]) as dr:
+        epoch(dr)
+    remount_read_only(small_fs)
+    with reader(teacher, small_fs, x, y) as dr, caplog.at_level("WARNING", logger="zdistill"):
+        outputs = [epoch(dr)]
+        assert dr.stats()["cache"]["hits"] == N // 2
+        assert not dr.stats()["cache"]["enabled"]
+        outputs.append(epoch(dr))
+    assert_teachers_answers(outputs, x, y)
+    assert "Read-only file system" in only_warning_naming(caplog, small_fs)
+
+
+def test_a_read_only_cache_without_this_model_is_not_used(start_teacher, tmpfs, data, caplog):
+    x, y = data
+    small_fs = tmpfs("1m")
+    teacher = start_teacher()
+    remount_read_only(small_fs)
+    with reader(teacher, small_fs, x, y) as dr, caplog.at_level("WARNING", logger="zdistill"):
+        outputs = [epoch(dr)]
+        assert not dr.stats()["cache"]["enabled"]
+    assert_teachers_answers(outputs, x, y)
+    assert "Read-only file system" in only_warning_naming(caplog, small_fs)

@@ -121,6 +121,8 @@ class Pipeline:
 
     def close(self) -> None:
         self._finalizer()
+        if self.cache is not None:
+            self.cache.close()
 
     def set_teachers(self, teachers: Iterable[str],
                      membership: Callable[[], list[str] | None] | None = None) -> None:
@@ -130,8 +132,9 @@ class Pipeline:
     def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None) -> None:
         """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta`` names.
 
-        Without a ``model_id`` in the teachers' meta, or with outputs whose row size
-        varies, the cache cannot be used: that is logged once and the reader runs without.
+        Without a ``model_id`` in the teachers' meta, with outputs whose row size varies,
+        or where the cache's folder cannot be made (a read-only file system), the cache
+        cannot be used: that is logged once and the reader runs without.
         """
         model_id = meta.get("model_id")
         specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
@@ -142,11 +145,16 @@ class Pipeline:
         if why:
             log.warning("the teacher-output cache at %s is not used: %s", root, why)
             return
-        os.makedirs(root, mode=0o700, exist_ok=True)
-        self.cache_root = os.path.abspath(root)
-        self.cache_max_bytes = max_bytes if max_bytes is not None else default_max_bytes(self.cache_root)
-        evict(self.cache_root, self.cache_max_bytes)
-        self.cache = CacheIndex(folder_for(self.cache_root, model_id, fetches), fetches)
+        try:  # a cache that cannot be written (a read-only file system) is not used
+            os.makedirs(root, mode=0o700, exist_ok=True)
+            cache_root = os.path.abspath(root)
+            cache_max_bytes = max_bytes if max_bytes is not None else default_max_bytes(cache_root)
+            evict(cache_root, cache_max_bytes)
+            cache = CacheIndex(folder_for(cache_root, model_id, fetches), fetches)
+        except OSError as exc:
+            log.warning("the teacher-output cache at %s is not used: %s", root, exc)
+            return
+        self.cache_root, self.cache_max_bytes, self.cache = cache_root, cache_max_bytes, cache
 
     def _worker_command(self, teacher: str, endpoint: str, identity: bytes) -> list[str]:
         o = self.options

@@ -130,14 +130,16 @@ class Producer:
         keys = task.slots[KEYS_SLOT]
         keys[:] = row_keys(feeds, seed)
         found = cache.lookup(keys)
-        hit = task.slots[HITS_SLOT]
-        hit[:] = found >= 0
-        rows = np.flatnonzero(hit)
+        rows = np.flatnonzero(found >= 0)
         if len(rows):
             answers = {f.name: np.empty((len(rows), *f.shape), f.dtype) for f in cache.fetches}
-            cache.gather(found[rows], answers)
+            served = cache.gather(found[rows], answers)  # a row its segment no longer holds is a miss
+            rows = rows[served]
             for name, arr in answers.items():
-                task.slots[cached_key(name)][rows] = arr
+                task.slots[cached_key(name)][rows] = arr[served]
+        hit = task.slots[HITS_SLOT]
+        hit[:] = False
+        hit[rows] = True
         return len(rows)
 
     def _wait_for_grant(self) -> None:

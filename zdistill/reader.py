@@ -115,7 +115,9 @@ class DistillReader:
         student, or several students on this machine, share what is under ``path``) and
         holds at most ``max_bytes`` over the whole ``path`` (default: a tenth of its file
         system, at most half of what is free), the oldest answers going first.  The output
-        is the same with or without it, bit for bit.  It helps where samples repeat (a
+        is the same with or without it, bit for bit: a damaged record or segment is skipped
+        with a warning, never served, and a cache that cannot be written (a full or
+        read-only file system) turns itself off with one warning naming the file.  It helps where samples repeat (a
         fixed dataset: every epoch after the first; restarts; sweeps of the student
         against one teacher) and cannot where they never do (augmented inputs: every row
         misses, and hashing is what it costs; see ``bench/bench_cache.py``).  Call before

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import heapq
 import json
 import logging
@@ -122,6 +123,8 @@ class Worker:
         self.said_stop = False
         self.last_finish = 0.0  # when the last task was done
         self.cache: CacheWriter | None = None  # where answers go, while the teacher's model is the cache's
+        self.cache_failed = ""  # why the cache cannot be written (a write failed): it never is again
+        self.status: protocol.Status | None = None  # the last status saying the teacher is up
 
     # -- main loop ----------------------------------------------------------
 
@@ -286,7 +289,10 @@ class Worker:
             return answers  # stale: the dispatcher drops the answer anyway
         rows = slice(None) if job.misses is None else job.misses
         if self.cache is not None:
-            self.cache.append(slots[KEYS_SLOT][rows], answers)
+            try:
+                self.cache.append(slots[KEYS_SLOT][rows], answers)
+            except OSError as exc:
+                self._cache_off(exc)
         if job.misses is None:
             return answers
         full = {}
@@ -294,6 +300,18 @@ class Worker:
             full[name] = np.array(slots[cached_key(name)])
             full[name][job.misses] = arr
         return full
+
+    def _cache_off(self, exc: OSError) -> None:
+        """Stop writing to a cache that cannot be written (a full or read-only file system):
+        the answers go on to the student, and the status tells the reader, which turns the
+        cache off with one warning (one per reader, however many workers fail)."""
+        assert self.cache is not None
+        self.cache.close()
+        self.cache = None
+        self.cache_failed = f"the worker for teacher {self.cfg.teacher} cannot write to it: {exc}"
+        log.info("%s", self.cache_failed)
+        if self.up and self.status is not None:
+            self._send(dataclasses.replace(self.status, cache=self.cache_failed))
 
     def _drop_job(self, key: tuple[int, int]) -> None:
         """Forget a job, its requests and its busy retries (the same task may come here again)."""
@@ -331,12 +349,15 @@ class Worker:
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)
         cache = self._cache_for(meta)
-        self._send(protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances), cache=cache))
+        self.status = protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances), cache=cache)
+        self._send(self.status)
 
     def _cache_for(self, meta: dict) -> str:
         """Open the cache for this teacher's answers if its model is the cache's; else why not."""
         if not self.cfg.cache_folder:
             return ""
+        if self.cache_failed:
+            return self.cache_failed
         if self.cache is not None:
             self.cache.close()
             self.cache = None
