@@ -92,3 +92,17 @@ def softmax_100(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def renamed_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """softmax whose feed is called ``pixels``: a model redeployed with another input name."""
     return {"prob": softmax_np(batch["pixels"])}
+
+
+@zdistill.teacher_function(feeds={"a": ("float32", []), "b": ("int32", [])},
+                           fetches={"na": ("float32", []), "b1": ("int64", [])})
+def negate_increment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``na = -a``, ``b1 = b + 1``: exact, so a test can tell from its output what the teacher was fed."""
+    return {"na": -batch["a"], "b1": batch["b"].astype(np.int64) + 1}
+
+
+@zdistill.teacher_function(feeds={"a": ("float32", []), "b": ("int16", [])},
+                           fetches={"na": ("float32", []), "b1": ("int64", [])})
+def negate_increment_int16(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`negate_increment` with an int16 ``b``: a teacher that takes narrower values than another."""
+    return {"na": -batch["a"], "b1": batch["b"].astype(np.int64) + 1}
