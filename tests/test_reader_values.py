@@ -390,8 +390,8 @@ def test_every_epoch_gives_back_its_values_or_raises(readers, data):
     for exactly what it was fed, or a zdistill error; an error only when no one dtype holds
     a slot's values exactly or a feed cannot take one (the task's values are a subset of the
     epoch's, so an epoch whose values all fit must succeed)."""
-    for mode in MODES:
-        items, samples, columns = data.draw(epochs(mode), label=mode)
+    drawn = {mode: data.draw(epochs(mode), label=mode) for mode in MODES}  # all first: a replay draws the same
+    for mode, (items, samples, columns) in drawn.items():
         CURRENT["items"] = items
         dr = readers[mode]
         must_work = all(holds_exactly(c) for c in columns) and all(feedable(columns))
