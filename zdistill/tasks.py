@@ -89,7 +89,7 @@ def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
     )
 
 
-def holds(dtype: np.dtype, source: np.dtype) -> bool:
+def _holds(dtype: np.dtype, source: np.dtype) -> bool:
     """True when every value of ``source`` is exactly a value of ``dtype``.
 
     numpy calls int64 -> float64 a safe cast, but float64 holds integers exactly only
@@ -103,16 +103,16 @@ def holds(dtype: np.dtype, source: np.dtype) -> bool:
     return True
 
 
-def cast_quietly(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _cast_quietly(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``arr`` in ``dtype`` without numpy's warnings: whoever calls it checks what changed."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", np.exceptions.ComplexWarning)
         return arr.astype(dtype)
 
 
-def changed(cast: np.ndarray, original: np.ndarray) -> np.ndarray:
+def _changed(cast: np.ndarray, original: np.ndarray) -> np.ndarray:
     """Where ``cast`` (``original`` in another dtype) is not exactly the original value (NaN stays NaN)."""
-    back = cast_quietly(cast, original.dtype)
+    back = _cast_quietly(cast, original.dtype)
     same = back == original
     if original.dtype.kind in "fc":
         same |= np.isnan(original) & np.isnan(back)
@@ -134,14 +134,14 @@ def to_feed(arr: np.ndarray, spec: TensorSpec, check: bool = True) -> np.ndarray
     dtype = np.dtype(spec.dtype)
     if arr.dtype == dtype:
         return arr
-    cast = cast_quietly(arr, dtype)
-    if check and not holds(dtype, arr.dtype):
+    cast = _cast_quietly(arr, dtype)
+    if check and not _holds(dtype, arr.dtype):
         if dtype.kind in "fc":
             lost = np.isinf(cast) & ~np.isinf(arr)
             if arr.dtype.kind == "c" and dtype.kind == "f":
                 lost |= arr.imag != 0
         else:
-            lost = changed(cast, arr)
+            lost = _changed(cast, arr)
         if lost.any():
             values = arr[lost][:3].tolist()
             raise ConfigError(f"slot {spec.name!r} holds values the teacher's feed ({dtype}) cannot take: "
@@ -296,7 +296,7 @@ class TaskBuilder:
             raise ConfigError(f"slot {name!r}: batches cannot be joined into one array ({exc})") from None
         start = 0
         for p in full:
-            if p.dtype != out.dtype and not holds(out.dtype, p.dtype):
+            if p.dtype != out.dtype and not _holds(out.dtype, p.dtype):
                 _check_held(name, out[start : start + len(p)], p)
             start += len(p)
 
@@ -351,7 +351,7 @@ class TaskBuilder:
         except ValueError as exc:
             raise ConfigError(f"slot {name!r}: samples cannot be stacked into one array ({exc})") from None
         for dtype in dtypes:
-            if dtype != built.dtype and not holds(built.dtype, dtype):
+            if dtype != built.dtype and not _holds(built.dtype, dtype):
                 rows = [i for i, a in enumerate(arrays) if a.dtype == dtype]
                 _check_held(name, built[rows], np.stack([arrays[i] for i in rows]))
         return built
@@ -359,7 +359,7 @@ class TaskBuilder:
 
 def _check_held(name: str, stacked: np.ndarray, original: np.ndarray) -> None:
     """Raise unless ``stacked`` (values of one task, in the task's dtype) holds ``original`` exactly."""
-    lost = changed(stacked, original)
+    lost = _changed(stacked, original)
     if lost.any():
         raise ConfigError(
             f"slot {name!r} mixes values that no one dtype holds exactly: in a task of {stacked.dtype}, "
