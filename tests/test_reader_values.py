@@ -231,9 +231,20 @@ def test_a_type_change_inside_tasks_neither_hangs_nor_keeps_slots(teacher, mode,
 
 
 @pytest.mark.timeout(120)
-def test_a_type_change_to_a_non_number_raises_and_frees_the_slots(teacher):
-    with make_reader(teacher, "sample", [(1.0, 1, 0), (2.0, 2, 1), (3.0, 3, "cat")], task_rows=8) as dr:
-        with pytest.raises(ConfigError, match=r"slot 'tag' holds 'cat', which no number dtype holds"):
+@pytest.mark.parametrize("mode, later, message", [
+    ("sample", "cat", r"slot 'tag' holds 'cat', which no number dtype holds"),
+    ("sample", [[1, 2], [3]], r"slot 'tag' holds \[\[1, 2\], \[3\]\], which is not one array"),
+    ("batch", ["cat", "dog"], r"slot 'tag' holds <U\d+ values; zdistill sends numbers"),
+    ("batch", [[1, 2], [3]], r"slot 'tag' holds \[\[1, 2\], \[3\]\], which is not one array"),
+])
+def test_a_change_to_what_is_no_number_raises_and_frees_the_slots(teacher, mode, later, message):
+    """A ConfigError naming the slot and the value, never numpy's own error (or a hang)."""
+    if mode == "batch":
+        items = [(np.ones(1), np.ones(1, np.int32), np.array([0])), (np.ones(2), np.ones(2, np.int32), later)]
+    else:
+        items = [(1.0, 1, 0), (2.0, 2, 1), (3.0, 3, later)]
+    with make_reader(teacher, mode, items, task_rows=8) as dr:
+        with pytest.raises(ConfigError, match=message):
             run_epoch(dr)
         slots_back(dr)
 
