@@ -101,7 +101,7 @@ def same(got: Any, want: Any) -> bool:
 
 
 def rows_out(mode: str, out: list[Any]) -> list[tuple[Any, ...]]:
-    """Every output row as (a, b, tag, na, b1), and the batch sizes seen."""
+    """Every output row as (a, b, tag, na, b1)."""
     if mode == "sample":
         return [tuple(row) for row in out]
     if mode == "sample_list":
@@ -121,7 +121,7 @@ def check_rows(mode: str, out: list[Any], samples: list[tuple[Any, Any, Any]]) -
         assert int(b1) == int(np.asarray(b).astype(np.int32)) + 1
 
 
-# -- item 4: a later, wider value -------------------------------------------------------
+# -- a later, wider value -------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -202,7 +202,7 @@ def test_a_teacher_with_a_narrower_feed_refuses_values_it_cannot_hold(teacher, s
         slots_back(dr)
 
 
-# -- item 7: a sample type change inside a task -------------------------------------
+# -- a sample type change inside a task --------------------------------------------------
 
 
 @pytest.mark.timeout(120)
@@ -249,7 +249,7 @@ def test_a_change_to_what_is_no_number_raises_and_frees_the_slots(teacher, mode,
         slots_back(dr)
 
 
-# -- item 13b: empty reader batches -----------------------------------------------------
+# -- empty reader batches --------------------------------------------------------------
 
 
 def empty_batch(dtype: Any = np.float64) -> tuple[np.ndarray, ...]:
