@@ -244,10 +244,10 @@ class TaskBuilder:
         for part, value in zip(self._parts, self._arity(sample, "sample"), strict=True):
             part.append(value)
         if not self._row_bytes:
-            self._row_bytes = sum(np.asarray(v).nbytes for v in sample)
+            self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, sample, strict=True))
 
     def _add_batch(self, batch: Any) -> int:
-        arrays = [np.asarray(a) for a in self._arity(batch, "batch")]
+        arrays = [_as_array(name, a) for name, a in zip(self.ins, self._arity(batch, "batch"), strict=True)]
         rows = {a.shape[0] if a.ndim else -1 for a in arrays}
         if len(rows) != 1 or min(rows) < 0:
             shapes = {name: list(a.shape) for name, a in zip(self.ins, arrays, strict=True)}
@@ -260,7 +260,7 @@ class TaskBuilder:
             self._row_bytes = sum(a.nbytes for a in arrays) // n
         return n
 
-    def _plan(self, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
+    def _plan(self, name: str, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
         """Shape and dtype of a slot's task array.
 
         A batch reader's: every batch's dtype promoted (empty batches count only in a
@@ -272,7 +272,7 @@ class TaskBuilder:
             return (sum(len(p) for p in full), *full[0].shape[1:]), np.result_type(*{p.dtype for p in full})
         if not part:  # a task of empty sample lists only: its arrays are never read
             return (0,), np.dtype(np.float64)
-        first = np.asarray(part[0])
+        first = _as_array(name, part[0])
         return (len(part), *first.shape), first.dtype
 
     def _stacked(self, slots: dict[str, np.ndarray]) -> bool:
@@ -308,7 +308,7 @@ class TaskBuilder:
                 check_feed(name, shape[1:], self.feeds[name])
 
     def _cut(self) -> Task:
-        specs = {name: self._plan(part) for name, part in zip(self.ins, self._parts, strict=True)}
+        specs = {name: self._plan(name, part) for name, part in zip(self.ins, self._parts, strict=True)}
         self._check(specs)
         slots, descriptor = self.allocate(self._next_id, specs)
         if self.reader_type is ReaderType.BATCH:
@@ -340,7 +340,7 @@ class TaskBuilder:
         holds (an int beyond uint64), or a mix whose promoted dtype would change a value
         (int64 and uint64 make float64, exact for integers only up to 2**53), is an error.
         """
-        arrays = [np.asarray(v) for v in part]
+        arrays = [_as_array(name, v) for v in part]
         for value, arr in zip(part, arrays, strict=True):
             if arr.dtype.kind not in "biufc":
                 raise ConfigError(f"slot {name!r} holds {value!r:.80}, which no number dtype holds "
@@ -355,6 +355,14 @@ class TaskBuilder:
                 rows = [i for i, a in enumerate(arrays) if a.dtype == dtype]
                 _check_held(name, built[rows], np.stack([arrays[i] for i in rows]))
         return built
+
+
+def _as_array(slot: str, value: Any) -> np.ndarray:
+    """``np.asarray(value)``, or a ConfigError naming the slot when numpy cannot make one array of it."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:  # a ragged list, or an object numpy refuses
+        raise ConfigError(f"slot {slot!r} holds {value!r:.80}, which is not one array ({exc})") from None
 
 
 def _check_held(name: str, stacked: np.ndarray, original: np.ndarray) -> None:
