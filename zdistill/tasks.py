@@ -8,7 +8,7 @@ again only at the output edge, as views (:func:`split_output`).
 
 A slot's array in a task has one dtype that holds every value of the task exactly
 (:meth:`TaskBuilder._cut`): the values come back to the training loop unchanged,
-and a value the teacher's feed dtype cannot hold is an error (:func:`to_feed`),
+and a value the teacher's feed dtype cannot hold is an error (:func:`check_values`),
 never a wrapped or overflowed number.
 
 Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
@@ -119,34 +119,46 @@ def _changed(cast: np.ndarray, original: np.ndarray) -> np.ndarray:
     return ~same
 
 
+def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
+    """Raise :class:`ConfigError`, naming the slot and the values, unless the feed's dtype can take ``arr``.
+
+    The cast to the feed's dtype must never change a value silently: an integer or bool
+    feed must hold every value exactly (no wrapping, no dropped fraction, no NaN), a
+    float feed takes the nearest value of its dtype (as a model's input is rounded
+    anyway) but no finite value may overflow to infinity, and no imaginary part may be
+    dropped.  Values within the float feed's range (the common case: float64 samples for
+    a float32 model) are known to fit from their minimum and maximum, without a cast.
+    """
+    dtype = np.dtype(spec.dtype)
+    if arr.dtype == dtype or _holds(dtype, arr.dtype):
+        return
+    if dtype.kind in "fc" and arr.dtype.kind in "biuf":
+        most = np.finfo(dtype).max
+        if not arr.size or (-most <= arr.min() and arr.max() <= most):  # False with a NaN: looked at below
+            return
+    cast = _cast_quietly(arr, dtype)
+    if dtype.kind in "fc":
+        lost = np.isinf(cast) & ~np.isinf(arr)
+        if arr.dtype.kind == "c" and dtype.kind == "f":
+            lost |= arr.imag != 0
+    else:
+        lost = _changed(cast, arr)
+    if lost.any():
+        raise ConfigError(f"slot {spec.name!r} holds values the teacher's feed ({dtype}) cannot take: "
+                          f"{arr[lost][:3].tolist()} would become {cast[lost][:3].tolist()}")
+
+
 def to_feed(arr: np.ndarray, spec: TensorSpec, check: bool = True) -> np.ndarray:
     """A slot array as the teacher wants it: its per-row shape and dtype (no copy if already so).
 
-    The cast to the feed's dtype never changes a value silently: an integer or bool
-    feed must hold every value exactly (no wrapping, no dropped fraction), a float feed
-    takes the nearest value of its dtype (as a model's input is rounded anyway) but no
-    finite value may overflow to infinity, and no imaginary part may be dropped.
-    Otherwise it raises :class:`ConfigError` naming the slot and the values.
-    ``check=False`` skips that check for values already checked against this spec.
+    ``check`` raises where the cast would change a value (:func:`check_values`);
+    ``check=False`` is for values already checked against this spec.
     """
     if not spec.matches(arr.shape[1:]):
         arr = arr.reshape(len(arr), *spec.shape)
-    dtype = np.dtype(spec.dtype)
-    if arr.dtype == dtype:
-        return arr
-    cast = _cast_quietly(arr, dtype)
-    if check and not _holds(dtype, arr.dtype):
-        if dtype.kind in "fc":
-            lost = np.isinf(cast) & ~np.isinf(arr)
-            if arr.dtype.kind == "c" and dtype.kind == "f":
-                lost |= arr.imag != 0
-        else:
-            lost = _changed(cast, arr)
-        if lost.any():
-            values = arr[lost][:3].tolist()
-            raise ConfigError(f"slot {spec.name!r} holds values the teacher's feed ({dtype}) cannot take: "
-                              f"{values} would become {cast[lost][:3].tolist()}")
-    return cast
+    if check:
+        check_values(arr, spec)
+    return _cast_quietly(arr, np.dtype(spec.dtype)) if arr.dtype != np.dtype(spec.dtype) else arr
 
 
 def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str | None:
@@ -324,7 +336,7 @@ class TaskBuilder:
         rows = len(next(iter(slots.values())))
         for name, arr in slots.items():
             if name in self.feeds and rows:
-                to_feed(arr, self.feeds[name])  # raises before a teacher gets a value its dtype cannot hold
+                check_values(arr, self.feeds[name])  # before a teacher gets a value its dtype cannot hold
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
         task = Task(self._next_id, slots, sizes, descriptor)
         self._next_id += 1
