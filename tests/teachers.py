@@ -105,3 +105,17 @@ def hang_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if (batch["img"][:, 0] == HANG_MARK).any():
         time.sleep(float(os.environ.get("ZDISTILL_TEST_HANG_S", "3600")))
     return {"prob": softmax_np(batch["img"])}
+
+
+@zdistill.teacher_function(feeds={"a": ("float32", []), "b": ("int32", [])},
+                           fetches={"na": ("float32", []), "b1": ("int64", [])})
+def negate_increment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``na = -a``, ``b1 = b + 1``: exact, so a test can tell from its output what the teacher was fed."""
+    return {"na": -batch["a"], "b1": batch["b"].astype(np.int64) + 1}
+
+
+@zdistill.teacher_function(feeds={"a": ("float32", []), "b": ("int16", [])},
+                           fetches={"na": ("float32", []), "b1": ("int64", [])})
+def negate_increment_int16(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`negate_increment` with an int16 ``b``: a teacher that takes narrower values than another."""
+    return {"na": -batch["a"], "b1": batch["b"].astype(np.int64) + 1}

@@ -104,10 +104,15 @@ class Producer:
     def _allocate(self, task_id: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]
     ]:
-        """Room for a task's arrays in a granted slot, waiting for a grant if none is left."""
-        while not self.granted:
-            self._wait_for_grant()
-        slot = self.slot_of[task_id] = self.granted.popleft()
+        """Room for a task's arrays in a granted slot, waiting for a grant if none is left.
+
+        A task laid out again (its samples turned out to need another dtype) keeps its slot.
+        """
+        slot = self.slot_of.get(task_id)
+        if slot is None:
+            while not self.granted:
+                self._wait_for_grant()
+            slot = self.slot_of[task_id] = self.granted.popleft()
         cache = self.cfg.cache
         if cache is None:
             return self.slots.allocate(slot, specs)
@@ -151,7 +156,7 @@ class Producer:
                 self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
 
     def _send(self, task: Task) -> None:
-        hits = self._look_up(task) if self.cfg.cache is not None else None
+        hits = self._look_up(task) if self.cfg.cache is not None and task.rows else None
         self._tell(protocol.Task(
             epoch=self.cfg.epoch, task=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
             nbytes=task.nbytes, sizes=task.sizes, shm=task.descriptor, hits=hits,

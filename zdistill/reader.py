@@ -8,6 +8,9 @@ A student swaps ``from paddle_edl.distill.distill_reader import DistillReader`` 
 - ``teacher_batch_size`` defaults to whole reader batches packed up to the teacher's
   max batch (EDL's default of 1 sample per request was its main cost); it never
   changes the output;
+- an empty reader batch (or sample list) comes out as an empty batch (EDL dropped it);
+- every value comes back unchanged (a slot's dtype is one that holds all of its task's
+  values, see README.md), or the epoch raises ``ConfigError`` naming it;
 - ``close()``, ``with``, garbage collection and interpreter exit stop every process
   the reader started.
 

@@ -6,6 +6,11 @@ batches.  The reader's samples are stacked into arrays once, here, at the input
 edge; from then on only arrays move (as raw frames), and per-sample tuples are made
 again only at the output edge, as views (:func:`split_output`).
 
+A slot's array in a task has one dtype that holds every value of the task exactly
+(:meth:`TaskBuilder._cut`): the values come back to the training loop unchanged,
+and a value the teacher's feed dtype cannot hold is an error (:func:`check_values`),
+never a wrapped or overflowed number.
+
 Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
 (:mod:`zdistill.shm`) under their own names.
 """
@@ -13,6 +18,7 @@ Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
 from __future__ import annotations
 
 import enum
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -83,11 +89,76 @@ def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
     )
 
 
-def to_feed(arr: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """A slot array as the teacher wants it: its per-row shape and dtype (no copy if already so)."""
+def _holds(dtype: np.dtype, source: np.dtype) -> bool:
+    """True when every value of ``source`` is exactly a value of ``dtype``.
+
+    numpy calls int64 -> float64 a safe cast, but float64 holds integers exactly only
+    up to 2**53, so an integer source is held by a float dtype only when the float's
+    mantissa has as many bits as the integer.
+    """
+    if not np.can_cast(source, dtype, "safe"):
+        return False
+    if source.kind in "iu" and dtype.kind in "fc":
+        return source.itemsize * 8 - (source.kind == "i") <= np.finfo(dtype).nmant + 1
+    return True
+
+
+def _cast_quietly(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``arr`` in ``dtype`` without numpy's warnings: whoever calls it checks what changed."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", np.exceptions.ComplexWarning)
+        return arr.astype(dtype)
+
+
+def _changed(cast: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """Where ``cast`` (``original`` in another dtype) is not exactly the original value (NaN stays NaN)."""
+    back = _cast_quietly(cast, original.dtype)
+    same = back == original
+    if original.dtype.kind in "fc":
+        same |= np.isnan(original) & np.isnan(back)
+    return ~same
+
+
+def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
+    """Raise :class:`ConfigError`, naming the slot and the values, unless the feed's dtype can take ``arr``.
+
+    The cast to the feed's dtype must never change a value silently: an integer or bool
+    feed must hold every value exactly (no wrapping, no dropped fraction, no NaN), a
+    float feed takes the nearest value of its dtype (as a model's input is rounded
+    anyway) but no finite value may overflow to infinity, and no imaginary part may be
+    dropped.  Values within the float feed's range (the common case: float64 samples for
+    a float32 model) are known to fit from their minimum and maximum, without a cast.
+    """
+    dtype = np.dtype(spec.dtype)
+    if arr.dtype == dtype or _holds(dtype, arr.dtype):
+        return
+    if dtype.kind in "fc" and arr.dtype.kind in "biuf":
+        most = np.finfo(dtype).max
+        if not arr.size or (-most <= arr.min() and arr.max() <= most):  # False with a NaN: looked at below
+            return
+    cast = _cast_quietly(arr, dtype)
+    if dtype.kind in "fc":
+        lost = np.isinf(cast) & ~np.isinf(arr)
+        if arr.dtype.kind == "c" and dtype.kind == "f":
+            lost |= arr.imag != 0
+    else:
+        lost = _changed(cast, arr)
+    if lost.any():
+        raise ConfigError(f"slot {spec.name!r} holds values the teacher's feed ({dtype}) cannot take: "
+                          f"{arr[lost][:3].tolist()} would become {cast[lost][:3].tolist()}")
+
+
+def to_feed(arr: np.ndarray, spec: TensorSpec, check: bool = True) -> np.ndarray:
+    """A slot array as the teacher wants it: its per-row shape and dtype (no copy if already so).
+
+    ``check`` raises where the cast would change a value (:func:`check_values`);
+    ``check=False`` is for values already checked against this spec.
+    """
     if not spec.matches(arr.shape[1:]):
         arr = arr.reshape(len(arr), *spec.shape)
-    return arr.astype(spec.dtype, copy=False)
+    if check:
+        check_values(arr, spec)
+    return _cast_quietly(arr, np.dtype(spec.dtype)) if arr.dtype != np.dtype(spec.dtype) else arr
 
 
 def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str | None:
@@ -121,6 +192,10 @@ class TaskBuilder:
     ``task_bytes`` bytes, because the cost of the pipeline is per message, not per
     byte, while memory is per byte.  The arrays are built in place where ``allocate``
     says (shared memory, in the pipeline), so stacking the samples is the only copy.
+
+    An empty reader batch (or sample list) rides in the task beside its neighbours as a
+    size of 0, so the output has as many batches as the reader yielded; empty batches
+    after the epoch's last row make a task of no rows, which needs no teacher.
     """
 
     def __init__(
@@ -161,15 +236,14 @@ class TaskBuilder:
             n = len(item)
         else:
             n = self._add_batch(item)
-        if n:
-            self._sizes.append(n)
-            self._rows += n
-        if self._rows >= self.task_rows or self._rows * self._row_bytes >= self.task_bytes:
+        self._sizes.append(n)
+        self._rows += n
+        if self._rows and (self._rows >= self.task_rows or self._rows * self._row_bytes >= self.task_bytes):
             yield self._cut()
 
     def flush(self) -> Iterator[Task]:
-        """The last, partial task of an epoch."""
-        if self._rows:
+        """The last, partial task of an epoch (of no rows when only empty batches are left)."""
+        if self._sizes:
             yield self._cut()
 
     def _arity(self, item: Any, what: str) -> Sequence[Any]:
@@ -182,47 +256,87 @@ class TaskBuilder:
         for part, value in zip(self._parts, self._arity(sample, "sample"), strict=True):
             part.append(value)
         if not self._row_bytes:
-            self._row_bytes = sum(np.asarray(v).nbytes for v in sample)
+            self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, sample, strict=True))
 
     def _add_batch(self, batch: Any) -> int:
-        arrays = [np.asarray(a) for a in self._arity(batch, "batch")]
+        arrays = [_as_array(name, a) for name, a in zip(self.ins, self._arity(batch, "batch"), strict=True)]
         rows = {a.shape[0] if a.ndim else -1 for a in arrays}
         if len(rows) != 1 or min(rows) < 0:
             shapes = {name: list(a.shape) for name, a in zip(self.ins, arrays, strict=True)}
             raise ConfigError(f"every slot of a batch needs the same number of rows, got shapes {shapes}")
-        for part, arr in zip(self._parts, arrays, strict=True):
-            part.append(arr)
         n = rows.pop()
+        if n or not self._rows:  # an empty batch holds no value: it decides nothing once a row is there
+            for part, arr in zip(self._parts, arrays, strict=True):
+                part.append(arr)
         if not self._row_bytes and n:
             self._row_bytes = sum(a.nbytes for a in arrays) // n
         return n
 
-    def _plan(self, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
-        """Shape and dtype of a slot's task array, read off its first element."""
+    def _plan(self, name: str, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of a slot's task array.
+
+        A batch reader's: every batch's dtype promoted (empty batches count only in a
+        task of no rows).  A sample reader's: read off the first sample, which
+        :meth:`_stacked` checks every other sample has too.
+        """
         if self.reader_type is ReaderType.BATCH:
-            return (sum(len(p) for p in part), *part[0].shape[1:]), np.result_type(*part)
-        first = np.asarray(part[0])
+            full = [p for p in part if len(p)] or part
+            return (sum(len(p) for p in full), *full[0].shape[1:]), np.result_type(*{p.dtype for p in full})
+        if not part:  # a task of empty sample lists only: its arrays are never read
+            return (0,), np.dtype(np.float64)
+        first = _as_array(name, part[0])
         return (len(part), *first.shape), first.dtype
 
-    def _fill(self, out: np.ndarray, part: list[Any]) -> None:
-        if self.reader_type is ReaderType.BATCH:
-            np.concatenate(part, out=out)
-        else:
-            np.stack(part, out=out)
+    def _stacked(self, slots: dict[str, np.ndarray]) -> bool:
+        """Stack a sample reader's values into ``slots``; False when a sample's dtype or shape is not the first's."""
+        try:
+            for name, part in zip(self.ins, self._parts, strict=True):
+                if part:
+                    np.stack(part, out=slots[name], casting="no")
+        except (ValueError, TypeError):
+            return False
+        return True
 
-    def _cut(self) -> Task:
-        specs = {name: self._plan(part) for name, part in zip(self.ins, self._parts, strict=True)}
+    def _concatenate(self, name: str, out: np.ndarray, part: list[np.ndarray]) -> None:
+        """A batch reader's batches into ``out`` (their promoted dtype), checking that it holds every value."""
+        full = [p for p in part if len(p)]
+        if not full:
+            return
+        try:
+            np.concatenate(full, out=out)
+        except ValueError as exc:
+            raise ConfigError(f"slot {name!r}: batches cannot be joined into one array ({exc})") from None
+        start = 0
+        for p in full:
+            if p.dtype != out.dtype and not _holds(out.dtype, p.dtype):
+                _check_held(name, out[start : start + len(p)], p)
+            start += len(p)
+
+    def _check(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
         for name, (shape, dtype) in specs.items():
             if dtype.kind not in "biufc":
                 raise ConfigError(f"slot {name!r} holds {dtype} values; zdistill sends numbers and bools")
-            if name in self.feeds:
+            if name in self.feeds and shape[0]:
                 check_feed(name, shape[1:], self.feeds[name])
+
+    def _cut(self) -> Task:
+        specs = {name: self._plan(name, part) for name, part in zip(self.ins, self._parts, strict=True)}
+        self._check(specs)
         slots, descriptor = self.allocate(self._next_id, specs)
-        try:
+        if self.reader_type is ReaderType.BATCH:
             for name, part in zip(self.ins, self._parts, strict=True):
-                self._fill(slots[name], part)
-        except (ValueError, TypeError):  # a later sample differs from the first: find out how, then retry
-            slots, descriptor = self._cut_slowly()
+                self._concatenate(name, slots[name], part)
+        elif not self._stacked(slots):  # a sample differs from the first: stack them all in a dtype that holds each
+            built = {name: self._stack(name, part) for name, part in zip(self.ins, self._parts, strict=True)}
+            specs = {name: (arr.shape, arr.dtype) for name, arr in built.items()}
+            self._check(specs)
+            slots, descriptor = self.allocate(self._next_id, specs)  # the same slot, laid out anew
+            for name, arr in built.items():
+                np.copyto(slots[name], arr)
+        rows = len(next(iter(slots.values())))
+        for name, arr in slots.items():
+            if name in self.feeds and rows:
+                check_values(arr, self.feeds[name])  # before a teacher gets a value its dtype cannot hold
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
         task = Task(self._next_id, slots, sizes, descriptor)
         self._next_id += 1
@@ -230,21 +344,48 @@ class TaskBuilder:
         self._sizes, self._rows = [], 0
         return task
 
-    def _cut_slowly(self) -> tuple[dict[str, np.ndarray], Any]:
-        built = {}
-        for name, part in zip(self.ins, self._parts, strict=True):
-            try:
-                built[name] = np.concatenate(part) if self.reader_type is ReaderType.BATCH else np.stack(part)
-            except ValueError as exc:
-                raise ConfigError(f"slot {name!r}: samples cannot be stacked into one array ({exc})") from None
-            if built[name].dtype.kind not in "biufc":
-                raise ConfigError(f"slot {name!r} holds {built[name].dtype} values; zdistill sends numbers and bools")
-            if name in self.feeds:
-                check_feed(name, built[name].shape[1:], self.feeds[name])
-        slots, descriptor = self.allocate(self._next_id, {k: (v.shape, v.dtype) for k, v in built.items()})
-        for name, arr in built.items():
-            np.copyto(slots[name], arr)
-        return slots, descriptor
+    def _stack(self, name: str, part: list[Any]) -> np.ndarray:
+        """A sample slot's values in one array of the dtype numpy promotes them all to, if it holds each exactly.
+
+        Each value counts as the array ``np.asarray`` makes of it (a Python int as int64,
+        or uint64 above int64's range; a float as float64).  A value that no number dtype
+        holds (an int beyond uint64), or a mix whose promoted dtype would change a value
+        (int64 and uint64 make float64, exact for integers only up to 2**53), is an error.
+        """
+        arrays = [_as_array(name, v) for v in part]
+        for value, arr in zip(part, arrays, strict=True):
+            if arr.dtype.kind not in "biufc":
+                raise ConfigError(f"slot {name!r} holds {value!r:.80}, which no number dtype holds "
+                                  f"({arr.dtype}); zdistill sends numbers and bools")
+        dtypes = {a.dtype for a in arrays}
+        try:
+            built = np.stack(arrays, dtype=np.result_type(*dtypes))
+        except ValueError as exc:
+            raise ConfigError(f"slot {name!r}: samples cannot be stacked into one array ({exc})") from None
+        for dtype in dtypes:
+            if dtype != built.dtype and not _holds(built.dtype, dtype):
+                rows = [i for i, a in enumerate(arrays) if a.dtype == dtype]
+                _check_held(name, built[rows], np.stack([arrays[i] for i in rows]))
+        return built
+
+
+def _as_array(slot: str, value: Any) -> np.ndarray:
+    """``np.asarray(value)``, or a ConfigError naming the slot when numpy cannot make one array of it."""
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:  # a ragged list, or an object numpy refuses
+        raise ConfigError(f"slot {slot!r} holds {value!r:.80}, which is not one array ({exc})") from None
+
+
+def _check_held(name: str, stacked: np.ndarray, original: np.ndarray) -> None:
+    """Raise unless ``stacked`` (values of one task, in the task's dtype) holds ``original`` exactly."""
+    lost = _changed(stacked, original)
+    if lost.any():
+        raise ConfigError(
+            f"slot {name!r} mixes values that no one dtype holds exactly: in a task of {stacked.dtype}, "
+            f"{original.dtype} values {original[lost][:3].tolist()} would become {stacked[lost][:3].tolist()}; "
+            "give the slot one dtype that holds them all (e.g. np.float64 or np.int64 for every sample)"
+        )
 
 
 def split_output(

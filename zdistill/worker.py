@@ -112,6 +112,7 @@ class Worker:
         self.client = TeacherClient(cfg.teacher, self.ctx, timeout=cfg.timeout, watch=True)
         self.slots = SlotReader(cfg.slots)
         self.feeds: list[TensorSpec] = []  # what the teacher takes, from its meta
+        self.no_rows: dict[str, np.ndarray] = {}  # the answer to a task of no rows: its outputs, empty
         self.request_rows = cfg.request_rows
         self.up = False
         self.probe: int | None = None
@@ -180,6 +181,9 @@ class Worker:
         if not self.up or self.stopping:
             self._hand_back(task)
             return
+        if not task.rows:  # only empty reader batches: empty predictions, without asking the teacher
+            self._send(protocol.Done(epoch=task.epoch, task=task.task, elapsed=0.0, service=0.0), self.no_rows)
+            return
         key = (task.epoch, task.task)
         try:
             slots = self.slots.read(task.shm)
@@ -188,10 +192,17 @@ class Worker:
             self._send(protocol.Undone(epoch=task.epoch, task=task.task, code=protocol.RETURNED, message=str(exc)))
             return
         try:
-            feeds = {spec.name: self._feed(slots, spec) for spec in self.feeds}
+            for spec in self.feeds:
+                self._check_feed(slots, spec)
         except ConfigError as exc:  # the teacher was redeployed with other inputs since its meta said
             self._hand_back(task)
             self._unusable(str(exc))
+            return
+        try:  # the producer checked the values against the reader's feeds; a teacher with other dtypes here
+            feeds = {spec.name: to_feed(slots[spec.name], spec, check=spec not in self.cfg.feeds)
+                     for spec in self.feeds}
+        except ConfigError as exc:  # a value this teacher's dtype cannot hold: no other try can help
+            self._send(protocol.Undone(epoch=task.epoch, task=task.task, code="bad_request", message=str(exc)))
             return
         misses = np.flatnonzero(~slots[HITS_SLOT]) if task.hits else None
         if misses is not None:  # only what the cache did not answer goes to the teacher
@@ -208,11 +219,10 @@ class Worker:
         self._send(protocol.Undone(epoch=task.epoch, task=task.task, code=protocol.RETURNED))
 
     @staticmethod
-    def _feed(slots: dict[str, np.ndarray], spec: TensorSpec) -> np.ndarray:
+    def _check_feed(slots: dict[str, np.ndarray], spec: TensorSpec) -> None:
         if spec.name not in slots:
             raise ConfigError(f"the teacher takes feed {spec.name!r}, which this reader's tasks do not hold")
         check_feed(spec.name, slots[spec.name].shape[1:], spec)
-        return to_feed(slots[spec.name], spec)
 
     def _submit(self, key: tuple[int, int], part: int) -> bool:
         """Send one request of a job to the teacher; False if the teacher turned out to be down."""
@@ -332,7 +342,9 @@ class Worker:
         meta = done.header
         try:
             feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
-            fetches = {str(f["name"]) for f in meta.get("fetches", [])}
+            fetch_specs = [TensorSpec.from_wire(f) for f in meta.get("fetches", [])]
+            fetches = {f.name for f in fetch_specs}
+            no_rows = {predict_key(f.name): f.example(0) for f in fetch_specs if f.name in self.cfg.predicts}
             max_batch = int(meta.get("max_batch_size", 1))
             instances = int(meta.get("instances", 1))
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -344,7 +356,7 @@ class Worker:
         if why:
             self._unusable(why)
             return
-        self.feeds = feeds
+        self.feeds, self.no_rows = feeds, no_rows
         self.request_rows = max(1, min(self.cfg.request_rows, max_batch))
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)
