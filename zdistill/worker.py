@@ -39,7 +39,7 @@ from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.model import TensorSpec
-from zdistill.shm import SlotReader
+from zdistill.shm import SlotReader, reclaim
 from zdistill.tasks import HITS_SLOT, ID_SLOT, KEYS_SLOT, cached_key, check_feed, feeds_mismatch, predict_key, to_feed
 
 log = logging.getLogger("zdistill.worker")  # not __name__: it runs as __main__
@@ -48,6 +48,7 @@ _PROBE_EVERY = 0.25
 _PROBE_UNUSABLE = 2.0  # a teacher that takes other inputs is asked again this rarely (it may be redeployed)
 _BUSY_FIRST = 0.02  # a request the teacher was too busy for is sent again after this...
 _BUSY_MAX = 1.0  # ...doubling up to this
+_RECLAIM_WAIT = 2.0  # how long a worker of a dead student waits for the student's folders to be unlocked
 
 
 @dataclass(kw_only=True)
@@ -400,6 +401,20 @@ def _die_with_parent() -> None:
         pass  # not Linux: the getppid() check in the loop still catches it
 
 
+def _remove_folders_of_dead_student(cfg: WorkerConfig) -> None:
+    """The student died without removing its folders (``kill -9``, or SIGTERM where its
+    handler could not be installed: a reader made in a thread other than the main one).
+
+    Its workers outlive it by moments, so they remove its slot and ipc folders, each
+    only once its lock is free (:func:`zdistill.shm.reclaim`): the student is provably
+    gone, and so is the reader process it forked, which dies with it.
+    """
+    ipc = os.path.dirname(cfg.dispatcher.removeprefix("ipc://"))
+    for folder in (cfg.slots, ipc):
+        if reclaim(folder, wait=_RECLAIM_WAIT):
+            log.info("removed the folder %s of the student that died", folder)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m zdistill.worker", description="A DistillReader worker (internal).")
     p.add_argument("--teacher", required=True)
@@ -431,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("student process is gone; worker for %s exits", args.teacher)
     finally:
         worker.close()
+        if os.getppid() != worker.cfg.parent_pid:
+            _remove_folders_of_dead_student(worker.cfg)
     return 0
 
 
