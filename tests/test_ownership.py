@@ -171,6 +171,38 @@ def test_close_from_another_thread_stops_everything_and_the_waiting_loop_raises_
     assert not any(os.path.exists(f) for f in folders), folders
 
 
+@pytest.mark.timeout(60)
+def test_close_from_another_thread_while_the_first_epoch_waits_for_teachers(caplog):
+    """Nothing listens at the teacher's address: the first epoch waits up to ``teacher_wait``
+    for one; close() ends that wait too."""
+    dr = DistillReader(ins=["img", "label"], predicts=["prob"])
+    dr.set_fixed_teacher(f"127.0.0.1:{procs.free_port()}")
+    dr.set_batch_generator(batches(np.zeros((N, 784), np.float32)))
+    dr.options.teacher_wait = 20
+    outcome: dict = {}
+
+    def loop() -> None:
+        try:
+            next(dr())
+        except BaseException as exc:  # noqa: BLE001 - the test inspects what the loop saw
+            outcome["error"] = exc
+        outcome["at"] = time.monotonic()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        procs.wait_for(lambda: "trying again" in caplog.text, 10, "the first epoch to wait for the teacher")
+        started = time.monotonic()
+        dr.close()
+        thread.join(10)
+        assert not thread.is_alive(), "the first epoch still waits for teachers on a closed reader"
+    finally:
+        dr.close()
+        thread.join(30)
+    assert isinstance(outcome.get("error"), ClosedError), outcome
+    assert outcome["at"] - started < 3.0, outcome["at"] - started
+
+
 # -- a child the student forked ends ------------------------------------------------------------
 
 FORK_EXIT = """

@@ -435,4 +435,4 @@ def test_shared_memory_of_a_killed_student_is_removed_by_its_workers(teachers, t
     result = run_script(script, env={"TMPDIR": str(tmp_path)})
     folders = result.stdout.split()
     assert result.returncode == -9 and len(folders) == 2 and folders[0].startswith(str(tmp_path)), result
-    procs.wait_for(lambda: not any(os.path.exists(f) for f in folders), 10, "the killed student's folders to go")
+    procs.wait_for(lambda: not any(os.path.exists(f) for f in folders), 20, "the killed student's folders to go")

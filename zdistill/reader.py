@@ -79,7 +79,9 @@ class DistillReader:
         self._active: Iterator[Any] | None = None
         self._discovery: Any = None
         self._membership_version = -1
-        self._lock = threading.Lock()  # close() may come from any thread: it swaps the state under this
+        # close() may come from any thread, or from a signal handler of the thread inside a call
+        # of this reader (hence reentrant): the state is swapped under this lock.
+        self._lock = threading.RLock()
 
     # -- EDL's configuration calls ---------------------------------------------
 
@@ -225,9 +227,16 @@ class DistillReader:
         except BaseException as exc:
             closed = pipeline.closed
             pipeline.close()
-            if closed:  # what failed is a wait that close() cut short (a destroyed context, say)
-                raise ClosedError("the DistillReader was closed while its first epoch waited for teachers") from exc
-            raise
+            if not closed:
+                raise
+            with self._lock:  # a discovery client started after close() took the state: stop it too
+                discovery, self._discovery = self._discovery, None
+            if discovery is not None:
+                discovery.close()
+            if isinstance(exc, ClosedError):
+                raise
+            # What failed is a wait that close() cut short (on a destroyed context, say).
+            raise ClosedError("the DistillReader was closed while its first epoch waited for teachers") from exc
         return pipeline
 
     def _start_discovery(self) -> list[str]:

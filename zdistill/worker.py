@@ -48,7 +48,7 @@ _PROBE_EVERY = 0.25
 _PROBE_UNUSABLE = 2.0  # a teacher that takes other inputs is asked again this rarely (it may be redeployed)
 _BUSY_FIRST = 0.02  # a request the teacher was too busy for is sent again after this...
 _BUSY_MAX = 1.0  # ...doubling up to this
-_RECLAIM_WAIT = 2.0  # how long a worker of a dead student waits for the student's folders to be unlocked
+_RECLAIM_WAIT = 5.0  # how long a worker of a dead student waits for the student's folders to be unlocked
 
 
 @dataclass(kw_only=True)
@@ -445,9 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StudentGone:
         log.info("student process is gone; worker for %s exits", args.teacher)
     finally:
-        worker.close()
-        if os.getppid() != worker.cfg.parent_pid:
+        if os.getppid() != worker.cfg.parent_pid:  # first: closing the sockets may wait for their linger
             _remove_folders_of_dead_student(worker.cfg)
+        worker.close()
     return 0
 
 
