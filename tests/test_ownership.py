@@ -289,7 +289,7 @@ def test_a_student_in_another_pid_namespace_does_not_reclaim_a_live_students_fol
     running_ = owner.event(timeout=60)
     assert running_["first"] == "exact", running_
     reclaimer = scripts("import os\n" + textwrap.dedent(RECLAIMER), "unshare", "--pid", "--fork")
-    assert reclaimer.event(timeout=60)["pid"] != owner.popen.pid  # numbered in a namespace of its own
+    assert reclaimer.event(timeout=60)["pid"] == 1  # the first process of a PID namespace of its own
     assert reclaimer.popen.wait(30) == 0
     assert all(os.path.isdir(f) for f in running_["folders"]), running_["folders"]
     owner.tell("go")
@@ -334,6 +334,10 @@ def test_a_folder_named_by_a_dead_pid_is_kept_while_its_lock_is_held(scripts, tm
 THREADED = """
     import threading
     def train():
+        global dr
+        dr = DistillReader(ins=['img', 'label'], predicts=['prob'])  # made, and started, in this thread
+        dr.set_fixed_teacher({teacher!r})
+        dr.set_batch_generator(lambda: ((x[i:i+50], np.arange(i, i + 50)) for i in range(0, 400, 50)))
         it = dr()
         for _ in range(2):
             next(it)
@@ -350,7 +354,8 @@ def test_sigterm_removes_the_folders_of_a_reader_made_in_another_thread(start_te
     """The student's ipc folder goes to a TMPDIR of this test's own, so that only the student's
     own clean-up can remove it (students elsewhere on the machine reclaim what they find in /tmp)."""
     teacher = start_teacher()
-    student = scripts(program(teacher.endpoint, THREADED), env={"TMPDIR": str(tmp_path)})
+    code = program(teacher.endpoint, THREADED.format(teacher=teacher.endpoint))
+    student = scripts(code, env={"TMPDIR": str(tmp_path)})
     running_ = student.event(timeout=60)
     assert running_["folders"][0].startswith(str(tmp_path))
     assert all(os.path.isdir(f) for f in running_["folders"])
