@@ -316,9 +316,10 @@ def test_a_folder_named_by_a_dead_pid_is_kept_while_its_lock_is_held(scripts, tm
         os._exit(0)  # the maker dies at once, cleaning nothing up
     """)
     held = holder.event(timeout=30)
-    assert holder.popen.wait(10) == 0  # the folder's maker is gone
-    mine = make_private_folder("ipc", str(tmp_path))
     try:
+        assert holder.popen.wait(10) == 0  # the folder's maker is gone
+        mine = make_private_folder("ipc", str(tmp_path))
+        mine.remove()
         assert os.path.isdir(held["folder"])  # its maker's PID is gone, its lock is not
         holder.tell("exit")
         procs.wait_for(lambda: not psutil.pid_exists(held["pid"]), 10, "the lock's holder to exit")
@@ -326,7 +327,8 @@ def test_a_folder_named_by_a_dead_pid_is_kept_while_its_lock_is_held(scripts, tm
         again.remove()
         assert not os.path.exists(held["folder"])  # now provably unowned: reclaimed
     finally:
-        mine.remove()
+        if psutil.pid_exists(held["pid"]):  # the fixture stops the maker; its child is stopped here
+            os.kill(held["pid"], signal.SIGKILL)
 
 
 # -- SIGTERM, the reader made in a thread ----------------------------------------------------------------
