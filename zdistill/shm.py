@@ -138,21 +138,35 @@ def reclaim(folder: str, wait: float = 0.0) -> bool:
 
 
 def _lock(folder: str, create: bool) -> int | None:
-    """The descriptor of ``folder``'s lock file, locked by this call; None if it is held, gone or not ours."""
+    """The descriptor of ``folder``'s lock file, locked by this call.
+
+    None if its owner holds it or a reclaimer removed the folder meanwhile; any other
+    failure is None too when looking at someone's folder (another user's, say), and
+    raised when making one's own (``create``: out of file descriptors, say).
+    """
     path = os.path.join(folder, _LOCK)
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    except FileNotFoundError:
+        return None  # a reclaimer removed the folder
     except OSError:
+        if create:
+            raise
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         now, locked = os.stat(path, follow_symlinks=False), os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (locked.st_dev, locked.st_ino):
-            raise FileNotFoundError(path)  # removed (and perhaps made again) between open and lock
+        if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):  # not removed (and made again) meanwhile
+            return fd
+    except (FileNotFoundError, BlockingIOError):
+        pass  # its owner holds the lock, or a reclaimer removed the folder meanwhile
     except OSError:
         os.close(fd)
+        if create:
+            raise
         return None
-    return fd
+    os.close(fd)
+    return None
 
 
 def _aligned(n: int) -> int:
