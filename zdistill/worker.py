@@ -19,7 +19,6 @@ the teacher's error code, for the dispatcher to retry or give up on.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import heapq
 import json
 import logging
@@ -392,15 +391,6 @@ class Worker:
         self.ctx.term()
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM us when the student dies, even by kill -9."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the getppid() check in the loop still catches it
-
-
 def _remove_folders_of_dead_student(cfg: WorkerConfig) -> None:
     """The student died without removing its folders (``kill -9``, or SIGTERM where its
     handler could not be installed: a reader made in a thread other than the main one).
@@ -436,7 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    _die_with_parent()
+    # No parent-death signal: Linux sends it when the *thread* that started us ends (the
+    # dispatcher's), while the student may still be dying and hold its folders' locks.
+    # Each turn of the loop (at most 0.1 s) checks getppid(), which changes only once the
+    # whole student is gone.
     worker = Worker(WorkerConfig.from_args(args))
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
