@@ -7,6 +7,7 @@ Importing this package never imports Paddle.
 from __future__ import annotations
 
 from zdistill.errors import (
+    ClosedError,
     ConfigError,
     ReaderError,
     TeacherError,
@@ -20,6 +21,7 @@ from zdistill.model import teacher_function
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClosedError",
     "ConfigError",
     "DistillReader",
     "ReaderError",

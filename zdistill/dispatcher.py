@@ -139,6 +139,7 @@ class Dispatcher:
         self._supervised_at = 0.0
         self.cache_ok = True  # every teacher's answers may go to the reader's cache (if it has one)
         self._closing = False
+        self.stopped = False  # every process stopped, under the lock: a producer forked now is the forker's to stop
         self._closed = False  # the wake-up pipe is closed
         self._thread = threading.Thread(target=self._run, name="zdistill-dispatcher", daemon=True)
         self._thread.start()
@@ -404,6 +405,10 @@ class Dispatcher:
     # -- shutdown ----------------------------------------------------------------------
 
     def _shutdown(self) -> None:
+        while self._commands:  # a producer forked just before close() was posted under the lock: stop it too
+            cmd = self._commands.popleft()
+            if isinstance(cmd, Started):
+                self._producers.add(cmd.pid)
         for pid in self._producers:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -415,3 +420,4 @@ class Dispatcher:
             self._producer.close(linger=0)
         self.pool.close()
         self._router.close(linger=0)
+        self.stopped = True

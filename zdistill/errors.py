@@ -49,6 +49,14 @@ class WorkerError(ZDistillError):
     """A DistillReader's worker processes cannot start (the message quotes what they printed)."""
 
 
+class ClosedError(ZDistillError):
+    """The DistillReader was closed while its epoch ran (``close()`` from another thread).
+
+    The training loop gets it at once, in its own thread, instead of waiting on
+    processes that are gone.
+    """
+
+
 class ConfigError(ZDistillError, ValueError):
     """A DistillReader or daemon was configured with arguments that cannot work."""
 

@@ -8,7 +8,10 @@ everything else (workers, tasks in flight, credit, slots: see ``docs/dataplane.m
 yields EDL's output through an :class:`~zdistill.sink.EpochSink`.
 
 Cleanup does not depend on the caller: :func:`weakref.finalize` stops every process
-by PID on :meth:`close`, on garbage collection, at interpreter exit and on SIGTERM.
+by PID on :meth:`close`, on garbage collection, at interpreter exit and on SIGTERM, in
+the process that made the pipeline only (a child it forked inherits the finalizer and
+must leave its parent's processes and folders alone).  :meth:`close` may come from any
+thread: a training loop waiting on an epoch raises :class:`~zdistill.errors.ClosedError`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import sys
 import threading
@@ -30,25 +32,34 @@ import zmq
 
 from zdistill import dispatcher as d
 from zdistill.cache import CacheIndex, cacheable, default_max_bytes, evict, folder_for, stored_bytes
+from zdistill.errors import ClosedError
 from zdistill.model import TensorSpec
 from zdistill.options import PipelineOptions
 from zdistill.producer import ProducerConfig, run_producer
-from zdistill.shm import make_private_folder, make_slot_folder
+from zdistill.shm import PrivateFolder, make_private_folder, make_slot_folder
 from zdistill.sink import EpochSink, SlotLender
 from zdistill.tasks import ReaderType
 
 log = logging.getLogger(__name__)
 
 _PLAN_WAIT = 30.0  # seconds the training loop waits for the dispatcher to plan an epoch
+_CLOSED_CHECK = 0.1  # seconds between a waiting loop's looks at whether the reader was closed
 
 
-def _shutdown(dispatcher: d.Dispatcher, folders: list[str], ctx: zmq.Context) -> None:
-    """Stop the dispatcher (it stops every process by PID) and free the endpoints; safe twice and at exit."""
+def _shutdown(dispatcher: d.Dispatcher, folders: list[PrivateFolder], ctx: zmq.Context, owner: int) -> None:
+    """Stop the dispatcher (it stops every process by PID) and remove the folders; safe twice and at exit.
+
+    Only in the ``owner`` process: a child forked from it (``os.fork``, a multiprocessing
+    helper) runs this too as it exits (at exit, or in the SIGTERM handler it inherited),
+    and the processes, sockets and folders it sees are its parent's, still in use.
+    """
     _live.pop(id(dispatcher), None)
+    if os.getpid() != owner:
+        return
     dispatcher.close()
     ctx.destroy(linger=0)
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        folder.remove()
 
 
 # Every open pipeline's clean-up, by id of its pool, for the SIGTERM handler below.
@@ -97,8 +108,9 @@ class Pipeline:
     def __init__(self, ins: Sequence[str], predicts: Sequence[str], options: PipelineOptions) -> None:
         self.ins, self.predicts, self.options = list(ins), list(predicts), options
         self.ctx = zmq.Context()
-        self.folder = make_private_folder("ipc")  # ipc endpoints (mode 0700)
-        self.slots_folder = make_slot_folder(options.max_inflight_bytes)  # kept across epochs (zdistill.shm)
+        ipc = make_private_folder("ipc")  # ipc endpoints (mode 0700)
+        slots = make_slot_folder(options.max_inflight_bytes)  # kept across epochs (zdistill.shm)
+        self.folder, self.slots_folder = ipc.path, slots.path
         self.feeds: list[TensorSpec] = []  # what the teachers take: workers check each teacher against it
         self.cache: CacheIndex | None = None  # the teacher-output cache, if the reader has one (use_cache)
         self.cache_root, self.cache_max_bytes = "", 0
@@ -109,9 +121,7 @@ class Pipeline:
         self.busy_seconds = 0.0  # time inside epochs, for samples/s
         self._epoch_started: float | None = None
         self._sink: EpochSink | None = None  # the epoch running
-        self._finalizer = weakref.finalize(
-            self, _shutdown, self.dispatcher, [self.folder, self.slots_folder], self.ctx
-        )
+        self._finalizer = weakref.finalize(self, _shutdown, self.dispatcher, [ipc, slots], self.ctx, os.getpid())
         _live[id(self.dispatcher)] = self._finalizer
         _clean_up_on_sigterm()
 
@@ -120,9 +130,16 @@ class Pipeline:
         return not self._finalizer.alive
 
     def close(self) -> None:
+        """Stop every process and remove the folders; from any thread (see :meth:`_check_open`)."""
         self._finalizer()
         if self.cache is not None:
             self.cache.close()
+
+    def _check_open(self) -> None:
+        """Raise :class:`ClosedError` once :meth:`close` began: the training loop checks while it waits."""
+        if self.closed:
+            raise ClosedError("the DistillReader was closed (close() was called, from another thread or a "
+                              "finalizer) while this epoch ran")
 
     def set_teachers(self, teachers: Iterable[str],
                      membership: Callable[[], list[str] | None] | None = None) -> None:
@@ -216,6 +233,7 @@ class Pipeline:
 
     def epoch(self, reader: Callable[[], Iterable[Any]], reader_type: ReaderType) -> Iterator[Any]:
         """Run the reader once through the teachers and yield EDL's output, in order."""
+        self._check_open()
         self.epochs += 1
         epoch = self.epochs
         self.dispatcher.post(d.Begin(epoch))
@@ -230,13 +248,18 @@ class Pipeline:
             slots_folder=self.slots_folder, slot_count=planned.slot_count, grants=planned.grants,
             parent_pid=os.getpid(),
         )
-        with self.dispatcher.lock:  # no lock of the dispatcher thread is inherited held
+        with self.dispatcher.lock:  # no lock of the dispatcher thread is inherited held, and no close() missed
             pid = os.fork()
+            if pid != 0 and self.dispatcher.stopped:  # closed as it forked: nobody else knows this producer
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            elif pid != 0:
+                self.dispatcher.post(d.Started(epoch, pid))  # under the lock: a closing dispatcher still sees it
         if pid == 0:
             run_producer(cfg)
-        self.dispatcher.post(d.Started(epoch, pid))
+        self._check_open()
         sink = EpochSink(self.dispatcher.events, epoch, reader_type, self.ins, self.predicts, self.lender,
-                         planned.plan.keep_limit)
+                         planned.plan.keep_limit, self._check_open)
         self._epoch_started, self._sink = time.monotonic(), sink
         try:
             yield from sink.outputs()
@@ -249,10 +272,14 @@ class Pipeline:
     def _planned(self, epoch: int) -> d.Planned:
         deadline = time.monotonic() + _PLAN_WAIT
         while True:
+            self._check_open()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError("the DistillReader's dispatcher thread does not answer")
             try:
-                event = self.dispatcher.events.get(timeout=max(0.0, deadline - time.monotonic()))
+                event = self.dispatcher.events.get(timeout=min(left, _CLOSED_CHECK))
             except queue.Empty:
-                raise RuntimeError("the DistillReader's dispatcher thread does not answer") from None
+                continue
             if event.epoch != epoch:
                 continue  # a late word of an earlier epoch
             if isinstance(event, d.Failed):

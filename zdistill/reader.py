@@ -12,7 +12,8 @@ A student swaps ``from paddle_edl.distill.distill_reader import DistillReader`` 
 - every value comes back unchanged (a slot's dtype is one that holds all of its task's
   values, see README.md), or the epoch raises ``ConfigError`` naming it;
 - ``close()``, ``with``, garbage collection and interpreter exit stop every process
-  the reader started.
+  the reader started; ``close()`` may be called from any thread, and a training loop
+  waiting on the reader then raises :class:`~zdistill.errors.ClosedError` at once.
 
 The machinery lives in :mod:`zdistill.pipeline`; this module is the API edge: it
 keeps the configuration, applies EDL's environment variables, asks a teacher for
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -30,7 +32,7 @@ from typing import Any
 import zmq
 
 from zdistill.client import TeacherClient, unreachable
-from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
+from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
 from zdistill.options import PipelineOptions
 from zdistill.pipeline import Pipeline
@@ -80,6 +82,9 @@ class DistillReader:
         self._active: Iterator[Any] | None = None
         self._discovery: Any = None
         self._membership_version = -1
+        # close() may come from any thread, or from a signal handler of the thread inside a call
+        # of this reader (hence reentrant): the state is swapped under this lock.
+        self._lock = threading.RLock()
 
     # -- EDL's configuration calls ---------------------------------------------
 
@@ -212,6 +217,8 @@ class DistillReader:
             self.options.request_rows = self._teacher_batch_size
             self.options.task_rows = max(self.options.task_rows, self._teacher_batch_size)
         pipeline = Pipeline(self._ins, self._predicts, self.options)
+        with self._lock:
+            self._pipeline = pipeline  # close() from another thread stops it while it waits for teachers
         try:
             if self._mode == "fixed":
                 teachers = self._teachers
@@ -222,9 +229,19 @@ class DistillReader:
             if self._cache is not None:
                 pipeline.use_cache(self._cache[0], self._meta, self._cache[1])
             pipeline.set_teachers(teachers, self._membership_changes if self._discovery is not None else None)
-        except BaseException:
+        except BaseException as exc:
+            closed = pipeline.closed
             pipeline.close()
-            raise
+            if not closed:
+                raise
+            with self._lock:  # a discovery client started after close() took the state: stop it too
+                discovery, self._discovery = self._discovery, None
+            if discovery is not None:
+                discovery.close()
+            if isinstance(exc, ClosedError):
+                raise
+            # What failed is a wait that close() cut short (on a destroyed context, say).
+            raise ClosedError("the DistillReader was closed while its first epoch waited for teachers") from exc
         return pipeline
 
     def _start_discovery(self) -> list[str]:
@@ -239,6 +256,7 @@ class DistillReader:
         deadline = time.monotonic() + wait
         said = ""
         while not teachers:
+            self._check_open()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TeacherTimeout(f"no teacher of {self._service_name!r} within {wait:.0f} s: {said}")
@@ -284,6 +302,7 @@ class DistillReader:
         deadline = time.monotonic() + wait
         said: dict[str, str] = {}
         while True:
+            self._check_open()
             for address in teachers:
                 cause = unreachable(address)
                 if cause is None:
@@ -343,12 +362,23 @@ class DistillReader:
         """One epoch: a generator of the reader's samples with the teachers' predictions appended."""
         if self._reader is None or self._reader_type is None:
             raise ConfigError("set a reader first (set_sample_generator / set_sample_list_generator / ...)")
-        if self._active is not None:
-            self._active.close()  # a new epoch starts from its beginning, whatever the last one did
+        with self._lock:
+            active, self._active = self._active, None
+            pipeline = self._pipeline
+        if active is not None:
+            active.close()  # a new epoch starts from its beginning, whatever the last one did
+        if pipeline is None or pipeline.closed:
+            pipeline = self._start()
+        with self._lock:
+            if self._pipeline is not pipeline:
+                raise ClosedError("the DistillReader was closed while its epoch was starting")
+            self._active = pipeline.epoch(self._reader, self._reader_type)
+            return self._active
+
+    def _check_open(self) -> None:
+        """Raise :class:`ClosedError` if :meth:`close` came while the first epoch waits for teachers."""
         if self._pipeline is None or self._pipeline.closed:
-            self._pipeline = self._start()
-        self._active = self._pipeline.epoch(self._reader, self._reader_type)
-        return self._active
+            raise ClosedError("the DistillReader was closed while its first epoch waited for teachers")
 
     def stats(self) -> dict[str, Any]:
         """Throughput and health so far: samples/s, waits, resends, and per teacher.
@@ -367,16 +397,20 @@ class DistillReader:
         return self._pipeline.snapshot()
 
     def close(self) -> None:
-        """Stop every process this reader started; the reader can be started again later."""
-        if self._active is not None:
-            self._active.close()
-            self._active = None
-        if self._discovery is not None:
-            self._discovery.close()
-            self._discovery = None
-        if self._pipeline is not None:
-            self._pipeline.close()
-            self._pipeline = None
+        """Stop every process this reader started; the reader can be started again later.
+
+        Safe from any thread, and twice at once: the epoch generator is left to the thread
+        that iterates it (closing it here would raise "generator already executing" while
+        that thread waits in it); once the pipeline is closed the generator raises
+        :class:`ClosedError` at its next step, within 0.1 s if it waits.
+        """
+        with self._lock:
+            pipeline, self._pipeline, self._active = self._pipeline, None, None
+            if pipeline is not None:
+                pipeline.close()  # first: its dispatcher polls the discovery client until it stops
+            discovery, self._discovery = self._discovery, None
+            if discovery is not None:
+                discovery.close()
 
     def __enter__(self) -> DistillReader:
         return self

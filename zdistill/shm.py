@@ -27,6 +27,7 @@ drops it.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import mmap
 import os
@@ -34,6 +35,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,7 +50,8 @@ _ALIGN = 64
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000 if sys.platform.startswith("linux") else 0)
 _GROW = 1 << 20  # files grow in whole MiB, so ragged last tasks do not force a new file
 _NAME = re.compile(r"^s(\d+)-g(\d+)$")
-_FOLDER = re.compile(r"^zdistill-(?:slots|ipc)-(\d+)-")
+_FOLDER = re.compile(r"^zdistill-(?:slots|ipc)-\d+-")
+_LOCK = "owner.lock"  # in each private folder: its owner holds an exclusive flock on it for its life
 
 
 def shm_root(needed: int) -> str | None:
@@ -61,33 +64,109 @@ def shm_root(needed: int) -> str | None:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize > 2 * needed else None
 
 
-def make_private_folder(kind: str, root: str | None = None) -> str:
-    """A private (0700) folder for one pipeline, named by the owner's PID.
+class PrivateFolder:
+    """A private (0700) folder of one pipeline, locked by its owner for the owner's whole life.
 
-    Folders of owners that died without cleaning up (``kill -9``) are removed here, so a
-    crashed student does not keep its shared memory or endpoints forever.
+    The owner holds an exclusive ``flock`` on the folder's lock file until it removes
+    the folder; a folder is reclaimed by anyone else only once that lock can be taken,
+    which proves its owner gone: the PID in its name proves nothing, as another PID
+    namespace (a sibling container sharing ``/tmp`` and ``/dev/shm``) does not see it.
+    The lock's file descriptor is close-on-exec, so processes the owner starts (its
+    workers) never hold it; a child it forks shares it (a lock belongs to the open file,
+    not to a process), so the folder stays while such a child lives, and that child
+    never removes it (:meth:`remove` only acts in the process that made it).
+    """
+
+    def __init__(self, path: str, lock_fd: int) -> None:
+        self.path = path
+        self._lock_fd = lock_fd
+        self._owner = os.getpid()
+
+    def remove(self) -> None:
+        """Remove the folder and let go of its lock; does nothing in any other process (a forked child)."""
+        if os.getpid() != self._owner or self._lock_fd < 0:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._lock_fd)
+        self._lock_fd = -1
+
+
+def make_private_folder(kind: str, root: str | None = None) -> PrivateFolder:
+    """A private (0700) folder for one pipeline, named by the owner's PID and locked by it.
+
+    Folders of owners that died without cleaning up (``kill -9``) are reclaimed here
+    (:func:`reclaim`), so a crashed student does not keep its shared memory or endpoints
+    forever.
     """
     root = root or tempfile.gettempdir()
     for name in os.listdir(root):
-        match = _FOLDER.match(name)
-        if match and not _alive(int(match.group(1))):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"zdistill-{kind}-{os.getpid()}-", dir=root)
+        if _FOLDER.match(name):
+            reclaim(os.path.join(root, name))
+    while True:
+        path = tempfile.mkdtemp(prefix=f"zdistill-{kind}-{os.getpid()}-", dir=root)
+        fd = _lock(path, create=True)
+        if fd is not None:
+            return PrivateFolder(path, fd)
+        # A reclaimer took the folder between its making and its locking: it removes it.
 
 
-def make_slot_folder(needed: int) -> str:
+def make_slot_folder(needed: int) -> PrivateFolder:
     """The folder for a pipeline's slot files: in ``/dev/shm`` when it has room."""
     return make_private_folder("slots", shm_root(needed))
 
 
-def _alive(pid: int) -> bool:
+def reclaim(folder: str, wait: float = 0.0) -> bool:
+    """Remove a pipeline's folder if its owner is provably gone: nobody holds its lock.
+
+    A folder without a lock file (in the making, or not a zdistill folder) is left as
+    it is.  ``wait`` is how long to keep trying while the lock is held (a forked child
+    of a dead owner may hold it a moment longer).  True if this call removed it.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        fd = _lock(folder, create=False)
+        if fd is not None:
+            break
+        if time.monotonic() >= deadline or not os.path.exists(os.path.join(folder, _LOCK)):
+            return False
+        time.sleep(0.02)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        os.close(fd)
     return True
+
+
+def _lock(folder: str, create: bool) -> int | None:
+    """The descriptor of ``folder``'s lock file, locked by this call.
+
+    None if its owner holds it or a reclaimer removed the folder meanwhile; any other
+    failure is None too when looking at someone's folder (another user's, say), and
+    raised when making one's own (``create``: out of file descriptors, say).
+    """
+    path = os.path.join(folder, _LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+    except FileNotFoundError:
+        return None  # a reclaimer removed the folder
+    except OSError:
+        if create:
+            raise
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        now, locked = os.stat(path, follow_symlinks=False), os.fstat(fd)
+        if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino):  # not removed (and made again) meanwhile
+            return fd
+    except (FileNotFoundError, BlockingIOError):
+        pass  # its owner holds the lock, or a reclaimer removed the folder meanwhile
+    except OSError:
+        os.close(fd)
+        if create:
+            raise
+        return None
+    os.close(fd)
+    return None
 
 
 def _aligned(n: int) -> int:

@@ -83,8 +83,10 @@ class EpochSink:
     """One epoch's outputs, in order, from the dispatcher's events."""
 
     def __init__(self, events: queue.SimpleQueue[d.Event], epoch: int, reader_type: ReaderType,
-                 ins: Sequence[str], predicts: Sequence[str], lender: SlotLender, keep_limit: int) -> None:
+                 ins: Sequence[str], predicts: Sequence[str], lender: SlotLender, keep_limit: int,
+                 check_open: Callable[[], None]) -> None:
         self.events, self.epoch, self.reader_type = events, epoch, reader_type
+        self.check_open = check_open  # raises once the reader was closed (from another thread, say)
         self.ins, self.predicts = list(ins), list(predicts)
         self.lender, self.keep_limit = lender, keep_limit
         self.buffer: ReorderBuffer[d.Result] = ReorderBuffer()
@@ -93,6 +95,7 @@ class EpochSink:
 
     def outputs(self) -> Iterator[Any]:
         while self.total is None or self.buffer.next_id < self.total:
+            self.check_open()  # at least every 0.1 s while it waits: nothing comes once the reader is closed
             result = self.buffer.pop_next()
             if result is None:
                 self._wait()

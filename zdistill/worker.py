@@ -22,7 +22,6 @@ comes back as ``undone`` ``busy`` and this worker holds nothing for ever.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import heapq
 import json
@@ -43,7 +42,7 @@ from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.model import TensorSpec
-from zdistill.shm import SlotReader
+from zdistill.shm import SlotReader, reclaim
 from zdistill.tasks import HITS_SLOT, ID_SLOT, KEYS_SLOT, cached_key, check_feed, feeds_mismatch, predict_key, to_feed
 
 log = logging.getLogger("zdistill.worker")  # not __name__: it runs as __main__
@@ -52,6 +51,7 @@ _PROBE_EVERY = 0.25
 _PROBE_UNUSABLE = 2.0  # a teacher that takes other inputs is asked again this rarely (it may be redeployed)
 _BUSY_FIRST = 0.02  # a request the teacher was too busy for is sent again after this...
 _BUSY_MAX = 1.0  # ...doubling up to this, while the task is younger than the request timeout
+_RECLAIM_WAIT = 5.0  # how long a worker of a dead student waits for the student's folders to be unlocked
 
 
 @dataclass(kw_only=True)
@@ -437,13 +437,18 @@ class Worker:
         self.ctx.term()
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGTERM us when the student dies, even by kill -9."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the getppid() check in the loop still catches it
+def _remove_folders_of_dead_student(cfg: WorkerConfig) -> None:
+    """The student died without removing its folders (``kill -9``, or SIGTERM where its
+    handler could not be installed: a reader made in a thread other than the main one).
+
+    Its workers outlive it by moments, so they remove its slot and ipc folders, each
+    only once its lock is free (:func:`zdistill.shm.reclaim`): the student is provably
+    gone, and so is the reader process it forked, which dies with it.
+    """
+    ipc = os.path.dirname(cfg.dispatcher.removeprefix("ipc://"))
+    for folder in (cfg.slots, ipc):
+        if reclaim(folder, wait=_RECLAIM_WAIT):
+            log.info("removed the folder %s of the student that died", folder)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -467,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    _die_with_parent()
+    # No parent-death signal: Linux sends it when the *thread* that started us ends (the
+    # dispatcher's), while the student may still be dying and hold its folders' locks.
+    # Each turn of the loop (at most 0.1 s) checks getppid(), which changes only once the
+    # whole student is gone.
     worker = Worker(WorkerConfig.from_args(args))
     signal.signal(signal.SIGTERM, lambda *_: worker.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
@@ -476,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StudentGone:
         log.info("student process is gone; worker for %s exits", args.teacher)
     finally:
+        if os.getppid() != worker.cfg.parent_pid:  # first: closing the sockets may wait for their linger
+            _remove_folders_of_dead_student(worker.cfg)
         worker.close()
     return 0
 
