@@ -104,9 +104,14 @@ def topic(student_id: str) -> bytes:
 
 
 def split_address(address: str) -> tuple[str, int]:
+    """``--server``: the ``IP:PORT`` to listen on (port 0: a free one), as host and port.
+
+    No scheme: a ``tcp://`` or ``triton://`` here would reach ZeroMQ's bind as a host name.
+    """
     host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"expected IP:PORT, got {address!r:.80}")
+    if "://" in address or not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--server {address!r:.80}: expected IP:PORT to listen on, without a scheme "
+                          "(port 0 picks a free one)")
     return host.strip("[]"), int(port)
 
 

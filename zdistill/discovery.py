@@ -55,10 +55,13 @@ _live: weakref.WeakSet[DiscoveryClient] = weakref.WeakSet()
 
 
 def parse_servers(servers: str | Sequence[str]) -> list[str]:
+    """The balancer addresses in a comma list or a sequence, each checked (:func:`teacher_endpoint`)."""
     items = servers.split(",") if isinstance(servers, str) else list(servers)
     found = [s.strip() for s in items if s and s.strip()]
     if not found:
         raise ConfigError(f"no discovery server given in {servers!r}")
+    for address in found:
+        teacher_endpoint(address, "balancer")
     return found
 
 
