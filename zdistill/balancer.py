@@ -18,7 +18,8 @@ request         header                                          reply (from the 
 ==============  ==============================================  ===========================================
 
 A standby answers ``register``/``heartbeat``/``snapshot``/``bye`` with ``redirect``
-(``leader``: the leader's ROUTER address, or ``None`` while nobody leads).  Anything
+(``leader``: the leader's ROUTER address, or ``None`` while nobody leads, with ``why``:
+Redis unreachable from this balancer, or no lease taken yet).  Anything
 malformed gets ``error`` (``bad_message``, ``bad_request``) and the balancer keeps
 serving.  Every reply echoes the request's ``id``.
 
@@ -697,8 +698,11 @@ class Balancer:
         if not STUDENT_RE.match(sid):
             raise BadRequest("bad_request", f"student id {sid!r:.40} is not 1-128 characters of [A-Za-z0-9_.:@-]")
         if not self.leading:
-            leader = self.leader_seen
-            return {"kind": "redirect", "leader": leader.server if leader else None}
+            if self.leader_seen is not None:
+                return {"kind": "redirect", "leader": self.leader_seen.server}
+            why = ("this balancer cannot reach Redis, where the balancers elect their leader" if not self.redis_ok
+                   else "no balancer holds the leader lease in Redis yet")
+            return {"kind": "redirect", "leader": None, "why": why}
         now = time.monotonic()
         if kind in ("register", "heartbeat"):
             service = _field(msg.header, "service", str)

@@ -266,8 +266,10 @@ class DistillReader:
 
         leader = self._discovery.leader
         if leader is None:
-            causes = [f"{s}: {unreachable(s) or 'no answer'}" for s in self._discovery.servers]
-            return f"no balancer answers ({'; '.join(causes)})"
+            leaderless = self._discovery.leaderless()
+            causes = [f"{s}: up, but has no leader ({why})" for s, why in leaderless.items()]
+            causes += [f"{s}: {unreachable(s) or 'no answer'}" for s in self._discovery.servers if s not in leaderless]
+            return f"no balancer {'leads' if leaderless else 'answers'} ({'; '.join(causes)})"
         status = ask_balancer(leader, {"kind": "status"}, timeout=1.0) or {}
         known = status.get("teachers") if isinstance(status.get("teachers"), dict) else {}
         if self._service_name in known:
