@@ -92,3 +92,12 @@ def softmax_100(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def renamed_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """softmax whose feed is called ``pixels``: a model redeployed with another input name."""
     return {"prob": softmax_np(batch["pixels"])}
+
+
+@zdistill.teacher_function(feeds={"tokens": ("int32", [16])},
+                           fetches={"topk_logprobs": ("float16", [16, 8]), "topk_indices": ("int32", [16, 8])})
+def tiny_lm_topk(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feeds and fetches of examples/torch_teacher's tiny LM, in numpy: ids 0..7, equally likely."""
+    rows, seq = batch["tokens"].shape
+    return {"topk_logprobs": np.full((rows, seq, 8), -np.log(512), np.float16),
+            "topk_indices": np.broadcast_to(np.arange(8, dtype=np.int32), (rows, seq, 8))}
