@@ -85,9 +85,9 @@ def test_a_bad_balancer_in_the_environment_is_a_config_error_when_the_epoch_star
 
 @pytest.mark.timeout(30)
 def test_every_accepted_form_reaches_a_real_teacher(start_teacher):
-    """``HOST:PORT``, ``tcp://HOST:PORT``, and the same with spaces around (a comma list's items)."""
+    """``HOST:PORT``, ``tcp://HOST:PORT`` (the scheme in any case), with spaces around (a comma list's items)."""
     port = start_teacher().endpoint.rsplit(":", 1)[1]
-    for address in (f"127.0.0.1:{port}", f"tcp://127.0.0.1:{port}", f" localhost:{port} "):
+    for address in (f"127.0.0.1:{port}", f"tcp://127.0.0.1:{port}", f"TCP://127.0.0.1:{port}", f" localhost:{port} "):
         c = TeacherClient(address, timeout=10)
         try:
             c.ping()

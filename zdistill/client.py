@@ -56,9 +56,9 @@ def teacher_endpoint(address: str, what: str = "teacher") -> str:
     if scheme is None:
         rest, endpoint = given, f"tcp://{given}"
     elif scheme.group(1).lower() == "ipc" and scheme.group(2):
-        return given
+        return f"ipc://{scheme.group(2)}"
     elif scheme.group(1).lower() == "tcp":
-        rest, endpoint = scheme.group(2), given
+        rest, endpoint = scheme.group(2), f"tcp://{scheme.group(2)}"
     else:
         name = scheme.group(1).lower()
         why = _NOT_SPOKEN.get(name, "ipc:// names no path" if name == "ipc" else f"unknown scheme {name}://")

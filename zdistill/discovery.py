@@ -388,8 +388,8 @@ class _Session:
                 log.info("balancer %s is standing by; following leader %s", self.target, leader)
                 self.o._note_leaderless(self.target, None)
                 self.redirect = leader
-            else:
-                why = header.get("why")  # nobody leads yet (or a stale record): look again soon
+            else:  # nobody leads yet (or a stale record): look again soon
+                why = header.get("why")  # a balancer that gives no reason: the likeliest one
                 self.o._note_leaderless(self.target, why[:200] if isinstance(why, str) and why
                                         else "Redis unreachable?")
                 self.failed_in_round += 1
