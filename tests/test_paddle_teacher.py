@@ -344,12 +344,14 @@ def test_bad_model_folder_is_a_clear_error(tmp_path) -> None:
 
 def test_the_readme_distill_reader_example_runs_as_pasted(served) -> None:
     """The README's first DistillReader example, against a Paddle model with an input ``img``:
-    only the teacher's address is changed (it names a port of its own)."""
+    the teacher's address is changed (it names a port of its own), and the output's name to
+    the one Paddle gives (``fetch_name_0``, as the README says under the example)."""
     readme = (procs.REPO / "README.md").read_text()
     section = readme[readme.index("## Drop-in table"):]
     start = section.index("```python\n") + len("```python\n")
     snippet = section[start : section.index("```", start)]
-    assert "'127.0.0.1:9292'" in snippet
+    assert "'127.0.0.1:9292'" in snippet and "predicts=['prob']" in snippet
+    snippet = snippet.replace("predicts=['prob']", "predicts=['fetch_name_0']")
     namespace: dict = {}
     exec(snippet.replace("127.0.0.1:9292", served.endpoint.replace("tcp://", "")), namespace)  # noqa: S102
     img, label, soft_label = namespace["img"], namespace["label"], namespace["soft_label"]

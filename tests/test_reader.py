@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -377,6 +378,44 @@ def test_seed_guide_snippet_runs_with_the_import_swapped(teachers):
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["320"]
+
+
+def readme_example(heading: str) -> str:
+    """The first Python block under ``heading`` in README.md, as a user copies it."""
+    readme = (procs.REPO / "README.md").read_text()
+    section = readme[readme.index(heading):]
+    start = section.index("```python\n") + len("```python\n")
+    return textwrap.dedent(section[start : section.index("```", start)])
+
+
+def test_the_readme_teacher_and_reader_examples_run_together_as_pasted(start_teacher, tmp_path):
+    """The README's teacher function, saved as ``teacher.py`` and served, and its DistillReader
+    example, pasted into a script with only the port changed: the student gets the teacher's
+    ``prob`` of each sample, and ``zdistill.TeacherClient`` lists that output as the README says."""
+    (tmp_path / "teacher.py").write_text(readme_example("### `zdistill-teacher`"))
+    address = start_teacher(f"{tmp_path / 'teacher.py'}:predict").endpoint.removeprefix("tcp://")
+    student = readme_example("## Drop-in table")
+    assert "'127.0.0.1:9292'" in student
+    check = textwrap.dedent("""
+        import json
+        import teacher
+        from zdistill import TeacherClient
+        client = TeacherClient('127.0.0.1:9292', timeout=10)
+        fetches = [f['name'] for f in client.meta()['fetches']]
+        client.close()
+        expected = teacher.predict({'img': img[None]})['prob'][0]
+        print(json.dumps({'fetches': fetches, 'label': int(label),
+                          'error': float(np.abs(soft_label - expected).max())}))
+    """)
+    (tmp_path / "student.py").write_text((student + check).replace("127.0.0.1:9292", address))
+    env = {**os.environ, "PYTHONPATH": str(procs.REPO)}
+    result = subprocess.run([sys.executable, str(tmp_path / "student.py")], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["fetches"] == ["prob"]
+    assert report["label"] == 0  # the first sample of the last batch
+    assert report["error"] < 1e-6
 
 
 def test_safe_with_paddle_imported_in_the_parent(teachers):

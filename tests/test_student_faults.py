@@ -283,6 +283,31 @@ def test_a_misspelled_service_names_the_services_the_balancer_knows(redis_server
             proc.stop()
 
 
+@pytest.mark.timeout(60)
+def test_a_balancer_without_redis_is_named_as_up_with_no_leader(redis_server, tmp_path, caplog):
+    """A balancer that lost Redis stands by and names no leader: the student says so, not "no balancer answers"."""
+    from tests import daemons
+
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path)  # a leader lease of 1 s
+    try:
+        procs.wait_for(lambda: (daemons.status(balancer.endpoint) or {}).get("leading") is True, 15, "it to lead")
+        redis_server.stop()
+        procs.wait_for(lambda: (daemons.status(balancer.endpoint) or {}).get("leading") is False, 15,
+                       "it to stand by, Redis gone")
+        with DistillReader(ins=["img"], predicts=["prob"]) as dr:
+            dr.set_dynamic_teacher(balancer.endpoint, "mnist_teacher")
+            dr.set_batch_generator(lambda: iter(()))
+            dr.options.teacher_wait = 3
+            with caplog.at_level(logging.WARNING, logger="zdistill"), pytest.raises(TeacherTimeout) as err:
+                dr()
+    finally:
+        balancer.stop()
+    message = str(err.value)
+    assert f"{balancer.endpoint}: up, but has no leader (this balancer cannot reach Redis" in message, message
+    assert "no balancer answers" not in message, message
+    assert any("up, but has no leader" in r.getMessage() for r in caplog.records), "said at once, not only at the end"
+
+
 # -- SIGTERM of a student ---------------------------------------------------------------
 
 

@@ -132,8 +132,10 @@ def test_served_image_teacher_takes_uint8_images(start_teacher):
 
 
 def test_student_trains_on_the_served_top_k(start_teacher):
+    """A tiny teacher; the student, without ZDISTILL_TORCH_TEACHER_SIZE, takes its size from the teacher's meta."""
     teacher = start_teacher(f"{EXAMPLE}/lm_teacher.py:topk", env=TINY)
-    env = {**os.environ, **TINY, "PYTHONPATH": os.pathsep.join([str(procs.REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {k: v for k, v in os.environ.items() if k != "ZDISTILL_TORCH_TEACHER_SIZE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(procs.REPO), os.environ.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, str(EXAMPLE / "student_lm.py"), "--teacher", teacher.endpoint.removeprefix("tcp://"),
          "--steps", "40", "--batch", "8"],

@@ -1,7 +1,9 @@
 """zdistill: teacher-as-a-service knowledge distillation over ZeroMQ.
 
-``from zdistill import DistillReader`` is a drop-in for PaddlePaddle EDL's reader.
-Importing this package never imports Paddle.
+``from zdistill import DistillReader`` is a drop-in for PaddlePaddle EDL's reader;
+``from zdistill import TeacherClient`` talks to one teacher (``meta``, ``ping``,
+``predict``).  Importing this package never imports Paddle, nor ZeroMQ until one of
+those two is used.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "ConfigError",
     "DistillReader",
     "ReaderError",
+    "TeacherClient",
     "TeacherError",
     "TeacherTimeout",
     "WireError",
@@ -40,4 +43,8 @@ def __getattr__(name: str) -> object:
         from zdistill.reader import DistillReader
 
         return DistillReader
+    if name == "TeacherClient":
+        from zdistill.client import TeacherClient
+
+        return TeacherClient
     raise AttributeError(f"module 'zdistill' has no attribute {name!r}")

@@ -18,7 +18,8 @@ request         header                                          reply (from the 
 ==============  ==============================================  ===========================================
 
 A standby answers ``register``/``heartbeat``/``snapshot``/``bye`` with ``redirect``
-(``leader``: the leader's ROUTER address, or ``None`` while nobody leads).  Anything
+(``leader``: the leader's ROUTER address, or ``None`` while nobody leads, with ``why``:
+Redis unreachable from this balancer, or no lease taken yet).  Anything
 malformed gets ``error`` (``bad_message``, ``bad_request``) and the balancer keeps
 serving.  Every reply echoes the request's ``id``.
 
@@ -104,9 +105,14 @@ def topic(student_id: str) -> bytes:
 
 
 def split_address(address: str) -> tuple[str, int]:
+    """``--server``: the ``IP:PORT`` to listen on (port 0: a free one), as host and port.
+
+    No scheme: a ``tcp://`` or ``triton://`` here would reach ZeroMQ's bind as a host name.
+    """
     host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"expected IP:PORT, got {address!r:.80}")
+    if "://" in address or not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--server {address!r:.80}: expected IP:PORT to listen on, without a scheme "
+                          "(port 0 picks a free one)")
     return host.strip("[]"), int(port)
 
 
@@ -692,8 +698,11 @@ class Balancer:
         if not STUDENT_RE.match(sid):
             raise BadRequest("bad_request", f"student id {sid!r:.40} is not 1-128 characters of [A-Za-z0-9_.:@-]")
         if not self.leading:
-            leader = self.leader_seen
-            return {"kind": "redirect", "leader": leader.server if leader else None}
+            if self.leader_seen is not None:
+                return {"kind": "redirect", "leader": self.leader_seen.server}
+            why = ("this balancer cannot reach Redis, where the balancers elect their leader" if not self.redis_ok
+                   else "no balancer holds the leader lease in Redis yet")
+            return {"kind": "redirect", "leader": None, "why": why}
         now = time.monotonic()
         if kind in ("register", "heartbeat"):
             service = _field(msg.header, "service", str)

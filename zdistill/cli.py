@@ -28,23 +28,19 @@ from zdistill.client import TeacherClient, teacher_endpoint
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.flags import add_db_flags, password_from_args
 from zdistill.security import client_keys_from_env, secure_client
-from zdistill.store import is_address
-
-
-def checked_address(address: str) -> str:
-    """``HOST:PORT`` (port 1..65535) or a full ZeroMQ endpoint, else :class:`ConfigError`."""
-    if "://" not in address and not is_address(address.strip()):
-        raise ConfigError(f"{address!r:.80} is not HOST:PORT with a port of 1..65535")
-    return address
 
 
 def ask_balancer(address: str, header: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """One request to a balancer; its reply header, or None if nothing readable came in time."""
+    """One request to a balancer; its reply header, or None if nothing readable came in time.
+
+    An ``address`` that is not a balancer address raises :class:`ConfigError`, before any socket is made.
+    """
+    endpoint = teacher_endpoint(address, "balancer")
     ctx = zmq.Context.instance()
     sock = secure_client(ctx.socket(zmq.DEALER), client_keys_from_env())
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(teacher_endpoint(checked_address(address)))
+        sock.connect(endpoint)
         wire.send(sock, {**header, "id": 1})
         if not sock.poll(int(timeout * 1000)):
             return None
@@ -56,8 +52,10 @@ def ask_balancer(address: str, header: dict[str, Any], timeout: float) -> dict[s
 
 
 def ping(kind: str, address: str, timeout: float) -> int:
-    """0 if a ``kind`` answers at ``address``; else 1 and one line saying what answered, if anything."""
-    checked_address(address)
+    """0 if a ``kind`` answers at ``address``; else 1 and one line saying what answered, if anything.
+
+    An address that is none of :data:`~zdistill.client.ADDRESS_FORMS` raises :class:`ConfigError` (exit 2).
+    """
     if kind == "teacher":
         client = TeacherClient(address, timeout=timeout)
         try:
@@ -110,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from zdistill.status import collect_status, exit_code, render_status
 
         if args.balancer:
-            checked_address(args.balancer)
+            teacher_endpoint(args.balancer, "balancer")
         report = collect_status(args.db_endpoints, password_from_args(args), args.balancer, args.timeout, time.time())
         sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_status(report))
         return exit_code(report)

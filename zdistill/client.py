@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -22,15 +23,50 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zdistill import wire
-from zdistill.errors import TeacherError, TeacherTimeout, WireError
+from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.model import Arrays
 from zdistill.security import ClientKeys, client_keys_from_env, secure_client
 
+ADDRESS_FORMS = "HOST:PORT, tcp://HOST:PORT or ipc://PATH"
+_HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:([0-9]{1,5})$")  # a name, IPv4 or [IPv6], and a port
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.DOTALL)
+_NOT_SPOKEN = {  # schemes a user may try, and why zdistill cannot use them
+    "triton": "Triton Inference Server is not supported (serve the model with zdistill-teacher)",
+    "grpc": "zdistill speaks ZeroMQ, not gRPC, to a zdistill-teacher or zdistill-balancer",
+    "http": "zdistill speaks ZeroMQ, not HTTP, to a zdistill-teacher or zdistill-balancer",
+    "https": "zdistill speaks ZeroMQ (encrypted with CURVE), not HTTPS, to a zdistill-teacher or zdistill-balancer",
+}
 
-def teacher_endpoint(address: str) -> str:
-    """``'10.0.0.5:9292'`` -> ``'tcp://10.0.0.5:9292'``; full ZeroMQ endpoints pass through."""
-    address = address.strip()
-    return address if "://" in address else f"tcp://{address}"
+
+def teacher_endpoint(address: str, what: str = "teacher") -> str:
+    """The ZeroMQ endpoint of an address a user gives: ``'10.0.0.5:9292'`` -> ``'tcp://10.0.0.5:9292'``.
+
+    An address of a teacher or a balancer (``what`` says which, for the message) is
+    ``HOST:PORT`` (a host name, an IPv4 or an ``[IPv6]`` address, a port of 1..65535),
+    ``tcp://HOST:PORT`` or ``ipc://PATH``.  Anything else raises :class:`ConfigError`
+    naming the address, why, and what is accepted: a typo or another server's URL
+    (``http://``, ``triton://``) is reported where the address is given, not as a
+    ``ZMQError`` from deep inside a worker, nor as a connection retried until
+    ``teacher_wait`` runs out.
+    """
+    if not isinstance(address, str):
+        raise ConfigError(f"a {what} address must be a string ({ADDRESS_FORMS}), got {type(address).__name__}")
+    given = address.strip()
+    scheme = _SCHEME_RE.match(given)
+    if scheme is None:
+        rest, endpoint = given, f"tcp://{given}"
+    elif scheme.group(1).lower() == "ipc" and scheme.group(2):
+        return f"ipc://{scheme.group(2)}"
+    elif scheme.group(1).lower() == "tcp":
+        rest, endpoint = scheme.group(2), f"tcp://{scheme.group(2)}"
+    else:
+        name = scheme.group(1).lower()
+        why = _NOT_SPOKEN.get(name, "ipc:// names no path" if name == "ipc" else f"unknown scheme {name}://")
+        raise ConfigError(f"{what} address {address!r:.200}: {why}; a {what} address is {ADDRESS_FORMS}")
+    port = _HOST_PORT_RE.match(rest)
+    if port is None or not 0 < int(port.group(1)) <= 65535:
+        raise ConfigError(f"{what} address {address!r:.200} is not {ADDRESS_FORMS} (with a port of 1..65535)")
+    return endpoint
 
 
 def unreachable(address: str, timeout: float = 1.0) -> str | None:
@@ -47,8 +83,6 @@ def unreachable(address: str, timeout: float = 1.0) -> str | None:
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             return None
-    except ValueError:
-        return f"{port!r} is not a port number"
     except socket.gaierror as exc:
         return f"unknown host {host!r} ({exc.strerror})"
     except ConnectionRefusedError:
@@ -89,6 +123,8 @@ class Completion:
 class TeacherClient:
     """Talks to one teacher; not thread-safe (one owner, like the socket).
 
+    ``address``: ``HOST:PORT``, ``tcp://HOST:PORT`` or ``ipc://PATH``; anything else
+    raises :class:`~zdistill.errors.ConfigError` here (:func:`teacher_endpoint`).
     ``curve``: the CURVE keys to reach a teacher that requires them; by default they
     come from the environment (:func:`zdistill.security.client_keys_from_env`).
     """

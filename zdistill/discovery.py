@@ -16,8 +16,10 @@ as is.  The version :meth:`current` reports is the client's own counter, bumped 
 every change of the teacher list, so it only ever grows whatever the balancers do.
 
 Failover: servers are tried in the order given (a comma list, as in EDL).  A
-standby answers ``redirect`` with the leader's address, which is followed; a
-balancer that does not answer within ``timeout`` is left for the next in the list.
+standby answers ``redirect`` with the leader's address, which is followed, or with
+no leader and why (it cannot reach Redis, say), which :meth:`DiscoveryClient.leaderless`
+keeps for the student's messages; a balancer that does not answer within ``timeout``
+is left for the next in the list.
 While no balancer answers, the last known teachers stay current: a student keeps
 working with what it has.
 """
@@ -55,10 +57,13 @@ _live: weakref.WeakSet[DiscoveryClient] = weakref.WeakSet()
 
 
 def parse_servers(servers: str | Sequence[str]) -> list[str]:
+    """The balancer addresses in a comma list or a sequence, each checked (:func:`teacher_endpoint`)."""
     items = servers.split(",") if isinstance(servers, str) else list(servers)
     found = [s.strip() for s in items if s and s.strip()]
     if not found:
         raise ConfigError(f"no discovery server given in {servers!r}")
+    for address in found:
+        teacher_endpoint(address, "balancer")
     return found
 
 
@@ -100,6 +105,7 @@ class DiscoveryClient:
         self._remote_version = -1
         self._ids = itertools.count(1)
         self.leader: str | None = None  # the balancer answering us now, for logs and tests
+        self._leaderless: dict[str, str] = {}  # balancer -> why it answers but names no leader (under _cond)
 
     # -- public API -------------------------------------------------------------
 
@@ -113,6 +119,15 @@ class DiscoveryClient:
     def current(self) -> tuple[int, list[str]]:
         with self._cond:
             return self._version, list(self._teachers)
+
+    def leaderless(self) -> dict[str, str]:
+        """The balancers that answer but name no leader, each with the reason it gave.
+
+        A student with no teachers says this rather than "no balancer answers": the
+        balancer is up, but none leads (it cannot reach Redis, say).
+        """
+        with self._cond:
+            return dict(self._leaderless)
 
     def wait_for_change(self, version: int, timeout: float) -> tuple[int, list[str]]:
         """Block until the version differs from ``version`` or ``timeout`` passes; then :meth:`current`."""
@@ -153,6 +168,16 @@ class DiscoveryClient:
                 log.exception("discovery thread failed; teachers stay as they are")
         finally:
             session.close()
+
+    def _note_leaderless(self, server: str, why: str | None) -> None:
+        """Keep (``why``) or forget (None) that ``server`` answered without naming a leader."""
+        with self._cond:
+            if why is None:
+                self._leaderless.pop(server, None)
+                return
+            if self._leaderless.get(server) != why:
+                log.warning("balancer %s is up but has no leader (%s); asking again", server, why)
+            self._leaderless[server] = why
 
     def _apply(self, header: dict[str, Any]) -> None:
         """Take a snapshot or update if it is newer than what we hold (Clone pattern)."""
@@ -302,6 +327,8 @@ class _Session:
 
     def _failed(self, why: str) -> None:
         log.warning("discovery server %s: %s; trying the next", self.target, why)
+        if self.target is not None:
+            self.o._note_leaderless(self.target, None)  # it does not answer at all now
         self._close_dealer()
         self.failed_in_round += 1
         if self.failed_in_round >= len(self.o.servers):
@@ -341,6 +368,7 @@ class _Session:
             self.registered = True
             self.failed_in_round = 0
             self.o.leader = self.target
+            self.o._note_leaderless(self.target, None)
             lease_ms = header.get("lease_ms")
             if type(lease_ms) is int and lease_ms > 0:
                 self.interval = max(0.05, lease_ms / 4000)
@@ -358,9 +386,13 @@ class _Session:
             self._close_dealer()
             if isinstance(leader, str) and leader and leader != self.target:
                 log.info("balancer %s is standing by; following leader %s", self.target, leader)
+                self.o._note_leaderless(self.target, None)
                 self.redirect = leader
-            else:
-                self.failed_in_round += 1  # nobody leads yet (or a stale record): look again soon
+            else:  # nobody leads yet (or a stale record): look again soon
+                why = header.get("why")  # a balancer that gives no reason: the likeliest one
+                self.o._note_leaderless(self.target, why[:200] if isinstance(why, str) and why
+                                        else "Redis unreachable?")
+                self.failed_in_round += 1
                 self.resume_at = time.monotonic() + _BACKOFF
         elif kind == "error" and header.get("code") == "unknown_student":
             self._send("register")

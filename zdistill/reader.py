@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from zdistill.client import TeacherClient, unreachable
+from zdistill.client import TeacherClient, teacher_endpoint, unreachable
 from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout
 from zdistill.model import TensorSpec
 from zdistill.options import PipelineOptions
@@ -43,6 +43,14 @@ log = logging.getLogger("zdistill.reader")
 ENV_BALANCE_SERVER = "PADDLE_DISTILL_BALANCE_SERVER"
 ENV_SERVICE_NAME = "PADDLE_DISTILL_SERVICE_NAME"
 ENV_MAX_TEACHER = "PADDLE_DISTILL_MAX_TEACHER"
+
+
+def _addresses(value: str | Sequence[str], what: str, kind: str) -> list[str]:
+    """The addresses of ``kind`` (teacher, balancer) in ``value``, each checked here, where it is given."""
+    items = _split_list(value, what)
+    for address in items:
+        teacher_endpoint(address, kind)
+    return items
 
 
 def _split_list(value: str | Sequence[str], what: str) -> list[str]:
@@ -89,16 +97,23 @@ class DistillReader:
     # -- EDL's configuration calls ---------------------------------------------
 
     def set_fixed_teacher(self, teachers: str | Sequence[str]) -> None:
-        """Teachers at fixed addresses: a list, a tuple, or ``'ip:port,ip:port'``."""
-        self._teachers = _split_list(teachers, "teachers")
+        """Teachers at fixed addresses: a list, a tuple, or ``'ip:port,ip:port'``.
+
+        Each is ``HOST:PORT``, ``tcp://HOST:PORT`` or ``ipc://PATH``; anything else
+        raises :class:`ConfigError` here, naming it.
+        """
+        self._teachers = _addresses(teachers, "teachers", "teacher")
         self._mode = "fixed"
         self._require_num = len(self._teachers)
 
     def set_dynamic_teacher(
         self, discovery_servers: str | Sequence[str], teacher_service_name: str, require_max_teacher: int = 1
     ) -> None:
-        """Teachers found through ``zdistill-balancer`` (a comma list of them, for failover)."""
-        self._discovery_servers = _split_list(discovery_servers, "discovery_servers")
+        """Teachers found through ``zdistill-balancer`` (a comma list of them, for failover).
+
+        Each balancer address is checked here, as :meth:`set_fixed_teacher` checks teachers'.
+        """
+        self._discovery_servers = _addresses(discovery_servers, "discovery_servers", "balancer")
         self._service_name = teacher_service_name
         self._require_num = int(require_max_teacher)
         self._mode = "discover"
@@ -200,7 +215,7 @@ class DistillReader:
             name = os.environ.get(ENV_SERVICE_NAME)
             if not name:
                 raise ConfigError(f"{ENV_BALANCE_SERVER} is set but {ENV_SERVICE_NAME} is not")
-            self._discovery_servers = _split_list(servers, ENV_BALANCE_SERVER)
+            self._discovery_servers = _addresses(servers, ENV_BALANCE_SERVER, "balancer")
             self._service_name = name
             self._mode = "discover"
             if os.environ.get(ENV_MAX_TEACHER):
@@ -274,8 +289,10 @@ class DistillReader:
 
         leader = self._discovery.leader
         if leader is None:
-            causes = [f"{s}: {unreachable(s) or 'no answer'}" for s in self._discovery.servers]
-            return f"no balancer answers ({'; '.join(causes)})"
+            leaderless = self._discovery.leaderless()
+            causes = [f"{s}: up, but has no leader ({why})" for s, why in leaderless.items()]
+            causes += [f"{s}: {unreachable(s) or 'no answer'}" for s in self._discovery.servers if s not in leaderless]
+            return f"no balancer {'leads' if leaderless else 'answers'} ({'; '.join(causes)})"
         status = ask_balancer(leader, {"kind": "status"}, timeout=1.0) or {}
         known = status.get("teachers") if isinstance(status.get("teachers"), dict) else {}
         if self._service_name in known:

@@ -34,7 +34,7 @@ from typing import Any
 import redis
 import zmq
 
-from zdistill.client import Completion, TeacherClient
+from zdistill.client import Completion, TeacherClient, teacher_endpoint
 from zdistill.errors import ConfigError, RecordError, TeacherTimeout
 from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import RegisterMetrics
@@ -75,7 +75,8 @@ class Registrar:
         self.ttl = ttl
         self.interval = ttl / 3
         self.ping_timeout = ping_timeout if ping_timeout is not None else max(0.2, ttl / 3)
-        self.record = TeacherRecord(check_address(address), check_service(service))
+        teacher_endpoint(address)  # says why a URL (http://, triton://) is no teacher address
+        self.record = TeacherRecord(check_address(address), check_service(service))  # IP:PORT, as students reach it
         self.stop_event = threading.Event()
         self.client = TeacherClient(address, context=context, timeout=self.ping_timeout)
         self.registered = False  # our record should be in Redis now

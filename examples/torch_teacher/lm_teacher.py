@@ -16,13 +16,15 @@ other tokens (``rest="spread"``).
 
 ``ZDISTILL_LM_TOPK`` sets k (default 32; 8 in the tiny size);
 ``ZDISTILL_TORCH_TEACHER_SIZE=tiny`` serves 2 layers of width 32, a 512-id vocabulary
-and 16 tokens, for tests on a CPU.
+and 16 tokens, for tests on a CPU (the sizes: ``lm_sizes.py``, where a student finds
+which one a teacher serves).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +33,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # served as a file: its sibling modules
 
+from lm_sizes import SIZES  # noqa: E402  (shared with the student, which finds the served size in meta)
 from torch_serving import TorchTeacher, model_size  # noqa: E402
 
 import zdistill  # noqa: E402
 
 TINY = model_size() == "tiny"
-VOCAB, HIDDEN, LAYERS, HEADS, SEQ = (512, 32, 2, 2, 16) if TINY else (50257, 768, 12, 12, 128)
+VOCAB, HIDDEN, LAYERS, HEADS, SEQ = astuple(SIZES[model_size()])
 TOPK = int(os.environ.get("ZDISTILL_LM_TOPK", "8" if TINY else "32"))
 if not 1 <= TOPK <= VOCAB:
     raise ValueError(f"ZDISTILL_LM_TOPK must be between 1 and the vocabulary size {VOCAB}, got {TOPK}")

@@ -10,6 +10,10 @@ the teacher's top-k log-probabilities and ids per token; ``topk_to_dense`` turns
 into dense rows over the vocabulary, and the student minimises
 ``KL(teacher || student)`` per token.  It prints the loss every ``--log-every`` steps
 and, at the end, the mean loss of the first and of the last 10 steps.
+
+The vocabulary and the sequence length are the served teacher's: the student asks its
+``meta`` which size of ``lm_teacher`` it is (``lm_sizes.py``), so a teacher started with
+``ZDISTILL_TORCH_TEACHER_SIZE=tiny`` needs no such variable for the student.
 """
 
 from __future__ import annotations
@@ -26,30 +30,40 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lm_teacher import SEQ, VOCAB  # noqa: E402  (the student must share the teacher's vocabulary)
+from lm_sizes import LMSize, served_size  # noqa: E402  (the student must share the teacher's vocabulary)
 
-from zdistill import DistillReader  # noqa: E402
+from zdistill import DistillReader, TeacherClient, ZDistillError  # noqa: E402
 from zdistill.topk import RESTS, topk_to_dense  # noqa: E402
 
 
 class Student(nn.Module):
     """A small next-token model: embeddings, one GRU layer, a projection on the vocabulary."""
 
-    def __init__(self, width: int = 64) -> None:
+    def __init__(self, vocab: int, width: int = 64) -> None:
         super().__init__()
-        self.embed = nn.Embedding(VOCAB, width)
+        self.embed = nn.Embedding(vocab, width)
         self.rnn = nn.GRU(width, width, batch_first=True)
-        self.head = nn.Linear(width, VOCAB)
+        self.head = nn.Linear(width, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.rnn(self.embed(tokens))[0])
 
 
-def token_batches(steps: int, batch: int, seed: int) -> Iterator[tuple[np.ndarray]]:
-    """``steps`` batches of ``batch`` random sequences: one slot, ``tokens`` (int32 [batch, SEQ])."""
+def token_batches(steps: int, batch: int, seed: int, size: LMSize) -> Iterator[tuple[np.ndarray]]:
+    """``steps`` batches of ``batch`` random sequences: one slot, ``tokens`` (int32 [batch, seq])."""
     rng = np.random.default_rng(seed)
     for _ in range(steps):
-        yield (rng.integers(0, VOCAB, (batch, SEQ), dtype=np.int32),)
+        yield (rng.integers(0, size.vocab, (batch, size.seq), dtype=np.int32),)
+
+
+def teacher_size(teachers: str) -> LMSize:
+    """The size of the ``lm_teacher`` served at the first of ``teachers``, from its ``meta``."""
+    first = teachers.split(",")[0].strip()
+    client = TeacherClient(first, timeout=60)
+    try:
+        return served_size(client.meta(), first)
+    finally:
+        client.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,17 +77,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:
+        size = teacher_size(args.teacher)
+    except (ValueError, ZDistillError) as exc:  # a bad address, no answer, another model there
+        print(f"student_lm: {exc}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
-    student = Student()
+    student = Student(size.vocab)
     optimiser = torch.optim.Adam(student.parameters(), lr=args.lr)
-    dense: np.ndarray | None = None  # one [batch, SEQ, VOCAB] array, reused (it is the big one)
+    dense: np.ndarray | None = None  # one [batch, seq, vocab] array, reused (it is the big one)
     losses: list[float] = []
     with DistillReader(ins=["tokens"], predicts=["topk_logprobs", "topk_indices"]) as dr:
         dr.set_fixed_teacher(args.teacher)
-        reader = dr.set_batch_generator(lambda: token_batches(args.steps, args.batch, args.seed))
+        reader = dr.set_batch_generator(lambda: token_batches(args.steps, args.batch, args.seed, size))
         for step, (tokens, logprobs, ids) in enumerate(reader()):
             reuse = dense is not None and dense.shape[0] == len(tokens)
-            dense = topk_to_dense(logprobs, ids, VOCAB, rest=args.rest, out=dense if reuse else None)
+            dense = topk_to_dense(logprobs, ids, size.vocab, rest=args.rest, out=dense if reuse else None)
             # Probabilities, not log-probabilities: kl_div counts 0 * log 0 as 0, which
             # the -inf of rest="drop" (and of tokens given no mass) need.
             target = torch.from_numpy(dense).exp().flatten(0, 1)
