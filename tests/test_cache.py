@@ -11,16 +11,30 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests import procs
+from tests import cache_teachers, procs
 from tests.teachers import softmax_np
 from zdistill import DistillReader
-from zdistill.cache import CacheIndex, CacheWriter, evict, folder_for, key_seed, row_keys, stored_bytes
+from zdistill.cache import (
+    CacheIndex,
+    CacheWriter,
+    evict,
+    folder_for,
+    key_seed,
+    namespace_for,
+    read_fingerprint,
+    row_keys,
+    stored_bytes,
+)
+from zdistill.client import TeacherClient
 from zdistill.errors import ConfigError
-from zdistill.model import TensorSpec
+from zdistill.fingerprint import TOLERANCE, distance, fingerprint, probe_batch, usable
+from zdistill.model import CallableModel, TensorSpec, load_model
 
 N, B = 1000, 50
 FETCHES = [TensorSpec("prob", "float32", (10,))]
@@ -248,3 +262,168 @@ def test_a_segment_of_another_schema_in_the_folder_is_ignored(tmp_path):
     assert index.refresh() == 20
     assert index.refresh() == 0  # and stays ignored
     assert look_up(index, keys) is not None and look_up(index, answers(20, 2)[0]) is None
+
+
+# -- the cache's identity: model_id and how the model behaves ------------------------------
+
+CACHE_TEACHERS = Path(cache_teachers.__file__)
+
+
+def meta_of(teacher: procs.Proc) -> dict:
+    client = TeacherClient(teacher.endpoint, timeout=10.0)
+    try:
+        return client.meta()
+    finally:
+        client.close()
+
+
+def wrong_rows(probs: np.ndarray, want: np.ndarray) -> int:
+    """Rows of ``probs`` that are not ``want``'s, to float tolerance."""
+    return int((~np.isclose(probs, want, rtol=1e-5, atol=1e-6).all(axis=1)).sum())
+
+
+def weights_file(tmp_path: Path, seed: int) -> dict[str, str]:
+    """The environment of a ``from_file`` teacher loading the weights of ``seed`` from an .npy file."""
+    path = tmp_path / f"weights-{seed}.npy"
+    np.save(path, cache_teachers.weights(seed))
+    return {cache_teachers.WEIGHTS_ENV: str(path)}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["factory", "npy"])
+def test_two_models_under_one_model_id_never_get_each_others_answers(start_teacher, tmp_path, data, how):
+    """Two teachers built by one factory, or loading their weights from .npy files, share a
+    model_id; a student with a cache must still get each one's own answers, every row."""
+    x, y = data
+    cache = tmp_path / "cache"
+    if how == "factory":
+        models = {"a": (f"{CACHE_TEACHERS}:model_a", None), "b": (f"{CACHE_TEACHERS}:model_b", None)}
+    else:
+        models = {k: (f"{CACHE_TEACHERS}:from_file", weights_file(tmp_path, seed)) for k, seed in (("a", 1), ("b", 2))}
+    want = {"a": cache_teachers.expected(x, cache_teachers.weights(1)),
+            "b": cache_teachers.expected(x, cache_teachers.weights(2))}
+    ids, first = [], None
+    for name in ["a", "b", "a"]:  # A fills the cache, B must not get A's answers, A again gets its own
+        model, env = models[name]
+        teacher = start_teacher(model, env=env)
+        ids.append(meta_of(teacher)["model_id"])
+        with reader(teacher, cache, x, y) as dr:
+            labels, probs = epoch(dr)
+            stats = dr.stats()["cache"]
+        asked = rows_asked(teacher)
+        teacher.stop()
+        np.testing.assert_array_equal(labels, y)
+        assert wrong_rows(probs, want[name]) == 0, f"{wrong_rows(probs, want[name])} of {N} rows not model {name}'s"
+        if first is None:
+            first = probs
+        elif name == "b":
+            assert asked == N and stats["hits"] == 0
+        else:  # model A's answers are still cached, bit for bit
+            assert asked == 0 and stats["hits"] == N and probs.tobytes() == first.tobytes()
+    assert len(set(ids)) == 1  # one model_id for both models: only their answers tell them apart
+
+
+@pytest.mark.timeout(120)
+def test_a_teacher_that_does_not_reproduce_its_answers_turns_the_cache_off(start_teacher, tmp_path, data, caplog):
+    """Dropout left on: the cache is not used, with one warning, and every row is the teacher's."""
+    x, y = data
+    teacher = start_teacher(f"{CACHE_TEACHERS}:noisy")
+    want = cache_teachers.expected(x, cache_teachers.weights(1))
+    with caplog.at_level("WARNING", logger="zdistill"), reader(teacher, tmp_path / "cache", x, y) as dr:
+        for _ in range(2):
+            labels, probs = epoch(dr)
+            np.testing.assert_array_equal(labels, y)
+            np.testing.assert_allclose(probs, want, rtol=cache_teachers.NOISE * 1.01, atol=1e-7)
+        stats = dr.stats()["cache"]
+    assert rows_asked(teacher) == 2 * N, "epoch 2 was answered from a cache of a teacher that cannot reproduce it"
+    assert stats["hits"] == 0 and stats["bytes_stored"] == 0 and not stats["enabled"]
+    said = [r.getMessage() for r in caplog.records if "cache" in r.getMessage()]
+    assert len(said) == 1 and "does not reproduce its own answers" in said[0], said
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("model_id", "rows", "task_rows"),
+                         [("same", N, 1024), ("other", N, 1024), ("same", 4000, 100)])
+def test_a_teacher_replaced_by_another_model_mid_epoch_gets_no_cached_row_served(start_teacher, tmp_path, caplog,
+                                                                                  model_id, rows, task_rows):
+    """Epoch 2 is being answered from the cache of model A when A's teacher is replaced, at
+    the same address, by model B (under A's model_id, or another): from the moment the
+    student knows (B's meta came), every row it yields is B's, whether it comes from the
+    task being yielded, from tasks answered from the cache and waiting, or from tasks the
+    reader has not made yet."""
+    x = np.random.default_rng(5).random((rows, 784), dtype=np.float32)
+    y = np.arange(rows, dtype=np.int64)
+    port = procs.free_port()
+    teacher = start_teacher(f"{CACHE_TEACHERS}:model_a", port=port)
+    want_a = cache_teachers.expected(x, cache_teachers.weights(1))
+    want_b = cache_teachers.expected(x, cache_teachers.weights(2))
+    with caplog.at_level("WARNING", logger="zdistill"), reader(teacher, tmp_path / "cache", x, y) as dr:
+        dr.options.task_rows = dr.options.request_rows = task_rows
+        _, probs = epoch(dr)
+        assert wrong_rows(probs, want_a) == 0
+        batches_seen = iter(dr())
+        before = [next(batches_seen) for _ in range(4)]  # from the cache, all of model A
+        swapped = time.monotonic()
+        teacher.stop()
+        extra = ("--model-id", "another") if model_id == "other" else ()
+        start_teacher(f"{CACHE_TEACHERS}:model_b", *extra, port=port)
+
+        def b_is_known() -> bool:  # the worker said the teacher is up again: it has B's meta
+            t = dr.stats()["teachers"][teacher.endpoint]
+            return bool(t["up"] and t["changed_at"] and t["changed_at"] > swapped)
+
+        procs.wait_for(b_is_known, 30.0, "the student hearing of the new teacher")
+        after = list(batches_seen)
+    seen = len(before) * B
+    assert wrong_rows(np.concatenate([b[2] for b in before]), want_a[:seen]) == 0
+    labels = np.concatenate([b[1] for b in after])
+    np.testing.assert_array_equal(labels, y[seen:])
+    wrong = wrong_rows(np.concatenate([b[2] for b in after]), want_b[seen:])
+    assert wrong == 0, f"{wrong} of {rows - seen} rows yielded after the student knew of model B were not B's"
+    assert sum("cache is off" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_probe_batch_is_fixed_by_the_feeds_and_tells_models_apart():
+    """The same probe for every teacher of the same feeds; another model, or one that does not
+    reproduce its answers (random noise, batch statistics), is told by its fingerprint."""
+    feeds = [TensorSpec("img", "float32", (784,)), TensorSpec("ids", "int64", (-1,)), TensorSpec("m", "bool", (3,))]
+    one, two = probe_batch(feeds), probe_batch(list(feeds))
+    assert all(one[k].tobytes() == two[k].tobytes() for k in one)
+    assert one["ids"].shape[1] > 0 and set(np.unique(one["ids"])) <= {0, 1}
+    assert probe_batch(feeds[:1])["img"].tobytes() != probe_batch([TensorSpec("img", "float32", (783,))])[
+        "img"][:, :783].tobytes()
+    a, a_again, b = (load_model(f"{CACHE_TEACHERS}:{name}") for name in ("model_a", "model_a", "model_b"))
+    assert a.model_id == b.model_id
+    fa, fa2, fb = (usable(fingerprint(m), ["prob"], "t")[0] for m in (a, a_again, b))
+    assert fa is not None and fb is not None and distance(fa, fa2, ["prob"]) == 0.0
+    assert distance(fa, fb, ["prob"]) > 100 * TOLERANCE
+    noisy = fingerprint(load_model(f"{CACHE_TEACHERS}:noisy"))
+    assert usable(noisy, ["prob"], "t")[0] is None and noisy["jitter"] > TOLERANCE
+
+    def batch_norm(batch):  # batch statistics left on: a row's answer depends on the rows beside it
+        img = batch["img"]
+        return {"prob": cache_teachers.expected(img - img.mean(axis=0), cache_teachers.weights(1))}
+
+    batch_norm.zdistill_spec = (feeds[:1], [TensorSpec("prob", "float32", (10,))], "", True, "bn")
+    fp = fingerprint(CallableModel(batch_norm, "batch_norm"))
+    assert fp["jitter"] > TOLERANCE and "does not reproduce" in usable(fp, ["prob"], "t")[1]
+
+    def broken(batch):
+        raise RuntimeError("no such layer")
+
+    broken.zdistill_spec = batch_norm.zdistill_spec
+    assert "no such layer" in usable(fingerprint(CallableModel(broken, "broken")), ["prob"], "t")[1]
+
+
+def test_each_behaviour_of_a_model_id_gets_a_namespace_of_its_own(tmp_path):
+    root = str(tmp_path)
+    a, b = (usable(fingerprint(load_model(f"{CACHE_TEACHERS}:{m}")), ["prob"], "t")[0] for m in ("model_a", "model_b"))
+    folder_a = namespace_for(root, "m1", FETCHES, a)
+    folder_b = namespace_for(root, "m1", FETCHES, b)
+    assert folder_a != folder_b and os.path.dirname(folder_a) == os.path.dirname(folder_b) == folder_for(
+        root, "m1", FETCHES)
+    assert namespace_for(root, "m1", FETCHES, a) == folder_a and namespace_for(root, "m1", FETCHES, b) == folder_b
+    assert read_fingerprint(folder_a) == a
+    nearly = {"prob": {**a["prob"], "sum": [v * (1 + TOLERANCE / 10) for v in a["prob"]["sum"]]}}
+    assert namespace_for(root, "m1", FETCHES, nearly) == folder_a  # within the tolerance: the same model
+    assert not any(n.startswith(".new-") for n in os.listdir(os.path.dirname(folder_a)))

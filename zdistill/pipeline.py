@@ -29,7 +29,8 @@ from typing import Any
 import zmq
 
 from zdistill import dispatcher as d
-from zdistill.cache import CacheIndex, cacheable, default_max_bytes, evict, folder_for, stored_bytes
+from zdistill.cache import CacheIndex, cacheable, default_max_bytes, evict, namespace_for, stored_bytes
+from zdistill.fingerprint import usable
 from zdistill.model import TensorSpec
 from zdistill.options import PipelineOptions
 from zdistill.producer import ProducerConfig, run_producer
@@ -128,25 +129,28 @@ class Pipeline:
         self.dispatcher.post(d.SetTeachers(list(teachers), membership))
 
     def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None) -> None:
-        """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta`` names.
+        """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta``
+        names and by its fingerprint (its answers to the probe batch: :mod:`zdistill.fingerprint`).
 
-        Without a ``model_id`` in the teachers' meta, or with outputs whose row size
-        varies, the cache cannot be used: that is logged once and the reader runs without.
+        Without a ``model_id`` or a fingerprint in the teachers' meta, with a teacher that
+        does not reproduce its own answers, or with outputs whose row size varies, the
+        cache cannot be used: that is logged once and the reader runs without.
         """
         model_id = meta.get("model_id")
         specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
         fetches = [specs[name] for name in self.predicts]
-        why = cacheable(fetches)
+        fp, why = usable(meta.get("fingerprint"), self.predicts, "the teacher")
+        why = cacheable(fetches) or why
         if not isinstance(model_id, str) or not model_id:
             why = "the teacher's meta has no model_id (a zdistill-teacher older than the cache?)"
-        if why:
+        if why or fp is None:
             log.warning("the teacher-output cache at %s is not used: %s", root, why)
             return
         os.makedirs(root, mode=0o700, exist_ok=True)
         self.cache_root = os.path.abspath(root)
         self.cache_max_bytes = max_bytes if max_bytes is not None else default_max_bytes(self.cache_root)
         evict(self.cache_root, self.cache_max_bytes)
-        self.cache = CacheIndex(folder_for(self.cache_root, model_id, fetches), fetches)
+        self.cache = CacheIndex(namespace_for(self.cache_root, model_id, fetches, fp), fetches)
 
     def _worker_command(self, teacher: str, endpoint: str, identity: bytes) -> list[str]:
         o = self.options
@@ -216,6 +220,7 @@ class Pipeline:
             cache.refresh()  # what the workers stored so far: the producer inherits it across the fork
         cfg = ProducerConfig(
             cache=cache, cache_feeds=[f.name for f in self.feeds if f.name in self.ins],
+            cache_gate=self.dispatcher.gate,
             reader=reader, reader_type=reader_type, ins=self.ins, feeds=self.feeds, epoch=epoch,
             task_rows=planned.plan.task_rows, task_bytes=self.options.task_bytes, endpoint=planned.endpoint,
             slots_folder=self.slots_folder, slot_count=planned.slot_count, grants=planned.grants,
@@ -227,7 +232,8 @@ class Pipeline:
             run_producer(cfg)
         self.dispatcher.post(d.Started(epoch, pid))
         sink = EpochSink(self.dispatcher.events, epoch, reader_type, self.ins, self.predicts, self.lender,
-                         planned.plan.keep_limit)
+                         planned.plan.keep_limit, self.dispatcher.gate,
+                         lambda task: self.dispatcher.post(d.Redo(epoch, task)))
         self._epoch_started, self._sink = time.monotonic(), sink
         try:
             yield from sink.outputs()

@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 
 from zdistill import protocol
-from zdistill.cache import CacheIndex, key_seed, row_keys
+from zdistill.cache import CacheGate, CacheIndex, key_seed, row_keys
 from zdistill.errors import ReaderError
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotWriter
@@ -62,6 +62,7 @@ class ProducerConfig:
     parent_pid: int
     cache: CacheIndex | None = None  # the teacher-output cache, refreshed just before the fork
     cache_feeds: list[str] = field(default_factory=list)  # the slots a row's cache key covers
+    cache_gate: CacheGate | None = None  # closed: the cache is no longer trusted, look nothing up
 
 
 class ParentGone(Exception):
@@ -149,7 +150,8 @@ class Producer:
                 self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
 
     def _send(self, task: Task) -> None:
-        hits = self._look_up(task) if self.cfg.cache is not None else None
+        gate = self.cfg.cache_gate
+        hits = self._look_up(task) if self.cfg.cache is not None and not (gate and gate.closed) else None
         self._tell(protocol.Task(
             epoch=self.cfg.epoch, task=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
             nbytes=task.nbytes, sizes=task.sizes, shm=task.descriptor, hits=hits,

@@ -25,6 +25,7 @@ of its own (callers pass ``now``), so its rules are unit-tested with plain calls
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
@@ -33,7 +34,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from zdistill import protocol
+from zdistill import protocol, wire
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
 from zdistill.options import PipelineOptions
 
@@ -272,6 +273,23 @@ class Scheduler:
         self.pending[task.task] = HeldTask(task, frames)
         self._requeue(task.task)
         return True
+
+    def uncached(self, task: protocol.Task) -> tuple[protocol.Task, list[Any]]:
+        """``task`` to be answered whole by a teacher, its cached rows ignored, and its frames."""
+        task = dataclasses.replace(task, hits=None)
+        return task, wire.encode(protocol.header(task))
+
+    def redo(self, task: protocol.Task) -> None:
+        """A task answered, in part or whole, from a cache no longer trusted: pending again, for a
+        teacher to answer every row (its slot is still held: the training loop never got it)."""
+        if not self.active or task.epoch != self.epoch or task.task in self.pending:
+            return
+        self.counters.tasks -= 1  # counted again when a teacher answers it
+        self.counters.samples -= task.rows
+        self.counters.cache_hits -= task.hits or 0
+        task, frames = self.uncached(task)
+        self.pending[task.task] = HeldTask(task, frames)
+        self._requeue(task.task)
 
     def on_end(self, end: protocol.End) -> None:
         """The producer made its last task: the slots it was granted and did not use are free."""

@@ -34,9 +34,10 @@ import numpy as np
 import zmq
 
 from zdistill import protocol
-from zdistill.cache import CacheWriter, folder_for
+from zdistill.cache import CacheWriter, folder_for, read_fingerprint
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
+from zdistill.fingerprint import TOLERANCE, distance, usable
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader
@@ -255,6 +256,7 @@ class Worker:
             parts = [p[name] for p in job.parts if p is not None]
             answers[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
         arrays = self._with_cache(job, answers) if job.task.hits is not None else answers
+        cached = int(job.task.hits or 0) if job.misses is not None else 0  # rows of `arrays` from the cache
         arrays = {predict_key(name): arr for name, arr in arrays.items()}  # the student reads the slots itself
         now = time.monotonic()
         # The teacher's time for this task: since it came, or since the task before it was
@@ -262,7 +264,7 @@ class Worker:
         service = now - max(job.started, self.last_finish)
         self.last_finish = now
         self._send(protocol.Done(epoch=job.task.epoch, task=job.task.task, elapsed=now - job.started,
-                                 service=service), arrays)
+                                 service=service, cached=cached), arrays)
 
     def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Store the teacher's answers in the cache; the task's full predictions (cached rows too).
@@ -321,7 +323,13 @@ class Worker:
         self._send(protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances), cache=cache))
 
     def _cache_for(self, meta: dict) -> str:
-        """Open the cache for this teacher's answers if its model is the cache's; else why not."""
+        """Open the cache for this teacher's answers if its model is the cache's; else why not.
+
+        Asked on every (re)connection: a teacher redeployed behind the same address may
+        serve another model, under the same ``model_id`` or another.  The model is the
+        cache's when its ``model_id`` names the cache folder's parent and its answers to
+        the probe batch are the folder's fingerprint, within the tolerance.
+        """
         if not self.cfg.cache_folder:
             return ""
         if self.cache is not None:
@@ -332,8 +340,17 @@ class Worker:
             return f"teacher {self.cfg.teacher} says no model_id"
         specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
         fetches = [specs[name] for name in self.cfg.predicts]
-        if folder_for(self.cfg.cache_root, model_id, fetches) != self.cfg.cache_folder:
+        if folder_for(self.cfg.cache_root, model_id, fetches) != os.path.dirname(self.cfg.cache_folder):
             return f"teacher {self.cfg.teacher} serves model_id {model_id!r}, not the model the cache was opened for"
+        fp, why = usable(meta.get("fingerprint"), self.cfg.predicts, f"teacher {self.cfg.teacher}")
+        if fp is None:
+            return why
+        known = read_fingerprint(self.cfg.cache_folder)
+        apart = distance(known, fp, self.cfg.predicts) if known is not None else float("inf")
+        if not apart <= TOLERANCE:
+            return (f"teacher {self.cfg.teacher} answers the probe batch otherwise than the model the cache was "
+                    f"opened for (apart by {apart:.3g}, tolerance {TOLERANCE:g}): another model under model_id "
+                    f"{model_id!r}")
         self.cache = CacheWriter(self.cfg.cache_folder, fetches, self.cfg.cache_max_bytes, self.cfg.cache_root)
         return ""
 
