@@ -137,6 +137,9 @@ def test_set_teacher_cache_checks_its_arguments(tmp_path):
     dr = DistillReader(ins=["img"], predicts=["prob"])
     with pytest.raises(ConfigError, match="max_bytes"):
         dr.set_teacher_cache(tmp_path, max_bytes=0)
+    for tolerance in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="tolerance"):
+            dr.set_teacher_cache(tmp_path, tolerance=tolerance)
 
 
 # -- the on-disk format ------------------------------------------------------------------
@@ -396,7 +399,7 @@ def test_the_probe_batch_is_fixed_by_the_feeds_and_tells_models_apart():
     assert a.model_id == b.model_id
     fa, fa2, fb = (usable(fingerprint(m), ["prob"], "t")[0] for m in (a, a_again, b))
     assert fa is not None and fb is not None and distance(fa, fa2, ["prob"]) == 0.0
-    assert distance(fa, fb, ["prob"]) > 100 * TOLERANCE
+    assert distance(fa, fb, ["prob"]) > 100 * TOLERANCE  # 0.41: other weights move every answer
     noisy = fingerprint(load_model(f"{CACHE_TEACHERS}:noisy"))
     assert usable(noisy, ["prob"], "t")[0] is None and noisy["jitter"] > TOLERANCE
 

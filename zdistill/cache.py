@@ -349,10 +349,11 @@ def read_fingerprint(folder: str) -> dict | None:
     return fp if isinstance(fp, dict) else None
 
 
-def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: Mapping[str, object]) -> str:
+def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: Mapping[str, object],
+                  tolerance: float = TOLERANCE) -> str:
     """The folder of answers of ``model_id`` that behaves as ``fp`` says (a summary of its answers to
     the probe batch, :func:`zdistill.fingerprint.usable`): the first under :func:`folder_for` whose
-    fingerprint is within the tolerance of ``fp``, else a new one.
+    fingerprint is within ``tolerance`` of ``fp``, else a new one.
 
     Two models of one ``model_id`` (weights loaded from another file, say) so get folders of
     their own: answers of one are never looked up for the other.  A new folder is made whole
@@ -368,7 +369,7 @@ def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: M
         folder = os.path.join(parent, f"fp{number}")
         if os.path.isdir(folder):
             known = read_fingerprint(folder)
-            if known is not None and distance(known, fp, names) <= TOLERANCE:
+            if known is not None and distance(known, fp, names) <= tolerance:
                 return folder
             number += 1
             continue

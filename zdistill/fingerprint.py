@@ -8,8 +8,8 @@ it also keys its answers by how the model behaves: every teacher runs one probe 
 at start, built from its feed specs alone (:func:`probe_batch`: the same rows for every
 teacher that takes the same inputs), and reports a compact summary of the answers in
 ``meta`` (:func:`fingerprint`).  A student keeps a cache's answers only while every
-teacher reproduces the summary the cache was made with, within :data:`TOLERANCE`
-(:func:`distance`).
+teacher reproduces the summary the cache was made with, within a tolerance
+(:func:`distance`; :data:`TOLERANCE` unless ``set_teacher_cache`` says otherwise).
 
 The probe runs twice, in two batch compositions (all rows in one call, then two calls
 of half the rows each, the second half first): a model whose answers change from run
@@ -44,7 +44,7 @@ VERSION = 1  # of the probe and the summary: fingerprints of another version nev
 PROBE_ROWS = 8
 VARIABLE_SIZE = 16  # the size a probe gives a dimension declared -1
 BUCKETS = 16  # per output: meta stays small whatever the outputs' size
-TOLERANCE = 1e-3  # relative, per bucket: runs and teachers farther apart than this differ
+TOLERANCE = 1e-3  # relative, per bucket: runs and teachers farther apart differ (set_teacher_cache's default)
 _TINY = 1e-30  # the scale of a bucket of zeros
 
 
@@ -148,9 +148,10 @@ def fingerprint(model: _Runs) -> dict[str, Any]:
         return {"version": VERSION, "error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def usable(fp: object, names: Sequence[str], what: str) -> tuple[dict[str, Any] | None, str]:
+def usable(fp: object, names: Sequence[str], what: str,
+           tolerance: float = TOLERANCE) -> tuple[dict[str, Any] | None, str]:
     """``fp`` (a teacher's meta ``fingerprint``) restricted to ``names`` if answers may be cached
-    by it, else None and why not (``what`` names the teacher)."""
+    by it (its two runs within ``tolerance``), else None and why not (``what`` names the teacher)."""
     if not isinstance(fp, Mapping):
         return None, f"{what} reports no fingerprint of its answers (a zdistill-teacher older than this student?)"
     if fp.get("version") != VERSION:
@@ -160,10 +161,10 @@ def usable(fp: object, names: Sequence[str], what: str) -> tuple[dict[str, Any] 
     outputs, jitter = fp.get("outputs"), fp.get("jitter")
     if not isinstance(outputs, Mapping) or not isinstance(jitter, (int, float)):
         return None, f"{what} reports a malformed fingerprint"
-    if not jitter <= TOLERANCE:  # NaN and inf too
+    if not jitter <= tolerance:  # NaN and inf too
         return None, (f"{what} does not reproduce its own answers (two runs of its probe batch differ by "
-                      f"{jitter:.3g}, over the tolerance {TOLERANCE:g}): dropout or batch statistics left on, "
-                      "or nondeterministic kernels")
+                      f"{jitter:.3g}, over the tolerance {tolerance:g}): dropout or batch statistics left on, "
+                      "or nondeterministic kernels (reduced precision: see set_teacher_cache's tolerance)")
     try:
         picked = {name: {"sum": list(outputs[name]["sum"]), "scale": list(outputs[name]["scale"]),
                          "exact": bool(outputs[name].get("exact"))} for name in names}

@@ -102,7 +102,7 @@ class Pipeline:
         self.slots_folder = make_slot_folder(options.max_inflight_bytes)  # kept across epochs (zdistill.shm)
         self.feeds: list[TensorSpec] = []  # what the teachers take: workers check each teacher against it
         self.cache: CacheIndex | None = None  # the teacher-output cache, if the reader has one (use_cache)
-        self.cache_root, self.cache_max_bytes = "", 0
+        self.cache_root, self.cache_max_bytes, self.cache_tolerance = "", 0, 0.0
         self.dispatcher = d.Dispatcher(self.ctx, self.folder, options, self._worker_command)
         self.lender = SlotLender(self.slots_folder, self.dispatcher.release)
         self.epochs = 0
@@ -128,9 +128,10 @@ class Pipeline:
         """Workers for these teachers (and, for dynamic teachers, where to hear of changes)."""
         self.dispatcher.post(d.SetTeachers(list(teachers), membership))
 
-    def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None) -> None:
+    def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None, tolerance: float) -> None:
         """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta``
-        names and by its fingerprint (its answers to the probe batch: :mod:`zdistill.fingerprint`).
+        names and by its fingerprint (its answers to the probe batch, :mod:`zdistill.fingerprint`),
+        which every teacher must reproduce within ``tolerance``.
 
         Without a ``model_id`` or a fingerprint in the teachers' meta, with a teacher that
         does not reproduce its own answers, or with outputs whose row size varies, the
@@ -139,7 +140,7 @@ class Pipeline:
         model_id = meta.get("model_id")
         specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
         fetches = [specs[name] for name in self.predicts]
-        fp, why = usable(meta.get("fingerprint"), self.predicts, "the teacher")
+        fp, why = usable(meta.get("fingerprint"), self.predicts, "the teacher", tolerance)
         why = cacheable(fetches) or why
         if not isinstance(model_id, str) or not model_id:
             why = "the teacher's meta has no model_id (a zdistill-teacher older than the cache?)"
@@ -150,13 +151,14 @@ class Pipeline:
         self.cache_root = os.path.abspath(root)
         self.cache_max_bytes = max_bytes if max_bytes is not None else default_max_bytes(self.cache_root)
         evict(self.cache_root, self.cache_max_bytes)
-        self.cache = CacheIndex(namespace_for(self.cache_root, model_id, fetches, fp), fetches)
+        self.cache_tolerance = tolerance
+        self.cache = CacheIndex(namespace_for(self.cache_root, model_id, fetches, fp, tolerance), fetches)
 
     def _worker_command(self, teacher: str, endpoint: str, identity: bytes) -> list[str]:
         o = self.options
         cache = [] if self.cache is None else [
             "--cache-root", self.cache_root, "--cache-folder", self.cache.folder,
-            "--cache-max-bytes", str(self.cache_max_bytes),
+            "--cache-max-bytes", str(self.cache_max_bytes), "--cache-tolerance", repr(self.cache_tolerance),
         ]
         return [
             sys.executable, "-m", "zdistill.worker", "--teacher", teacher, "--dispatcher", endpoint,

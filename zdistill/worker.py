@@ -37,7 +37,7 @@ from zdistill import protocol
 from zdistill.cache import CacheWriter, folder_for, read_fingerprint
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
-from zdistill.fingerprint import TOLERANCE, distance, usable
+from zdistill.fingerprint import distance, usable
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader
@@ -67,6 +67,7 @@ class WorkerConfig:
     cache_root: str = ""  # the reader's teacher-output cache ("": none)
     cache_folder: str = ""  # where its answers go: the teacher's must be the same to write there
     cache_max_bytes: int = 0
+    cache_tolerance: float = 0.0  # how far a teacher's fingerprint may be from the cache folder's
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
@@ -75,6 +76,7 @@ class WorkerConfig:
             predicts=args.predicts.split(","), feeds=[TensorSpec.from_wire(f) for f in json.loads(args.feeds)],
             request_rows=args.request_rows, timeout=args.timeout, parent_pid=args.parent_pid,
             cache_root=args.cache_root, cache_folder=args.cache_folder, cache_max_bytes=args.cache_max_bytes,
+            cache_tolerance=args.cache_tolerance,
         )
 
 
@@ -342,14 +344,15 @@ class Worker:
         fetches = [specs[name] for name in self.cfg.predicts]
         if folder_for(self.cfg.cache_root, model_id, fetches) != os.path.dirname(self.cfg.cache_folder):
             return f"teacher {self.cfg.teacher} serves model_id {model_id!r}, not the model the cache was opened for"
-        fp, why = usable(meta.get("fingerprint"), self.cfg.predicts, f"teacher {self.cfg.teacher}")
+        tolerance = self.cfg.cache_tolerance
+        fp, why = usable(meta.get("fingerprint"), self.cfg.predicts, f"teacher {self.cfg.teacher}", tolerance)
         if fp is None:
             return why
         known = read_fingerprint(self.cfg.cache_folder)
         apart = distance(known, fp, self.cfg.predicts) if known is not None else float("inf")
-        if not apart <= TOLERANCE:
+        if not apart <= tolerance:
             return (f"teacher {self.cfg.teacher} answers the probe batch otherwise than the model the cache was "
-                    f"opened for (apart by {apart:.3g}, tolerance {TOLERANCE:g}): another model under model_id "
+                    f"opened for (apart by {apart:.3g}, tolerance {tolerance:g}): another model under model_id "
                     f"{model_id!r}")
         self.cache = CacheWriter(self.cfg.cache_folder, fetches, self.cfg.cache_max_bytes, self.cfg.cache_root)
         return ""
@@ -430,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-root", default="", help="the reader's teacher-output cache, if it has one")
     p.add_argument("--cache-folder", default="", help="where this reader's model's answers go in it")
     p.add_argument("--cache-max-bytes", type=int, default=0)
+    p.add_argument("--cache-tolerance", type=float, default=0.0,
+                   help="how far a teacher's answers to the probe batch may be from the cache folder's fingerprint")
     p.add_argument("--parent-pid", type=int, required=True)
     add_log_level(p, default="WARNING")
     return p
