@@ -335,7 +335,6 @@ def stored_bytes(root: str) -> int:
                if n.endswith(_SUFFIX) and os.path.exists(os.path.join(f, n)))
 
 
-
 FINGERPRINT_FILE = "fingerprint.json"
 
 

@@ -40,7 +40,7 @@ from zdistill.cache import CacheGate
 from zdistill.errors import ReaderError, WireError
 from zdistill.options import PipelineOptions
 from zdistill.producer import describe_exit, rebuild_exception
-from zdistill.scheduler import Plan, Scheduler, cached_whole
+from zdistill.scheduler import Plan, Scheduler, cached_whole, uncached
 from zdistill.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -382,7 +382,7 @@ class Dispatcher:
             msg, _ = protocol.decode(frames)
             if isinstance(msg, protocol.Task):
                 if msg.hits and self.gate.closed:  # looked up before the producer saw the gate close
-                    msg, frames = self.sched.uncached(msg)
+                    msg, frames = uncached(msg)
                 if self.sched.on_task(msg, frames) and cached_whole(msg):
                     self.events.put(Result(msg.epoch, msg, {}, msg.rows))  # its predictions are in its slot
             elif isinstance(msg, protocol.End):

@@ -111,6 +111,12 @@ def cached_whole(task: protocol.Task) -> bool:
     return task.hits is not None and task.rows > 0 and task.hits == task.rows
 
 
+def uncached(task: protocol.Task) -> tuple[protocol.Task, list[Any]]:
+    """``task`` to be answered whole by a teacher, its cached rows ignored, and its frames."""
+    task = dataclasses.replace(task, hits=None)
+    return task, wire.encode(protocol.header(task))
+
+
 class Scheduler:
     """Owns tasks in flight, per-worker holdings, slots and the measured task times."""
 
@@ -274,11 +280,6 @@ class Scheduler:
         self._requeue(task.task)
         return True
 
-    def uncached(self, task: protocol.Task) -> tuple[protocol.Task, list[Any]]:
-        """``task`` to be answered whole by a teacher, its cached rows ignored, and its frames."""
-        task = dataclasses.replace(task, hits=None)
-        return task, wire.encode(protocol.header(task))
-
     def redo(self, task: protocol.Task) -> None:
         """A task answered, in part or whole, from a cache no longer trusted: pending again, for a
         teacher to answer every row (its slot is still held: the training loop never got it)."""
@@ -287,7 +288,7 @@ class Scheduler:
         self.counters.tasks -= 1  # counted again when a teacher answers it
         self.counters.samples -= task.rows
         self.counters.cache_hits -= task.hits or 0
-        task, frames = self.uncached(task)
+        task, frames = uncached(task)
         self.pending[task.task] = HeldTask(task, frames)
         self._requeue(task.task)
 
