@@ -29,16 +29,28 @@ def expected(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _linear(w: np.ndarray) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+def expected_outside(x: np.ndarray, w: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """What a teacher of weights ``w`` for rows within [0, 1) and ``outside`` for the others answers."""
+    within = (x.max(axis=1) < 1)[:, None]
+    return np.where(within, expected(x, w), expected(x, outside))
+
+
+Teacher = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def _linear(w: np.ndarray, outside: np.ndarray | None = None) -> Teacher:
     @zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [10])})
     def predict(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"prob": expected(batch["img"], w)}
+        if outside is None:
+            return {"prob": expected(batch["img"], w)}
+        return {"prob": expected_outside(batch["img"], w, outside)}
 
     return predict
 
 
-model_a = _linear(weights(1))  # one factory, two models, one model_id
+model_a = _linear(weights(1))  # one factory, three models, one model_id
 model_b = _linear(weights(2))
+model_a_within = _linear(weights(1), weights(2))  # model_a on the probe's inputs ([0, 1)), model_b beyond
 
 _LOADED: dict[str, np.ndarray] = {}
 

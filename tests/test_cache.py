@@ -68,8 +68,9 @@ def reader(teacher: procs.Proc, cache, x, y) -> DistillReader:
 
 
 def test_second_epoch_new_student_and_other_model(start_teacher, tmp_path, data):
-    """Epoch 2 is answered whole from the cache, bit for bit; a new student process with the
-    same cache asks nothing; a teacher with another model_id is asked everything."""
+    """Epoch 2 is answered from the cache, bit for bit, but for one row audited (asked anyway, and
+    compared); a new student process with the same cache asks only its audit's row; a teacher
+    with another model_id is asked everything."""
     x, y = data
     cache = tmp_path / "cache"
     teacher = start_teacher()
@@ -78,12 +79,13 @@ def test_second_epoch_new_student_and_other_model(start_teacher, tmp_path, data)
         asked = rows_asked(teacher)
         assert asked == N
         labels2, probs2 = epoch(dr)
-        assert rows_asked(teacher) == asked, "epoch 2 went to the teacher"
+        assert rows_asked(teacher) == asked + 1, "epoch 2 went to the teacher beyond its audit"
+        asked += 1
         stats = dr.stats()["cache"]
     np.testing.assert_array_equal(labels2, y)
-    assert probs2.tobytes() == probs1.tobytes()  # bit for bit
+    assert probs2.tobytes() == probs1.tobytes()  # bit for bit (an audited row agreeing keeps its cached answer)
     np.testing.assert_allclose(probs1, softmax_np(x), rtol=1e-5, atol=1e-6)
-    assert (stats["hits"], stats["misses"]) == (N, N) and stats["bytes_stored"] > N * 40 and stats["enabled"]
+    assert (stats["hits"], stats["misses"]) == (N - 1, N + 1) and stats["bytes_stored"] > N * 40 and stats["enabled"]
 
     script = textwrap.dedent(f"""
         import json, numpy as np
@@ -100,8 +102,8 @@ def test_second_epoch_new_student_and_other_model(start_teacher, tmp_path, data)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     other = json.loads(result.stdout.strip().splitlines()[-1])
-    assert rows_asked(teacher) == asked, "a new student with the same cache asked the teacher"
-    assert other["cache"]["hits"] == N and other["cache"]["misses"] == 0
+    assert rows_asked(teacher) == asked + 1, "a new student with the same cache asked the teacher beyond its audit"
+    assert other["cache"]["hits"] == N - 1 and other["cache"]["misses"] == 1
     assert other["sum"] == pytest.approx(float(probs1.astype(np.float64).sum()), rel=1e-12)
 
     renamed = start_teacher(f"{procs.TEACHERS}:softmax", "--model-id", "softmax-v2")
@@ -127,8 +129,8 @@ def test_rows_seen_before_are_answered_from_the_cache_and_the_rest_asked(start_t
         seen["n"] = N
         labels, probs = epoch(dr)
         stats = dr.stats()["cache"]
-    assert rows_asked(teacher) == N  # half, then the other half
-    assert stats["hits"] == half and stats["misses"] == N
+    assert rows_asked(teacher) == N + 1  # half, then the other half, and one row of the first half audited
+    assert stats["hits"] == half - 1 and stats["misses"] == N + 1
     np.testing.assert_array_equal(labels, y)
     np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
 
@@ -318,9 +320,37 @@ def test_two_models_under_one_model_id_never_get_each_others_answers(start_teach
             first = probs
         elif name == "b":
             assert asked == N and stats["hits"] == 0
-        else:  # model A's answers are still cached, bit for bit
-            assert asked == 0 and stats["hits"] == N and probs.tobytes() == first.tobytes()
+        else:  # model A's answers are still cached, bit for bit (one row asked: the audit)
+            assert asked == 1 and stats["hits"] == N - 1 and probs.tobytes() == first.tobytes()
     assert len(set(ids)) == 1  # one model_id for both models: only their answers tell them apart
+
+
+@pytest.mark.timeout(180)
+def test_a_model_its_fingerprint_cannot_tell_apart_is_caught_by_the_epochs_audit(start_teacher, tmp_path, data,
+                                                                                  caplog):
+    """Two models under one model_id that agree on the probe's inputs (within [0, 1)) and not
+    on the student's (within [0, 2)): the fingerprints match, so the cache's audit (a cached
+    row asked anyway in the epoch's first task with cached rows) must catch it before any
+    cached row reaches the training loop."""
+    x, y = data
+    x = x * 2
+    cache = tmp_path / "cache"
+    a = start_teacher(f"{CACHE_TEACHERS}:model_a")
+    with reader(a, cache, x, y) as dr:
+        epoch(dr)
+    within = start_teacher(f"{CACHE_TEACHERS}:model_a_within")
+    meta_a, meta_within = meta_of(a), meta_of(within)
+    assert meta_a["model_id"] == meta_within["model_id"]
+    assert distance(meta_a["fingerprint"]["outputs"], meta_within["fingerprint"]["outputs"], ["prob"]) == 0.0
+    want = cache_teachers.expected_outside(x, cache_teachers.weights(1), cache_teachers.weights(2))
+    with caplog.at_level("WARNING", logger="zdistill"), reader(within, cache, x, y) as dr:
+        labels, probs = epoch(dr)
+        stats = dr.stats()["cache"]
+    np.testing.assert_array_equal(labels, y)
+    assert wrong_rows(probs, want) == 0, f"{wrong_rows(probs, want)} of {N} rows were the other model's"
+    said = [r.getMessage() for r in caplog.records if "cache is off" in r.getMessage()]
+    assert len(said) == 1 and "answers a cached row otherwise than the cache" in said[0], said
+    assert not stats["enabled"]
 
 
 @pytest.mark.timeout(120)

@@ -177,3 +177,21 @@ def usable(fp: object, names: Sequence[str], what: str,
     except (KeyError, TypeError, AttributeError):
         return None, f"{what} reports a fingerprint without the outputs {list(names)}"
     return picked, ""
+
+
+def rows_apart(a: np.ndarray, b: np.ndarray) -> float:
+    """How far two answers to the same rows are apart: the largest difference in a row over the
+    row's largest magnitude (inf for integers or booleans that differ, or a NaN against a number)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return math.inf
+    same = (a == b) | (np.isnan(a) & np.isnan(b)) if a.dtype.kind in "fc" else a == b
+    if same.all():
+        return 0.0
+    if a.dtype.kind in "biu" or b.dtype.kind in "biu":
+        return math.inf
+    fa, fb = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.maximum(np.abs(fa).max(axis=1), np.abs(fb).max(axis=1))
+        gap = np.where(same.reshape(len(a), -1), 0.0, np.abs(fa - fb)).max(axis=1) / np.maximum(scale, _TINY)
+    return math.inf if np.isnan(gap).any() else float(gap.max())

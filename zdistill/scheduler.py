@@ -93,7 +93,7 @@ class Counters:
     straggler_resends: int = 0
     duplicates_dropped: int = 0  # second answers of a task sent twice
     cache_hits: int = 0  # rows answered from the teacher-output cache
-    cache_misses: int = 0  # rows looked up there in vain (they went to a teacher)
+    cache_misses: int = 0  # rows looked up there and asked of a teacher (not found, or audited)
 
 
 @dataclass(frozen=True)

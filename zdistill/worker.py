@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import heapq
 import json
 import logging
@@ -37,11 +38,21 @@ from zdistill import protocol
 from zdistill.cache import CacheWriter, folder_for, read_fingerprint
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
-from zdistill.fingerprint import distance, usable
+from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader
-from zdistill.tasks import HITS_SLOT, ID_SLOT, KEYS_SLOT, cached_key, check_feed, feeds_mismatch, predict_key, to_feed
+from zdistill.tasks import (
+    AUDIT_SLOT,
+    HITS_SLOT,
+    ID_SLOT,
+    KEYS_SLOT,
+    cached_key,
+    check_feed,
+    feeds_mismatch,
+    predict_key,
+    to_feed,
+)
 
 log = logging.getLogger("zdistill.worker")  # not __name__: it runs as __main__
 
@@ -122,6 +133,8 @@ class Worker:
         self.said_stop = False
         self.last_finish = 0.0  # when the last task was done
         self.cache: CacheWriter | None = None  # where answers go, while the teacher's model is the cache's
+        self.status = protocol.Status(up=False)  # the last said while up
+        self.audit_failed = ""  # why the teacher's answers are not the cache's, found by an audit
 
     # -- main loop ----------------------------------------------------------
 
@@ -257,8 +270,7 @@ class Worker:
         for name in self.cfg.predicts:
             parts = [p[name] for p in job.parts if p is not None]
             answers[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        arrays = self._with_cache(job, answers) if job.task.hits is not None else answers
-        cached = int(job.task.hits or 0) if job.misses is not None else 0  # rows of `arrays` from the cache
+        arrays, cached = self._with_cache(job, answers) if job.task.hits is not None else (answers, 0)
         arrays = {predict_key(name): arr for name, arr in arrays.items()}  # the student reads the slots itself
         now = time.monotonic()
         # The teacher's time for this task: since it came, or since the task before it was
@@ -268,27 +280,57 @@ class Worker:
         self._send(protocol.Done(epoch=job.task.epoch, task=job.task.task, elapsed=now - job.started,
                                  service=service, cached=cached), arrays)
 
-    def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Store the teacher's answers in the cache; the task's full predictions (cached rows too).
+    def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """Store the teacher's answers in the cache; the task's full predictions (cached rows too)
+        and how many of their rows came from the cache.
 
         Only while the slot still holds this task: a slot reused by a later one (the
         epoch ended meanwhile) may have changed under the requests, and its answers must
         never be filed under this task's keys.  The slot's id is written before anything
         else of a new task, so an unchanged id means unchanged inputs.
+
+        Rows the producer audited (cached, asked anyway) are compared with the cache
+        (:meth:`_audit`); where they agree, the cached answer stands, so an epoch answered
+        from the cache is the same, bit for bit, as the one that filled it.
         """
         slots, task = job.slots, job.task
         if tuple(slots[ID_SLOT]) != (task.epoch, task.task):
-            return answers  # stale: the dispatcher drops the answer anyway
-        rows = slice(None) if job.misses is None else job.misses
-        if self.cache is not None:
-            self.cache.append(slots[KEYS_SLOT][rows], answers)
-        if job.misses is None:
-            return answers
+            return answers, 0  # stale: the dispatcher drops the answer anyway
+        asked = np.arange(len(slots[HITS_SLOT])) if job.misses is None else job.misses  # the rows answered
+        audited = slots[AUDIT_SLOT][asked]
+        kept = bool(audited.any()) and self._audit(asked[audited], slots,
+                                                    {name: arr[audited] for name, arr in answers.items()})
+        if kept:  # the audited rows' cached answers stand: only the others are the teacher's
+            asked = asked[~audited]
+            answers = {name: arr[~audited] for name, arr in answers.items()}
+        if self.cache is not None and len(asked):
+            self.cache.append(slots[KEYS_SLOT][asked], answers)
+        if job.misses is None and not kept:
+            return answers, 0
         full = {}
         for name, arr in answers.items():
             full[name] = np.array(slots[cached_key(name)])
-            full[name][job.misses] = arr
-        return full
+            full[name][asked] = arr
+        return full, len(slots[HITS_SLOT]) - len(asked)
+
+    def _audit(self, where: np.ndarray, slots: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> bool:
+        """Whether the teacher's answers to cached rows asked anyway (the producer's audit) are the
+        cache's, within the tolerance.  If not, it is another model (one its fingerprint did not
+        tell apart): the cache is off for good, nothing more is stored, and the dispatcher hears
+        why before this task's answer."""
+        for name, fresh in answers.items():
+            apart = rows_apart(slots[cached_key(name)][where], fresh)
+            if apart <= self.cfg.cache_tolerance:
+                continue
+            self.audit_failed = (f"teacher {self.cfg.teacher} answers a cached row otherwise than the cache ({name!r} "
+                                 f"apart by {apart:.3g}, tolerance {self.cfg.cache_tolerance:g}): it is not the "
+                                 "model the cache was filled by")
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
+            self._send(dataclasses.replace(self.status, cache=self.audit_failed))
+            return False
+        return True
 
     def _drop_job(self, key: tuple[int, int]) -> None:
         job = self.jobs.pop(key)
@@ -322,7 +364,8 @@ class Worker:
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)
         cache = self._cache_for(meta)
-        self._send(protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances), cache=cache))
+        self.status = protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances), cache=cache)
+        self._send(self.status)
 
     def _cache_for(self, meta: dict) -> str:
         """Open the cache for this teacher's answers if its model is the cache's; else why not.
@@ -337,6 +380,8 @@ class Worker:
         if self.cache is not None:
             self.cache.close()
             self.cache = None
+        if self.audit_failed:
+            return self.audit_failed
         model_id = meta.get("model_id")
         if not isinstance(model_id, str) or not model_id:
             return f"teacher {self.cfg.teacher} says no model_id"
