@@ -25,7 +25,8 @@ values agree within a relative tolerance ``r`` have bucket sums that agree withi
 in the last bits and catches other weights, which move the sums far more.  Outputs of
 integers or booleans must agree exactly.  What it cannot see: a difference confined to
 inputs the probe never holds (token ids above 1, say), or one smaller than the
-tolerance over a whole bucket.
+tolerance over a whole bucket.  The first is what the student's audits are for (a cached
+row asked anyway each epoch and compared with :func:`rows_apart`: see the producer).
 """
 
 from __future__ import annotations

@@ -113,10 +113,11 @@ class DistillReader:
 
         A row is looked up by the teacher's ``model_id``, its fingerprint and a 128-bit hash
         of the exact bytes of its feeds; rows found never go to a teacher, and a task whose
-        rows are all found never leaves this machine.  The cache outlives the process (a
-        restarted student, or several students on this machine, share what is under ``path``)
-        and holds at most ``max_bytes`` over the whole ``path`` (default: a tenth of its file
-        system, at most half of what is free), the oldest answers going first.  The output
+        rows are all found (but for an audit, below) never leaves this machine.  The cache
+        outlives the process (a restarted student, or several students on this machine,
+        share what is under ``path``) and holds at most ``max_bytes`` over the whole
+        ``path`` (default: a tenth of its file system, at most half of what is free), the
+        oldest answers going first.  The output
         is the same with or without it (bit for bit where a teacher's answer to a row does
         not move with the batch around it).  It helps where samples repeat (a
         fixed dataset: every epoch after the first; restarts; sweeps of the student
@@ -131,9 +132,11 @@ class DistillReader:
         every teacher reproduces the fingerprint within ``tolerance`` (relative): a teacher
         that does not, or whose two runs differ by more (dropout left on), turns the cache
         off with one warning, and from that moment no cached answer reaches the training
-        loop.  Teachers computing in reduced precision (bf16) whose answers move with the
-        batch may need a larger ``tolerance``; a larger one also takes models closer than it
-        for one.
+        loop.  Each epoch is audited too: one cached row of its first task with cached rows
+        (and of one in every 64 after) is asked of the teacher anyway and compared, which
+        catches models that agree on the probe only.  Teachers computing in reduced
+        precision (bf16) whose answers move with the batch may need a larger ``tolerance``;
+        a larger one also takes models closer than it for one.
         """
         try:
             import xxhash  # noqa: F401 - the row hash
