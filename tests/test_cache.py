@@ -13,11 +13,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests import procs
+from tests import cache_teachers, procs
 from tests.teachers import softmax_np
 from zdistill import DistillReader
 from zdistill.cache import (
@@ -27,13 +28,17 @@ from zdistill.cache import (
     evict,
     folder_for,
     key_seed,
+    namespace_for,
+    read_fingerprint,
     record_checks,
     record_dtype,
     row_keys,
     stored_bytes,
 )
+from zdistill.client import TeacherClient
 from zdistill.errors import ConfigError
-from zdistill.model import TensorSpec
+from zdistill.fingerprint import TOLERANCE, distance, fingerprint, probe_batch, usable
+from zdistill.model import CallableModel, TensorSpec, load_model
 
 N, B = 1000, 50
 FETCHES = [TensorSpec("prob", "float32", (10,))]
@@ -67,8 +72,9 @@ def reader(teacher: procs.Proc, cache, x, y) -> DistillReader:
 
 
 def test_second_epoch_new_student_and_other_model(start_teacher, tmp_path, data):
-    """Epoch 2 is answered whole from the cache, bit for bit; a new student process with the
-    same cache asks nothing; a teacher with another model_id is asked everything."""
+    """Epoch 2 is answered from the cache, bit for bit, but for one row audited (asked anyway, and
+    compared); a new student process with the same cache asks only its audit's row; a teacher
+    with another model_id is asked everything."""
     x, y = data
     cache = tmp_path / "cache"
     teacher = start_teacher()
@@ -77,12 +83,13 @@ def test_second_epoch_new_student_and_other_model(start_teacher, tmp_path, data)
         asked = rows_asked(teacher)
         assert asked == N
         labels2, probs2 = epoch(dr)
-        assert rows_asked(teacher) == asked, "epoch 2 went to the teacher"
+        assert rows_asked(teacher) == asked + 1, "epoch 2 went to the teacher beyond its audit"
+        asked += 1
         stats = dr.stats()["cache"]
     np.testing.assert_array_equal(labels2, y)
-    assert probs2.tobytes() == probs1.tobytes()  # bit for bit
+    assert probs2.tobytes() == probs1.tobytes()  # bit for bit (an audited row agreeing keeps its cached answer)
     np.testing.assert_allclose(probs1, softmax_np(x), rtol=1e-5, atol=1e-6)
-    assert (stats["hits"], stats["misses"]) == (N, N) and stats["bytes_stored"] > N * 40 and stats["enabled"]
+    assert (stats["hits"], stats["misses"]) == (N - 1, N + 1) and stats["bytes_stored"] > N * 40 and stats["enabled"]
 
     script = textwrap.dedent(f"""
         import json, numpy as np
@@ -99,8 +106,8 @@ def test_second_epoch_new_student_and_other_model(start_teacher, tmp_path, data)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     other = json.loads(result.stdout.strip().splitlines()[-1])
-    assert rows_asked(teacher) == asked, "a new student with the same cache asked the teacher"
-    assert other["cache"]["hits"] == N and other["cache"]["misses"] == 0
+    assert rows_asked(teacher) == asked + 1, "a new student with the same cache asked the teacher beyond its audit"
+    assert other["cache"]["hits"] == N - 1 and other["cache"]["misses"] == 1
     assert other["sum"] == pytest.approx(float(probs1.astype(np.float64).sum()), rel=1e-12)
 
     renamed = start_teacher(f"{procs.TEACHERS}:softmax", "--model-id", "softmax-v2")
@@ -126,8 +133,8 @@ def test_rows_seen_before_are_answered_from_the_cache_and_the_rest_asked(start_t
         seen["n"] = N
         labels, probs = epoch(dr)
         stats = dr.stats()["cache"]
-    assert rows_asked(teacher) == N  # half, then the other half
-    assert stats["hits"] == half and stats["misses"] == N
+    assert rows_asked(teacher) == N + 1  # half, then the other half, and one row of the first half audited
+    assert stats["hits"] == half - 1 and stats["misses"] == N + 1
     np.testing.assert_array_equal(labels, y)
     np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
 
@@ -136,6 +143,9 @@ def test_set_teacher_cache_checks_its_arguments(tmp_path):
     dr = DistillReader(ins=["img"], predicts=["prob"])
     with pytest.raises(ConfigError, match="max_bytes"):
         dr.set_teacher_cache(tmp_path, max_bytes=0)
+    for tolerance in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="tolerance"):
+            dr.set_teacher_cache(tmp_path, tolerance=tolerance)
 
 
 # -- the on-disk format ------------------------------------------------------------------
@@ -239,11 +249,8 @@ def test_teachers_that_disagree_on_the_model_turn_the_cache_off(start_teacher, t
         dr.set_batch_generator(batches(x, y))
         dr.set_teacher_cache(tmp_path / "cache")
         with caplog.at_level("WARNING", logger="zdistill"):
-            for _ in range(3):  # both workers report their teacher within an epoch or two
-                epoch(dr)
-                if not dr.stats()["cache"]["enabled"]:
-                    break
-        assert not dr.stats()["cache"]["enabled"]
+            epoch(dr)  # starts both workers; the epoch may be over before the second one is up
+            procs.wait_for(lambda: not dr.stats()["cache"]["enabled"], 30.0, "the other model's worker reporting it")
         asked = sum(rows_asked(t) for t in teachers)
         labels, probs = epoch(dr)
         assert sum(rows_asked(t) for t in teachers) == asked + N  # every row asked again: no cache
@@ -595,3 +602,196 @@ def test_a_read_only_cache_without_this_model_is_not_used(start_teacher, tmpfs, 
         assert not dr.stats()["cache"]["enabled"]
     assert_teachers_answers(outputs, x, y)
     assert "Read-only file system" in only_warning_naming(caplog, small_fs)
+
+
+# -- the cache's identity: model_id and how the model behaves ------------------------------
+
+CACHE_TEACHERS = Path(cache_teachers.__file__)
+
+
+def meta_of(teacher: procs.Proc) -> dict:
+    client = TeacherClient(teacher.endpoint, timeout=10.0)
+    try:
+        return client.meta()
+    finally:
+        client.close()
+
+
+def wrong_rows(probs: np.ndarray, want: np.ndarray) -> int:
+    """Rows of ``probs`` that are not ``want``'s, to float tolerance."""
+    return int((~np.isclose(probs, want, rtol=1e-5, atol=1e-6).all(axis=1)).sum())
+
+
+def weights_file(tmp_path: Path, seed: int) -> dict[str, str]:
+    """The environment of a ``from_file`` teacher loading the weights of ``seed`` from an .npy file."""
+    path = tmp_path / f"weights-{seed}.npy"
+    np.save(path, cache_teachers.weights(seed))
+    return {cache_teachers.WEIGHTS_ENV: str(path)}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("how", ["factory", "npy"])
+def test_two_models_under_one_model_id_never_get_each_others_answers(start_teacher, tmp_path, data, how):
+    """Two teachers built by one factory, or loading their weights from .npy files, share a
+    model_id; a student with a cache must still get each one's own answers, every row."""
+    x, y = data
+    cache = tmp_path / "cache"
+    if how == "factory":
+        models = {"a": (f"{CACHE_TEACHERS}:model_a", None), "b": (f"{CACHE_TEACHERS}:model_b", None)}
+    else:
+        models = {k: (f"{CACHE_TEACHERS}:from_file", weights_file(tmp_path, seed)) for k, seed in (("a", 1), ("b", 2))}
+    want = {"a": cache_teachers.expected(x, cache_teachers.weights(1)),
+            "b": cache_teachers.expected(x, cache_teachers.weights(2))}
+    ids, first = [], None
+    for name in ["a", "b", "a"]:  # A fills the cache, B must not get A's answers, A again gets its own
+        model, env = models[name]
+        teacher = start_teacher(model, env=env)
+        ids.append(meta_of(teacher)["model_id"])
+        with reader(teacher, cache, x, y) as dr:
+            labels, probs = epoch(dr)
+            stats = dr.stats()["cache"]
+        asked = rows_asked(teacher)
+        teacher.stop()
+        np.testing.assert_array_equal(labels, y)
+        assert wrong_rows(probs, want[name]) == 0, f"{wrong_rows(probs, want[name])} of {N} rows not model {name}'s"
+        if first is None:
+            first = probs
+        elif name == "b":
+            assert asked == N and stats["hits"] == 0
+        else:  # model A's answers are still cached, bit for bit (one row asked: the audit)
+            assert asked == 1 and stats["hits"] == N - 1 and probs.tobytes() == first.tobytes()
+    assert len(set(ids)) == 1  # one model_id for both models: only their answers tell them apart
+
+
+@pytest.mark.timeout(180)
+def test_a_model_its_fingerprint_cannot_tell_apart_is_caught_by_the_epochs_audit(start_teacher, tmp_path, data,
+                                                                                  caplog):
+    """Two models under one model_id that agree on the probe's inputs (within [0, 1)) and not
+    on the student's (within [0, 2)): the fingerprints match, so the cache's audit (a cached
+    row asked anyway in the epoch's first task with cached rows) must catch it before any
+    cached row reaches the training loop."""
+    x, y = data
+    x = x * 2
+    cache = tmp_path / "cache"
+    a = start_teacher(f"{CACHE_TEACHERS}:model_a")
+    with reader(a, cache, x, y) as dr:
+        epoch(dr)
+    within = start_teacher(f"{CACHE_TEACHERS}:model_a_within")
+    meta_a, meta_within = meta_of(a), meta_of(within)
+    assert meta_a["model_id"] == meta_within["model_id"]
+    assert distance(meta_a["fingerprint"]["outputs"], meta_within["fingerprint"]["outputs"], ["prob"]) == 0.0
+    want = cache_teachers.expected_outside(x, cache_teachers.weights(1), cache_teachers.weights(2))
+    with caplog.at_level("WARNING", logger="zdistill"), reader(within, cache, x, y) as dr:
+        labels, probs = epoch(dr)
+        stats = dr.stats()["cache"]
+    np.testing.assert_array_equal(labels, y)
+    assert wrong_rows(probs, want) == 0, f"{wrong_rows(probs, want)} of {N} rows were the other model's"
+    said = [r.getMessage() for r in caplog.records if "cache is off" in r.getMessage()]
+    assert len(said) == 1 and "answers a cached row otherwise than the cache" in said[0], said
+    assert not stats["enabled"]
+
+
+@pytest.mark.timeout(120)
+def test_a_teacher_that_does_not_reproduce_its_answers_turns_the_cache_off(start_teacher, tmp_path, data, caplog):
+    """Dropout left on: the cache is not used, with one warning, and every row is the teacher's."""
+    x, y = data
+    teacher = start_teacher(f"{CACHE_TEACHERS}:noisy")
+    want = cache_teachers.expected(x, cache_teachers.weights(1))
+    with caplog.at_level("WARNING", logger="zdistill"), reader(teacher, tmp_path / "cache", x, y) as dr:
+        for _ in range(2):
+            labels, probs = epoch(dr)
+            np.testing.assert_array_equal(labels, y)
+            np.testing.assert_allclose(probs, want, rtol=cache_teachers.NOISE * 1.01, atol=1e-7)
+        stats = dr.stats()["cache"]
+    assert rows_asked(teacher) == 2 * N, "epoch 2 was answered from a cache of a teacher that cannot reproduce it"
+    assert stats["hits"] == 0 and stats["bytes_stored"] == 0 and not stats["enabled"]
+    said = [r.getMessage() for r in caplog.records if "cache" in r.getMessage()]
+    assert len(said) == 1 and "does not reproduce its own answers" in said[0], said
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("model_id", "rows", "task_rows"),
+                         [("same", N, 1024), ("other", N, 1024), ("same", 4000, 100)])
+def test_a_teacher_replaced_by_another_model_mid_epoch_gets_no_cached_row_served(start_teacher, tmp_path, caplog,
+                                                                                  model_id, rows, task_rows):
+    """Epoch 2 is being answered from the cache of model A when A's teacher is replaced, at
+    the same address, by model B (under A's model_id, or another): from the moment the
+    student knows (B's meta came), every row it yields is B's, whether it comes from the
+    task being yielded, from tasks answered from the cache and waiting, or from tasks the
+    reader has not made yet."""
+    x = np.random.default_rng(5).random((rows, 784), dtype=np.float32)
+    y = np.arange(rows, dtype=np.int64)
+    port = procs.free_port()
+    teacher = start_teacher(f"{CACHE_TEACHERS}:model_a", port=port)
+    want_a = cache_teachers.expected(x, cache_teachers.weights(1))
+    want_b = cache_teachers.expected(x, cache_teachers.weights(2))
+    with caplog.at_level("WARNING", logger="zdistill"), reader(teacher, tmp_path / "cache", x, y) as dr:
+        dr.options.task_rows = dr.options.request_rows = task_rows
+        _, probs = epoch(dr)
+        assert wrong_rows(probs, want_a) == 0
+        batches_seen = iter(dr())
+        before = [next(batches_seen) for _ in range(4)]  # from the cache, all of model A
+        swapped = time.monotonic()
+        teacher.stop()
+        extra = ("--model-id", "another") if model_id == "other" else ()
+        start_teacher(f"{CACHE_TEACHERS}:model_b", *extra, port=port)
+
+        def b_is_known() -> bool:  # the worker said the teacher is up again: it has B's meta
+            t = dr.stats()["teachers"][teacher.endpoint]
+            return bool(t["up"] and t["changed_at"] and t["changed_at"] > swapped)
+
+        procs.wait_for(b_is_known, 30.0, "the student hearing of the new teacher")
+        after = list(batches_seen)
+    seen = len(before) * B
+    assert wrong_rows(np.concatenate([b[2] for b in before]), want_a[:seen]) == 0
+    labels = np.concatenate([b[1] for b in after])
+    np.testing.assert_array_equal(labels, y[seen:])
+    wrong = wrong_rows(np.concatenate([b[2] for b in after]), want_b[seen:])
+    assert wrong == 0, f"{wrong} of {rows - seen} rows yielded after the student knew of model B were not B's"
+    assert sum("cache is off" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_probe_batch_is_fixed_by_the_feeds_and_tells_models_apart():
+    """The same probe for every teacher of the same feeds; another model, or one that does not
+    reproduce its answers (random noise, batch statistics), is told by its fingerprint."""
+    feeds = [TensorSpec("img", "float32", (784,)), TensorSpec("ids", "int64", (-1,)), TensorSpec("m", "bool", (3,))]
+    one, two = probe_batch(feeds), probe_batch(list(feeds))
+    assert all(one[k].tobytes() == two[k].tobytes() for k in one)
+    assert one["ids"].shape[1] > 0 and set(np.unique(one["ids"])) <= {0, 1}
+    assert probe_batch(feeds[:1])["img"].tobytes() != probe_batch([TensorSpec("img", "float32", (783,))])[
+        "img"][:, :783].tobytes()
+    a, a_again, b = (load_model(f"{CACHE_TEACHERS}:{name}") for name in ("model_a", "model_a", "model_b"))
+    assert a.model_id == b.model_id
+    fa, fa2, fb = (usable(fingerprint(m), ["prob"], "t")[0] for m in (a, a_again, b))
+    assert fa is not None and fb is not None and distance(fa, fa2, ["prob"]) == 0.0
+    assert distance(fa, fb, ["prob"]) > 100 * TOLERANCE  # 0.41: other weights move every answer
+    noisy = fingerprint(load_model(f"{CACHE_TEACHERS}:noisy"))
+    assert usable(noisy, ["prob"], "t")[0] is None and noisy["jitter"] > TOLERANCE
+
+    def batch_norm(batch):  # batch statistics left on: a row's answer depends on the rows beside it
+        img = batch["img"]
+        return {"prob": cache_teachers.expected(img - img.mean(axis=0), cache_teachers.weights(1))}
+
+    batch_norm.zdistill_spec = (feeds[:1], [TensorSpec("prob", "float32", (10,))], "", True, "bn")
+    fp = fingerprint(CallableModel(batch_norm, "batch_norm"))
+    assert fp["jitter"] > TOLERANCE and "does not reproduce" in usable(fp, ["prob"], "t")[1]
+
+    def broken(batch):
+        raise RuntimeError("no such layer")
+
+    broken.zdistill_spec = batch_norm.zdistill_spec
+    assert "no such layer" in usable(fingerprint(CallableModel(broken, "broken")), ["prob"], "t")[1]
+
+
+def test_each_behaviour_of_a_model_id_gets_a_namespace_of_its_own(tmp_path):
+    root = str(tmp_path)
+    a, b = (usable(fingerprint(load_model(f"{CACHE_TEACHERS}:{m}")), ["prob"], "t")[0] for m in ("model_a", "model_b"))
+    folder_a = namespace_for(root, "m1", FETCHES, a)
+    folder_b = namespace_for(root, "m1", FETCHES, b)
+    assert folder_a != folder_b and os.path.dirname(folder_a) == os.path.dirname(folder_b) == folder_for(
+        root, "m1", FETCHES)
+    assert namespace_for(root, "m1", FETCHES, a) == folder_a and namespace_for(root, "m1", FETCHES, b) == folder_b
+    assert read_fingerprint(folder_a) == a
+    nearly = {"prob": {**a["prob"], "sum": [v * (1 + TOLERANCE / 10) for v in a["prob"]["sum"]]}}
+    assert namespace_for(root, "m1", FETCHES, nearly) == folder_a  # within the tolerance: the same model
+    assert not any(n.startswith(".new-") for n in os.listdir(os.path.dirname(folder_a)))

@@ -241,6 +241,26 @@ def test_model_id_is_a_hash_of_the_model_files(exported, served, served_pb, tmp_
     assert re.fullmatch(r"paddle:[0-9a-f]{32}", changed) and changed != first
 
 
+def test_a_paddle_teacher_fingerprints_what_the_model_computes(exported, served, served_pb) -> None:
+    """The probe batch runs through the Paddle predictor: the fingerprint in meta is reproducible
+    (a student may cache by it) and summarizes what the model computes here, in both formats
+    of the one model (whose model_ids differ)."""
+    from zdistill.fingerprint import TOLERANCE, distance, probe_batch, summarize, usable
+    from zdistill.model import TensorSpec
+
+    pir, pb = served_meta(served), served_meta(served_pb)
+    names = [f["name"] for f in pir["fetches"]]
+    fp, why = usable(pir.get("fingerprint"), names, "the Paddle teacher")
+    assert fp is not None, why
+    probe = probe_batch([TensorSpec.from_wire(f) for f in pir["feeds"]])
+    here = summarize({names[0]: exported.predict(probe["img"])}, names)
+    assert distance(fp, here, names) <= TOLERANCE
+    pb_names = [f["name"] for f in pb["fetches"]]  # Paddle 2 names its output otherwise
+    other, why = usable(pb.get("fingerprint"), pb_names, "the Paddle 2 teacher")
+    assert other is not None, why
+    assert pb["model_id"] != pir["model_id"] and distance(fp, {names[0]: other[pb_names[0]]}, names) <= TOLERANCE
+
+
 def test_model_id_given_and_files_changed_while_loading(exported, tmp_path, monkeypatch) -> None:
     """A given model_id (--model-id) replaces the hash; files rewritten between the hash and the
     load are refused, since the id might name other bytes than those served."""

@@ -7,6 +7,8 @@ milliseconds instead of hanging an end-to-end test.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from zdistill import protocol
@@ -777,3 +779,36 @@ def test_a_queued_copy_no_worker_can_take_does_not_block_the_tasks_behind_it():
     assert sent(s) == [(w, 2)]
     s.check(T0 + 20)
     assert s.counters.straggler_resends == 1  # still queued: not counted again
+
+
+# -- the teacher-output cache ------------------------------------------------------
+
+
+def test_a_task_answered_from_a_cache_no_longer_trusted_is_asked_again_whole():
+    """Scheduler.redo: a task answered whole from the cache, or in part, is pending again with
+    its cached rows ignored (in the frames sent to a worker too), and counted once when a
+    teacher answers it."""
+    s = make(workers=1)
+    tasks = []
+    for task_id, hits in ((0, 8), (1, 3)):
+        s.grants()
+        tasks.append(protocol.Task(epoch=1, task=task_id, slot=min(s.granted), rows=8, nbytes=100, sizes=[8],
+                                   shm={}, hits=hits))
+        assert s.on_task(tasks[-1], [b"frames"])
+    assert 0 not in s.pending and sent(s) == [(wid(0), 1)]  # task 0 was answered whole: done at once
+    assert done(s, wid(0), 1) is not None
+    s.on_end(protocol.End(epoch=1, tasks=2))
+    assert s.finished
+    assert (s.counters.tasks, s.counters.samples, s.counters.cache_hits) == (2, 16, 11)
+    for t in tasks:
+        s.redo(t)
+    assert (s.counters.tasks, s.counters.samples, s.counters.cache_hits) == (0, 0, 0)
+    assigned = s.assignments()
+    assert [held.task.task for _, held in assigned] == [0, 1]
+    for _, held in assigned:
+        assert held.task.hits is None and protocol.decode(held.wire)[0] == held.task
+    assert not s.finished
+    assert done(s, wid(0), 0) is not None and done(s, wid(0), 1) is not None
+    assert s.finished and (s.counters.tasks, s.counters.samples) == (2, 16)
+    s.redo(dataclasses.replace(tasks[0], epoch=2))  # not this epoch's: nothing to do
+    assert not s.pending

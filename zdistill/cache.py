@@ -6,9 +6,13 @@ answers are kept on disk, keyed by the teacher's ``model_id`` (from its ``meta``
 a 128-bit hash (xxh3) of the exact bytes of each sample's feeds, and rows already
 answered are answered from the cache before a task leaves the student's machine.
 
-Layout: ``<path>/<model>/<schema>/<segment files>``, where ``<model>`` is a digest of
-the ``model_id`` and ``<schema>`` one of the predictions kept (names, dtypes, row
-shapes), so a different model, or another set of outputs, never gets answers cached
+Layout: ``<path>/<model>/<schema>/fp<n>/<segment files>``, where ``<model>`` is a digest
+of the ``model_id``, ``<schema>`` one of the predictions kept (names, dtypes, row
+shapes) and ``fp<n>`` one per behaviour of the model: its ``fingerprint.json`` holds
+what the model answered to the probe batch (:mod:`zdistill.fingerprint`), and only
+teachers reproducing it read or write there (:func:`namespace_for`).  So a different
+model, another set of outputs, or another model under the same ``model_id`` (weights
+loaded from another file) never gets answers cached
 for another.  Each segment is written by one process only (a worker, appending whole
 records), so concurrent students sharing a path never interleave.  A record is
 fixed-size: the key, each prediction's row, and a check word, the xxh32 of all the
@@ -48,6 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from zdistill.fingerprint import TOLERANCE, distance
 from zdistill.model import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -485,3 +490,72 @@ def stored_bytes(root: str) -> int:
     return sum(os.path.getsize(os.path.join(f, n)) for f, _, files in os.walk(root) for n in files
                if n.endswith(_SUFFIX) and os.path.exists(os.path.join(f, n)))
 
+
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def read_fingerprint(folder: str) -> dict | None:
+    """The fingerprint a namespace folder was made for (see :func:`namespace_for`), or None."""
+    try:
+        with open(os.path.join(folder, FINGERPRINT_FILE), encoding="utf-8") as f:
+            fp = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return fp if isinstance(fp, dict) else None
+
+
+def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: Mapping[str, object],
+                  tolerance: float = TOLERANCE) -> str:
+    """The folder of answers of ``model_id`` that behaves as ``fp`` says (a summary of its answers to
+    the probe batch, :func:`zdistill.fingerprint.usable`): the first under :func:`folder_for` whose
+    fingerprint is within ``tolerance`` of ``fp``, else a new one.
+
+    Two models of one ``model_id`` (weights loaded from another file, say) so get folders of
+    their own: answers of one are never looked up for the other.  A new folder is made whole
+    (its fingerprint written) under a temporary name and renamed into place, so a folder
+    seen by its name always has its fingerprint, and two students making one at once both
+    end up in one of them.
+    """
+    parent = folder_for(root, model_id, fetches)
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    names = [f.name for f in fetches]
+    number = 0
+    while True:
+        folder = os.path.join(parent, f"fp{number}")
+        if os.path.isdir(folder):
+            known = read_fingerprint(folder)
+            if known is not None and distance(known, fp, names) <= tolerance:
+                return folder
+            number += 1
+            continue
+        staging = os.path.join(parent, f".new-{os.getpid()}-{os.urandom(4).hex()}")
+        os.makedirs(staging, mode=0o700)
+        with open(os.path.join(staging, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
+            json.dump(fp, f)
+        try:
+            os.rename(staging, folder)
+            return folder
+        except OSError:  # another student made this one meanwhile: look at it
+            os.unlink(os.path.join(staging, FINGERPRINT_FILE))
+            os.rmdir(staging)
+
+
+class CacheGate:
+    """Whether cached answers may still be served to this reader's training loop.
+
+    Closed (for good) the moment a teacher is known not to reproduce the cache's
+    fingerprint: the producer stops looking rows up, and no answer holding cached rows
+    reaches the training loop any more (the dispatcher and the sink send such tasks to
+    the teachers again).  One byte of shared memory made before any fork, so the
+    producers of later forks and the one running see it change at once.
+    """
+
+    def __init__(self) -> None:
+        self._flag = mmap.mmap(-1, 1)  # anonymous and shared: a forked producer reads the same byte
+
+    @property
+    def closed(self) -> bool:
+        return self._flag[0] != 0
+
+    def close(self) -> None:
+        self._flag[0] = 1

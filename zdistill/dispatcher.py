@@ -36,10 +36,11 @@ import numpy as np
 import zmq
 
 from zdistill import protocol
+from zdistill.cache import CacheGate
 from zdistill.errors import ReaderError, WireError
 from zdistill.options import PipelineOptions
 from zdistill.producer import describe_exit, rebuild_exception
-from zdistill.scheduler import Plan, Scheduler, cached_whole
+from zdistill.scheduler import Plan, Scheduler, cached_whole, uncached
 from zdistill.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,14 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class Redo:
+    """A task whose answer holds cached rows while the cache is no longer trusted: ask a teacher."""
+
+    epoch: int
+    task: protocol.Task
+
+
+@dataclass(frozen=True)
 class Planned:
     epoch: int
     plan: Plan
@@ -89,6 +98,7 @@ class Result:
     epoch: int
     task: protocol.Task
     arrays: dict[str, np.ndarray]  # the predictions
+    cached: int = 0  # rows of them taken from the teacher-output cache
 
 
 @dataclass(frozen=True)
@@ -138,6 +148,7 @@ class Dispatcher:
         self._said_finished = False
         self._supervised_at = 0.0
         self.cache_ok = True  # every teacher's answers may go to the reader's cache (if it has one)
+        self.gate = CacheGate()  # closed with cache_ok: from then on no cached row is served (made before any fork)
         self._closing = False
         self.stopped = False  # every process stopped, under the lock: a producer forked now is the forker's to stop
         self._closed = False  # the wake-up pipe is closed
@@ -252,6 +263,8 @@ class Dispatcher:
         elif isinstance(cmd, Stop):
             if cmd.epoch == self.sched.epoch:
                 self._end_epoch(cmd.lent)
+        elif isinstance(cmd, Redo):
+            self.sched.redo(cmd.task)
 
     def _begin(self, epoch: int) -> None:
         if self._error is not None:
@@ -319,8 +332,10 @@ class Dispatcher:
             if isinstance(msg, protocol.Done):
                 rows = len(next(iter(arrays.values()), ()))
                 held = self.sched.on_done(identity, msg, rows, now)
-                if held is not None:
-                    self.events.put(Result(msg.epoch, held.task, arrays))
+                if held is not None and msg.cached and self.gate.closed:
+                    self.sched.redo(held.task)  # its cached rows may be another model's
+                elif held is not None:
+                    self.events.put(Result(msg.epoch, held.task, arrays, msg.cached))
             elif isinstance(msg, protocol.Undone):
                 self.sched.on_undone(identity, msg, time.monotonic())
             elif isinstance(msg, protocol.Status):
@@ -328,8 +343,9 @@ class Dispatcher:
                 self.sched.on_status(identity, msg, now)
                 if msg.cache and self.cache_ok:
                     self.cache_ok = False
-                    log.warning("the teacher-output cache is off from the next epoch on: a teacher's answers cannot "
-                                "go to it (%s)", msg.cache)
+                    self.gate.close()
+                    log.warning("the teacher-output cache is off: a teacher's answers cannot go to it (%s); from "
+                                "now on no cached answer is served, and the teachers answer every row", msg.cache)
             elif isinstance(msg, protocol.Hello):
                 self.pool.mark_started(identity)
 
@@ -366,8 +382,10 @@ class Dispatcher:
                 return
             msg, _ = protocol.decode(frames)
             if isinstance(msg, protocol.Task):
+                if msg.hits and self.gate.closed:  # looked up before the producer saw the gate close
+                    msg, frames = uncached(msg)
                 if self.sched.on_task(msg, frames) and cached_whole(msg):
-                    self.events.put(Result(msg.epoch, msg, {}))  # its predictions are in its slot
+                    self.events.put(Result(msg.epoch, msg, {}, msg.rows))  # its predictions are in its slot
             elif isinstance(msg, protocol.End):
                 self._producer_ended = True
                 if msg.error is not None:

@@ -66,7 +66,10 @@ class Model(Protocol):
     ``model_id`` names what the model computes and changes whenever the model does (a
     hash of its files unless the operator or the function's ``version=`` names it): a
     student's teacher-output cache keys predictions by it, so answers cached for one
-    ``model_id`` are never served for another.  The teacher reports it in ``meta``.
+    ``model_id`` are never served for another.  The teacher reports it in ``meta``, beside
+    the model's fingerprint (its answers to a fixed probe batch, computed through
+    :meth:`run`: :mod:`zdistill.fingerprint`), which the cache is keyed by too, since files
+    do not show everything a model computes with.
     """
 
     feeds: list[TensorSpec]
@@ -130,8 +133,9 @@ def function_model_id(fn: Callable[..., Any]) -> str:
     A hash of the bytes of the file that defines ``fn`` (so any edit to it, and only
     that, changes the id) and of ``fn``'s qualified name (so two functions of one file
     differ).  A function with no source file (defined by ``exec``, say) is hashed by its
-    bytecode, names and constants instead.  Weights the function loads from elsewhere are
-    not seen: declare ``version=`` or serve with ``--model-id`` when they change.
+    bytecode, names and constants instead.  Weights the function loads from elsewhere, or
+    that a factory in the file builds, are not seen here: a student's cache tells such
+    models apart by their fingerprint (:mod:`zdistill.fingerprint`).
     """
     h = hashlib.blake2b(digest_size=16)  # 32 hex digits: ample to tell a model's versions apart
     h.update(getattr(fn, "__qualname__", type(fn).__qualname__).encode() + b"\0")
@@ -267,10 +271,13 @@ def teacher_function(
     id, and so an empty cache.  ``version="..."`` makes the id ``version:`` + that string
     instead, whatever the file holds: keep the version to keep the cache across edits that
     change no prediction (comments, logging), change it to drop the cache when the
-    predictions change while the file does not (new weights loaded from elsewhere, which
-    the file hash cannot see).  A version must name the model, not only count its
-    releases: two functions declaring the same version share one id.  ``zdistill-teacher
-    --model-id`` overrides either.
+    predictions change while the file does not.  A version must name the model, not only
+    count its releases: two functions declaring the same version share one id.
+    ``zdistill-teacher --model-id`` overrides either.  Whatever the id says, the cache also
+    keys answers by the function's fingerprint (what it answers to a fixed probe batch,
+    run at the teacher's start: :mod:`zdistill.fingerprint`), so new weights loaded from
+    elsewhere, which no file hash sees, never get the old weights' answers; a function
+    whose answers change from run to run (dropout left on) gets no cache at all.
     """
     feed_specs, fetch_specs = _specs(feeds, "feed"), _specs(fetches, "fetch")
     if version is not None:

@@ -31,8 +31,9 @@ from typing import Any
 import zmq
 
 from zdistill import dispatcher as d
-from zdistill.cache import CacheIndex, cacheable, default_max_bytes, evict, folder_for, stored_bytes
+from zdistill.cache import CacheIndex, cacheable, default_max_bytes, evict, namespace_for, stored_bytes
 from zdistill.errors import ClosedError
+from zdistill.fingerprint import usable
 from zdistill.model import TensorSpec
 from zdistill.options import PipelineOptions
 from zdistill.producer import ProducerConfig, run_producer
@@ -113,7 +114,7 @@ class Pipeline:
         self.folder, self.slots_folder = ipc.path, slots.path
         self.feeds: list[TensorSpec] = []  # what the teachers take: workers check each teacher against it
         self.cache: CacheIndex | None = None  # the teacher-output cache, if the reader has one (use_cache)
-        self.cache_root, self.cache_max_bytes = "", 0
+        self.cache_root, self.cache_max_bytes, self.cache_tolerance = "", 0, 0.0
         self.dispatcher = d.Dispatcher(self.ctx, self.folder, options, self._worker_command)
         self.lender = SlotLender(self.slots_folder, self.dispatcher.release)
         self.epochs = 0
@@ -146,20 +147,24 @@ class Pipeline:
         """Workers for these teachers (and, for dynamic teachers, where to hear of changes)."""
         self.dispatcher.post(d.SetTeachers(list(teachers), membership))
 
-    def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None) -> None:
-        """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta`` names.
+    def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None, tolerance: float) -> None:
+        """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta``
+        names and by its fingerprint (its answers to the probe batch, :mod:`zdistill.fingerprint`),
+        which every teacher must reproduce within ``tolerance``.
 
-        Without a ``model_id`` in the teachers' meta, with outputs whose row size varies,
-        or where the cache's folder cannot be made (a read-only file system), the cache
-        cannot be used: that is logged once and the reader runs without.
+        Without a ``model_id`` or a fingerprint in the teachers' meta, with a teacher that
+        does not reproduce its own answers, with outputs whose row size varies, or where the
+        cache's folder cannot be made (a read-only file system), the cache cannot be used:
+        that is logged once and the reader runs without.
         """
         model_id = meta.get("model_id")
         specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
         fetches = [specs[name] for name in self.predicts]
-        why = cacheable(fetches)
+        fp, why = usable(meta.get("fingerprint"), self.predicts, "the teacher", tolerance)
+        why = cacheable(fetches) or why
         if not isinstance(model_id, str) or not model_id:
             why = "the teacher's meta has no model_id (a zdistill-teacher older than the cache?)"
-        if why:
+        if why or fp is None:
             log.warning("the teacher-output cache at %s is not used: %s", root, why)
             return
         try:  # a cache that cannot be written (a read-only file system) is not used
@@ -167,17 +172,18 @@ class Pipeline:
             cache_root = os.path.abspath(root)
             cache_max_bytes = max_bytes if max_bytes is not None else default_max_bytes(cache_root)
             evict(cache_root, cache_max_bytes)
-            cache = CacheIndex(folder_for(cache_root, model_id, fetches), fetches)
+            cache = CacheIndex(namespace_for(cache_root, model_id, fetches, fp, tolerance), fetches)
         except OSError as exc:
             log.warning("the teacher-output cache at %s is not used: %s", root, exc)
             return
         self.cache_root, self.cache_max_bytes, self.cache = cache_root, cache_max_bytes, cache
+        self.cache_tolerance = tolerance
 
     def _worker_command(self, teacher: str, endpoint: str, identity: bytes) -> list[str]:
         o = self.options
         cache = [] if self.cache is None else [
             "--cache-root", self.cache_root, "--cache-folder", self.cache.folder,
-            "--cache-max-bytes", str(self.cache_max_bytes),
+            "--cache-max-bytes", str(self.cache_max_bytes), "--cache-tolerance", repr(self.cache_tolerance),
         ]
         return [
             sys.executable, "-m", "zdistill.worker", "--teacher", teacher, "--dispatcher", endpoint,
@@ -243,6 +249,7 @@ class Pipeline:
             cache.refresh()  # what the workers stored so far: the producer inherits it across the fork
         cfg = ProducerConfig(
             cache=cache, cache_feeds=[f.name for f in self.feeds if f.name in self.ins],
+            cache_gate=self.dispatcher.gate,
             reader=reader, reader_type=reader_type, ins=self.ins, feeds=self.feeds, epoch=epoch,
             task_rows=planned.plan.task_rows, task_bytes=self.options.task_bytes, endpoint=planned.endpoint,
             slots_folder=self.slots_folder, slot_count=planned.slot_count, grants=planned.grants,
@@ -259,7 +266,8 @@ class Pipeline:
             run_producer(cfg)
         self._check_open()
         sink = EpochSink(self.dispatcher.events, epoch, reader_type, self.ins, self.predicts, self.lender,
-                         planned.plan.keep_limit, self._check_open)
+                         planned.plan.keep_limit, self._check_open, self.dispatcher.gate,
+                         lambda task: self.dispatcher.post(d.Redo(epoch, task)))
         self._epoch_started, self._sink = time.monotonic(), sink
         try:
             yield from sink.outputs()

@@ -32,15 +32,16 @@ import numpy as np
 import zmq
 
 from zdistill import protocol
-from zdistill.cache import CacheIndex, key_seed, row_keys
+from zdistill.cache import CacheGate, CacheIndex, key_seed, row_keys
 from zdistill.errors import ReaderError
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotWriter
-from zdistill.tasks import HITS_SLOT, ID_SLOT, KEYS_SLOT, ReaderType, Task, TaskBuilder, cached_key
+from zdistill.tasks import AUDIT_SLOT, HITS_SLOT, ID_SLOT, KEYS_SLOT, ReaderType, Task, TaskBuilder, cached_key
 
 log = logging.getLogger(__name__)
 
 _POLL_MS = 100
+AUDIT_EVERY = 64  # of the tasks with cached rows, the first of an epoch and then one in this many has one audited
 _END_LINGER_MS = 10_000  # how long the end may wait to be delivered when the producer exits
 
 
@@ -62,6 +63,7 @@ class ProducerConfig:
     parent_pid: int
     cache: CacheIndex | None = None  # the teacher-output cache, refreshed just before the fork
     cache_feeds: list[str] = field(default_factory=list)  # the slots a row's cache key covers
+    cache_gate: CacheGate | None = None  # closed: the cache is no longer trusted, look nothing up
 
 
 class ParentGone(Exception):
@@ -80,6 +82,8 @@ class Producer:
         self.slots = SlotWriter(cfg.slots_folder, cfg.slot_count)
         self.granted: deque[int] = deque(cfg.grants)
         self.slot_of: dict[int, int] = {}  # task id -> the slot it was built in
+        self.since_audit = AUDIT_EVERY  # tasks with cached rows since the last one audited
+        self.rng = np.random.default_rng()  # which cached row is audited
 
     def run(self) -> None:
         cfg = self.cfg
@@ -119,7 +123,7 @@ class Producer:
         rows = next(iter(specs.values()))[0][0]
         specs = {
             **specs, ID_SLOT: ((2,), np.dtype(np.int64)), KEYS_SLOT: ((rows, 16), np.dtype(np.uint8)),
-            HITS_SLOT: ((rows,), np.dtype(bool)),
+            HITS_SLOT: ((rows,), np.dtype(bool)), AUDIT_SLOT: ((rows,), np.dtype(bool)),
             **{cached_key(f.name): ((rows, *f.shape), np.dtype(f.dtype)) for f in cache.fetches},
         }
         arrays, descriptor = self.slots.allocate(slot, specs)
@@ -127,7 +131,15 @@ class Producer:
         return arrays, descriptor
 
     def _look_up(self, task: Task) -> int:
-        """Answer the task's rows the cache has, in its slot; the number answered."""
+        """Answer the task's rows the cache has, in its slot; the number answered.
+
+        An audit: in the first task of the epoch with cached rows, and then in one of every
+        :data:`AUDIT_EVERY`, one cached row (picked at random) is asked of the teacher anyway,
+        its cached answer kept beside it in the slot: the worker compares the two, so a
+        teacher that answers otherwise than the cache (another model that the fingerprint
+        did not tell apart) turns the cache off.  The reader yields tasks in order, so no
+        cached row of the epoch reaches the training loop before the first audit is done.
+        """
         cache = self.cfg.cache
         assert cache is not None
         feeds = [task.slots[name] for name in self.cfg.cache_feeds]
@@ -135,16 +147,26 @@ class Producer:
         keys = task.slots[KEYS_SLOT]
         keys[:] = row_keys(feeds, seed)
         found = cache.lookup(keys)
-        rows = np.flatnonzero(found >= 0)
-        if len(rows):
-            answers = {f.name: np.empty((len(rows), *f.shape), f.dtype) for f in cache.fetches}
-            served = cache.gather(found[rows], answers)  # a row its segment no longer holds is a miss
-            rows = rows[served]
-            for name, arr in answers.items():
-                task.slots[cached_key(name)][rows] = arr[served]
-        hit = task.slots[HITS_SLOT]
+        hit, audit = task.slots[HITS_SLOT], task.slots[AUDIT_SLOT]
         hit[:] = False
+        audit[:] = False
+        rows = np.flatnonzero(found >= 0)
+        if not len(rows):
+            return 0
+        answers = {f.name: np.empty((len(rows), *f.shape), f.dtype) for f in cache.fetches}
+        served = cache.gather(found[rows], answers)  # a row its segment no longer holds is a miss
+        rows = rows[served]
+        if not len(rows):
+            return 0
+        for name, arr in answers.items():
+            task.slots[cached_key(name)][rows] = arr[served]
         hit[rows] = True
+        self.since_audit += 1
+        if self.since_audit >= AUDIT_EVERY:
+            self.since_audit = 0
+            picked = rows[self.rng.integers(len(rows))]
+            audit[picked], hit[picked] = True, False
+            return len(rows) - 1
         return len(rows)
 
     def _wait_for_grant(self) -> None:
@@ -156,7 +178,9 @@ class Producer:
                 self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
 
     def _send(self, task: Task) -> None:
-        hits = self._look_up(task) if self.cfg.cache is not None and task.rows else None
+        gate = self.cfg.cache_gate
+        usable = self.cfg.cache is not None and task.rows and not (gate and gate.closed)
+        hits = self._look_up(task) if usable else None
         self._tell(protocol.Task(
             epoch=self.cfg.epoch, task=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
             nbytes=task.nbytes, sizes=task.sizes, shm=task.descriptor, hits=hits,

@@ -103,6 +103,7 @@ class Done:
     task: int
     elapsed: float  # since the worker got it
     service: float  # the teacher's time for it, not counting its wait behind the worker's other tasks
+    cached: int = 0  # rows of the predictions taken from the teacher-output cache, not from the teacher
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,7 @@ import zmq
 
 from zdistill.client import TeacherClient, teacher_endpoint, unreachable
 from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout
+from zdistill.fingerprint import TOLERANCE
 from zdistill.model import TensorSpec
 from zdistill.options import PipelineOptions
 from zdistill.pipeline import Pipeline
@@ -86,7 +87,7 @@ class DistillReader:
         self._pipeline: Pipeline | None = None
         self._feeds: list[TensorSpec] = []  # what the teachers take, asked when the pipeline starts
         self._meta: dict[str, Any] = {}  # the meta of the teacher those feeds came from
-        self._cache: tuple[str, int | None] | None = None  # the teacher-output cache: path, max bytes
+        self._cache: tuple[str, int | None, float] | None = None  # the teacher-output cache: path, max bytes, tolerance
         self._active: Iterator[Any] | None = None
         self._discovery: Any = None
         self._membership_version = -1
@@ -129,22 +130,38 @@ class DistillReader:
             raise ConfigError(f"teacher_batch_size must be >= 1, got {teacher_batch_size}")
         self._teacher_batch_size = int(teacher_batch_size)
 
-    def set_teacher_cache(self, path: str | os.PathLike[str], max_bytes: int | None = None) -> None:
+    def set_teacher_cache(self, path: str | os.PathLike[str], max_bytes: int | None = None,
+                          tolerance: float = TOLERANCE) -> None:
         """Keep the teachers' answers under ``path`` and answer rows asked before from there.
 
-        A row is looked up by the teacher's ``model_id`` and a 128-bit hash of the exact
-        bytes of its feeds; rows found never go to a teacher, and a task whose rows are
-        all found never leaves this machine.  The cache outlives the process (a restarted
-        student, or several students on this machine, share what is under ``path``) and
-        holds at most ``max_bytes`` over the whole ``path`` (default: a tenth of its file
-        system, at most half of what is free), the oldest answers going first.  The output
-        is the same with or without it, bit for bit: a damaged record or segment is skipped
-        with a warning, never served, and a cache that cannot be written (a full or
-        read-only file system) turns itself off with one warning naming the file.  It helps where samples repeat (a
+        A row is looked up by the teacher's ``model_id``, its fingerprint and a 128-bit hash
+        of the exact bytes of its feeds; rows found never go to a teacher, and a task whose
+        rows are all found (but for an audit, below) never leaves this machine.  The cache
+        outlives the process (a restarted student, or several students on this machine,
+        share what is under ``path``) and holds at most ``max_bytes`` over the whole
+        ``path`` (default: a tenth of its file system, at most half of what is free), the
+        oldest answers going first.  The output
+        is the same with or without it (bit for bit where a teacher's answer to a row does
+        not move with the batch around it): a damaged record or segment is skipped with a
+        warning, never served, and a cache that cannot be written (a full or read-only file
+        system) turns itself off with one warning naming the file.  It helps where samples repeat (a
         fixed dataset: every epoch after the first; restarts; sweeps of the student
         against one teacher) and cannot where they never do (augmented inputs: every row
         misses, and hashing is what it costs; see ``bench/bench_cache.py``).  Call before
         the first epoch.
+
+        The fingerprint is what the model answers to a fixed probe batch (each teacher runs
+        it at start, twice, in two batch compositions, and reports it in ``meta``:
+        :mod:`zdistill.fingerprint`), so two models sharing a ``model_id`` (weights loaded
+        from another file) never get each other's answers.  Answers are served only while
+        every teacher reproduces the fingerprint within ``tolerance`` (relative): a teacher
+        that does not, or whose two runs differ by more (dropout left on), turns the cache
+        off with one warning, and from that moment no cached answer reaches the training
+        loop.  Each epoch is audited too: one cached row of its first task with cached rows
+        (and of one in every 64 after) is asked of the teacher anyway and compared, which
+        catches models that agree on the probe only.  Teachers computing in reduced
+        precision (bf16) whose answers move with the batch may need a larger ``tolerance``;
+        a larger one also takes models closer than it for one.
         """
         try:
             import xxhash  # noqa: F401 - the row hash
@@ -152,9 +169,11 @@ class DistillReader:
             raise ConfigError("the teacher-output cache needs xxhash: pip install 'zdistill[cache]'") from None
         if max_bytes is not None and int(max_bytes) <= 0:
             raise ConfigError(f"max_bytes must be positive, got {max_bytes}")
+        if not 0 <= float(tolerance) < 1:
+            raise ConfigError(f"tolerance must be at least 0 and below 1, got {tolerance}")
         if self._pipeline is not None:
             raise ConfigError("set_teacher_cache must be called before the first epoch")
-        self._cache = (os.fspath(path), None if max_bytes is None else int(max_bytes))
+        self._cache = (os.fspath(path), None if max_bytes is None else int(max_bytes), float(tolerance))
 
     def set_serving_conf_file(self, conf_file: str) -> None:
         """Accepted for EDL compatibility and unused: a zdistill teacher describes its own feeds."""
@@ -242,7 +261,8 @@ class DistillReader:
             self._feeds = self._fetch_feeds(pipeline.ctx, teachers)
             pipeline.feeds = self._feeds
             if self._cache is not None:
-                pipeline.use_cache(self._cache[0], self._meta, self._cache[1])
+                path, max_bytes, tolerance = self._cache
+                pipeline.use_cache(path, self._meta, max_bytes, tolerance)
             pipeline.set_teachers(teachers, self._membership_changes if self._discovery is not None else None)
         except BaseException as exc:
             closed = pipeline.closed

@@ -32,6 +32,7 @@ of its own (callers pass ``now``), so its rules are unit-tested with plain calls
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import math
@@ -40,7 +41,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from zdistill import protocol
+from zdistill import protocol, wire
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
 from zdistill.options import PipelineOptions
 
@@ -112,7 +113,7 @@ class Counters:
     straggler_resends: int = 0
     duplicates_dropped: int = 0  # second answers of a task sent twice
     cache_hits: int = 0  # rows answered from the teacher-output cache
-    cache_misses: int = 0  # rows looked up there in vain (they went to a teacher)
+    cache_misses: int = 0  # rows looked up there and asked of a teacher (not found, or audited)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,12 @@ class Plan:
 def cached_whole(task: protocol.Task) -> bool:
     """Every row of ``task`` was answered from the cache (its predictions are in its slot)."""
     return task.hits is not None and task.rows > 0 and task.hits == task.rows
+
+
+def uncached(task: protocol.Task) -> tuple[protocol.Task, list[Any]]:
+    """``task`` to be answered whole by a teacher, its cached rows ignored, and its frames."""
+    task = dataclasses.replace(task, hits=None)
+    return task, wire.encode(protocol.header(task))
 
 
 class Scheduler:
@@ -292,6 +299,18 @@ class Scheduler:
         self.pending[task.task] = HeldTask(task, frames)
         self._requeue(task.task)
         return True
+
+    def redo(self, task: protocol.Task) -> None:
+        """A task answered, in part or whole, from a cache no longer trusted: pending again, for a
+        teacher to answer every row (its slot is still held: the training loop never got it)."""
+        if not self.active or task.epoch != self.epoch or task.task in self.pending:
+            return
+        self.counters.tasks -= 1  # counted again when a teacher answers it
+        self.counters.samples -= task.rows
+        self.counters.cache_hits -= task.hits or 0
+        task, frames = uncached(task)
+        self.pending[task.task] = HeldTask(task, frames)
+        self._requeue(task.task)
 
     def on_end(self, end: protocol.End) -> None:
         """The producer made its last task: the slots it was granted and did not use are free."""

@@ -10,6 +10,7 @@ dispatcher's.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import time
 import weakref
@@ -20,6 +21,7 @@ import numpy as np
 
 from zdistill import dispatcher as d
 from zdistill import protocol
+from zdistill.cache import CacheGate
 from zdistill.scheduler import cached_whole
 from zdistill.shm import SlotReader
 from zdistill.tasks import ReaderType, cached_key, predict_key, split_output
@@ -48,6 +50,10 @@ class ReorderBuffer(Generic[T]):
             self.next_id += 1
         return value
 
+    def again(self, task_id: int) -> None:
+        """The task just popped was not yielded: wait for another answer of it."""
+        self.next_id = task_id
+
 
 class SlotLender:
     """Lends the training loop a task's slot arrays, and tells when it let go of them.
@@ -62,7 +68,9 @@ class SlotLender:
         self._release = release
         self.lent: set[int] = set()  # slots whose views the loop may still hold
 
-    def lend(self, task: protocol.Task, keep_limit: int) -> dict[str, np.ndarray]:
+    def lend(self, task: protocol.Task, keep_limit: int, hold: bool = False) -> dict[str, np.ndarray]:
+        """The task's slot arrays: views, or copies past ``keep_limit``.  With ``hold`` a copied
+        task's slot stays taken until :meth:`give_back` (a teacher may have to read it again)."""
         slot, arrays, mapping = self._reader.view(task.shm)
         if len(self.lent) < keep_limit:
             self.lent.add(slot)
@@ -71,8 +79,14 @@ class SlotLender:
         copies = {name: np.array(arr) for name, arr in arrays.items()}
         del arrays
         mapping.close()
-        self._release(slot)
+        if not hold:
+            self._release(slot)
         return copies
+
+    def give_back(self, task: protocol.Task) -> None:
+        """A task lent with ``hold`` is yielded: its slot is free, unless the loop holds views of it."""
+        if task.slot not in self.lent:
+            self._release(task.slot)
 
     def _returned(self, slot: int) -> None:  # any thread: the finalizer of the slot's mapping
         self.lent.discard(slot)
@@ -84,9 +98,11 @@ class EpochSink:
 
     def __init__(self, events: queue.SimpleQueue[d.Event], epoch: int, reader_type: ReaderType,
                  ins: Sequence[str], predicts: Sequence[str], lender: SlotLender, keep_limit: int,
-                 check_open: Callable[[], None]) -> None:
+                 check_open: Callable[[], None], gate: CacheGate | None = None,
+                 redo: Callable[[protocol.Task], None] | None = None) -> None:
         self.events, self.epoch, self.reader_type = events, epoch, reader_type
         self.check_open = check_open  # raises once the reader was closed (from another thread, say)
+        self.gate, self.redo = gate, redo  # the cache's gate; asks the dispatcher to have a task answered again
         self.ins, self.predicts = list(ins), list(predicts)
         self.lender, self.keep_limit = lender, keep_limit
         self.buffer: ReorderBuffer[d.Result] = ReorderBuffer()
@@ -100,14 +116,60 @@ class EpochSink:
             if result is None:
                 self._wait()
                 continue
-            shared = self.lender.lend(result.task, self.keep_limit)
-            slots = [shared[n] for n in self.ins]
-            if cached_whole(result.task):  # answered from the cache: the predictions are in the slot
-                preds = [shared[cached_key(n)] for n in self.predicts]
-            else:
-                preds = [result.arrays[predict_key(n)] for n in self.predicts]
-            del shared
+            yield from self._task_outputs(self._trusted(result))
+
+    def _task_outputs(self, result: d.Result) -> Iterator[Any]:
+        """One task's reader batches with their predictions.
+
+        A task with cached rows keeps its slot until its last batch is yielded: should the
+        cache turn out to hold another model's answers meanwhile (the gate closes), the
+        batches not yet yielded get a teacher's answers instead (:meth:`_trusted`), and the
+        teacher reads the rows from the slot.
+        """
+        cached = bool(result.cached)
+        shared = self.lender.lend(result.task, self.keep_limit, hold=cached)
+        slots = [shared[n] for n in self.ins]
+        if cached_whole(result.task):  # answered from the cache: the predictions are in the slot
+            preds = [shared[cached_key(n)] for n in self.predicts]
+        else:
+            preds = [result.arrays[predict_key(n)] for n in self.predicts]
+        del shared
+        if not cached:
             yield from split_output(self.reader_type, slots, preds, result.task.sizes)
+            return
+        yielded = 0
+        try:
+            while True:
+                for batch in itertools.islice(split_output(self.reader_type, slots, preds, result.task.sizes),
+                                              yielded, None):
+                    if self._untrusted(result):
+                        break
+                    yield batch
+                    yielded += 1
+                else:
+                    return
+                result = self._trusted(result)
+                preds = [result.arrays[predict_key(n)] for n in self.predicts]
+        finally:
+            self.lender.give_back(result.task)
+
+    def _untrusted(self, result: d.Result) -> bool:
+        """Its predictions hold cached rows, and the cache is no longer trusted."""
+        return bool(result.cached) and self.gate is not None and self.gate.closed
+
+    def _trusted(self, result: d.Result) -> d.Result:
+        """``result``, or, if it holds cached rows no longer trusted, a teacher's answer of the task."""
+        while self._untrusted(result) and self.redo is not None:
+            task_id = result.task.task
+            self.buffer.again(task_id)
+            self.redo(result.task)
+            again = None
+            while again is None:
+                self.check_open()
+                self._wait()
+                again = self.buffer.pop_next()
+            result = again
+        return result
 
     def _wait(self) -> None:
         started = time.monotonic()

@@ -49,6 +49,7 @@ def cached_key(name: str) -> str:
 KEYS_SLOT = "k:"  # a task slot array: each row's cache key (rows x 16 bytes)
 HITS_SLOT = "h:"  # a task slot array: which rows the cache answered
 ID_SLOT = "i:"  # a task slot array: (epoch, task), written before anything else of the task
+AUDIT_SLOT = "a:"  # a task slot array: cached rows asked of the teacher anyway, to compare with the cache
 
 
 Allocator = Callable[[int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]

@@ -9,7 +9,8 @@ request     header / arrays                             reply
             per feed, all with the same number of rows  array per fetch, the same rows
 ``meta``    ``{"kind": "meta", "id"}``                  ``{"kind": "meta", ...}``: feeds,
                                                         fetches, max batch, instances,
-                                                        device, model id, bounds, stats
+                                                        device, model id, fingerprint,
+                                                        bounds, stats
 ``stats``   ``{"kind": "stats", "id"}``                 ``{"kind": "stats", "stats": {...}}``
 ``ping``    ``{"kind": "ping", "id"}``                  ``{"kind": "pong", "id"}``
 ==========  ==========================================  =====================================
@@ -61,6 +62,7 @@ import zmq
 from zdistill import wire
 from zdistill.batcher import Batcher, Request
 from zdistill.errors import ConfigError, ModelOutputError, WireError
+from zdistill.fingerprint import fingerprint, usable
 from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
 from zdistill.model import MAX_MODEL_ID, Model, load_model
@@ -122,6 +124,11 @@ class TeacherServer:
                 f"of the largest size ({max_message_bytes / MiB:g} MiB): raise --max-queue-mb or lower --max-message-mb"
             )
         self.model = models[0]
+        # What the model answers to the fixed probe batch: students key cached answers by it.
+        self.fingerprint = fingerprint(self.model)
+        _, why = usable(self.fingerprint, [f.name for f in self.model.fetches], "this teacher")
+        if why:
+            log.warning("students will not cache this teacher's answers: %s", why)
         self.max_message_bytes = max_message_bytes
         self.max_queue_bytes = max_queue_bytes
         self.limits = wire.Limits(max_array_bytes=max_message_bytes)
@@ -306,6 +313,7 @@ class TeacherServer:
             "description": self.model.description,
             "device": self.model.device,
             "model_id": self.model.model_id,
+            "fingerprint": self.fingerprint,
             "stats": self.stats(),
         }
 

@@ -37,13 +37,24 @@ import numpy as np
 import zmq
 
 from zdistill import protocol
-from zdistill.cache import CacheWriter, folder_for
+from zdistill.cache import CacheWriter, folder_for, read_fingerprint
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
+from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.model import TensorSpec
 from zdistill.shm import SlotReader, reclaim
-from zdistill.tasks import HITS_SLOT, ID_SLOT, KEYS_SLOT, cached_key, check_feed, feeds_mismatch, predict_key, to_feed
+from zdistill.tasks import (
+    AUDIT_SLOT,
+    HITS_SLOT,
+    ID_SLOT,
+    KEYS_SLOT,
+    cached_key,
+    check_feed,
+    feeds_mismatch,
+    predict_key,
+    to_feed,
+)
 
 log = logging.getLogger("zdistill.worker")  # not __name__: it runs as __main__
 
@@ -70,6 +81,7 @@ class WorkerConfig:
     cache_root: str = ""  # the reader's teacher-output cache ("": none)
     cache_folder: str = ""  # where its answers go: the teacher's must be the same to write there
     cache_max_bytes: int = 0
+    cache_tolerance: float = 0.0  # how far a teacher's fingerprint may be from the cache folder's
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
@@ -78,6 +90,7 @@ class WorkerConfig:
             predicts=args.predicts.split(","), feeds=[TensorSpec.from_wire(f) for f in json.loads(args.feeds)],
             request_rows=args.request_rows, timeout=args.timeout, parent_pid=args.parent_pid,
             cache_root=args.cache_root, cache_folder=args.cache_folder, cache_max_bytes=args.cache_max_bytes,
+            cache_tolerance=args.cache_tolerance,
         )
 
 
@@ -124,8 +137,9 @@ class Worker:
         self.said_stop = False
         self.last_finish = 0.0  # when the last task was done
         self.cache: CacheWriter | None = None  # where answers go, while the teacher's model is the cache's
+        self.status = protocol.Status(up=False)  # the last said while up
         self.cache_failed = ""  # why the cache cannot be written (a write failed): it never is again
-        self.status: protocol.Status | None = None  # the last status saying the teacher is up
+        self.audit_failed = ""  # why the teacher's answers are not the cache's, found by an audit
 
     # -- main loop ----------------------------------------------------------
 
@@ -276,7 +290,7 @@ class Worker:
         for name in self.cfg.predicts:
             parts = [p[name] for p in job.parts if p is not None]
             answers[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        arrays = self._with_cache(job, answers) if job.task.hits is not None else answers
+        arrays, cached = self._with_cache(job, answers) if job.task.hits is not None else (answers, 0)
         arrays = {predict_key(name): arr for name, arr in arrays.items()}  # the student reads the slots itself
         now = time.monotonic()
         # The teacher's time for this task: since it came, or since the task before it was
@@ -284,32 +298,62 @@ class Worker:
         service = now - max(job.started, self.last_finish)
         self.last_finish = now
         self._send(protocol.Done(epoch=job.task.epoch, task=job.task.task, elapsed=now - job.started,
-                                 service=service), arrays)
+                                 service=service, cached=cached), arrays)
 
-    def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Store the teacher's answers in the cache; the task's full predictions (cached rows too).
+    def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """Store the teacher's answers in the cache; the task's full predictions (cached rows too)
+        and how many of their rows came from the cache.
 
         Only while the slot still holds this task: a slot reused by a later one (the
         epoch ended meanwhile) may have changed under the requests, and its answers must
         never be filed under this task's keys.  The slot's id is written before anything
         else of a new task, so an unchanged id means unchanged inputs.
+
+        Rows the producer audited (cached, asked anyway) are compared with the cache
+        (:meth:`_audit`); where they agree, the cached answer stands, so an epoch answered
+        from the cache is the same, bit for bit, as the one that filled it.
         """
         slots, task = job.slots, job.task
         if tuple(slots[ID_SLOT]) != (task.epoch, task.task):
-            return answers  # stale: the dispatcher drops the answer anyway
-        rows = slice(None) if job.misses is None else job.misses
-        if self.cache is not None:
+            return answers, 0  # stale: the dispatcher drops the answer anyway
+        asked = np.arange(len(slots[HITS_SLOT])) if job.misses is None else job.misses  # the rows answered
+        audited = slots[AUDIT_SLOT][asked]
+        kept = bool(audited.any()) and self._audit(asked[audited], slots,
+                                                    {name: arr[audited] for name, arr in answers.items()})
+        if kept:  # the audited rows' cached answers stand: only the others are the teacher's
+            asked = asked[~audited]
+            answers = {name: arr[~audited] for name, arr in answers.items()}
+        if self.cache is not None and len(asked):
             try:
-                self.cache.append(slots[KEYS_SLOT][rows], answers)
+                self.cache.append(slots[KEYS_SLOT][asked], answers)
             except OSError as exc:
                 self._cache_off(exc)
-        if job.misses is None:
-            return answers
+        if job.misses is None and not kept:
+            return answers, 0
         full = {}
         for name, arr in answers.items():
             full[name] = np.array(slots[cached_key(name)])
-            full[name][job.misses] = arr
-        return full
+            full[name][asked] = arr
+        return full, len(slots[HITS_SLOT]) - len(asked)
+
+    def _audit(self, where: np.ndarray, slots: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> bool:
+        """Whether the teacher's answers to cached rows asked anyway (the producer's audit) are the
+        cache's, within the tolerance.  If not, it is another model (one its fingerprint did not
+        tell apart): the cache is off for good, nothing more is stored, and the dispatcher hears
+        why before this task's answer."""
+        for name, fresh in answers.items():
+            apart = rows_apart(slots[cached_key(name)][where], fresh)
+            if apart <= self.cfg.cache_tolerance:
+                continue
+            self.audit_failed = (f"teacher {self.cfg.teacher} answers a cached row otherwise than the cache ({name!r} "
+                                 f"apart by {apart:.3g}, tolerance {self.cfg.cache_tolerance:g}): it is not the "
+                                 "model the cache was filled by")
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
+            self._send(dataclasses.replace(self.status, cache=self.audit_failed))
+            return False
+        return True
 
     def _cache_off(self, exc: OSError) -> None:
         """Stop writing to a cache that cannot be written (a full or read-only file system):
@@ -320,7 +364,7 @@ class Worker:
         self.cache = None
         self.cache_failed = f"the worker for teacher {self.cfg.teacher} cannot write to it: {exc}"
         log.info("%s", self.cache_failed)
-        if self.up and self.status is not None:
+        if self.up:
             self._send(dataclasses.replace(self.status, cache=self.cache_failed))
 
     def _drop_job(self, key: tuple[int, int]) -> None:
@@ -365,7 +409,13 @@ class Worker:
         self._send(self.status)
 
     def _cache_for(self, meta: dict) -> str:
-        """Open the cache for this teacher's answers if its model is the cache's; else why not."""
+        """Open the cache for this teacher's answers if its model is the cache's; else why not.
+
+        Asked on every (re)connection: a teacher redeployed behind the same address may
+        serve another model, under the same ``model_id`` or another.  The model is the
+        cache's when its ``model_id`` names the cache folder's parent and its answers to
+        the probe batch are the folder's fingerprint, within the tolerance.
+        """
         if not self.cfg.cache_folder:
             return ""
         if self.cache_failed:
@@ -373,13 +423,25 @@ class Worker:
         if self.cache is not None:
             self.cache.close()
             self.cache = None
+        if self.audit_failed:
+            return self.audit_failed
         model_id = meta.get("model_id")
         if not isinstance(model_id, str) or not model_id:
             return f"teacher {self.cfg.teacher} says no model_id"
         specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
         fetches = [specs[name] for name in self.cfg.predicts]
-        if folder_for(self.cfg.cache_root, model_id, fetches) != self.cfg.cache_folder:
+        if folder_for(self.cfg.cache_root, model_id, fetches) != os.path.dirname(self.cfg.cache_folder):
             return f"teacher {self.cfg.teacher} serves model_id {model_id!r}, not the model the cache was opened for"
+        tolerance = self.cfg.cache_tolerance
+        fp, why = usable(meta.get("fingerprint"), self.cfg.predicts, f"teacher {self.cfg.teacher}", tolerance)
+        if fp is None:
+            return why
+        known = read_fingerprint(self.cfg.cache_folder)
+        apart = distance(known, fp, self.cfg.predicts) if known is not None else float("inf")
+        if not apart <= tolerance:
+            return (f"teacher {self.cfg.teacher} answers the probe batch otherwise than the model the cache was "
+                    f"opened for (apart by {apart:.3g}, tolerance {tolerance:g}): another model under model_id "
+                    f"{model_id!r}")
         self.cache = CacheWriter(self.cfg.cache_folder, fetches, self.cfg.cache_max_bytes, self.cfg.cache_root)
         return ""
 
@@ -464,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-root", default="", help="the reader's teacher-output cache, if it has one")
     p.add_argument("--cache-folder", default="", help="where this reader's model's answers go in it")
     p.add_argument("--cache-max-bytes", type=int, default=0)
+    p.add_argument("--cache-tolerance", type=float, default=0.0,
+                   help="how far a teacher's answers to the probe batch may be from the cache folder's fingerprint")
     p.add_argument("--parent-pid", type=int, required=True)
     add_log_level(p, default="WARNING")
     return p
