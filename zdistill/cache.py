@@ -44,6 +44,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import time
 import weakref
@@ -538,6 +539,8 @@ def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: M
         except OSError:  # another student made this one meanwhile: look at it
             os.unlink(os.path.join(staging, FINGERPRINT_FILE))
             os.rmdir(staging)
+            if not os.path.isdir(folder):
+                raise  # not a race: the rename itself failed
 
 
 class CacheGate:
