@@ -463,7 +463,7 @@ def test_segments_truncated_under_a_running_student(start_teacher, tmp_path, dat
             assert rows_asked(teacher) == 2 * N  # every row asked again: none could be read
             truncate["on"] = False
             labels3, probs3 = epoch(dr)
-            assert rows_asked(teacher) == 2 * N  # answered from the segments written in epoch 2
+            assert rows_asked(teacher) == 2 * N + 1  # from the segments written in epoch 2, but the audited row
     for got_labels, got in ((labels, probs), (labels3, probs3)):
         np.testing.assert_array_equal(got_labels, y)
         np.testing.assert_allclose(got, softmax_np(x), rtol=1e-5, atol=1e-6)
@@ -575,8 +575,9 @@ def test_a_cache_on_a_full_file_system_turns_itself_off(start_teacher, tmpfs, da
 
 @pytest.mark.timeout(120)
 def test_a_cache_on_a_read_only_file_system_turns_itself_off(start_teacher, tmpfs, data, caplog):
-    """A cache a first student filled is read-only for the next (EROFS): its rows are still
-    answered, the rows it lacks cannot be stored, and one warning names the cache."""
+    """A cache a first student filled is read-only for the next (EROFS): the rows it lacks
+    cannot be stored, one warning names the cache, the cache is off, and every row the loop
+    gets is the teacher's answer."""
     x, y = data
     small_fs = tmpfs("1m")
     teacher = start_teacher()
@@ -585,7 +586,6 @@ def test_a_cache_on_a_read_only_file_system_turns_itself_off(start_teacher, tmpf
     remount_read_only(small_fs)
     with reader(teacher, small_fs, x, y) as dr, caplog.at_level("WARNING", logger="zdistill"):
         outputs = [epoch(dr)]
-        assert dr.stats()["cache"]["hits"] == N // 2
         assert not dr.stats()["cache"]["enabled"]
         outputs.append(epoch(dr))
     assert_teachers_answers(outputs, x, y)

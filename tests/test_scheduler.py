@@ -803,7 +803,7 @@ def test_a_task_answered_from_a_cache_no_longer_trusted_is_asked_again_whole():
     for t in tasks:
         s.redo(t)
     assert (s.counters.tasks, s.counters.samples, s.counters.cache_hits) == (0, 0, 0)
-    assigned = s.assignments()
+    assigned = s.assignments(0.0)
     assert [held.task.task for _, held in assigned] == [0, 1]
     for _, held in assigned:
         assert held.task.hits is None and protocol.decode(held.wire)[0] == held.task
