@@ -27,9 +27,9 @@ setup(
     entry_points={
         "console_scripts": [
             "zdistill=zdistill.cli:main",
-            "zdistill-teacher=zdistill.teacher:main",
-            "zdistill-register=zdistill.register:main",
-            "zdistill-balancer=zdistill.balancer:main",
+            "zdistill-teacher=zdistill.teacher.server:main",
+            "zdistill-register=zdistill.discovery.register:main",
+            "zdistill-balancer=zdistill.discovery.balancer:main",
         ]
     },
 )

@@ -14,7 +14,7 @@ import random
 import statistics
 import time
 
-from zdistill.assignment import assign
+from zdistill.discovery.assignment import assign
 
 
 def pairs(result: dict[str, list[str]]) -> set[tuple[str, str]]:

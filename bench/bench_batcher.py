@@ -2,7 +2,7 @@
 
 Run ``python bench/bench_batcher.py`` (seconds).  For each case, N one-row requests of a
 variable-size feed (per-row shape ``[-1]``) in K distinct widths, interleaved (request i
-has width ``i % K + 1``), are queued in a :class:`zdistill.batcher.Batcher` and then taken
+has width ``i % K + 1``), are queued in a :class:`zdistill.teacher.batcher.Batcher` and then taken
 as batches (``max_rows`` 256) until none is left.  It prints one JSON line per case: the
 seconds spent adding and taking, and the batches formed.  A batcher whose cost grows with
 the queue shows it as a time that grows with N x K instead of N.
@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zdistill.batcher import Batcher, Request  # noqa: E402
+from zdistill.teacher.batcher import Batcher, Request  # noqa: E402
 
 CASES = [(20_000, 500), (40_000, 1000), (80_000, 2000)]
 

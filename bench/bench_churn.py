@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests import procs  # noqa: E402
 from zdistill import wire  # noqa: E402
-from zdistill.store import Store, TeacherRecord  # noqa: E402
+from zdistill.discovery.store import Store, TeacherRecord  # noqa: E402
 
 SERVICE = "churn"
 PROBE_EVERY = 0.1
@@ -62,7 +62,7 @@ def start_balancer(code: Path, redis_endpoint: str, tmp: Path, lease: float) -> 
     """A ``zdistill-balancer`` of the checkout at ``code``; returns the process and its ROUTER address."""
     ready = tmp / f"balancer-{time.monotonic_ns()}.ready"
     log = open(tmp / "balancer.log", "ab")  # noqa: SIM115 - closed with the process below
-    args = [sys.executable, "-m", "zdistill.balancer", "--db_endpoints", redis_endpoint,
+    args = [sys.executable, "-m", "zdistill.discovery.balancer", "--db_endpoints", redis_endpoint,
             "--server", f"127.0.0.1:{procs.free_port()}", "--pub-port", "0", "--student-lease", str(lease),
             "--leader-lease", "3", "--ready-file", str(ready), "--log-level", "INFO"]
     env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}

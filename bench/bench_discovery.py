@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests import daemons, procs  # noqa: E402
-from zdistill.discovery import DiscoveryClient  # noqa: E402
-from zdistill.store import Store, TeacherRecord  # noqa: E402
+from zdistill.discovery.client import DiscoveryClient  # noqa: E402
+from zdistill.discovery.store import Store, TeacherRecord  # noqa: E402
 
 
 def wait_until(client: DiscoveryClient, check, timeout: float = 10.0) -> float:

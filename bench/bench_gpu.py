@@ -67,7 +67,7 @@ REPO = BENCH.parent
 EXAMPLE = REPO / "examples" / "torch_teacher"
 RESULTS = BENCH / "results"
 sys.path.insert(0, str(REPO))
-# Worker processes are started as `python -m zdistill.worker`: they need the checkout too.
+# Worker processes are started as `python -m zdistill.student.worker`: they need the checkout too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 MAX_BATCH = 256  # the teachers' max batch and the in-process batch
@@ -560,7 +560,7 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def teacher_has_instances() -> bool:
-    from zdistill.teacher import build_parser
+    from zdistill.teacher.server import build_parser
 
     return "--instances" in build_parser()._option_string_actions
 
@@ -637,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine(gpu), "size": size, "plan": asdict(plan), "max_batch": MAX_BATCH,
             "configs": [c.name for c in configs], "skipped_configs": skipped, "batches": args.batches,
         }
-        from zdistill.options import PipelineOptions
+        from zdistill.student.options import PipelineOptions
 
         results["pipeline_options"] = asdict(PipelineOptions())
         print(f"device: {results['machine']['gpu'] or 'CPU'}; {plan.repeats} round(s) of {plan.seconds} s; "

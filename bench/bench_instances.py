@@ -22,7 +22,7 @@ and every ratio is taken within a repeat, as the machine's speed drifts):
 Reported: rows/s of each, served(2)/served(1) and served(2)/in-process (medians of the
 per-repeat ratios), and the teachers' own busy time per instance.  A last case measures
 what merging costs: four 64-row requests into one 256-row batch, copied into a reused
-buffer (:class:`zdistill.runner.MergeBuffers`) or into fresh memory (``np.concatenate``).
+buffer (:class:`zdistill.teacher.instances.MergeBuffers`) or into fresh memory (``np.concatenate``).
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ sys.path.insert(0, str(BENCH.parent))
 from bench.bench_teacher import pipelined_rows_per_s, write_results  # noqa: E402
 from bench.teachers_bench import gpu_standin  # noqa: E402
 from tests import procs  # noqa: E402
-from zdistill.batcher import Request  # noqa: E402
 from zdistill.client import TeacherClient  # noqa: E402
-from zdistill.runner import MergeBuffers  # noqa: E402
+from zdistill.teacher.batcher import Request  # noqa: E402
+from zdistill.teacher.instances import MergeBuffers  # noqa: E402
 
 RESULTS = BENCH / "results"
 MODEL = f"{BENCH / 'teachers_bench.py'}:gpu_standin"

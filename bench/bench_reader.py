@@ -55,7 +55,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.procs import Proc, teacher_stats, wait_for  # noqa: E402
 from zdistill import DistillReader, wire  # noqa: E402
-from zdistill.options import PipelineOptions  # noqa: E402
+from zdistill.student.options import PipelineOptions  # noqa: E402
 
 TEACHERS = BENCH / "teachers_bench.py"
 RESULTS = BENCH / "results"
@@ -98,7 +98,7 @@ class Fleet:
             for i in range(self.count):
                 ready = self.folder / f"{self.function}-{i}-{time.monotonic_ns()}.ready"
                 log = open(self.folder / f"{self.function}-{i}.log", "w")  # closed once the child holds it
-                args = [sys.executable, "-m", "zdistill.teacher", "--model", f"{TEACHERS}:{self.function}",
+                args = [sys.executable, "-m", "zdistill.teacher.server", "--model", f"{TEACHERS}:{self.function}",
                         "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
                         "--log-level", "WARNING", *self.extra]
                 env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -143,11 +143,11 @@ def cpu_of(pids: Sequence[int]) -> float:
 
 
 def worker_pids() -> list[int]:
-    """The DistillReader's worker processes: our children running ``zdistill.worker``."""
+    """The DistillReader's worker processes: our children running ``zdistill.student.worker``."""
     out = []
     for child in psutil.Process().children():
         try:
-            if "zdistill.worker" in child.cmdline():
+            if "zdistill.student.worker" in child.cmdline():
                 out.append(child.pid)
         except psutil.Error:
             pass

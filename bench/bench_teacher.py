@@ -132,7 +132,7 @@ def pipelined_rows_per_s(client: TeacherClient, feeds: dict[str, np.ndarray], se
 
 
 def case_served_vs_in_process(prefix: Path, tmp: Path, plan: Plan) -> dict[str, Any]:
-    from zdistill.paddle_model import PaddleModel
+    from zdistill.teacher.paddle_model import PaddleModel
 
     model = PaddleModel(str(prefix), threads=1)
     teacher = procs.start_teacher(str(prefix), tmp, "--threads", "1", "--log-level", "WARNING")

@@ -33,7 +33,7 @@ def redis_server():
 @pytest.fixture
 def store(redis_server):
     """The zdistill store on the test's private Redis."""
-    from zdistill.store import Store
+    from zdistill.discovery.store import Store
 
     s = Store.open(redis_server.endpoint)
     yield s

@@ -26,8 +26,9 @@ def start_register(redis_endpoint: str, service: str, server: str, tmp_path: Pat
                    ttl: float = 2.0, wait: bool = True, timeout: float = 30.0) -> procs.Proc:
     """``zdistill-register`` for the teacher at ``server``; waits until it registered unless ``wait=False``."""
     ready = _ready(tmp_path, "register")
-    args = [sys.executable, "-m", "zdistill.register", "--db_endpoints", redis_endpoint, "--service_name", service,
-            "--server", server, "--ttl", str(ttl), "--ready-file", str(ready), "--log-level", "DEBUG", *extra]
+    args = [sys.executable, "-m", "zdistill.discovery.register", "--db_endpoints", redis_endpoint,
+            "--service_name", service, "--server", server, "--ttl", str(ttl), "--ready-file", str(ready),
+            "--log-level", "DEBUG", *extra]
     if wait:
         proc = procs.start(args, "register", ready_file=str(ready), timeout=timeout)
     else:
@@ -44,7 +45,7 @@ def start_balancer(redis_endpoint: str, tmp_path: Path, *extra: str, port: int |
     """
     ready = _ready(tmp_path, "balancer")
     port = port or procs.free_port()
-    args = [sys.executable, "-m", "zdistill.balancer", "--db_endpoints", redis_endpoint,
+    args = [sys.executable, "-m", "zdistill.discovery.balancer", "--db_endpoints", redis_endpoint,
             "--server", f"127.0.0.1:{port}", "--pub-port", "0", "--student-lease", str(student_lease),
             "--leader-lease", str(leader_lease), "--ready-file", str(ready), "--log-level", "DEBUG", *extra]
     proc = procs.start(args, "balancer", ready_file=str(ready), timeout=timeout)
@@ -90,7 +91,7 @@ def _student_main(servers: str, service: str, max_teachers: str, student_id: str
     import signal
     import threading
 
-    from zdistill.discovery import DiscoveryClient
+    from zdistill.discovery.client import DiscoveryClient
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()

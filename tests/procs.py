@@ -112,7 +112,7 @@ def start_teacher(model: str, tmp_path: Path, *extra: str, env: dict | None = No
                   timeout: float = 60.0) -> Proc:
     """A real ``zdistill-teacher`` on loopback; ``endpoint`` is where it listens."""
     ready = tmp_path / f"teacher-{time.monotonic_ns()}.ready"
-    args = [sys.executable, "-m", "zdistill.teacher", "--model", model, "--host", "127.0.0.1",
+    args = [sys.executable, "-m", "zdistill.teacher.server", "--model", model, "--host", "127.0.0.1",
             "--port", str(port), "--ready-file", str(ready), *extra]
     return start(args, "teacher", ready_file=str(ready), timeout=timeout, env=env)
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests import procs
 from zdistill import ConfigError, DistillReader, TeacherClient
-from zdistill.discovery import DiscoveryClient
+from zdistill.discovery.client import DiscoveryClient
 
 # (address, what the error says about it)
 BAD = [
@@ -105,9 +105,9 @@ def run(*args: str) -> subprocess.CompletedProcess:
     (["zdistill.cli", "ping", "teacher", "triton://127.0.0.1:8001"], "Triton Inference Server is not supported"),
     (["zdistill.cli", "ping", "balancer", "http://127.0.0.1:8000"], "balancer address 'http://127.0.0.1:8000'"),
     (["zdistill.cli", "status", "--db_endpoints", "127.0.0.1:1", "--balancer", "http://127.0.0.1:8000"], "not HTTP"),
-    (["zdistill.register", "--db_endpoints", "127.0.0.1:1", "--service_name", "svc",
+    (["zdistill.discovery.register", "--db_endpoints", "127.0.0.1:1", "--service_name", "svc",
       "--server", "triton://127.0.0.1:8001"], "Triton Inference Server is not supported"),
-    (["zdistill.balancer", "--db_endpoints", "127.0.0.1:1", "--server", "tcp://127.0.0.1:0"],
+    (["zdistill.discovery.balancer", "--db_endpoints", "127.0.0.1:1", "--server", "tcp://127.0.0.1:0"],
      "expected IP:PORT to listen on, without a scheme"),
 ], ids=["ping-teacher", "ping-balancer", "status-balancer", "register-server", "balancer-server"])
 @pytest.mark.timeout(90)

@@ -1,4 +1,4 @@
-"""Property tests for ``zdistill.assignment.assign``: balance, fairness, determinism, stability.
+"""Property tests for ``zdistill.discovery.assignment.assign``: balance, fairness, determinism, stability.
 
 The stability tests state the exact bound the module docstring promises for one join or
 leave applied to a result of ``assign``; ``moves`` counts pairs, a pair being
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zdistill.assignment import assign
+from zdistill.discovery.assignment import assign
 
 SETTINGS = settings(max_examples=150, deadline=None)
 

@@ -13,8 +13,8 @@ import zmq
 
 from tests import daemons, procs
 from zdistill import wire
-from zdistill.discovery import DiscoveryClient
-from zdistill.store import Store, TeacherRecord
+from zdistill.discovery.client import DiscoveryClient
+from zdistill.discovery.store import Store, TeacherRecord
 
 
 def add_teacher(store: Store, address: str, service: str = "svc", ttl: float = 60.0) -> None:
@@ -228,7 +228,7 @@ def test_without_keyspace_notifications_the_resync_finds_teachers(redis_server, 
 
 
 def test_balancer_refuses_bad_arguments(redis_server):
-    proc = procs.start([sys.executable, "-m", "zdistill.balancer", "--db_endpoints", redis_server.endpoint,
+    proc = procs.start([sys.executable, "-m", "zdistill.discovery.balancer", "--db_endpoints", redis_server.endpoint,
                         "--server", "not-an-address"], "balancer")
     assert proc.popen.wait(20) == 2
 

@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zdistill.batcher import Batcher, Request
+from zdistill.teacher.batcher import Batcher, Request
 
 
 def req(width: int, rows: int = 1, peer: bytes = b"p", arrived: float = 0.0, req_id: int = 0) -> Request:

@@ -21,7 +21,11 @@ import pytest
 from tests import cache_teachers, procs
 from tests.teachers import softmax_np
 from zdistill import DistillReader
-from zdistill.cache import (
+from zdistill.client import TeacherClient
+from zdistill.errors import ConfigError
+from zdistill.fingerprint import TOLERANCE, distance, fingerprint, probe_batch, usable
+from zdistill.spec import TensorSpec
+from zdistill.student.cache import (
     CHECK_SEED,
     CacheIndex,
     CacheWriter,
@@ -35,10 +39,8 @@ from zdistill.cache import (
     row_keys,
     stored_bytes,
 )
-from zdistill.client import TeacherClient
-from zdistill.errors import ConfigError
-from zdistill.fingerprint import TOLERANCE, distance, fingerprint, probe_batch, usable
-from zdistill.model import CallableModel, TensorSpec, load_model
+from zdistill.teacher.loading import load_model
+from zdistill.teacher.model import CallableModel
 
 N, B = 1000, 50
 FETCHES = [TensorSpec("prob", "float32", (10,))]
@@ -409,7 +411,7 @@ _TRUNCATED = textwrap.dedent("""
     import json, os, sys
     import numpy as np
     from tests.test_cache import FETCHES, answers, look_up_rows, segments_under
-    from zdistill.cache import CacheIndex, CacheWriter, folder_for
+    from zdistill.student.cache import CacheIndex, CacheWriter, folder_for
     root = sys.argv[1]
     folder = folder_for(root, "m1", FETCHES)
     writer = CacheWriter(folder, FETCHES, 1 << 30, root)

@@ -52,9 +52,9 @@ K8S_VERSIONS = [OLDEST_K8S, kv.latest_version()]
 
 # Program name (or `python -m` module) -> the module whose build_parser() will parse its arguments.
 CLIS = {
-    "zdistill-teacher": "zdistill.teacher",
-    "zdistill-register": "zdistill.register",
-    "zdistill-balancer": "zdistill.balancer",
+    "zdistill-teacher": "zdistill.teacher.server",
+    "zdistill-register": "zdistill.discovery.register",
+    "zdistill-balancer": "zdistill.discovery.balancer",
     "zdistill": "zdistill.cli",
 }
 
@@ -368,8 +368,8 @@ def port_of(address: str) -> int:
 
 def test_probes_ping_the_daemon_they_guard(docs):
     """Readiness and liveness are `zdistill ping` on the daemon's own port, through localhost."""
-    expected = {"zdistill.teacher": ("teacher", lambda a: a.port),
-                "zdistill.balancer": ("balancer", lambda a: port_of(a.server))}
+    expected = {"zdistill.teacher.server": ("teacher", lambda a: a.port),
+                "zdistill.discovery.balancer": ("balancer", lambda a: port_of(a.server))}
     for module, (kind, port) in expected.items():
         running = container_running(docs, module)
         assert running, f"no container runs {module}"
@@ -392,7 +392,7 @@ def test_ports_and_metrics_are_declared(docs):
         for owner, _, c, args in container_running(docs, module):
             ports = {p["containerPort"] for p in c.get("ports", [])}
             wanted = {getattr(args, "metrics_port", None), getattr(args, "port", None), getattr(args, "pub_port", None)}
-            if getattr(args, "server", None) and module == "zdistill.balancer":
+            if getattr(args, "server", None) and module == "zdistill.discovery.balancer":
                 wanted.add(port_of(args.server))
             missing = {p for p in wanted if p} - ports
             assert not missing, f"{label(owner)} {c['name']}: listens on {sorted(missing)} but does not declare it"
@@ -400,7 +400,7 @@ def test_ports_and_metrics_are_declared(docs):
 
 
 def test_teacher_gets_a_gpu(docs):
-    for owner, _, c, args in container_running(docs, "zdistill.teacher"):
+    for owner, _, c, args in container_running(docs, "zdistill.teacher.server"):
         assert str(c["resources"]["limits"].get("nvidia.com/gpu")) == "1", f"{label(owner)}: no GPU limit"
         assert args.gpu_ids == "0", f"{label(owner)}: serve on the one GPU the container sees"
 
@@ -457,14 +457,14 @@ def test_students_reach_every_balancer_by_a_stable_name(docs):
     A standby redirects to the leader's advertised address and the leader's PUB
     socket is advertised too, so both must be names a student can dial.
     """
-    ((owner, _, _, bal),) = container_running(docs, "zdistill.balancer")
+    ((owner, _, _, bal),) = container_running(docs, "zdistill.discovery.balancer")
     assert owner["kind"] == "StatefulSet", "balancers need stable per-pod names (see balancer.yaml)"
     svc, replicas, port = owner["spec"]["serviceName"], owner["spec"]["replicas"], port_of(bal.server)
     raw_args = next(c for c in owner["spec"]["template"]["spec"]["containers"]
                     if "zdistill-balancer" in c.get("command", []))["args"]
     assert raw_args[raw_args.index("--advertise") + 1].startswith(f"$(POD_NAME).{svc}."), "advertise the pod's name"
     expected = {f"{owner['metadata']['name']}-{i}.{svc}:{port}" for i in range(replicas)}
-    services = {args.service_name for *_, args in container_running(docs, "zdistill.register")}
+    services = {args.service_name for *_, args in container_running(docs, "zdistill.discovery.register")}
     students = [(o, c) for o, pod in pod_specs(docs) for c in pod["spec"]["containers"]
                 if any(v["name"] == "PADDLE_DISTILL_BALANCE_SERVER" for v in c.get("env", []))]
     assert students, "no example student"
@@ -500,7 +500,8 @@ def test_curve_is_all_or_nothing(docs):
     client without the keys (a probe, the register, a student) is simply never
     answered. Every key path must also be a file some Secret mount provides.
     """
-    servers = [hit for m in ("zdistill.teacher", "zdistill.balancer") for hit in container_running(docs, m)]
+    servers = [hit for m in ("zdistill.teacher.server", "zdistill.discovery.balancer")
+               for hit in container_running(docs, m)]
     on = {label(o): bool(a.curve_secret_key) for o, _, _, a in servers}
     assert len(set(on.values())) == 1, f"CURVE on some servers only: {on}"
     clients = []

@@ -12,9 +12,9 @@ import pytest
 
 from tests import daemons, procs
 from tests.test_balancer import _wait_teachers, add_teacher
-from zdistill.discovery import DiscoveryClient
+from zdistill.discovery.client import DiscoveryClient
+from zdistill.discovery.store import Store
 from zdistill.errors import ConfigError
-from zdistill.store import Store
 
 TTL = 2.0
 
@@ -97,7 +97,7 @@ def test_exit_without_close_is_quiet_and_says_goodbye(redis_server, tmp_path, st
     bal = daemons.start_balancer(redis_server.endpoint, tmp_path, student_lease=30)
     stopper.append(bal)
     script = textwrap.dedent(f"""
-        from zdistill.discovery import DiscoveryClient
+        from zdistill.discovery.client import DiscoveryClient
         c = DiscoveryClient({bal.endpoint!r}, "svc", 2, "leaver")
         c.start()
         v, t = c.wait_for_change(0, 10)

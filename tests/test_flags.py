@@ -22,10 +22,11 @@ def run(*args: str, env: dict | None = None, timeout: float = 30) -> subprocess.
 
 
 DAEMONS = {
-    "zdistill.balancer": ["--db_endpoints", "127.0.0.1:1", "--server", "127.0.0.1:0"],
-    "zdistill.register": ["--db_endpoints", "127.0.0.1:1", "--service_name", "svc", "--server", "127.0.0.1:5"],
-    "zdistill.teacher": ["--model", f"{procs.TEACHERS}:softmax", "--port", "0"],
-    "zdistill.worker": ["--teacher", "tcp://127.0.0.1:1", "--dispatcher", "ipc:///nowhere", "--identity", "w1",
+    "zdistill.discovery.balancer": ["--db_endpoints", "127.0.0.1:1", "--server", "127.0.0.1:0"],
+    "zdistill.discovery.register": ["--db_endpoints", "127.0.0.1:1", "--service_name", "svc",
+                                    "--server", "127.0.0.1:5"],
+    "zdistill.teacher.server": ["--model", f"{procs.TEACHERS}:softmax", "--port", "0"],
+    "zdistill.student.worker": ["--teacher", "tcp://127.0.0.1:1", "--dispatcher", "ipc:///nowhere", "--identity", "w1",
                         "--slots", "/nowhere", "--predicts", "prob", "--parent-pid", "1"],
 }
 
@@ -42,7 +43,7 @@ def test_log_level_is_explained_and_checked(module):
 BAD_ENDPOINTS = [":s3cret-Pw@127.0.0.1:6379", "127.0.0.1:99999", "redis://:s3cret-Pw@127.0.0.1:port", "http://h:1"]
 
 
-@pytest.mark.parametrize("module", ["zdistill.balancer", "zdistill.register"])
+@pytest.mark.parametrize("module", ["zdistill.discovery.balancer", "zdistill.discovery.register"])
 def test_a_bad_db_endpoint_is_one_line_and_exit_2(module):
     for endpoint in BAD_ENDPOINTS:
         args = [a if a != "127.0.0.1:1" else endpoint for a in DAEMONS[module]]
@@ -93,13 +94,13 @@ def test_password_from_a_file_or_the_environment_everywhere(locked_redis, start_
     twice = run("zdistill.cli", "status", "--db_endpoints", f"redis://:{SECRET}@{locked_redis.endpoint}",
                 "--db_passwd_file", str(secret_file))
     assert twice.returncode == 2 and "given twice" in twice.stderr and SECRET not in twice.stderr
-    refused = run("zdistill.balancer", "--db_endpoints", locked_redis.endpoint, "--server", "127.0.0.1:0",
+    refused = run("zdistill.discovery.balancer", "--db_endpoints", locked_redis.endpoint, "--server", "127.0.0.1:0",
                   "--db_passwd", SECRET, "--db_passwd_file", str(secret_file))
     assert refused.returncode == 2 and "not both" in refused.stderr
 
 
 def _register_with_env(endpoint: str, address: str, tmp_path: Path, env: dict) -> procs.Proc:
     ready = tmp_path / "register.ready"
-    args = [sys.executable, "-m", "zdistill.register", "--db_endpoints", endpoint, "--service_name", "svc",
+    args = [sys.executable, "-m", "zdistill.discovery.register", "--db_endpoints", endpoint, "--service_name", "svc",
             "--server", address, "--ttl", "2", "--ready-file", str(ready), "--log-level", "DEBUG"]
     return procs.start(args, "register", ready_file=str(ready), env=env)

@@ -27,7 +27,7 @@ import pytest
 
 from tests import procs
 from zdistill import ClosedError, DistillReader
-from zdistill.shm import make_private_folder
+from zdistill.student.shm import make_private_folder
 
 N, B = 200, 50
 
@@ -258,7 +258,7 @@ OWNER = """
 
 RECLAIMER = """
     import json
-    from zdistill.shm import make_private_folder, make_slot_folder
+    from zdistill.student.shm import make_private_folder, make_slot_folder
     made = [make_slot_folder(1 << 20), make_private_folder("ipc")]
     print(json.dumps({"pid": os.getpid()}), flush=True)
     for folder in made:
@@ -307,7 +307,7 @@ def test_a_folder_named_by_a_dead_pid_is_kept_while_its_lock_is_held(scripts, tm
     """
     holder = scripts(f"""
         import json, os, sys
-        from zdistill.shm import make_private_folder
+        from zdistill.student.shm import make_private_folder
         folder = make_private_folder("ipc", {str(tmp_path)!r})
         if os.fork() == 0:  # the child inherits the lock and outlives its parent
             print(json.dumps({{"folder": folder.path, "pid": os.getpid()}}), flush=True)

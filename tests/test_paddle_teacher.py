@@ -215,7 +215,7 @@ def served_meta(proc: procs.Proc) -> dict:
 def test_model_id_is_a_hash_of_the_model_files(exported, served, served_pb, tmp_path) -> None:
     """Two loads of the same files agree, wherever the files lie (a copy elsewhere); one changed
     byte of the parameters changes the id; a Paddle 2 program is another model."""
-    from zdistill.paddle_model import model_files_id
+    from zdistill.teacher.paddle_model import model_files_id
 
     first = served_meta(served)["model_id"]
     assert re.fullmatch(r"paddle:[0-9a-f]{32}", first), first
@@ -246,7 +246,7 @@ def test_a_paddle_teacher_fingerprints_what_the_model_computes(exported, served,
     (a student may cache by it) and summarizes what the model computes here, in both formats
     of the one model (whose model_ids differ)."""
     from zdistill.fingerprint import TOLERANCE, distance, probe_batch, summarize, usable
-    from zdistill.model import TensorSpec
+    from zdistill.spec import TensorSpec
 
     pir, pb = served_meta(served), served_meta(served_pb)
     names = [f["name"] for f in pir["fetches"]]
@@ -264,8 +264,8 @@ def test_a_paddle_teacher_fingerprints_what_the_model_computes(exported, served,
 def test_model_id_given_and_files_changed_while_loading(exported, tmp_path, monkeypatch) -> None:
     """A given model_id (--model-id) replaces the hash; files rewritten between the hash and the
     load are refused, since the id might name other bytes than those served."""
-    from zdistill import paddle_model
     from zdistill.errors import ConfigError
+    from zdistill.teacher import paddle_model
 
     shutil.copytree(exported.pir_prefix.parent, tmp_path / "m")
     prefix = str(tmp_path / "m" / "mlp")
@@ -325,7 +325,7 @@ def test_gpu_ids_without_cuda_falls_back_to_cpu(served_pb) -> None:
 @pytest.mark.parametrize("fmt", ["pir", "pb"])
 def test_a_model_may_be_named_by_prefix_file_or_folder(exported, fmt: str) -> None:
     """Every way of naming a saved model resolves to the same program and parameters."""
-    from zdistill.paddle_model import resolve_model_files
+    from zdistill.teacher.paddle_model import resolve_model_files
 
     prefix = exported.pir_prefix if fmt == "pir" else exported.pb_prefix
     program = f"{prefix}.json" if fmt == "pir" else f"{prefix}.pdmodel"
@@ -355,7 +355,8 @@ def test_gpu_serving_matches_cpu(exported, served, start_teacher) -> None:
 def test_bad_model_folder_is_a_clear_error(tmp_path) -> None:
     """A folder with no saved model: exit 2 and a message naming what was expected."""
     result = subprocess.run(
-        [sys.executable, "-m", "zdistill.teacher", "--model", str(tmp_path), "--port", "0", "--host", "127.0.0.1"],
+        [sys.executable, "-m", "zdistill.teacher.server", "--model", str(tmp_path), "--port", "0",
+         "--host", "127.0.0.1"],
         capture_output=True, text=True, timeout=120, cwd=str(procs.REPO),
     )
     assert result.returncode == 2, result.stderr

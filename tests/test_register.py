@@ -8,7 +8,7 @@ import sys
 import time
 
 from tests import daemons, procs
-from zdistill.store import Store
+from zdistill.discovery.store import Store
 
 TTL = 2.0
 SLACK = 0.5  # Redis expires keys actively ten times a second; process exit and polling add a little
@@ -104,8 +104,8 @@ def test_reregisters_after_redis_restart(tmp_path, start_teacher, stopper):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    proc = procs.start([sys.executable, "-m", "zdistill.register", "--db_endpoints", "127.0.0.1:1", "--service_name",
-                        "bad name!", "--server", "127.0.0.1:5"], "register")
+    proc = procs.start([sys.executable, "-m", "zdistill.discovery.register", "--db_endpoints", "127.0.0.1:1",
+                        "--service_name", "bad name!", "--server", "127.0.0.1:5"], "register")
     assert proc.popen.wait(20) == 2
     assert "service name" in proc.log()
 

@@ -1,4 +1,4 @@
-"""The dispatcher's bookkeeping (:class:`zdistill.scheduler.Scheduler`), driven by plain calls.
+"""The dispatcher's bookkeeping (:class:`zdistill.student.scheduler.Scheduler`), driven by plain calls.
 
 No processes, no sockets, no clock: each test feeds the scheduler the messages the
 dispatcher thread would and checks what it decides, so a protocol bug fails here in
@@ -11,11 +11,11 @@ import dataclasses
 
 import pytest
 
-from zdistill import protocol
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
-from zdistill.options import PipelineOptions
-from zdistill.scheduler import Scheduler
-from zdistill.sink import ReorderBuffer
+from zdistill.student import protocol
+from zdistill.student.options import PipelineOptions
+from zdistill.student.scheduler import Scheduler
+from zdistill.student.sink import ReorderBuffer
 
 T0 = 1000.0  # a monotonic clock's reading; never 0
 

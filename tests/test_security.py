@@ -77,7 +77,7 @@ def test_key_files_are_checked(tmp_path, start_teacher):
 
 def test_curve_balancer_refuses_students_without_its_key(redis_server, keys, tmp_path, monkeypatch):
     from tests import daemons
-    from zdistill.discovery import DiscoveryClient
+    from zdistill.discovery.client import DiscoveryClient
 
     folder, _ = keys
     balancer = daemons.start_balancer(redis_server.endpoint, tmp_path, "--curve-secret-key",

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from tests import daemons, procs
-from zdistill.store import TeacherRecord
+from zdistill.discovery.store import TeacherRecord
 
 SERVICE = "status_svc"
 

@@ -10,8 +10,7 @@ import pytest
 import redis
 
 from tests import procs
-from zdistill.errors import ConfigError, WrongTypeError
-from zdistill.store import (
+from zdistill.discovery.store import (
     MAX_RECORD_BYTES,
     LeaderRecord,
     Store,
@@ -22,6 +21,7 @@ from zdistill.store import (
     describe,
     is_address,
 )
+from zdistill.errors import ConfigError, WrongTypeError
 
 
 def _teacher(address: str = "127.0.0.1:7001", service: str = "svc") -> TeacherRecord:
@@ -189,7 +189,7 @@ def test_bad_records_are_skipped_and_logged_once(store, caplog):
         store.r.hset(store.students_key, sid, data if isinstance(data, str) else json.dumps(data))
 
     problems: dict[str, str] = {}
-    with caplog.at_level(logging.WARNING, logger="zdistill.store"):
+    with caplog.at_level(logging.WARNING, logger="zdistill.discovery.store"):
         for _ in range(3):  # as a balancer's resync does, every second
             assert {s: sorted(t) for s, t in store.all_teachers(problems).items()} == {"a": ["10.0.0.1:1"]}
             assert store.load_students(problems) == {"s-ok": ok}

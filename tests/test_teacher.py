@@ -473,7 +473,7 @@ def f(batch):
 """
 
 EXEC_MODEL_ID = (
-    "import sys\nfrom zdistill.model import CallableModel\nns = {}\nexec(sys.argv[1], ns)\n"
+    "import sys\nfrom zdistill.teacher.model import CallableModel\nns = {}\nexec(sys.argv[1], ns)\n"
     "print(CallableModel(ns['f'], 'f').model_id)"
 )
 
@@ -482,7 +482,7 @@ def test_model_id_without_a_source_file_and_of_two_functions_in_one_file() -> No
     """A function with no source file (made by exec) is hashed by its code: the same code gives
     the same id in every process, whatever the string hash seed; another constant gives
     another.  Two functions of one file get two ids."""
-    from zdistill.model import load_model
+    from zdistill.teacher.loading import load_model
 
     def exec_ids(source: str, seeds: tuple[str, ...]) -> set[str]:
         got = set()
@@ -505,7 +505,7 @@ def test_model_id_without_a_source_file_and_of_two_functions_in_one_file() -> No
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "zdistill.teacher", "--port", "0", "--host", "127.0.0.1", *args],
+        [sys.executable, "-m", "zdistill.teacher.server", "--port", "0", "--host", "127.0.0.1", *args],
         capture_output=True, text=True, timeout=timeout, cwd=str(procs.REPO),
     )
 
@@ -588,7 +588,7 @@ def test_cli_port_in_use_is_a_clear_error(softmax_teacher) -> None:
     """A second teacher on a taken port says so and exits 2, instead of a ZMQError traceback."""
     port = softmax_teacher.endpoint.rsplit(":", 1)[1]
     result = subprocess.run(
-        [sys.executable, "-m", "zdistill.teacher", "--model", SOFTMAX, "--host", "127.0.0.1", "--port", port],
+        [sys.executable, "-m", "zdistill.teacher.server", "--model", SOFTMAX, "--host", "127.0.0.1", "--port", port],
         capture_output=True, text=True, timeout=60, cwd=str(procs.REPO),
     )
     assert result.returncode == 2, result.stderr

@@ -189,7 +189,7 @@ def test_a_function_whose_first_run_breaks_its_declaration_does_not_start(tmp_pa
     ready = tmp_path / "ready"
     model = f"{OUTPUTS}:one_column"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(procs.REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "zdistill.teacher", "--model", model, "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "zdistill.teacher.server", "--model", model, "--host", "127.0.0.1",
                              "--port", "0", "--ready-file", str(ready)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=procs.REPO)
     try:

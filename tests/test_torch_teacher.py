@@ -59,7 +59,7 @@ def full_log_probs(lm: ModuleType, tokens: np.ndarray) -> np.ndarray:
 
 
 def supports_instances() -> bool:
-    from zdistill.teacher import build_parser
+    from zdistill.teacher.server import build_parser
 
     return "--instances" in build_parser()._option_string_actions
 

@@ -18,7 +18,7 @@ from zdistill.errors import (
     WorkerError,
     ZDistillError,
 )
-from zdistill.model import teacher_function
+from zdistill.teacher.model import teacher_function
 
 __version__ = "0.1.0"
 

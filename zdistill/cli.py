@@ -7,7 +7,7 @@
   (address, device, heartbeat age, load), the students and their teachers, and the
   leading balancer; ``--json`` for scripts.  Exits 0 when Redis (and the balancer
   given with ``--balancer``) answered, 1 when Redis did not, 3 when the balancer did
-  not (:mod:`zdistill.status`).
+  not (:mod:`zdistill.discovery.status`).
 
 Every command exits 2, with one line on stderr, on bad arguments.
 """
@@ -19,36 +19,11 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
-import zmq
-
-from zdistill import wire
 from zdistill.client import TeacherClient, teacher_endpoint
-from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
+from zdistill.discovery.client import ask_balancer
+from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
 from zdistill.flags import add_db_flags, password_from_args
-from zdistill.security import client_keys_from_env, secure_client
-
-
-def ask_balancer(address: str, header: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """One request to a balancer; its reply header, or None if nothing readable came in time.
-
-    An ``address`` that is not a balancer address raises :class:`ConfigError`, before any socket is made.
-    """
-    endpoint = teacher_endpoint(address, "balancer")
-    ctx = zmq.Context.instance()
-    sock = secure_client(ctx.socket(zmq.DEALER), client_keys_from_env())
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        wire.send(sock, {**header, "id": 1})
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        return wire.decode(sock.recv_multipart()).header
-    except WireError:
-        return None
-    finally:
-        sock.close(linger=0)
 
 
 def ping(kind: str, address: str, timeout: float) -> int:
@@ -105,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "ping":
             return ping(args.kind, args.address, args.timeout)
-        from zdistill.status import collect_status, exit_code, render_status
+        from zdistill.discovery.status import collect_status, exit_code, render_status
 
         if args.balancer:
             teacher_endpoint(args.balancer, "balancer")

@@ -24,8 +24,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zdistill import wire
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
-from zdistill.model import Arrays
 from zdistill.security import ClientKeys, client_keys_from_env, secure_client
+from zdistill.spec import Arrays
 
 ADDRESS_FORMS = "HOST:PORT, tcp://HOST:PORT or ipc://PATH"
 _HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:([0-9]{1,5})$")  # a name, IPv4 or [IPv6], and a port

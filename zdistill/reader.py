@@ -15,7 +15,7 @@ A student swaps ``from paddle_edl.distill.distill_reader import DistillReader`` 
   the reader started; ``close()`` may be called from any thread, and a training loop
   waiting on the reader then raises :class:`~zdistill.errors.ClosedError` at once.
 
-The machinery lives in :mod:`zdistill.pipeline`; this module is the API edge: it
+The machinery lives in :mod:`zdistill.student.pipeline`; this module is the API edge: it
 keeps the configuration, applies EDL's environment variables, asks a teacher for
 its feeds, and starts the pipeline on the first epoch.
 """
@@ -34,10 +34,10 @@ import zmq
 from zdistill.client import TeacherClient, teacher_endpoint, unreachable
 from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout
 from zdistill.fingerprint import TOLERANCE
-from zdistill.model import TensorSpec
-from zdistill.options import PipelineOptions
-from zdistill.pipeline import Pipeline
-from zdistill.tasks import ReaderType
+from zdistill.spec import TensorSpec
+from zdistill.student.batches import ReaderType
+from zdistill.student.options import PipelineOptions
+from zdistill.student.pipeline import Pipeline
 
 log = logging.getLogger("zdistill.reader")
 
@@ -280,7 +280,7 @@ class DistillReader:
         return pipeline
 
     def _start_discovery(self) -> list[str]:
-        from zdistill.discovery import DiscoveryClient
+        from zdistill.discovery.client import DiscoveryClient
 
         if not self._service_name:
             raise ConfigError("dynamic teachers need a teacher service name (set_dynamic_teacher)")
@@ -305,7 +305,7 @@ class DistillReader:
 
     def _why_no_teacher(self) -> str:
         """What the balancers say (or why they say nothing) while they give this student no teacher."""
-        from zdistill.cli import ask_balancer
+        from zdistill.discovery.client import ask_balancer
 
         leader = self._discovery.leader
         if leader is None:
@@ -425,7 +425,7 @@ class DistillReader:
         ``teachers`` maps each teacher seen to its tasks, samples, failures, returned
         tasks and whether its worker holds it *up* now; ``task_rows`` and ``in_flight``
         are the task size and the tasks per worker the next epoch uses (see
-        :meth:`zdistill.scheduler.Scheduler.plan`); ``reader_pid``, ``workers`` (teacher -> PID) and
+        :meth:`zdistill.student.scheduler.Scheduler.plan`); ``reader_pid``, ``workers`` (teacher -> PID) and
         ``folders`` name the processes and folders the reader made (for monitoring).
         """
         if self._pipeline is None:

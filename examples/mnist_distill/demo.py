@@ -151,14 +151,14 @@ def start_teacher(children: Children, prefix: str, name: str = "teacher", port: 
                   threads: int = 1) -> tuple[Child, str]:
     """Start ``zdistill-teacher`` on a saved model; returns the child and its ready-file path.
 
-    ``python -m zdistill.teacher`` is the ``zdistill-teacher`` console script, run with this
+    ``python -m zdistill.teacher.server`` is the ``zdistill-teacher`` console script, run with this
     interpreter so the demo works from any virtual environment, activated or not.  One
     math thread: on 2 cores the student trains in this process at the same time.
     """
     ready = os.path.join(children.log_dir, f"{name}.ready")
     if os.path.exists(ready):
         os.remove(ready)
-    args = [sys.executable, "-m", "zdistill.teacher", "--model", prefix, "--host", "127.0.0.1",
+    args = [sys.executable, "-m", "zdistill.teacher.server", "--model", prefix, "--host", "127.0.0.1",
             "--port", str(port), "--threads", str(threads), "--ready-file", ready]
     child = children.start(name, args)
     return child, ready

@@ -116,8 +116,9 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
     wait_for_port(redis_port, server)
     print(f"  redis-server --port {redis_port} --bind 127.0.0.1 --save '' --appendonly no   (pid {server.pid})")
     ready = os.path.join(children.log_dir, "balancer.ready")
-    balancer = children.start("balancer", [python, "-m", "zdistill.balancer", "--db_endpoints", db, "--server",
-                                           f"127.0.0.1:{balancer_port}", "--pub-port", "0", "--ready-file", ready])
+    balancer = children.start("balancer", [python, "-m", "zdistill.discovery.balancer", "--db_endpoints", db,
+                                           "--server", f"127.0.0.1:{balancer_port}", "--pub-port", "0",
+                                           "--ready-file", ready])
     wait_for_file(ready, balancer)
     discovery = f"127.0.0.1:{balancer_port}"
     print(f"  zdistill-balancer --db_endpoints {db} --server {discovery} --pub-port 0   (pid {balancer.pid})")
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
         address = host_port(wait_for_file(teacher_ready, child))
         reg_ready = os.path.join(children.log_dir, f"register-{name}.ready")
         register = children.start(f"register-{name}", [
-            python, "-m", "zdistill.register", "--db_endpoints", db, "--service_name", SERVICE,
+            python, "-m", "zdistill.discovery.register", "--db_endpoints", db, "--service_name", SERVICE,
             "--server", address, "--ready-file", reg_ready])
         wait_for_file(reg_ready, register)
         teachers[address] = (name, child, register)

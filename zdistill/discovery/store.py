@@ -63,7 +63,7 @@ from redis.retry import Retry
 
 from zdistill.errors import ConfigError, RecordError, WrongTypeError
 
-log = logging.getLogger("zdistill.store")
+log = logging.getLogger("zdistill.discovery.store")
 
 DEFAULT_PREFIX = "zdistill"
 SERVICE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")

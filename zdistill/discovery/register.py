@@ -35,10 +35,7 @@ import redis
 import zmq
 
 from zdistill.client import Completion, TeacherClient, teacher_endpoint
-from zdistill.errors import ConfigError, RecordError, TeacherTimeout
-from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
-from zdistill.metrics import RegisterMetrics
-from zdistill.store import (
+from zdistill.discovery.store import (
     Store,
     TeacherRecord,
     check_address,
@@ -46,8 +43,11 @@ from zdistill.store import (
     describe,
     teacher_meta,
 )
+from zdistill.errors import ConfigError, RecordError, TeacherTimeout
+from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
+from zdistill.metrics import RegisterMetrics
 
-log = logging.getLogger("zdistill.register")
+log = logging.getLogger("zdistill.discovery.register")
 
 DEFAULT_TTL = 6.0
 _POLL = 0.05  # how often a wait looks at the stop flag

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zdistill.fingerprint import TOLERANCE, distance
-from zdistill.model import TensorSpec
+from zdistill.spec import TensorSpec
 
 log = logging.getLogger(__name__)
 

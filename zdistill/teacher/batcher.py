@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from zdistill.model import Arrays
+from zdistill.spec import Arrays
 
 Key = tuple[tuple[str, tuple[int, ...]], ...]
 

@@ -2,15 +2,15 @@
 
 It is forked from the student for each epoch (the reader is often a closure, which
 only a fork can carry).  It cuts the reader's output into tasks
-(:class:`~zdistill.tasks.TaskBuilder`) built directly in shared-memory slots
-(:mod:`zdistill.shm`) and streams each task's small descriptor to the dispatcher.
+(:class:`~zdistill.student.batches.TaskBuilder`) built directly in shared-memory slots
+(:mod:`zdistill.student.shm`) and streams each task's small descriptor to the dispatcher.
 That is all it does: it holds no table of tasks and makes no decision, so it may
 exit as soon as the reader is exhausted (resends are made from shared memory by the
 dispatcher).  Its only credit is the slots the dispatcher granted it (``grant``):
 with none left, it waits for more, which bounds how far the reader runs ahead of the
 training loop.
 
-Messages (:mod:`zdistill.protocol`): ``grant`` in; ``task`` and one ``end`` out (the
+Messages (:mod:`zdistill.student.protocol`): ``grant`` in; ``task`` and one ``end`` out (the
 end carries the reader's exception, if it raised, re-raised in the training loop by
 :func:`rebuild_exception`: by name, never by pickle).
 """
@@ -31,12 +31,21 @@ from typing import Any, NoReturn
 import numpy as np
 import zmq
 
-from zdistill import protocol
-from zdistill.cache import CacheGate, CacheIndex, key_seed, row_keys
 from zdistill.errors import ReaderError
-from zdistill.model import TensorSpec
-from zdistill.shm import SlotWriter
-from zdistill.tasks import AUDIT_SLOT, HITS_SLOT, ID_SLOT, KEYS_SLOT, ReaderType, Task, TaskBuilder, cached_key
+from zdistill.spec import TensorSpec
+from zdistill.student import protocol
+from zdistill.student.batches import (
+    AUDIT_SLOT,
+    HITS_SLOT,
+    ID_SLOT,
+    KEYS_SLOT,
+    ReaderType,
+    Task,
+    TaskBuilder,
+    cached_key,
+)
+from zdistill.student.cache import CacheGate, CacheIndex, key_seed, row_keys
+from zdistill.student.shm import SlotWriter
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 class PipelineOptions:
     """Knobs of the pipeline; the defaults are chosen for throughput on small machines.
 
-    How tasks and queues are sized from them is :meth:`zdistill.scheduler.Scheduler.plan`.
+    How tasks and queues are sized from them is :meth:`zdistill.student.scheduler.Scheduler.plan`.
     Every task has a bounded life: each send of it is a try that fails when refused or
     unanswered for ``request_timeout``, and a task whose tries failed ``max_retries + 1``
     times fails the epoch, naming the teachers and the time waited (see
-    :mod:`zdistill.scheduler`).
+    :mod:`zdistill.student.scheduler`).
     """
 
     request_rows: int = 256  # rows per teacher request (the teacher's max batch caps it)

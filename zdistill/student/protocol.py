@@ -59,7 +59,7 @@ class Task:
     rows: int
     nbytes: int  # bytes of its slot arrays
     sizes: list[int] | None  # the reader's batch sizes; None: a sample reader
-    shm: dict[str, Any]  # the slot descriptor (zdistill.shm)
+    shm: dict[str, Any]  # the slot descriptor (zdistill.student.shm)
     hits: int | None = None  # rows answered from the teacher-output cache (None: no cache)
 
 

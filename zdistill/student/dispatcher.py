@@ -2,8 +2,8 @@
 
 It is to a DistillReader what ``_MultiProcessingDataLoaderIter`` is to a PyTorch
 DataLoader, with ZeroMQ where that uses ``mp.Queue``: it owns the worker processes
-(:class:`~zdistill.worker_pool.WorkerPool`), the bookkeeping of tasks, credit and
-slots (:class:`~zdistill.scheduler.Scheduler`), the one ROUTER socket every worker
+(:class:`~zdistill.student.worker_pool.WorkerPool`), the bookkeeping of tasks, credit and
+slots (:class:`~zdistill.student.scheduler.Scheduler`), the one ROUTER socket every worker
 talks to for its whole life, and the socket of the current epoch's producer.  It
 lives as long as the reader, so workers never re-handshake at an epoch's start.
 
@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from zdistill import protocol
-from zdistill.cache import CacheGate
 from zdistill.errors import ReaderError, WireError
-from zdistill.options import PipelineOptions
-from zdistill.producer import describe_exit, rebuild_exception
-from zdistill.scheduler import Plan, Scheduler, cached_whole, uncached
-from zdistill.worker_pool import WorkerPool
+from zdistill.student import protocol
+from zdistill.student.cache import CacheGate
+from zdistill.student.options import PipelineOptions
+from zdistill.student.producer import describe_exit, rebuild_exception
+from zdistill.student.scheduler import Plan, Scheduler, cached_whole, uncached
+from zdistill.student.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 

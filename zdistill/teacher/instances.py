@@ -5,7 +5,7 @@ every copy and every Python step between two calls, and a partial batch waited i
 socket thread while the model was busy.  Here ``--instances N`` threads each own one
 instance of the model (Paddle predictors cloned from one another share the weights; a
 Python function is called from every thread, see :func:`zdistill.teacher_function`),
-and each takes its next batch from the :class:`~zdistill.batcher.Batcher` the moment it
+and each takes its next batch from the :class:`~zdistill.teacher.batcher.Batcher` the moment it
 is free, formed then from everything queued (Triton's instance groups).  While one
 instance copies or runs Python, another computes.  The model calls (Paddle's predictor,
 numpy, PyTorch) release the GIL.
@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from zdistill.batcher import Batcher, Request
 from zdistill.metrics import TeacherMetrics
-from zdistill.model import Arrays, Model
+from zdistill.spec import Arrays
+from zdistill.teacher.batcher import Batcher, Request
+from zdistill.teacher.model import Model
 
-log = logging.getLogger("zdistill.teacher")
+log = logging.getLogger("zdistill.teacher.server")
 
 Result = tuple[Request, Arrays | Exception]
 

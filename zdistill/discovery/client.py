@@ -43,11 +43,11 @@ import zmq
 
 from zdistill import wire
 from zdistill.client import teacher_endpoint
+from zdistill.discovery.store import MAX_TEACHERS_LIMIT, check_service, check_student
 from zdistill.errors import ConfigError, WireError
 from zdistill.security import client_keys_from_env, secure_client
-from zdistill.store import MAX_TEACHERS_LIMIT, check_service, check_student
 
-log = logging.getLogger("zdistill.discovery")
+log = logging.getLogger("zdistill.discovery.client")
 
 LIMITS = wire.Limits(max_header_bytes=1 << 20, max_arrays=0, max_array_bytes=0)
 _TICK = 0.05  # how often the thread looks at its stop flag
@@ -407,3 +407,24 @@ def _close_all() -> None:
     """At interpreter exit, say goodbye for clients never closed (their teachers free up now)."""
     for client in list(_live):
         client.close()
+
+
+def ask_balancer(address: str, header: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """One request to a balancer; its reply header, or None if nothing readable came in time.
+
+    An ``address`` that is not a balancer address raises :class:`ConfigError`, before any socket is made.
+    """
+    endpoint = teacher_endpoint(address, "balancer")
+    ctx = zmq.Context.instance()
+    sock = secure_client(ctx.socket(zmq.DEALER), client_keys_from_env())
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        wire.send(sock, {**header, "id": 1})
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        return wire.decode(sock.recv_multipart()).header
+    except WireError:
+        return None
+    finally:
+        sock.close(linger=0)

@@ -1,6 +1,6 @@
 """What a teacher serves: a model with named, typed feeds and fetches.
 
-Two kinds of model exist: a saved Paddle inference model (:mod:`zdistill.paddle_model`,
+Two kinds of model exist: a saved Paddle inference model (:mod:`zdistill.teacher.paddle_model`,
 imported only when asked for, so ``import zdistill`` never pulls in Paddle) and a
 plain Python callable that maps ``dict[str, np.ndarray]`` to the same.  A callable
 declares its feeds and fetches with :func:`teacher_function`; that declaration is
@@ -11,49 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
-import importlib.util
 import inspect
-import os
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from zdistill.errors import ConfigError, ModelOutputError, ZDistillError
-
-Arrays = dict[str, np.ndarray]
-
-MAX_MODEL_ID = 256  # characters; a model id travels in every meta reply and keys a student's cache
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A named tensor's dtype and *per-row* shape (the batch axis left out; -1 = any size)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_wire(cls, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(str(data["name"]), str(data["dtype"]), tuple(int(d) for d in data["shape"]))
-
-    def matches(self, row_shape: Sequence[int]) -> bool:
-        """True when a row of ``row_shape`` fits this spec (-1 matches any size)."""
-        return len(row_shape) == len(self.shape) and all(
-            want in (-1, got) for want, got in zip(self.shape, row_shape, strict=True)
-        )
-
-    def example(self, rows: int) -> np.ndarray:
-        """A zero batch of ``rows`` rows, variable sizes set to 1: for warm-up runs."""
-        return np.zeros((rows, *(1 if d < 0 else d for d in self.shape)), dtype=self.dtype)
+from zdistill.spec import MAX_MODEL_ID, Arrays, TensorSpec, check_model_id
 
 
 class Model(Protocol):
@@ -92,14 +58,6 @@ class Model(Protocol):
     def clone(self) -> Model:
         """Another instance for another thread, sharing this one's weights."""
         ...
-
-
-def check_model_id(model_id: object, what: str = "--model-id", limit: int = MAX_MODEL_ID) -> str:
-    """``model_id`` if it is 1 to ``limit`` printable characters, else a :class:`ConfigError` naming ``what``."""
-    if not isinstance(model_id, str) or not 1 <= len(model_id) <= limit or not model_id.isprintable():
-        raise ConfigError(f"{what} must be 1 to {limit} printable characters (no tabs or newlines), "
-                          f"got {model_id!r:.80}")
-    return model_id
 
 
 def version_model_id(version: str) -> str:
@@ -331,50 +289,3 @@ class CallableModel:
 
     def clone(self) -> CallableModel:
         return self
-
-
-def _load_callable(target: str, device: str, model_id: str | None = None) -> CallableModel:
-    where, _, attr = target.rpartition(":")
-    if not attr:
-        raise ConfigError(f"--model {target!r} names no function: give it after the colon, as {where}:function")
-    if where.endswith(".py") or os.sep in where:
-        if not os.path.isfile(where):
-            raise ConfigError(f"model file {where!r} does not exist")
-        name = "zdistill_user_model_" + os.path.splitext(os.path.basename(where))[0]
-        spec = importlib.util.spec_from_file_location(name, where)
-        if spec is None or spec.loader is None:
-            raise ConfigError(f"cannot load {where!r} as a Python module")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # any failure of user code at import is a bad --model, not a crash
-            del sys.modules[name]
-            raise ConfigError(f"cannot load model file {where!r}: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(where)
-        except Exception as exc:
-            raise ConfigError(f"cannot import module {where!r} for the model: {type(exc).__name__}: {exc}") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{where!r} has no callable named {attr!r}")
-    return CallableModel(fn, target, device, model_id)
-
-
-def load_model(target: str, gpu_ids: Sequence[int] = (), threads: int = 1, model_id: str | None = None) -> Model:
-    """Load ``target``: ``module:function`` / ``file.py:function``, or a saved Paddle model.
-
-    A Paddle model is given as its path prefix, its ``.json`` / ``.pdmodel`` file, or a
-    folder holding exactly one model.  ``model_id`` (``--model-id``) replaces the id the
-    model would derive from its files (see :class:`Model`).
-    """
-    if model_id is not None:
-        check_model_id(model_id)  # before loading: a bad flag fails fast, not after minutes of loading
-    if ":" in target and not os.path.exists(target):
-        return _load_callable(target, f"gpu:{gpu_ids[0]}" if gpu_ids else "cpu", model_id)
-    if target.endswith(".py"):
-        raise ConfigError(f"--model {target!r} is a Python file: name the teacher function too, as {target}:function")
-    from zdistill.paddle_model import PaddleModel  # Paddle only when a Paddle model is served
-
-    return PaddleModel(target, gpu_ids=gpu_ids, threads=threads, model_id=model_id)

@@ -2,10 +2,10 @@
 
 A :class:`Pipeline` is the facade :class:`~zdistill.reader.DistillReader` drives.  It
 owns a private ZeroMQ context, a folder of ipc endpoints, the folder of shared-memory
-task slots, and the :class:`~zdistill.dispatcher.Dispatcher` thread, which owns
+task slots, and the :class:`~zdistill.student.dispatcher.Dispatcher` thread, which owns
 everything else (workers, tasks in flight, credit, slots: see ``docs/dataplane.md``).
-:meth:`Pipeline.epoch` forks the epoch's producer (:mod:`zdistill.producer`) and
-yields EDL's output through an :class:`~zdistill.sink.EpochSink`.
+:meth:`Pipeline.epoch` forks the epoch's producer (:mod:`zdistill.student.producer`) and
+yields EDL's output through an :class:`~zdistill.student.sink.EpochSink`.
 
 Cleanup does not depend on the caller: :func:`weakref.finalize` stops every process
 by PID on :meth:`close`, on garbage collection, at interpreter exit and on SIGTERM, in
@@ -30,16 +30,16 @@ from typing import Any
 
 import zmq
 
-from zdistill import dispatcher as d
-from zdistill.cache import CacheIndex, cacheable, default_max_bytes, evict, namespace_for, stored_bytes
 from zdistill.errors import ClosedError
 from zdistill.fingerprint import usable
-from zdistill.model import TensorSpec
-from zdistill.options import PipelineOptions
-from zdistill.producer import ProducerConfig, run_producer
-from zdistill.shm import PrivateFolder, make_private_folder, make_slot_folder
-from zdistill.sink import EpochSink, SlotLender
-from zdistill.tasks import ReaderType
+from zdistill.spec import TensorSpec
+from zdistill.student import dispatcher as d
+from zdistill.student.batches import ReaderType
+from zdistill.student.cache import CacheIndex, cacheable, default_max_bytes, evict, namespace_for, stored_bytes
+from zdistill.student.options import PipelineOptions
+from zdistill.student.producer import ProducerConfig, run_producer
+from zdistill.student.shm import PrivateFolder, make_private_folder, make_slot_folder
+from zdistill.student.sink import EpochSink, SlotLender
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Pipeline:
         self.ins, self.predicts, self.options = list(ins), list(predicts), options
         self.ctx = zmq.Context()
         ipc = make_private_folder("ipc")  # ipc endpoints (mode 0700)
-        slots = make_slot_folder(options.max_inflight_bytes)  # kept across epochs (zdistill.shm)
+        slots = make_slot_folder(options.max_inflight_bytes)  # kept across epochs (zdistill.student.shm)
         self.folder, self.slots_folder = ipc.path, slots.path
         self.feeds: list[TensorSpec] = []  # what the teachers take: workers check each teacher against it
         self.cache: CacheIndex | None = None  # the teacher-output cache, if the reader has one (use_cache)
@@ -186,7 +186,7 @@ class Pipeline:
             "--cache-max-bytes", str(self.cache_max_bytes), "--cache-tolerance", repr(self.cache_tolerance),
         ]
         return [
-            sys.executable, "-m", "zdistill.worker", "--teacher", teacher, "--dispatcher", endpoint,
+            sys.executable, "-m", "zdistill.student.worker", "--teacher", teacher, "--dispatcher", endpoint,
             "--identity", identity.decode(), "--slots", self.slots_folder,
             "--predicts", ",".join(self.predicts), "--feeds", json.dumps([f.to_wire() for f in self.feeds]),
             "--request-rows", str(o.request_rows), "--timeout", str(o.request_timeout),

@@ -8,7 +8,7 @@ with moving the arrays over sockets this saves two full copies through the kerne
 task, which is most of what a pipeline hop costs.
 
 The dispatcher grants the producer free slots and gets each back once the training
-loop let go of its arrays (:class:`zdistill.scheduler.Scheduler`).  A slot whose task
+loop let go of its arrays (:class:`zdistill.student.scheduler.Scheduler`).  A slot whose task
 is bigger than its file gets a new, bigger file (a new *generation*); readers map each
 file once and drop the mapping of an older generation, so memory stays bounded by the
 number of slots.  Slot files outlive an epoch, so the next epoch writes into pages that

@@ -1,7 +1,7 @@
 """The student's worker processes: one per teacher, started, watched, restarted with back-off.
 
 A :class:`WorkerPool` owns every worker process of a DistillReader.  Workers are
-started as ``python -m zdistill.worker`` (never forked: they carry none of the
+started as ``python -m zdistill.student.worker`` (never forked: they carry none of the
 student's state) with the student's own import path, so a training script that finds
 zdistill (or numpy, pyzmq) only through ``sys.path`` gets workers that find them too.
 

@@ -1,6 +1,6 @@
 """A reader worker: one process, one teacher connection, several requests in flight.
 
-Started by the student's dispatcher (``python -m zdistill.worker``), never forked, so
+Started by the student's dispatcher (``python -m zdistill.student.worker``), never forked, so
 it carries none of the student's state.  For its whole life it talks to one peer,
 the dispatcher (a DEALER connected to its ROUTER, under an identity the dispatcher
 gave it): it says ``hello``, then takes ``task`` messages, sends the feed slots
@@ -36,15 +36,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from zdistill import protocol
-from zdistill.cache import CacheWriter, folder_for, read_fingerprint
 from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
-from zdistill.model import TensorSpec
-from zdistill.shm import SlotReader, reclaim
-from zdistill.tasks import (
+from zdistill.spec import TensorSpec
+from zdistill.student import protocol
+from zdistill.student.batches import (
     AUDIT_SLOT,
     HITS_SLOT,
     ID_SLOT,
@@ -55,8 +53,10 @@ from zdistill.tasks import (
     predict_key,
     to_feed,
 )
+from zdistill.student.cache import CacheWriter, folder_for, read_fingerprint
+from zdistill.student.shm import SlotReader, reclaim
 
-log = logging.getLogger("zdistill.worker")  # not __name__: it runs as __main__
+log = logging.getLogger("zdistill.student.worker")  # not __name__: it runs as __main__
 
 _PROBE_EVERY = 0.25
 _PROBE_UNUSABLE = 2.0  # a teacher that takes other inputs is asked again this rarely (it may be redeployed)
@@ -504,7 +504,7 @@ def _remove_folders_of_dead_student(cfg: WorkerConfig) -> None:
     handler could not be installed: a reader made in a thread other than the main one).
 
     Its workers outlive it by moments, so they remove its slot and ipc folders, each
-    only once its lock is free (:func:`zdistill.shm.reclaim`): the student is provably
+    only once its lock is free (:func:`zdistill.student.shm.reclaim`): the student is provably
     gone, and so is the reader process it forked, which dies with it.
     """
     ipc = os.path.dirname(cfg.dispatcher.removeprefix("ipc://"))
@@ -514,7 +514,8 @@ def _remove_folders_of_dead_student(cfg: WorkerConfig) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m zdistill.worker", description="A DistillReader worker (internal).")
+    p = argparse.ArgumentParser(prog="python -m zdistill.student.worker",
+                                description="A DistillReader worker (internal).")
     p.add_argument("--teacher", required=True)
     p.add_argument("--dispatcher", required=True, help="the student's dispatcher endpoint")
     p.add_argument("--identity", required=True, help="this worker's name on the dispatcher's socket")

@@ -35,7 +35,7 @@ State and who owns it: one thread owns the sockets and all the tables below.
 Teachers come from Redis (keyspace notifications for speed, where Redis allows
 them, plus a full ``SCAN`` every ``--resync`` seconds so a lost event costs a
 second, not forever).  Students, their assignments and versions live in memory
-and, fenced by the leader lease, in Redis (:mod:`zdistill.store`), so a restarted
+and, fenced by the leader lease, in Redis (:mod:`zdistill.discovery.store`), so a restarted
 balancer resumes the same assignment and versions: no churn.  Several balancers
 may run; one leads by a Redis lease (``SET NX PX``, refreshed every third of it),
 the others stand by and redirect.  While Redis is away the leader keeps answering
@@ -63,12 +63,8 @@ import redis
 import zmq
 
 from zdistill import wire
-from zdistill.assignment import assign
-from zdistill.errors import ConfigError, WireError, WrongTypeError
-from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
-from zdistill.metrics import BalancerMetrics
-from zdistill.security import ServerKeys, server_keys
-from zdistill.store import (
+from zdistill.discovery.assignment import assign
+from zdistill.discovery.store import (
     MAX_TEACHERS_LIMIT,
     SERVICE_RE,
     STUDENT_RE,
@@ -77,8 +73,12 @@ from zdistill.store import (
     StudentRecord,
     describe,
 )
+from zdistill.errors import ConfigError, WireError, WrongTypeError
+from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
+from zdistill.metrics import BalancerMetrics
+from zdistill.security import ServerKeys, server_keys
 
-log = logging.getLogger("zdistill.balancer")
+log = logging.getLogger("zdistill.discovery.balancer")
 
 # Students send headers only: tiny messages, no arrays.
 LIMITS = wire.Limits(max_header_bytes=16 * 1024, max_arrays=0, max_array_bytes=0)

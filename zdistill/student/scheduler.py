@@ -1,7 +1,7 @@
 """The dispatcher's bookkeeping: tasks in flight, what each worker holds, slots, resends.
 
 Everything the student must remember about work in progress lives here, in one
-object owned by the dispatcher thread (:mod:`zdistill.dispatcher`), which feeds it
+object owned by the dispatcher thread (:mod:`zdistill.student.dispatcher`), which feeds it
 the messages it receives and sends what it decides.  It has no sockets and no clock
 of its own (callers pass ``now``), so its rules are unit-tested with plain calls
 (``tests/test_scheduler.py``).
@@ -41,9 +41,10 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from zdistill import protocol, wire
+from zdistill import wire
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
-from zdistill.options import PipelineOptions
+from zdistill.student import protocol
+from zdistill.student.options import PipelineOptions
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from zdistill.errors import ConfigError
-from zdistill.model import Arrays, TensorSpec, check_model_id, check_outputs
+from zdistill.spec import Arrays, TensorSpec, check_model_id
+from zdistill.teacher.model import check_outputs
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import redis
 
+from zdistill.discovery.client import ask_balancer
+from zdistill.discovery.store import Store, describe
 from zdistill.errors import WrongTypeError
-from zdistill.store import Store, describe
 
 EXIT_OK = 0
 EXIT_REDIS_DOWN = 1
@@ -97,7 +98,6 @@ def _services(teachers: dict, students: dict, ages: dict) -> dict[str, Any]:
 
 
 def _ask_balancer(address: str, timeout: float) -> dict[str, Any]:
-    from zdistill.cli import ask_balancer
 
     reply = ask_balancer(address, {"kind": "status"}, timeout)
     info: dict[str, Any] = {"address": address, "reachable": reply is not None and reply.get("kind") == "status"}

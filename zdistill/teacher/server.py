@@ -18,7 +18,7 @@ request     header / arrays                             reply
 Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` and the server goes
 on serving everyone else.  A model that raises gets ``model_error``; one whose outputs
 do not match the fetches it declares (rows, row shape, dtype; see
-:func:`~zdistill.model.check_outputs`) gets ``bad_output``, which no retry mends.  The
+:func:`~zdistill.teacher.model.check_outputs`) gets ``bad_output``, which no retry mends.  The
 socket is bound only after every model instance has loaded and run once, so an answered
 ``ping`` means the teacher is really ready.
 
@@ -39,8 +39,8 @@ client resends those elsewhere at once), then flushes its replies and exits 0: a
 seconds, whatever the backlog.
 
 One thread owns the socket: it receives, validates, admits and replies.  The model
-instances (:mod:`zdistill.runner`) each pull their next batch from the batcher
-(:mod:`zdistill.batcher`) the moment they are free, so receiving, batching, running and
+instances (:mod:`zdistill.teacher.instances`) each pull their next batch from the batcher
+(:mod:`zdistill.teacher.batcher`) the moment they are free, so receiving, batching, running and
 replying overlap.
 """
 
@@ -60,16 +60,18 @@ import numpy as np
 import zmq
 
 from zdistill import wire
-from zdistill.batcher import Batcher, Request
 from zdistill.errors import ConfigError, ModelOutputError, WireError
 from zdistill.fingerprint import fingerprint, usable
 from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
-from zdistill.model import MAX_MODEL_ID, Model, load_model
-from zdistill.runner import ModelInstances, Result
 from zdistill.security import ServerKeys, server_keys, stop_authenticator
+from zdistill.spec import MAX_MODEL_ID
+from zdistill.teacher.batcher import Batcher, Request
+from zdistill.teacher.instances import ModelInstances, Result
+from zdistill.teacher.loading import load_model
+from zdistill.teacher.model import Model
 
-log = logging.getLogger("zdistill.teacher")
+log = logging.getLogger("zdistill.teacher.server")
 
 MiB = 2**20
 DEFAULT_MAX_MESSAGE = 128 * MiB  # 256 rows of uint8 3x224x224 or 64 rows of float32 3x224x224: 37 MiB
@@ -458,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # BLAS libraries read their thread count once, when numpy loads, and numpy is
         # loaded by now: set the count and start again, so --threads really holds.
         os.environ.update({v: str(max(1, args.threads)) for v in missing})
-        os.execv(sys.executable, [sys.executable, "-m", "zdistill.teacher", *sys.argv[1:]])
+        os.execv(sys.executable, [sys.executable, "-m", "zdistill.teacher.server", *sys.argv[1:]])
     context = zmq.Context()
     try:
         model = load_model(args.model, gpu_ids=parse_gpu_ids(args.gpu_ids), threads=args.threads,

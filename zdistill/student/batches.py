@@ -12,7 +12,7 @@ and a value the teacher's feed dtype cannot hold is an error (:func:`check_value
 never a wrapped or overflowed number.
 
 Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
-(:mod:`zdistill.shm`) under their own names.
+(:mod:`zdistill.student.shm`) under their own names.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from zdistill.errors import ConfigError
-from zdistill.model import TensorSpec
+from zdistill.spec import TensorSpec
 
 
 class ReaderType(enum.StrEnum):
@@ -62,7 +62,7 @@ class Task:
     task_id: int
     slots: dict[str, np.ndarray]
     sizes: list[int] | None  # None: a sample reader, every row is yielded on its own
-    descriptor: Any = None  # where the slots live in shared memory (zdistill.shm), if they do
+    descriptor: Any = None  # where the slots live in shared memory (zdistill.student.shm), if they do
 
     @property
     def nbytes(self) -> int:

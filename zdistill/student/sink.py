@@ -1,6 +1,6 @@
 """The sink: the training loop's side of an epoch.  It only reorders and yields.
 
-Finished tasks reach it from the dispatcher (:mod:`zdistill.dispatcher`) in the order
+Finished tasks reach it from the dispatcher (:mod:`zdistill.student.dispatcher`) in the order
 teachers finish them; it puts them back in the reader's order
 (:class:`ReorderBuffer`), lends the loop each task's slot arrays from shared memory
 (:class:`SlotLender`) beside the predictions, and cuts them back into what EDL's
@@ -19,12 +19,12 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from zdistill import dispatcher as d
-from zdistill import protocol
-from zdistill.cache import CacheGate
-from zdistill.scheduler import cached_whole
-from zdistill.shm import SlotReader
-from zdistill.tasks import ReaderType, cached_key, predict_key, split_output
+from zdistill.student import dispatcher as d
+from zdistill.student import protocol
+from zdistill.student.batches import ReaderType, cached_key, predict_key, split_output
+from zdistill.student.cache import CacheGate
+from zdistill.student.scheduler import cached_whole
+from zdistill.student.shm import SlotReader
 
 T = TypeVar("T")
 
