@@ -18,7 +18,7 @@ in this process, all on loopback.  Cases, ``--trials`` each:
   record, same host clock) to ``current()``.  Between trials the register is stopped
   with SIGTERM and the removal awaited, so every trial is a fresh join.
 
-The target (issue 4) is p95 <= 2 s; EDL polls every 2-3 s.  Every process is stopped
+The target is p95 <= 2 s, under EDL's own polling period of 2-3 s.  Every process is stopped
 by PID in a ``finally`` block.
 """
 

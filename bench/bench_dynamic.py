@@ -1,4 +1,4 @@
-"""How fast a training student follows teachers that come and go (issue 4's figures).
+"""How fast a training student follows teachers that come and go.
 
     python bench/bench_dynamic.py [--trials 20]
 

@@ -5,7 +5,7 @@ Run ``python bench/bench_gpu.py`` on a machine with a GPU (about 4 minutes), ``-
 tiny versions of the models on the CPU: a smoke run of the whole script, not a measurement.
 It prints a table and writes ``bench/results/gpu.json``.
 
-Cases (issue 13), the teacher functions of ``examples/torch_teacher`` (random weights,
+Cases: the teacher functions of ``examples/torch_teacher`` (random weights,
 bf16 autocast on the GPU):
 
 - ``text``: a BERT-base-sized encoder, 128 int64 token ids -> 16 logits (1 KB a sample);

@@ -1,4 +1,4 @@
-"""Throughput benchmark of ``DistillReader`` against the ceilings it is judged by (issue 3).
+"""Throughput benchmark of ``DistillReader`` against the ceilings it is judged by.
 
 Run ``python bench/bench_reader.py`` (about 3-6 minutes) or ``--quick`` (under a minute).
 It prints a table, writes ``bench/results/reader.json`` and draws ``bench/results/reader.png``.
@@ -769,7 +769,7 @@ def print_table(rows: list[tuple[str, str, str, str]]) -> None:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    """Four panels, one per question the issue asks; drawn with Agg (no display here)."""
+    """Four panels, one per case (a) to (d); drawn with Agg (no display here)."""
     import matplotlib
 
     matplotlib.use("Agg")

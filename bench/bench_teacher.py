@@ -1,4 +1,4 @@
-"""Throughput of ``zdistill-teacher`` serving a tiny Paddle MLP (issue 2's "must show").
+"""Throughput of ``zdistill-teacher`` serving a tiny Paddle MLP, against the same model in-process.
 
 Run ``python bench/bench_teacher.py`` (about 2-3 minutes; ``--quick`` for well under one).
 It prints a table and writes ``bench/results/teacher.json``.

@@ -117,8 +117,9 @@ def test_straggler_does_not_hold_the_epoch_hostage(start_teacher, data):
         stats = dr.stats()
         per_teacher = dr.stats()["teachers"]
     assert stats["straggler_resends"] > 0, stats
-    # The late answers are dropped (by the sink, or with the epoch if they come after it):
-    # check_epoch above saw every sample exactly once.
+    # The dispatcher forwards only a task's first answer and drops the late one (counted in
+    # duplicates_dropped, or dropped with the epoch if it comes after it): check_epoch above
+    # saw every sample exactly once.
     assert stats["tasks"] == N // B
     slow_tasks = per_teacher.get(slow.endpoint, {}).get("tasks", 0)
     assert slow_tasks < 0.3 * (N // B), per_teacher  # round-robin would have given it half

@@ -221,7 +221,7 @@ def test_small_tasks_are_kept_in_flight_until_they_fill_the_teachers_batches(sta
     np.testing.assert_array_equal(labels, y[:1600])
     np.testing.assert_allclose(probs, softmax_np(x[:1600]), rtol=1e-5, atol=1e-6)
     rows_per_call = (after["rows"] - before["rows"]) / (after["batches"] - before["batches"])
-    assert rows_per_call > 32, rows_per_call  # with the old 2 tasks per worker: 16 at most
+    assert rows_per_call > 32, rows_per_call  # with 2 tasks per worker it would be 16 at most
 
 
 def test_reader_exception_reaches_training_loop(teachers, data):

@@ -27,7 +27,7 @@ Membership follows the zguide's Clone pattern: on the PUB socket, the topic fram
 ``student id + b"\\0"`` precedes an ``update`` message (``student``, ``service``,
 ``epoch``, ``version``, ``teachers``).  A student's ``version`` grows by one on every
 change of its list; students subscribe, then take a snapshot, and ignore updates
-with an older version of the same ``epoch``.  The leader republishes every student's
+with a lower version of the same ``epoch``.  The leader republishes every student's
 state each ``--republish`` seconds and every heartbeat reply carries the snapshot,
 so a lost update heals within a second or a heartbeat.
 

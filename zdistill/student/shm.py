@@ -12,8 +12,8 @@ loop let go of its arrays (:class:`zdistill.student.scheduler.Scheduler`).  A sl
 is bigger than its file gets a new, bigger file (a new *generation*); readers map each
 file once and drop the mapping of an older generation, so memory stays bounded by the
 number of slots.  Slot files outlive an epoch, so the next epoch writes into pages that
-already exist instead of faulting in fresh ones (for big samples that was most of the
-reader process's time).  Space is reserved with ``posix_fallocate`` when a file is
+already exist instead of faulting in fresh ones (for big samples, faulting is most of
+the reader process's time).  Space is reserved with ``posix_fallocate`` when a file is
 made, so a full ``/dev/shm`` is a clear error then, never a SIGBUS later.
 
 The student hands the training loop views of a slot (:meth:`SlotReader.view`), not

@@ -9,8 +9,8 @@ A worker that exits is replaced at once, but not for ever: while a teacher's wor
 keep dying young, restarts back off (0.25 s doubling to 5 s), and a worker that
 dies before it could even say it started (an import error, a broken environment) ends
 the epoch after a few tries with a :class:`~zdistill.errors.WorkerError` that quotes
-what it printed.  Without that limit a broken environment made thousands of restarts
-a minute, until the student ran out of file descriptors.
+what it printed.  Without that limit a broken environment would restart workers
+thousands of times a minute, until the student runs out of file descriptors.
 
 Each worker's stderr goes through a pipe that :class:`StderrRelay` copies to the
 student's stderr, keeping the last lines of each for such error messages.

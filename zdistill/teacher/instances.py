@@ -1,8 +1,8 @@
 """The teacher's model instances: threads that each pull the next batch as soon as they are free.
 
-One model thread ran copy-in, compute and copy-out back to back, so a GPU idled during
-every copy and every Python step between two calls, and a partial batch waited in the
-socket thread while the model was busy.  Here ``--instances N`` threads each own one
+A single model thread would run copy-in, compute and copy-out back to back, leaving a GPU
+idle during every copy and every Python step between two calls, and a partial batch
+waiting in the socket thread while the model is busy.  So ``--instances N`` threads each own one
 instance of the model (Paddle predictors cloned from one another share the weights; a
 Python function is called from every thread, see :func:`zdistill.teacher_function`),
 and each takes its next batch from the :class:`~zdistill.teacher.batcher.Batcher` the moment it
@@ -11,7 +11,7 @@ instance copies or runs Python, another computes.  The model calls (Paddle's pre
 numpy, PyTorch) release the GIL.
 
 A merged batch is copied once, into a buffer per feed that the instance reuses from
-batch to batch (:class:`MergeBuffers`): ``np.concatenate`` into fresh memory made the
+batch to batch (:class:`MergeBuffers`): ``np.concatenate`` into fresh memory makes the
 kernel map and zero new pages for every batch.  A batch of one request is not copied.
 
 Hand-over back: an instance appends what it finished to a deque and pushes one byte on
