@@ -56,3 +56,18 @@ def clients():
     yield made
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def programs():
+    """``programs(args, *prefix, **kw)``: a :class:`procs.Program` (JSON lines out), stopped by PID at the end."""
+    started: list[procs.Program] = []
+
+    def _start(args: list[str], *prefix: str, **kw) -> procs.Program:
+        program = procs.Program(args, *prefix, **kw)
+        started.append(program)
+        return program
+
+    yield _start
+    for program in started:
+        program.stop()

@@ -8,7 +8,9 @@ stopped by PID in :meth:`Proc.stop`, which fixtures always call.
 from __future__ import annotations
 
 import atexit
+import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -158,3 +160,46 @@ def start_redis(port: int | None = None, password: str | None = None) -> Proc:
     proc.extra["port"] = port
     proc.endpoint = f"127.0.0.1:{port}"
     return proc
+
+
+class Program:
+    """A Python program run as a process that prints JSON lines (events) and may read lines;
+    stopped by PID.  ``args`` follow the interpreter; ``prefix`` wraps it (``unshare``...)."""
+
+    def __init__(self, args: list[str], *prefix: str, env: dict | None = None, python: str = sys.executable,
+                 stdin: bool = False) -> None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env["PYTHONPATH"] = os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")])
+        self.popen = subprocess.Popen([*prefix, python, *args], stdin=subprocess.PIPE if stdin else None,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=str(REPO))
+        self._pending = b""
+
+    def event(self, timeout: float) -> dict:
+        """The next JSON line the program prints; fails after ``timeout`` s or if it exits first."""
+        end = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the program said nothing for {timeout} s\n{self._stderr()}")
+            ready, _, _ = select.select([self.popen.stdout], [], [], left)
+            if ready:
+                chunk = os.read(self.popen.stdout.fileno(), 65536)
+                if not chunk:
+                    raise AssertionError(f"the program exited ({self.popen.wait(5)})\n{self._stderr()}")
+                self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return json.loads(line)
+
+    def tell(self, line: str) -> None:
+        """Write one line to the program's standard input."""
+        self.popen.stdin.write(line.encode() + b"\n")
+        self.popen.stdin.flush()
+
+    def _stderr(self) -> str:
+        self.stop()
+        return self.popen.stderr.read().decode(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)

@@ -11,12 +11,9 @@ The students that fork, get signals or could hang run as separate processes.
 
 from __future__ import annotations
 
-import json
 import os
-import select
 import signal
 import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -40,58 +37,10 @@ def running(pid: int) -> bool:
     return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
-class Script:
-    """A student program (Python source) run as a process: JSON lines out, lines in, stopped by PID."""
-
-    def __init__(self, code: str, *prefix: str, env: dict | None = None) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(procs.REPO), **(env or {})}
-        self.popen = subprocess.Popen([*prefix, sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(procs.REPO))
-        self._pending = b""
-
-    def event(self, timeout: float) -> dict:
-        """The next JSON line the program prints; fails after ``timeout`` s or if it exits first."""
-        end = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = end - time.monotonic()
-            if left <= 0:
-                self.stop()
-                raise TimeoutError(f"the student said nothing for {timeout} s\n{self._stderr()}")
-            ready, _, _ = select.select([self.popen.stdout], [], [], left)
-            if ready:
-                chunk = os.read(self.popen.stdout.fileno(), 65536)
-                if not chunk:
-                    raise AssertionError(f"the student exited ({self.popen.wait(5)})\n{self._stderr()}")
-                self._pending += chunk
-        line, self._pending = self._pending.split(b"\n", 1)
-        return json.loads(line)
-
-    def tell(self, line: str) -> None:
-        self.popen.stdin.write(line.encode() + b"\n")
-        self.popen.stdin.flush()
-
-    def _stderr(self) -> str:
-        self.stop()
-        return self.popen.stderr.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-
-
 @pytest.fixture
-def scripts():
-    started: list[Script] = []
-
-    def _start(code: str, *prefix: str, env: dict | None = None) -> Script:
-        script = Script(code, *prefix, env=env)
-        started.append(script)
-        return script
-
-    yield _start
-    for script in started:
-        script.stop()
+def scripts(programs):
+    """``scripts(code, *prefix, env=...)``: a student program's source run as a process (lines in, JSON out)."""
+    return lambda code, *prefix, env=None: programs(["-c", textwrap.dedent(code)], *prefix, env=env, stdin=True)
 
 
 # The head of the student programs below: a reader on one teacher and a check of an epoch.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import select
 import shutil
 import signal
 import subprocess
@@ -30,55 +29,10 @@ from zdistill import ConfigError, DistillReader, TeacherTimeout
 N, B = 2000, 50
 
 
-class Student:
-    """A student program of :mod:`tests.students`, run as a process and stopped by PID."""
-
-    def __init__(self, *args: str, env: dict | None = None, python: str = sys.executable) -> None:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        full_env["PYTHONPATH"] = os.pathsep.join([str(procs.REPO), full_env.get("PYTHONPATH", "")])
-        self.popen = subprocess.Popen([python, "-m", "tests.students", *args], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env=full_env, cwd=str(procs.REPO))
-        self._pending = b""
-
-    def event(self, timeout: float) -> dict:
-        """The next JSON line the program prints; fails after ``timeout`` s or if it exits first."""
-        end = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"the student said nothing for {timeout} s\n{self._stderr()}")
-            ready, _, _ = select.select([self.popen.stdout], [], [], left)
-            if ready:
-                chunk = os.read(self.popen.stdout.fileno(), 65536)
-                if not chunk:
-                    raise AssertionError(f"the student exited ({self.popen.wait(5)})\n{self._stderr()}")
-                self._pending += chunk
-        line, self._pending = self._pending.split(b"\n", 1)
-        return json.loads(line)
-
-    def _stderr(self) -> str:
-        if self.popen.poll() is None:
-            self.stop()
-        return self.popen.stderr.read().decode(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-
-
 @pytest.fixture
-def students():
-    started: list[Student] = []
-
-    def _start(*args: str, **kw) -> Student:
-        student = Student(*args, **kw)
-        started.append(student)
-        return student
-
-    yield _start
-    for student in started:
-        student.stop()
+def students(programs):
+    """``students(*args, **kw)``: a student program of :mod:`tests.students`, run as a process."""
+    return lambda *args, **kw: programs(["-m", "tests.students", *args], **kw)
 
 
 def batches(x: np.ndarray):
