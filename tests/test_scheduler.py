@@ -7,8 +7,7 @@ milliseconds instead of hanging an end-to-end test.
 
 from __future__ import annotations
 
-import dataclasses
-
+import msgspec
 import pytest
 
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
@@ -810,5 +809,5 @@ def test_a_task_answered_from_a_cache_no_longer_trusted_is_asked_again_whole():
     assert not s.finished
     assert done(s, wid(0), 0) is not None and done(s, wid(0), 1) is not None
     assert s.finished and (s.counters.tasks, s.counters.samples) == (2, 16)
-    s.redo(dataclasses.replace(tasks[0], epoch=2))  # not this epoch's: nothing to do
+    s.redo(msgspec.structs.replace(tasks[0], epoch=2))  # not this epoch's: nothing to do
     assert not s.pending

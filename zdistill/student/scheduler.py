@@ -32,7 +32,6 @@ of its own (callers pass ``now``), so its rules are unit-tested with plain calls
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import logging
 import math
@@ -41,7 +40,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from zdistill import wire
+import msgspec
+
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
 from zdistill.student import protocol
 from zdistill.student.options import PipelineOptions
@@ -134,8 +134,8 @@ def cached_whole(task: protocol.Task) -> bool:
 
 def uncached(task: protocol.Task) -> tuple[protocol.Task, list[Any]]:
     """``task`` to be answered whole by a teacher, its cached rows ignored, and its frames."""
-    task = dataclasses.replace(task, hits=None)
-    return task, wire.encode(protocol.header(task))
+    task = msgspec.structs.replace(task, hits=None)
+    return task, protocol.encode(task)
 
 
 class Scheduler:

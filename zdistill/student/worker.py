@@ -22,7 +22,6 @@ comes back as ``undone`` ``busy`` and this worker holds nothing for ever.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import heapq
 import json
 import logging
@@ -33,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import zmq
 
@@ -351,7 +351,7 @@ class Worker:
             if self.cache is not None:
                 self.cache.close()
                 self.cache = None
-            self._send(dataclasses.replace(self.status, cache=self.audit_failed))
+            self._send(msgspec.structs.replace(self.status, cache=self.audit_failed))
             return False
         return True
 
@@ -365,7 +365,7 @@ class Worker:
         self.cache_failed = f"the worker for teacher {self.cfg.teacher} cannot write to it: {exc}"
         log.info("%s", self.cache_failed)
         if self.up:
-            self._send(dataclasses.replace(self.status, cache=self.cache_failed))
+            self._send(msgspec.structs.replace(self.status, cache=self.cache_failed))
 
     def _drop_job(self, key: tuple[int, int]) -> None:
         """Forget a job, its requests and its busy retries (the same task may come here again)."""
