@@ -32,7 +32,7 @@ import zmq
 
 from zdistill.errors import ClosedError
 from zdistill.fingerprint import usable
-from zdistill.spec import TensorSpec
+from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student import dispatcher as d
 from zdistill.student.batches import ReaderType
 from zdistill.student.cache import CacheIndex, cacheable, default_max_bytes, evict, namespace_for, stored_bytes
@@ -147,7 +147,7 @@ class Pipeline:
         """Workers for these teachers (and, for dynamic teachers, where to hear of changes)."""
         self.dispatcher.post(d.SetTeachers(list(teachers), membership))
 
-    def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None, tolerance: float) -> None:
+    def use_cache(self, root: str, meta: TeacherMeta, max_bytes: int | None, tolerance: float) -> None:
         """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta``
         names and by its fingerprint (its answers to the probe batch, :mod:`zdistill.fingerprint`),
         which every teacher must reproduce within ``tolerance``.
@@ -157,12 +157,11 @@ class Pipeline:
         cache's folder cannot be made (a read-only file system), the cache cannot be used:
         that is logged once and the reader runs without.
         """
-        model_id = meta.get("model_id")
-        specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
-        fetches = [specs[name] for name in self.predicts]
-        fp, why = usable(meta.get("fingerprint"), self.predicts, "the teacher", tolerance)
+        model_id = meta.model_id
+        fetches = meta.fetches_named(self.predicts)  # the reader checked they are all there
+        fp, why = usable(meta.fingerprint, self.predicts, "the teacher", tolerance)
         why = cacheable(fetches) or why
-        if not isinstance(model_id, str) or not model_id:
+        if not model_id:
             why = "the teacher's meta has no model_id (a zdistill-teacher older than the cache?)"
         if why or fp is None:
             log.warning("the teacher-output cache at %s is not used: %s", root, why)

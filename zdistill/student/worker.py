@@ -40,7 +40,7 @@ from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
-from zdistill.spec import TensorSpec
+from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student import protocol
 from zdistill.student.batches import (
     AUDIT_SLOT,
@@ -383,17 +383,13 @@ class Worker:
         self.next_probe = time.monotonic() + _PROBE_EVERY
         if done.error is not None or done.header is None:
             return
-        meta = done.header
         try:
-            feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
-            fetch_specs = [TensorSpec.from_wire(f) for f in meta.get("fetches", [])]
-            fetches = {f.name for f in fetch_specs}
-            no_rows = {predict_key(f.name): f.example(0) for f in fetch_specs if f.name in self.cfg.predicts}
-            max_batch = int(meta.get("max_batch_size", 1))
-            instances = int(meta.get("instances", 1))
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            self._unusable(f"its meta is malformed ({type(exc).__name__}: {exc})")
+            meta = TeacherMeta.parse(done.header)
+            no_rows = {predict_key(f.name): f.example(0) for f in meta.fetches if f.name in self.cfg.predicts}
+        except (WireError, TypeError) as exc:  # TypeError: a dtype numpy does not know
+            self._unusable(f"its meta is malformed ({exc})")
             return
+        feeds, fetches = meta.feeds, {f.name for f in meta.fetches}
         missing = [p for p in self.cfg.predicts if p not in fetches]
         why = f"it has no outputs {missing}, only {sorted(fetches)}" if missing else None
         why = why or feeds_mismatch(self.cfg.feeds, feeds)
@@ -401,14 +397,15 @@ class Worker:
             self._unusable(why)
             return
         self.feeds, self.no_rows = feeds, no_rows
-        self.request_rows = max(1, min(self.cfg.request_rows, max_batch))
+        self.request_rows = min(self.cfg.request_rows, meta.max_batch_size)
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)
         cache = self._cache_for(meta)
-        self.status = protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances), cache=cache)
+        self.status = protocol.Status(up=True, max_batch_size=meta.max_batch_size, instances=meta.instances,
+                                      cache=cache)
         self._send(self.status)
 
-    def _cache_for(self, meta: dict) -> str:
+    def _cache_for(self, meta: TeacherMeta) -> str:
         """Open the cache for this teacher's answers if its model is the cache's; else why not.
 
         Asked on every (re)connection: a teacher redeployed behind the same address may
@@ -425,15 +422,14 @@ class Worker:
             self.cache = None
         if self.audit_failed:
             return self.audit_failed
-        model_id = meta.get("model_id")
-        if not isinstance(model_id, str) or not model_id:
+        model_id = meta.model_id
+        if not model_id:
             return f"teacher {self.cfg.teacher} says no model_id"
-        specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
-        fetches = [specs[name] for name in self.cfg.predicts]
+        fetches = meta.fetches_named(self.cfg.predicts)  # _on_probe checked they are all there
         if folder_for(self.cfg.cache_root, model_id, fetches) != os.path.dirname(self.cfg.cache_folder):
             return f"teacher {self.cfg.teacher} serves model_id {model_id!r}, not the model the cache was opened for"
         tolerance = self.cfg.cache_tolerance
-        fp, why = usable(meta.get("fingerprint"), self.cfg.predicts, f"teacher {self.cfg.teacher}", tolerance)
+        fp, why = usable(meta.fingerprint, self.cfg.predicts, f"teacher {self.cfg.teacher}", tolerance)
         if fp is None:
             return why
         known = read_fingerprint(self.cfg.cache_folder)
