@@ -38,8 +38,9 @@ import zmq
 from zdistill.errors import ReaderError, WireError
 from zdistill.student import protocol
 from zdistill.student.cache import CacheGate
+from zdistill.student.children import describe_exit
 from zdistill.student.options import PipelineOptions
-from zdistill.student.producer import describe_exit, rebuild_exception
+from zdistill.student.producer import rebuild_exception
 from zdistill.student.scheduler import Plan, Scheduler, cached_whole, uncached
 from zdistill.student.worker_pool import WorkerPool
 
@@ -415,8 +416,9 @@ class Dispatcher:
                 if self._producer is not None and self._producer.poll(200):  # its last words may be in transit
                     self._read_producer()
                 if not self._producer_ended:
+                    how = describe_exit(os.waitstatus_to_exitcode(status))
                     raise ReaderError(
-                        f"the reader process (pid {pid}) {describe_exit(status)} before the end of the epoch; "
+                        f"the reader process (pid {pid}) {how} before the end of the epoch; "
                         "if the machine ran out of memory, the kernel's log (dmesg) names it"
                     )
 

@@ -45,11 +45,11 @@ from zdistill.student.batches import (
     cached_key,
 )
 from zdistill.student.cache import CacheGate, CacheIndex, key_seed, row_keys
+from zdistill.student.children import POLL_MS, ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotWriter
 
 log = logging.getLogger(__name__)
 
-_POLL_MS = 100
 AUDIT_EVERY = 64  # of the tasks with cached rows, the first of an epoch and then one in this many has one audited
 _END_LINGER_MS = 10_000  # how long the end may wait to be delivered when the producer exits
 
@@ -73,10 +73,6 @@ class ProducerConfig:
     cache: CacheIndex | None = None  # the teacher-output cache, refreshed just before the fork
     cache_feeds: list[str] = field(default_factory=list)  # the slots a row's cache key covers
     cache_gate: CacheGate | None = None  # closed: the cache is no longer trusted, look nothing up
-
-
-class ParentGone(Exception):
-    """The student process died: leave at once."""
 
 
 class Producer:
@@ -181,7 +177,7 @@ class Producer:
     def _wait_for_grant(self) -> None:
         if os.getppid() != self.cfg.parent_pid:
             raise ParentGone
-        if self.sock.poll(_POLL_MS):
+        if self.sock.poll(POLL_MS):
             msg, _ = protocol.decode(self.sock.recv_multipart())
             if isinstance(msg, protocol.Grant):
                 self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
@@ -196,15 +192,7 @@ class Producer:
         ))
 
     def _tell(self, msg: protocol.Msg) -> None:
-        """A message to the dispatcher, waiting for room only while the student lives."""
-        while True:
-            try:
-                protocol.send(self.sock, msg, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if os.getppid() != self.cfg.parent_pid:
-                    raise ParentGone from None
-                self.sock.poll(_POLL_MS, zmq.POLLOUT)
+        send_while_parent_lives(self.sock, msg, self.cfg.parent_pid)
 
 
 def run_producer(cfg: ProducerConfig) -> NoReturn:
@@ -260,15 +248,4 @@ def rebuild_exception(error: dict[str, str]) -> BaseException:
     exc.add_note(f"raised in the DistillReader's reader process:\n{remote}")
     return exc
 
-
-def describe_exit(status: int) -> str:
-    """A wait status in words: ``killed by signal 9 (SIGKILL)``, ``exited with code 1``."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = "unknown"
-        return f"killed by signal {number} ({name})"
-    return f"exited with code {os.waitstatus_to_exitcode(status)}"
 

@@ -54,6 +54,7 @@ from zdistill.student.batches import (
     to_feed,
 )
 from zdistill.student.cache import CacheWriter, folder_for, read_fingerprint
+from zdistill.student.children import ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotReader, reclaim
 
 log = logging.getLogger("zdistill.student.worker")  # not __name__: it runs as __main__
@@ -106,10 +107,6 @@ class Job:
     busy: int = 0  # "busy" answers so far: the back-off before the next try grows with them
     slots: dict[str, np.ndarray] = field(default_factory=dict)  # the task's slot arrays (shared memory)
     misses: np.ndarray | None = None  # with the cache: the rows it did not answer, sent to the teacher
-
-
-class StudentGone(Exception):
-    """The student process died: nobody waits for our results any more."""
 
 
 class Worker:
@@ -469,15 +466,7 @@ class Worker:
         self.next_probe = time.monotonic() + _PROBE_EVERY
 
     def _send(self, msg: protocol.Msg, arrays: dict[str, np.ndarray] | None = None) -> None:
-        """To the dispatcher; waits while its queue is full, but only while the student lives."""
-        while True:
-            try:
-                protocol.send(self.sock, msg, arrays, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if os.getppid() != self.cfg.parent_pid:
-                    raise StudentGone from None
-                self.sock.poll(100, zmq.POLLOUT)
+        send_while_parent_lives(self.sock, msg, self.cfg.parent_pid, arrays)
 
     def stop(self) -> None:
         """Take no more tasks, finish the ones held, then leave (a retired teacher's worker).
@@ -542,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
     try:
         worker.run()
-    except StudentGone:
+    except ParentGone:  # nobody waits for our results any more
         log.info("student process is gone; worker for %s exits", args.teacher)
     finally:
         if os.getppid() != worker.cfg.parent_pid:  # first: closing the sockets may wait for their linger

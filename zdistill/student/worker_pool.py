@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from zdistill.errors import WorkerError
+from zdistill.student.children import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ class WorkerPool:
     def _died(self, proc: WorkerProc, code: int, now: float) -> float:
         """Count a worker's death; the back-off before its replacement (or WorkerError)."""
         teacher, tail = proc.teacher, self.relay.tail(proc.popen.pid)
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = describe_exit(code)
         if not proc.started:
             failed = self._failed_starts[teacher] = self._failed_starts.get(teacher, 0) + 1
             if failed >= MAX_START_FAILURES:
