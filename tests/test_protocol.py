@@ -21,13 +21,13 @@ from zdistill.student import protocol
 
 EXAMPLES: list[protocol.Msg] = [
     protocol.Grant(slots=[0, 3]),
-    protocol.Task(epoch=2, task=7, slot=1, rows=64, nbytes=4096, sizes=[32, 32],
+    protocol.Task(epoch=2, task_id=7, slot=1, rows=64, nbytes=4096, sizes=[32, 32],
                   shm={"name": "slot-1", "size": 4096}, hits=8),
     protocol.End(epoch=2, tasks=9, error={"type": "ValueError", "message": "boom"}),
     protocol.Hello(pid=1234),
     protocol.Status(up=True, reason="", unusable="", max_batch_size=64, instances=2, cache="read-only"),
-    protocol.Done(epoch=2, task=7, elapsed=0.5, service=0.25, cached=3),
-    protocol.Undone(epoch=2, task=7, code=protocol.RETURNED, message="teacher down"),
+    protocol.Done(epoch=2, task_id=7, elapsed=0.5, service=0.25, cached=3),
+    protocol.Undone(epoch=2, task_id=7, code=protocol.RETURNED, message="teacher down"),
 ]
 # one value of every msgpack type a peer can send
 ANY_VALUE = st.one_of(
@@ -67,7 +67,7 @@ def test_arrays_travel_as_raw_frames_beside_the_typed_header() -> None:
     np.testing.assert_array_equal(arrays["prob"], prob)
     # a plain wire reader sees the same message: the typed header is an ordinary wire header
     plain = wire.decode([bytes(frames[0]), prob.tobytes()])
-    assert plain.kind == "done" and plain.header["task"] == 7 and set(plain.arrays) == {"prob"}
+    assert plain.kind == "done" and plain.header["task_id"] == 7 and set(plain.arrays) == {"prob"}
 
 
 @settings(max_examples=400, deadline=None)

@@ -168,7 +168,8 @@ def vendored_student(tmp_path: Path, teacher: str, break_worker: bool) -> Path:
     vendor = tmp_path / "vendor"
     shutil.copytree(procs.REPO / "zdistill", vendor / "zdistill", ignore=shutil.ignore_patterns("__pycache__"))
     if break_worker:
-        (vendor / "zdistill" / "student" / "worker.py").write_text("raise ImportError('this vendored worker is broken')\n")
+        broken = "raise ImportError('this vendored worker is broken')\n"
+        (vendor / "zdistill" / "student" / "worker.py").write_text(broken)
     site = next(p for p in sys.path if p.endswith("site-packages"))  # numpy, pyzmq, msgpack
     script = tmp_path / "train.py"
     script.write_text(f"""

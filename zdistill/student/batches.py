@@ -56,8 +56,10 @@ Allocator = Callable[[int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[d
 
 
 @dataclass
-class Task:
-    """Consecutive samples of one epoch: slot arrays plus the reader batch sizes."""
+class BuiltTask:
+    """A task as the producer builds it: consecutive samples of one epoch in slot arrays, plus
+    the reader batch sizes.  What the producer tells the dispatcher of it is a
+    :class:`zdistill.student.protocol.Task`."""
 
     task_id: int
     slots: dict[str, np.ndarray]
@@ -224,7 +226,7 @@ class TaskBuilder:
     def tasks_made(self) -> int:
         return self._next_id
 
-    def add(self, item: Any) -> Iterator[Task]:
+    def add(self, item: Any) -> Iterator[BuiltTask]:
         """Take one item from the user's reader; yield a task whenever one is full."""
         if self.reader_type is ReaderType.SAMPLE:
             self._add_sample(item)
@@ -242,7 +244,7 @@ class TaskBuilder:
         if self._rows and (self._rows >= self.task_rows or self._rows * self._row_bytes >= self.task_bytes):
             yield self._cut()
 
-    def flush(self) -> Iterator[Task]:
+    def flush(self) -> Iterator[BuiltTask]:
         """The last, partial task of an epoch (of no rows when only empty batches are left)."""
         if self._sizes:
             yield self._cut()
@@ -320,7 +322,7 @@ class TaskBuilder:
             if name in self.feeds and shape[0]:
                 check_feed(name, shape[1:], self.feeds[name])
 
-    def _cut(self) -> Task:
+    def _cut(self) -> BuiltTask:
         specs = {name: self._plan(name, part) for name, part in zip(self.ins, self._parts, strict=True)}
         self._check(specs)
         slots, descriptor = self.allocate(self._next_id, specs)
@@ -339,7 +341,7 @@ class TaskBuilder:
             if name in self.feeds and rows:
                 check_values(arr, self.feeds[name])  # before a teacher gets a value its dtype cannot hold
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
-        task = Task(self._next_id, slots, sizes, descriptor)
+        task = BuiltTask(self._next_id, slots, sizes, descriptor)
         self._next_id += 1
         self._parts = [[] for _ in self.ins]
         self._sizes, self._rows = [], 0

@@ -95,15 +95,31 @@ class Planned:
 
 
 @dataclass(frozen=True)
-class Result:
+class Answer:
+    """A task's first answer from a worker (later ones are dropped)."""
+
     epoch: int
     task: protocol.Task
     arrays: dict[str, np.ndarray]  # the predictions
-    cached: int = 0  # rows of them taken from the teacher-output cache
+    cached: int = 0  # rows of them the worker took from the teacher-output cache
 
 
 @dataclass(frozen=True)
-class Finished:
+class CachedAnswer:
+    """A task the cache answered whole, with no worker: its predictions are in its slot."""
+
+    epoch: int
+    task: protocol.Task
+
+    @property
+    def cached(self) -> int:
+        return self.task.rows
+
+
+@dataclass(frozen=True)
+class AllAnswered:
+    """Every task the epoch's producer made is answered: the epoch has ``tasks`` tasks."""
+
     epoch: int
     tasks: int
 
@@ -114,7 +130,8 @@ class Failed:
     error: BaseException
 
 
-Event = Planned | Result | Finished | Failed
+Answered = Answer | CachedAnswer
+Event = Planned | Answered | AllAnswered | Failed
 
 
 class Dispatcher:
@@ -249,7 +266,7 @@ class Dispatcher:
         s = self.sched
         if s.active and s.finished and not self._said_finished:
             self._said_finished = True
-            self.events.put(Finished(s.epoch, s.total or 0))
+            self.events.put(AllAnswered(s.epoch, s.total or 0))
 
     def _on_command(self, cmd: Any) -> None:
         if isinstance(cmd, SetTeachers):
@@ -336,7 +353,7 @@ class Dispatcher:
                 if held is not None and msg.cached and self.gate.closed:
                     self.sched.redo(held.task)  # its cached rows may be another model's
                 elif held is not None:
-                    self.events.put(Result(msg.epoch, held.task, arrays, msg.cached))
+                    self.events.put(Answer(msg.epoch, held.task, arrays, msg.cached))
             elif isinstance(msg, protocol.Undone):
                 self.sched.on_undone(identity, msg, time.monotonic())
             elif isinstance(msg, protocol.Status):
@@ -355,8 +372,8 @@ class Dispatcher:
             try:
                 self._router.send_multipart([identity, *held.wire], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # gone, or not connected yet: the task waits for another
-                log.debug("could not send task %d to worker %r: %s", held.task.task, identity, exc)
-                self.sched.unsent(identity, held.task.task)
+                log.debug("could not send task %d to worker %r: %s", held.task.task_id, identity, exc)
+                self.sched.unsent(identity, held.task.task_id)
 
     def _supervise(self, now: float) -> None:
         if self._membership is not None:
@@ -386,7 +403,7 @@ class Dispatcher:
                 if msg.hits and self.gate.closed:  # looked up before the producer saw the gate close
                     msg, frames = uncached(msg)
                 if self.sched.on_task(msg, frames) and cached_whole(msg):
-                    self.events.put(Result(msg.epoch, msg, {}, msg.rows))  # its predictions are in its slot
+                    self.events.put(CachedAnswer(msg.epoch, msg))
             elif isinstance(msg, protocol.End):
                 self._producer_ended = True
                 if msg.error is not None:

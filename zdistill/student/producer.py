@@ -39,8 +39,8 @@ from zdistill.student.batches import (
     HITS_SLOT,
     ID_SLOT,
     KEYS_SLOT,
+    BuiltTask,
     ReaderType,
-    Task,
     TaskBuilder,
     cached_key,
 )
@@ -135,7 +135,7 @@ class Producer:
         arrays[ID_SLOT][:] = (self.cfg.epoch, task_id)  # first: a worker still on the slot's last task sees it
         return arrays, descriptor
 
-    def _look_up(self, task: Task) -> int:
+    def _look_up(self, task: BuiltTask) -> int:
         """Answer the task's rows the cache has, in its slot; the number answered.
 
         An audit: in the first task of the epoch with cached rows, and then in one of every
@@ -182,12 +182,12 @@ class Producer:
             if isinstance(msg, protocol.Grant):
                 self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
 
-    def _send(self, task: Task) -> None:
+    def _send(self, task: BuiltTask) -> None:
         gate = self.cfg.cache_gate
         usable = self.cfg.cache is not None and task.rows and not (gate and gate.closed)
         hits = self._look_up(task) if usable else None
         self._tell(protocol.Task(
-            epoch=self.cfg.epoch, task=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
+            epoch=self.cfg.epoch, task_id=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
             nbytes=task.nbytes, sizes=task.sizes, shm=task.descriptor, hits=hits,
         ))
 

@@ -60,7 +60,7 @@ class Task(Message, frozen=True, kw_only=True, tag="task"):
     """A task built in shared memory: where its slot arrays are, and the reader's batch sizes."""
 
     epoch: int
-    task: int
+    task_id: int
     slot: int  # the shared-memory slot it is built in
     rows: int
     nbytes: int  # bytes of its slot arrays
@@ -98,7 +98,7 @@ class Done(Message, frozen=True, kw_only=True, tag="done"):
     """A task answered; its predictions travel as the message's arrays."""
 
     epoch: int
-    task: int
+    task_id: int
     elapsed: float  # since the worker got it
     service: float  # the teacher's time for it, not counting its wait behind the worker's other tasks
     cached: int = 0  # rows of the predictions taken from the teacher-output cache, not from the teacher
@@ -110,7 +110,7 @@ class Undone(Message, frozen=True, kw_only=True, tag="undone"):
     any other code is the teacher's refusal (``TeacherError.code``)."""
 
     epoch: int
-    task: int
+    task_id: int
     code: str
     message: str = ""
 

@@ -193,14 +193,15 @@ class Worker:
             self._hand_back(task)
             return
         if not task.rows:  # only empty reader batches: empty predictions, without asking the teacher
-            self._send(protocol.Done(epoch=task.epoch, task=task.task, elapsed=0.0, service=0.0), self.no_rows)
+            self._send(protocol.Done(epoch=task.epoch, task_id=task.task_id, elapsed=0.0, service=0.0), self.no_rows)
             return
-        key = (task.epoch, task.task)
+        key = (task.epoch, task.task_id)
         try:
             slots = self.slots.read(task.shm)
         except WireError as exc:  # a task of an epoch that ended: nobody waits for it any more
             log.debug("dropping task %s: %s", key, exc)
-            self._send(protocol.Undone(epoch=task.epoch, task=task.task, code=protocol.RETURNED, message=str(exc)))
+            self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED,
+                                       message=str(exc)))
             return
         try:
             for spec in self.feeds:
@@ -213,7 +214,7 @@ class Worker:
             feeds = {spec.name: to_feed(slots[spec.name], spec, check=spec not in self.cfg.feeds)
                      for spec in self.feeds}
         except ConfigError as exc:  # a value this teacher's dtype cannot hold: no other try can help
-            self._send(protocol.Undone(epoch=task.epoch, task=task.task, code="bad_request", message=str(exc)))
+            self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code="bad_request", message=str(exc)))
             return
         misses = np.flatnonzero(~slots[HITS_SLOT]) if task.hits else None
         if misses is not None:  # only what the cache did not answer goes to the teacher
@@ -227,7 +228,7 @@ class Worker:
                 return
 
     def _hand_back(self, task: protocol.Task) -> None:
-        self._send(protocol.Undone(epoch=task.epoch, task=task.task, code=protocol.RETURNED))
+        self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED))
 
     @staticmethod
     def _check_feed(slots: dict[str, np.ndarray], spec: TensorSpec) -> None:
@@ -268,14 +269,15 @@ class Worker:
                 heapq.heappush(self.retries, (retry_at, key, part))
             else:  # a try the dispatcher counts as failed: it decides whether the task goes on
                 self._drop_job(key)
-                self._send(protocol.Undone(epoch=job.task.epoch, task=job.task.task, code="busy",
+                self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code="busy",
                                            message=f"answered busy for {now - job.started:.1f} s (its queue is full)"))
         elif isinstance(done.error, TeacherTimeout) or code == "shutting_down":
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._drop_job(key)
             code = code if isinstance(done.error, TeacherError) else "error"
-            self._send(protocol.Undone(epoch=job.task.epoch, task=job.task.task, code=code, message=str(done.error)))
+            self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=code,
+                                       message=str(done.error)))
         else:
             job.parts[part] = done.result
             if not job.pending:
@@ -294,7 +296,7 @@ class Worker:
         # done if it queued behind that one (the student sizes tasks and queues by it).
         service = now - max(job.started, self.last_finish)
         self.last_finish = now
-        self._send(protocol.Done(epoch=job.task.epoch, task=job.task.task, elapsed=now - job.started,
+        self._send(protocol.Done(epoch=job.task.epoch, task_id=job.task.task_id, elapsed=now - job.started,
                                  service=service, cached=cached), arrays)
 
     def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
@@ -311,7 +313,7 @@ class Worker:
         from the cache is the same, bit for bit, as the one that filled it.
         """
         slots, task = job.slots, job.task
-        if tuple(slots[ID_SLOT]) != (task.epoch, task.task):
+        if tuple(slots[ID_SLOT]) != (task.epoch, task.task_id):
             return answers, 0  # stale: the dispatcher drops the answer anyway
         asked = np.arange(len(slots[HITS_SLOT])) if job.misses is None else job.misses  # the rows answered
         audited = slots[AUDIT_SLOT][asked]
