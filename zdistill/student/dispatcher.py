@@ -21,6 +21,7 @@ to read :meth:`snapshot`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -41,7 +42,7 @@ from zdistill.student.cache import CacheGate
 from zdistill.student.children import describe_exit
 from zdistill.student.options import PipelineOptions
 from zdistill.student.producer import rebuild_exception
-from zdistill.student.scheduler import Plan, Scheduler, cached_whole, uncached
+from zdistill.student.scheduler import Counters, Plan, Scheduler, TeacherStats, cached_whole, uncached
 from zdistill.student.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,23 @@ Answered = Answer | CachedAnswer
 Event = Planned | Answered | AllAnswered | Failed
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The dispatcher's state for ``DistillReader.stats()``: copies, taken under its lock."""
+
+    counters: Counters
+    workers_restarted: int
+    task_rows: int  # of the next epoch (Scheduler.plan)
+    in_flight: int  # tasks per worker of the next epoch
+    tasks_in_flight: int  # built, not yet answered
+    teachers: dict[str, TeacherStats]  # every teacher seen
+    in_use: set[str]  # the teachers a worker runs for now
+    worker_pids: dict[str, int]  # teacher -> its worker's PID
+    workers_spawned: int
+    producer_pid: int | None  # the producer of the epoch running, if any
+    cache_ok: bool  # False once a teacher's answers could not go to the cache
+
+
 class Dispatcher:
     """Owns the scheduler, the workers, their socket and the producer's (see the module docstring)."""
 
@@ -195,20 +213,23 @@ class Dispatcher:
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         with self.lock:
             s = self.sched
-            return {
-                "counters": {**s.counters.__dict__, "workers_restarted": self.pool.restarted},
-                "plan": s.plan(len(s.workers)),
-                "tasks_in_flight": len(s.pending),
-                "teachers": {name: {**t.__dict__} for name, t in s.teachers.items()},
-                "in_use": {p.teacher for p in self.pool.workers.values()},
-                "worker_pids": {p.teacher: p.popen.pid for p in self.pool.workers.values()},
-                "workers_spawned": self.pool.spawned,
-                "reader_pid": self._producer_pid,
-                "cache_ok": self.cache_ok,
-            }
+            task_rows, in_flight = s.plan(len(s.workers))
+            return Snapshot(
+                counters=dataclasses.replace(s.counters),
+                workers_restarted=self.pool.restarted,
+                task_rows=task_rows,
+                in_flight=in_flight,
+                tasks_in_flight=len(s.pending),
+                teachers={name: dataclasses.replace(t) for name, t in s.teachers.items()},
+                in_use={p.teacher for p in self.pool.workers.values()},
+                worker_pids={p.teacher: p.popen.pid for p in self.pool.workers.values()},
+                workers_spawned=self.pool.spawned,
+                producer_pid=self._producer_pid,
+                cache_ok=self.cache_ok,
+            )
 
     def _wake(self) -> None:
         if self._closed:
