@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,15 +41,38 @@ def predict_key(name: str) -> str:
     return "p:" + name
 
 
-def cached_key(name: str) -> str:
-    """A task slot array of the predictions the teacher-output cache had (rows not cached: zeros)."""
-    return "c:" + name
+@dataclass(frozen=True)
+class CacheSlots:
+    """The teacher-output cache's arrays in a task's slot, beside the reader's feeds.
+
+    The producer lays them out (:meth:`layout`) and fills them; the worker and the sink
+    read them (:meth:`of`).  In shared memory they are named arrays like the feeds, under
+    names with a ``:``, which this class alone knows.
+    """
+
+    stamp: np.ndarray  # (epoch, task id), written before anything else of the task
+    keys: np.ndarray  # each row's cache key (rows x 16 bytes)
+    hits: np.ndarray  # per row: the cache answered it
+    audit: np.ndarray  # per row: cached, but asked of the teacher anyway, to compare with the cache
+    answers: dict[str, np.ndarray]  # per output: the cache's answers (rows it had none for: zeros)
+
+    @staticmethod
+    def layout(rows: int, fetches: Sequence[TensorSpec]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes and dtypes of the cache's arrays for a task of ``rows`` rows."""
+        return {
+            _STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
+            _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool)),
+            **{_ANSWER + f.name: ((rows, *f.shape), np.dtype(f.dtype)) for f in fetches},
+        }
+
+    @classmethod
+    def of(cls, slots: Mapping[str, np.ndarray]) -> CacheSlots:
+        """The cache's arrays among a slot's (laid out by :meth:`layout`)."""
+        answers = {name[len(_ANSWER):]: arr for name, arr in slots.items() if name.startswith(_ANSWER)}
+        return cls(slots[_STAMP], slots[_KEYS], slots[_HITS], slots[_AUDIT], answers)
 
 
-KEYS_SLOT = "k:"  # a task slot array: each row's cache key (rows x 16 bytes)
-HITS_SLOT = "h:"  # a task slot array: which rows the cache answered
-ID_SLOT = "i:"  # a task slot array: (epoch, task), written before anything else of the task
-AUDIT_SLOT = "a:"  # a task slot array: cached rows asked of the teacher anyway, to compare with the cache
+_STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
 
 
 Allocator = Callable[[int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]

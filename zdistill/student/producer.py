@@ -35,14 +35,10 @@ from zdistill.errors import ReaderError
 from zdistill.spec import TensorSpec
 from zdistill.student import protocol
 from zdistill.student.batches import (
-    AUDIT_SLOT,
-    HITS_SLOT,
-    ID_SLOT,
-    KEYS_SLOT,
     BuiltTask,
+    CacheSlots,
     ReaderType,
     TaskBuilder,
-    cached_key,
 )
 from zdistill.student.cache import CacheGate, CacheIndex, key_seed, row_keys
 from zdistill.student.children import POLL_MS, ParentGone, send_while_parent_lives
@@ -126,13 +122,9 @@ class Producer:
         if cache is None:
             return self.slots.allocate(slot, specs)
         rows = next(iter(specs.values()))[0][0]
-        specs = {
-            **specs, ID_SLOT: ((2,), np.dtype(np.int64)), KEYS_SLOT: ((rows, 16), np.dtype(np.uint8)),
-            HITS_SLOT: ((rows,), np.dtype(bool)), AUDIT_SLOT: ((rows,), np.dtype(bool)),
-            **{cached_key(f.name): ((rows, *f.shape), np.dtype(f.dtype)) for f in cache.fetches},
-        }
-        arrays, descriptor = self.slots.allocate(slot, specs)
-        arrays[ID_SLOT][:] = (self.cfg.epoch, task_id)  # first: a worker still on the slot's last task sees it
+        arrays, descriptor = self.slots.allocate(slot, {**specs, **CacheSlots.layout(rows, cache.fetches)})
+        # first: a worker still on the slot's last task sees that it changed
+        CacheSlots.of(arrays).stamp[:] = (self.cfg.epoch, task_id)
         return arrays, descriptor
 
     def _look_up(self, task: BuiltTask) -> int:
@@ -149,10 +141,10 @@ class Producer:
         assert cache is not None
         feeds = [task.slots[name] for name in self.cfg.cache_feeds]
         seed = key_seed({name: (a.dtype.str, a.shape[1:]) for name, a in zip(self.cfg.cache_feeds, feeds, strict=True)})
-        keys = task.slots[KEYS_SLOT]
-        keys[:] = row_keys(feeds, seed)
-        found = cache.lookup(keys)
-        hit, audit = task.slots[HITS_SLOT], task.slots[AUDIT_SLOT]
+        mine = CacheSlots.of(task.slots)
+        mine.keys[:] = row_keys(feeds, seed)
+        found = cache.lookup(mine.keys)
+        hit, audit = mine.hits, mine.audit
         hit[:] = False
         audit[:] = False
         rows = np.flatnonzero(found >= 0)
@@ -164,7 +156,7 @@ class Producer:
         if not len(rows):
             return 0
         for name, arr in answers.items():
-            task.slots[cached_key(name)][rows] = arr[served]
+            mine.answers[name][rows] = arr[served]
         hit[rows] = True
         self.since_audit += 1
         if self.since_audit >= AUDIT_EVERY:

@@ -21,7 +21,7 @@ import numpy as np
 
 from zdistill.student import dispatcher as d
 from zdistill.student import protocol
-from zdistill.student.batches import ReaderType, cached_key, predict_key, split_output
+from zdistill.student.batches import CacheSlots, ReaderType, predict_key, split_output
 from zdistill.student.cache import CacheGate
 from zdistill.student.shm import SlotReader
 
@@ -129,7 +129,8 @@ class EpochSink:
         shared = self.lender.lend(result.task, self.keep_limit, hold=cached)
         slots = [shared[n] for n in self.ins]
         if isinstance(result, d.CachedAnswer):
-            preds = [shared[cached_key(n)] for n in self.predicts]
+            answers = CacheSlots.of(shared).answers
+            preds = [answers[n] for n in self.predicts]
         else:
             preds = [result.arrays[predict_key(n)] for n in self.predicts]
         del shared

@@ -43,11 +43,7 @@ from zdistill.flags import add_log_level, setup_logging
 from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student import protocol
 from zdistill.student.batches import (
-    AUDIT_SLOT,
-    HITS_SLOT,
-    ID_SLOT,
-    KEYS_SLOT,
-    cached_key,
+    CacheSlots,
     check_feed,
     feeds_mismatch,
     predict_key,
@@ -216,7 +212,7 @@ class Worker:
         except ConfigError as exc:  # a value this teacher's dtype cannot hold: no other try can help
             self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code="bad_request", message=str(exc)))
             return
-        misses = np.flatnonzero(~slots[HITS_SLOT]) if task.hits else None
+        misses = np.flatnonzero(~CacheSlots.of(slots).hits) if task.hits else None
         if misses is not None:  # only what the cache did not answer goes to the teacher
             feeds = {name: arr[misses] for name, arr in feeds.items()}
         rows = len(next(iter(feeds.values())))
@@ -312,11 +308,11 @@ class Worker:
         (:meth:`_audit`); where they agree, the cached answer stands, so an epoch answered
         from the cache is the same, bit for bit, as the one that filled it.
         """
-        slots, task = job.slots, job.task
-        if tuple(slots[ID_SLOT]) != (task.epoch, task.task_id):
+        slots, task = CacheSlots.of(job.slots), job.task
+        if tuple(slots.stamp) != (task.epoch, task.task_id):
             return answers, 0  # stale: the dispatcher drops the answer anyway
-        asked = np.arange(len(slots[HITS_SLOT])) if job.misses is None else job.misses  # the rows answered
-        audited = slots[AUDIT_SLOT][asked]
+        asked = np.arange(len(slots.hits)) if job.misses is None else job.misses  # the rows answered
+        audited = slots.audit[asked]
         kept = bool(audited.any()) and self._audit(asked[audited], slots,
                                                     {name: arr[audited] for name, arr in answers.items()})
         if kept:  # the audited rows' cached answers stand: only the others are the teacher's
@@ -324,24 +320,24 @@ class Worker:
             answers = {name: arr[~audited] for name, arr in answers.items()}
         if self.cache is not None and len(asked):
             try:
-                self.cache.append(slots[KEYS_SLOT][asked], answers)
+                self.cache.append(slots.keys[asked], answers)
             except OSError as exc:
                 self._cache_off(exc)
         if job.misses is None and not kept:
             return answers, 0
         full = {}
         for name, arr in answers.items():
-            full[name] = np.array(slots[cached_key(name)])
+            full[name] = np.array(slots.answers[name])
             full[name][asked] = arr
-        return full, len(slots[HITS_SLOT]) - len(asked)
+        return full, len(slots.hits) - len(asked)
 
-    def _audit(self, where: np.ndarray, slots: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> bool:
+    def _audit(self, where: np.ndarray, slots: CacheSlots, answers: dict[str, np.ndarray]) -> bool:
         """Whether the teacher's answers to cached rows asked anyway (the producer's audit) are the
         cache's, within the tolerance.  If not, it is another model (one its fingerprint did not
         tell apart): the cache is off for good, nothing more is stored, and the dispatcher hears
         why before this task's answer."""
         for name, fresh in answers.items():
-            apart = rows_apart(slots[cached_key(name)][where], fresh)
+            apart = rows_apart(slots.answers[name][where], fresh)
             if apart <= self.cfg.cache_tolerance:
                 continue
             self.audit_failed = (f"teacher {self.cfg.teacher} answers a cached row otherwise than the cache ({name!r} "
