@@ -63,14 +63,14 @@ class SlotLender:
     """
 
     def __init__(self, folder: str, release: Callable[[int], None]) -> None:
-        self._reader = SlotReader(folder)
+        self._slot_reader = SlotReader(folder)
         self._release = release
         self.lent: set[int] = set()  # slots whose views the loop may still hold
 
     def lend(self, task: protocol.Task, keep_limit: int, hold: bool = False) -> dict[str, np.ndarray]:
         """The task's slot arrays: views, or copies past ``keep_limit``.  With ``hold`` a copied
         task's slot stays taken until :meth:`give_back` (a teacher may have to read it again)."""
-        slot, arrays, mapping = self._reader.view(task.shm)
+        slot, arrays, mapping = self._slot_reader.view(task.shm)
         if len(self.lent) < keep_limit:
             self.lent.add(slot)
             weakref.finalize(mapping, self._returned, slot)

@@ -488,7 +488,7 @@ def _remove_folders_of_dead_student(cfg: WorkerConfig) -> None:
 
     Its workers outlive it by moments, so they remove its slot and ipc folders, each
     only once its lock is free (:func:`zdistill.student.shm.reclaim`): the student is provably
-    gone, and so is the reader process it forked, which dies with it.
+    gone, and so is the producer it forked, which dies with it.
     """
     ipc = os.path.dirname(cfg.dispatcher.removeprefix("ipc://"))
     for folder in (cfg.slots, ipc):

@@ -68,7 +68,7 @@ class StderrRelay:
     A thread, because workers also log between epochs, when nothing else in the student
     runs: a pipe nobody drains would block a worker at its next log line.  It writes
     with :func:`os.write` to file descriptor 2, so it never holds a lock (``sys.stderr``'s)
-    that the reader process, forked from the student, could inherit held.
+    that the producer, forked from the student, could inherit held.
     """
 
     def __init__(self) -> None:
