@@ -23,7 +23,8 @@ EXAMPLES: list[protocol.Msg] = [
     protocol.Grant(slots=[0, 3]),
     protocol.Task(epoch=2, task_id=7, slot=1, rows=64, nbytes=4096, sizes=[32, 32],
                   shm={"name": "slot-1", "size": 4096}, hits=8),
-    protocol.End(epoch=2, tasks=9, error={"type": "ValueError", "message": "boom"}),
+    protocol.End(epoch=2, tasks=9, error=protocol.RaisedError(type="ValueError", module="builtins", message="boom",
+                                                              traceback="Traceback ...")),
     protocol.Hello(pid=1234),
     protocol.Status(up=True, reason="", unusable="", max_batch_size=64, instances=2, cache="read-only"),
     protocol.Done(epoch=2, task_id=7, elapsed=0.5, service=0.25, cached=3),
@@ -99,7 +100,8 @@ def _defaults(msg: protocol.Msg) -> set[str]:
 @pytest.mark.parametrize("header", [
     {"kind": "grant", "slots": [0, "1"], "arrays": []},  # a list of the wrong items
     {"kind": "grant", "slots": [True], "arrays": []},  # a bool is not an int
-    {"kind": "end", "epoch": 1, "tasks": 2, "error": {"type": 3}, "arrays": []},
+    {"kind": "end", "epoch": 1, "tasks": 2, "error": {"type": 3, "module": "m", "message": ""}, "arrays": []},
+    {"kind": "end", "epoch": 1, "tasks": 2, "error": {"type": "ValueError"}, "arrays": []},  # no module, message
     {"kind": "status", "up": 1, "arrays": []},  # an int is not a bool
     {"kind": "credit", "slots": [0], "arrays": []},  # no such kind
     {"slots": [0], "arrays": []},  # no kind at all

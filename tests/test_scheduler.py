@@ -544,7 +544,8 @@ def test_on_end_returns_unused_grants_and_stops_granting():
 def test_an_end_with_an_error_sets_no_total():
     s = make(workers=0)
     produce(s, 1)
-    s.on_end(protocol.End(epoch=s.epoch, tasks=1, error={"type": "ValueError", "message": "boom"}))
+    boom = protocol.RaisedError(type="ValueError", module="builtins", message="boom")
+    s.on_end(protocol.End(epoch=s.epoch, tasks=1, error=boom))
     assert s.total is None and not s.finished
 
 

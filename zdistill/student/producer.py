@@ -215,20 +215,15 @@ def _die_with_parent() -> None:
         pass  # not Linux: the getppid() checks still catch it
 
 
-def describe_exception(exc: BaseException) -> dict[str, str]:
+def describe_exception(exc: BaseException) -> protocol.RaisedError:
     """The reader's exception as plain strings, for the end message."""
-    return {
-        "type": type(exc).__name__,
-        "module": type(exc).__module__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
+    return protocol.RaisedError(type=type(exc).__name__, module=type(exc).__module__, message=str(exc),
+                                traceback="".join(traceback.format_exception(exc)))
 
 
-def rebuild_exception(error: dict[str, str]) -> BaseException:
+def rebuild_exception(error: protocol.RaisedError) -> BaseException:
     """The reader's exception, re-created by type name (no pickle), else a ReaderError."""
-    name, module, message = str(error.get("type")), str(error.get("module")), str(error.get("message"))
-    remote = str(error.get("traceback", ""))
+    name, module, message, remote = error.type, error.module, error.message, error.traceback
     exc: BaseException
     try:
         cls = getattr(importlib.import_module(module), name)

@@ -69,12 +69,21 @@ class Task(Message, frozen=True, kw_only=True, tag="task"):
     hits: int | None = None  # rows answered from the teacher-output cache (None: no cache)
 
 
+class RaisedError(msgspec.Struct, frozen=True, kw_only=True):
+    """An exception of the user's reader, in plain strings (it is re-created by name, never unpickled)."""
+
+    type: str
+    module: str
+    message: str
+    traceback: str = ""
+
+
 class End(Message, frozen=True, kw_only=True, tag="end"):
     """The producer is done: ``tasks`` tasks made, or the reader raised ``error``."""
 
     epoch: int
     tasks: int
-    error: dict[str, str] | None = None  # type, module, message, traceback of the reader's exception
+    error: RaisedError | None = None  # what the reader raised, if it did
 
 
 class Hello(Message, frozen=True, kw_only=True, tag="hello"):
