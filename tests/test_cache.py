@@ -88,6 +88,9 @@ def test_second_epoch_new_student_and_other_model(start_teacher, tmp_path, data)
         assert rows_asked(teacher) == asked + 1, "epoch 2 went to the teacher beyond its audit"
         asked += 1
         stats = dr.stats()["cache"]
+        (cache / "another-readers-segment.zdc").write_bytes(bytes(4096))
+        # stats() is cheap enough to call every step: it walks the cache folder only every few seconds
+        assert dr.stats()["cache"]["bytes_stored"] == stats["bytes_stored"]
     np.testing.assert_array_equal(labels2, y)
     assert probs2.tobytes() == probs1.tobytes()  # bit for bit (an audited row agreeing keeps its cached answer)
     np.testing.assert_allclose(probs1, softmax_np(x), rtol=1e-5, atol=1e-6)

@@ -7,8 +7,7 @@ milliseconds instead of hanging an end-to-end test.
 
 from __future__ import annotations
 
-import dataclasses
-
+import msgspec
 import pytest
 
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
@@ -45,7 +44,7 @@ def add(s: Scheduler, i: int, up: bool = True) -> bytes:
 
 
 def task(s: Scheduler, task_id: int, slot: int, nbytes: int = 100, rows: int = 8, epoch: int | None = None):
-    return protocol.Task(epoch=s.epoch if epoch is None else epoch, task=task_id, slot=slot, rows=rows,
+    return protocol.Task(epoch=s.epoch if epoch is None else epoch, task_id=task_id, slot=slot, rows=rows,
                          nbytes=nbytes, sizes=[rows], shm={})
 
 
@@ -62,16 +61,16 @@ def produce(s: Scheduler, n: int, nbytes: int = 100, rows: int = 8) -> list[int]
 
 
 def sent(s: Scheduler, now: float = T0) -> list[tuple[bytes, int]]:
-    return [(identity, held.task.task) for identity, held in s.assignments(now)]
+    return [(identity, held.task.task_id) for identity, held in s.assignments(now)]
 
 
 def done(s: Scheduler, w: bytes, task_id: int, epoch: int | None = None, now: float = T0, elapsed: float = 0.01):
-    msg = protocol.Done(epoch=s.epoch if epoch is None else epoch, task=task_id, elapsed=elapsed, service=0.01)
+    msg = protocol.Done(epoch=s.epoch if epoch is None else epoch, task_id=task_id, elapsed=elapsed, service=0.01)
     return s.on_done(w, msg, 8, now)
 
 
 def undone(s: Scheduler, w: bytes, task_id: int, code: str, epoch: int | None = None, now: float = T0) -> None:
-    s.on_undone(w, protocol.Undone(epoch=s.epoch if epoch is None else epoch, task=task_id, code=code,
+    s.on_undone(w, protocol.Undone(epoch=s.epoch if epoch is None else epoch, task_id=task_id, code=code,
                                    message="no"), now)
 
 
@@ -155,7 +154,7 @@ def test_the_first_answer_wins_and_a_second_is_dropped():
     s.check(T0 + 11.0)
     assert sent(s) == [(w1, 0)]  # a copy
     held = done(s, w1, 0, now=T0 + 12.0)
-    assert held is not None and held.task.task == 0
+    assert held is not None and held.task.task_id == 0
     assert s.counters.tasks == 1 and s.counters.samples == 8
     assert s.teachers["teacher1"].tasks == 1
     assert done(s, w0, 0) is None
@@ -425,7 +424,7 @@ def test_begin_makes_window_plus_keep_limit_slots():
 
 def test_grants_stop_at_max_inflight_bytes():
     s = Scheduler(PipelineOptions(task_rows=1, max_inflight_bytes=350))
-    s.task_bytes.append(100)  # the latest task took 100 bytes: what a grant is priced at
+    s.recent_task_bytes.append(100)  # the latest task took 100 bytes: what a grant is priced at
     s.begin(1, T0)
     assert s.grants() == [0, 1, 2]  # a fourth would make 400 bytes
     assert s.grants() == []
@@ -448,7 +447,7 @@ def test_the_first_grant_is_one_slot_until_a_task_tells_what_a_task_costs():
 
 def test_a_big_task_still_gets_one_slot():
     s = Scheduler(PipelineOptions(task_rows=1, max_inflight_bytes=50))
-    s.task_bytes.append(100)  # bigger than the budget
+    s.recent_task_bytes.append(100)  # bigger than the budget
     s.begin(1, T0)
     assert s.grants() == [0]  # never none at all
     assert s.grants() == []
@@ -456,7 +455,7 @@ def test_a_big_task_still_gets_one_slot():
 
 def test_on_task_takes_only_a_task_in_a_granted_slot_of_this_epoch():
     s = Scheduler(PipelineOptions(task_rows=1, max_inflight_bytes=200))
-    s.task_bytes.append(100)
+    s.recent_task_bytes.append(100)
     s.begin(1, T0)
     assert s.grants() == [0, 1]
     assert not s.on_task(task(s, 0, 5), [])  # not granted
@@ -545,7 +544,8 @@ def test_on_end_returns_unused_grants_and_stops_granting():
 def test_an_end_with_an_error_sets_no_total():
     s = make(workers=0)
     produce(s, 1)
-    s.on_end(protocol.End(epoch=s.epoch, tasks=1, error={"type": "ValueError", "message": "boom"}))
+    boom = protocol.RaisedError(type="ValueError", module="builtins", message="boom")
+    s.on_end(protocol.End(epoch=s.epoch, tasks=1, error=boom))
     assert s.total is None and not s.finished
 
 
@@ -792,7 +792,7 @@ def test_a_task_answered_from_a_cache_no_longer_trusted_is_asked_again_whole():
     tasks = []
     for task_id, hits in ((0, 8), (1, 3)):
         s.grants()
-        tasks.append(protocol.Task(epoch=1, task=task_id, slot=min(s.granted), rows=8, nbytes=100, sizes=[8],
+        tasks.append(protocol.Task(epoch=1, task_id=task_id, slot=min(s.granted), rows=8, nbytes=100, sizes=[8],
                                    shm={}, hits=hits))
         assert s.on_task(tasks[-1], [b"frames"])
     assert 0 not in s.pending and sent(s) == [(wid(0), 1)]  # task 0 was answered whole: done at once
@@ -804,11 +804,11 @@ def test_a_task_answered_from_a_cache_no_longer_trusted_is_asked_again_whole():
         s.redo(t)
     assert (s.counters.tasks, s.counters.samples, s.counters.cache_hits) == (0, 0, 0)
     assigned = s.assignments(0.0)
-    assert [held.task.task for _, held in assigned] == [0, 1]
+    assert [held.task.task_id for _, held in assigned] == [0, 1]
     for _, held in assigned:
         assert held.task.hits is None and protocol.decode(held.wire)[0] == held.task
     assert not s.finished
     assert done(s, wid(0), 0) is not None and done(s, wid(0), 1) is not None
     assert s.finished and (s.counters.tasks, s.counters.samples) == (2, 16)
-    s.redo(dataclasses.replace(tasks[0], epoch=2))  # not this epoch's: nothing to do
+    s.redo(msgspec.structs.replace(tasks[0], epoch=2))  # not this epoch's: nothing to do
     assert not s.pending

@@ -32,9 +32,9 @@ from typing import Any
 import zmq
 
 from zdistill.client import TeacherClient, teacher_endpoint, unreachable
-from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout
+from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import TOLERANCE
-from zdistill.spec import TensorSpec
+from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student.batches import ReaderType
 from zdistill.student.options import PipelineOptions
 from zdistill.student.pipeline import Pipeline
@@ -86,7 +86,7 @@ class DistillReader:
         self.options = PipelineOptions()
         self._pipeline: Pipeline | None = None
         self._feeds: list[TensorSpec] = []  # what the teachers take, asked when the pipeline starts
-        self._meta: dict[str, Any] = {}  # the meta of the teacher those feeds came from
+        self._meta = TeacherMeta()  # the meta of the teacher those feeds came from
         self._cache: tuple[str, int | None, float] | None = None  # the teacher-output cache: path, max bytes, tolerance
         self._active: Iterator[Any] | None = None
         self._discovery: Any = None
@@ -357,7 +357,7 @@ class DistillReader:
                 raise TeacherTimeout(f"no teacher answered within {wait:.0f} s ({causes})")
             time.sleep(0.25)  # between rounds of refused connections: they fail in microseconds
 
-    def _ask_meta(self, ctx: zmq.Context, address: str, timeout: float = 2.0) -> tuple[dict[str, Any] | None, str]:
+    def _ask_meta(self, ctx: zmq.Context, address: str, timeout: float = 2.0) -> tuple[TeacherMeta | None, str]:
         """A teacher's meta, or None and why it did not come (a failed handshake is known at once)."""
         silent = (f"it accepts connections but does not answer in {timeout:g} s "
                   "(is it a zdistill-teacher? still loading its model?)")
@@ -376,7 +376,12 @@ class DistillReader:
                         continue
                     if isinstance(done.error, TeacherError):
                         raise ConfigError(f"teacher {address} refused meta: {done.error}")
-                    return (None, silent) if done.error is not None else (dict(done.header or {}), "")
+                    if done.error is not None:
+                        return None, silent
+                    try:
+                        return TeacherMeta.parse(done.header or {}), ""
+                    except WireError as exc:
+                        raise ConfigError(f"teacher {address} sent a {exc}") from None
                 client.disconnected()
                 if client.handshake_error:
                     return None, client.handshake_error
@@ -384,9 +389,9 @@ class DistillReader:
         finally:
             client.close()
 
-    def _check_meta(self, address: str, meta: dict[str, Any]) -> list[TensorSpec]:
-        feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
-        fetches = [f["name"] for f in meta.get("fetches", [])]
+    def _check_meta(self, address: str, meta: TeacherMeta) -> list[TensorSpec]:
+        feeds = meta.feeds
+        fetches = [f.name for f in meta.fetches]
         missing = [p for p in self._predicts if p not in fetches]
         if missing:
             raise ConfigError(f"predicts {missing} are not outputs of teacher {address}; its outputs are {fetches}")

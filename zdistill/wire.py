@@ -98,8 +98,22 @@ def encode(
     """Turn a header and named arrays into frames: the packed header, then raw arrays."""
     if ARRAYS_KEY in header:
         raise WireError(f"header key {ARRAYS_KEY!r} is reserved for the array table")
-    table = []
-    frames: list[bytes | np.ndarray] = [b""]
+    table, frames = pack_arrays(arrays)
+    try:
+        head = msgpack.packb({**header, ARRAYS_KEY: table}, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"header cannot be encoded: {exc}") from exc
+    return [head, *frames]
+
+
+def pack_arrays(arrays: Mapping[str, np.ndarray] | None) -> tuple[list[list[Any]], list[np.ndarray]]:
+    """The array table (``[name, dtype, shape]`` each) and the raw frames of ``arrays``, checked.
+
+    For senders that pack the header themselves (a typed header puts the table under
+    :data:`ARRAYS_KEY`); :func:`encode` is the plain-map sender.
+    """
+    table: list[list[Any]] = []
+    frames: list[np.ndarray] = []
     for name, value in (arrays or {}).items():
         if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
             raise WireError(f"array name {name!r:.80} is not a non-empty string of at most {_MAX_NAME} characters")
@@ -112,11 +126,7 @@ def encode(
             arr = arr.copy(order="C")
         table.append([name, arr.dtype.str, list(arr.shape)])
         frames.append(arr)
-    try:
-        frames[0] = msgpack.packb({**header, ARRAYS_KEY: table}, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise WireError(f"header cannot be encoded: {exc}") from exc
-    return frames
+    return table, frames
 
 
 def send(
@@ -126,12 +136,16 @@ def send(
     envelope: Sequence[bytes | zmq.Frame] = (),
     flags: int = 0,
 ) -> None:
-    """Send one message, after an optional routing ``envelope`` (ROUTER identities).
+    """Send one message, after an optional routing ``envelope`` (ROUTER identities)."""
+    send_frames(sock, [*envelope, *encode(header, arrays)], flags)
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[bytes | zmq.Frame | np.ndarray], flags: int = 0) -> None:
+    """Send encoded frames as one message.
 
     Frames above :data:`ZERO_COPY_THRESHOLD` go zero-copy; pyzmq keeps a reference
     to each array until libzmq has sent it, so callers may drop theirs at once.
     """
-    frames = [*envelope, *encode(header, arrays)]
     last = len(frames) - 1
     flags = int(flags)
     for i, frame in enumerate(frames):
@@ -141,6 +155,15 @@ def send(
 
 def decode(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
     """Check and decode frames (envelope already removed) into a :class:`Message`."""
+    header = _unpack_header(header_frame(frames, limits), limits)
+    table = header.pop(ARRAYS_KEY, None)
+    if not isinstance(table, list):
+        raise WireError(f"header has no {ARRAYS_KEY!r} list")
+    return Message(header, unpack_arrays(table, frames[1:], limits))
+
+
+def header_frame(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> memoryview:
+    """The header frame's bytes, once the frame count and the header size are within ``limits``."""
     if not frames:
         raise WireError("empty message")
     if len(frames) > limits.max_arrays + 1:
@@ -148,19 +171,22 @@ def decode(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DE
     head = _frame_bytes(frames[0])
     if len(head) > limits.max_header_bytes:
         raise WireError(f"header of {len(head)} bytes exceeds the limit of {limits.max_header_bytes}")
-    header = _unpack_header(head, limits)
-    table = header.pop(ARRAYS_KEY, None)
-    if not isinstance(table, list):
-        raise WireError(f"header has no {ARRAYS_KEY!r} list")
-    if len(table) != len(frames) - 1:
-        raise WireError(f"header lists {len(table)} arrays but {len(frames) - 1} array frames came")
+    return head
+
+
+def unpack_arrays(
+    table: Sequence[Any], frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS
+) -> dict[str, np.ndarray]:
+    """The named arrays of the array frames (those after the header), as the header's ``table`` lists them."""
+    if len(table) != len(frames):
+        raise WireError(f"header lists {len(table)} arrays but {len(frames)} array frames came")
     arrays: dict[str, np.ndarray] = {}
-    for entry, frame in zip(table, frames[1:], strict=True):
+    for entry, frame in zip(table, frames, strict=True):
         name, arr = _decode_array(entry, _frame_bytes(frame), limits)
         if name in arrays:
             raise WireError(f"array {name!r} appears twice")
         arrays[name] = arr
-    return Message(header, arrays)
+    return arrays
 
 
 def _unpack_header(head: memoryview, limits: Limits) -> dict[str, Any]:
@@ -183,7 +209,7 @@ def _unpack_header(head: memoryview, limits: Limits) -> dict[str, Any]:
 
 
 def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.ndarray]:
-    if not (isinstance(entry, list) and len(entry) == 3):
+    if not (isinstance(entry, list | tuple) and len(entry) == 3):
         raise WireError(f"array entry {entry!r:.80} is not [name, dtype, shape]")
     name, dtype_str, shape = entry
     if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
@@ -197,7 +223,7 @@ def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.
         except (TypeError, ValueError):
             raise WireError(f"array {name!r}: unknown dtype {dtype_str!r}") from None
     if (
-        not isinstance(shape, list)
+        not isinstance(shape, list | tuple)
         or len(shape) > _MAX_NDIM
         or not all(type(d) is int and d >= 0 for d in shape)
     ):

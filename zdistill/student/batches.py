@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,23 +41,48 @@ def predict_key(name: str) -> str:
     return "p:" + name
 
 
-def cached_key(name: str) -> str:
-    """A task slot array of the predictions the teacher-output cache had (rows not cached: zeros)."""
-    return "c:" + name
+@dataclass(frozen=True)
+class CacheSlots:
+    """The teacher-output cache's arrays in a task's slot, beside the reader's feeds.
+
+    The producer lays them out (:meth:`layout`) and fills them; the worker and the sink
+    read them (:meth:`of`).  In shared memory they are named arrays like the feeds, under
+    names with a ``:``, which this class alone knows.
+    """
+
+    stamp: np.ndarray  # (epoch, task id), written before anything else of the task
+    keys: np.ndarray  # each row's cache key (rows x 16 bytes)
+    hits: np.ndarray  # per row: the cache answered it
+    audit: np.ndarray  # per row: cached, but asked of the teacher anyway, to compare with the cache
+    answers: dict[str, np.ndarray]  # per output: the cache's answers (rows it had none for: zeros)
+
+    @staticmethod
+    def layout(rows: int, fetches: Sequence[TensorSpec]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes and dtypes of the cache's arrays for a task of ``rows`` rows."""
+        return {
+            _STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
+            _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool)),
+            **{_ANSWER + f.name: ((rows, *f.shape), np.dtype(f.dtype)) for f in fetches},
+        }
+
+    @classmethod
+    def of(cls, slots: Mapping[str, np.ndarray]) -> CacheSlots:
+        """The cache's arrays among a slot's (laid out by :meth:`layout`)."""
+        answers = {name[len(_ANSWER):]: arr for name, arr in slots.items() if name.startswith(_ANSWER)}
+        return cls(slots[_STAMP], slots[_KEYS], slots[_HITS], slots[_AUDIT], answers)
 
 
-KEYS_SLOT = "k:"  # a task slot array: each row's cache key (rows x 16 bytes)
-HITS_SLOT = "h:"  # a task slot array: which rows the cache answered
-ID_SLOT = "i:"  # a task slot array: (epoch, task), written before anything else of the task
-AUDIT_SLOT = "a:"  # a task slot array: cached rows asked of the teacher anyway, to compare with the cache
+_STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
 
 
 Allocator = Callable[[int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]
 
 
 @dataclass
-class Task:
-    """Consecutive samples of one epoch: slot arrays plus the reader batch sizes."""
+class BuiltTask:
+    """A task as the producer builds it: consecutive samples of one epoch in slot arrays, plus
+    the reader batch sizes.  What the producer tells the dispatcher of it is a
+    :class:`zdistill.student.protocol.Task`."""
 
     task_id: int
     slots: dict[str, np.ndarray]
@@ -224,7 +249,7 @@ class TaskBuilder:
     def tasks_made(self) -> int:
         return self._next_id
 
-    def add(self, item: Any) -> Iterator[Task]:
+    def add(self, item: Any) -> Iterator[BuiltTask]:
         """Take one item from the user's reader; yield a task whenever one is full."""
         if self.reader_type is ReaderType.SAMPLE:
             self._add_sample(item)
@@ -242,7 +267,7 @@ class TaskBuilder:
         if self._rows and (self._rows >= self.task_rows or self._rows * self._row_bytes >= self.task_bytes):
             yield self._cut()
 
-    def flush(self) -> Iterator[Task]:
+    def flush(self) -> Iterator[BuiltTask]:
         """The last, partial task of an epoch (of no rows when only empty batches are left)."""
         if self._sizes:
             yield self._cut()
@@ -320,7 +345,7 @@ class TaskBuilder:
             if name in self.feeds and shape[0]:
                 check_feed(name, shape[1:], self.feeds[name])
 
-    def _cut(self) -> Task:
+    def _cut(self) -> BuiltTask:
         specs = {name: self._plan(name, part) for name, part in zip(self.ins, self._parts, strict=True)}
         self._check(specs)
         slots, descriptor = self.allocate(self._next_id, specs)
@@ -339,7 +364,7 @@ class TaskBuilder:
             if name in self.feeds and rows:
                 check_values(arr, self.feeds[name])  # before a teacher gets a value its dtype cannot hold
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
-        task = Task(self._next_id, slots, sizes, descriptor)
+        task = BuiltTask(self._next_id, slots, sizes, descriptor)
         self._next_id += 1
         self._parts = [[] for _ in self.ins]
         self._sizes, self._rows = [], 0

@@ -21,6 +21,7 @@ to read :meth:`snapshot`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -38,9 +39,10 @@ import zmq
 from zdistill.errors import ReaderError, WireError
 from zdistill.student import protocol
 from zdistill.student.cache import CacheGate
+from zdistill.student.children import describe_exit
 from zdistill.student.options import PipelineOptions
-from zdistill.student.producer import describe_exit, rebuild_exception
-from zdistill.student.scheduler import Plan, Scheduler, cached_whole, uncached
+from zdistill.student.producer import rebuild_exception
+from zdistill.student.scheduler import Counters, Plan, Scheduler, TeacherStats, cached_whole, uncached
 from zdistill.student.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -94,15 +96,31 @@ class Planned:
 
 
 @dataclass(frozen=True)
-class Result:
+class Answer:
+    """A task's first answer from a worker (later ones are dropped)."""
+
     epoch: int
     task: protocol.Task
     arrays: dict[str, np.ndarray]  # the predictions
-    cached: int = 0  # rows of them taken from the teacher-output cache
+    cached: int = 0  # rows of them the worker took from the teacher-output cache
 
 
 @dataclass(frozen=True)
-class Finished:
+class CachedAnswer:
+    """A task the cache answered whole, with no worker: its predictions are in its slot."""
+
+    epoch: int
+    task: protocol.Task
+
+    @property
+    def cached(self) -> int:
+        return self.task.rows
+
+
+@dataclass(frozen=True)
+class AllAnswered:
+    """Every task the epoch's producer made is answered: the epoch has ``tasks`` tasks."""
+
     epoch: int
     tasks: int
 
@@ -113,7 +131,25 @@ class Failed:
     error: BaseException
 
 
-Event = Planned | Result | Finished | Failed
+Answered = Answer | CachedAnswer
+Event = Planned | Answered | AllAnswered | Failed
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The dispatcher's state for ``DistillReader.stats()``: copies, taken under its lock."""
+
+    counters: Counters
+    workers_restarted: int
+    task_rows: int  # of the next epoch (Scheduler.plan)
+    in_flight: int  # tasks per worker of the next epoch
+    tasks_in_flight: int  # built, not yet answered
+    teachers: dict[str, TeacherStats]  # every teacher seen
+    in_use: set[str]  # the teachers a worker runs for now
+    worker_pids: dict[str, int]  # teacher -> its worker's PID
+    workers_spawned: int
+    producer_pid: int | None  # the producer of the epoch running, if any
+    cache_ok: bool  # False once a teacher's answers could not go to the cache
 
 
 class Dispatcher:
@@ -177,20 +213,23 @@ class Dispatcher:
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> Snapshot:
         with self.lock:
             s = self.sched
-            return {
-                "counters": {**s.counters.__dict__, "workers_restarted": self.pool.restarted},
-                "plan": s.plan(len(s.workers)),
-                "tasks_in_flight": len(s.pending),
-                "teachers": {name: {**t.__dict__} for name, t in s.teachers.items()},
-                "in_use": {p.teacher for p in self.pool.workers.values()},
-                "worker_pids": {p.teacher: p.popen.pid for p in self.pool.workers.values()},
-                "workers_spawned": self.pool.spawned,
-                "reader_pid": self._producer_pid,
-                "cache_ok": self.cache_ok,
-            }
+            task_rows, in_flight = s.plan(len(s.workers))
+            return Snapshot(
+                counters=dataclasses.replace(s.counters),
+                workers_restarted=self.pool.restarted,
+                task_rows=task_rows,
+                in_flight=in_flight,
+                tasks_in_flight=len(s.pending),
+                teachers={name: dataclasses.replace(t) for name, t in s.teachers.items()},
+                in_use={p.teacher for p in self.pool.workers.values()},
+                worker_pids={p.teacher: p.popen.pid for p in self.pool.workers.values()},
+                workers_spawned=self.pool.spawned,
+                producer_pid=self._producer_pid,
+                cache_ok=self.cache_ok,
+            )
 
     def _wake(self) -> None:
         if self._closed:
@@ -248,7 +287,7 @@ class Dispatcher:
         s = self.sched
         if s.active and s.finished and not self._said_finished:
             self._said_finished = True
-            self.events.put(Finished(s.epoch, s.total or 0))
+            self.events.put(AllAnswered(s.epoch, s.total or 0))
 
     def _on_command(self, cmd: Any) -> None:
         if isinstance(cmd, SetTeachers):
@@ -335,7 +374,7 @@ class Dispatcher:
                 if held is not None and msg.cached and self.gate.closed:
                     self.sched.redo(held.task)  # its cached rows may be another model's
                 elif held is not None:
-                    self.events.put(Result(msg.epoch, held.task, arrays, msg.cached))
+                    self.events.put(Answer(msg.epoch, held.task, arrays, msg.cached))
             elif isinstance(msg, protocol.Undone):
                 self.sched.on_undone(identity, msg, time.monotonic())
             elif isinstance(msg, protocol.Status):
@@ -354,8 +393,8 @@ class Dispatcher:
             try:
                 self._router.send_multipart([identity, *held.wire], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # gone, or not connected yet: the task waits for another
-                log.debug("could not send task %d to worker %r: %s", held.task.task, identity, exc)
-                self.sched.unsent(identity, held.task.task)
+                log.debug("could not send task %d to worker %r: %s", held.task.task_id, identity, exc)
+                self.sched.unsent(identity, held.task.task_id)
 
     def _supervise(self, now: float) -> None:
         if self._membership is not None:
@@ -385,7 +424,7 @@ class Dispatcher:
                 if msg.hits and self.gate.closed:  # looked up before the producer saw the gate close
                     msg, frames = uncached(msg)
                 if self.sched.on_task(msg, frames) and cached_whole(msg):
-                    self.events.put(Result(msg.epoch, msg, {}, msg.rows))  # its predictions are in its slot
+                    self.events.put(CachedAnswer(msg.epoch, msg))
             elif isinstance(msg, protocol.End):
                 self._producer_ended = True
                 if msg.error is not None:
@@ -415,8 +454,9 @@ class Dispatcher:
                 if self._producer is not None and self._producer.poll(200):  # its last words may be in transit
                     self._read_producer()
                 if not self._producer_ended:
+                    how = describe_exit(os.waitstatus_to_exitcode(status))
                     raise ReaderError(
-                        f"the reader process (pid {pid}) {describe_exit(status)} before the end of the epoch; "
+                        f"the reader process (pid {pid}) {how} before the end of the epoch; "
                         "if the machine ran out of memory, the kernel's log (dmesg) names it"
                     )
 

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import numbers
+import typing
 from dataclasses import dataclass
+from typing import Any
+
+from zdistill.errors import ConfigError
+
+# Knobs where 0 means something (no retry, no wait, no floor); every other knob must be > 0.
+_MAY_BE_ZERO = frozenset({"max_retries", "teacher_wait", "straggler_min"})
 
 
 @dataclass(kw_only=True)
@@ -31,3 +41,32 @@ class PipelineOptions:
     stall_timeout: float = 60.0  # no progress this long: send every missing task again
     straggler_factor: float = 4.0  # the next task late by this many typical task times is sent again
     straggler_min: float = 0.5  # ...but never sooner than this many seconds
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, _checked(name, value))
+
+
+@functools.cache
+def _types() -> dict[str, Any]:
+    """Each knob's annotated type (``int``, ``float``, ``int | None``), resolved once."""
+    hints = typing.get_type_hints(PipelineOptions)
+    return {f.name: hints[f.name] for f in dataclasses.fields(PipelineOptions)}
+
+
+def _checked(name: str, value: Any) -> int | float | None:
+    """``value`` as knob ``name`` takes it, or a ConfigError saying what the knob needs."""
+    kind = _types().get(name)
+    if kind is None:
+        raise ConfigError(f"PipelineOptions has no knob {name!r} (knobs: {', '.join(_types())})")
+    if value is None and kind == int | None:
+        return None
+    number = int if kind in (int, int | None) else float
+    wanted = numbers.Integral if number is int else numbers.Real
+    floor = "0 or more" if name in _MAY_BE_ZERO else "more than 0"
+    if not isinstance(value, wanted) or isinstance(value, bool):
+        raise ConfigError(f"PipelineOptions.{name} must be {'an int' if number is int else 'a number'} "
+                          f"({floor}{' or None' if kind != number else ''}), got {value!r:.40}")
+    value = number(value)
+    if not (value >= 0 if name in _MAY_BE_ZERO else value > 0):  # a NaN fails both
+        raise ConfigError(f"PipelineOptions.{name} must be {floor}, got {value!r}")
+    return value

@@ -32,7 +32,7 @@ import zmq
 
 from zdistill.errors import ClosedError
 from zdistill.fingerprint import usable
-from zdistill.spec import TensorSpec
+from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student import dispatcher as d
 from zdistill.student.batches import ReaderType
 from zdistill.student.cache import CacheIndex, cacheable, default_max_bytes, evict, namespace_for, stored_bytes
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _PLAN_WAIT = 30.0  # seconds the training loop waits for the dispatcher to plan an epoch
 _CLOSED_CHECK = 0.1  # seconds between a waiting loop's looks at whether the reader was closed
+_STORED_BYTES_EVERY = 5.0  # seconds between walks of the cache folder for stats()' bytes_stored
 
 
 def _shutdown(dispatcher: d.Dispatcher, folders: list[PrivateFolder], ctx: zmq.Context, owner: int) -> None:
@@ -115,6 +116,7 @@ class Pipeline:
         self.feeds: list[TensorSpec] = []  # what the teachers take: workers check each teacher against it
         self.cache: CacheIndex | None = None  # the teacher-output cache, if the reader has one (use_cache)
         self.cache_root, self.cache_max_bytes, self.cache_tolerance = "", 0, 0.0
+        self._stored_bytes = (-_STORED_BYTES_EVERY, 0)  # (when, bytes): the cache folder's size, walked now and then
         self.dispatcher = d.Dispatcher(self.ctx, self.folder, options, self._worker_command)
         self.lender = SlotLender(self.slots_folder, self.dispatcher.release)
         self.epochs = 0
@@ -147,7 +149,7 @@ class Pipeline:
         """Workers for these teachers (and, for dynamic teachers, where to hear of changes)."""
         self.dispatcher.post(d.SetTeachers(list(teachers), membership))
 
-    def use_cache(self, root: str, meta: dict[str, Any], max_bytes: int | None, tolerance: float) -> None:
+    def use_cache(self, root: str, meta: TeacherMeta, max_bytes: int | None, tolerance: float) -> None:
         """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta``
         names and by its fingerprint (its answers to the probe batch, :mod:`zdistill.fingerprint`),
         which every teacher must reproduce within ``tolerance``.
@@ -157,12 +159,11 @@ class Pipeline:
         cache's folder cannot be made (a read-only file system), the cache cannot be used:
         that is logged once and the reader runs without.
         """
-        model_id = meta.get("model_id")
-        specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
-        fetches = [specs[name] for name in self.predicts]
-        fp, why = usable(meta.get("fingerprint"), self.predicts, "the teacher", tolerance)
+        model_id = meta.model_id
+        fetches = meta.fetches_named(self.predicts)  # the reader checked they are all there
+        fp, why = usable(meta.fingerprint, self.predicts, "the teacher", tolerance)
         why = cacheable(fetches) or why
-        if not isinstance(model_id, str) or not model_id:
+        if not model_id:
             why = "the teacher's meta has no model_id (a zdistill-teacher older than the cache?)"
         if why or fp is None:
             log.warning("the teacher-output cache at %s is not used: %s", root, why)
@@ -200,42 +201,59 @@ class Pipeline:
         now = time.monotonic()
         busy = self.busy_seconds + (now - self._epoch_started if self._epoch_started else 0.0)
         snap = self.dispatcher.snapshot()
-        counters = dict(snap["counters"])
-        cache = {"hits": counters.pop("cache_hits"), "misses": counters.pop("cache_misses"),
-                 "bytes_stored": stored_bytes(self.cache_root) if self.cache_root else 0,
-                 "enabled": self.cache is not None and snap["cache_ok"]}
-        task_rows, in_flight = snap["plan"]
+        c = snap.counters
         return {
-            **counters,
-            "samples_per_s": counters["samples"] / busy if busy else 0.0,
+            "tasks": c.tasks,
+            "samples": c.samples,
+            "resent": c.resent,
+            "returned": c.returned,
+            "failed": c.failed,
+            "timed_out": c.timed_out,
+            "straggler_resends": c.straggler_resends,
+            "duplicates_dropped": c.duplicates_dropped,
+            "workers_restarted": snap.workers_restarted,
+            "samples_per_s": c.samples / busy if busy else 0.0,
             "wait_s": self.wait_seconds + (self._sink.wait_seconds if self._sink else 0.0),
-            "task_rows": task_rows,  # rows per task of the next epoch (see Scheduler.plan)
-            "in_flight": in_flight,  # tasks per worker of the next epoch
-            "tasks_in_flight": snap["tasks_in_flight"],  # built, not yet answered
+            "task_rows": snap.task_rows,  # rows per task of the next epoch (see Scheduler.plan)
+            "in_flight": snap.in_flight,  # tasks per worker of the next epoch
+            "tasks_in_flight": snap.tasks_in_flight,  # built, not yet answered
             "tasks_buffered": len(self._sink.buffer) if self._sink else 0,  # answered, waiting for an earlier one
-            "reader_pid": snap["reader_pid"],  # the producer of the epoch running, if any
-            "workers": snap["worker_pids"],  # the current teachers' worker processes: teacher -> PID
-            "workers_spawned": snap["workers_spawned"],
+            "reader_pid": snap.producer_pid,  # the producer of the epoch running, if any
+            "workers": snap.worker_pids,  # the current teachers' worker processes: teacher -> PID
+            "workers_spawned": snap.workers_spawned,
             "folders": [self.folder, self.slots_folder],
-            "cache": cache,  # the teacher-output cache: rows answered from it, rows asked, bytes on disk
+            # the teacher-output cache: rows answered from it, rows asked, bytes on disk
+            "cache": {"hits": c.cache_hits, "misses": c.cache_misses, "bytes_stored": self._cache_bytes(now),
+                      "enabled": self.cache is not None and snap.cache_ok},
             "teachers": {
                 name: {
-                    "up": t["up"],
-                    "in_use": name in snap["in_use"],
-                    "tasks": t["tasks"],
-                    "samples": t["samples"],
-                    "samples_per_s": t["samples"] / busy if busy else 0.0,
-                    "failed": t["failed"],
-                    "timed_out": t["timed_out"],
-                    "returned": t["returned"],
-                    "reason": t["reason"],
-                    "state_age_s": now - t["changed_at"] if t["changed_at"] else None,
-                    "first_task_at": t["first_task_at"] or None,
-                    "changed_at": t["changed_at"] or None,
+                    "up": t.up,
+                    "in_use": name in snap.in_use,
+                    "tasks": t.tasks,
+                    "samples": t.samples,
+                    "samples_per_s": t.samples / busy if busy else 0.0,
+                    "failed": t.failed,
+                    "timed_out": t.timed_out,
+                    "returned": t.returned,
+                    "reason": t.reason,
+                    "state_age_s": now - t.changed_at if t.changed_at else None,
+                    "first_task_at": t.first_task_at or None,
+                    "changed_at": t.changed_at or None,
                 }
-                for name, t in snap["teachers"].items()
+                for name, t in snap.teachers.items()
             },
         }
+
+    def _cache_bytes(self, now: float) -> int:
+        """Bytes of the cache folder's segments, walked at most every few seconds: stats() may be
+        called every step, and the folder may hold millions of rows (other readers add to it too)."""
+        if not self.cache_root:
+            return 0
+        at, size = self._stored_bytes
+        if now - at >= _STORED_BYTES_EVERY:
+            size = stored_bytes(self.cache_root)
+            self._stored_bytes = (now, size)
+        return size
 
     def epoch(self, reader: Callable[[], Iterable[Any]], reader_type: ReaderType) -> Iterator[Any]:
         """Run the reader once through the teachers and yield EDL's output, in order."""

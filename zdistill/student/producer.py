@@ -35,21 +35,17 @@ from zdistill.errors import ReaderError
 from zdistill.spec import TensorSpec
 from zdistill.student import protocol
 from zdistill.student.batches import (
-    AUDIT_SLOT,
-    HITS_SLOT,
-    ID_SLOT,
-    KEYS_SLOT,
+    BuiltTask,
+    CacheSlots,
     ReaderType,
-    Task,
     TaskBuilder,
-    cached_key,
 )
 from zdistill.student.cache import CacheGate, CacheIndex, key_seed, row_keys
+from zdistill.student.children import POLL_MS, ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotWriter
 
 log = logging.getLogger(__name__)
 
-_POLL_MS = 100
 AUDIT_EVERY = 64  # of the tasks with cached rows, the first of an epoch and then one in this many has one audited
 _END_LINGER_MS = 10_000  # how long the end may wait to be delivered when the producer exits
 
@@ -73,10 +69,6 @@ class ProducerConfig:
     cache: CacheIndex | None = None  # the teacher-output cache, refreshed just before the fork
     cache_feeds: list[str] = field(default_factory=list)  # the slots a row's cache key covers
     cache_gate: CacheGate | None = None  # closed: the cache is no longer trusted, look nothing up
-
-
-class ParentGone(Exception):
-    """The student process died: leave at once."""
 
 
 class Producer:
@@ -130,16 +122,12 @@ class Producer:
         if cache is None:
             return self.slots.allocate(slot, specs)
         rows = next(iter(specs.values()))[0][0]
-        specs = {
-            **specs, ID_SLOT: ((2,), np.dtype(np.int64)), KEYS_SLOT: ((rows, 16), np.dtype(np.uint8)),
-            HITS_SLOT: ((rows,), np.dtype(bool)), AUDIT_SLOT: ((rows,), np.dtype(bool)),
-            **{cached_key(f.name): ((rows, *f.shape), np.dtype(f.dtype)) for f in cache.fetches},
-        }
-        arrays, descriptor = self.slots.allocate(slot, specs)
-        arrays[ID_SLOT][:] = (self.cfg.epoch, task_id)  # first: a worker still on the slot's last task sees it
+        arrays, descriptor = self.slots.allocate(slot, {**specs, **CacheSlots.layout(rows, cache.fetches)})
+        # first: a worker still on the slot's last task sees that it changed
+        CacheSlots.of(arrays).stamp[:] = (self.cfg.epoch, task_id)
         return arrays, descriptor
 
-    def _look_up(self, task: Task) -> int:
+    def _look_up(self, task: BuiltTask) -> int:
         """Answer the task's rows the cache has, in its slot; the number answered.
 
         An audit: in the first task of the epoch with cached rows, and then in one of every
@@ -153,10 +141,10 @@ class Producer:
         assert cache is not None
         feeds = [task.slots[name] for name in self.cfg.cache_feeds]
         seed = key_seed({name: (a.dtype.str, a.shape[1:]) for name, a in zip(self.cfg.cache_feeds, feeds, strict=True)})
-        keys = task.slots[KEYS_SLOT]
-        keys[:] = row_keys(feeds, seed)
-        found = cache.lookup(keys)
-        hit, audit = task.slots[HITS_SLOT], task.slots[AUDIT_SLOT]
+        mine = CacheSlots.of(task.slots)
+        mine.keys[:] = row_keys(feeds, seed)
+        found = cache.lookup(mine.keys)
+        hit, audit = mine.hits, mine.audit
         hit[:] = False
         audit[:] = False
         rows = np.flatnonzero(found >= 0)
@@ -168,7 +156,7 @@ class Producer:
         if not len(rows):
             return 0
         for name, arr in answers.items():
-            task.slots[cached_key(name)][rows] = arr[served]
+            mine.answers[name][rows] = arr[served]
         hit[rows] = True
         self.since_audit += 1
         if self.since_audit >= AUDIT_EVERY:
@@ -181,30 +169,22 @@ class Producer:
     def _wait_for_grant(self) -> None:
         if os.getppid() != self.cfg.parent_pid:
             raise ParentGone
-        if self.sock.poll(_POLL_MS):
+        if self.sock.poll(POLL_MS):
             msg, _ = protocol.decode(self.sock.recv_multipart())
             if isinstance(msg, protocol.Grant):
                 self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
 
-    def _send(self, task: Task) -> None:
+    def _send(self, task: BuiltTask) -> None:
         gate = self.cfg.cache_gate
         usable = self.cfg.cache is not None and task.rows and not (gate and gate.closed)
         hits = self._look_up(task) if usable else None
         self._tell(protocol.Task(
-            epoch=self.cfg.epoch, task=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
+            epoch=self.cfg.epoch, task_id=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
             nbytes=task.nbytes, sizes=task.sizes, shm=task.descriptor, hits=hits,
         ))
 
     def _tell(self, msg: protocol.Msg) -> None:
-        """A message to the dispatcher, waiting for room only while the student lives."""
-        while True:
-            try:
-                protocol.send(self.sock, msg, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if os.getppid() != self.cfg.parent_pid:
-                    raise ParentGone from None
-                self.sock.poll(_POLL_MS, zmq.POLLOUT)
+        send_while_parent_lives(self.sock, msg, self.cfg.parent_pid)
 
 
 def run_producer(cfg: ProducerConfig) -> NoReturn:
@@ -235,20 +215,15 @@ def _die_with_parent() -> None:
         pass  # not Linux: the getppid() checks still catch it
 
 
-def describe_exception(exc: BaseException) -> dict[str, str]:
+def describe_exception(exc: BaseException) -> protocol.RaisedError:
     """The reader's exception as plain strings, for the end message."""
-    return {
-        "type": type(exc).__name__,
-        "module": type(exc).__module__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
-    }
+    return protocol.RaisedError(type=type(exc).__name__, module=type(exc).__module__, message=str(exc),
+                                traceback="".join(traceback.format_exception(exc)))
 
 
-def rebuild_exception(error: dict[str, str]) -> BaseException:
+def rebuild_exception(error: protocol.RaisedError) -> BaseException:
     """The reader's exception, re-created by type name (no pickle), else a ReaderError."""
-    name, module, message = str(error.get("type")), str(error.get("module")), str(error.get("message"))
-    remote = str(error.get("traceback", ""))
+    name, module, message, remote = error.type, error.module, error.message, error.traceback
     exc: BaseException
     try:
         cls = getattr(importlib.import_module(module), name)
@@ -260,15 +235,4 @@ def rebuild_exception(error: dict[str, str]) -> BaseException:
     exc.add_note(f"raised in the DistillReader's reader process:\n{remote}")
     return exc
 
-
-def describe_exit(status: int) -> str:
-    """A wait status in words: ``killed by signal 9 (SIGKILL)``, ``exited with code 1``."""
-    if os.WIFSIGNALED(status):
-        number = os.WTERMSIG(status)
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = "unknown"
-        return f"killed by signal {number} ({name})"
-    return f"exited with code {os.waitstatus_to_exitcode(status)}"
 

@@ -21,40 +21,46 @@ kind          from -> to               says
 
 Credit is implicit: the dispatcher counts what each worker holds (tasks sent, not yet
 answered) and what slots the producer may fill, so no message carries credit and
-nothing is re-negotiated at an epoch's start.  Each class checks the types of what a
-peer sent (:func:`parse`), so a malformed message is a :class:`WireError`, never a
-``KeyError`` deep in the dispatcher.
+nothing is re-negotiated at an epoch's start.  Each kind is a msgspec ``Struct``
+tagged by its ``kind``: the header frame is decoded straight into it, every field
+type-checked by msgspec, so a malformed message is a :class:`WireError`, never a
+``KeyError`` deep in the dispatcher.  Arrays stay raw frames (:mod:`zdistill.wire`):
+only the header is typed, and its array table (``arrays``) is checked by the wire.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
+import msgspec
 import numpy as np
 import zmq
 
 from zdistill import wire
 from zdistill.errors import WireError
 
+ArrayEntry = tuple[str, str, list[int]]  # one row of the wire's array table: name, dtype, shape
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Grant:
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", forbid_unknown_fields=True):
+    """A data-plane message; its class is its ``kind`` on the wire."""
+
+    # The wire's array table (zdistill.wire.ARRAYS_KEY): set by send, checked by decode.
+    table: list[ArrayEntry] = msgspec.field(default_factory=list, name=wire.ARRAYS_KEY)
+
+
+class Grant(Message, frozen=True, kw_only=True, tag="grant"):
     """Slots the producer may build its next tasks in (credit, in slots)."""
 
-    kind: ClassVar[str] = "grant"
     slots: list[int]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Task:
+class Task(Message, frozen=True, kw_only=True, tag="task"):
     """A task built in shared memory: where its slot arrays are, and the reader's batch sizes."""
 
-    kind: ClassVar[str] = "task"
     epoch: int
-    task: int
+    task_id: int
     slot: int  # the shared-memory slot it is built in
     rows: int
     nbytes: int  # bytes of its slot arrays
@@ -63,29 +69,32 @@ class Task:
     hits: int | None = None  # rows answered from the teacher-output cache (None: no cache)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class End:
+class RaisedError(msgspec.Struct, frozen=True, kw_only=True):
+    """An exception of the user's reader, in plain strings (it is re-created by name, never unpickled)."""
+
+    type: str
+    module: str
+    message: str
+    traceback: str = ""
+
+
+class End(Message, frozen=True, kw_only=True, tag="end"):
     """The producer is done: ``tasks`` tasks made, or the reader raised ``error``."""
 
-    kind: ClassVar[str] = "end"
     epoch: int
     tasks: int
-    error: dict[str, str] | None = None  # type, module, message, traceback of the reader's exception
+    error: RaisedError | None = None  # what the reader raised, if it did
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Hello:
+class Hello(Message, frozen=True, kw_only=True, tag="hello"):
     """A worker's first word: it runs (a later exit is a crash, not a failed start)."""
 
-    kind: ClassVar[str] = "hello"
     pid: int
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Status:
+class Status(Message, frozen=True, kw_only=True, tag="status"):
     """What a worker knows of its teacher, sent on every change."""
 
-    kind: ClassVar[str] = "status"
     up: bool
     reason: str = ""  # why it is down
     unusable: str = ""  # why its teacher cannot take this reader's tasks (waiting will not help)
@@ -94,90 +103,57 @@ class Status:
     cache: str = ""  # why its answers cannot go to the reader's cache ("" when they can, or no cache)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Done:
+class Done(Message, frozen=True, kw_only=True, tag="done"):
     """A task answered; its predictions travel as the message's arrays."""
 
-    kind: ClassVar[str] = "done"
     epoch: int
-    task: int
+    task_id: int
     elapsed: float  # since the worker got it
     service: float  # the teacher's time for it, not counting its wait behind the worker's other tasks
     cached: int = 0  # rows of the predictions taken from the teacher-output cache, not from the teacher
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Undone:
+class Undone(Message, frozen=True, kw_only=True, tag="undone"):
     """A task not answered.  ``code`` ``returned``: the worker could not run it (teacher down,
     unusable, or the worker retiring), so it goes elsewhere without counting as a failure;
     any other code is the teacher's refusal (``TeacherError.code``)."""
 
-    kind: ClassVar[str] = "undone"
     epoch: int
-    task: int
+    task_id: int
     code: str
     message: str = ""
 
 
 Msg = Grant | Task | End | Hello | Status | Done | Undone
-KINDS: dict[str, type[Msg]] = {cls.kind: cls for cls in typing.get_args(Msg)}
 RETURNED = "returned"
 
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Msg)
 
-def header(msg: Msg) -> dict[str, Any]:
-    """The wire header of ``msg`` (its fields and its kind)."""
-    return {"kind": msg.kind, **{f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}}
+
+def encode(msg: Msg, arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | np.ndarray]:
+    """The frames of ``msg`` and its ``arrays``: the typed header (with the array table), then raw arrays."""
+    table, frames = wire.pack_arrays(arrays)
+    if table:
+        msg = msgspec.structs.replace(msg, table=table)
+    return [_ENCODER.encode(msg), *frames]
 
 
 def send(
     sock: zmq.Socket, msg: Msg, arrays: Mapping[str, np.ndarray] | None = None,
     envelope: Sequence[bytes] = (), flags: int = 0,
 ) -> None:
-    wire.send(sock, header(msg), arrays, envelope=envelope, flags=flags)
-
-
-def parse(message: wire.Message) -> Msg:
-    """The typed message of a decoded wire message; WireError if any field is missing or mistyped."""
-    cls = KINDS.get(message.kind)
-    if cls is None:
-        raise WireError(f"unknown data-plane message kind {message.kind!r:.40}")
-    values = {}
-    for name, check in _checks(cls):
-        if name not in message.header:
-            continue  # a field with a default; a required one is caught by the constructor
-        value = message.header[name]
-        if not check(value):
-            raise WireError(f"{cls.kind} message: field {name!r} has a bad value {value!r:.80}")
-        values[name] = value
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise WireError(f"{cls.kind} message: {exc}") from None
+    """Send ``msg`` and its ``arrays`` as one message, after an optional routing ``envelope``."""
+    wire.send_frames(sock, [*envelope, *encode(msg, arrays)], flags)
 
 
 def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[Msg, dict[str, np.ndarray]]:
-    """Frames (envelope removed) to a typed message and its arrays."""
-    message = wire.decode(frames)
-    return parse(message), message.arrays
+    """Frames (envelope removed) to a typed message and its arrays; WireError for anything malformed."""
+    head = wire.header_frame(frames)
+    try:
+        msg = _DECODER.decode(head)
+    except msgspec.DecodeError as exc:  # ValidationError included: a missing, extra or mistyped field
+        raise WireError(f"data-plane message: {exc}") from None
+    arrays = wire.unpack_arrays(msg.table, frames[1:]) if len(frames) > 1 or msg.table else {}
+    return msg, arrays
 
-
-_CHECKERS: dict[str, typing.Callable[[Any], bool]] = {
-    "int": lambda v: type(v) is int,
-    "int | None": lambda v: v is None or type(v) is int,
-    "float": lambda v: type(v) in (int, float),
-    "str": lambda v: type(v) is str,
-    "bool": lambda v: type(v) is bool,
-    "list[int]": lambda v: type(v) is list and all(type(x) is int for x in v),
-    "list[int] | None": lambda v: v is None or (type(v) is list and all(type(x) is int for x in v)),
-    "dict[str, Any]": lambda v: type(v) is dict,
-    "dict[str, str] | None": lambda v: v is None or (type(v) is dict and all(type(x) is str for x in v.values())),
-}
-_CHECKS: dict[type, list[tuple[str, typing.Callable[[Any], bool]]]] = {}
-
-
-def _checks(cls: type) -> list[tuple[str, typing.Callable[[Any], bool]]]:
-    """Per field of ``cls``: a type check, from its annotation (made once per class)."""
-    checks = _CHECKS.get(cls)
-    if checks is None:
-        checks = _CHECKS[cls] = [(f.name, _CHECKERS[str(f.type)]) for f in dataclasses.fields(cls)]
-    return checks

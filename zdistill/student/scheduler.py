@@ -32,7 +32,6 @@ of its own (callers pass ``now``), so its rules are unit-tested with plain calls
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import logging
 import math
@@ -41,7 +40,8 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from zdistill import wire
+import msgspec
+
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
 from zdistill.student import protocol
 from zdistill.student.options import PipelineOptions
@@ -134,8 +134,8 @@ def cached_whole(task: protocol.Task) -> bool:
 
 def uncached(task: protocol.Task) -> tuple[protocol.Task, list[Any]]:
     """``task`` to be answered whole by a teacher, its cached rows ignored, and its frames."""
-    task = dataclasses.replace(task, hits=None)
-    return task, wire.encode(protocol.header(task))
+    task = msgspec.structs.replace(task, hits=None)
+    return task, protocol.encode(task)
 
 
 class Scheduler:
@@ -169,7 +169,7 @@ class Scheduler:
         self.task_times: deque[float] = deque(maxlen=64)  # a median: stragglers must not raise it
         self.row_service: deque[float] = deque(maxlen=64)  # teacher time per row
         self.task_sizes: deque[int] = deque(maxlen=64)
-        self.task_bytes: deque[int] = deque(maxlen=8)  # bytes of the latest tasks: what a grant may cost
+        self.recent_task_bytes: deque[int] = deque(maxlen=8)  # bytes of the latest tasks: what a grant may cost
         self.row_bytes = 0
 
     # -- workers ------------------------------------------------------------------
@@ -250,7 +250,7 @@ class Scheduler:
         """
         if not self.active or self.total is not None:
             return []
-        typical = max(self.task_bytes, default=0)
+        typical = max(self.recent_task_bytes, default=0)
         out: list[int] = []
         while self.free:
             busy = self.slot_task or self.granted or out
@@ -286,7 +286,7 @@ class Scheduler:
         self.slot_task[task.slot] = (task.epoch, task.nbytes)
         self.held_bytes += task.nbytes
         self.produced += 1
-        self.task_bytes.append(task.nbytes)
+        self.recent_task_bytes.append(task.nbytes)
         if task.rows:
             self.row_bytes = task.nbytes // task.rows
         if task.hits is not None:
@@ -295,23 +295,23 @@ class Scheduler:
         if cached_whole(task):
             self.counters.tasks += 1
             self.counters.samples += task.rows
-            self.highest_done = max(self.highest_done, task.task)
+            self.highest_done = max(self.highest_done, task.task_id)
             return True
-        self.pending[task.task] = HeldTask(task, frames)
-        self._requeue(task.task)
+        self.pending[task.task_id] = HeldTask(task, frames)
+        self._requeue(task.task_id)
         return True
 
     def redo(self, task: protocol.Task) -> None:
         """A task answered, in part or whole, from a cache no longer trusted: pending again, for a
         teacher to answer every row (its slot is still held: the training loop never got it)."""
-        if not self.active or task.epoch != self.epoch or task.task in self.pending:
+        if not self.active or task.epoch != self.epoch or task.task_id in self.pending:
             return
         self.counters.tasks -= 1  # counted again when a teacher answers it
         self.counters.samples -= task.rows
         self.counters.cache_hits -= task.hits or 0
         task, frames = uncached(task)
-        self.pending[task.task] = HeldTask(task, frames)
-        self._requeue(task.task)
+        self.pending[task.task_id] = HeldTask(task, frames)
+        self._requeue(task.task_id)
 
     def on_end(self, end: protocol.End) -> None:
         """The producer made its last task: the slots it was granted and did not use are free."""
@@ -372,8 +372,8 @@ class Scheduler:
         """A task's answer: the held task if it is the first (to forward), else None."""
         state = self.workers.get(identity)
         if state is not None:
-            state.holds.discard((done.epoch, done.task))
-        held = self.pending.pop(done.task, None) if done.epoch == self.epoch else None
+            state.holds.discard((done.epoch, done.task_id))
+        held = self.pending.pop(done.task_id, None) if done.epoch == self.epoch else None
         if held is None:
             if done.epoch == self.epoch and self.active:
                 self.counters.duplicates_dropped += 1
@@ -389,7 +389,7 @@ class Scheduler:
         self.task_times.append(done.elapsed)
         self.row_service.append(done.service / max(1, rows))
         self.last_progress = now
-        self.highest_done = max(self.highest_done, done.task)
+        self.highest_done = max(self.highest_done, done.task_id)
         return held
 
     def on_undone(self, identity: bytes, undone: protocol.Undone, now: float) -> None:
@@ -400,8 +400,8 @@ class Scheduler:
         """
         state = self.workers.get(identity)
         if state is not None:
-            state.holds.discard((undone.epoch, undone.task))
-        held = self.pending.get(undone.task) if undone.epoch == self.epoch else None
+            state.holds.discard((undone.epoch, undone.task_id))
+        held = self.pending.get(undone.task_id) if undone.epoch == self.epoch else None
         if held is None:
             return
         attempt = held.holders.pop(identity, None)
@@ -418,10 +418,10 @@ class Scheduler:
             stats.failed += 1
             if not attempt.failed or undone.code in FATAL_CODES:
                 self._fail_try(held, attempt.teacher, f"{undone.code}: {undone.message}", now, undone.code)
-            log.warning("task %d failed (%s), sending it again: %s", undone.task, undone.code, undone.message)
+            log.warning("task %d failed (%s), sending it again: %s", undone.task_id, undone.code, undone.message)
             self.counters.resent += 1
         if not held.holders:
-            self._requeue(undone.task)
+            self._requeue(undone.task_id)
 
     def _timed_out(self, held: HeldTask, attempt: Try, now: float) -> None:
         """A try went ``request_timeout`` unanswered: a failed try; its clock starts again."""
@@ -429,7 +429,7 @@ class Scheduler:
         attempt.deadline = now + self.options.request_timeout
         self.counters.timed_out += 1
         self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
-        log.warning("task %d: no answer from teacher %s within %g s (request_timeout)", held.task.task,
+        log.warning("task %d: no answer from teacher %s within %g s (request_timeout)", held.task.task_id,
                     attempt.teacher, self.options.request_timeout)
         self._fail_try(held, attempt.teacher, f"no answer within request_timeout ({self.options.request_timeout:g} s)",
                        now, None)
@@ -447,7 +447,7 @@ class Scheduler:
             return
         waited = 0.0 if held.first_sent is None else now - held.first_sent
         each = Counter(held.failures)  # in the order they came, alike ones once
-        message = (f"task {held.task.task} failed {tries} time(s) over {waited:.1f} s (max_retries "
+        message = (f"task {held.task.task_id} failed {tries} time(s) over {waited:.1f} s (max_retries "
                    f"{self.options.max_retries}): "
                    + "; ".join(f"teacher {t}: {w}" + (f" ({n} times)" if n > 1 else "") for (t, w), n in each.items()))
         raise TeacherTimeout(message) if code is None else TeacherError(message, code)
@@ -476,7 +476,7 @@ class Scheduler:
             for attempt in held.holders.values():
                 if now >= attempt.deadline:
                     self._timed_out(held, attempt, now)
-                    self.counters.resent += self._requeue(held.task.task)
+                    self.counters.resent += self._requeue(held.task.task_id)
                 self._next_expiry = min(self._next_expiry, attempt.deadline)
 
     def _chase_straggler(self, now: float) -> None:

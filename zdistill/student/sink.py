@@ -21,9 +21,8 @@ import numpy as np
 
 from zdistill.student import dispatcher as d
 from zdistill.student import protocol
-from zdistill.student.batches import ReaderType, cached_key, predict_key, split_output
+from zdistill.student.batches import CacheSlots, ReaderType, predict_key, split_output
 from zdistill.student.cache import CacheGate
-from zdistill.student.scheduler import cached_whole
 from zdistill.student.shm import SlotReader
 
 T = TypeVar("T")
@@ -64,14 +63,14 @@ class SlotLender:
     """
 
     def __init__(self, folder: str, release: Callable[[int], None]) -> None:
-        self._reader = SlotReader(folder)
+        self._slot_reader = SlotReader(folder)
         self._release = release
         self.lent: set[int] = set()  # slots whose views the loop may still hold
 
     def lend(self, task: protocol.Task, keep_limit: int, hold: bool = False) -> dict[str, np.ndarray]:
         """The task's slot arrays: views, or copies past ``keep_limit``.  With ``hold`` a copied
         task's slot stays taken until :meth:`give_back` (a teacher may have to read it again)."""
-        slot, arrays, mapping = self._reader.view(task.shm)
+        slot, arrays, mapping = self._slot_reader.view(task.shm)
         if len(self.lent) < keep_limit:
             self.lent.add(slot)
             weakref.finalize(mapping, self._returned, slot)
@@ -105,7 +104,7 @@ class EpochSink:
         self.gate, self.redo = gate, redo  # the cache's gate; asks the dispatcher to have a task answered again
         self.ins, self.predicts = list(ins), list(predicts)
         self.lender, self.keep_limit = lender, keep_limit
-        self.buffer: ReorderBuffer[d.Result] = ReorderBuffer()
+        self.buffer: ReorderBuffer[d.Answered] = ReorderBuffer()
         self.total: int | None = None
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
 
@@ -118,7 +117,7 @@ class EpochSink:
                 continue
             yield from self._task_outputs(self._trusted(result))
 
-    def _task_outputs(self, result: d.Result) -> Iterator[Any]:
+    def _task_outputs(self, result: d.Answered) -> Iterator[Any]:
         """One task's reader batches with their predictions.
 
         A task with cached rows keeps its slot until its last batch is yielded: should the
@@ -129,8 +128,9 @@ class EpochSink:
         cached = bool(result.cached)
         shared = self.lender.lend(result.task, self.keep_limit, hold=cached)
         slots = [shared[n] for n in self.ins]
-        if cached_whole(result.task):  # answered from the cache: the predictions are in the slot
-            preds = [shared[cached_key(n)] for n in self.predicts]
+        if isinstance(result, d.CachedAnswer):
+            answers = CacheSlots.of(shared).answers
+            preds = [answers[n] for n in self.predicts]
         else:
             preds = [result.arrays[predict_key(n)] for n in self.predicts]
         del shared
@@ -149,18 +149,19 @@ class EpochSink:
                 else:
                     return
                 result = self._trusted(result)
+                assert isinstance(result, d.Answer)  # a task asked again is answered by a teacher
                 preds = [result.arrays[predict_key(n)] for n in self.predicts]
         finally:
             self.lender.give_back(result.task)
 
-    def _untrusted(self, result: d.Result) -> bool:
+    def _untrusted(self, result: d.Answered) -> bool:
         """Its predictions hold cached rows, and the cache is no longer trusted."""
         return bool(result.cached) and self.gate is not None and self.gate.closed
 
-    def _trusted(self, result: d.Result) -> d.Result:
+    def _trusted(self, result: d.Answered) -> d.Answered:
         """``result``, or, if it holds cached rows no longer trusted, a teacher's answer of the task."""
         while self._untrusted(result) and self.redo is not None:
-            task_id = result.task.task
+            task_id = result.task.task_id
             self.buffer.again(task_id)
             self.redo(result.task)
             again = None
@@ -189,9 +190,9 @@ class EpochSink:
     def _on_event(self, event: d.Event) -> None:
         if event.epoch != self.epoch:
             return  # a late word of an epoch that ended
-        if isinstance(event, d.Result):
-            self.buffer.add(event.task.task, event)
-        elif isinstance(event, d.Finished):
+        if isinstance(event, d.Answer | d.CachedAnswer):
+            self.buffer.add(event.task.task_id, event)
+        elif isinstance(event, d.AllAnswered):
             self.total = event.tasks
         elif isinstance(event, d.Failed):
             raise event.error

@@ -22,7 +22,6 @@ comes back as ``undone`` ``busy`` and this worker holds nothing for ever.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import heapq
 import json
 import logging
@@ -33,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 import zmq
 
@@ -40,20 +40,17 @@ from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
-from zdistill.spec import TensorSpec
+from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student import protocol
 from zdistill.student.batches import (
-    AUDIT_SLOT,
-    HITS_SLOT,
-    ID_SLOT,
-    KEYS_SLOT,
-    cached_key,
+    CacheSlots,
     check_feed,
     feeds_mismatch,
     predict_key,
     to_feed,
 )
 from zdistill.student.cache import CacheWriter, folder_for, read_fingerprint
+from zdistill.student.children import ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotReader, reclaim
 
 log = logging.getLogger("zdistill.student.worker")  # not __name__: it runs as __main__
@@ -106,10 +103,6 @@ class Job:
     busy: int = 0  # "busy" answers so far: the back-off before the next try grows with them
     slots: dict[str, np.ndarray] = field(default_factory=dict)  # the task's slot arrays (shared memory)
     misses: np.ndarray | None = None  # with the cache: the rows it did not answer, sent to the teacher
-
-
-class StudentGone(Exception):
-    """The student process died: nobody waits for our results any more."""
 
 
 class Worker:
@@ -196,14 +189,15 @@ class Worker:
             self._hand_back(task)
             return
         if not task.rows:  # only empty reader batches: empty predictions, without asking the teacher
-            self._send(protocol.Done(epoch=task.epoch, task=task.task, elapsed=0.0, service=0.0), self.no_rows)
+            self._send(protocol.Done(epoch=task.epoch, task_id=task.task_id, elapsed=0.0, service=0.0), self.no_rows)
             return
-        key = (task.epoch, task.task)
+        key = (task.epoch, task.task_id)
         try:
             slots = self.slots.read(task.shm)
         except WireError as exc:  # a task of an epoch that ended: nobody waits for it any more
             log.debug("dropping task %s: %s", key, exc)
-            self._send(protocol.Undone(epoch=task.epoch, task=task.task, code=protocol.RETURNED, message=str(exc)))
+            self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED,
+                                       message=str(exc)))
             return
         try:
             for spec in self.feeds:
@@ -216,9 +210,9 @@ class Worker:
             feeds = {spec.name: to_feed(slots[spec.name], spec, check=spec not in self.cfg.feeds)
                      for spec in self.feeds}
         except ConfigError as exc:  # a value this teacher's dtype cannot hold: no other try can help
-            self._send(protocol.Undone(epoch=task.epoch, task=task.task, code="bad_request", message=str(exc)))
+            self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code="bad_request", message=str(exc)))
             return
-        misses = np.flatnonzero(~slots[HITS_SLOT]) if task.hits else None
+        misses = np.flatnonzero(~CacheSlots.of(slots).hits) if task.hits else None
         if misses is not None:  # only what the cache did not answer goes to the teacher
             feeds = {name: arr[misses] for name, arr in feeds.items()}
         rows = len(next(iter(feeds.values())))
@@ -230,7 +224,7 @@ class Worker:
                 return
 
     def _hand_back(self, task: protocol.Task) -> None:
-        self._send(protocol.Undone(epoch=task.epoch, task=task.task, code=protocol.RETURNED))
+        self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED))
 
     @staticmethod
     def _check_feed(slots: dict[str, np.ndarray], spec: TensorSpec) -> None:
@@ -271,14 +265,15 @@ class Worker:
                 heapq.heappush(self.retries, (retry_at, key, part))
             else:  # a try the dispatcher counts as failed: it decides whether the task goes on
                 self._drop_job(key)
-                self._send(protocol.Undone(epoch=job.task.epoch, task=job.task.task, code="busy",
+                self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code="busy",
                                            message=f"answered busy for {now - job.started:.1f} s (its queue is full)"))
         elif isinstance(done.error, TeacherTimeout) or code == "shutting_down":
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._drop_job(key)
             code = code if isinstance(done.error, TeacherError) else "error"
-            self._send(protocol.Undone(epoch=job.task.epoch, task=job.task.task, code=code, message=str(done.error)))
+            self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=code,
+                                       message=str(done.error)))
         else:
             job.parts[part] = done.result
             if not job.pending:
@@ -297,7 +292,7 @@ class Worker:
         # done if it queued behind that one (the student sizes tasks and queues by it).
         service = now - max(job.started, self.last_finish)
         self.last_finish = now
-        self._send(protocol.Done(epoch=job.task.epoch, task=job.task.task, elapsed=now - job.started,
+        self._send(protocol.Done(epoch=job.task.epoch, task_id=job.task.task_id, elapsed=now - job.started,
                                  service=service, cached=cached), arrays)
 
     def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
@@ -313,11 +308,11 @@ class Worker:
         (:meth:`_audit`); where they agree, the cached answer stands, so an epoch answered
         from the cache is the same, bit for bit, as the one that filled it.
         """
-        slots, task = job.slots, job.task
-        if tuple(slots[ID_SLOT]) != (task.epoch, task.task):
+        slots, task = CacheSlots.of(job.slots), job.task
+        if tuple(slots.stamp) != (task.epoch, task.task_id):
             return answers, 0  # stale: the dispatcher drops the answer anyway
-        asked = np.arange(len(slots[HITS_SLOT])) if job.misses is None else job.misses  # the rows answered
-        audited = slots[AUDIT_SLOT][asked]
+        asked = np.arange(len(slots.hits)) if job.misses is None else job.misses  # the rows answered
+        audited = slots.audit[asked]
         kept = bool(audited.any()) and self._audit(asked[audited], slots,
                                                     {name: arr[audited] for name, arr in answers.items()})
         if kept:  # the audited rows' cached answers stand: only the others are the teacher's
@@ -325,24 +320,24 @@ class Worker:
             answers = {name: arr[~audited] for name, arr in answers.items()}
         if self.cache is not None and len(asked):
             try:
-                self.cache.append(slots[KEYS_SLOT][asked], answers)
+                self.cache.append(slots.keys[asked], answers)
             except OSError as exc:
                 self._cache_off(exc)
         if job.misses is None and not kept:
             return answers, 0
         full = {}
         for name, arr in answers.items():
-            full[name] = np.array(slots[cached_key(name)])
+            full[name] = np.array(slots.answers[name])
             full[name][asked] = arr
-        return full, len(slots[HITS_SLOT]) - len(asked)
+        return full, len(slots.hits) - len(asked)
 
-    def _audit(self, where: np.ndarray, slots: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> bool:
+    def _audit(self, where: np.ndarray, slots: CacheSlots, answers: dict[str, np.ndarray]) -> bool:
         """Whether the teacher's answers to cached rows asked anyway (the producer's audit) are the
         cache's, within the tolerance.  If not, it is another model (one its fingerprint did not
         tell apart): the cache is off for good, nothing more is stored, and the dispatcher hears
         why before this task's answer."""
         for name, fresh in answers.items():
-            apart = rows_apart(slots[cached_key(name)][where], fresh)
+            apart = rows_apart(slots.answers[name][where], fresh)
             if apart <= self.cfg.cache_tolerance:
                 continue
             self.audit_failed = (f"teacher {self.cfg.teacher} answers a cached row otherwise than the cache ({name!r} "
@@ -351,7 +346,7 @@ class Worker:
             if self.cache is not None:
                 self.cache.close()
                 self.cache = None
-            self._send(dataclasses.replace(self.status, cache=self.audit_failed))
+            self._send(msgspec.structs.replace(self.status, cache=self.audit_failed))
             return False
         return True
 
@@ -365,7 +360,7 @@ class Worker:
         self.cache_failed = f"the worker for teacher {self.cfg.teacher} cannot write to it: {exc}"
         log.info("%s", self.cache_failed)
         if self.up:
-            self._send(dataclasses.replace(self.status, cache=self.cache_failed))
+            self._send(msgspec.structs.replace(self.status, cache=self.cache_failed))
 
     def _drop_job(self, key: tuple[int, int]) -> None:
         """Forget a job, its requests and its busy retries (the same task may come here again)."""
@@ -383,17 +378,13 @@ class Worker:
         self.next_probe = time.monotonic() + _PROBE_EVERY
         if done.error is not None or done.header is None:
             return
-        meta = done.header
         try:
-            feeds = [TensorSpec.from_wire(f) for f in meta.get("feeds", [])]
-            fetch_specs = [TensorSpec.from_wire(f) for f in meta.get("fetches", [])]
-            fetches = {f.name for f in fetch_specs}
-            no_rows = {predict_key(f.name): f.example(0) for f in fetch_specs if f.name in self.cfg.predicts}
-            max_batch = int(meta.get("max_batch_size", 1))
-            instances = int(meta.get("instances", 1))
-        except (TypeError, ValueError, KeyError, AttributeError) as exc:
-            self._unusable(f"its meta is malformed ({type(exc).__name__}: {exc})")
+            meta = TeacherMeta.parse(done.header)
+            no_rows = {predict_key(f.name): f.example(0) for f in meta.fetches if f.name in self.cfg.predicts}
+        except (WireError, TypeError) as exc:  # TypeError: a dtype numpy does not know
+            self._unusable(f"its meta is malformed ({exc})")
             return
+        feeds, fetches = meta.feeds, {f.name for f in meta.fetches}
         missing = [p for p in self.cfg.predicts if p not in fetches]
         why = f"it has no outputs {missing}, only {sorted(fetches)}" if missing else None
         why = why or feeds_mismatch(self.cfg.feeds, feeds)
@@ -401,14 +392,15 @@ class Worker:
             self._unusable(why)
             return
         self.feeds, self.no_rows = feeds, no_rows
-        self.request_rows = max(1, min(self.cfg.request_rows, max_batch))
+        self.request_rows = min(self.cfg.request_rows, meta.max_batch_size)
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)
         cache = self._cache_for(meta)
-        self.status = protocol.Status(up=True, max_batch_size=max_batch, instances=max(1, instances), cache=cache)
+        self.status = protocol.Status(up=True, max_batch_size=meta.max_batch_size, instances=meta.instances,
+                                      cache=cache)
         self._send(self.status)
 
-    def _cache_for(self, meta: dict) -> str:
+    def _cache_for(self, meta: TeacherMeta) -> str:
         """Open the cache for this teacher's answers if its model is the cache's; else why not.
 
         Asked on every (re)connection: a teacher redeployed behind the same address may
@@ -425,15 +417,14 @@ class Worker:
             self.cache = None
         if self.audit_failed:
             return self.audit_failed
-        model_id = meta.get("model_id")
-        if not isinstance(model_id, str) or not model_id:
+        model_id = meta.model_id
+        if not model_id:
             return f"teacher {self.cfg.teacher} says no model_id"
-        specs = {str(f.get("name")): TensorSpec.from_wire(f) for f in meta.get("fetches", [])}
-        fetches = [specs[name] for name in self.cfg.predicts]
+        fetches = meta.fetches_named(self.cfg.predicts)  # _on_probe checked they are all there
         if folder_for(self.cfg.cache_root, model_id, fetches) != os.path.dirname(self.cfg.cache_folder):
             return f"teacher {self.cfg.teacher} serves model_id {model_id!r}, not the model the cache was opened for"
         tolerance = self.cfg.cache_tolerance
-        fp, why = usable(meta.get("fingerprint"), self.cfg.predicts, f"teacher {self.cfg.teacher}", tolerance)
+        fp, why = usable(meta.fingerprint, self.cfg.predicts, f"teacher {self.cfg.teacher}", tolerance)
         if fp is None:
             return why
         known = read_fingerprint(self.cfg.cache_folder)
@@ -473,15 +464,7 @@ class Worker:
         self.next_probe = time.monotonic() + _PROBE_EVERY
 
     def _send(self, msg: protocol.Msg, arrays: dict[str, np.ndarray] | None = None) -> None:
-        """To the dispatcher; waits while its queue is full, but only while the student lives."""
-        while True:
-            try:
-                protocol.send(self.sock, msg, arrays, flags=zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if os.getppid() != self.cfg.parent_pid:
-                    raise StudentGone from None
-                self.sock.poll(100, zmq.POLLOUT)
+        send_while_parent_lives(self.sock, msg, self.cfg.parent_pid, arrays)
 
     def stop(self) -> None:
         """Take no more tasks, finish the ones held, then leave (a retired teacher's worker).
@@ -505,7 +488,7 @@ def _remove_folders_of_dead_student(cfg: WorkerConfig) -> None:
 
     Its workers outlive it by moments, so they remove its slot and ipc folders, each
     only once its lock is free (:func:`zdistill.student.shm.reclaim`): the student is provably
-    gone, and so is the reader process it forked, which dies with it.
+    gone, and so is the producer it forked, which dies with it.
     """
     ipc = os.path.dirname(cfg.dispatcher.removeprefix("ipc://"))
     for folder in (cfg.slots, ipc):
@@ -546,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
     try:
         worker.run()
-    except StudentGone:
+    except ParentGone:  # nobody waits for our results any more
         log.info("student process is gone; worker for %s exits", args.teacher)
     finally:
         if os.getppid() != worker.cfg.parent_pid:  # first: closing the sockets may wait for their linger

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from zdistill.errors import WorkerError
+from zdistill.student.children import describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class StderrRelay:
     A thread, because workers also log between epochs, when nothing else in the student
     runs: a pipe nobody drains would block a worker at its next log line.  It writes
     with :func:`os.write` to file descriptor 2, so it never holds a lock (``sys.stderr``'s)
-    that the reader process, forked from the student, could inherit held.
+    that the producer, forked from the student, could inherit held.
     """
 
     def __init__(self) -> None:
@@ -225,7 +225,7 @@ class WorkerPool:
     def _died(self, proc: WorkerProc, code: int, now: float) -> float:
         """Count a worker's death; the back-off before its replacement (or WorkerError)."""
         teacher, tail = proc.teacher, self.relay.tail(proc.popen.pid)
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = describe_exit(code)
         if not proc.started:
             failed = self._failed_starts[teacher] = self._failed_starts.get(teacher, 0) + 1
             if failed >= MAX_START_FAILURES:
