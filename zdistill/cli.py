@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from zdistill.client import TeacherClient, teacher_endpoint
 from zdistill.discovery.client import ask_balancer
-from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
+from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout
 from zdistill.flags import add_db_flags, password_from_args
 
 
@@ -37,7 +37,8 @@ def ping(kind: str, address: str, timeout: float) -> int:
             client.ping()
         except TeacherError as exc:
             # str(exc) names the teacher already: "teacher ADDR: what it said"
-            line = f"{address}: a zdistill balancer answered, not a teacher" if exc.code == "wrong_server" else exc
+            wrong = exc.code == ErrorCode.WRONG_SERVER
+            line = f"{address}: a zdistill balancer answered, not a teacher" if wrong else exc
             sys.stderr.write(f"{line}\n")
             return 1
         except TeacherTimeout:

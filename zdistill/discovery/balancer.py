@@ -73,7 +73,7 @@ from zdistill.discovery.store import (
     StudentRecord,
     describe,
 )
-from zdistill.errors import ConfigError, WireError, WrongTypeError
+from zdistill.errors import ConfigError, ErrorCode, RequestError, WireError, WrongTypeError
 from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import BalancerMetrics
 from zdistill.security import ServerKeys, server_keys
@@ -89,14 +89,6 @@ _REDIS_RETRY = 0.25
 _GAUGES_EVERY = 1.0
 _ERROR_LOG_EVERY = 10.0
 _NAMED_IN_A_LOG_LINE = 10  # students named when many expire at once
-
-
-class BadRequest(Exception):
-    """A request with missing or wrongly typed fields: becomes an error reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def topic(student_id: str) -> bytes:
@@ -668,12 +660,12 @@ class Balancer:
         except WireError as exc:
             self.metrics.bad_messages.inc()
             log.debug("bad message: %s", exc)
-            reply = {"kind": "error", "code": "bad_message", "message": str(exc)}
-        except BadRequest as exc:
+            reply = {"kind": "error", "code": ErrorCode.BAD_MESSAGE, "message": str(exc)}
+        except RequestError as exc:
             reply = {"kind": "error", "code": exc.code, "message": str(exc)}
         except Exception as exc:  # a bug must cost one request, never the service
             log.exception("failed to handle a request")
-            reply = {"kind": "error", "code": "internal", "message": f"{type(exc).__name__}"}
+            reply = {"kind": "error", "code": ErrorCode.INTERNAL, "message": f"{type(exc).__name__}"}
         if type(req_id) not in (int, str, type(None)) or (isinstance(req_id, str) and len(req_id) > 128):
             req_id = None
         return envelope, req_id, reply
@@ -691,12 +683,13 @@ class Balancer:
         if kind == "status":
             return self._status()
         if kind in _TEACHER_KINDS:
-            raise BadRequest("wrong_server", "this is a zdistill balancer, not a teacher")
+            raise RequestError(ErrorCode.WRONG_SERVER, "this is a zdistill balancer, not a teacher")
         if kind not in _STUDENT_KINDS:
-            raise BadRequest("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
+            raise RequestError(ErrorCode.BAD_REQUEST, f"unknown request kind {msg.header.get('kind')!r:.40}")
         sid = _field(msg.header, "student", str)
         if not STUDENT_RE.match(sid):
-            raise BadRequest("bad_request", f"student id {sid!r:.40} is not 1-128 characters of [A-Za-z0-9_.:@-]")
+            raise RequestError(ErrorCode.BAD_REQUEST,
+                               f"student id {sid!r:.40} is not 1-128 characters of [A-Za-z0-9_.:@-]")
         if not self.leading:
             if self.leader_seen is not None:
                 return {"kind": "redirect", "leader": self.leader_seen.server}
@@ -707,10 +700,11 @@ class Balancer:
         if kind in ("register", "heartbeat"):
             service = _field(msg.header, "service", str)
             if not SERVICE_RE.match(service):
-                raise BadRequest("bad_request", f"service name {service!r:.40} is not 1-128 of [A-Za-z0-9_.-]")
+                raise RequestError(ErrorCode.BAD_REQUEST,
+                                   f"service name {service!r:.40} is not 1-128 of [A-Za-z0-9_.-]")
             most = _field(msg.header, "max_teachers", int)
             if not 1 <= most <= MAX_TEACHERS_LIMIT:
-                raise BadRequest("bad_request", f"max_teachers must be 1..{MAX_TEACHERS_LIMIT}, got {most}")
+                raise RequestError(ErrorCode.BAD_REQUEST, f"max_teachers must be 1..{MAX_TEACHERS_LIMIT}, got {most}")
             rec = self._upsert_student(sid, service, most)
             self._seen(sid, now)
             return rec
@@ -721,7 +715,7 @@ class Balancer:
             return {"kind": "ok"}
         rec = self.students.get(sid)  # snapshot
         if rec is None:
-            return {"kind": "error", "code": "unknown_student", "message": "register first"}
+            return {"kind": "error", "code": ErrorCode.UNKNOWN_STUDENT, "message": "register first"}
         self._seen(sid, now)
         return rec
 
@@ -747,7 +741,8 @@ class Balancer:
 def _field(header: dict[str, Any], name: str, kind: type) -> Any:
     value = header.get(name)
     if type(value) is not kind:  # exact: True is not a max_teachers
-        raise BadRequest("bad_request", f"field {name!r} must be a {kind.__name__}, got {type(value).__name__}")
+        raise RequestError(ErrorCode.BAD_REQUEST,
+                           f"field {name!r} must be a {kind.__name__}, got {type(value).__name__}")
     return value
 
 

@@ -44,7 +44,7 @@ import zmq
 from zdistill import wire
 from zdistill.client import teacher_endpoint
 from zdistill.discovery.store import MAX_TEACHERS_LIMIT, check_service, check_student
-from zdistill.errors import ConfigError, WireError
+from zdistill.errors import ConfigError, ErrorCode, WireError
 from zdistill.security import client_keys_from_env, secure_client
 
 log = logging.getLogger("zdistill.discovery.client")
@@ -394,7 +394,7 @@ class _Session:
                                         else "Redis unreachable?")
                 self.failed_in_round += 1
                 self.resume_at = time.monotonic() + _BACKOFF
-        elif kind == "error" and header.get("code") == "unknown_student":
+        elif kind == "error" and header.get("code") == ErrorCode.UNKNOWN_STUDENT:
             self._send("register")
         else:
             log.warning("balancer %s answered %s: %s", self.target, kind, header.get("message"))

@@ -60,7 +60,7 @@ import numpy as np
 import zmq
 
 from zdistill import wire
-from zdistill.errors import ConfigError, ModelOutputError, WireError
+from zdistill.errors import ConfigError, ErrorCode, ModelOutputError, RequestError, WireError
 from zdistill.fingerprint import fingerprint, usable
 from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
@@ -91,14 +91,6 @@ _STOP_QUIET_S = 0.05  # a stopping teacher closes once no message came for this 
 _STOP_GRACE_S = 1.0  # ...or after this long, however busy its peers still are
 _STOP_RUNNING_S = 30.0  # the longest a stopping teacher waits for the batches already running
 _WARN_EVERY_S = 10.0
-
-
-class RequestError(Exception):
-    """A request the teacher refuses; becomes an error reply with ``code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class TeacherServer:
@@ -136,7 +128,7 @@ class TeacherServer:
         self.limits = wire.Limits(max_array_bytes=max_message_bytes)
         self.batcher = Batcher(max_batch_size, max_delay)
         self.held_bytes = 0  # requests admitted and not yet answered, queued or running
-        self.errors: dict[str, int] = {}
+        self.errors: dict[str, int] = {}  # error replies sent, by code
         self.dropped_replies = 0
         self._stopping = False
         self._refusing = False
@@ -197,7 +189,7 @@ class TeacherServer:
         self._refusing = True
         for req in self.batcher.close():
             self._release(req)
-            self._reply_error(req.envelope, req.req_id, "shutting_down", _SHUTTING_DOWN)
+            self._reply_error(req.envelope, req.req_id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
         end = time.monotonic() + _STOP_RUNNING_S
         while self.instances.running() and time.monotonic() < end:
             events = dict(poller.poll(50))
@@ -221,18 +213,19 @@ class TeacherServer:
             req_id = msg.header.get("id")
             size = sum(arr.nbytes for arr in msg.arrays.values())
             if size > self.max_message_bytes:
-                raise RequestError("too_large", f"the arrays of this request take {size / MiB:.1f} MiB, more than "
+                raise RequestError(ErrorCode.TOO_LARGE,
+                                   f"the arrays of this request take {size / MiB:.1f} MiB, more than "
                                                 f"the teacher's --max-message-mb {self.max_message_bytes / MiB:g}")
             self._dispatch(envelope, req_id, msg)
         except WireError as exc:
-            self._reply_error(envelope, req_id, "bad_message", str(exc))
+            self._reply_error(envelope, req_id, ErrorCode.BAD_MESSAGE, str(exc))
         except RequestError as exc:
             self._reply_error(envelope, req_id, exc.code, str(exc))
 
     def _dispatch(self, envelope: list[Any], req_id: Any, msg: wire.Message) -> None:
         self.metrics.requests.labels(msg.kind if msg.kind in _KINDS else "other").inc()
         if self._refusing:
-            raise RequestError("shutting_down", _SHUTTING_DOWN)
+            raise RequestError(ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
         if msg.kind == "predict":
             rows = self._validate(msg.arrays)
             self._admit(Request(envelope, req_id, msg.arrays, rows, time.monotonic()))
@@ -243,7 +236,7 @@ class TeacherServer:
         elif msg.kind == "stats":
             self._send(envelope, {"kind": "stats", "id": req_id, "stats": self.stats()})
         else:
-            raise RequestError("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
+            raise RequestError(ErrorCode.BAD_REQUEST, f"unknown request kind {msg.header.get('kind')!r:.40}")
 
     def _admit(self, req: Request) -> None:
         """Queue ``req`` if the held bytes stay within the bound, after making room fairly; else refuse it."""
@@ -251,9 +244,9 @@ class TeacherServer:
         if over > 0:
             for old in self.batcher.make_room(req.peer, req.nbytes, over):
                 self._release(old)
-                self._reply_error(old.envelope, old.req_id, "busy", _BUSY)
+                self._reply_error(old.envelope, old.req_id, ErrorCode.BUSY, _BUSY)
             if self.held_bytes + req.nbytes > self.max_queue_bytes:
-                raise RequestError("busy", _BUSY)
+                raise RequestError(ErrorCode.BUSY, _BUSY)
         self.held_bytes += req.nbytes
         self.batcher.add(req)
 
@@ -266,22 +259,24 @@ class TeacherServer:
         missing = sorted(set(feeds) - set(arrays))
         if unknown or missing:
             raise RequestError(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"feeds do not match the model's {sorted(feeds)}: unknown {unknown}, missing {missing}",
             )
         rows = {arr.shape[0] if arr.ndim else -1 for arr in arrays.values()}
         if len(rows) != 1 or min(rows) < 1:
-            raise RequestError("bad_request", f"every feed needs the same number (>= 1) of rows, got {sorted(rows)}")
+            raise RequestError(ErrorCode.BAD_REQUEST,
+                               f"every feed needs the same number (>= 1) of rows, got {sorted(rows)}")
         n = rows.pop()
         if n > self.batcher.max_rows:
-            raise RequestError("too_large", f"{n} rows exceed the max batch size {self.batcher.max_rows}")
+            raise RequestError(ErrorCode.TOO_LARGE, f"{n} rows exceed the max batch size {self.batcher.max_rows}")
         for name, arr in arrays.items():
             spec = feeds[name]
             if arr.dtype != np.dtype(spec.dtype):
-                raise RequestError("bad_request", f"feed {name!r} has dtype {arr.dtype}, the model wants {spec.dtype}")
+                raise RequestError(ErrorCode.BAD_REQUEST,
+                                   f"feed {name!r} has dtype {arr.dtype}, the model wants {spec.dtype}")
             if not spec.matches(arr.shape[1:]):
                 raise RequestError(
-                    "bad_request",
+                    ErrorCode.BAD_REQUEST,
                     f"feed {name!r} has rows of shape {list(arr.shape[1:])}, the model wants {list(spec.shape)}",
                 )
         return n
@@ -295,9 +290,9 @@ class TeacherServer:
         for req, result in results:
             self._release(req)
             if isinstance(result, ModelOutputError):
-                self._reply_error(req.envelope, req.req_id, "bad_output", str(result))
+                self._reply_error(req.envelope, req.req_id, ErrorCode.BAD_OUTPUT, str(result))
             elif isinstance(result, Exception):
-                self._reply_error(req.envelope, req.req_id, "model_error", f"{type(result).__name__}: {result}")
+                self._reply_error(req.envelope, req.req_id, ErrorCode.MODEL_ERROR, f"{type(result).__name__}: {result}")
             else:
                 self._send(req.envelope, {"kind": "result", "id": req.req_id}, result)
         self.metrics.held_bytes.set(self.held_bytes)
@@ -335,7 +330,7 @@ class TeacherServer:
             "dropped_replies": self.dropped_replies,
         }
 
-    def _reply_error(self, envelope: list[Any], req_id: Any, code: str, message: str) -> None:
+    def _reply_error(self, envelope: list[Any], req_id: Any, code: ErrorCode, message: str) -> None:
         self.metrics.errors.labels(code).inc()
         self.errors[code] = self.errors.get(code, 0) + 1
         log.debug("error reply %s: %s", code, message)
@@ -355,7 +350,7 @@ class TeacherServer:
         except WireError as exc:  # e.g. a model output of a dtype the wire refuses
             log.warning("cannot encode a reply: %s", exc)
             if header.get("kind") != "error":  # the client must still hear back, not time out
-                self._reply_error(envelope, header.get("id"), "model_error", f"the reply cannot be sent: {exc}")
+                self._reply_error(envelope, header.get("id"), ErrorCode.MODEL_ERROR, f"the reply cannot be sent: {exc}")
 
     def _dropped(self, envelope: list[Any], why: str) -> None:
         self.dropped_replies += 1
