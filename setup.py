@@ -1,4 +1,4 @@
-"""Packaging for zdistill: the core needs numpy, pyzmq, msgpack and redis; Paddle is an extra."""
+"""Packaging for zdistill: the core needs numpy, pyzmq, msgpack, msgspec and redis; Paddle is an extra."""
 
 from setuptools import find_packages, setup
 
@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["zdistill", "zdistill.*"]),
-    install_requires=["numpy>=1.22", "pyzmq>=25", "msgpack>=1.0", "redis>=4.5"],
+    install_requires=["numpy>=1.22", "pyzmq>=25", "msgpack>=1.0", "msgspec>=0.18", "redis>=4.5"],
     extras_require={
         "paddle": ["paddlepaddle>=3.0"],
         "gpu": ["paddlepaddle-gpu>=3.0"],

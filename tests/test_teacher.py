@@ -318,6 +318,17 @@ def test_malformed_message_gets_bad_message(raw, client, frames: list[bytes]) ->
     assert_still_serving(client)
 
 
+@pytest.mark.parametrize("kind", ["predict", "meta", "stats", "ping"])
+def test_wrongly_typed_field_gets_bad_request(raw, client, kind: str) -> None:
+    """A request whose ``id`` is no int, string or nil is refused by its type, and the teacher serves on."""
+    arrays = {"img": rows(1, 2)} if kind == "predict" else None
+    raw.send_multipart(wire.encode({"kind": kind, "id": [1.5]}, arrays))
+    reply = wire.decode(raw.recv_multipart(copy=False))  # RCVTIMEO bounds the wait
+    assert reply.kind == "error" and reply.header["code"] == "bad_request"
+    assert reply.header["id"] is None and "$.id" in reply.header["message"]
+    assert_still_serving(client)
+
+
 def test_model_exception_becomes_model_error(fragile_teacher) -> None:
     c = TeacherClient(fragile_teacher.endpoint, timeout=TIMEOUT)
     try:

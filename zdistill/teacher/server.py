@@ -1,6 +1,7 @@
 """``zdistill-teacher``: serve a model to students over one ZeroMQ ROUTER socket.
 
-Protocol (every message in the :mod:`zdistill.wire` format; ``id`` is echoed back):
+Protocol (every message in the :mod:`zdistill.wire` format, its header one of the types
+of :mod:`zdistill.teacher_messages`; ``id`` is echoed back):
 
 ==========  ==========================================  =====================================
 request     header / arrays                             reply
@@ -15,7 +16,9 @@ request     header / arrays                             reply
 ``ping``    ``{"kind": "ping", "id"}``                  ``{"kind": "pong", "id"}``
 ==========  ==========================================  =====================================
 
-Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` and the server goes
+Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` (``code`` an
+:class:`~zdistill.errors.ErrorCode`: ``bad_message`` for frames that are no message,
+``bad_request`` for an unknown kind or a field of the wrong type) and the server goes
 on serving everyone else.  A model that raises gets ``model_error``; one whose outputs
 do not match the fetches it declares (rows, row shape, dtype; see
 :func:`~zdistill.teacher.model.check_outputs`) gets ``bad_output``, which no retry mends.  The
@@ -70,6 +73,7 @@ from zdistill.teacher.batcher import Batcher, Request
 from zdistill.teacher.instances import ModelInstances, Result
 from zdistill.teacher.loading import load_model
 from zdistill.teacher.model import Model
+from zdistill.teacher_messages import REQUESTS, MetaRequest, Ping, Predict, read_request
 
 log = logging.getLogger("zdistill.teacher.server")
 
@@ -86,7 +90,6 @@ _RCVHWM = 8  # whole messages libzmq may hold per client before this thread read
 _SNDHWM = 1000
 _LINGER_MS = 1000  # how long the last replies may take to leave after the socket closes
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-_KINDS = frozenset({"predict", "meta", "stats", "ping"})
 _STOP_QUIET_S = 0.05  # a stopping teacher closes once no message came for this long...
 _STOP_GRACE_S = 1.0  # ...or after this long, however busy its peers still are
 _STOP_RUNNING_S = 30.0  # the longest a stopping teacher waits for the batches already running
@@ -118,6 +121,7 @@ class TeacherServer:
                 f"of the largest size ({max_message_bytes / MiB:g} MiB): raise --max-queue-mb or lower --max-message-mb"
             )
         self.model = models[0]
+        self._feeds = {spec.name: spec for spec in self.model.feeds}  # what every predict is checked against
         # What the model answers to the fixed probe batch: students key cached answers by it.
         self.fingerprint = fingerprint(self.model)
         _, why = usable(self.fingerprint, [f.name for f in self.model.fetches], "this teacher")
@@ -223,20 +227,19 @@ class TeacherServer:
             self._reply_error(envelope, req_id, exc.code, str(exc))
 
     def _dispatch(self, envelope: list[Any], req_id: Any, msg: wire.Message) -> None:
-        self.metrics.requests.labels(msg.kind if msg.kind in _KINDS else "other").inc()
+        self.metrics.requests.labels(msg.kind if msg.kind in REQUESTS else "other").inc()
         if self._refusing:
             raise RequestError(ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
-        if msg.kind == "predict":
+        request = read_request(msg.header)
+        if isinstance(request, Predict):
             rows = self._validate(msg.arrays)
-            self._admit(Request(envelope, req_id, msg.arrays, rows, time.monotonic()))
-        elif msg.kind == "ping":
-            self._send(envelope, {"kind": "pong", "id": req_id})
-        elif msg.kind == "meta":
-            self._send(envelope, {"kind": "meta", "id": req_id, **self.meta()})
-        elif msg.kind == "stats":
-            self._send(envelope, {"kind": "stats", "id": req_id, "stats": self.stats()})
+            self._admit(Request(envelope, request.id, msg.arrays, rows, time.monotonic()))
+        elif isinstance(request, Ping):
+            self._send(envelope, {"kind": "pong", "id": request.id})
+        elif isinstance(request, MetaRequest):
+            self._send(envelope, {"kind": "meta", "id": request.id, **self.meta()})
         else:
-            raise RequestError(ErrorCode.BAD_REQUEST, f"unknown request kind {msg.header.get('kind')!r:.40}")
+            self._send(envelope, {"kind": "stats", "id": request.id, "stats": self.stats()})
 
     def _admit(self, req: Request) -> None:
         """Queue ``req`` if the held bytes stay within the bound, after making room fairly; else refuse it."""
@@ -254,7 +257,7 @@ class TeacherServer:
         self.held_bytes -= req.nbytes
 
     def _validate(self, arrays: dict[str, np.ndarray]) -> int:
-        feeds = {spec.name: spec for spec in self.model.feeds}
+        feeds = self._feeds
         unknown = sorted(set(arrays) - set(feeds))
         missing = sorted(set(feeds) - set(arrays))
         if unknown or missing:
