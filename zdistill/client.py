@@ -27,7 +27,8 @@ from zdistill import wire
 from zdistill.errors import ConfigError, RequestError, TeacherError, TeacherTimeout, WireError
 from zdistill.security import ClientKeys, client_keys_from_env, secure_client
 from zdistill.spec import Arrays
-from zdistill.teacher_messages import ErrorReply, read_reply
+from zdistill.teacher_messages import read_reply
+from zdistill.wire import ErrorReply
 
 log = logging.getLogger(__name__)
 

@@ -306,6 +306,7 @@ class DistillReader:
     def _why_no_teacher(self) -> str:
         """What the balancers say (or why they say nothing) while they give this student no teacher."""
         from zdistill.discovery.client import ask_balancer
+        from zdistill.discovery.messages import StatusReply, StatusRequest
 
         leader = self._discovery.leader
         if leader is None:
@@ -313,8 +314,8 @@ class DistillReader:
             causes = [f"{s}: up, but has no leader ({why})" for s, why in leaderless.items()]
             causes += [f"{s}: {unreachable(s) or 'no answer'}" for s in self._discovery.servers if s not in leaderless]
             return f"no balancer {'leads' if leaderless else 'answers'} ({'; '.join(causes)})"
-        status = ask_balancer(leader, {"kind": "status"}, timeout=1.0) or {}
-        known = status.get("teachers") if isinstance(status.get("teachers"), dict) else {}
+        status = ask_balancer(leader, StatusRequest(id=1), timeout=1.0)
+        known = status.teachers if isinstance(status, StatusReply) else {}
         if self._service_name in known:
             return f"the balancer at {leader} has no live teacher of service {self._service_name!r} yet"
         services = ", ".join(f"{name} ({count} teachers)" for name, count in sorted(known.items())) or "none"

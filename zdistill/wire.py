@@ -11,6 +11,11 @@ Peer bytes are data, never code: there is no pickle here, dtypes are limited to
 bool and numbers, and every size a header declares is checked against the frame
 that carries it and against :class:`Limits` before anything is allocated.  Every
 way a message can be wrong raises :class:`~zdistill.errors.WireError`.
+
+Each protocol types its headers as :class:`Header` structs (the teacher's in
+:mod:`zdistill.teacher_messages`, the balancer's in :mod:`zdistill.discovery.messages`),
+which a receiver reads with :func:`read_header`: one checker, by msgspec, for every
+field of every message, so a field of the wrong type is refused where it arrives.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import msgspec
 import numpy as np
 import zmq
 
-from zdistill.errors import WireError
+from zdistill.errors import ErrorCode, RequestError, WireError
 
 ZERO_COPY_THRESHOLD = 64 * 1024
 ARRAYS_KEY = "arrays"
@@ -223,3 +228,51 @@ def limit_socket(sock: zmq.Socket, limits: Limits = DEFAULT_LIMITS) -> zmq.Socke
     """Make libzmq itself drop peers that send a frame larger than any message may be."""
     sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_array_bytes, limits.max_header_bytes))
     return sock
+
+
+RequestId = int | str | None  # a client's own id for a request, echoed in the reply; zdistill's clients send ints
+
+
+class Header(msgspec.Struct, tag_field="kind", kw_only=True, frozen=True):
+    """A typed header: its class's tag is the ``kind`` it travels as.
+
+    Fields a receiver does not know are ignored, so either side can add one without
+    breaking the other.
+    """
+
+    id: RequestId = None
+
+
+class ErrorReply(Header, tag="error"):
+    """A refused or failed request, in every protocol: ``code`` is an :class:`~zdistill.errors.ErrorCode` value.
+
+    A plain ``str`` here, so that a code a newer server adds still reaches the caller.
+    """
+
+    code: str
+    message: str
+
+
+H = TypeVar("H", bound=Header)
+
+
+def by_kind(*types: type[H]) -> dict[str, type[H]]:
+    """The header types of one direction of a protocol, by the ``kind`` each travels as."""
+    return {t.__struct_config__.tag: t for t in types}  # type: ignore[misc]
+
+
+def read_header(header: dict[str, Any], types: Mapping[str, type[H]], what: str) -> H:
+    """``header`` as the type its ``kind`` names in ``types``, or :class:`RequestError` ``bad_request``.
+
+    The type is picked by ``kind`` here, not by msgspec from a union: converting to
+    one struct costs a fifth of a microsecond, to a union thirty times that.
+    """
+    kind = header.get("kind")
+    try:
+        typ = types[kind]
+    except (KeyError, TypeError):  # TypeError: a kind that is a list or a map
+        raise RequestError(ErrorCode.BAD_REQUEST, f"unknown {what} kind {kind!r:.40}") from None
+    try:
+        return msgspec.convert(header, typ)
+    except msgspec.ValidationError as exc:
+        raise RequestError(ErrorCode.BAD_REQUEST, f"{kind} {what}: {exc}") from None
