@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -72,6 +73,26 @@ def teacher_endpoint(address: str, what: str = "teacher") -> str:
     if port is None or not 0 < int(port.group(1)) <= 65535:
         raise ConfigError(f"{what} address {address!r:.200} is not {ADDRESS_FORMS} (with a port of 1..65535)")
     return endpoint
+
+
+def addresses(value: str | Sequence[str], what: str, kind: str = "teacher") -> list[str]:
+    """The addresses of ``kind`` (teacher, balancer) in ``value``, an ``'a,b'`` string or a list, each checked.
+
+    Checked here, where they are given (:func:`teacher_endpoint`), so a typo is reported
+    with ``what`` (the argument or variable that held it), not from deep in a worker.
+    """
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = [str(v).strip() for v in value]
+    else:
+        raise TypeError(f"{what} must be a list, tuple or 'a,b' string, got {type(value).__name__}")
+    items = [v for v in items if v]
+    if not items:
+        raise ConfigError(f"{what} is empty")
+    for address in items:
+        teacher_endpoint(address, kind)
+    return items
 
 
 def unreachable(address: str, timeout: float = 1.0) -> str | None:

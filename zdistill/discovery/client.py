@@ -43,7 +43,7 @@ import msgspec
 import zmq
 
 from zdistill import wire
-from zdistill.client import teacher_endpoint
+from zdistill.client import addresses, teacher_endpoint
 from zdistill.discovery import messages
 from zdistill.discovery.store import MAX_TEACHERS_LIMIT, check_service, check_student
 from zdistill.errors import ConfigError, ErrorCode, RequestError, WireError
@@ -57,17 +57,6 @@ _TICK = 0.05  # how often the thread looks at its stop flag
 _BACKOFF = 0.25  # pause after a full round of servers failed or nobody leads
 _CLOSE_WAIT = 0.3  # how long close() waits for the balancer to acknowledge "bye"
 _live: weakref.WeakSet[DiscoveryClient] = weakref.WeakSet()
-
-
-def parse_servers(servers: str | Sequence[str]) -> list[str]:
-    """The balancer addresses in a comma list or a sequence, each checked (:func:`teacher_endpoint`)."""
-    items = servers.split(",") if isinstance(servers, str) else list(servers)
-    found = [s.strip() for s in items if s and s.strip()]
-    if not found:
-        raise ConfigError(f"no discovery server given in {servers!r}")
-    for address in found:
-        teacher_endpoint(address, "balancer")
-    return found
 
 
 def default_student_id() -> str:
@@ -87,7 +76,7 @@ class DiscoveryClient:
         context: zmq.Context | None = None,
         timeout: float = 1.0,
     ) -> None:
-        self.servers = parse_servers(servers)
+        self.servers = addresses(servers, "discovery servers", "balancer")
         self.service = check_service(service_name)
         if type(max_teachers) is not int or not 1 <= max_teachers <= MAX_TEACHERS_LIMIT:
             raise ConfigError(f"max_teachers must be an integer 1..{MAX_TEACHERS_LIMIT}, got {max_teachers!r}")
