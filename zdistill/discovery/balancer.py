@@ -75,6 +75,7 @@ from zdistill.discovery.store import (
     Store,
     StudentRecord,
     describe,
+    students_by_service,
 )
 from zdistill.errors import ConfigError, ErrorCode, RequestError, WireError, WrongTypeError
 from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
@@ -442,9 +443,7 @@ class Balancer:
                 log.error("%s; leading without stored students, and replacing it", exc)
                 self.students = {}
                 self.unsaved = True
-        self.by_service = {}
-        for sid, rec in self.students.items():
-            self.by_service.setdefault(rec.service, set()).add(sid)
+        self.by_service = {service: set(mine) for service, mine in students_by_service(self.students).items()}
         # Every known student gets a full lease from now: it may have been talking to
         # the old leader until a moment ago.
         self.last_seen = dict.fromkeys(self.students, now)

@@ -22,7 +22,7 @@ import redis
 
 from zdistill.discovery.client import ask_balancer
 from zdistill.discovery.messages import StatusReply, StatusRequest
-from zdistill.discovery.store import Store, describe
+from zdistill.discovery.store import Store, describe, students_by_service
 from zdistill.errors import WrongTypeError
 from zdistill.wire import ErrorReply
 
@@ -72,8 +72,9 @@ def collect_status(
 
 def _services(teachers: dict, students: dict, ages: dict) -> dict[str, Any]:
     services: dict[str, Any] = {}
-    for service in sorted(set(teachers) | {s.service for s in students.values()}):
-        mine = {sid: rec for sid, rec in students.items() if rec.service == service}
+    grouped = students_by_service(students)
+    for service in sorted(set(teachers) | set(grouped)):
+        mine = grouped.get(service, {})
         load: dict[str, int] = {}
         for rec in mine.values():
             for t in rec.teachers:
