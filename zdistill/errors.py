@@ -22,7 +22,7 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"  # the teacher is stopping: send to another teacher now
     WRONG_SERVER = "wrong_server"  # a balancer was asked what only a teacher answers
     UNKNOWN_STUDENT = "unknown_student"  # a balancer does not know this student: register again
-    INTERNAL = "internal"  # a bug in the balancer cost this one request
+    INTERNAL = "internal"  # a bug in the server cost this one request (logged there with its traceback)
 
 
 # Codes no retry mends: the same request fails the same way on any teacher.

@@ -18,8 +18,9 @@ request     header / arrays                             reply
 
 Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` (``code`` an
 :class:`~zdistill.errors.ErrorCode`: ``bad_message`` for frames that are no message,
-``bad_request`` for an unknown kind or a field of the wrong type) and the server goes
-on serving everyone else.  A model that raises gets ``model_error``; one whose outputs
+``bad_request`` for an unknown kind or a field of the wrong type, ``internal`` for a
+bug met while handling it, logged with its traceback) and the server goes on serving
+everyone else.  A model that raises gets ``model_error``; one whose outputs
 do not match the fetches it declares (rows, row shape, dtype; see
 :func:`~zdistill.teacher.model.check_outputs`) gets ``bad_output``, which no retry mends.  The
 socket is bound only after every model instance has loaded and run once, so an answered
@@ -225,6 +226,9 @@ class TeacherServer:
             self._reply_error(envelope, req_id, ErrorCode.BAD_MESSAGE, str(exc))
         except RequestError as exc:
             self._reply_error(envelope, req_id, exc.code, str(exc))
+        except Exception as exc:  # a bug must cost one request, never the service (docs/teacher.md, Failures)
+            log.exception("failed to handle a request")
+            self._reply_error(envelope, req_id, ErrorCode.INTERNAL, type(exc).__name__)
 
     def _dispatch(self, envelope: list[Any], req_id: Any, msg: wire.Message) -> None:
         self.metrics.requests.labels(msg.kind if msg.kind in REQUESTS else "other").inc()
