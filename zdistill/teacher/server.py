@@ -122,7 +122,8 @@ class TeacherServer:
                 f"of the largest size ({max_message_bytes / MiB:g} MiB): raise --max-queue-mb or lower --max-message-mb"
             )
         self.model = models[0]
-        self._feeds = {spec.name: spec for spec in self.model.feeds}  # what every predict is checked against
+        # what every predict is checked against, the dtypes parsed once
+        self._feeds = {spec.name: (spec, np.dtype(spec.dtype)) for spec in self.model.feeds}
         # What the model answers to the fixed probe batch: students key cached answers by it.
         self.fingerprint = fingerprint(self.model)
         _, why = usable(self.fingerprint, [f.name for f in self.model.fetches], "this teacher")
@@ -277,8 +278,8 @@ class TeacherServer:
         if n > self.batcher.max_rows:
             raise RequestError(ErrorCode.TOO_LARGE, f"{n} rows exceed the max batch size {self.batcher.max_rows}")
         for name, arr in arrays.items():
-            spec = feeds[name]
-            if arr.dtype != np.dtype(spec.dtype):
+            spec, dtype = feeds[name]
+            if arr.dtype != dtype:
                 raise RequestError(ErrorCode.BAD_REQUEST,
                                    f"feed {name!r} has dtype {arr.dtype}, the model wants {spec.dtype}")
             if not spec.matches(arr.shape[1:]):
