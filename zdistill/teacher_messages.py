@@ -32,10 +32,10 @@ class Ping(Header, tag="ping"):
     """Ask whether the teacher is serving (answered with :class:`Pong`)."""
 
 
-Request = Predict | MetaRequest | StatsRequest | Ping
+TeacherRequest = Predict | MetaRequest | StatsRequest | Ping
 
 
-class Result(Header, tag="result"):
+class PredictReply(Header, tag="result"):
     """The answer to :class:`Predict`: one array per fetch rides beside it."""
 
 
@@ -53,17 +53,17 @@ class Pong(Header, tag="pong"):
     """The answer to :class:`Ping`."""
 
 
-Reply = Result | MetaReply | StatsReply | Pong | ErrorReply
+TeacherReply = PredictReply | MetaReply | StatsReply | Pong | ErrorReply
 
 REQUESTS = by_kind(Predict, MetaRequest, StatsRequest, Ping)
-REPLIES = by_kind(Result, MetaReply, StatsReply, Pong, ErrorReply)
+REPLIES = by_kind(PredictReply, MetaReply, StatsReply, Pong, ErrorReply)
 
 
-def read_request(header: dict[str, Any]) -> Request:
+def read_request(header: dict[str, Any]) -> TeacherRequest:
     """The typed request a teacher got, or :class:`~zdistill.errors.RequestError` ``bad_request``."""
     return read_header(header, REQUESTS, "request")  # type: ignore[return-value]
 
 
-def read_reply(header: dict[str, Any]) -> Reply:
+def read_reply(header: dict[str, Any]) -> TeacherReply:
     """The typed reply a client got, or :class:`~zdistill.errors.RequestError` ``bad_request``."""
     return read_header(header, REPLIES, "reply")  # type: ignore[return-value]

@@ -271,7 +271,7 @@ class _Session:
         self.pending = (req_id, kind, time.monotonic() + self.o.timeout)
         return req_id
 
-    def _recv(self, sock: zmq.Socket) -> messages.Reply | None:
+    def _recv(self, sock: zmq.Socket) -> messages.BalancerReply | None:
         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         try:
             return messages.read_reply(wire.decode(frames, LIMITS).header)
@@ -348,7 +348,7 @@ class _Session:
             self.pending = None
             self._on_reply(reply)
 
-    def _on_reply(self, reply: messages.Reply) -> None:
+    def _on_reply(self, reply: messages.BalancerReply) -> None:
         if isinstance(reply, messages.Assignment):
             if not self.registered or self.o.leader != self.target:
                 log.info("student %s registered with balancer %s", self.o.student_id, self.target)
@@ -393,7 +393,7 @@ def _close_all() -> None:
         client.close()
 
 
-def ask_balancer(address: str, request: messages.Request, timeout: float) -> messages.Reply | None:
+def ask_balancer(address: str, request: messages.BalancerRequest, timeout: float) -> messages.BalancerReply | None:
     """One request to a balancer; its typed reply, or None if nothing readable came in time.
 
     A reply that is a message but none of the balancer's (a teacher's, or a field of the

@@ -43,7 +43,7 @@ class StatusRequest(Header, tag="status"):
     """``zdistill status`` asks how the balancer stands."""
 
 
-Request = Register | Heartbeat | Snapshot | Bye | StatusRequest
+BalancerRequest = Register | Heartbeat | Snapshot | Bye | StatusRequest
 
 
 class Membership(Header):
@@ -92,19 +92,19 @@ class StatusReply(Header, tag="status"):
     teachers: dict[str, int]
 
 
-Reply = Assignment | Redirect | Ok | StatusReply | ErrorReply
+BalancerReply = Assignment | Redirect | Ok | StatusReply | ErrorReply
 
 REQUESTS = by_kind(Register, Heartbeat, Snapshot, Bye, StatusRequest)
 REPLIES = by_kind(Assignment, Redirect, Ok, StatusReply, ErrorReply)
 UPDATES = by_kind(Update)
 
 
-def read_request(header: dict[str, Any]) -> Request:
+def read_request(header: dict[str, Any]) -> BalancerRequest:
     """The typed request a balancer got, or :class:`~zdistill.errors.RequestError` ``bad_request``."""
     return read_header(header, REQUESTS, "request")  # type: ignore[return-value]
 
 
-def read_reply(header: dict[str, Any]) -> Reply:
+def read_reply(header: dict[str, Any]) -> BalancerReply:
     """The typed reply from a balancer, or :class:`~zdistill.errors.RequestError` ``bad_request``."""
     return read_header(header, REPLIES, "reply")  # type: ignore[return-value]
 
