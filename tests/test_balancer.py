@@ -81,12 +81,17 @@ def test_bad_messages_are_answered_and_the_balancer_keeps_serving(redis_server, 
         ([packed({**reg, "max_teachers": 10**9})], "bad_request"),
         ([packed({**reg, "max_teachers": 2.5})], "bad_request"),
         ([packed({"kind": "snapshot", "id": 3, "student": "never-registered"})], "unknown_student"),
+        # a field of the wrong type, one per request kind
+        ([packed({**reg, "kind": "heartbeat", "max_teachers": "2"})], "bad_request"),
+        ([packed({"kind": "snapshot", "id": 3, "student": 5})], "bad_request"),
+        ([packed({"kind": "bye", "id": 4, "student": ["s1"]})], "bad_request"),
+        ([packed({"kind": "status", "id": {"a": [1]}})], "bad_request"),
     ]
     for frames, code in cases:
         reply = _send_raw(sock, frames)
         assert reply is not None and reply["kind"] == "error" and reply["code"] == code, (frames, reply)
 
-    odd_id = _send_raw(sock, [packed({"kind": "status", "id": {"a": [1]}})])  # an id that cannot be echoed
+    odd_id = _send_raw(sock, [packed({"kind": "status", "id": "x" * 200})])  # an id too long to echo
     assert odd_id is not None and odd_id["kind"] == "status" and odd_id["id"] is None
 
     rng = random.Random(5)

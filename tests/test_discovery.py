@@ -12,6 +12,7 @@ import pytest
 
 from tests import daemons, procs
 from tests.test_balancer import _wait_teachers, add_teacher
+from zdistill.discovery import messages
 from zdistill.discovery.client import DiscoveryClient
 from zdistill.discovery.store import Store
 from zdistill.errors import ConfigError
@@ -53,17 +54,20 @@ def test_teachers_joining_and_leaving_reach_current(redis_server, tmp_path, star
     assert _wait_teachers(client, [], timeout=TTL + 2)[0] == 4
 
 
+def update(epoch: str, version: int, teachers: list[str]) -> messages.Update:
+    return messages.Update(student="me", service="svc", epoch=epoch, version=version, teachers=teachers)
+
+
 def test_stale_updates_are_ignored():
     client = DiscoveryClient("127.0.0.1:1", "svc", 2, "me")  # never started: feed it messages by hand
-    client._apply({"epoch": "e1", "version": 3, "teachers": ["a:1"]})
+    client._apply(update("e1", 3, ["a:1"]))
     assert client.current() == (1, ["a:1"])
-    client._apply({"epoch": "e1", "version": 2, "teachers": ["b:1"]})  # older: ignored
-    client._apply({"epoch": "e1", "version": 3, "teachers": ["b:1"]})  # same version: ignored
-    client._apply({"epoch": "e1", "version": "4", "teachers": ["b:1"]})  # malformed: ignored
+    client._apply(update("e1", 2, ["b:1"]))  # older: ignored
+    client._apply(update("e1", 3, ["b:1"]))  # same version: ignored
     assert client.current() == (1, ["a:1"])
-    client._apply({"epoch": "e1", "version": 4, "teachers": ["a:1"]})  # newer, same list: no new version
+    client._apply(update("e1", 4, ["a:1"]))  # newer, same list: no new version
     assert client.current() == (1, ["a:1"])
-    client._apply({"epoch": "e2", "version": 1, "teachers": ["c:1"]})  # a new history starts over
+    client._apply(update("e2", 1, ["c:1"]))  # a new history starts over
     assert client.current() == (2, ["c:1"])
     client.close()
 

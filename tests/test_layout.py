@@ -22,7 +22,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "zdistill"
 PARTS = ("student", "teacher", "discovery")
-GROUND = ("spec", "wire", "errors", "security", "flags", "metrics", "client", "topk", "fingerprint")
+GROUND = ("spec", "wire", "teacher_messages", "errors", "security", "flags", "metrics", "client", "topk",
+          "fingerprint")
 FORBIDDEN = {
     "student": ("teacher",),
     "teacher": ("student", "discovery"),

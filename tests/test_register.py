@@ -26,11 +26,11 @@ def test_registers_only_after_the_teacher_answers(redis_server, store, tmp_path,
     stopper.append(reg)
     # Nothing listens yet: the register pings, gets no answer, and writes nothing.
     procs.wait_for(lambda: reg.log().count("did not answer a ping") >= 2, 10, "failed pings", reg.popen)
-    assert store.list_teachers("svc") == []
+    assert sorted(store.all_teachers().get("svc", {})) == []
 
     teacher = procs.start_teacher(f"{procs.TEACHERS}:softmax", tmp_path, port=port)
     stopper.append(teacher)
-    procs.wait_for(lambda: store.list_teachers("svc") == [address], 5, "registration", reg.popen)
+    procs.wait_for(lambda: sorted(store.all_teachers().get("svc", {})) == [address], 5, "registration", reg.popen)
     key = store.teacher_key("svc", address)
     assert 0 < store.r.pttl(key) <= TTL * 1000
     rec = store.get_teacher("svc", address)
@@ -142,10 +142,11 @@ def test_odd_meta_keeps_the_teacher_unregistered_until_it_is_sane(redis_server, 
     asked = teacher.log().count("meta asked")
     procs.wait_for(lambda: teacher.log().count("meta asked") >= asked + 3, 10, "three more checks", reg.popen)
     assert reg.log().count("meta is not sane") == len(odd) + 1  # once per different problem, not per check
-    assert store.list_teachers("svc") == []
+    assert sorted(store.all_teachers().get("svc", {})) == []
 
     meta.write_text(json.dumps(SANE_META))
-    procs.wait_for(lambda: store.list_teachers("svc") == [address], 10, "registration once sane", reg.popen)
+    procs.wait_for(lambda: sorted(store.all_teachers().get("svc", {})) == [address], 10, "registration once sane",
+                   reg.popen)
     rec = store.get_teacher("svc", address)
     assert rec is not None and rec.max_batch_size == 64 and rec.device == "cpu"
     assert reg.stop() == 0

@@ -58,8 +58,8 @@ def test_teacher_record_is_one_set_with_its_ttl(store):
     back = store.get_teacher("svc", "127.0.0.1:7001")
     assert back is not None and back.feeds == rec.feeds and back.ttl_ms == 5000 and back.device == "cpu"
     assert store.register_teacher(rec, ttl=5.0) is True  # a refresh finds its key
-    assert store.list_teachers("svc") == ["127.0.0.1:7001"]
-    assert store.list_teachers("other") == []
+    assert sorted(store.all_teachers().get("svc", {})) == ["127.0.0.1:7001"]
+    assert sorted(store.all_teachers().get("other", {})) == []
 
 
 def test_teacher_record_expires(store):
@@ -74,9 +74,9 @@ def test_unregister_removes_only_its_own_record(store):
     store.register_teacher(mine, ttl=10)
     store.register_teacher(newer, ttl=10)  # a second register for the same address took over
     assert store.unregister_teacher(mine) is False
-    assert store.list_teachers("svc") == ["127.0.0.1:7001"]
+    assert sorted(store.all_teachers().get("svc", {})) == ["127.0.0.1:7001"]
     assert store.unregister_teacher(newer) is True
-    assert store.list_teachers("svc") == []
+    assert sorted(store.all_teachers().get("svc", {})) == []
 
 
 def test_all_teachers_groups_services_and_skips_bad_records(store):

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,8 @@ from tests.teachers import softmax_np
 from zdistill import wire
 from zdistill.client import TeacherClient
 from zdistill.errors import TeacherError
+from zdistill.spec import TensorSpec
+from zdistill.teacher.server import TeacherServer
 
 TIMEOUT = 10.0  # seconds; every blocking call in this file is bounded by it
 SOFTMAX = f"{procs.TEACHERS}:softmax"
@@ -318,6 +321,17 @@ def test_malformed_message_gets_bad_message(raw, client, frames: list[bytes]) ->
     assert_still_serving(client)
 
 
+@pytest.mark.parametrize("kind", ["predict", "meta", "stats", "ping"])
+def test_wrongly_typed_field_gets_bad_request(raw, client, kind: str) -> None:
+    """A request whose ``id`` is no int, string or nil is refused by its type, and the teacher serves on."""
+    arrays = {"img": rows(1, 2)} if kind == "predict" else None
+    raw.send_multipart(wire.encode({"kind": kind, "id": [1.5]}, arrays))
+    reply = wire.decode(raw.recv_multipart(copy=False))  # RCVTIMEO bounds the wait
+    assert reply.kind == "error" and reply.header["code"] == "bad_request"
+    assert reply.header["id"] is None and "$.id" in reply.header["message"]
+    assert_still_serving(client)
+
+
 def test_model_exception_becomes_model_error(fragile_teacher) -> None:
     c = TeacherClient(fragile_teacher.endpoint, timeout=TIMEOUT)
     try:
@@ -593,3 +607,45 @@ def test_cli_port_in_use_is_a_clear_error(softmax_teacher) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "cannot listen on" in result.stderr and "Traceback" not in result.stderr
+
+
+class BrokenDescriptionModel:
+    """A model whose ``description`` raises: a bug met while answering ``meta``, not while running."""
+
+    feeds = [TensorSpec("x", "float32", (2,))]
+    fetches = [TensorSpec("y", "float32", (2,))]
+    device = "cpu"
+    thread_safe = True
+    model_id = "broken-description"
+
+    @property
+    def description(self) -> str:
+        raise RuntimeError("this model cannot describe itself")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": feeds["x"] * 2}
+
+    def clone(self) -> BrokenDescriptionModel:
+        return self
+
+
+def test_a_bug_while_handling_a_request_costs_that_request_only() -> None:
+    """The crash policy: an unforeseen exception becomes ``internal`` for its request; the teacher serves on."""
+    ctx = zmq.Context()
+    server = TeacherServer([BrokenDescriptionModel()], "tcp://127.0.0.1:0", context=ctx)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    client = TeacherClient(server.endpoint, context=ctx, timeout=TIMEOUT, curve=None)
+    try:
+        with pytest.raises(TeacherError) as info:
+            client.meta()
+        assert info.value.code == "internal" and "RuntimeError" in str(info.value)
+        out = client.predict({"x": np.ones((3, 2), np.float32)})
+        np.testing.assert_array_equal(out["y"], np.full((3, 2), 2, np.float32))
+        assert server.stats()["errors"] == {"internal": 1}
+    finally:
+        client.close()
+        server.stop()
+        thread.join(TIMEOUT)
+        ctx.destroy(linger=0)
+    assert not thread.is_alive()

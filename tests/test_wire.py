@@ -199,6 +199,8 @@ MALFORMED = {
     "header is an int": [msgpack.packb(5)],
     "non-string map key": [msgpack.packb({1: 2, "arrays": []})],
     "ext type in header": [msgpack.packb({"arrays": [], "x": msgpack.ExtType(5, b"abcd")})],
+    "timestamp in header": [msgpack.packb({"arrays": [], "x": msgpack.Timestamp(1, 0)})],
+    "timestamp deep in header": [msgpack.packb({"arrays": [], "x": [{"t": msgpack.Timestamp(2**40, 5)}]})],
     "missing arrays table": [msgpack.packb({"kind": "predict"})],
     "arrays table not a list": [msgpack.packb({"arrays": {"x": 1}})],
     "array entry not a list": message(["x"], [F4x10]),

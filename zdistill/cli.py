@@ -22,8 +22,10 @@ from collections.abc import Sequence
 
 from zdistill.client import TeacherClient, teacher_endpoint
 from zdistill.discovery.client import ask_balancer
-from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
+from zdistill.discovery.messages import StatusReply, StatusRequest
+from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout
 from zdistill.flags import add_db_flags, password_from_args
+from zdistill.wire import ErrorReply
 
 
 def ping(kind: str, address: str, timeout: float) -> int:
@@ -37,7 +39,8 @@ def ping(kind: str, address: str, timeout: float) -> int:
             client.ping()
         except TeacherError as exc:
             # str(exc) names the teacher already: "teacher ADDR: what it said"
-            line = f"{address}: a zdistill balancer answered, not a teacher" if exc.code == "wrong_server" else exc
+            wrong = exc.code == ErrorCode.WRONG_SERVER
+            line = f"{address}: a zdistill balancer answered, not a teacher" if wrong else exc
             sys.stderr.write(f"{line}\n")
             return 1
         except TeacherTimeout:
@@ -46,12 +49,13 @@ def ping(kind: str, address: str, timeout: float) -> int:
         finally:
             client.close()
         return 0
-    reply = ask_balancer(address, {"kind": "status"}, timeout)
+    reply = ask_balancer(address, StatusRequest(id=1), timeout)
     if reply is None:
         sys.stderr.write(f"balancer {address}: no answer in {timeout:g} s\n")
         return 1
-    if reply.get("kind") != "status":
-        sys.stderr.write(f"{address}: answered, but not as a zdistill balancer ({str(reply.get('message'))[:200]})\n")
+    if not isinstance(reply, StatusReply):
+        said = reply.message if isinstance(reply, ErrorReply) else reply.__struct_config__.tag
+        sys.stderr.write(f"{address}: answered, but not as a zdistill balancer ({said[:200]})\n")
         return 1
     return 0
 

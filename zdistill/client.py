@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import re
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,9 +25,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zdistill import wire
-from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
+from zdistill.errors import ConfigError, RequestError, TeacherError, TeacherTimeout, WireError
 from zdistill.security import ClientKeys, client_keys_from_env, secure_client
 from zdistill.spec import Arrays
+from zdistill.teacher_messages import read_reply
+from zdistill.wire import ErrorReply
+
+log = logging.getLogger(__name__)
 
 ADDRESS_FORMS = "HOST:PORT, tcp://HOST:PORT or ipc://PATH"
 _HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:([0-9]{1,5})$")  # a name, IPv4 or [IPv6], and a port
@@ -67,6 +73,26 @@ def teacher_endpoint(address: str, what: str = "teacher") -> str:
     if port is None or not 0 < int(port.group(1)) <= 65535:
         raise ConfigError(f"{what} address {address!r:.200} is not {ADDRESS_FORMS} (with a port of 1..65535)")
     return endpoint
+
+
+def addresses(value: str | Sequence[str], what: str, kind: str = "teacher") -> list[str]:
+    """The addresses of ``kind`` (teacher, balancer) in ``value``, an ``'a,b'`` string or a list, each checked.
+
+    Checked here, where they are given (:func:`teacher_endpoint`), so a typo is reported
+    with ``what`` (the argument or variable that held it), not from deep in a worker.
+    """
+    if isinstance(value, str):
+        items = [v.strip() for v in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        items = [str(v).strip() for v in value]
+    else:
+        raise TypeError(f"{what} must be a list, tuple or 'a,b' string, got {type(value).__name__}")
+    items = [v for v in items if v]
+    if not items:
+        raise ConfigError(f"{what} is empty")
+    for address in items:
+        teacher_endpoint(address, kind)
+    return items
 
 
 def unreachable(address: str, timeout: float = 1.0) -> str | None:
@@ -235,15 +261,15 @@ class TeacherClient:
     def _on_reply(self, frames: list[zmq.Frame]) -> Completion | None:
         try:
             msg = wire.decode(frames, self.limits)
-        except WireError:
-            return None  # a broken reply cannot be matched to a request: its deadline will report it
-        req_id = msg.header.get("id")
-        if not isinstance(req_id, int) or self._deadlines.pop(req_id, None) is None:
+            reply = read_reply(msg.header)
+        except (WireError, RequestError) as exc:
+            log.warning("dropped a broken reply from teacher %s: %s", self.address, exc)
+            return None  # it cannot be matched to a request: that request's deadline will report it
+        if not isinstance(reply.id, int) or self._deadlines.pop(reply.id, None) is None:
             return None  # late answer to a request that already timed out
-        if msg.kind == "error":
-            code = str(msg.header.get("code", "error"))
-            return Completion(req_id, error=TeacherError(f"teacher {self.address}: {msg.header.get('message')}", code))
-        return Completion(req_id, result=msg.arrays, header=msg.header)
+        if isinstance(reply, ErrorReply):
+            return Completion(reply.id, error=TeacherError(f"teacher {self.address}: {reply.message}", reply.code))
+        return Completion(reply.id, result=msg.arrays, header=msg.header)
 
     def _expire(self, now: float) -> list[Completion]:
         late = [i for i, t in self._deadlines.items() if t <= now]

@@ -2,6 +2,32 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """The machine-readable reason of an error reply, from a teacher or a balancer.
+
+    A ``StrEnum``, so a code is its wire string (``ErrorCode.BUSY == "busy"``): the wire
+    stays the same and a code a newer peer sends that is not listed here still reads
+    as a plain string.
+    """
+
+    BAD_MESSAGE = "bad_message"  # the frames are not a valid message (see zdistill.wire)
+    BAD_REQUEST = "bad_request"  # a valid message the server cannot serve: unknown kind, a field of the wrong type
+    TOO_LARGE = "too_large"  # more rows or bytes than the teacher takes in one request
+    BAD_OUTPUT = "bad_output"  # the model's outputs do not match the fetches it declares
+    MODEL_ERROR = "model_error"  # the model raised (or its reply cannot be sent)
+    BUSY = "busy"  # the teacher's queue is full: send again later, here or elsewhere
+    SHUTTING_DOWN = "shutting_down"  # the teacher is stopping: send to another teacher now
+    WRONG_SERVER = "wrong_server"  # a balancer was asked what only a teacher answers
+    UNKNOWN_STUDENT = "unknown_student"  # a balancer does not know this student: register again
+    INTERNAL = "internal"  # a bug in the server cost this one request (logged there with its traceback)
+
+
+# Codes no retry mends: the same request fails the same way on any teacher.
+FATAL_CODES = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.TOO_LARGE, ErrorCode.BAD_MESSAGE, ErrorCode.BAD_OUTPUT})
+
 
 class ZDistillError(Exception):
     """Base class of every error zdistill raises on purpose."""
@@ -18,11 +44,23 @@ class WireError(ZDistillError):
 class TeacherError(ZDistillError):
     """A teacher answered a request with an error reply (bad input, model failure, ...).
 
-    ``code`` is the teacher's machine-readable reason (``bad_request``, ``model_error``,
-    ``bad_output``, ``too_large``, ``shutting_down``, ...); the message says what was wrong.
+    ``code`` is the teacher's machine-readable reason, an :class:`ErrorCode` value
+    (compare it with one); the message says what was wrong.
     """
 
     def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RequestError(ZDistillError):
+    """A request a teacher or a balancer refuses: it becomes the error reply ``code``.
+
+    Raised inside a server's request handling, caught once where the reply is sent,
+    so every refusal, whatever its depth, reaches the client as an answer.
+    """
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 

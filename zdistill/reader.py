@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from zdistill.client import TeacherClient, teacher_endpoint, unreachable
+from zdistill.client import TeacherClient, addresses, unreachable
 from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import TOLERANCE
 from zdistill.spec import TeacherMeta, TensorSpec
@@ -44,27 +44,6 @@ log = logging.getLogger("zdistill.reader")
 ENV_BALANCE_SERVER = "PADDLE_DISTILL_BALANCE_SERVER"
 ENV_SERVICE_NAME = "PADDLE_DISTILL_SERVICE_NAME"
 ENV_MAX_TEACHER = "PADDLE_DISTILL_MAX_TEACHER"
-
-
-def _addresses(value: str | Sequence[str], what: str, kind: str) -> list[str]:
-    """The addresses of ``kind`` (teacher, balancer) in ``value``, each checked here, where it is given."""
-    items = _split_list(value, what)
-    for address in items:
-        teacher_endpoint(address, kind)
-    return items
-
-
-def _split_list(value: str | Sequence[str], what: str) -> list[str]:
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-    elif isinstance(value, (list, tuple)):
-        items = [str(v).strip() for v in value]
-    else:
-        raise TypeError(f"{what} must be a list, tuple or 'a,b' string, got {type(value).__name__}")
-    items = [v for v in items if v]
-    if not items:
-        raise ConfigError(f"{what} is empty")
-    return items
 
 
 class DistillReader:
@@ -103,7 +82,7 @@ class DistillReader:
         Each is ``HOST:PORT``, ``tcp://HOST:PORT`` or ``ipc://PATH``; anything else
         raises :class:`ConfigError` here, naming it.
         """
-        self._teachers = _addresses(teachers, "teachers", "teacher")
+        self._teachers = addresses(teachers, "teachers", "teacher")
         self._mode = "fixed"
         self._require_num = len(self._teachers)
 
@@ -114,7 +93,7 @@ class DistillReader:
 
         Each balancer address is checked here, as :meth:`set_fixed_teacher` checks teachers'.
         """
-        self._discovery_servers = _addresses(discovery_servers, "discovery_servers", "balancer")
+        self._discovery_servers = addresses(discovery_servers, "discovery_servers", "balancer")
         self._service_name = teacher_service_name
         self._require_num = int(require_max_teacher)
         self._mode = "discover"
@@ -234,7 +213,7 @@ class DistillReader:
             name = os.environ.get(ENV_SERVICE_NAME)
             if not name:
                 raise ConfigError(f"{ENV_BALANCE_SERVER} is set but {ENV_SERVICE_NAME} is not")
-            self._discovery_servers = _addresses(servers, ENV_BALANCE_SERVER, "balancer")
+            self._discovery_servers = addresses(servers, ENV_BALANCE_SERVER, "balancer")
             self._service_name = name
             self._mode = "discover"
             if os.environ.get(ENV_MAX_TEACHER):
@@ -306,6 +285,7 @@ class DistillReader:
     def _why_no_teacher(self) -> str:
         """What the balancers say (or why they say nothing) while they give this student no teacher."""
         from zdistill.discovery.client import ask_balancer
+        from zdistill.discovery.messages import StatusReply, StatusRequest
 
         leader = self._discovery.leader
         if leader is None:
@@ -313,8 +293,8 @@ class DistillReader:
             causes = [f"{s}: up, but has no leader ({why})" for s, why in leaderless.items()]
             causes += [f"{s}: {unreachable(s) or 'no answer'}" for s in self._discovery.servers if s not in leaderless]
             return f"no balancer {'leads' if leaderless else 'answers'} ({'; '.join(causes)})"
-        status = ask_balancer(leader, {"kind": "status"}, timeout=1.0) or {}
-        known = status.get("teachers") if isinstance(status.get("teachers"), dict) else {}
+        status = ask_balancer(leader, StatusRequest(id=1), timeout=1.0)
+        known = status.teachers if isinstance(status, StatusReply) else {}
         if self._service_name in known:
             return f"the balancer at {leader} has no live teacher of service {self._service_name!r} yet"
         services = ", ".join(f"{name} ({count} teachers)" for name, count in sorted(known.items())) or "none"

@@ -1,6 +1,7 @@
 """``zdistill-balancer``: tell each student which teachers of its service to use.
 
-Sockets (every message in the :mod:`zdistill.wire` format, header only):
+Sockets (every message in the :mod:`zdistill.wire` format, header only, typed in
+:mod:`zdistill.discovery.messages`):
 
 - a ROUTER on ``--server`` for requests from students;
 - a PUB (``--pub-port``, default the next port) for membership updates.
@@ -20,8 +21,9 @@ request         header                                          reply (from the 
 A standby answers ``register``/``heartbeat``/``snapshot``/``bye`` with ``redirect``
 (``leader``: the leader's ROUTER address, or ``None`` while nobody leads, with ``why``:
 Redis unreachable from this balancer, or no lease taken yet).  Anything
-malformed gets ``error`` (``bad_message``, ``bad_request``) and the balancer keeps
-serving.  Every reply echoes the request's ``id``.
+malformed gets ``error`` (``bad_message`` for frames that are no message,
+``bad_request`` for an unknown kind or a field of the wrong type or range) and the
+balancer keeps serving.  Every reply echoes the request's ``id``.
 
 Membership follows the zguide's Clone pattern: on the PUB socket, the topic frame
 ``student id + b"\\0"`` precedes an ``update`` message (``student``, ``service``,
@@ -63,6 +65,7 @@ import redis
 import zmq
 
 from zdistill import wire
+from zdistill.discovery import messages
 from zdistill.discovery.assignment import assign
 from zdistill.discovery.store import (
     MAX_TEACHERS_LIMIT,
@@ -72,31 +75,23 @@ from zdistill.discovery.store import (
     Store,
     StudentRecord,
     describe,
+    students_by_service,
 )
-from zdistill.errors import ConfigError, WireError, WrongTypeError
+from zdistill.errors import ConfigError, ErrorCode, RequestError, WireError, WrongTypeError
 from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import BalancerMetrics
 from zdistill.security import ServerKeys, server_keys
+from zdistill.teacher_messages import REQUESTS as TEACHER_REQUESTS
 
 log = logging.getLogger("zdistill.discovery.balancer")
 
 # Students send headers only: tiny messages, no arrays.
 LIMITS = wire.Limits(max_header_bytes=16 * 1024, max_arrays=0, max_array_bytes=0)
-_STUDENT_KINDS = ("register", "heartbeat", "snapshot", "bye")
-_TEACHER_KINDS = ("ping", "meta", "predict", "stats")  # someone took this balancer for a teacher
 _DRAIN_AT_ONCE = 512
 _REDIS_RETRY = 0.25
 _GAUGES_EVERY = 1.0
 _ERROR_LOG_EVERY = 10.0
 _NAMED_IN_A_LOG_LINE = 10  # students named when many expire at once
-
-
-class BadRequest(Exception):
-    """A request with missing or wrongly typed fields: becomes an error reply."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def topic(student_id: str) -> bytes:
@@ -448,9 +443,7 @@ class Balancer:
                 log.error("%s; leading without stored students, and replacing it", exc)
                 self.students = {}
                 self.unsaved = True
-        self.by_service = {}
-        for sid, rec in self.students.items():
-            self.by_service.setdefault(rec.service, set()).add(sid)
+        self.by_service = {service: set(mine) for service, mine in students_by_service(self.students).items()}
         # Every known student gets a full lease from now: it may have been talking to
         # the old leader until a moment ago.
         self.last_seen = dict.fromkeys(self.students, now)
@@ -668,12 +661,12 @@ class Balancer:
         except WireError as exc:
             self.metrics.bad_messages.inc()
             log.debug("bad message: %s", exc)
-            reply = {"kind": "error", "code": "bad_message", "message": str(exc)}
-        except BadRequest as exc:
+            reply = {"kind": "error", "code": ErrorCode.BAD_MESSAGE, "message": str(exc)}
+        except RequestError as exc:
             reply = {"kind": "error", "code": exc.code, "message": str(exc)}
         except Exception as exc:  # a bug must cost one request, never the service
             log.exception("failed to handle a request")
-            reply = {"kind": "error", "code": "internal", "message": f"{type(exc).__name__}"}
+            reply = {"kind": "error", "code": ErrorCode.INTERNAL, "message": f"{type(exc).__name__}"}
         if type(req_id) not in (int, str, type(None)) or (isinstance(req_id, str) and len(req_id) > 128):
             req_id = None
         return envelope, req_id, reply
@@ -687,16 +680,16 @@ class Balancer:
 
     def _dispatch(self, msg: wire.Message) -> dict[str, Any] | StudentRecord:
         kind = msg.kind
-        self.metrics.requests.labels(kind if kind in _STUDENT_KINDS or kind == "status" else "other").inc()
-        if kind == "status":
+        self.metrics.requests.labels(kind if kind in messages.REQUESTS else "other").inc()
+        if kind in TEACHER_REQUESTS:  # someone took this balancer for a teacher
+            raise RequestError(ErrorCode.WRONG_SERVER, "this is a zdistill balancer, not a teacher")
+        request = messages.read_request(msg.header)
+        if isinstance(request, messages.StatusRequest):
             return self._status()
-        if kind in _TEACHER_KINDS:
-            raise BadRequest("wrong_server", "this is a zdistill balancer, not a teacher")
-        if kind not in _STUDENT_KINDS:
-            raise BadRequest("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
-        sid = _field(msg.header, "student", str)
+        sid = request.student
         if not STUDENT_RE.match(sid):
-            raise BadRequest("bad_request", f"student id {sid!r:.40} is not 1-128 characters of [A-Za-z0-9_.:@-]")
+            raise RequestError(ErrorCode.BAD_REQUEST,
+                               f"student id {sid!r:.40} is not 1-128 characters of [A-Za-z0-9_.:@-]")
         if not self.leading:
             if self.leader_seen is not None:
                 return {"kind": "redirect", "leader": self.leader_seen.server}
@@ -704,24 +697,24 @@ class Balancer:
                    else "no balancer holds the leader lease in Redis yet")
             return {"kind": "redirect", "leader": None, "why": why}
         now = time.monotonic()
-        if kind in ("register", "heartbeat"):
-            service = _field(msg.header, "service", str)
-            if not SERVICE_RE.match(service):
-                raise BadRequest("bad_request", f"service name {service!r:.40} is not 1-128 of [A-Za-z0-9_.-]")
-            most = _field(msg.header, "max_teachers", int)
-            if not 1 <= most <= MAX_TEACHERS_LIMIT:
-                raise BadRequest("bad_request", f"max_teachers must be 1..{MAX_TEACHERS_LIMIT}, got {most}")
-            rec = self._upsert_student(sid, service, most)
+        if isinstance(request, messages.Register):  # a Heartbeat is one too
+            if not SERVICE_RE.match(request.service):
+                raise RequestError(ErrorCode.BAD_REQUEST,
+                                   f"service name {request.service!r:.40} is not 1-128 of [A-Za-z0-9_.-]")
+            if not 1 <= request.max_teachers <= MAX_TEACHERS_LIMIT:
+                raise RequestError(ErrorCode.BAD_REQUEST,
+                                   f"max_teachers must be 1..{MAX_TEACHERS_LIMIT}, got {request.max_teachers}")
+            rec = self._upsert_student(sid, request.service, request.max_teachers)
             self._seen(sid, now)
             return rec
-        if kind == "bye":
+        if isinstance(request, messages.Bye):
             if sid in self.students:
                 log.info("student %s left", sid)
                 self._remove_student(sid)
             return {"kind": "ok"}
         rec = self.students.get(sid)  # snapshot
         if rec is None:
-            return {"kind": "error", "code": "unknown_student", "message": "register first"}
+            return {"kind": "error", "code": ErrorCode.UNKNOWN_STUDENT, "message": "register first"}
         self._seen(sid, now)
         return rec
 
@@ -742,13 +735,6 @@ class Balancer:
             "students": len(self.students),
             "teachers": {svc: len(t) for svc, t in self.teachers.items()},
         }
-
-
-def _field(header: dict[str, Any], name: str, kind: type) -> Any:
-    value = header.get(name)
-    if type(value) is not kind:  # exact: True is not a max_teachers
-        raise BadRequest("bad_request", f"field {name!r} must be a {kind.__name__}, got {type(value).__name__}")
-    return value
 
 
 def _write_ready(path: str, data: dict[str, Any]) -> None:

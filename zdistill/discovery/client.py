@@ -39,13 +39,16 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import zmq
 
 from zdistill import wire
-from zdistill.client import teacher_endpoint
+from zdistill.client import addresses, teacher_endpoint
+from zdistill.discovery import messages
 from zdistill.discovery.store import MAX_TEACHERS_LIMIT, check_service, check_student
-from zdistill.errors import ConfigError, WireError
+from zdistill.errors import ConfigError, ErrorCode, RequestError, WireError
 from zdistill.security import client_keys_from_env, secure_client
+from zdistill.wire import ErrorReply
 
 log = logging.getLogger("zdistill.discovery.client")
 
@@ -54,17 +57,6 @@ _TICK = 0.05  # how often the thread looks at its stop flag
 _BACKOFF = 0.25  # pause after a full round of servers failed or nobody leads
 _CLOSE_WAIT = 0.3  # how long close() waits for the balancer to acknowledge "bye"
 _live: weakref.WeakSet[DiscoveryClient] = weakref.WeakSet()
-
-
-def parse_servers(servers: str | Sequence[str]) -> list[str]:
-    """The balancer addresses in a comma list or a sequence, each checked (:func:`teacher_endpoint`)."""
-    items = servers.split(",") if isinstance(servers, str) else list(servers)
-    found = [s.strip() for s in items if s and s.strip()]
-    if not found:
-        raise ConfigError(f"no discovery server given in {servers!r}")
-    for address in found:
-        teacher_endpoint(address, "balancer")
-    return found
 
 
 def default_student_id() -> str:
@@ -84,7 +76,7 @@ class DiscoveryClient:
         context: zmq.Context | None = None,
         timeout: float = 1.0,
     ) -> None:
-        self.servers = parse_servers(servers)
+        self.servers = addresses(servers, "discovery servers", "balancer")
         self.service = check_service(service_name)
         if type(max_teachers) is not int or not 1 <= max_teachers <= MAX_TEACHERS_LIMIT:
             raise ConfigError(f"max_teachers must be an integer 1..{MAX_TEACHERS_LIMIT}, got {max_teachers!r}")
@@ -179,17 +171,14 @@ class DiscoveryClient:
                 log.warning("balancer %s is up but has no leader (%s); asking again", server, why)
             self._leaderless[server] = why
 
-    def _apply(self, header: dict[str, Any]) -> None:
+    def _apply(self, membership: messages.Membership) -> None:
         """Take a snapshot or update if it is newer than what we hold (Clone pattern)."""
-        epoch, version, teachers = header.get("epoch"), header.get("version"), header.get("teachers")
-        if type(version) is not int or not isinstance(teachers, list) or not all(isinstance(t, str) for t in teachers):
-            log.debug("ignoring a malformed membership message")
-            return
+        epoch, version, teachers = membership.epoch, membership.version, membership.teachers
         if epoch == self._epoch and version <= self._remote_version:
             return  # stale: an old update, or the periodic republish of what we have
         if epoch != self._epoch and self._epoch is not None:
             log.info("balancer history changed (%s -> %s)", self._epoch, epoch)
-        self._epoch = epoch if isinstance(epoch, str) else None
+        self._epoch = epoch
         self._remote_version = version
         with self._cond:
             if teachers != self._teachers:
@@ -265,8 +254,8 @@ class _Session:
             req_id = self._send("bye")
             end = time.monotonic() + _CLOSE_WAIT
             while (left := end - time.monotonic()) > 0 and self.dealer.poll(int(left * 1000)):
-                header = self._recv(self.dealer)
-                if header is not None and header.get("id") == req_id:
+                reply = self._recv(self.dealer)
+                if reply is not None and reply.id == req_id:
                     return
         except zmq.ZMQError:
             pass
@@ -282,13 +271,12 @@ class _Session:
         self.pending = (req_id, kind, time.monotonic() + self.o.timeout)
         return req_id
 
-    @staticmethod
-    def _recv(sock: zmq.Socket) -> dict[str, Any] | None:
+    def _recv(self, sock: zmq.Socket) -> messages.BalancerReply | None:
         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
         try:
-            return wire.decode(frames, LIMITS).header
-        except WireError as exc:
-            log.debug("ignoring a malformed message from the balancer: %s", exc)
+            return messages.read_reply(wire.decode(frames, LIMITS).header)
+        except (WireError, RequestError) as exc:  # its request times out, and the next balancer is asked
+            log.warning("ignoring a malformed reply from balancer %s: %s", self.target, exc)
             return None
 
     # the loop
@@ -342,62 +330,58 @@ class _Session:
             except zmq.Again:
                 return
             try:
-                header = wire.decode(frames[1:], LIMITS).header  # frames[0] is the topic
-            except WireError as exc:
+                update = messages.read_update(wire.decode(frames[1:], LIMITS).header)  # frames[0] is the topic
+            except (WireError, RequestError) as exc:
                 log.debug("ignoring a malformed update: %s", exc)
                 continue
-            if header.get("kind") == "update" and header.get("student") == self.o.student_id:
-                self.o._apply(header)
+            if update.student == self.o.student_id:
+                self.o._apply(update)
 
     def _drain_dealer(self) -> None:
         while self.dealer is not None:
             try:
-                header = self._recv(self.dealer)
+                reply = self._recv(self.dealer)
             except zmq.Again:
                 return
-            if header is None or self.pending is None or header.get("id") != self.pending[0]:
+            if reply is None or self.pending is None or reply.id != self.pending[0]:
                 continue  # late or foreign: its request already timed out
             self.pending = None
-            self._on_reply(header)
+            self._on_reply(reply)
 
-    def _on_reply(self, header: dict[str, Any]) -> None:
-        kind = header.get("kind")
-        if kind == "assignment":
+    def _on_reply(self, reply: messages.BalancerReply) -> None:
+        if isinstance(reply, messages.Assignment):
             if not self.registered or self.o.leader != self.target:
                 log.info("student %s registered with balancer %s", self.o.student_id, self.target)
             self.registered = True
             self.failed_in_round = 0
             self.o.leader = self.target
             self.o._note_leaderless(self.target, None)
-            lease_ms = header.get("lease_ms")
-            if type(lease_ms) is int and lease_ms > 0:
-                self.interval = max(0.05, lease_ms / 4000)
+            if reply.lease_ms > 0:
+                self.interval = max(0.05, reply.lease_ms / 4000)
             self.next_beat = time.monotonic() + self.interval
-            pub = header.get("pub")
-            fresh_sub = isinstance(pub, str) and pub != self.pub_endpoint
-            if isinstance(pub, str):
-                self._subscribe(pub)
-            self.o._apply(header)
+            fresh_sub = reply.pub != self.pub_endpoint
+            self._subscribe(reply.pub)
+            self.o._apply(reply)
             if fresh_sub:  # Clone pattern: subscribed first, now the snapshot
                 self.next_beat = time.monotonic()
                 self._send("snapshot")
-        elif kind == "redirect":
-            leader = header.get("leader")
+        elif isinstance(reply, messages.Redirect):
+            leader = reply.leader
             self._close_dealer()
-            if isinstance(leader, str) and leader and leader != self.target:
+            if leader and leader != self.target:
                 log.info("balancer %s is standing by; following leader %s", self.target, leader)
                 self.o._note_leaderless(self.target, None)
                 self.redirect = leader
             else:  # nobody leads yet (or a stale record): look again soon
-                why = header.get("why")  # a balancer that gives no reason: the likeliest one
-                self.o._note_leaderless(self.target, why[:200] if isinstance(why, str) and why
-                                        else "Redis unreachable?")
+                # a balancer that gives no reason: the likeliest one
+                self.o._note_leaderless(self.target, reply.why[:200] if reply.why else "Redis unreachable?")
                 self.failed_in_round += 1
                 self.resume_at = time.monotonic() + _BACKOFF
-        elif kind == "error" and header.get("code") == "unknown_student":
+        elif isinstance(reply, ErrorReply) and reply.code == ErrorCode.UNKNOWN_STUDENT:
             self._send("register")
         else:
-            log.warning("balancer %s answered %s: %s", self.target, kind, header.get("message"))
+            log.warning("balancer %s answered %s: %s", self.target, reply.__struct_config__.tag,
+                        getattr(reply, "message", ""))
             self._close_dealer()
             self.resume_at = time.monotonic() + _BACKOFF
 
@@ -409,10 +393,13 @@ def _close_all() -> None:
         client.close()
 
 
-def ask_balancer(address: str, header: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """One request to a balancer; its reply header, or None if nothing readable came in time.
+def ask_balancer(address: str, request: messages.BalancerRequest, timeout: float) -> messages.BalancerReply | None:
+    """One request to a balancer; its typed reply, or None if nothing readable came in time.
 
-    An ``address`` that is not a balancer address raises :class:`ConfigError`, before any socket is made.
+    A reply that is a message but none of the balancer's (a teacher's, or a field of the
+    wrong type) comes back as an :class:`~zdistill.wire.ErrorReply` saying so: something
+    answered, just not a balancer.  An ``address`` that is not a balancer address raises
+    :class:`ConfigError`, before any socket is made.
     """
     endpoint = teacher_endpoint(address, "balancer")
     ctx = zmq.Context.instance()
@@ -420,11 +407,16 @@ def ask_balancer(address: str, header: dict[str, Any], timeout: float) -> dict[s
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        wire.send(sock, {**header, "id": 1})
+        wire.send(sock, msgspec.to_builtins(request))
         if not sock.poll(int(timeout * 1000)):
             return None
-        return wire.decode(sock.recv_multipart()).header
+        header = wire.decode(sock.recv_multipart()).header
     except WireError:
         return None
     finally:
         sock.close(linger=0)
+    try:
+        return messages.read_reply(header)
+    except RequestError as exc:
+        return ErrorReply(id=header.get("id") if isinstance(header.get("id"), int) else None,
+                          code=exc.code, message=str(exc))

@@ -21,8 +21,10 @@ from typing import Any
 import redis
 
 from zdistill.discovery.client import ask_balancer
-from zdistill.discovery.store import Store, describe
+from zdistill.discovery.messages import StatusReply, StatusRequest
+from zdistill.discovery.store import Store, describe, students_by_service
 from zdistill.errors import WrongTypeError
+from zdistill.wire import ErrorReply
 
 EXIT_OK = 0
 EXIT_REDIS_DOWN = 1
@@ -70,8 +72,9 @@ def collect_status(
 
 def _services(teachers: dict, students: dict, ages: dict) -> dict[str, Any]:
     services: dict[str, Any] = {}
-    for service in sorted(set(teachers) | {s.service for s in students.values()}):
-        mine = {sid: rec for sid, rec in students.items() if rec.service == service}
+    grouped = students_by_service(students)
+    for service in sorted(set(teachers) | set(grouped)):
+        mine = grouped.get(service, {})
         load: dict[str, int] = {}
         for rec in mine.values():
             for t in rec.teachers:
@@ -99,14 +102,15 @@ def _services(teachers: dict, students: dict, ages: dict) -> dict[str, Any]:
 
 def _ask_balancer(address: str, timeout: float) -> dict[str, Any]:
 
-    reply = ask_balancer(address, {"kind": "status"}, timeout)
-    info: dict[str, Any] = {"address": address, "reachable": reply is not None and reply.get("kind") == "status"}
+    reply = ask_balancer(address, StatusRequest(id=1), timeout)
+    info: dict[str, Any] = {"address": address, "reachable": isinstance(reply, StatusReply)}
     if reply is None:
         info["error"] = f"no answer in {timeout:g} s"
-    elif not info["reachable"]:
-        info["error"] = f"answered, but not as a zdistill balancer ({str(reply.get('message'))[:200]})"
+    elif not isinstance(reply, StatusReply):
+        said = reply.message if isinstance(reply, ErrorReply) else reply.__struct_config__.tag
+        info["error"] = f"answered, but not as a zdistill balancer ({said[:200]})"
     else:
-        info.update({k: reply.get(k) for k in ("leading", "leader", "epoch", "redis", "students")})
+        info.update({k: getattr(reply, k) for k in ("leading", "leader", "epoch", "redis", "students")})
     return info
 
 

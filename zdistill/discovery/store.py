@@ -578,10 +578,6 @@ class Store:
                     found.setdefault(service, {})[address] = rec
         return found
 
-    def list_teachers(self, service: str) -> list[str]:
-        """Addresses of the live teachers of one service, sorted."""
-        return sorted(self.all_teachers().get(check_service(service), {}))
-
     def enable_keyspace_events(self) -> bool:
         """Ask Redis to publish changes of our keys; False where CONFIG SET is refused.
 
@@ -694,6 +690,7 @@ class Store:
 
 
 def students_by_service(students: Mapping[str, StudentRecord]) -> dict[str, dict[str, StudentRecord]]:
+    """Students grouped by service (service -> student id -> record): the balancer and ``status`` agree on it."""
     grouped: dict[str, dict[str, StudentRecord]] = {}
     for sid, rec in students.items():
         grouped.setdefault(rec.service, {})[sid] = rec

@@ -42,13 +42,12 @@ from typing import Any
 
 import msgspec
 
-from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
+from zdistill.errors import FATAL_CODES, ConfigError, TeacherError, TeacherTimeout
 from zdistill.student import protocol
 from zdistill.student.options import PipelineOptions
 
 log = logging.getLogger(__name__)
 
-FATAL_CODES = frozenset({"bad_request", "too_large", "bad_message", "bad_output"})
 _DEEP_MAX = 8  # tasks per worker the teacher time alone asks for, at most (unless max_in_flight says)
 
 

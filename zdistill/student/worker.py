@@ -37,7 +37,7 @@ import numpy as np
 import zmq
 
 from zdistill.client import Completion, TeacherClient
-from zdistill.errors import ConfigError, TeacherError, TeacherTimeout, WireError
+from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.spec import TeacherMeta, TensorSpec
@@ -210,7 +210,8 @@ class Worker:
             feeds = {spec.name: to_feed(slots[spec.name], spec, check=spec not in self.cfg.feeds)
                      for spec in self.feeds}
         except ConfigError as exc:  # a value this teacher's dtype cannot hold: no other try can help
-            self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code="bad_request", message=str(exc)))
+            self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=ErrorCode.BAD_REQUEST,
+                                       message=str(exc)))
             return
         misses = np.flatnonzero(~CacheSlots.of(slots).hits) if task.hits else None
         if misses is not None:  # only what the cache did not answer goes to the teacher
@@ -257,7 +258,7 @@ class Worker:
             return
         job.pending.discard(done.req_id)
         code = getattr(done.error, "code", "")
-        if code == "busy":  # the teacher's queue is full: the same request again, a little later
+        if code == ErrorCode.BUSY:  # the teacher's queue is full: the same request again, a little later
             job.busy += 1
             now = time.monotonic()
             retry_at = now + min(_BUSY_MAX, _BUSY_FIRST * 2 ** (job.busy - 1))
@@ -265,9 +266,9 @@ class Worker:
                 heapq.heappush(self.retries, (retry_at, key, part))
             else:  # a try the dispatcher counts as failed: it decides whether the task goes on
                 self._drop_job(key)
-                self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code="busy",
+                self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=ErrorCode.BUSY,
                                            message=f"answered busy for {now - job.started:.1f} s (its queue is full)"))
-        elif isinstance(done.error, TeacherTimeout) or code == "shutting_down":
+        elif isinstance(done.error, TeacherTimeout) or code == ErrorCode.SHUTTING_DOWN:
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._drop_job(key)

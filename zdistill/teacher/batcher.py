@@ -98,16 +98,10 @@ class Batcher:
         self._by_peer: dict[bytes, dict[int, Request]] = {}  # queued requests per peer, in arrival order
         self._peer_bytes: dict[bytes, int] = {}
         self._count = 0
-        self._bytes = 0
         self._closed = False
 
     def __len__(self) -> int:
         return self._count
-
-    @property
-    def queued_bytes(self) -> int:
-        """Bytes of the requests waiting (not those already taken by an instance)."""
-        return self._bytes
 
     def add(self, request: Request) -> None:
         with self._lock:
@@ -123,7 +117,6 @@ class Batcher:
             self._by_peer.setdefault(request.peer, {})[request.seq] = request
             self._peer_bytes[request.peer] = self._peer_bytes.get(request.peer, 0) + request.nbytes
             self._count += 1
-            self._bytes += request.nbytes
 
     def wake(self) -> None:
         """Wake one waiting instance if anything is queued (after a burst of :meth:`add`).
@@ -193,7 +186,7 @@ class Batcher:
             self._heads.clear()
             self._by_peer.clear()
             self._peer_bytes.clear()
-            self._count = self._bytes = 0
+            self._count = 0
             self._changed.notify_all()
             return left
 
@@ -250,7 +243,6 @@ class Batcher:
         """Count a request out of the queue (already removed from its peer's table)."""
         request.queued = False
         self._count -= 1
-        self._bytes -= request.nbytes
         left = self._peer_bytes[request.peer] - request.nbytes
         if self._by_peer[request.peer]:
             self._peer_bytes[request.peer] = left

@@ -1,6 +1,7 @@
 """``zdistill-teacher``: serve a model to students over one ZeroMQ ROUTER socket.
 
-Protocol (every message in the :mod:`zdistill.wire` format; ``id`` is echoed back):
+Protocol (every message in the :mod:`zdistill.wire` format, its header one of the types
+of :mod:`zdistill.teacher_messages`; ``id`` is echoed back):
 
 ==========  ==========================================  =====================================
 request     header / arrays                             reply
@@ -15,8 +16,11 @@ request     header / arrays                             reply
 ``ping``    ``{"kind": "ping", "id"}``                  ``{"kind": "pong", "id"}``
 ==========  ==========================================  =====================================
 
-Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` and the server goes
-on serving everyone else.  A model that raises gets ``model_error``; one whose outputs
+Anything wrong gets ``{"kind": "error", "id", "code", "message"}`` (``code`` an
+:class:`~zdistill.errors.ErrorCode`: ``bad_message`` for frames that are no message,
+``bad_request`` for an unknown kind or a field of the wrong type, ``internal`` for a
+bug met while handling it, logged with its traceback) and the server goes on serving
+everyone else.  A model that raises gets ``model_error``; one whose outputs
 do not match the fetches it declares (rows, row shape, dtype; see
 :func:`~zdistill.teacher.model.check_outputs`) gets ``bad_output``, which no retry mends.  The
 socket is bound only after every model instance has loaded and run once, so an answered
@@ -60,7 +64,7 @@ import numpy as np
 import zmq
 
 from zdistill import wire
-from zdistill.errors import ConfigError, ModelOutputError, WireError
+from zdistill.errors import ConfigError, ErrorCode, ModelOutputError, RequestError, WireError
 from zdistill.fingerprint import fingerprint, usable
 from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
@@ -70,6 +74,7 @@ from zdistill.teacher.batcher import Batcher, Request
 from zdistill.teacher.instances import ModelInstances, Result
 from zdistill.teacher.loading import load_model
 from zdistill.teacher.model import Model
+from zdistill.teacher_messages import REQUESTS, MetaRequest, Ping, Predict, read_request
 
 log = logging.getLogger("zdistill.teacher.server")
 
@@ -86,19 +91,10 @@ _RCVHWM = 8  # whole messages libzmq may hold per client before this thread read
 _SNDHWM = 1000
 _LINGER_MS = 1000  # how long the last replies may take to leave after the socket closes
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-_KINDS = frozenset({"predict", "meta", "stats", "ping"})
 _STOP_QUIET_S = 0.05  # a stopping teacher closes once no message came for this long...
 _STOP_GRACE_S = 1.0  # ...or after this long, however busy its peers still are
 _STOP_RUNNING_S = 30.0  # the longest a stopping teacher waits for the batches already running
 _WARN_EVERY_S = 10.0
-
-
-class RequestError(Exception):
-    """A request the teacher refuses; becomes an error reply with ``code``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class TeacherServer:
@@ -126,6 +122,8 @@ class TeacherServer:
                 f"of the largest size ({max_message_bytes / MiB:g} MiB): raise --max-queue-mb or lower --max-message-mb"
             )
         self.model = models[0]
+        # what every predict is checked against, the dtypes parsed once
+        self._feeds = {spec.name: (spec, np.dtype(spec.dtype)) for spec in self.model.feeds}
         # What the model answers to the fixed probe batch: students key cached answers by it.
         self.fingerprint = fingerprint(self.model)
         _, why = usable(self.fingerprint, [f.name for f in self.model.fetches], "this teacher")
@@ -136,7 +134,7 @@ class TeacherServer:
         self.limits = wire.Limits(max_array_bytes=max_message_bytes)
         self.batcher = Batcher(max_batch_size, max_delay)
         self.held_bytes = 0  # requests admitted and not yet answered, queued or running
-        self.errors: dict[str, int] = {}
+        self.errors: dict[str, int] = {}  # error replies sent, by code
         self.dropped_replies = 0
         self._stopping = False
         self._refusing = False
@@ -197,7 +195,7 @@ class TeacherServer:
         self._refusing = True
         for req in self.batcher.close():
             self._release(req)
-            self._reply_error(req.envelope, req.req_id, "shutting_down", _SHUTTING_DOWN)
+            self._reply_error(req.envelope, req.req_id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
         end = time.monotonic() + _STOP_RUNNING_S
         while self.instances.running() and time.monotonic() < end:
             events = dict(poller.poll(50))
@@ -221,29 +219,32 @@ class TeacherServer:
             req_id = msg.header.get("id")
             size = sum(arr.nbytes for arr in msg.arrays.values())
             if size > self.max_message_bytes:
-                raise RequestError("too_large", f"the arrays of this request take {size / MiB:.1f} MiB, more than "
+                raise RequestError(ErrorCode.TOO_LARGE,
+                                   f"the arrays of this request take {size / MiB:.1f} MiB, more than "
                                                 f"the teacher's --max-message-mb {self.max_message_bytes / MiB:g}")
             self._dispatch(envelope, req_id, msg)
         except WireError as exc:
-            self._reply_error(envelope, req_id, "bad_message", str(exc))
+            self._reply_error(envelope, req_id, ErrorCode.BAD_MESSAGE, str(exc))
         except RequestError as exc:
             self._reply_error(envelope, req_id, exc.code, str(exc))
+        except Exception as exc:  # a bug must cost one request, never the service (docs/teacher.md, Failures)
+            log.exception("failed to handle a request")
+            self._reply_error(envelope, req_id, ErrorCode.INTERNAL, type(exc).__name__)
 
     def _dispatch(self, envelope: list[Any], req_id: Any, msg: wire.Message) -> None:
-        self.metrics.requests.labels(msg.kind if msg.kind in _KINDS else "other").inc()
+        self.metrics.requests.labels(msg.kind if msg.kind in REQUESTS else "other").inc()
         if self._refusing:
-            raise RequestError("shutting_down", _SHUTTING_DOWN)
-        if msg.kind == "predict":
+            raise RequestError(ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
+        request = read_request(msg.header)
+        if isinstance(request, Predict):
             rows = self._validate(msg.arrays)
-            self._admit(Request(envelope, req_id, msg.arrays, rows, time.monotonic()))
-        elif msg.kind == "ping":
-            self._send(envelope, {"kind": "pong", "id": req_id})
-        elif msg.kind == "meta":
-            self._send(envelope, {"kind": "meta", "id": req_id, **self.meta()})
-        elif msg.kind == "stats":
-            self._send(envelope, {"kind": "stats", "id": req_id, "stats": self.stats()})
+            self._admit(Request(envelope, request.id, msg.arrays, rows, time.monotonic()))
+        elif isinstance(request, Ping):
+            self._send(envelope, {"kind": "pong", "id": request.id})
+        elif isinstance(request, MetaRequest):
+            self._send(envelope, {"kind": "meta", "id": request.id, **self.meta()})
         else:
-            raise RequestError("bad_request", f"unknown request kind {msg.header.get('kind')!r:.40}")
+            self._send(envelope, {"kind": "stats", "id": request.id, "stats": self.stats()})
 
     def _admit(self, req: Request) -> None:
         """Queue ``req`` if the held bytes stay within the bound, after making room fairly; else refuse it."""
@@ -251,9 +252,9 @@ class TeacherServer:
         if over > 0:
             for old in self.batcher.make_room(req.peer, req.nbytes, over):
                 self._release(old)
-                self._reply_error(old.envelope, old.req_id, "busy", _BUSY)
+                self._reply_error(old.envelope, old.req_id, ErrorCode.BUSY, _BUSY)
             if self.held_bytes + req.nbytes > self.max_queue_bytes:
-                raise RequestError("busy", _BUSY)
+                raise RequestError(ErrorCode.BUSY, _BUSY)
         self.held_bytes += req.nbytes
         self.batcher.add(req)
 
@@ -261,27 +262,29 @@ class TeacherServer:
         self.held_bytes -= req.nbytes
 
     def _validate(self, arrays: dict[str, np.ndarray]) -> int:
-        feeds = {spec.name: spec for spec in self.model.feeds}
+        feeds = self._feeds
         unknown = sorted(set(arrays) - set(feeds))
         missing = sorted(set(feeds) - set(arrays))
         if unknown or missing:
             raise RequestError(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"feeds do not match the model's {sorted(feeds)}: unknown {unknown}, missing {missing}",
             )
         rows = {arr.shape[0] if arr.ndim else -1 for arr in arrays.values()}
         if len(rows) != 1 or min(rows) < 1:
-            raise RequestError("bad_request", f"every feed needs the same number (>= 1) of rows, got {sorted(rows)}")
+            raise RequestError(ErrorCode.BAD_REQUEST,
+                               f"every feed needs the same number (>= 1) of rows, got {sorted(rows)}")
         n = rows.pop()
         if n > self.batcher.max_rows:
-            raise RequestError("too_large", f"{n} rows exceed the max batch size {self.batcher.max_rows}")
+            raise RequestError(ErrorCode.TOO_LARGE, f"{n} rows exceed the max batch size {self.batcher.max_rows}")
         for name, arr in arrays.items():
-            spec = feeds[name]
-            if arr.dtype != np.dtype(spec.dtype):
-                raise RequestError("bad_request", f"feed {name!r} has dtype {arr.dtype}, the model wants {spec.dtype}")
+            spec, dtype = feeds[name]
+            if arr.dtype != dtype:
+                raise RequestError(ErrorCode.BAD_REQUEST,
+                                   f"feed {name!r} has dtype {arr.dtype}, the model wants {spec.dtype}")
             if not spec.matches(arr.shape[1:]):
                 raise RequestError(
-                    "bad_request",
+                    ErrorCode.BAD_REQUEST,
                     f"feed {name!r} has rows of shape {list(arr.shape[1:])}, the model wants {list(spec.shape)}",
                 )
         return n
@@ -295,9 +298,9 @@ class TeacherServer:
         for req, result in results:
             self._release(req)
             if isinstance(result, ModelOutputError):
-                self._reply_error(req.envelope, req.req_id, "bad_output", str(result))
+                self._reply_error(req.envelope, req.req_id, ErrorCode.BAD_OUTPUT, str(result))
             elif isinstance(result, Exception):
-                self._reply_error(req.envelope, req.req_id, "model_error", f"{type(result).__name__}: {result}")
+                self._reply_error(req.envelope, req.req_id, ErrorCode.MODEL_ERROR, f"{type(result).__name__}: {result}")
             else:
                 self._send(req.envelope, {"kind": "result", "id": req.req_id}, result)
         self.metrics.held_bytes.set(self.held_bytes)
@@ -335,7 +338,7 @@ class TeacherServer:
             "dropped_replies": self.dropped_replies,
         }
 
-    def _reply_error(self, envelope: list[Any], req_id: Any, code: str, message: str) -> None:
+    def _reply_error(self, envelope: list[Any], req_id: Any, code: ErrorCode, message: str) -> None:
         self.metrics.errors.labels(code).inc()
         self.errors[code] = self.errors.get(code, 0) + 1
         log.debug("error reply %s: %s", code, message)
@@ -355,7 +358,7 @@ class TeacherServer:
         except WireError as exc:  # e.g. a model output of a dtype the wire refuses
             log.warning("cannot encode a reply: %s", exc)
             if header.get("kind") != "error":  # the client must still hear back, not time out
-                self._reply_error(envelope, header.get("id"), "model_error", f"the reply cannot be sent: {exc}")
+                self._reply_error(envelope, header.get("id"), ErrorCode.MODEL_ERROR, f"the reply cannot be sent: {exc}")
 
     def _dropped(self, envelope: list[Any], why: str) -> None:
         self.dropped_replies += 1
