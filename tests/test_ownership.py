@@ -37,6 +37,23 @@ def running(pid: int) -> bool:
     return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
+def loop_in_thread(body) -> tuple[threading.Thread, dict]:
+    """A training loop (``body``) started in a thread; its outcome (``result`` or ``error``, and
+    ``at``, when it ended) fills the dict it returns beside the thread."""
+    outcome: dict = {}
+
+    def loop() -> None:
+        try:
+            outcome["result"] = body()
+        except BaseException as exc:  # noqa: BLE001 - the test inspects what the loop saw
+            outcome["error"] = exc
+        outcome["at"] = time.monotonic()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    return thread, outcome
+
+
 @pytest.fixture
 def scripts(programs):
     """``scripts(code, *prefix, env=...)``: a student program's source run as a process (lines in, JSON out)."""
@@ -86,17 +103,7 @@ def test_close_from_another_thread_stops_everything_and_the_waiting_loop_raises_
     dr.set_fixed_teacher(teacher.endpoint)
     dr.set_batch_generator(batches(x))
     dr.options.task_rows = B
-    outcome: dict = {}
-
-    def loop() -> None:
-        try:
-            outcome["batches"] = sum(1 for _ in dr())
-        except BaseException as exc:  # noqa: BLE001 - the test inspects what the loop saw
-            outcome["error"] = exc
-        outcome["at"] = time.monotonic()
-
-    thread = threading.Thread(target=loop)
-    thread.start()
+    thread, outcome = loop_in_thread(lambda: sum(1 for _ in dr()))
     try:
         # The loop waits for the first answer: tasks were sent, the teacher takes 2 s for each.
         procs.wait_for(lambda: dr.stats().get("tasks_in_flight", 0) > 0 and dr.stats()["tasks"] == 0, 30,
@@ -128,17 +135,7 @@ def test_close_from_another_thread_while_the_first_epoch_waits_for_teachers(capl
     dr.set_fixed_teacher(f"127.0.0.1:{procs.free_port()}")
     dr.set_batch_generator(batches(np.zeros((N, 784), np.float32)))
     dr.options.teacher_wait = 20
-    outcome: dict = {}
-
-    def loop() -> None:
-        try:
-            next(dr())
-        except BaseException as exc:  # noqa: BLE001 - the test inspects what the loop saw
-            outcome["error"] = exc
-        outcome["at"] = time.monotonic()
-
-    thread = threading.Thread(target=loop)
-    thread.start()
+    thread, outcome = loop_in_thread(lambda: next(dr()))
     try:
         procs.wait_for(lambda: "trying again" in caplog.text, 10, "the first epoch to wait for the teacher")
         started = time.monotonic()
