@@ -39,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-Arrays = dict[str, np.ndarray]
+from zdistill.spec import Arrays, TensorSpec
 
 VERSION = 1  # of the probe and the summary: fingerprints of another version never match
 PROBE_ROWS = 8
@@ -49,20 +49,16 @@ TOLERANCE = 1e-3  # relative, per bucket: runs and teachers farther apart differ
 _TINY = 1e-30  # the scale of a bucket of zeros
 
 
-class _Spec(Protocol):
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
 class _Runs(Protocol):
-    feeds: list[Any]
-    fetches: list[Any]
+    """What a fingerprint needs of a model: its declared feeds and fetches, and a way to run it."""
+
+    feeds: list[TensorSpec]
+    fetches: list[TensorSpec]
 
     def run(self, feeds: Arrays) -> Arrays: ...
 
 
-def probe_batch(feeds: Sequence[_Spec]) -> Arrays:
+def probe_batch(feeds: Sequence[TensorSpec]) -> Arrays:
     """The probe's feeds: :data:`PROBE_ROWS` rows, the same for every model taking these feeds.
 
     Seeded by the feeds' names, dtypes and shapes; floats uniform in [0, 1), integers 0 or 1
