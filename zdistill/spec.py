@@ -49,6 +49,94 @@ class TensorSpec:
         return np.zeros((rows, *(1 if d < 0 else d for d in self.shape)), dtype=self.dtype)
 
 
+@dataclass(frozen=True, eq=False)
+class Ragged:
+    """Rows of different lengths along their first axis: one ``values`` array and each row's length.
+
+    The layout of Paddle's LoD tensors and Arrow's list arrays: row ``i`` is
+    ``values[offsets[i]:offsets[i + 1]]``, so a batch of token sequences is two
+    contiguous arrays whatever its row count, and a row is a view, never a copy.
+    ``lengths`` is int64 and sums to ``len(values)``; :meth:`checked` is the one place
+    that holds a peer's or a user's pair to that.
+    """
+
+    values: np.ndarray  # [sum(lengths), *inner]
+    lengths: np.ndarray  # int64 [rows]
+
+    @classmethod
+    def checked(cls, values: np.ndarray, lengths: np.ndarray, what: str = "ragged array") -> Ragged:
+        """``Ragged(values, lengths)`` once the lengths are non-negative and add up; ConfigError naming ``what``."""
+        lengths = np.asarray(lengths)
+        if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+            raise ConfigError(f"{what}: lengths must be a 1-D integer array, got {lengths.dtype} {lengths.shape}")
+        if values.ndim < 1:
+            raise ConfigError(f"{what}: values must have a length axis, got a 0-d array")
+        if lengths.size and int(lengths.min()) < 0:
+            raise ConfigError(f"{what}: a row has negative length {int(lengths.min())}")
+        total = int(lengths.sum(dtype=np.int64)) if lengths.size else 0
+        if total != values.shape[0]:
+            raise ConfigError(f"{what}: lengths add up to {total} but values hold {values.shape[0]}")
+        return cls(values, lengths.astype(np.int64, copy=False))
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[np.ndarray], what: str = "ragged array") -> Ragged:
+        """One :class:`Ragged` of ``rows`` (same dtype and inner shape; any length): one copy, into ``values``."""
+        arrays = [np.asarray(row) for row in rows]
+        if not arrays:
+            raise ConfigError(f"{what}: no rows")
+        inner, dtype = arrays[0].shape[1:], arrays[0].dtype
+        for i, arr in enumerate(arrays):
+            if arr.ndim < 1 or arr.shape[1:] != inner or arr.dtype != dtype:
+                raise ConfigError(f"{what}: row {i} is {arr.dtype} {arr.shape}, row 0 is {dtype} "
+                                  f"(n, {', '.join(map(str, inner))}): rows may differ in length only")
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
+        return cls(np.concatenate(arrays), lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    @property
+    def inner_shape(self) -> tuple[int, ...]:
+        """The shape of one token: what follows the length axis."""
+        return tuple(self.values.shape[1:])
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Where each row starts in ``values``, and where the last one ends: ``len(self) + 1`` int64."""
+        out = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=out[1:])
+        return out
+
+    def rows(self) -> list[np.ndarray]:
+        """Each row as a view of ``values``."""
+        return np.split(self.values, self.offsets[1:-1]) if len(self) else []
+
+    def padded(self, length: int | None = None, pad: int | float = 0) -> np.ndarray:
+        """``[rows, length, *inner]``, each row followed by ``pad``; ``length`` defaults to the longest row."""
+        longest = int(self.lengths.max()) if len(self) else 0
+        length = longest if length is None else length
+        if length < longest:
+            raise ConfigError(f"cannot pad rows of up to {longest} to length {length}")
+        out = np.full((len(self), length, *self.inner_shape), pad, dtype=self.dtype)
+        mask = np.arange(length) < self.lengths[:, None]
+        out[mask] = self.values
+        return out
+
+    @classmethod
+    def unpad(cls, padded: np.ndarray, lengths: np.ndarray) -> Ragged:
+        """The first ``lengths[i]`` entries of each row of ``padded`` (``[rows, >= max(lengths), ...]``)."""
+        mask = np.arange(padded.shape[1]) < np.asarray(lengths)[:, None]
+        return cls(padded[mask], np.asarray(lengths, dtype=np.int64))
+
+
+Tensor = np.ndarray | Ragged  # a named input or output: dense rows, or rows of different lengths
+Tensors = dict[str, Tensor]
+
+
 class TeacherMeta(msgspec.Struct, frozen=True, kw_only=True):
     """A teacher's ``meta`` reply, checked once where it is received (:meth:`parse`).
 
