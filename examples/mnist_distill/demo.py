@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,18 +148,19 @@ def host_port(endpoint: str) -> str:
 
 
 def start_teacher(children: Children, prefix: str, name: str = "teacher", port: int = 0,
-                  threads: int = 1) -> tuple[Child, str]:
+                  threads: int = 1, flags: Sequence[str] = ()) -> tuple[Child, str]:
     """Start ``zdistill-teacher`` on a saved model; returns the child and its ready-file path.
 
     ``python -m zdistill.teacher.server`` is the ``zdistill-teacher`` console script, run with this
     interpreter so the demo works from any virtual environment, activated or not.  One
     math thread: on 2 cores the student trains in this process at the same time.
+    ``flags`` are more ``zdistill-teacher`` flags (the text example's ``--lengths-input``).
     """
     ready = os.path.join(children.log_dir, f"{name}.ready")
     if os.path.exists(ready):
         os.remove(ready)
     args = [sys.executable, "-m", "zdistill.teacher.server", "--model", prefix, "--host", "127.0.0.1",
-            "--port", str(port), "--threads", str(threads), "--ready-file", ready]
+            "--port", str(port), "--threads", str(threads), "--ready-file", ready, *flags]
     child = children.start(name, args)
     return child, ready
 

@@ -165,17 +165,20 @@ def stack_batch(samples: Sequence[tuple[np.ndarray, ...]]) -> list[np.ndarray]:
 
 
 StepFn = Callable[[nn.Layer, list[np.ndarray]], paddle.Tensor]
+Collate = Callable[[Sequence[tuple[np.ndarray, ...]]], list[np.ndarray]]
 
 
 def train_epochs(layer: nn.Layer, batches: Callable[[int], Iterable[Sequence[tuple[np.ndarray, ...]]]],
                  loss_fn: StepFn, x_test: np.ndarray, y_test: np.ndarray, epochs: int, lr: float,
-                 name: str, batches_per_epoch: int | None = None, progress: bool = True) -> History:
+                 name: str, batches_per_epoch: int | None = None, progress: bool = True,
+                 collate: Collate = stack_batch) -> History:
     """Adam with cosine decay over ``epochs``; ``batches(epoch)`` yields lists of sample tuples (EDL's format).
 
     One loop for all three models so they differ only in where batches come from and
     the loss: the teacher and the lone student read the data directly, the distilled
     student reads DistillReader's ``(img, label, prob)`` batches.  Time spent waiting
-    for batches counts in ``samples/s``, evaluation does not.
+    for batches counts in ``samples/s``, evaluation does not.  ``collate`` turns a list
+    of samples into one array per slot (the text example pads its reviews there).
     """
     # Cosine decay to zero: the last epochs settle instead of bouncing, so final accuracies compare fairly.
     schedule = paddle.optimizer.lr.CosineAnnealingDecay(lr, T_max=max(epochs, 1))
@@ -189,7 +192,7 @@ def train_epochs(layer: nn.Layer, batches: Callable[[int], Iterable[Sequence[tup
         total, count = 0.0, 0
         start = time.perf_counter()
         for samples in batches(epoch):
-            loss = loss_fn(layer, stack_batch(samples))
+            loss = loss_fn(layer, collate(samples))
             loss.backward()
             opt.step()
             opt.clear_grad()

@@ -1,0 +1,37 @@
+"""The MNIST example's parts this example reuses, imported rather than copied.
+
+``models``: the training loop with its progress bar (``train_epochs``), the distillation
+loss and the tempered soft labels, ``History``; ``report``: the verdict sentence,
+``results.json`` and the curves; ``mnist_demo`` (its ``demo.py``): the child processes
+stopped by PID, and starting ``zdistill-teacher``.  The MNIST folder goes at the END of
+``sys.path`` so this folder's own modules always win; its ``demo.py`` is loaded under
+another name because this folder has a ``demo.py`` too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mnist_distill")
+if MNIST_DIR not in sys.path:
+    sys.path.append(MNIST_DIR)
+
+import models  # noqa: E402  (the MNIST example's, found through the path set above)
+import report  # noqa: E402
+
+
+def _load(name: str, filename: str) -> ModuleType:
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(MNIST_DIR, filename))
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[name]
+
+
+mnist_demo = _load("mnist_demo", "demo.py")
+
+__all__ = ["MNIST_DIR", "mnist_demo", "models", "report"]
