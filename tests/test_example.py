@@ -18,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -295,10 +296,13 @@ def test_soften_equals_tempered_softmax_of_the_logits():
                                    softmax(logits / temperature), rtol=1e-4, atol=1e-6)
 
 
-def run_demo(script: str, *args: str, timeout: float = 120.0) -> str:
-    """Run one of the example's scripts to completion; on a timeout SIGTERM it (it stops its children)."""
+def run_demo(script: str, *args: str, timeout: float = 120.0, folder: Path = EXAMPLE) -> str:
+    """Run one of the example's scripts (``folder``: another example's) to completion; on a timeout SIGTERM it.
+
+    The demos stop their children on SIGTERM.
+    """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(procs.REPO), os.environ.get("PYTHONPATH", "")])}
-    demo = subprocess.Popen([sys.executable, str(EXAMPLE / script), *args], stdout=subprocess.PIPE,
+    demo = subprocess.Popen([sys.executable, str(folder / script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=str(procs.REPO))
     try:
         output, _ = demo.communicate(timeout=timeout)

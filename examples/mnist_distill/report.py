@@ -25,8 +25,10 @@ def noise_level(alone: list[float], distilled: list[float], n_test: int) -> floa
     return max(2 * float(np.sqrt(var)), 1.0 / n_test)
 
 
-def verdict(alone: list[float], distilled: list[float], n_test: int) -> str:
+def verdict(alone: list[float], distilled: list[float], n_test: int, unit: str = "test images") -> str:
     """An honest sentence on whether distillation helped, from this run's accuracies only.
+
+    ``unit`` names what was tested (the text example tests reviews).
 
     "Measurable" means the mean gain over seeds exceeds the noise (:func:`noise_level`);
     the sentence also says whether every distilled seed beat every seed alone, because a
@@ -34,7 +36,7 @@ def verdict(alone: list[float], distilled: list[float], n_test: int) -> str:
     """
     diff = float(np.mean(distilled) - np.mean(alone))
     noise = noise_level(alone, distilled, n_test)
-    pts = (f"{100 * diff:+.2f} points ({diff * n_test:+.1f} of {n_test} test images), "
+    pts = (f"{100 * diff:+.2f} points ({diff * n_test:+.1f} of {n_test} {unit}), "
            f"{len(distilled)} distilled vs {len(alone)} alone seed(s)")
     if min(distilled) > max(alone):
         seeds = f"every distilled seed beat every seed alone ({min(distilled):.4f} > {max(alone):.4f})"

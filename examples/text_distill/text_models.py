@@ -19,6 +19,7 @@ from paddle import nn
 
 TEACHER_INPUTS = ("ids", "lengths")  # the saved teacher's feeds, in this order
 TEACHER_OUTPUT = "fetch_name_0"  # what Paddle 3's predictor calls a jit.save'd layer's single output
+TEACHER_EMBEDDING, TEACHER_HIDDEN = 32, 64
 
 
 class TeacherGRU(nn.Layer):
@@ -30,7 +31,7 @@ class TeacherGRU(nn.Layer):
     opinion word, which is all the label depends on.
     """
 
-    def __init__(self, embedding: int = 32, hidden: int = 64) -> None:
+    def __init__(self, embedding: int = TEACHER_EMBEDDING, hidden: int = TEACHER_HIDDEN) -> None:
         super().__init__()
         self.embed = nn.Embedding(len(VOCAB), embedding, padding_idx=PAD)
         self.gru = nn.GRU(embedding, hidden)
