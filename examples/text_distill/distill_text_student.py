@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
+import numpy as np
 import paddle
 from language import AUGMENT, Augment, Corpus, ReviewReader, make_corpus, pad
 from mnist_parts import models
@@ -41,7 +43,16 @@ STUDENT_BATCH = 32
 TEMPERATURE = 1.0
 HARD_WEIGHT = 0.0
 
-Sample = tuple  # (ids, label) from the reader; (ids, label, prob) once labeled
+Sample = tuple[np.ndarray, ...]  # (ids, label) from the reader; (ids, label, prob) once labeled
+SampleLists = Callable[[], Iterator[list[Sample]]]
+
+
+class Labeler(Protocol):
+    """What the distilled loop needs of a teacher: DistillReader's sample-list calls."""
+
+    def set_sample_list_generator(self, reader: SampleLists) -> object: ...
+
+    def __call__(self) -> Iterator[list[Sample]]: ...
 
 
 class InProcessTeacher:
@@ -54,9 +65,9 @@ class InProcessTeacher:
 
     def __init__(self, prefix: str, threads: int = 1) -> None:
         self.teacher = SavedTeacher(prefix, threads)
-        self._reader: Callable[[], Iterator[list[Sample]]] | None = None
+        self._reader: SampleLists | None = None
 
-    def set_sample_list_generator(self, reader: Callable[[], Iterator[list[Sample]]]) -> None:
+    def set_sample_list_generator(self, reader: SampleLists) -> None:
         self._reader = reader
 
     def __call__(self) -> Iterator[list[Sample]]:
@@ -101,7 +112,7 @@ def train_student_alone(corpus: Corpus, epochs: int = STUDENT_EPOCHS, lr: float 
     return student, hist
 
 
-def train_student_distilled(corpus: Corpus, dr, epochs: int = STUDENT_EPOCHS, lr: float = STUDENT_LR,
+def train_student_distilled(corpus: Corpus, dr: Labeler, epochs: int = STUDENT_EPOCHS, lr: float = STUDENT_LR,
                             batch_size: int = STUDENT_BATCH, temperature: float = TEMPERATURE,
                             hard_weight: float = HARD_WEIGHT, seed: int = 1, augment: Augment | None = AUGMENT,
                             record: models.BatchSink | None = None,
@@ -116,10 +127,10 @@ def train_student_distilled(corpus: Corpus, dr, epochs: int = STUDENT_EPOCHS, lr
     student = StudentBOW(STUDENT_EMBEDDING)
     reader = student_reader(corpus, batch_size, seed, augment)
     dr.set_sample_list_generator(reader)
-    hist = models.train_epochs(student, _epochs_of(reader, dr), models.make_distill_step(temperature, hard_weight,
-                                                                                         record),
-                               pad(corpus.test.sentences)[0], corpus.test.labels, epochs, lr, "student distilled",
-                               len(reader), progress, collate=collate)
+    step = models.make_distill_step(temperature, hard_weight, record)
+    hist = models.train_epochs(student, _epochs_of(reader, dr), step, pad(corpus.test.sentences)[0],
+                               corpus.test.labels, epochs, lr, "student distilled", len(reader), progress,
+                               collate=collate)
     return student, hist
 
 
