@@ -3,9 +3,10 @@
 ``models``: the training loop with its progress bar (``train_epochs``), the distillation
 loss and the tempered soft labels, ``History``; ``report``: the verdict sentence,
 ``results.json`` and the curves; ``mnist_demo`` (its ``demo.py``): the child processes
-stopped by PID, and starting ``zdistill-teacher``.  The MNIST folder goes at the END of
-``sys.path`` so this folder's own modules always win; its ``demo.py`` is loaded under
-another name because this folder has a ``demo.py`` too.
+stopped by PID, and starting ``zdistill-teacher``.  The MNIST folder goes on ``sys.path``
+right after this one, so this folder's modules win and no installed package of the same
+name hides the MNIST ones; its ``demo.py`` is loaded under another name because this
+folder has a ``demo.py`` too.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import os
 import sys
 from types import ModuleType
 
-MNIST_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mnist_distill")
+HERE = os.path.dirname(os.path.abspath(__file__))
+MNIST_DIR = os.path.join(os.path.dirname(HERE), "mnist_distill")
 if MNIST_DIR not in sys.path:
-    sys.path.append(MNIST_DIR)
+    sys.path.insert(sys.path.index(HERE) + 1 if HERE in sys.path else 0, MNIST_DIR)
 
 import models  # noqa: E402  (the MNIST example's, found through the path set above)
 import report  # noqa: E402
