@@ -8,6 +8,7 @@ so a padding token leaking into a row, or a row cut to another's length, fails.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 
@@ -21,7 +22,7 @@ from tests.teachers import per_token_np
 from tests.test_wire import MALFORMED_RAGGED
 from zdistill import wire
 from zdistill.client import TeacherClient
-from zdistill.errors import TeacherError
+from zdistill.errors import TeacherError, TeacherTimeout
 from zdistill.spec import Ragged
 
 TIMEOUT = 10.0  # seconds; every blocking call in this file is bounded by it
@@ -232,15 +233,7 @@ def test_busy_and_two_instances_answer_every_ragged_request_once(start_teacher) 
             sent[i] = (ids, weight)
         feeds, ids, weight = sequences(999, [30, 2, 17])
         assert_rows(calm.predict(feeds), ids, weight)  # not refused: the flooder's newest parts make room
-        replies: dict[int, list[wire.Message]] = {}
-        end = time.monotonic() + TIMEOUT * 3
-        while sum(map(len, replies.values())) < len(sent) and time.monotonic() < end:
-            if flood.poll(100):
-                msg = wire.decode(flood.recv_multipart())
-                replies.setdefault(msg.header["id"], []).append(msg)
-        while flood.poll(300):  # a second reply to any request would arrive now
-            msg = wire.decode(flood.recv_multipart())
-            replies.setdefault(msg.header["id"], []).append(msg)
+        replies = raw_replies(flood, len(sent))
         assert set(replies) == set(sent) and all(len(r) == 1 for r in replies.values())
         busy = 0
         for i, (msg,) in replies.items():
@@ -256,3 +249,60 @@ def test_busy_and_two_instances_answer_every_ragged_request_once(start_teacher) 
     finally:
         flood.close()
         calm.close()
+
+
+def raw_replies(sock: zmq.Socket, want: int, quiet_s: float = 0.3) -> dict[object, list[wire.Message]]:
+    """Replies on ``sock`` by id: until ``want`` came (at most TIMEOUT), then until it is quiet for ``quiet_s``
+    (a second reply to any request would come then)."""
+    replies: dict[object, list[wire.Message]] = {}
+    end = time.monotonic() + TIMEOUT
+    while sum(map(len, replies.values())) < want and time.monotonic() < end:
+        if sock.poll(100):
+            msg = wire.decode(sock.recv_multipart())
+            replies.setdefault(msg.header["id"], []).append(msg)
+    while sock.poll(int(quiet_s * 1000)):
+        msg = wire.decode(sock.recv_multipart())
+        replies.setdefault(msg.header["id"], []).append(msg)
+    return replies
+
+
+def test_sigterm_with_requests_cut_into_parts_answers_each_once_and_exits_0(start_teacher) -> None:
+    """Requests cut into parts (--max-batch-tokens 64), some running, the rest queued, when SIGTERM
+    comes: each request gets exactly one reply, every row right or shutting_down."""
+    proc = start_teacher(TOKENS, "--instances", "1", "--max-batch-tokens", "64", env={"ZDISTILL_TEST_DELAY_MS": "50"})
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(proc.endpoint)
+    try:
+        sent = {}
+        for i in range(12):
+            lengths = np.random.default_rng(200 + i).integers(1, 40, 8).tolist()
+            feeds, ids, weight = sequences(200 + i, lengths)
+            wire.send(sock, {"kind": "predict", "id": i}, feeds)
+            sent[i] = (ids, weight)
+        assert sock.poll(int(TIMEOUT * 1000)), "no reply to the first requests"  # the model is at work
+        proc.popen.send_signal(signal.SIGTERM)
+        replies = raw_replies(sock, len(sent))
+        assert set(replies) == set(sent) and all(len(r) == 1 for r in replies.values()), replies
+        codes = []
+        for i, (msg,) in replies.items():
+            if msg.kind == "error":
+                codes.append(msg.header["code"])
+            else:
+                assert_rows(msg.arrays, *sent[i])
+        assert codes and set(codes) == {"shutting_down"}, codes
+        assert proc.popen.wait(TIMEOUT) == 0
+    finally:
+        sock.close()
+
+
+def test_a_ragged_request_past_its_deadline_times_out_and_its_late_answer_is_dropped(start_teacher) -> None:
+    proc = start_teacher(TOKENS, env={"ZDISTILL_TEST_DELAY_MS": "300"})
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        feeds, ids, weight = sequences(300, [5, 30, 2])
+        with pytest.raises(TeacherTimeout):
+            c.predict(feeds, timeout=0.05)
+        assert_rows(c.predict(feeds), ids, weight)  # the late answer to the first is not taken for this one
+    finally:
+        c.close()
