@@ -99,11 +99,11 @@ def _row_shape(arr: Tensor) -> tuple[Any, ...]:
 
 def length_bucket(length: int) -> int:
     """The bucket of rows of ``length``: bucket ``b`` holds lengths in (ratio**(b-1), ratio**b]."""
-    return 0 if length <= 1 else math.ceil(math.log(length, BUCKET_RATIO) - 1e-9)
+    return int(_buckets(np.array([length]))[0])
 
 
 def _buckets(lengths: np.ndarray) -> np.ndarray:
-    """:func:`length_bucket` of every length at once."""
+    """:func:`length_bucket` of every length at once (0 for lengths 0 and 1)."""
     return np.ceil(np.log2(np.maximum(lengths, 1)) / math.log2(BUCKET_RATIO) - 1e-9).astype(np.int64)
 
 
