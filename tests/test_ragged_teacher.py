@@ -9,6 +9,7 @@ so a padding token leaking into a row, or a row cut to another's length, fails.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -23,7 +24,8 @@ from tests.test_wire import MALFORMED_RAGGED
 from zdistill import wire
 from zdistill.client import TeacherClient
 from zdistill.errors import TeacherError, TeacherTimeout
-from zdistill.spec import Ragged
+from zdistill.spec import Ragged, TensorSpec
+from zdistill.teacher.server import TeacherServer
 
 TIMEOUT = 10.0  # seconds; every blocking call in this file is bounded by it
 TOKENS = f"{procs.TEACHERS}:per_token"
@@ -306,3 +308,76 @@ def test_a_ragged_request_past_its_deadline_times_out_and_its_late_answer_is_dro
         assert_rows(c.predict(feeds), ids, weight)  # the late answer to the first is not taken for this one
     finally:
         c.close()
+
+
+class UncheckedTokensModel:
+    """A Model that checks nothing and gives every row one token of output, whatever its length:
+    the teacher itself must refuse to cut rows by lengths its output cannot hold."""
+
+    feeds = [TensorSpec("ids", "int64", (-1,))]
+    fetches = [TensorSpec("h", "float32", (-1,))]
+    description = "unchecked tokens"
+    device = "cpu"
+    thread_safe = True
+    model_id = "unchecked-tokens"
+
+    def run(self, feeds: dict[str, np.ndarray], lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return {"h": feeds["ids"][:, :1].astype(np.float32)}
+
+    def clone(self) -> UncheckedTokensModel:
+        return self
+
+
+def test_a_model_that_checks_no_lengths_still_gets_bad_output_never_a_wrong_row() -> None:
+    ctx = zmq.Context()
+    server = TeacherServer([UncheckedTokensModel()], "tcp://127.0.0.1:0", context=ctx)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    c = TeacherClient(server.endpoint, context=ctx, timeout=TIMEOUT, curve=None)
+    try:
+        # rows of 3 and 2 tokens fall in two length buckets: two parts, each refused, one reply
+        with pytest.raises(TeacherError, match=r"unchecked tokens: per-token output 'h' has shape \[1, 1\], "
+                                               r"a length axis shorter than the batch's longest row \([23]\)") as info:
+            c.predict({"ids": Ragged.from_rows([np.array([5, 6, 7]), np.array([8, 9])])})
+        assert info.value.code == "bad_output"
+        got = c.predict({"ids": Ragged.from_rows([np.array([5]), np.array([], np.int64)])})["h"]
+        assert got.lengths.tolist() == [1, 0] and got.values.tolist() == [5.0]
+    finally:
+        c.close()
+        server.stop()
+        thread.join(TIMEOUT)
+        ctx.destroy(linger=0)
+    assert not thread.is_alive()
+
+
+def test_a_function_gets_lengths_only_when_it_has_a_lengths_parameter() -> None:
+    """``lengths=`` is passed to a function that names it (None without a variable-length feed);
+    a function without it gets the padded batch alone; a dense batch means rows of full length."""
+    import zdistill
+    from zdistill.teacher.model import CallableModel
+
+    seen: list[object] = []
+
+    @zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"n": ("int64", [])})
+    def counts(batch, lengths):
+        seen.append(lengths.tolist())
+        assert not lengths.flags.writeable
+        return {"n": lengths}
+
+    @zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"n": ("int64", [])})
+    def no_lengths(batch):
+        return {"n": (batch["ids"] != 0).sum(axis=1)}
+
+    @zdistill.teacher_function(feeds={"x": ("float32", [2])}, fetches={"n": ("int64", [])})
+    def fixed(batch, lengths=0):
+        seen.append(lengths)
+        return {"n": np.zeros(len(batch["x"]), np.int64)}
+
+    padded = np.array([[3, 4, 0], [5, 0, 0]])
+    lengths = np.array([2, 1])
+    lengths.flags.writeable = False
+    assert CallableModel(counts, "counts", model_id="a").run({"ids": padded}, lengths)["n"].tolist() == [2, 1]
+    assert CallableModel(counts, "counts", model_id="a").run({"ids": padded})["n"].tolist() == [3, 3]
+    assert CallableModel(no_lengths, "no_lengths", model_id="b").run({"ids": padded}, lengths)["n"].tolist() == [2, 1]
+    CallableModel(fixed, "fixed", model_id="c").run({"x": np.zeros((2, 2), np.float32)})
+    assert seen == [[2, 1], [3, 3], None]
