@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +106,25 @@ class Scaled(paddle.nn.Layer):
         return self.fc(x) * n.unsqueeze(1)
 
 
+class Tokens(paddle.nn.Layer):
+    """Each token's embedding x 2: written in Paddle 2's format, whose program records no output shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = paddle.nn.Embedding(50, 4)
+
+    def forward(self, ids):
+        return self.emb(ids) * 2.0
+
+
+def export_paddle2(prefix):
+    paddle.seed(7)
+    layer = Tokens()
+    layer.eval()
+    paddle.jit.save(layer, prefix, input_spec=[IDS])
+    paddle.save(layer.emb.weight.numpy(), prefix + ".table")
+
+
 def export(prefix):
     paddle.seed(7)
     specs = {
@@ -143,11 +164,21 @@ def load_module(path: Path) -> ModuleType:
     return module
 
 
+# run in a child with FLAGS_enable_pir_api=0, so jit.save writes the Paddle 2 protobuf program
+EXPORT_PADDLE2 = ("import sys; sys.path.insert(0, sys.argv[1]); import seq_models; "
+                  "seq_models.export_paddle2(sys.argv[2])")
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Iterator[Exported]:
     folder = tmp_path_factory.mktemp("seq_models")
     (folder / "seq_models.py").write_text(MODELS_SOURCE)
     tables = load_module(folder / "seq_models.py").export(str(folder))
+    prefix = folder / "paddle2" / "model"
+    subprocess.run([sys.executable, "-c", EXPORT_PADDLE2, str(folder), str(prefix)],
+                   env={**os.environ, "FLAGS_enable_pir_api": "0"}, check=True, timeout=120, capture_output=True)
+    assert (folder / "paddle2" / "model.pdmodel").is_file(), "FLAGS_enable_pir_api=0 did not write a .pdmodel"
+    tables["paddle2"] = paddle.load(f"{prefix}.table")
     yield Exported(folder, tables)
     sys.modules.pop("seq_models", None)
 
@@ -205,6 +236,17 @@ def test_per_token_outputs_come_back_padded_and_cut_back_to_each_row(exported) -
     for row, answer in zip(ids.rows(), cut.rows(), strict=True):
         np.testing.assert_allclose(answer, exported.tables["lengths"][row] * 2, rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(answer, model.run({"ids": row[None, :]})["fetch_name_1"][0], rtol=RTOL, atol=ATOL)
+
+
+def test_a_paddle2_program_gets_its_output_shapes_from_the_warm_ups(exported) -> None:
+    """A .pdmodel records no output shapes: the two warm-ups find the per-token axis."""
+    model = load(exported, "paddle2")
+    assert model.feeds == [TensorSpec("ids", "int64", (-1,))]
+    assert [(f.dtype, f.shape) for f in model.fetches] == [("float32", (-1, WIDTH))]
+    ids = ragged_ids(LENGTHS, seed=4)
+    tokens = model.run({"ids": ids.padded()}, ids.lengths)[model.fetches[0].name]
+    for row, answer in zip(ids.rows(), Ragged.unpad(tokens, ids.lengths).rows(), strict=True):
+        np.testing.assert_allclose(answer, exported.tables["paddle2"][row] * 2, rtol=RTOL, atol=ATOL)
 
 
 def test_lengths_left_out_mean_every_row_is_full(exported) -> None:
