@@ -151,11 +151,6 @@ def _collect_pir_specs(node: Any, inputs: dict[str, TensorSpec], outputs: dict[s
             _collect_pir_specs(value, inputs, outputs)
 
 
-def variable(spec: TensorSpec) -> bool:
-    """A tensor whose rows may differ in length: its first per-row dim is -1 (zdistill.spec.Ragged)."""
-    return spec.shape[:1] == (-1,)
-
-
 class PaddleModel:
     """One ``paddle.inference`` predictor: on a GPU when asked and available, else CPU + oneDNN.
 
@@ -213,7 +208,7 @@ class PaddleModel:
         self.origin = f"Paddle model {program}"
         self._filled = _filled_inputs(inputs, lengths_input, mask_input, program)
         self.feeds = [spec for spec in inputs if spec.name not in self._filled]
-        self._variable = [spec.name for spec in self.feeds if variable(spec)]
+        self._variable = [spec.name for spec in self.feeds if spec.variable]
         if self._variable and not self._filled:
             log.warning("%s: inputs %s vary in length and no --lengths-input or --mask-input names where the model "
                         "reads each row's length: it gets rows padded with 0 to the batch's longest and must tell "
@@ -252,7 +247,7 @@ class PaddleModel:
         outputs = check_outputs(self._predict({**feeds, **self._fill(lengths, padded)}), self.fetches, rows,
                                 self.origin, copy=False)
         for spec in self.fetches:
-            if variable(spec) and outputs[spec.name].shape[1] != padded:
+            if spec.variable and outputs[spec.name].shape[1] != padded:
                 raise ModelOutputError(
                     f"{self.origin}: output {spec.name!r} varies in length but has {outputs[spec.name].shape[1]} "
                     f"entries per row for inputs padded to {padded}: it cannot be cut back to each row's length")
@@ -374,7 +369,7 @@ def _filled_inputs(inputs: Sequence[TensorSpec], lengths_input: str | None, mask
                 f"a {role} input must be [rows{', -1' if row_shape else ''}] (-1: the padded length) of "
                 f"{'an integer or float' if role == 'lengths' else 'a numeric or bool'} dtype")
         filled[name] = (role, spec)
-    if filled and not any(variable(spec) for spec in inputs if spec.name not in filled):
+    if filled and not any(spec.variable for spec in inputs if spec.name not in filled):
         raise ConfigError(f"{' and '.join(f'{r} input {n!r}' for n, (r, _) in filled.items())}: {program} has no "
                           "other input of variable length (first per-row dim -1) for the lengths to describe")
     return filled
