@@ -73,6 +73,17 @@ class MaskMean(paddle.nn.Layer):
         return paddle.sum(self.emb(ids) * m, axis=1) / paddle.sum(m, axis=1)
 
 
+class MaskMean3(paddle.nn.Layer):
+    """MaskMean with ERNIE's mask shape, [rows, T, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = paddle.nn.Embedding(50, 4)
+
+    def forward(self, ids, mask):
+        return paddle.sum(self.emb(ids) * mask, axis=1) / paddle.sum(mask, axis=1)
+
+
 class PlainMean(paddle.nn.Layer):
     """A mean over every position, padding included: it has no way to know the lengths."""
 
@@ -130,6 +141,7 @@ def export(prefix):
     specs = {
         "lengths": (LengthsMean(), [IDS, InputSpec([None], "int64", "lengths")]),
         "mask": (MaskMean(), [IDS, InputSpec([None, None], "float32", "mask")]),
+        "mask3": (MaskMean3(), [IDS, InputSpec([None, None, 1], "float32", "mask")]),
         "plain": (PlainMean(), [IDS]),
         "transposed": (Transposed(), [IDS]),
         "scaled": (Scaled(), [InputSpec([None, 3], "float32", "x"), InputSpec([None], "float32", "n")]),
@@ -210,7 +222,8 @@ def test_specs_come_from_the_program_with_the_filled_inputs_hidden(exported) -> 
     assert by_mask.fetches == [TensorSpec("fetch_name_0", "float32", (WIDTH,))]
 
 
-@pytest.mark.parametrize("name,flags", [("lengths", {"lengths_input": "lengths"}), ("mask", {"mask_input": "mask"})])
+@pytest.mark.parametrize("name,flags", [("lengths", {"lengths_input": "lengths"}), ("mask", {"mask_input": "mask"}),
+                                        ("mask3", {"mask_input": "mask"})])
 def test_a_padded_batch_answers_each_row_as_if_alone(exported, name: str, flags: dict) -> None:
     """run() on rows padded to the longest equals each row run alone (no padding at all) and
     the masked mean numpy computes from the embedding table."""

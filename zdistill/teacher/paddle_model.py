@@ -279,9 +279,10 @@ class PaddleModel:
         for name, (role, spec) in self._filled.items():
             assert lengths is not None and padded is not None  # _filled_inputs: only beside a variable feed
             if role == "lengths":
-                filled[name] = lengths.astype(spec.dtype)
+                values = lengths
             else:
-                filled[name] = (np.arange(padded) < lengths[:, None]).astype(spec.dtype)
+                values = np.arange(padded) < lengths[:, None]
+            filled[name] = values.astype(spec.dtype).reshape(values.shape + (1,) * (len(spec.shape) + 1 - values.ndim))
         return filled
 
     def _predict(self, feeds: Arrays) -> Arrays:
@@ -350,7 +351,8 @@ def _filled_inputs(inputs: Sequence[TensorSpec], lengths_input: str | None, mask
     """The inputs the teacher fills from each row's length: name -> ("lengths" | "mask", spec).
 
     A lengths input is ``[rows]`` of any integer or float dtype; a mask input ``[rows, T]``
-    (T open) of any numeric or bool dtype, 1 for tokens and 0 for padding.  Both need
+    (T open) of any numeric or bool dtype, 1 for tokens and 0 for padding.  Either may
+    have trailing axes of size 1 (ERNIE's ``input_mask`` is ``[rows, T, 1]``).  Both need
     another input that varies in length, which the lengths describe.
     """
     specs = {spec.name: spec for spec in inputs}
@@ -363,11 +365,13 @@ def _filled_inputs(inputs: Sequence[TensorSpec], lengths_input: str | None, mask
         if name not in specs:
             raise ConfigError(f"{flag} {name!r}: {program} has no such input (its inputs: {sorted(specs)})")
         spec = specs[name]
-        if spec.shape != row_shape or np.dtype(spec.dtype).kind not in kinds:
+        fits = spec.shape[:len(row_shape)] == row_shape and all(d == 1 for d in spec.shape[len(row_shape):])
+        if not fits or np.dtype(spec.dtype).kind not in kinds:
             raise ConfigError(
                 f"{flag} {name!r}: the input is {spec.dtype} [rows{''.join(f', {d}' for d in spec.shape)}], "
-                f"a {role} input must be [rows{', -1' if row_shape else ''}] (-1: the padded length) of "
-                f"{'an integer or float' if role == 'lengths' else 'a numeric or bool'} dtype")
+                f"a {role} input must be [rows{', -1' if row_shape else ''}] (-1: the padded length; trailing "
+                f"axes of size 1 allowed) of {'an integer or float' if role == 'lengths' else 'a numeric or bool'} "
+                "dtype")
         filled[name] = (role, spec)
     if filled and not any(spec.variable for spec in inputs if spec.name not in filled):
         raise ConfigError(f"{' and '.join(f'{r} input {n!r}' for n, (r, _) in filled.items())}: {program} has no "
