@@ -5,6 +5,8 @@ shape ``[None, None]`` for ids): a masked mean over an embedding reading each ro
 from a lengths input, the same reading a mask input, a per-token output, and models the
 teacher must refuse.  Every answer for a padded batch must equal the answer for each row
 run alone, and a numpy computation from the embedding table: padding cannot leak into a row.
+In process (``PaddleModel.run``) and through a real ``zdistill-teacher`` a client sends
+``Ragged`` ids to.
 """
 
 from __future__ import annotations
@@ -319,22 +321,62 @@ def test_filling_inputs_of_a_python_function_is_refused() -> None:
         load_model(f"{procs.TEACHERS}:softmax", lengths_input="lengths")
 
 
-def test_a_teacher_process_serves_the_model_with_its_lengths_input_hidden(exported, tmp_path) -> None:
-    """Through a real zdistill-teacher: meta declares ids of variable length and no lengths input;
-    rows of one length (a dense batch) come back as the model computes them."""
-    proc = procs.start_teacher(exported.path("lengths"), tmp_path, "--threads", "1", "--lengths-input", "lengths")
-    try:
-        c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
-        try:
-            meta = c.meta()
-            assert meta["feeds"] == [{"name": "ids", "dtype": "int64", "shape": [-1]}]
-            assert [f["shape"] for f in meta["fetches"]] == [[WIDTH], [-1, WIDTH]]
-            ids = np.random.default_rng(3).integers(1, VOCAB, size=(4, 7), dtype=np.int64)
-            out = c.predict({"ids": ids})
-            np.testing.assert_allclose(out["fetch_name_0"], exported.tables["lengths"][ids].mean(axis=1), rtol=RTOL,
-                                       atol=ATOL)
-        finally:
-            c.close()
-    finally:
-        code = proc.stop()
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory) -> Iterator[procs.Proc]:
+    """The lengths model served by a real teacher, its lengths input filled by the teacher."""
+    proc = procs.start_teacher(exported.path("lengths"), tmp_path_factory.mktemp("seq_teacher"), "--threads", "1",
+                               "--lengths-input", "lengths")
+    yield proc
+    code = proc.stop()
     assert code == 0, proc.log()[-2000:]
+
+
+def test_a_teacher_process_declares_ids_of_variable_length_and_no_lengths_input(served) -> None:
+    c = TeacherClient(served.endpoint, timeout=TIMEOUT)
+    try:
+        meta = c.meta()
+    finally:
+        c.close()
+    assert meta["feeds"] == [{"name": "ids", "dtype": "int64", "shape": [-1]}]
+    assert [(f["name"], f["shape"]) for f in meta["fetches"]] == [("fetch_name_0", [WIDTH]),
+                                                                   ("fetch_name_1", [-1, WIDTH])]
+
+
+def test_a_dense_batch_is_rows_all_of_its_length(exported, served) -> None:
+    ids = np.random.default_rng(3).integers(1, VOCAB, size=(4, 7), dtype=np.int64)
+    c = TeacherClient(served.endpoint, timeout=TIMEOUT)
+    try:
+        out = c.predict({"ids": ids})
+    finally:
+        c.close()
+    table = exported.tables["lengths"]
+    np.testing.assert_allclose(out["fetch_name_0"], table[ids].mean(axis=1), rtol=RTOL, atol=ATOL)
+    assert np.array_equal(out["fetch_name_1"].lengths, [7] * 4)
+    np.testing.assert_allclose(out["fetch_name_1"].values, table[ids].reshape(-1, WIDTH) * 2, rtol=RTOL, atol=ATOL)
+
+
+def test_ragged_requests_get_each_row_answered_as_if_alone(exported, served) -> None:
+    """Requests of rows of different lengths, pipelined so the batcher merges (and pads) rows of
+    several requests: every row's mean and per-token answers equal the row sent alone and numpy."""
+    table = exported.tables["lengths"]
+    sent = {seed: ragged_ids(list(np.random.default_rng(seed).integers(1, 12, size=5)), seed) for seed in range(8)}
+    c = TeacherClient(served.endpoint, timeout=TIMEOUT)
+    try:
+        ids = {c.submit("predict", {"ids": feeds}): feeds for feeds in sent.values()}
+        got: dict = {}
+        while len(got) < len(ids):
+            batch = c.collect(wait=TIMEOUT)
+            assert batch, "teacher stopped answering"
+            got.update({d.req_id: d for d in batch})
+        for req_id, feeds in ids.items():
+            assert got[req_id].error is None, got[req_id].error
+            mean, tokens = got[req_id].result["fetch_name_0"], got[req_id].result["fetch_name_1"]
+            assert isinstance(tokens, Ragged) and np.array_equal(tokens.lengths, feeds.lengths)
+            for i, (row, answer) in enumerate(zip(feeds.rows(), tokens.rows(), strict=True)):
+                np.testing.assert_allclose(mean[i], table[row].mean(axis=0), rtol=RTOL, atol=ATOL)
+                np.testing.assert_allclose(answer, table[row] * 2, rtol=RTOL, atol=ATOL)
+                alone = c.predict({"ids": Ragged.from_rows([row])})
+                np.testing.assert_allclose(mean[i], alone["fetch_name_0"][0], rtol=RTOL, atol=ATOL)
+                np.testing.assert_allclose(answer, alone["fetch_name_1"].rows()[0], rtol=RTOL, atol=ATOL)
+    finally:
+        c.close()
