@@ -187,7 +187,7 @@ def _rows_of(feeds: Tensors, index: np.ndarray) -> Tensors:
 class BatchStats:
     """Counters the teacher reports in ``meta`` and ``stats`` replies."""
 
-    requests: int = 0  # parts, for a request cut into parts (split_by_length)
+    requests: int = 0  # as the clients sent them: a request cut into parts counts once, with its row 0
     rows: int = 0
     batches: int = 0
     merged_batches: int = 0
@@ -197,7 +197,7 @@ class BatchStats:
 
     def record(self, batch: list[Request]) -> None:
         rows = sum(r.rows for r in batch)
-        self.requests += len(batch)
+        self.requests += sum(1 for r in batch if r.index is None or r.index[0] == 0)
         self.rows += rows
         self.batches += 1
         self.merged_batches += len(batch) > 1
