@@ -497,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model id meta reports, instead of the one derived from the model (a hash of its "
                         "files, or a function's version=): students key cached predictions by it, so give a new "
                         f"one whenever the predictions change (1 to {MAX_MODEL_ID} printable characters)")
+    p.add_argument("--lengths-input", default=None, metavar="NAME",
+                   help="a Paddle model's input the teacher fills with each row's length (shape [rows]) for inputs "
+                        "of variable length; students do not send it")
+    p.add_argument("--mask-input", default=None, metavar="NAME",
+                   help="a Paddle model's input the teacher fills with each row's mask (shape [rows, padded "
+                        "length], 1 for tokens, 0 for padding) for inputs of variable length; students do not send it")
     p.add_argument("--port", type=int, required=True, help="TCP port to listen on (0 picks a free one)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all interfaces)")
     p.add_argument("--gpu-ids", "--gpu_ids", default=None,
@@ -543,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = zmq.Context()
     try:
         model = load_model(args.model, gpu_ids=parse_gpu_ids(args.gpu_ids), threads=args.threads,
-                           model_id=args.model_id)
+                           model_id=args.model_id, lengths_input=args.lengths_input, mask_input=args.mask_input)
         models = model_instances(model, parse_instances(args.instances, model))
         endpoint = f"tcp://{args.host}:{args.port}"
         metrics = TeacherMetrics()
