@@ -104,14 +104,15 @@ def test_concurrent_calls_from_several_threads_get_their_own_answers():
     text = load("text_teacher")
     rng = np.random.default_rng(6)
     batches = [rng.integers(0, text.VOCAB, (rows, text.SEQ), dtype=np.int64) for rows in (3, 17, 64, 33)]
-    expected = [text.classify({"ids": ids})["logits"] for ids in batches]
+    # copies: an answer is a view of the calling thread's staging buffer, which its next call reuses
+    expected = [text.classify({"ids": ids})["logits"].copy() for ids in batches]
     results: dict[int, list[np.ndarray]] = {i: [] for i in range(len(batches))}
     start = threading.Barrier(len(batches), timeout=30)
 
     def call(i: int) -> None:
         start.wait()
         for _ in range(30):
-            results[i].append(text.classify({"ids": batches[i]})["logits"])
+            results[i].append(text.classify({"ids": batches[i]})["logits"].copy())
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
     for t in threads:
