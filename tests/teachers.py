@@ -121,10 +121,11 @@ def negate_increment_int16(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {"na": -batch["a"], "b1": batch["b"].astype(np.int64) + 1}
 
 
-@zdistill.teacher_function(feeds={"tokens": ("int32", [16])},
-                           fetches={"topk_logprobs": ("float16", [16, 8]), "topk_indices": ("int32", [16, 8])})
+@zdistill.teacher_function(feeds={"tokens": ("int32", [-1])},
+                           fetches={"topk_logprobs": ("float16", [-1, 8]), "topk_indices": ("int32", [-1, 8])},
+                           description="example causal LM, size tiny: a numpy stand-in")
 def tiny_lm_topk(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The feeds and fetches of examples/torch_teacher's tiny LM, in numpy: ids 0..7, equally likely."""
+    """The feeds, fetches and description of examples/torch_teacher's tiny LM, in numpy: ids 0..7, equally likely."""
     rows, seq = batch["tokens"].shape
     return {"topk_logprobs": np.full((rows, seq, 8), -np.log(512), np.float16),
             "topk_indices": np.broadcast_to(np.arange(8, dtype=np.int32), (rows, seq, 8))}
