@@ -38,7 +38,7 @@ import zmq
 from zdistill.metrics import TeacherMetrics
 from zdistill.spec import Arrays, Ragged, Tensors
 from zdistill.teacher.batcher import Batcher, Request
-from zdistill.teacher.model import Model, check_outputs, variable_length
+from zdistill.teacher.model import Model, check_outputs
 
 log = logging.getLogger("zdistill.teacher.server")
 
@@ -111,7 +111,7 @@ class ModelInstances:
         self.instance_seconds = [0.0] * len(models)  # time in successful model calls, per instance
         self.model_calls = 0  # every call of Model.run on a batch, failed ones too
         # fetches the model answers per token, padded: cut back to each row's length here
-        self._per_token = [spec for spec in models[0].fetches if variable_length(spec)]
+        self._per_token = [spec for spec in models[0].fetches if spec.variable]
         self._done: deque[list[Finished]] = deque()
         self._endpoint = f"inproc://zdistill-instances-{id(self)}"
         self.wake = context.socket(zmq.PULL)

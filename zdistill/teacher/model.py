@@ -128,11 +128,6 @@ def function_model_id(fn: Callable[..., Any]) -> str:
     return "py:" + h.hexdigest()
 
 
-def variable_length(spec: TensorSpec) -> bool:
-    """Whether ``spec``'s rows may differ in length: its first per-row dimension is -1."""
-    return bool(spec.shape) and spec.shape[0] == -1
-
-
 def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, origin: str, copy: bool,
                   lengths: np.ndarray | None = None) -> Arrays:
     """A model's declared fetches for a batch of ``rows`` rows, each as its declared dtype.
@@ -147,7 +142,7 @@ def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, ori
     declared and returned shapes.  Outputs the model did not declare are left out.
     ``copy`` returns a fresh array for every fetch, even one already of its dtype.
     With ``lengths`` (a batch of variable-length rows), a per-token fetch
-    (:func:`variable_length`) must have a length axis at least as long as the longest row,
+    (:attr:`TensorSpec.variable`) must have a length axis at least as long as the longest row,
     since the server keeps each row's first ``lengths[i]`` entries.
     """
     longest = int(lengths.max()) if lengths is not None and len(lengths) else 0
@@ -168,7 +163,7 @@ def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, ori
         if arr.ndim == 0 or arr.shape[0] != rows or not spec.matches(arr.shape[1:]):
             raise ModelOutputError(f"{origin}: output {spec.name!r} has shape {list(arr.shape)} for a batch of "
                                    f"{rows} rows, {declared_text}")
-        if lengths is not None and variable_length(spec) and arr.shape[1] < longest:
+        if lengths is not None and spec.variable and arr.shape[1] < longest:
             raise ModelOutputError(f"{origin}: per-token output {spec.name!r} has shape {list(arr.shape)}, a length "
                                    f"axis shorter than the batch's longest row ({longest}): it must hold "
                                    f"[rows, >= longest row, ...], {declared_text}")
@@ -306,7 +301,7 @@ class CallableModel:
         self.device = device
         self._fn = fn
         self._serial = contextlib.nullcontext() if self.thread_safe else threading.Lock()
-        self._variable = next((s.name for s in self.feeds if variable_length(s)), None)
+        self._variable = next((s.name for s in self.feeds if s.variable), None)
         try:
             self._takes_lengths = "lengths" in inspect.signature(fn).parameters
         except (TypeError, ValueError):  # a callable whose signature Python cannot read

@@ -81,7 +81,7 @@ from zdistill.spec import MAX_MODEL_ID, Ragged, Tensor, Tensors
 from zdistill.teacher.batcher import DEFAULT_MAX_TOKENS, Batcher, Request, split_by_length
 from zdistill.teacher.instances import ModelInstances, Result
 from zdistill.teacher.loading import load_model
-from zdistill.teacher.model import Model, variable_length
+from zdistill.teacher.model import Model
 from zdistill.teacher_messages import REQUESTS, MetaRequest, Ping, Predict, read_request
 
 log = logging.getLogger("zdistill.teacher.server")
@@ -135,7 +135,7 @@ class TeacherServer:
         self.model = models[0]
         # what every predict is checked against, the dtypes parsed once
         self._feeds = {spec.name: (spec, np.dtype(spec.dtype)) for spec in self.model.feeds}
-        self._variable = [spec.name for spec in self.model.feeds if variable_length(spec)]
+        self._variable = [spec.name for spec in self.model.feeds if spec.variable]
         # What the model answers to the fixed probe batch: students key cached answers by it.
         self.fingerprint = fingerprint(self.model)
         _, why = usable(self.fingerprint, [f.name for f in self.model.fetches], "this teacher")
