@@ -128,3 +128,9 @@ def tiny_lm_topk(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     rows, seq = batch["tokens"].shape
     return {"topk_logprobs": np.full((rows, seq, 8), -np.log(512), np.float16),
             "topk_indices": np.broadcast_to(np.arange(8, dtype=np.int32), (rows, seq, 8))}
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [1, 8, 8])}, fetches={"prob": ("float32", [10])})
+def digits_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax over an 8x8 digit (``examples/mnist_distill``'s images): a teacher the example's students can use."""
+    return {"prob": softmax_np(np.tile(batch["img"].reshape(len(batch["img"]), 64), (1, 13))[:, :784])}
