@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     paddle.seed(args.seed)
     student = StudentMLP(data.image_shape[1:], args.hidden)
     model = paddle.DataParallel(student) if world > 1 else student
-    record: dict[str, Any] = {"rank": rank, "world": world, "use_distill_service": distill,
+    record: dict[str, Any] = {"rank": rank, "world": world, "pid": os.getpid(), "use_distill_service": distill,
                               "dataset_size": reader.samples_per_epoch, "epochs": epochs, "ids": [],
                               "params_initial": checksum(student)}
     distill_step = make_distill_step(ds.TEMPERATURE, ds.HARD_WEIGHT)

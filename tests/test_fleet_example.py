@@ -1,0 +1,150 @@
+"""``examples/mnist_distill/train_with_fleet.py`` under Paddle's launcher: 2 data-parallel trainers, real teachers.
+
+Each trainer is a process the launcher starts, with its own ``DistillReader`` over its
+shard; the teachers are real ``zdistill-teacher`` processes serving a numpy function
+(fixed addresses, or found through a real balancer and Redis).  The trainers write
+what they did to ``trainer_RANK.json``; the checks: every sample of the epoch seen
+exactly once across the trainers, each trainer answered by teachers for every sample it
+trained on, and the parameters equal on both trainers after the first step (and
+different from where they started).  The launcher is stopped by PID (it stops its
+trainers), and the trainers' PIDs are checked gone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import daemons, procs
+
+EXAMPLE = procs.REPO / "examples" / "mnist_distill"
+TEACHER = f"{procs.TEACHERS}:digits_softmax"
+SERVICE = "digits"
+TINY = 256  # train_with_fleet.py --tiny: the first 256 training images, 1 epoch
+needs_paddle = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("paddle", "sklearn", "tqdm")),
+    reason="the example needs paddlepaddle, scikit-learn and tqdm")
+
+
+def example(name: str):
+    if str(EXAMPLE) not in sys.path:
+        sys.path.insert(0, str(EXAMPLE))
+    return __import__(name)
+
+
+# -- the sharding, no Paddle needed ------------------------------------------------------
+
+
+def test_shards_cover_each_epoch_once_in_the_same_number_of_batches():
+    data = example("data")
+    x = np.arange(67 * 4, dtype=np.float32).reshape(67, 1, 2, 2)
+    y = np.arange(67) % 10
+    single = data.ShardReader(x, y, batch_size=8, seed=5)
+    single.epoch = 3
+    whole = [np.concatenate([s[2] for s in batch]) for batch in single()]
+    for world in (2, 3):
+        shards = [data.ShardReader(x, y, batch_size=8, rank=r, world=world, seed=5) for r in range(world)]
+        for reader in shards:
+            reader.epoch = 3
+        batches = [list(reader()) for reader in shards]
+        assert {len(b) for b in batches} == {len(single)} == {len(shards[0])}  # the same steps on every trainer
+        for step, together in enumerate(whole):
+            parts = [np.concatenate([s[2] for s in b[step]]) for b in batches]
+            assert all(len(p) for p in parts) and max(map(len, parts)) - min(map(len, parts)) <= 1
+            np.testing.assert_array_equal(np.concatenate(parts), together)  # the one-process batch, split
+        for b in batches:
+            for batch in b:
+                for img, label, index in batch:
+                    np.testing.assert_array_equal(img, x[index[0]])
+                    assert label[0] == y[index[0]]
+    assert sorted(np.concatenate(whole)) == list(range(67))
+    other = data.ShardReader(x, y, batch_size=8, seed=5)
+    other.epoch = 4
+    assert not np.array_equal(np.concatenate([s[2] for s in next(iter(other()))]), whole[0])
+
+
+def test_a_last_batch_too_short_for_every_trainer_joins_the_one_before():
+    data = example("data")
+    assert data.global_batches(10, 4, 3) == [slice(0, 4), slice(4, 10)]  # 2 left over: not one each for 3
+    assert data.global_batches(11, 4, 3) == [slice(0, 4), slice(4, 8), slice(8, 11)]
+    assert data.global_batches(3, 4, 3) == [slice(0, 3)]
+    with pytest.raises(ValueError, match="cannot feed"):
+        data.ShardReader(np.zeros((2, 1, 2, 2), np.float32), np.zeros(2), batch_size=4, rank=0, world=3)
+
+
+# -- two trainers under the launcher ------------------------------------------------------
+
+
+def launch(tmp_path: Path, *args: str, env: dict | None = None, timeout: float = 120.0) -> list[dict]:
+    """``paddle.distributed.launch`` 2 CPU trainers of train_with_fleet.py --tiny; their records by rank."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--devices", "", "--nproc_per_node", "2",
+           "--log_dir", str(tmp_path / "logs"), str(EXAMPLE / "train_with_fleet.py"), "--use_distill_service",
+           "True", "--predict", "prob", "--tiny", "--out", str(out), *args]
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(procs.REPO), full_env.get("PYTHONPATH", "")])
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+                                cwd=str(procs.REPO))
+    try:
+        output, _ = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher.send_signal(signal.SIGTERM)  # the launcher stops its trainers
+        output, _ = launcher.communicate(timeout=30)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                     for p in sorted((tmp_path / "logs").glob("workerlog.*")))
+    assert launcher.returncode == 0, f"{output[-3000:]}\n{logs}"
+    records = [json.loads((out / f"trainer_{rank}.json").read_text()) for rank in range(2)]
+    for pid in (r["pid"] for r in records):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    return records
+
+
+def check_data_parallel(records: list[dict]) -> None:
+    assert [r["rank"] for r in records] == [0, 1] and {r["world"] for r in records} == {2}
+    ids = [r["ids"] for r in records]
+    assert [len(i) for i in ids] == [1, 1]  # one epoch each
+    seen = ids[0][0] + ids[1][0]
+    assert sorted(seen) == list(range(TINY)), "every sample exactly once across the trainers"
+    assert {len(ids[0][0]), len(ids[1][0])} == {TINY // 2}
+    assert all(r["samples"] == TINY // 2 == r["dataset_size"] // 2 for r in records)
+    for r in records:  # both had teachers, and every sample a trainer trained on came from one
+        assert r["teachers"] and sum(r["teachers"].values()) == r["samples"], r["teachers"]
+    initial = {r["params_initial"] for r in records}
+    after_step = {r["params_after_first_step"] for r in records}
+    assert len(initial) == 1 and len(after_step) == 1, "the trainers' parameters differ"
+    assert after_step != initial, "the first step did not change the parameters"
+    assert len({r["params_final"] for r in records}) == 1
+    assert len({r["accuracy"] for r in records}) == 1
+
+
+@needs_paddle
+def test_two_trainers_split_the_data_and_share_fixed_teachers(tmp_path, start_teacher):
+    teachers = [start_teacher(TEACHER, "--threads", "1") for _ in range(2)]
+    addresses = ",".join(t.endpoint.split("://")[-1] for t in teachers)
+    records = launch(tmp_path, "--distill_teachers", addresses)
+    check_data_parallel(records)
+    served = sum(procs.teacher_stats(t.endpoint)["rows"] for t in teachers)
+    assert served >= TINY  # the soft labels came over the wire
+
+
+@needs_paddle
+@pytest.mark.skipif(procs.redis_server_path() is None, reason="redis-server is not installed")
+def test_two_trainers_find_teachers_through_the_balancer(tmp_path, start_teacher, redis_server, stopper):
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(balancer)
+    for _ in range(2):
+        teacher = start_teacher(TEACHER, "--threads", "1")
+        stopper.append(daemons.start_register(redis_server.endpoint, SERVICE, teacher.endpoint.split("://")[-1],
+                                              tmp_path))
+    env = {"PADDLE_DISTILL_BALANCE_SERVER": balancer.endpoint, "PADDLE_DISTILL_SERVICE_NAME": SERVICE,
+           "PADDLE_DISTILL_MAX_TEACHER": "2"}
+    check_data_parallel(launch(tmp_path, env=env))
