@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -148,3 +149,39 @@ def test_two_trainers_find_teachers_through_the_balancer(tmp_path, start_teacher
     env = {"PADDLE_DISTILL_BALANCE_SERVER": balancer.endpoint, "PADDLE_DISTILL_SERVICE_NAME": SERVICE,
            "PADDLE_DISTILL_MAX_TEACHER": "2"}
     check_data_parallel(launch(tmp_path, env=env))
+
+
+@needs_paddle
+@pytest.mark.skipif(procs.redis_server_path() is None, reason="redis-server is not installed")
+def test_demo_fleet_tiny_runs_end_to_end_and_stops_what_it_started(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(procs.REPO), os.environ.get("PYTHONPATH", "")])}
+    demo = subprocess.Popen([sys.executable, str(EXAMPLE / "demo_fleet.py"), "--tiny", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(procs.REPO))
+    try:
+        output, _ = demo.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        demo.send_signal(signal.SIGTERM)  # the demo stops its children by PID
+        output, _ = demo.communicate(timeout=30)
+        pytest.fail(f"demo_fleet.py --tiny did not finish in 180 s:\n{output[-3000:]}")
+    assert demo.returncode == 0, output[-3000:]
+    results = json.loads((out / "fleet_results.json").read_text())
+    assert results["dataset_size"] == TINY and results["epochs"] == 1
+    assert [t["rank"] for t in results["trainers"]] == [0, 1]
+    assert sum(t["samples"] for t in results["trainers"]) == TINY
+    assert all(t["teachers"] for t in results["trainers"])
+    assert all(results["checks"].values()), results["checks"]
+    assert abs(results["accuracy"] - results["single_process_accuracy"]) <= 0.02
+    # what the demo printed is what it wrote
+    assert f"data-parallel (2 trainers) {results['accuracy']:.4f}, one process " \
+           f"{results['single_process_accuracy']:.4f}" in output
+    trainers = load_trainer_pids(out / "fleet") + load_trainer_pids(out / "fleet-single")
+    daemons_started = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", output)]
+    assert len(daemons_started) == 6 and len(trainers) == 3  # redis, balancer, 2 teachers, 2 registers
+    for pid in daemons_started + trainers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def load_trainer_pids(folder: Path) -> list[int]:
+    return [json.loads(p.read_text())["pid"] for p in sorted(folder.glob("trainer_*.json"))]
