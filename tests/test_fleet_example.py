@@ -185,3 +185,15 @@ def test_demo_fleet_tiny_runs_end_to_end_and_stops_what_it_started(tmp_path):
 
 def load_trainer_pids(folder: Path) -> list[int]:
     return [json.loads(p.read_text())["pid"] for p in sorted(folder.glob("trainer_*.json"))]
+
+
+@needs_paddle
+def test_without_the_distill_service_the_trainers_split_the_labeled_images(tmp_path):
+    records = launch(tmp_path, "--use_distill_service", "False")
+    labeled = len(example("data").load_data().subset(TINY, 64).y_labeled)
+    seen = records[0]["ids"][0] + records[1]["ids"][0]
+    assert len(seen) == TINY and set(seen) == set(range(labeled))  # passes over the labeled images only
+    assert max(seen.count(i) for i in range(labeled)) - min(seen.count(i) for i in range(labeled)) <= 1
+    assert all(r["teachers"] == {} and not r["use_distill_service"] for r in records)
+    assert len({r["params_after_first_step"] for r in records}) == 1 != len(
+        {records[0]["params_initial"], records[0]["params_after_first_step"]})

@@ -34,7 +34,8 @@ on GPUs drop it and the launcher picks NCCL.  What each trainer does:
   at the end (equal on every trainer when the all-reduce works).
 
 ``--use_distill_service False`` trains the same student on its labeled images alone
-(hard labels, the same sharding and budget), as EDL's script trained without a teacher.
+(hard labels, the same sharding and budget), as EDL's script trained without a teacher;
+its record's indices are then rows of the labeled images.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import logging
 import os
 import sys
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import distill_student as ds
@@ -141,20 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     log.info("trainer %d of %d: its share of %d samples per epoch, %d epochs, %s", rank, world,
              reader.samples_per_epoch, epochs, "distilled" if distill else "labeled images alone")
     started = time.perf_counter()
-    if distill:
-        with DistillReader(ins=["img", "label", "index"], predicts=[args.predict]) as dr:
+    with DistillReader(ins=["img", "label", "index"], predicts=[args.predict]) if distill else nullcontext() as dr:
+        if dr is not None:
             if args.distill_teachers:
-                dr.set_fixed_teacher(args.distill_teachers)
+                dr.set_fixed_teacher(args.distill_teachers)  # else PADDLE_DISTILL_* name the balancer
             dr.set_sample_list_generator(reader)
-            hist = train_epochs(model, ds.epochs_of(reader, dr), step, data.x_test, data.y_test, epochs, args.lr,
-                                f"trainer {rank}", len(reader), args.progress and rank == 0, after_step)
-            stats = dr.stats()
-        teachers = {address: int(t.get("samples", 0)) for address, t in stats["teachers"].items()}
-        record["reader_samples_per_s"] = float(stats.get("samples_per_s", 0.0))
-    else:
-        hist = train_epochs(model, ds.epochs_of(reader, reader), step, data.x_test, data.y_test, epochs, args.lr,
-                            f"trainer {rank}", len(reader), args.progress and rank == 0, after_step)
-        teachers = {}
+        hist = train_epochs(model, ds.epochs_of(reader, reader if dr is None else dr), step, data.x_test,
+                            data.y_test, epochs, args.lr, f"trainer {rank}", len(reader),
+                            args.progress and rank == 0, after_step)
+        stats = {"teachers": {}} if dr is None else dr.stats()
+    teachers = {address: int(t.get("samples", 0)) for address, t in stats["teachers"].items()}
+    record["reader_samples_per_s"] = float(stats.get("samples_per_s", 0.0))
     record.update(samples=hist.samples, teachers=teachers, samples_per_s=hist.samples_per_s,
                   seconds=time.perf_counter() - started, accuracy=hist.final_acc,
                   epoch_test_acc=hist.epoch_test_acc, params_final=checksum(student))
