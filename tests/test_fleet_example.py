@@ -109,14 +109,17 @@ def launch(tmp_path: Path, *args: str, env: dict | None = None, timeout: float =
     return records
 
 
-def check_data_parallel(records: list[dict]) -> None:
+def check_data_parallel(records: list[dict], batch_size: int = 32) -> None:
     assert [r["rank"] for r in records] == [0, 1] and {r["world"] for r in records} == {2}
     ids = [r["ids"] for r in records]
     assert [len(i) for i in ids] == [1, 1]  # one epoch each
     seen = ids[0][0] + ids[1][0]
     assert sorted(seen) == list(range(TINY)), "every sample exactly once across the trainers"
-    assert {len(ids[0][0]), len(ids[1][0])} == {TINY // 2}
-    assert all(r["samples"] == TINY // 2 == r["dataset_size"] // 2 for r in records)
+    shares = [[len(np.array_split(np.arange(n), 2)[rank]) for n in example("data").ShardReader(
+        np.zeros((TINY, 1, 8, 8), np.float32), np.zeros(TINY), batch_size, rank, 2).global_sizes()]
+        for rank in range(2)]
+    for r, share in zip(records, shares, strict=True):  # the half of every global batch, as many steps each
+        assert r["dataset_size"] == TINY and r["samples"] == len(r["ids"][0]) == sum(share)
     for r in records:  # both had teachers, and every sample a trainer trained on came from one
         assert r["teachers"] and sum(r["teachers"].values()) == r["samples"], r["teachers"]
     initial = {r["params_initial"] for r in records}
@@ -127,14 +130,44 @@ def check_data_parallel(records: list[dict]) -> None:
     assert len({r["accuracy"] for r in records}) == 1
 
 
+def run_single(tmp_path: Path, *args: str, timeout: float = 120.0) -> Path:
+    """train_with_fleet.py --tiny in one process, without the launcher; returns its output folder."""
+    out = tmp_path / "single"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(procs.REPO), os.environ.get("PYTHONPATH", "")])}
+    single = subprocess.Popen([sys.executable, str(EXAMPLE / "train_with_fleet.py"), "--use_distill_service", "True",
+                               "--predict", "prob", "--tiny", "--out", str(out), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env, cwd=str(procs.REPO))
+    try:
+        output, _ = single.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        single.kill()
+        output, _ = single.communicate(timeout=30)
+    assert single.returncode == 0, output[-3000:]
+    return out
+
+
 @needs_paddle
 def test_two_trainers_split_the_data_and_share_fixed_teachers(tmp_path, start_teacher):
+    import paddle
+
     teachers = [start_teacher(TEACHER, "--threads", "1") for _ in range(2)]
     addresses = ",".join(t.endpoint.split("://")[-1] for t in teachers)
-    records = launch(tmp_path, "--distill_teachers", addresses)
-    check_data_parallel(records)
+    # 31 rows a step: slices of 16 and 15, so the trainers' losses must be weighted to add up to one process's
+    flags = ("--distill_teachers", addresses, "--batch_size", "31")
+    records = launch(tmp_path, *flags)
+    check_data_parallel(records, batch_size=31)
     served = sum(procs.teacher_stats(t.endpoint)["rows"] for t in teachers)
     assert served >= TINY  # the soft labels came over the wire
+
+    # the 2 trainers took the steps one process takes on the same batches, up to rounding
+    fleet = paddle.load(str(tmp_path / "out" / "student.pdparams"))
+    single = paddle.load(str(run_single(tmp_path, *flags) / "student.pdparams"))
+    paddle.seed(1)  # train_with_fleet.py's --seed: the weights both started from
+    initial = example("models").StudentMLP((8, 8), example("distill_student").STUDENT_HIDDEN).state_dict()
+    assert sorted(fleet) == sorted(single) == sorted(initial)
+    for name in fleet:
+        np.testing.assert_allclose(fleet[name].numpy(), single[name].numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+        assert not np.allclose(fleet[name].numpy(), initial[name].numpy(), rtol=1e-4, atol=1e-6), name
 
 
 @needs_paddle

@@ -340,7 +340,11 @@ class ShardReader:
 
     def __len__(self) -> int:
         """Batches per epoch, the same on every trainer."""
-        return len(global_batches(self.samples_per_epoch, self.batch_size, self.world))
+        return len(self.global_sizes())
+
+    def global_sizes(self) -> list[int]:
+        """The size of each global batch of an epoch (all trainers' slices together), in order."""
+        return [cut.stop - cut.start for cut in global_batches(self.samples_per_epoch, self.batch_size, self.world)]
 
     def __call__(self) -> Iterator[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
         rng = np.random.default_rng([self.seed, self.epoch])

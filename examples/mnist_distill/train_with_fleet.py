@@ -27,11 +27,13 @@ on GPUs drop it and the launcher picks NCCL.  What each trainer does:
   between them); only ``img`` goes to the teacher, the label and the sample's index
   stay in the trainer;
 - **gradients**: ``paddle.DataParallel`` all-reduces them (the mean over the trainers),
-  so ``N`` trainers take the steps one process takes on the same global batches;
+  each trainer's loss weighted by its share of the global batch, so ``N`` trainers take
+  the steps one process takes on the same global batches (up to rounding);
 - **record**: ``OUT/trainer_RANK.json`` with its rank, the indices of the samples it
   trained on per epoch, the samples each teacher answered, its throughput, the test
   accuracy, and checksums of the parameters before training, after the first step and
-  at the end (equal on every trainer when the all-reduce works).
+  at the end (equal on every trainer when the all-reduce works); rank 0 saves the
+  trained student as ``OUT/student.pdparams``.
 
 ``--use_distill_service False`` trains the same student on its labeled images alone
 (hard labels, the same sharding and budget), as EDL's script trained without a teacher;
@@ -126,15 +128,25 @@ def main(argv: list[str] | None = None) -> int:
                               "dataset_size": reader.samples_per_epoch, "epochs": epochs, "ids": [],
                               "params_initial": checksum(student)}
     distill_step = make_distill_step(ds.TEMPERATURE, ds.HARD_WEIGHT)
+    global_sizes = reader.global_sizes()
+    steps_this_epoch = [0]
 
     def step(layer: paddle.nn.Layer, batch: list[np.ndarray]) -> paddle.Tensor:
-        """Note which samples this trainer got, then the ordinary step on ``(img, label[, prob])``."""
+        """Note which samples this trainer got, then the ordinary step on ``(img, label[, prob])``.
+
+        The loss, a mean over this trainer's rows, is weighted by its share of the global
+        batch (``world * rows / global rows``): the all-reduce's mean of the trainers'
+        gradients is then the gradient of the mean over the global batch, as in one
+        process, also where the slices differ by a row.
+        """
         if len(record["ids"]) <= reader.epoch:
             record["ids"].append([])
+            steps_this_epoch[:] = [0]
+        whole = global_sizes[steps_this_epoch[0]]
+        steps_this_epoch[0] += 1
         record["ids"][reader.epoch].extend(int(i) for i in batch[2].reshape(-1))
-        if distill:
-            return distill_step(layer, [batch[0], batch[1], batch[3]])
-        return hard_label_step(layer, batch)
+        loss = distill_step(layer, [batch[0], batch[1], batch[3]]) if distill else hard_label_step(layer, batch)
+        return loss * (world * len(batch[0]) / whole)
 
     def after_step(steps: int) -> None:
         if steps == 1:
@@ -158,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                   seconds=time.perf_counter() - started, accuracy=hist.final_acc,
                   epoch_test_acc=hist.epoch_test_acc, params_final=checksum(student))
     os.makedirs(args.out, exist_ok=True)
+    if rank == 0:  # every trainer holds the same weights
+        paddle.save(student.state_dict(), os.path.join(args.out, "student.pdparams"))
     path = os.path.join(args.out, f"trainer_{rank}.json")
     write_json(path, record)
     used = ", ".join(f"{a} ({n:,} samples)" for a, n in sorted(teachers.items()) if n) or "none"
