@@ -1,6 +1,6 @@
 """A data-parallel student (2 trainers under Paddle's launcher) sharing two registered teachers.
 
-    python examples/mnist_distill/demo_fleet.py          # about a minute on 2 cores; needs redis-server
+    python examples/mnist_distill/demo_fleet.py          # 1.5 to 4 minutes on 2 cores; needs redis-server
     python examples/mnist_distill/demo_fleet.py --tiny   # a smoke run
 
 What it starts (all on 127.0.0.1, free ports; every process stopped by PID on exit,
