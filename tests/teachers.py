@@ -165,3 +165,9 @@ def short_tokens(batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str,
     for any batch whose longest row holds more than one token."""
     out = per_token(batch, lengths=lengths)
     return {"h": out["h"][:, :1], "mean": out["mean"]}
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [1, 8, 8])}, fetches={"prob": ("float32", [10])})
+def digits_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax over an 8x8 digit (``examples/mnist_distill``'s images): a teacher the example's students can use."""
+    return {"prob": softmax_np(np.tile(batch["img"].reshape(len(batch["img"]), 64), (1, 13))[:, :784])}
