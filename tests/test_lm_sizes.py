@@ -47,7 +47,14 @@ def test_a_tiny_teacher_is_known_as_tiny_whatever_the_students_environment(start
 
 
 @pytest.mark.timeout(60)
+def test_a_variable_length_teacher_that_names_no_size_is_an_error(start_teacher):
+    teacher = start_teacher(f"{procs.TEACHERS}:per_token")
+    with pytest.raises(ValueError, match=r"not the variable-length 'tokens' of a size of lm_teacher \(full, tiny\)"):
+        lm_sizes().served_size(served_meta(teacher), teacher.endpoint)
+
+
+@pytest.mark.timeout(60)
 def test_a_teacher_of_no_lm_size_is_an_error_naming_it(start_teacher):
     teacher = start_teacher()  # softmax over 784-float images: no tokens at all
-    with pytest.raises(ValueError, match=r"teacher .* takes feeds \{'img': \[784\]\}, not the 'tokens' of any size"):
+    with pytest.raises(ValueError, match=r"takes feeds \{'img': \[784\]\} .*not the variable-length 'tokens'"):
         lm_sizes().served_size(served_meta(teacher), teacher.endpoint)

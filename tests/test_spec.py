@@ -54,3 +54,9 @@ def test_a_reply_of_an_older_teacher_takes_the_defaults() -> None:
 def test_a_malformed_field_is_a_wire_error_naming_it(field: str, value: Any, where: str) -> None:
     with pytest.raises(WireError, match=f"^malformed meta: .* at `{re.escape(where)}`$"):
         TeacherMeta.parse({**REPLY, field: value})
+
+
+@pytest.mark.parametrize(("shape", "variable"), [((-1,), True), ((-1, 4), True), ((4, -1), False), ((), False),
+                                                 ((7,), False)])
+def test_a_spec_is_variable_when_its_first_per_row_dim_is_open(shape: tuple[int, ...], variable: bool) -> None:
+    assert TensorSpec("t", "int64", shape).variable is variable

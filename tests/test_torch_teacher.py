@@ -23,6 +23,7 @@ import pytest
 from tests import procs
 from zdistill.client import TeacherClient
 from zdistill.errors import TeacherError
+from zdistill.spec import Ragged
 from zdistill.topk import topk_to_dense
 
 torch = pytest.importorskip("torch")
@@ -74,20 +75,28 @@ def test_served_lm_teacher_answers_the_top_k_of_its_full_distribution(start_teac
     client = TeacherClient(teacher.endpoint, timeout=30)
     try:
         meta = client.meta()
+        assert {f["name"]: (f["dtype"], f["shape"]) for f in meta["feeds"]} == {"tokens": ("int32", [-1])}
         assert {f["name"]: (f["dtype"], f["shape"]) for f in meta["fetches"]} == {
-            "topk_logprobs": ("float16", [lm.SEQ, lm.TOPK]), "topk_indices": ("int32", [lm.SEQ, lm.TOPK])}
-        tokens = np.random.default_rng(5).integers(0, lm.VOCAB, (6, lm.SEQ), dtype=np.int32)
-        out = client.predict({"tokens": tokens})
+            "topk_logprobs": ("float16", [-1, lm.TOPK]), "topk_indices": ("int32", [-1, lm.TOPK])}
+        rng = np.random.default_rng(5)
+        rows = [rng.integers(0, lm.VOCAB, n, dtype=np.int32) for n in (lm.SEQ, 1, 7, lm.SEQ - 1, 3, 11)]
+        out = client.predict({"tokens": Ragged.from_rows(rows)})
+        with pytest.raises(TeacherError, match=f"longer than this model's {lm.SEQ}"):
+            client.predict({"tokens": Ragged.from_rows([rows[0], np.zeros(lm.SEQ + 1, np.int32)])})
     finally:
         client.close()
     values, ids = out["topk_logprobs"], out["topk_indices"]
-    assert values.dtype == np.float16 and ids.dtype == np.int32 and values.shape == ids.shape == (6, lm.SEQ, lm.TOPK)
-    full = full_log_probs(lm, tokens)
-    np.testing.assert_allclose(values, np.take_along_axis(full, ids.astype(np.intp), axis=-1), atol=3e-3, rtol=2e-3)
-    kth_best = -np.sort(-full, axis=-1)[..., lm.TOPK - 1]
-    assert (values.astype(np.float64) >= kth_best[..., None] - 3e-3).all()  # they are the top k (ties aside)
-    dense = topk_to_dense(values, ids, lm.VOCAB)  # what the student rebuilds: a whole distribution
-    np.testing.assert_allclose(np.exp(dense.astype(np.float64)).sum(axis=-1), 1.0, atol=1e-3)
+    assert isinstance(values, Ragged) and isinstance(ids, Ragged)
+    assert values.dtype == np.float16 and ids.dtype == np.int32
+    assert values.lengths.tolist() == ids.lengths.tolist() == [len(r) for r in rows]
+    for row, v, i in zip(rows, values.rows(), ids.rows(), strict=True):
+        full = full_log_probs(lm, row[None])[0]  # the row alone: no padding can have leaked into its answer
+        assert v.shape == i.shape == (len(row), lm.TOPK)
+        np.testing.assert_allclose(v, np.take_along_axis(full, i.astype(np.intp), axis=-1), atol=3e-3, rtol=2e-3)
+        kth_best = -np.sort(-full, axis=-1)[..., lm.TOPK - 1]
+        assert (v.astype(np.float64) >= kth_best[..., None] - 3e-3).all()  # they are the top k (ties aside)
+        dense = topk_to_dense(v, i, lm.VOCAB)  # what the student rebuilds: a whole distribution
+        np.testing.assert_allclose(np.exp(dense.astype(np.float64)).sum(axis=-1), 1.0, atol=1e-3)
 
 
 def test_concurrent_calls_from_several_threads_get_their_own_answers():
@@ -95,14 +104,15 @@ def test_concurrent_calls_from_several_threads_get_their_own_answers():
     text = load("text_teacher")
     rng = np.random.default_rng(6)
     batches = [rng.integers(0, text.VOCAB, (rows, text.SEQ), dtype=np.int64) for rows in (3, 17, 64, 33)]
-    expected = [text.classify({"ids": ids})["logits"] for ids in batches]
+    # copies: an answer is a view of the calling thread's staging buffer, which its next call reuses
+    expected = [text.classify({"ids": ids})["logits"].copy() for ids in batches]
     results: dict[int, list[np.ndarray]] = {i: [] for i in range(len(batches))}
     start = threading.Barrier(len(batches), timeout=30)
 
     def call(i: int) -> None:
         start.wait()
         for _ in range(30):
-            results[i].append(text.classify({"ids": batches[i]})["logits"])
+            results[i].append(text.classify({"ids": batches[i]})["logits"].copy())
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
     for t in threads:

@@ -38,6 +38,11 @@ class TensorSpec:
     def from_wire(cls, data: Mapping[str, Any]) -> TensorSpec:
         return cls(str(data["name"]), str(data["dtype"]), tuple(int(d) for d in data["shape"]))
 
+    @property
+    def variable(self) -> bool:
+        """Whether rows may differ in length: the first per-row dim is -1 (such rows travel as :class:`Ragged`)."""
+        return self.shape[:1] == (-1,)
+
     def matches(self, row_shape: Sequence[int]) -> bool:
         """True when a row of ``row_shape`` fits this spec (-1 matches any size)."""
         return len(row_shape) == len(self.shape) and all(
@@ -98,6 +103,11 @@ class Ragged:
     @property
     def dtype(self) -> np.dtype:
         return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes it takes (values and lengths), as ``ndarray.nbytes`` counts an array's."""
+        return self.values.nbytes + self.lengths.nbytes
 
     @property
     def inner_shape(self) -> tuple[int, ...]:

@@ -291,3 +291,67 @@ class SampleListReader:
             imgs = self.augment(self.x[idx], rng) if self.augment else self.x[idx]
             labels = self.y[idx]
             yield [(imgs[i], labels[i : i + 1]) for i in range(len(idx))]
+
+
+def global_batches(n: int, batch_size: int, world: int) -> list[slice]:
+    """An epoch of ``n`` samples cut into global batches of ``batch_size`` (the last one shorter).
+
+    A last batch too short to give every trainer a sample joins the one before it: a
+    trainer with an empty batch would skip the step its peers' all-reduce waits for.
+    """
+    cuts = list(range(0, n, batch_size)) + [n]
+    if len(cuts) > 2 and cuts[-1] - cuts[-2] < world:
+        del cuts[-2]
+    return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+class ShardReader:
+    """One data-parallel trainer's share of every epoch: an EDL sample-list reader of ``(img, label, index)``.
+
+    Every trainer draws the same epoch (the order and the augmented views depend on
+    ``seed`` and ``epoch`` only, never on ``rank`` or the process that runs the reader),
+    cuts it into global batches of ``batch_size`` and takes its slice of each (the
+    slices' sizes differ by one at most, never zero).  So each sample is seen once per
+    epoch across the trainers, every trainer takes the same number of steps (which the
+    gradients' all-reduce needs), and ``world`` trainers together see exactly the
+    batches one process sees.  ``index`` (``int64 (1,)``)
+    is the sample's row in ``x``: it stays with the student and tells which samples a
+    trainer got.  ``samples_per_epoch`` goes through the images in fresh shuffled passes,
+    as :class:`SampleListReader` does.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, rank: int = 0, world: int = 1,
+                 augment: Augment | None = None, seed: int = 0, samples_per_epoch: int | None = None) -> None:
+        if len(y) == 0:
+            raise ValueError("a reader needs at least one image")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of the {world} trainers")
+        if batch_size < world:
+            raise ValueError(f"a global batch of {batch_size} cannot feed {world} trainers")
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.y = np.asarray(y, dtype=np.int64)
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.augment = augment
+        self.seed = seed
+        self.samples_per_epoch = samples_per_epoch or len(self.y)
+        if self.samples_per_epoch < world:
+            raise ValueError(f"{self.samples_per_epoch} samples per epoch cannot feed {world} trainers")
+        self.epoch = 0  # set by the training loop before each epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch, the same on every trainer."""
+        return len(self.global_sizes())
+
+    def global_sizes(self) -> list[int]:
+        """The size of each global batch of an epoch (all trainers' slices together), in order."""
+        return [cut.stop - cut.start for cut in global_batches(self.samples_per_epoch, self.batch_size, self.world)]
+
+    def __call__(self) -> Iterator[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        passes = -(-self.samples_per_epoch // len(self.y))
+        order = np.concatenate([rng.permutation(len(self.y)) for _ in range(passes)])[: self.samples_per_epoch]
+        for cut in global_batches(len(order), self.batch_size, self.world):
+            idx = order[cut]
+            imgs = self.augment(self.x[idx], rng) if self.augment else self.x[idx]  # all trainers draw alike
+            mine = np.array_split(np.arange(len(idx)), self.world)[self.rank]
+            yield [(imgs[i], self.y[idx[i] : idx[i] + 1], idx[i : i + 1]) for i in mine]

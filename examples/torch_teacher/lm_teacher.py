@@ -2,13 +2,18 @@
 
 Serve it with ``zdistill-teacher --model examples/torch_teacher/lm_teacher.py:topk
 --port 9292``.  A GPT-2-small-sized causal Transformer (12 layers, hidden 768, a
-50,257-id vocabulary, random weights) reads 128 int32 token ids per sample.  Its full
-answer, 128 x 50,257 float32 logits, is 25.7 MB a sample: 6.6 GB for a 256-row batch,
+50,257-id vocabulary, random weights) reads a sequence of 1 to 128 int32 token ids per
+sample, each sample its own length.  Its full answer, up to 128 x 50,257 float32
+logits, is 25.7 MB a sample: 6.6 GB for a 256-row batch,
 which no wire carries at training speed.  So the GPU reduces it before anything is
 copied back: per token, ``log_softmax`` over the whole vocabulary (in float32), then
 the k largest log-probabilities (float16) and their token ids (int32).  With k = 32
 that is 24 KB a sample, 1/1000 of the logits.  The student rebuilds dense rows for
 its KL loss with :func:`zdistill.topk.topk_to_dense` (see ``student_lm.py``).
+
+Rows of different lengths arrive padded to the batch's longest; the attention is
+causal, so a token never sees the padding after it, and the teacher cuts each row's
+top-k back to its own length (per-token fetches, ``[-1, k]``).
 
 Log-probabilities, not logits, because the full-vocabulary normaliser is in them:
 the student then knows how much mass the top k hold, and can spread the rest over the
@@ -16,8 +21,8 @@ other tokens (``rest="spread"``).
 
 ``ZDISTILL_LM_TOPK`` sets k (default 32; 8 in the tiny size);
 ``ZDISTILL_TORCH_TEACHER_SIZE=tiny`` serves 2 layers of width 32, a 512-id vocabulary
-and 16 tokens, for tests on a CPU (the sizes: ``lm_sizes.py``, where a student finds
-which one a teacher serves).
+and sequences of up to 16 tokens, for tests on a CPU (the sizes: ``lm_sizes.py``, where
+a student finds which one a teacher serves).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # served as a file: its sibling modules
 
-from lm_sizes import SIZES  # noqa: E402  (shared with the student, which finds the served size in meta)
+from lm_sizes import SIZES, description  # noqa: E402  (shared with the student, which finds the served size in meta)
 from torch_serving import TorchTeacher, model_size  # noqa: E402
 
 import zdistill  # noqa: E402
@@ -43,7 +48,7 @@ VOCAB, HIDDEN, LAYERS, HEADS, SEQ = astuple(SIZES[model_size()])
 TOPK = int(os.environ.get("ZDISTILL_LM_TOPK", "8" if TINY else "32"))
 if not 1 <= TOPK <= VOCAB:
     raise ValueError(f"ZDISTILL_LM_TOPK must be between 1 and the vocabulary size {VOCAB}, got {TOPK}")
-# The vocabulary projection is the big tensor: [rows, SEQ, VOCAB].  It is made for a
+# The vocabulary projection is the big tensor: [rows, length, VOCAB].  It is made for a
 # few sequences at a time (about 64 MiB of float32 logits), never for the whole batch.
 CHUNK_ROWS = max(1, 2**24 // (SEQ * VOCAB))
 
@@ -73,6 +78,8 @@ class CausalLM(nn.Module):
 
 
 def forward(module: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if inputs["tokens"].shape[1] > SEQ:  # the teacher answers the request with this error
+        raise ValueError(f"a sequence of {inputs['tokens'].shape[1]} tokens is longer than this model's {SEQ}")
     hidden = module.hidden(inputs["tokens"].long())
     values, indices = [], []
     for part in hidden.split(CHUNK_ROWS):
@@ -87,8 +94,9 @@ def forward(module: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, tor
 TEACHER = TorchTeacher(CausalLM, forward)
 
 
-@zdistill.teacher_function(feeds={"tokens": ("int32", [SEQ])},
-                           fetches={"topk_logprobs": ("float16", [SEQ, TOPK]), "topk_indices": ("int32", [SEQ, TOPK])})
+@zdistill.teacher_function(feeds={"tokens": ("int32", [-1])},
+                           fetches={"topk_logprobs": ("float16", [-1, TOPK]), "topk_indices": ("int32", [-1, TOPK])},
+                           description=description(model_size()))
 def topk(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Per token: the k largest next-token log-probabilities (float16) and their ids (int32)."""
     return TEACHER(batch)

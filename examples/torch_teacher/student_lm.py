@@ -4,14 +4,15 @@ Start the teacher (``README.md`` beside this file), then::
 
     python examples/torch_teacher/student_lm.py --teacher 127.0.0.1:9292 --steps 100
 
-The student reads token sequences (random ones here; a real job's data loader in
-practice); ``DistillReader`` sends them to the teacher and hands back each batch with
-the teacher's top-k log-probabilities and ids per token; ``topk_to_dense`` turns those
-into dense rows over the vocabulary, and the student minimises
-``KL(teacher || student)`` per token.  It prints the loss every ``--log-every`` steps
-and, at the end, the mean loss of the first and of the last 10 steps.
+The student reads token sequences of different lengths (random ones here; a real
+job's data loader in practice), a batch as a list of per-sample arrays, as EDL's text
+readers yield them; ``DistillReader`` sends them to the teacher and hands back each
+batch with, per sample, the teacher's top-k log-probabilities and ids for each of its
+tokens; ``topk_to_dense`` turns those into dense rows over the vocabulary, and the
+student minimises ``KL(teacher || student)`` per token, padding left out.  It prints
+the loss every ``--log-every`` steps and, at the end, the mean loss of the first and of the last 10 steps.
 
-The vocabulary and the sequence length are the served teacher's: the student asks its
+The vocabulary and the longest sequence are the served teacher's: the student asks its
 ``meta`` which size of ``lm_teacher`` it is (``lm_sizes.py``), so a teacher started with
 ``ZDISTILL_TORCH_TEACHER_SIZE=tiny`` needs no such variable for the student.
 """
@@ -49,11 +50,21 @@ class Student(nn.Module):
         return self.head(self.rnn(self.embed(tokens))[0])
 
 
-def token_batches(steps: int, batch: int, seed: int, size: LMSize) -> Iterator[tuple[np.ndarray]]:
-    """``steps`` batches of ``batch`` random sequences: one slot, ``tokens`` (int32 [batch, seq])."""
+def token_batches(steps: int, batch: int, seed: int, size: LMSize) -> Iterator[tuple[list[np.ndarray]]]:
+    """``steps`` batches of ``batch`` random sequences of 1 to ``size.seq`` tokens: one slot, ``tokens``."""
     rng = np.random.default_rng(seed)
     for _ in range(steps):
-        yield (rng.integers(0, size.vocab, (batch, size.seq), dtype=np.int32),)
+        lengths = rng.integers(1, size.seq + 1, batch)
+        yield ([rng.integers(0, size.vocab, n, dtype=np.int32) for n in lengths],)
+
+
+def padded(rows: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` padded with 0 to the longest (int64 ``[batch, longest]``), and where the real tokens are."""
+    lengths = torch.tensor([len(r) for r in rows])
+    mask = torch.arange(int(lengths.max())) < lengths[:, None]
+    out = torch.zeros(mask.shape, dtype=torch.int64)
+    out[mask] = torch.from_numpy(np.concatenate(rows)).long()
+    return out, mask
 
 
 def teacher_size(teachers: str) -> LMSize:
@@ -85,18 +96,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     student = Student(size.vocab)
     optimiser = torch.optim.Adam(student.parameters(), lr=args.lr)
-    dense: np.ndarray | None = None  # one [batch, seq, vocab] array, reused (it is the big one)
     losses: list[float] = []
     with DistillReader(ins=["tokens"], predicts=["topk_logprobs", "topk_indices"]) as dr:
         dr.set_fixed_teacher(args.teacher)
         reader = dr.set_batch_generator(lambda: token_batches(args.steps, args.batch, args.seed, size))
         for step, (tokens, logprobs, ids) in enumerate(reader()):
-            reuse = dense is not None and dense.shape[0] == len(tokens)
-            dense = topk_to_dense(logprobs, ids, size.vocab, rest=args.rest, out=dense if reuse else None)
+            # One row per real token, in the order the mask below picks the student's.
+            dense = topk_to_dense(np.concatenate(logprobs), np.concatenate(ids), size.vocab, rest=args.rest)
             # Probabilities, not log-probabilities: kl_div counts 0 * log 0 as 0, which
             # the -inf of rest="drop" (and of tokens given no mass) need.
-            target = torch.from_numpy(dense).exp().flatten(0, 1)
-            log_q = F.log_softmax(student(torch.from_numpy(tokens).long()), dim=-1).flatten(0, 1)
+            target = torch.from_numpy(dense).exp()
+            inputs, real = padded(tokens)
+            log_q = F.log_softmax(student(inputs)[real], dim=-1)
             loss = F.kl_div(log_q, target, reduction="batchmean")  # mean over tokens
             optimiser.zero_grad()
             loss.backward()

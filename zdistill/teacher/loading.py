@@ -47,19 +47,27 @@ def _load_callable(target: str, device: str, model_id: str | None = None) -> Cal
     return CallableModel(fn, target, device, model_id)
 
 
-def load_model(target: str, gpu_ids: Sequence[int] = (), threads: int = 1, model_id: str | None = None) -> Model:
+def load_model(target: str, gpu_ids: Sequence[int] = (), threads: int = 1, model_id: str | None = None,
+               lengths_input: str | None = None, mask_input: str | None = None) -> Model:
     """Load ``target``: ``module:function`` / ``file.py:function``, or a saved Paddle model.
 
     A Paddle model is given as its path prefix, its ``.json`` / ``.pdmodel`` file, or a
     folder holding exactly one model.  ``model_id`` (``--model-id``) replaces the id the
-    model would derive from its files (see :class:`Model`).
+    model would derive from its files (see :class:`Model`).  ``lengths_input`` and
+    ``mask_input`` (``--lengths-input`` / ``--mask-input``) name a Paddle model's inputs
+    the teacher fills from each row's length (:class:`~zdistill.teacher.paddle_model.PaddleModel`).
     """
     if model_id is not None:
         check_model_id(model_id)  # before loading: a bad flag fails fast, not after minutes of loading
     if ":" in target and not os.path.exists(target):
+        if lengths_input is not None or mask_input is not None:
+            # a function receives each row's length itself; there is no model input to fill
+            raise ConfigError(f"--lengths-input and --mask-input name inputs of a saved Paddle model; {target!r} is "
+                              "a Python function, which is given each row's length itself")
         return _load_callable(target, f"gpu:{gpu_ids[0]}" if gpu_ids else "cpu", model_id)
     if target.endswith(".py"):
         raise ConfigError(f"--model {target!r} is a Python file: name the teacher function too, as {target}:function")
     from zdistill.teacher.paddle_model import PaddleModel  # Paddle only when a Paddle model is served
 
-    return PaddleModel(target, gpu_ids=gpu_ids, threads=threads, model_id=model_id)
+    return PaddleModel(target, gpu_ids=gpu_ids, threads=threads, model_id=model_id, lengths_input=lengths_input,
+                       mask_input=mask_input)
