@@ -468,7 +468,7 @@ class TaskBuilder:
         pieces, stacked = {}, {}
         for name, part in zip(self.ins, self._parts, strict=True):
             if name in ragged:
-                pieces[name] = _ragged_pieces(name, part)
+                pieces[name] = _ragged_pieces(name, part, self.reader_type is ReaderType.BATCH)
                 specs[name], specs[_LENGTHS + name] = _ragged_layout(name, pieces[name])
             elif promote:
                 stacked[name] = self._stack(name, part)
@@ -540,24 +540,22 @@ def _batch_part(name: str, value: Any) -> tuple[np.ndarray | list[np.ndarray], b
     return rows, True
 
 
-def _ragged_pieces(name: str, part: list[Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _ragged_pieces(name: str, part: list[Any], batches: bool) -> list[tuple[np.ndarray, np.ndarray]]:
     """A ragged slot's samples in a task as (values, lengths) pieces to join: one per sample,
-    or per batch of rows of one length (an array ``[n, length, ...]``)."""
+    or per batch of rows of one length (a batch reader's array ``[n, length, ...]``)."""
     pieces = []
     for value in part:
-        if isinstance(value, list):
-            rows = value
-        elif isinstance(value, np.ndarray) and value.ndim > 1:  # a batch reader's array
-            pieces.append((value.reshape(-1, *value.shape[2:]), np.full(len(value), value.shape[1], np.int64)))
-            continue
-        elif isinstance(value, np.ndarray) and value.ndim == 1 and not len(value):
-            continue  # an empty batch of a batch reader
+        if batches and isinstance(value, np.ndarray):
+            if value.ndim > 1:
+                pieces.append((value.reshape(-1, *value.shape[2:]), np.full(len(value), value.shape[1], np.int64)))
+                continue
+            rows = list(value)  # scalars, refused below (an empty batch: none)
         else:
-            rows = [value]
+            rows = value if batches else [value]
         for row in rows:
             arr = _as_array(name, row)
             if not arr.ndim:
-                raise ConfigError(f"slot {name!r} holds samples of different lengths, and a scalar {arr!r:.40} "
+                raise ConfigError(f"slot {name!r} holds samples of different lengths, and a scalar {arr.item()!r:.40} "
                                   "among them: each sample of a variable-length slot needs a length axis")
             pieces.append((arr, np.array([len(arr)], np.int64)))
     return pieces
