@@ -34,18 +34,23 @@ def _mutations(rng: random.Random, valid: list[bytes]) -> Iterator[list[bytes]]:
         lambda: [header],  # arrays missing
         lambda: [header, *arrays, *arrays],  # extra frames
         lambda: [header] + [b"x"] * rng.randint(60, 80),  # too many frames
-        lambda: [_pack({**decoded, "arrays": [[n, d, [2**40, 784]] for n, d, _ in table]}), *arrays],
-        lambda: [_pack({**decoded, "arrays": [[n, rng.choice(BAD_DTYPES), s] for n, _, s in table]}), *arrays],
+        lambda: [_pack({**decoded, "arrays": [[e[0], e[1], [2**40, 784], *e[3:]] for e in table]}), *arrays],
+        lambda: [_pack({**decoded, "arrays": [[e[0], rng.choice(BAD_DTYPES), *e[2:]] for e in table]}), *arrays],
         lambda: [header, *(a[: rng.randint(0, max(0, len(a) - 1))] for a in arrays)],  # truncated
-        lambda: [_pack({**decoded, "arrays": [[n, d, [s[0] + 1, *s[1:]] if s else [1]] for n, d, s in table]}),
+        lambda: [_pack({**decoded, "arrays": [[n, d, [s[0] + 1, *s[1:]] if s else [1], *r] for n, d, s, *r in table]}),
                  *arrays],  # lying shape
-        lambda: [_pack({**decoded, "arrays": [[n, d, [-1, *s[1:]]] for n, d, s in table]}), *arrays],
-        lambda: [_pack({**decoded, "arrays": [[n, d, ["a"]] for n, d, _ in table]}), *arrays],
+        lambda: [_pack({**decoded, "arrays": [[n, d, [-1, *s[1:]], *r] for n, d, s, *r in table]}), *arrays],
+        lambda: [_pack({**decoded, "arrays": [[n, d, ["a"], *r] for n, d, _, *r in table]}), *arrays],
+        # ragged entries: rows lying or hostile, lengths frames lying, a dense entry turned ragged
+        lambda: [_pack({**decoded, "arrays": [[n, d, s, rng.choice([2**40, -1, 0, "3", None, 10**9, len(s)])]
+                                              for n, d, s, *_ in table]}), *arrays],
+        lambda: [header, *(rng.choice([a, _lengths(rng, len(a) // 8)]) for a in arrays)],
+        lambda: [header, *(a for a in arrays if rng.random() < 0.7)],  # a lengths frame (or values) missing
         lambda: [_pack({**decoded, "arrays": "nope"}), *arrays],
         lambda: [_pack([1, 2, 3]), *arrays],  # header not a map
         lambda: [_pack({"kind": rng.choice([kind, "x" * 100, 7, None, [], {}]), "id": rng.choice(
             [1, -1, 2**63, "a", [1], {"a": 1}, None, 1.5])}), *arrays],
-        lambda: [_pack({**decoded, "arrays": [[n, d, s] for n, d, s in table] * 2}), *arrays, *arrays],
+        lambda: [_pack({**decoded, "arrays": list(table) * 2}), *arrays, *arrays],
         lambda: [_flip(rng, header), *arrays],
         lambda: [header, *(_flip(rng, a) for a in arrays)],  # bad numbers are data, not errors
         lambda: [b"\xdd\xff\xff\xff\xff" + rng.randbytes(8)],  # msgpack array declaring 4 G entries
@@ -55,6 +60,12 @@ def _mutations(rng: random.Random, valid: list[bytes]) -> Iterator[list[bytes]]:
     ]
     while True:
         yield rng.choice(choices)()
+
+
+def _lengths(rng: random.Random, rows: int) -> bytes:
+    """A lengths frame of ``rows`` hostile row lengths (negative, huge, or merely not adding up)."""
+    pick = [-1, 0, 1, 10**9, 2**62, -(2**63)]
+    return np.array([rng.choice(pick) for _ in range(rows)], dtype="<i8").tobytes()
 
 
 def _flip(rng: random.Random, frame: bytes) -> bytes:

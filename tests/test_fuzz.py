@@ -12,6 +12,7 @@ from tests import fuzzing
 from tests.teachers import softmax_np
 from zdistill import wire
 from zdistill.client import TeacherClient
+from zdistill.spec import Ragged
 
 FUZZ_MESSAGES = 10_000
 
@@ -20,6 +21,8 @@ def test_teacher_survives_10000_hostile_messages(start_teacher):
     teacher = start_teacher()
     valid = [
         fuzzing.frames_of({"kind": "predict", "id": 1}, {"img": np.ones((4, 784), np.float32)}),
+        fuzzing.frames_of({"kind": "predict", "id": 4},
+                          {"img": Ragged(np.ones((6, 784), np.float32), np.array([2, 4]))}),
         fuzzing.frames_of({"kind": "meta", "id": 2}),
         fuzzing.frames_of({"kind": "ping", "id": 3}),
     ]

@@ -22,6 +22,7 @@ from hypothesis.extra import numpy as hnp
 
 from zdistill import wire
 from zdistill.errors import WireError
+from zdistill.spec import Ragged
 
 RECV_TIMEOUT_MS = 5000
 PACKAGE = Path(__file__).resolve().parent.parent / "zdistill"
@@ -325,3 +326,138 @@ def test_no_pickle_in_the_package() -> None:
     offenders = [str(p) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text())]
     assert not offenders
     assert "pickle.loads" not in "".join(p.read_text() for p in PACKAGE.rglob("*.py"))
+
+
+# -- ragged arrays: rows of different lengths ------------------------------------------------------
+
+RAGGED_ROWS = st.lists(st.integers(0, 7), min_size=0, max_size=6)
+
+
+def same_ragged(a: Ragged, b: Ragged) -> bool:
+    return same(a.values, b.values) and np.array_equal(a.lengths, b.lengths) and a.lengths.dtype == np.int64
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=RAGGED_ROWS, dtype=DTYPES, inner=hnp.array_shapes(min_dims=0, max_dims=2, max_side=3),
+       dense=hnp.arrays(DTYPES, SHAPES))
+def test_ragged_round_trip_beside_dense_arrays(pair, lengths: list[int], dtype: np.dtype,
+                                               inner: tuple[int, ...], dense: np.ndarray) -> None:
+    values = np.arange(sum(lengths) * int(np.prod(inner)), dtype=np.int64).astype(dtype).reshape(-1, *inner)
+    ragged = Ragged.checked(values, np.array(lengths, dtype=np.int64), "ids")
+    arrays = {"before": dense, "ids": ragged, "after": dense}
+    for msg in (wire.decode(wire.encode({"k": 1}, arrays)), send_recv(pair, {"k": 1}, arrays)[1]):
+        assert list(msg.arrays) == ["before", "ids", "after"]
+        assert isinstance(msg.arrays["ids"], Ragged)
+        assert same_ragged(msg.arrays["ids"], ragged)
+        assert same(msg.arrays["before"], dense) and same(msg.arrays["after"], dense)
+
+
+def test_ragged_lengths_travel_little_endian_and_as_int64_whatever_the_sender_holds() -> None:
+    ragged = Ragged(np.arange(5, dtype="<f4"), np.array([2, 0, 3], dtype=">i4"))
+    table, frames = wire.pack_arrays({"x": ragged})
+    assert table == [["x", "<f4", [5], 3]]
+    assert frames[1].dtype == np.dtype("<i8") and frames[1].tobytes() == np.array([2, 0, 3], "<i8").tobytes()
+    got = wire.decode(wire.encode({}, {"x": ragged})).arrays["x"]
+    assert got.lengths.tolist() == [2, 0, 3] and got.lengths.dtype == np.int64
+    assert [r.tolist() for r in got.rows()] == [[0, 1], [], [2, 3, 4]]
+
+
+def test_decoded_ragged_is_read_only_views_of_the_received_frames(pair) -> None:
+    ragged = Ragged.from_rows([np.arange(n * 4, dtype=np.float32).reshape(n, 4) for n in (3000, 1, 5000)])
+    frames, msg = send_recv(pair, {}, {"tokens": ragged})
+    got = msg.arrays["tokens"]
+    assert reaches(got.values, frames[1]) and reaches(got.lengths, frames[2])
+    assert not got.values.flags.writeable and not got.lengths.flags.writeable
+    assert same_ragged(got, ragged)
+    for row, want in zip(got.rows(), ragged.rows(), strict=True):
+        assert np.shares_memory(row, got.values) and same(row, want)
+
+
+def test_encode_refuses_ragged_values_the_wire_cannot_carry() -> None:
+    with pytest.raises(WireError, match="not allowed"):
+        wire.encode({}, {"x": Ragged(np.array(["a", "b"]), np.array([1, 1]))})
+    with pytest.raises(WireError, match="length axis"):
+        wire.encode({}, {"x": Ragged(np.array(2.0), np.array([0]))})
+
+
+I8x3 = np.array([2, 0, 3], "<i8").tobytes()
+
+MALFORMED_RAGGED = {
+    "a row claiming 10**9 tokens": (
+        message([["ids", "<i8", [5], 3]], [F4x10, np.array([10**9, 0, 3], "<i8").tobytes()]), "do not fit"),
+    "a negative length": (message([["ids", "<f4", [10], 3]], [F4x10, np.array([12, -5, 3], "<i8").tobytes()]),
+                          "do not fit"),
+    "lengths not adding up": (message([["ids", "<f4", [10], 3]], [F4x10, I8x3]), "add up to 5"),
+    "lengths overflowing int64 to the right sum": (
+        message([["ids", "<f4", [10], 3]], [F4x10, np.array([2**62, 2**62, 10], "<i8").tobytes()]), "do not fit"),
+    "missing lengths frame": (message([["ids", "<f4", [10], 3]], [F4x10]), "2 frames but 1"),
+    "lengths frame too short": (message([["ids", "<f4", [10], 3]], [F4x10, I8x3[:-1]]), "lengths frame of 24"),
+    "lengths frame too long": (message([["ids", "<f4", [10], 2]], [F4x10, I8x3]), "lengths frame of 16"),
+    "rows beyond any frame": (message([["ids", "<f4", [10], 2**40]], [F4x10, b""]), "at most"),
+    "negative rows": (message([["ids", "<f4", [10], -1]], [F4x10, b""]), "not a count"),
+    "rows not an int": (message([["ids", "<f4", [10], "3"]], [F4x10, I8x3]), "not a count"),
+    "rows a bool": (message([["ids", "<f4", [10], True]], [F4x10, b"\0" * 8]), "not a count"),
+    "values without a length axis": (message([["ids", "<f4", [], 0]], [F4x10[:4], b""]), "no length axis"),
+    "values shape lying": (message([["ids", "<f4", [11], 3]], [F4x10, I8x3]), "needs 44 bytes"),
+    "values beyond the limit": (message([["ids", "<f8", [2**40], 1]], [b"", np.array([2**40], "<i8").tobytes()]),
+                                "exceeds the limit"),
+    "ragged dtype object": (message([["ids", "|O", [1], 1]], [b"\0" * 8, b"\1" + b"\0" * 7]), "not allowed"),
+    "ragged name twice": (message([["x", "<f4", [10], 1], ["x", "<f4", [10]]],
+                                  [F4x10, np.array([10], "<i8").tobytes(), F4x10]), "twice"),
+    "two frames per ragged entry beyond max_arrays": (
+        message([[f"r{i}", "<f4", [0], 0] for i in range(33)], [b""] * 66), "frames exceed"),
+}
+
+
+@pytest.mark.parametrize("frames,match", list(MALFORMED_RAGGED.values()), ids=list(MALFORMED_RAGGED))
+def test_malformed_ragged_entries_raise_wire_error_naming_the_array(frames: list[bytes], match: str) -> None:
+    with pytest.raises(WireError, match=match) as info:
+        wire.decode(frames)
+    if "frames" not in match and "twice" not in match:
+        assert "'ids'" in str(info.value), "the error must name the array"
+
+
+def test_a_row_claiming_a_billion_tokens_allocates_nothing() -> None:
+    import tracemalloc
+
+    frames = message([["ids", "<i8", [2**27], 1]], [b"", np.array([10**9], "<i8").tobytes()])
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="needs"):
+            wire.decode(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_ragged_limits_count_values_and_rows() -> None:
+    small = wire.Limits(max_arrays=2, max_array_bytes=16)
+    ok = Ragged(np.zeros(4, "<f4"), np.array([1, 3]))
+    assert wire.decode(wire.encode({}, {"x": ok}), small).arrays["x"].lengths.tolist() == [1, 3]
+    with pytest.raises(WireError, match="exceeds the limit"):
+        wire.decode(wire.encode({}, {"x": Ragged(np.zeros(5, "<f4"), np.array([5]))}), small)
+    with pytest.raises(WireError, match="at most 2"):
+        wire.decode(wire.encode({}, {"x": Ragged(np.zeros(0, "<f4"), np.zeros(3, np.int64))}), small)
+    with pytest.raises(WireError, match="frames exceed"):
+        wire.decode(wire.encode({}, {"x": ok, "y": np.zeros(1, "<f4")}), small)
+
+
+def test_hostile_mutations_of_ragged_messages_raise_only_wire_error() -> None:
+    """The fuzzer's mutations of messages holding ragged entries: decoded, or refused by WireError."""
+    from tests import fuzzing
+
+    ragged = Ragged.from_rows([np.arange(n, dtype=np.int64) for n in (3, 0, 7)])
+    valid = [fuzzing.frames_of({"kind": "predict", "id": 1}, {"ids": ragged}),
+             fuzzing.frames_of({"kind": "predict", "id": 2}, {"ids": ragged, "mask": np.ones((3, 2), "<f4")})]
+    decoded = 0
+    for frames in fuzzing.hostile_messages(seed=21, count=3000, valid_examples=valid):
+        try:
+            msg = wire.decode(frames)
+        except WireError:
+            continue
+        decoded += 1
+        for value in msg.arrays.values():  # whatever got through is consistent
+            if isinstance(value, Ragged):
+                assert int(value.lengths.sum()) == len(value.values) and (value.lengths >= 0).all()
+    assert decoded < 3000

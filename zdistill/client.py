@@ -20,14 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from zdistill import wire
 from zdistill.errors import ConfigError, RequestError, TeacherError, TeacherTimeout, WireError
 from zdistill.security import ClientKeys, client_keys_from_env, secure_client
-from zdistill.spec import Arrays
+from zdistill.spec import Tensors
 from zdistill.teacher_messages import read_reply
 from zdistill.wire import ErrorReply
 
@@ -141,7 +140,7 @@ class Completion:
     """A finished request: ``result`` on success, else ``error``."""
 
     req_id: int
-    result: Arrays | None = None
+    result: Tensors | None = None
     header: dict[str, Any] | None = None
     error: Exception | None = None
 
@@ -229,7 +228,7 @@ class TeacherClient:
 
     # -- pipelined use ------------------------------------------------------
 
-    def submit(self, kind: str = "predict", arrays: Arrays | None = None, timeout: float | None = None) -> int:
+    def submit(self, kind: str = "predict", arrays: Tensors | None = None, timeout: float | None = None) -> int:
         """Send a request now and return its id; the answer comes from :meth:`collect`."""
         req_id = next(self._ids)
         try:
@@ -279,7 +278,7 @@ class TeacherClient:
 
     # -- one request at a time ----------------------------------------------
 
-    def call(self, kind: str, arrays: Arrays | None = None, timeout: float | None = None) -> Completion:
+    def call(self, kind: str, arrays: Tensors | None = None, timeout: float | None = None) -> Completion:
         """Send one request and wait for its own answer (others finishing meanwhile are kept)."""
         req_id = self.submit(kind, arrays, timeout)
         while True:
@@ -291,7 +290,11 @@ class TeacherClient:
                     return completion
                 self._done[completion.req_id] = completion
 
-    def predict(self, feeds: dict[str, np.ndarray], timeout: float | None = None) -> Arrays:
+    def predict(self, feeds: Tensors, timeout: float | None = None) -> Tensors:
+        """The teacher's fetches for ``feeds``: arrays, and a :class:`~zdistill.spec.Ragged` per-token fetch.
+
+        A feed of rows of different lengths travels as a :class:`~zdistill.spec.Ragged`.
+        """
         return self.call("predict", feeds, timeout).result or {}
 
     def meta(self, timeout: float | None = None) -> dict[str, Any]:

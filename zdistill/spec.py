@@ -100,6 +100,11 @@ class Ragged:
         return self.values.dtype
 
     @property
+    def nbytes(self) -> int:
+        """The bytes it takes (values and lengths), as ``ndarray.nbytes`` counts an array's."""
+        return self.values.nbytes + self.lengths.nbytes
+
+    @property
     def inner_shape(self) -> tuple[int, ...]:
         """The shape of one token: what follows the length axis."""
         return tuple(self.values.shape[1:])

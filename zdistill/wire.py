@@ -2,7 +2,10 @@
 
 A message is a list of ZeroMQ frames: one msgpack *header* frame, then one raw frame
 per numpy array.  The header is a map of plain values; its reserved key ``arrays``
-lists ``[name, dtype, shape]`` for each array, in frame order.  Arrays travel as
+lists ``[name, dtype, shape]`` for each array, in frame order.  A
+:class:`~zdistill.spec.Ragged` (rows of different lengths) is listed as
+``[name, dtype, values_shape, rows]`` and takes two frames: its values' raw bytes,
+then its lengths as little-endian int64 (``rows * 8`` bytes).  Arrays travel as
 their raw bytes (zero-copy above :data:`ZERO_COPY_THRESHOLD`, where pyzmq says it
 starts to pay off) and come back as read-only ``np.frombuffer`` views of the
 received frame, so a decoded array costs no copy.
@@ -31,6 +34,7 @@ import numpy as np
 import zmq
 
 from zdistill.errors import ErrorCode, RequestError, WireError
+from zdistill.spec import Ragged, Tensor
 
 ZERO_COPY_THRESHOLD = 64 * 1024
 ARRAYS_KEY = "arrays"
@@ -40,6 +44,7 @@ _DTYPE_RE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
 _ALLOWED_KINDS = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
 _MAX_NDIM = 16
 _MAX_NAME = 256
+_LENGTHS = np.dtype("<i8")  # a ragged entry's lengths frame, whatever the sender's byte order
 _SNDMORE = int(zmq.SNDMORE)  # plain ints: flag arithmetic on enums costs a Python call per frame
 # Dtypes already checked, by object and by wire string: every message checks its arrays,
 # and there are only a few dozen valid dtypes, so these stay small.
@@ -78,7 +83,7 @@ class Message:
     """A decoded message: the header map (without ``arrays``) and the named arrays."""
 
     header: dict[str, Any]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    arrays: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -113,7 +118,7 @@ def check_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def encode(
-    header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None
+    header: Mapping[str, Any], arrays: Mapping[str, Tensor] | None = None
 ) -> list[bytes | np.ndarray]:
     """Turn a header and named arrays into frames: the packed header, then raw arrays."""
     if ARRAYS_KEY in header:
@@ -126,9 +131,11 @@ def encode(
     return [head, *frames]
 
 
-def pack_arrays(arrays: Mapping[str, np.ndarray] | None) -> tuple[list[list[Any]], list[np.ndarray]]:
-    """The array table (``[name, dtype, shape]`` each) and the raw frames of ``arrays``, checked.
+def pack_arrays(arrays: Mapping[str, Tensor] | None) -> tuple[list[list[Any]], list[np.ndarray]]:
+    """The array table and the raw frames of ``arrays``, checked.
 
+    A dense array is listed as ``[name, dtype, shape]`` with one frame; a :class:`Ragged`
+    as ``[name, dtype, values_shape, rows]`` with two (values, then ``<i8`` lengths).
     For senders that pack the header themselves (a typed header puts the table under
     :data:`ARRAYS_KEY`); :func:`encode` is the plain-map sender.
     """
@@ -137,22 +144,35 @@ def pack_arrays(arrays: Mapping[str, np.ndarray] | None) -> tuple[list[list[Any]
     for name, value in (arrays or {}).items():
         if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
             raise WireError(f"array name {name!r:.80} is not a non-empty string of at most {_MAX_NAME} characters")
-        try:
-            arr = np.asarray(value)
-        except ValueError as exc:  # e.g. a ragged list
-            raise WireError(f"array {name!r} is not an array: {exc}") from None
-        check_dtype(arr.dtype)
-        if not arr.flags.c_contiguous:  # np.ascontiguousarray would turn a 0-d array into shape (1,)
-            arr = arr.copy(order="C")
-        table.append([name, arr.dtype.str, list(arr.shape)])
-        frames.append(arr)
+        if isinstance(value, Ragged):
+            values = _contiguous(name, value.values)
+            if values.ndim < 1:
+                raise WireError(f"ragged array {name!r}: values must have a length axis, got a 0-d array")
+            table.append([name, values.dtype.str, list(values.shape), len(value.lengths)])
+            frames += [values, np.ascontiguousarray(value.lengths, dtype=_LENGTHS)]
+        else:
+            arr = _contiguous(name, value)
+            table.append([name, arr.dtype.str, list(arr.shape)])
+            frames.append(arr)
     return table, frames
+
+
+def _contiguous(name: str, value: Any) -> np.ndarray:
+    """``value`` as a C-contiguous array of a dtype the wire carries (0-d arrays kept 0-d)."""
+    try:
+        arr = np.asarray(value)
+    except ValueError as exc:  # e.g. a ragged list
+        raise WireError(f"array {name!r} is not an array: {exc}") from None
+    check_dtype(arr.dtype)
+    if not arr.flags.c_contiguous:  # np.ascontiguousarray would turn a 0-d array into shape (1,)
+        arr = arr.copy(order="C")
+    return arr
 
 
 def send(
     sock: zmq.Socket,
     header: Mapping[str, Any],
-    arrays: Mapping[str, np.ndarray] | None = None,
+    arrays: Mapping[str, Tensor] | None = None,
     envelope: Sequence[bytes | zmq.Frame] = (),
     flags: int = 0,
 ) -> None:
@@ -196,13 +216,24 @@ def header_frame(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limit
 
 def unpack_arrays(
     table: Sequence[Any], frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS
-) -> dict[str, np.ndarray]:
-    """The named arrays of the array frames (those after the header), as the header's ``table`` lists them."""
-    if len(table) != len(frames):
-        raise WireError(f"header lists {len(table)} arrays but {len(frames)} array frames came")
-    arrays: dict[str, np.ndarray] = {}
-    for entry, frame in zip(table, frames, strict=True):
-        name, arr = _decode_array(entry, _frame_bytes(frame), limits)
+) -> dict[str, Tensor]:
+    """The named arrays of the array frames (those after the header), as the header's ``table`` lists them.
+
+    A ragged entry takes two frames, so the frames are counted against the table (and,
+    by :func:`header_frame`, against ``limits.max_arrays``) before any is read.
+    """
+    need = sum(2 if isinstance(entry, list | tuple) and len(entry) == 4 else 1 for entry in table)
+    if need != len(frames):
+        raise WireError(f"header lists {len(table)} arrays in {need} frames but {len(frames)} array frames came")
+    arrays: dict[str, Tensor] = {}
+    i = 0
+    for entry in table:
+        if isinstance(entry, list | tuple) and len(entry) == 4:
+            name, arr = _decode_ragged(entry, _frame_bytes(frames[i]), _frame_bytes(frames[i + 1]), limits)
+            i += 2
+        else:
+            name, arr = _decode_array(entry, _frame_bytes(frames[i]), limits)
+            i += 1
         if name in arrays:
             raise WireError(f"array {name!r} appears twice")
         arrays[name] = arr
@@ -223,9 +254,36 @@ def _unpack_header(head: memoryview) -> dict[str, Any]:
     return header
 
 
+def _decode_ragged(entry: Sequence[Any], buf: memoryview, lengths_buf: memoryview,
+                   limits: Limits) -> tuple[str, Ragged]:
+    """A ragged entry ``[name, dtype, values_shape, rows]`` and its two frames, every size checked first."""
+    name, dtype_str, shape, rows = entry
+    what = f"ragged array {name!r:.80}"
+    if type(rows) is not int or rows < 0 or rows * _LENGTHS.itemsize > limits.max_array_bytes:
+        raise WireError(f"{what}: rows {rows!r:.40} is not a count of at most "
+                        f"{limits.max_array_bytes // _LENGTHS.itemsize}")
+    if len(lengths_buf) != rows * _LENGTHS.itemsize:
+        raise WireError(f"{what}: {rows} rows need a lengths frame of {rows * _LENGTHS.itemsize} bytes, "
+                        f"it has {len(lengths_buf)}")
+    if not isinstance(shape, list | tuple) or not shape:
+        raise WireError(f"{what}: values shape {shape!r:.80} has no length axis")
+    name, values = _decode_array((name, dtype_str, shape), buf, limits)
+    lengths = np.frombuffer(lengths_buf, dtype=_LENGTHS)
+    held = values.shape[0]
+    if rows and not 0 <= int(lengths.min()) <= int(lengths.max()) <= held:
+        raise WireError(f"{what}: row lengths from {int(lengths.min())} to {int(lengths.max())} do not fit "
+                        f"values of {held} entries (each must be 0..{held})")
+    # exact even where rows * held passes int64 (possible only under very large Limits)
+    total = int(lengths.sum()) if rows * held < 2**63 else sum(int(n) for n in lengths)
+    if total != held:
+        raise WireError(f"{what}: lengths add up to {total} but values hold {held}")
+    lengths.flags.writeable = False
+    return name, Ragged(values, lengths.astype(np.int64, copy=False))
+
+
 def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.ndarray]:
     if not (isinstance(entry, list | tuple) and len(entry) == 3):
-        raise WireError(f"array entry {entry!r:.80} is not [name, dtype, shape]")
+        raise WireError(f"array entry {entry!r:.80} is not [name, dtype, shape] or [name, dtype, values_shape, rows]")
     name, dtype_str, shape = entry
     if not isinstance(name, str) or not name or len(name) > _MAX_NAME:
         raise WireError(f"array name {name!r:.80} is not a non-empty string of at most {_MAX_NAME} characters")
