@@ -111,12 +111,16 @@ def negated(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("mode, lists", [*((m, True) for m in MODES), ("batch", False)])
-def test_a_ragged_slot_beside_fixed_feeds_comes_back_unchanged(negate, mode, lists):
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_ragged_slot_beside_fixed_feeds_comes_back_unchanged(negate, tmp_path, mode, lists, cache):
     samples = sample_rows(60)
     items = as_items(mode, samples, lists)
     with reader(mode, ["a", "b", "tag"], ["na", "b1"], negate, items) as dr:
-        for _ in range(2):  # the second epoch reuses the slots of the first
+        if cache:
+            dr.set_teacher_cache(tmp_path / "cache")
+        for _ in range(2):  # the second epoch reuses the slots of the first (and, with the cache, its answers)
             check(mode, list(dr()), items, samples, negated)
+        assert (dr.stats()["cache"]["hits"] > 0) == cache
 
 
 @pytest.mark.timeout(180)
