@@ -10,6 +10,7 @@ leaking into a value or a prediction fails it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests import procs
+from tests.teachers import scale_tokens_np
 from zdistill import ConfigError, DistillReader
 
 MODES = ["sample", "sample_list", "batch"]
@@ -106,6 +108,29 @@ def negated(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
     return np.float32(-sample[0]), np.int64(sample[1] + 1)
 
 
+@pytest.fixture(scope="module")
+def scale(tmp_path_factory):
+    """A teacher of a variable-length feed (``ids``) beside a fixed one (``w``), per-token and per-row fetches."""
+    proc = procs.start_teacher(f"{procs.TEACHERS}:scale_tokens", tmp_path_factory.mktemp("scale"))
+    yield proc.endpoint
+    proc.stop()
+
+
+def token_rows(n: int, seed: int = 0, shortest: int = 1) -> list[tuple[Any, ...]]:
+    """(ids, w, label): token ids of ``shortest``..12 tokens, a weight, and the row's number."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 100, int(rng.integers(shortest, 13))), np.float32(1 + i % 3), np.int64(i))
+            for i in range(n)]
+
+
+def scaled(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+    return scale_tokens_np(sample[0], sample[1])
+
+
+def scaled_mean(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+    return scale_tokens_np(sample[0], sample[1])[1:]
+
+
 # -- a ragged slot no teacher takes --------------------------------------------------
 
 
@@ -156,3 +181,72 @@ def test_samples_of_different_lengths_for_a_fixed_feed_raise_naming_it(negate, m
     with reader(mode, ["a", "b", "tag"], ["na", "b1"], negate, as_items(mode, samples)) as dr:
         with pytest.raises(ConfigError, match=r"slot 'a' has samples of"):
             list(dr())
+
+
+# -- a variable-length feed -------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode, lists", [*((m, True) for m in MODES), ("batch", False)])
+def test_sequences_are_fed_and_per_token_predictions_cut_to_each_sample(scale, mode, lists):
+    samples = token_rows(80)
+    items = as_items(mode, samples, lists)
+    with reader(mode, ["ids", "w", "label"], ["tok", "mean"], scale, items) as dr:
+        dr.set_teacher_batch_size(5)  # requests cut across tasks' rows of many lengths
+        for _ in range(2):
+            out = list(dr())
+            check(mode, out, items, samples, scaled)
+            if mode == "batch":  # a per-token prediction of a batch: one array per sample
+                assert all(isinstance(batch[3], list) for batch in out)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", MODES)
+def test_sequences_with_the_cache_are_answered_from_it(scale, tmp_path, mode):
+    """Rows are keyed by their tokens and length: the second epoch comes from the cache, each row its own."""
+    samples = token_rows(60, shortest=0)
+    samples += [(np.zeros(0, np.int64), np.float32(2), np.int64(60)), (np.zeros(1, np.int64), np.float32(2),
+                                                                      np.int64(61))]
+    items = as_items(mode, samples)
+    with reader(mode, ["ids", "w", "label"], ["mean"], scale, items) as dr:
+        dr.set_teacher_cache(tmp_path / "cache")
+        for _ in range(2):
+            check(mode, list(dr()), items, samples, scaled_mean)
+        cache = dr.stats()["cache"]
+        assert cache["enabled"] and cache["hits"] >= len(samples) - 2, cache
+
+
+@pytest.mark.timeout(180)
+def test_per_token_predictions_are_not_cached_and_still_right(scale, tmp_path, caplog):
+    """The cache keeps rows of one size: with a per-token prediction it is not used, and says why."""
+    samples = token_rows(40)
+    items = as_items("sample", samples)
+    with reader("sample", ["ids", "w", "label"], ["tok", "mean"], scale, items) as dr:
+        dr.set_teacher_cache(tmp_path / "cache")
+        for _ in range(2):
+            check("sample", list(dr()), items, samples, scaled)
+        assert not dr.stats()["cache"]["enabled"]
+    assert "outputs ['tok'] are per-token" in caplog.text
+
+
+@pytest.mark.timeout(240)
+def test_a_teacher_killed_mid_epoch_loses_no_sequence(start_teacher):
+    """Every sample once, in order, with its own predictions, though a teacher holding tasks died."""
+    keep = start_teacher(f"{procs.TEACHERS}:scale_tokens")
+    # A slow victim always holds tasks, so its death really costs the epoch some work.
+    victim = start_teacher(f"{procs.TEACHERS}:scale_tokens", env={"ZDISTILL_TEST_DELAY_MS": "30"})
+    samples = token_rows(1500, seed=5)
+    items = as_items("batch", samples)
+    with reader("batch", ["ids", "w", "label"], ["tok", "mean"], keep.endpoint, items, task_rows=BATCH * 3) as dr:
+        dr.set_fixed_teacher([keep.endpoint, victim.endpoint])
+        deadline = time.monotonic() + 60
+        while procs.requests_served(victim) == 0 and time.monotonic() < deadline:  # both workers up and busy
+            check("batch", list(dr()), items, samples, scaled)
+        out = []
+        for i, batch in enumerate(dr()):
+            out.append(batch)
+            if i == 20:
+                victim.kill()
+        check("batch", out, items, samples, scaled)
+        stats = dr.stats()
+    assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
