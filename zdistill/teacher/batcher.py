@@ -11,6 +11,17 @@ ready when it is full, or when its oldest request has waited ``max_delay`` secon
 a delay of 0 it still merges whatever queued up while the instances were busy, which is
 where the throughput of many small concurrent requests comes from.
 
+Rows of different lengths (a feed declared with a variable first per-row dimension,
+:class:`~zdistill.spec.Ragged` on the wire): the model gets them padded to the longest
+row of its batch, so rows of similar length must run together.  :func:`split_by_length`
+cuts such a request into parts, one per length bucket (lengths within a factor of
+:data:`BUCKET_RATIO` of one another) and within ``max_tokens`` (rows x longest row) each;
+the bucket is part of a part's shape key, so a batch only ever merges parts of one
+bucket, and a batch stops before it would pass ``max_tokens``.  For lengths spread
+evenly, a bucket's rows average about 85% of its longest, so padding stays near 15% of
+the tokens computed.  A :class:`Whole` gathers its parts' answers back into the
+client's row order.
+
 Cost: requests wait in one FIFO per shape key, and a heap orders the keys by the arrival
 of each key's head, so forming a batch costs the requests it takes (plus a heap step),
 however many requests and distinct shapes are queued.
@@ -25,49 +36,164 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from zdistill.spec import Arrays
+import numpy as np
 
-Key = tuple[tuple[str, tuple[int, ...]], ...]
+from zdistill.spec import Ragged, Tensor, Tensors
+
+Key = tuple[Any, ...]  # (feed name, row shape) pairs by name, then the length bucket of a ragged part
+BUCKET_RATIO = math.sqrt(2)  # the longest row of a bucket over its shortest, at most
+DEFAULT_MAX_TOKENS = 32768  # rows x longest row of one batch: 64 rows of 512 tokens, 256 of 128
 
 
 @dataclass(eq=False)
 class Request:
-    """One validated ``predict`` request waiting for the model."""
+    """One validated ``predict`` request, or one part of it (:func:`split_by_length`), waiting for the model.
+
+    ``lengths``: each row's length when the model has variable-length feeds (those feeds
+    are :class:`~zdistill.spec.Ragged` here), else None.  ``whole`` and ``index``: the
+    client's request this part belongs to and which of its rows it holds (None for a
+    request sent on whole).
+    """
 
     envelope: list[Any]
     req_id: Any
-    feeds: Arrays
+    feeds: Tensors
     rows: int
     arrived: float
+    lengths: np.ndarray | None = None
+    whole: Whole | None = None
+    index: np.ndarray | None = None
     key: Key = field(init=False)
     nbytes: int = field(init=False)
     peer: bytes = field(init=False)
+    longest: int = field(init=False)  # the longest row (0 without variable-length feeds)
     seq: int = field(init=False, default=-1)  # arrival order, set by Batcher.add
     queued: bool = field(init=False, default=False)  # in the batcher, not yet taken nor evicted
 
     def __post_init__(self) -> None:
         # by name, not by the order the client sent its feeds in: only requests whose rows
         # really have the same shapes, feed by feed, can be concatenated into one batch
-        self.key = tuple(sorted((name, arr.shape[1:]) for name, arr in self.feeds.items()))
+        self.key = tuple(sorted((name, _row_shape(arr)) for name, arr in self.feeds.items()))
         self.nbytes = sum(arr.nbytes for arr in self.feeds.values())
         self.peer = bytes(self.envelope[0]) if self.envelope else b""
+        self.longest = 0
+        if self.lengths is not None:
+            self.longest = int(self.lengths.max())
+            self.key += (length_bucket(self.longest),)
+
+    @property
+    def tokens(self) -> int:
+        """What this request costs a padded batch on its own: rows x longest row."""
+        return self.rows * self.longest
+
+
+def _row_shape(arr: Tensor) -> tuple[Any, ...]:
+    return ("ragged", *arr.inner_shape) if isinstance(arr, Ragged) else arr.shape[1:]
+
+
+def length_bucket(length: int) -> int:
+    """The bucket of rows of ``length``: bucket ``b`` holds lengths in (ratio**(b-1), ratio**b]."""
+    return 0 if length <= 1 else math.ceil(math.log(length, BUCKET_RATIO) - 1e-9)
+
+
+def _buckets(lengths: np.ndarray) -> np.ndarray:
+    """:func:`length_bucket` of every length at once."""
+    return np.ceil(np.log2(np.maximum(lengths, 1)) / math.log2(BUCKET_RATIO) - 1e-9).astype(np.int64)
+
+
+@dataclass(eq=False)
+class Whole:
+    """A client's request cut into parts: their answers, put back into the client's row order.
+
+    Owned by the socket thread, which sends the reply once :meth:`add` has every part,
+    or one error the first time a part fails (``failed``; later parts are dropped).
+    """
+
+    rows: int
+    parts: int
+    failed: bool = False
+    _done: list[tuple[np.ndarray, Tensors]] = field(default_factory=list)
+
+    def add(self, index: np.ndarray, outputs: Tensors) -> Tensors | None:
+        """Keep one part's outputs (rows ``index`` of the whole); every output once the last part is in."""
+        self._done.append((index, outputs))
+        if len(self._done) < self.parts:
+            return None
+        merged: Tensors = {}
+        for name, first in self._done[0][1].items():
+            if isinstance(first, Ragged):
+                rows: list[np.ndarray] = [np.empty(0)] * self.rows
+                for index, outputs in self._done:
+                    for i, row in zip(index.tolist(), outputs[name].rows(), strict=True):
+                        rows[i] = row
+                merged[name] = Ragged.from_rows(rows, name)
+            else:
+                out = np.empty((self.rows, *first.shape[1:]), first.dtype)
+                for index, outputs in self._done:
+                    out[index] = outputs[name]
+                merged[name] = out
+        return merged
+
+
+def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: np.ndarray, arrived: float,
+                    max_rows: int, max_tokens: int) -> list[Request]:
+    """A request whose rows differ in length, as parts that each batch with rows of similar length.
+
+    One part per length bucket, cut further so that no part passes ``max_rows`` rows nor
+    ``max_tokens`` (rows x longest row).  A request whose rows all fall in one bucket
+    and fit the bounds stays one :class:`Request` (no copy).  Every row must be at most
+    ``max_tokens`` long (the caller checks).
+    """
+    buckets = _buckets(lengths)
+    rows = len(lengths)
+    if rows <= max_rows and (buckets == buckets[0]).all() and rows * int(lengths.max()) <= max_tokens:
+        return [Request(envelope, req_id, feeds, rows, arrived, lengths)]
+    order = np.argsort(buckets, kind="stable")
+    cuts = np.flatnonzero(np.diff(buckets[order])) + 1
+    indices: list[np.ndarray] = []
+    for group in np.split(order, cuts):
+        start = 0
+        while start < len(group):  # the longest row so far x the rows so far must stay within max_tokens
+            longest = np.maximum.accumulate(lengths[group[start:start + max_rows]])
+            cost = longest * np.arange(1, len(longest) + 1)  # of the first k + 1 rows: never decreasing
+            take = max(1, int(np.searchsorted(cost, max_tokens, side="right")))
+            indices.append(group[start:start + take])
+            start += take
+    whole = Whole(rows, len(indices))
+    return [Request(envelope, req_id, _rows_of(feeds, index), len(index), arrived, lengths[index], whole, index)
+            for index in indices]
+
+
+def _rows_of(feeds: Tensors, index: np.ndarray) -> Tensors:
+    """Rows ``index`` of every feed (a copy)."""
+    out: Tensors = {}
+    for name, arr in feeds.items():
+        if isinstance(arr, Ragged):
+            rows = arr.rows()
+            out[name] = Ragged.from_rows([rows[i] for i in index.tolist()], name)
+        else:
+            out[name] = arr[index]
+    return out
 
 
 @dataclass
 class BatchStats:
     """Counters the teacher reports in ``meta`` and ``stats`` replies."""
 
-    requests: int = 0
+    requests: int = 0  # parts, for a request cut into parts (split_by_length)
     rows: int = 0
     batches: int = 0
     merged_batches: int = 0
     max_batch_rows: int = 0
+    tokens: int = 0  # the rows' own lengths, in batches of variable-length feeds
+    padding_tokens: int = 0  # what padding added to them: rows x longest row - tokens
 
     def record(self, batch: list[Request]) -> None:
         rows = sum(r.rows for r in batch)
@@ -76,6 +202,10 @@ class BatchStats:
         self.batches += 1
         self.merged_batches += len(batch) > 1
         self.max_batch_rows = max(self.max_batch_rows, rows)
+        if batch[0].lengths is not None:
+            tokens = sum(int(r.lengths.sum()) for r in batch)  # type: ignore[union-attr]
+            self.tokens += tokens
+            self.padding_tokens += rows * max(r.longest for r in batch) - tokens
 
 
 class Batcher:
@@ -85,15 +215,17 @@ class Batcher:
     model runs or a batch is copied).
     """
 
-    def __init__(self, max_rows: int, max_delay: float) -> None:
+    def __init__(self, max_rows: int, max_delay: float, max_tokens: int = DEFAULT_MAX_TOKENS) -> None:
         self.max_rows = max_rows
         self.max_delay = max_delay
+        self.max_tokens = max_tokens  # rows x longest row of a batch of variable-length rows
         self.stats = BatchStats()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._seq = itertools.count()
         self._queues: dict[Key, deque[Request]] = {}  # per shape key, in arrival order; may hold evicted requests
         self._rows: dict[Key, int] = {}  # rows queued per key (evicted ones not counted)
+        self._tokens: dict[Key, int] = {}  # rows x longest row, summed over the requests queued per key
         self._heads: list[tuple[int, Key]] = []  # heap of (seq of a key's head, key); stale entries are fixed lazily
         self._by_peer: dict[bytes, dict[int, Request]] = {}  # queued requests per peer, in arrival order
         self._peer_bytes: dict[bytes, int] = {}
@@ -110,10 +242,11 @@ class Batcher:
             q = self._queues.get(request.key)
             if q is None:
                 q = self._queues[request.key] = deque()
-                self._rows[request.key] = 0
+                self._rows[request.key] = self._tokens[request.key] = 0
                 heapq.heappush(self._heads, (request.seq, request.key))
             q.append(request)
             self._rows[request.key] += request.rows
+            self._tokens[request.key] += request.tokens
             self._by_peer.setdefault(request.peer, {})[request.seq] = request
             self._peer_bytes[request.peer] = self._peer_bytes.get(request.peer, 0) + request.nbytes
             self._count += 1
@@ -170,6 +303,7 @@ class Batcher:
                 _, request = self._by_peer[victim].popitem()
                 self._unlink(request)
                 self._rows[request.key] -= request.rows
+                self._tokens[request.key] -= request.tokens
                 evicted.append(request)
                 need -= request.nbytes
         return evicted
@@ -183,6 +317,7 @@ class Batcher:
                 request.queued = False
             self._queues.clear()
             self._rows.clear()
+            self._tokens.clear()
             self._heads.clear()
             self._by_peer.clear()
             self._peer_bytes.clear()
@@ -206,7 +341,7 @@ class Batcher:
                 q.popleft()
             if not q:
                 heapq.heappop(self._heads)
-                del self._queues[key], self._rows[key]
+                del self._queues[key], self._rows[key], self._tokens[key]
             elif q[0].seq != seq:
                 heapq.heapreplace(self._heads, (q[0].seq, key))
             else:
@@ -218,26 +353,37 @@ class Batcher:
         if key is None:
             return None
         q = self._queues[key]
-        full = self._rows[key] >= self.max_rows  # then a request does not fit, or the batch is exactly full
+        # then a request does not fit, or the batch is exactly full
+        full = self._rows[key] >= self.max_rows or self._tokens[key] >= self.max_tokens
         if not (full or force or now >= q[0].arrived + self.max_delay):
             return None
         batch: list[Request] = []
-        rows = 0
-        while q and (not q[0].queued or rows + q[0].rows <= self.max_rows):
+        rows = longest = tokens = 0
+        while q and (not q[0].queued or self._fits(rows, longest, q[0])):
             request = q.popleft()
             if request.queued:
                 del self._by_peer[request.peer][request.seq]
                 self._unlink(request)
                 batch.append(request)
                 rows += request.rows
+                longest = max(longest, request.longest)
+                tokens += request.tokens
         self._rows[key] -= rows
+        self._tokens[key] -= tokens
         if q:
             heapq.heapreplace(self._heads, (q[0].seq, key))
         else:
             heapq.heappop(self._heads)
-            del self._queues[key], self._rows[key]
+            del self._queues[key], self._rows[key], self._tokens[key]
         self.stats.record(batch)
         return batch
+
+    def _fits(self, rows: int, longest: int, request: Request) -> bool:
+        """Whether ``request`` joins a batch of ``rows`` rows padded to ``longest`` within both bounds."""
+        rows += request.rows
+        if rows > self.max_rows:
+            return False
+        return rows * max(longest, request.longest) <= self.max_tokens or rows == request.rows
 
     def _unlink(self, request: Request) -> None:
         """Count a request out of the queue (already removed from its peer's table)."""

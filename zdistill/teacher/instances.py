@@ -12,7 +12,9 @@ numpy, PyTorch) release the GIL.
 
 A merged batch is copied once, into a buffer per feed that the instance reuses from
 batch to batch (:class:`MergeBuffers`): ``np.concatenate`` into fresh memory makes the
-kernel map and zero new pages for every batch.  A batch of one request is not copied.
+kernel map and zero new pages for every batch.  A batch of one request is not copied,
+except where rows of different lengths are padded to the batch's longest row (0 after
+each row's own values), which the model gets with each row's length.
 
 Hand-over back: an instance appends what it finished to a deque and pushes one byte on
 an inproc socket that the socket thread polls beside its ROUTER; the socket thread cuts
@@ -34,13 +36,13 @@ import numpy as np
 import zmq
 
 from zdistill.metrics import TeacherMetrics
-from zdistill.spec import Arrays
+from zdistill.spec import Arrays, Ragged, Tensors
 from zdistill.teacher.batcher import Batcher, Request
-from zdistill.teacher.model import Model
+from zdistill.teacher.model import Model, variable_length
 
 log = logging.getLogger("zdistill.teacher.server")
 
-Result = tuple[Request, Arrays | Exception]
+Result = tuple[Request, Tensors | Exception]
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Finished:
     instance: int
     taken: float  # when the instance took the batch (monotonic)
     seconds: float  # the model call's duration (0 when it failed)
+    calls: int  # model calls it took (a merged batch that failed is run again request by request)
 
 
 class MergeBuffers:
@@ -64,23 +67,38 @@ class MergeBuffers:
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
 
-    def merge(self, batch: list[Request]) -> Arrays:
-        """The feeds of a batch as one array per feed (no copy for a batch of one)."""
-        if len(batch) == 1:
-            return batch[0].feeds
+    def merge(self, batch: list[Request]) -> tuple[Arrays, np.ndarray | None]:
+        """The feeds of a batch as one array per feed (no copy for a batch of one dense request), and
+        each row's length when the feeds are variable-length (:class:`Ragged`, padded here)."""
+        first = batch[0].feeds
+        if len(batch) == 1 and batch[0].lengths is None:
+            return first, None  # type: ignore[return-value]  # no Ragged without lengths
+        rows = sum(r.rows for r in batch)
+        lengths = None if batch[0].lengths is None else np.concatenate([r.lengths for r in batch])  # type: ignore[misc]
         merged = {}
-        for name, first in batch[0].feeds.items():
-            rows = sum(r.rows for r in batch)
-            shape = (rows, *first.shape[1:])
-            nbytes = rows * (first.nbytes // len(first))
-            buf = self._buffers.get(name)
-            if buf is None or buf.nbytes < nbytes:
-                buf = self._buffers[name] = np.empty(nbytes, np.uint8)
-            out = buf[:nbytes].view(first.dtype).reshape(shape)
-            np.concatenate([r.feeds[name] for r in batch], out=out)
+        for name, arr in first.items():
+            if isinstance(arr, Ragged):
+                assert lengths is not None
+                values = arr.values if len(batch) == 1 else np.concatenate([r.feeds[name].values for r in batch])
+                out = self._buffer(name, (rows, int(lengths.max()), *arr.inner_shape), arr.dtype)
+                out[...] = 0
+                out[np.arange(out.shape[1]) < lengths[:, None]] = values
+            else:
+                out = self._buffer(name, (rows, *arr.shape[1:]), arr.dtype)
+                np.concatenate([r.feeds[name] for r in batch], out=out)
             out.flags.writeable = False  # like every input a model gets
             merged[name] = out
-        return merged
+        if lengths is not None:
+            lengths.flags.writeable = False
+        return merged, lengths
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An array of ``shape`` in ``name``'s reused buffer, grown when too small."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        buf = self._buffers.get(name)
+        if buf is None or buf.nbytes < nbytes:
+            buf = self._buffers[name] = np.empty(nbytes, np.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape)
 
 
 class ModelInstances:
@@ -91,6 +109,9 @@ class ModelInstances:
         self.metrics = metrics
         self.batcher = batcher
         self.instance_seconds = [0.0] * len(models)  # time in successful model calls, per instance
+        self.model_calls = 0  # every call of Model.run on a batch, failed ones too
+        # fetches the model answers per token, padded: cut back to each row's length here
+        self._per_token = {spec.name for spec in models[0].fetches if variable_length(spec)}
         self._done: deque[list[Finished]] = deque()
         self._endpoint = f"inproc://zdistill-instances-{id(self)}"
         self.wake = context.socket(zmq.PULL)
@@ -159,9 +180,11 @@ class ModelInstances:
             outputs, seconds = self._call(model, buffers, batch)
         except Exception as exc:  # the model is user code: any failure becomes a reply
             if len(batch) > 1:  # find the request that breaks it; the others still get answers
-                return [done for req in batch for done in self._run(index, model, buffers, [req], taken)]
-            return [Finished(batch, exc, index, taken, 0.0)]
-        return [Finished(batch, outputs, index, taken, seconds)]
+                again = [done for req in batch for done in self._run(index, model, buffers, [req], taken)]
+                again[0].calls += 1
+                return again
+            return [Finished(batch, exc, index, taken, 0.0, 1)]
+        return [Finished(batch, outputs, index, taken, seconds, 1)]
 
     def _call(self, model: Model, buffers: MergeBuffers, batch: list[Request]) -> tuple[Arrays, float]:
         """The model's outputs and how long the model took.
@@ -171,9 +194,9 @@ class ModelInstances:
         anything the model writes on its next call: the socket thread may split and send
         them while this instance already runs its next batch.
         """
-        feeds = buffers.merge(batch)
+        feeds, lengths = buffers.merge(batch)
         started = time.monotonic()
-        outputs = model.run(feeds)
+        outputs = model.run(feeds) if lengths is None else model.run(feeds, lengths)
         return outputs, time.monotonic() - started
 
     # -- in the socket thread ---------------------------------------------
@@ -181,6 +204,7 @@ class ModelInstances:
     def _split(self, done: Finished) -> list[Result]:
         """Per-request results of a finished batch, and its metrics."""
         rows = sum(r.rows for r in done.requests)
+        self.model_calls += done.calls
         for req in done.requests:
             self.metrics.queue_wait.observe(max(0.0, done.taken - req.arrived))
         self.metrics.batch_rows.observe(rows)
@@ -196,6 +220,10 @@ class ModelInstances:
         results: list[Result] = []
         start = 0
         for req in done.requests:
-            results.append((req, {name: out[start : start + req.rows] for name, out in done.outcome.items()}))
+            outputs: Tensors = {name: out[start : start + req.rows] for name, out in done.outcome.items()}
+            if req.lengths is not None:
+                for name in self._per_token:
+                    outputs[name] = Ragged.unpad(outputs[name], req.lengths)  # type: ignore[arg-type]
+            results.append((req, outputs))
             start += req.rows
         return results

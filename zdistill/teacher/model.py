@@ -45,8 +45,15 @@ class Model(Protocol):
     thread_safe: bool
     model_id: str
 
-    def run(self, feeds: Arrays) -> Arrays:
+    def run(self, feeds: Arrays, lengths: np.ndarray | None = None) -> Arrays:
         """Run one batch: every feed has the same number of rows.
+
+        ``lengths``: each row's length (int64 ``[rows]``) when the model has a variable-length
+        feed (first per-row dimension -1): every such feed comes padded with 0 to the batch's
+        longest row, and a per-token fetch (first per-row dimension -1) goes back padded,
+        ``[rows, >= longest, ...]``, for the server to cut each row back to its length.
+        None for a model without one, or for a batch whose rows all have the feed's full
+        length (a warm-up or probe run).
 
         Returns the declared fetches as checked by :func:`check_outputs` (or raises its
         :class:`~zdistill.errors.ModelOutputError`), in arrays the caller owns: they share
@@ -121,7 +128,13 @@ def function_model_id(fn: Callable[..., Any]) -> str:
     return "py:" + h.hexdigest()
 
 
-def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, origin: str, copy: bool) -> Arrays:
+def variable_length(spec: TensorSpec) -> bool:
+    """Whether ``spec``'s rows may differ in length: its first per-row dimension is -1."""
+    return bool(spec.shape) and spec.shape[0] == -1
+
+
+def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, origin: str, copy: bool,
+                  lengths: np.ndarray | None = None) -> Arrays:
     """A model's declared fetches for a batch of ``rows`` rows, each as its declared dtype.
 
     A student joins, caches and hands on predictions by the declared fetches, so an
@@ -133,7 +146,11 @@ def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, ori
     :class:`~zdistill.errors.ModelOutputError` naming ``origin``, the output, and the
     declared and returned shapes.  Outputs the model did not declare are left out.
     ``copy`` returns a fresh array for every fetch, even one already of its dtype.
+    With ``lengths`` (a batch of variable-length rows), a per-token fetch
+    (:func:`variable_length`) must have a length axis at least as long as the longest row,
+    since the server keeps each row's first ``lengths[i]`` entries.
     """
+    longest = int(lengths.max()) if lengths is not None and len(lengths) else 0
     if not isinstance(outputs, Mapping):
         raise ModelOutputError(f"{origin} returned {type(outputs).__name__}, not a dict of arrays")
     checked = {}
@@ -151,6 +168,10 @@ def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, ori
         if arr.ndim == 0 or arr.shape[0] != rows or not spec.matches(arr.shape[1:]):
             raise ModelOutputError(f"{origin}: output {spec.name!r} has shape {list(arr.shape)} for a batch of "
                                    f"{rows} rows, {declared_text}")
+        if lengths is not None and variable_length(spec) and arr.shape[1] < longest:
+            raise ModelOutputError(f"{origin}: per-token output {spec.name!r} has shape {list(arr.shape)}, a length "
+                                   f"axis shorter than the batch's longest row ({longest}): it must hold "
+                                   f"[rows, >= longest row, ...], {declared_text}")
         if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
             raise ModelOutputError(f"{origin}: output {spec.name!r} has dtype {arr.dtype}, which does not cast to the "
                                    f"declared {spec.dtype} within its kind (numpy 'same_kind'), {declared_text}")
@@ -179,11 +200,16 @@ def teacher_function(
     description: str = "",
     thread_safe: bool = True,
     version: str | None = None,
-) -> Callable[[Callable[[Arrays], Arrays]], Callable[[Arrays], Arrays]]:
+) -> Callable[[Callable[..., Arrays]], Callable[..., Arrays]]:
     """Declare a Python function as a teacher model.
 
     ``feeds`` and ``fetches`` map each name to ``(dtype, per_row_shape)``; use -1 for
-    a size that varies.  Example::
+    a size that varies.  A first per-row dimension of -1 declares rows of different lengths
+    (token ids ``("int64", [-1])``): the function gets a batch padded with 0 to its longest
+    row and, if it has a parameter named ``lengths``, each row's length as
+    ``lengths=`` (int64 ``[rows]``); a fetch declared ``[-1, ...]`` is per-token, returned
+    padded and cut back to each row's length by the teacher (docs/teacher.md, Variable-length
+    rows).  Example::
 
         import numpy as np
         import zdistill
@@ -241,7 +267,7 @@ def teacher_function(
     if version is not None:
         check_model_id(version, "teacher_function's version", MAX_MODEL_ID - len(version_model_id("")))
 
-    def mark(fn: Callable[[Arrays], Arrays]) -> Callable[[Arrays], Arrays]:
+    def mark(fn: Callable[..., Arrays]) -> Callable[..., Arrays]:
         fn.zdistill_spec = (feed_specs, fetch_specs, description or fn.__doc__ or "", bool(thread_safe), version)  # type: ignore[attr-defined]
         return fn
 
@@ -260,7 +286,7 @@ class CallableModel:
     function's source file (:func:`function_model_id`), once, here.
     """
 
-    def __init__(self, fn: Callable[[Arrays], Arrays], origin: str, device: str = "cpu",
+    def __init__(self, fn: Callable[..., Arrays], origin: str, device: str = "cpu",
                  model_id: str | None = None) -> None:
         spec = getattr(fn, "zdistill_spec", None)
         if spec is None:
@@ -280,12 +306,24 @@ class CallableModel:
         self.device = device
         self._fn = fn
         self._serial = contextlib.nullcontext() if self.thread_safe else threading.Lock()
+        self._variable = next((s.name for s in self.feeds if variable_length(s)), None)
+        try:
+            self._takes_lengths = "lengths" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):  # a callable whose signature Python cannot read
+            self._takes_lengths = False
 
-    def run(self, feeds: Arrays) -> Arrays:
-        """Call the function; its checked outputs, copied before it can run again (see :class:`Model`)."""
+    def run(self, feeds: Arrays, lengths: np.ndarray | None = None) -> Arrays:
+        """Call the function; its checked outputs, copied before it can run again (see :class:`Model`).
+
+        Without ``lengths``, rows of a variable-length feed all have that feed's full length.
+        """
         rows = len(next(iter(feeds.values())))
+        if lengths is None and self._variable is not None:
+            lengths = np.full(rows, feeds[self._variable].shape[1], np.int64)
+            lengths.flags.writeable = False
+        args = {"lengths": lengths} if self._takes_lengths else {}
         with self._serial:
-            return check_outputs(self._fn(feeds), self.fetches, rows, self.origin, copy=True)
+            return check_outputs(self._fn(feeds, **args), self.fetches, rows, self.origin, copy=True, lengths=lengths)
 
     def clone(self) -> CallableModel:
         return self

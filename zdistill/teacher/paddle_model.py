@@ -192,7 +192,7 @@ class PaddleModel:
         self._inputs = {n: predictor.get_input_handle(n) for n in predictor.get_input_names()}
         self._outputs = {n: predictor.get_output_handle(n) for n in predictor.get_output_names()}
 
-    def run(self, feeds: Arrays) -> Arrays:
+    def run(self, feeds: Arrays, lengths: np.ndarray | None = None) -> Arrays:
         """The predictor's outputs, checked against the fetches its first run showed.
 
         ``copy_to_cpu()`` returns fresh arrays, so the outputs are the caller's as they are.

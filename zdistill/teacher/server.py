@@ -8,6 +8,7 @@ request     header / arrays                             reply
 ==========  ==========================================  =====================================
 ``predict`` ``{"kind": "predict", "id"}`` + one array   ``{"kind": "result", "id"}`` + one
             per feed, all with the same number of rows  array per fetch, the same rows
+            (ragged for a variable-length feed)         (ragged for a per-token fetch)
 ``meta``    ``{"kind": "meta", "id"}``                  ``{"kind": "meta", ...}``: feeds,
                                                         fetches, max batch, instances,
                                                         device, model id, fingerprint,
@@ -46,6 +47,13 @@ One thread owns the socket: it receives, validates, admits and replies.  The mod
 instances (:mod:`zdistill.teacher.instances`) each pull their next batch from the batcher
 (:mod:`zdistill.teacher.batcher`) the moment they are free, so receiving, batching, running and
 replying overlap.
+
+Rows of different lengths: a feed declared with a variable first per-row dimension takes
+a :class:`~zdistill.spec.Ragged` (or a dense array, every row of its full length); all such
+feeds of one row must have the same length.  The batcher groups rows of similar length
+within ``--max-batch-tokens`` (:func:`~zdistill.teacher.batcher.split_by_length`), the model
+gets them padded with each row's length, and a per-token fetch goes back cut to each row's
+length, as a Ragged.  A row longer than ``--max-batch-tokens`` gets ``too_large``.
 """
 
 from __future__ import annotations
@@ -69,11 +77,11 @@ from zdistill.fingerprint import fingerprint, usable
 from zdistill.flags import add_daemon_flags, setup_logging
 from zdistill.metrics import TeacherMetrics
 from zdistill.security import ServerKeys, server_keys, stop_authenticator
-from zdistill.spec import MAX_MODEL_ID
-from zdistill.teacher.batcher import Batcher, Request
+from zdistill.spec import MAX_MODEL_ID, Ragged, Tensor, Tensors
+from zdistill.teacher.batcher import DEFAULT_MAX_TOKENS, Batcher, Request, split_by_length
 from zdistill.teacher.instances import ModelInstances, Result
 from zdistill.teacher.loading import load_model
-from zdistill.teacher.model import Model
+from zdistill.teacher.model import Model, variable_length
 from zdistill.teacher_messages import REQUESTS, MetaRequest, Ping, Predict, read_request
 
 log = logging.getLogger("zdistill.teacher.server")
@@ -111,9 +119,12 @@ class TeacherServer:
         context: zmq.Context | None = None,
         curve: ServerKeys | None = None,
         metrics: TeacherMetrics | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_TOKENS,
     ) -> None:
         if max_batch_size < 1:
             raise ConfigError(f"max batch size must be at least 1, got {max_batch_size}")
+        if max_batch_tokens < 1:
+            raise ConfigError(f"--max-batch-tokens must be at least 1, got {max_batch_tokens}")
         if not models:
             raise ConfigError("a teacher needs at least one model instance")
         if max_message_bytes < 1 or max_queue_bytes < max_message_bytes:
@@ -124,6 +135,7 @@ class TeacherServer:
         self.model = models[0]
         # what every predict is checked against, the dtypes parsed once
         self._feeds = {spec.name: (spec, np.dtype(spec.dtype)) for spec in self.model.feeds}
+        self._variable = [spec.name for spec in self.model.feeds if variable_length(spec)]
         # What the model answers to the fixed probe batch: students key cached answers by it.
         self.fingerprint = fingerprint(self.model)
         _, why = usable(self.fingerprint, [f.name for f in self.model.fetches], "this teacher")
@@ -132,7 +144,7 @@ class TeacherServer:
         self.max_message_bytes = max_message_bytes
         self.max_queue_bytes = max_queue_bytes
         self.limits = wire.Limits(max_array_bytes=max_message_bytes)
-        self.batcher = Batcher(max_batch_size, max_delay)
+        self.batcher = Batcher(max_batch_size, max_delay, max_batch_tokens)
         self.held_bytes = 0  # requests admitted and not yet answered, queued or running
         self.errors: dict[str, int] = {}  # error replies sent, by code
         self.dropped_replies = 0
@@ -194,8 +206,7 @@ class TeacherServer:
         """
         self._refusing = True
         for req in self.batcher.close():
-            self._release(req)
-            self._reply_error(req.envelope, req.req_id, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
+            self._refuse(req, ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
         end = time.monotonic() + _STOP_RUNNING_S
         while self.instances.running() and time.monotonic() < end:
             events = dict(poller.poll(50))
@@ -217,7 +228,7 @@ class TeacherServer:
         try:
             msg = wire.decode(body, self.limits)
             req_id = msg.header.get("id")
-            size = sum(arr.nbytes for arr in msg.arrays.values())
+            size = sum(arr.nbytes for arr in msg.arrays.values())  # a Ragged's values and lengths
             if size > self.max_message_bytes:
                 raise RequestError(ErrorCode.TOO_LARGE,
                                    f"the arrays of this request take {size / MiB:.1f} MiB, more than "
@@ -237,8 +248,12 @@ class TeacherServer:
             raise RequestError(ErrorCode.SHUTTING_DOWN, _SHUTTING_DOWN)
         request = read_request(msg.header)
         if isinstance(request, Predict):
-            rows = self._validate(msg.arrays)
-            self._admit(Request(envelope, request.id, msg.arrays, rows, time.monotonic()))
+            rows, feeds, lengths = self._validate(msg.arrays)
+            if lengths is None:
+                self._admit([Request(envelope, request.id, feeds, rows, time.monotonic())])
+            else:
+                self._admit(split_by_length(envelope, request.id, feeds, lengths, time.monotonic(),
+                                            self.batcher.max_rows, self.batcher.max_tokens))
         elif isinstance(request, Ping):
             self._send(envelope, {"kind": "pong", "id": request.id})
         elif isinstance(request, MetaRequest):
@@ -246,22 +261,34 @@ class TeacherServer:
         else:
             self._send(envelope, {"kind": "stats", "id": request.id, "stats": self.stats()})
 
-    def _admit(self, req: Request) -> None:
-        """Queue ``req`` if the held bytes stay within the bound, after making room fairly; else refuse it."""
-        over = self.held_bytes + req.nbytes - self.max_queue_bytes
+    def _admit(self, parts: list[Request]) -> None:
+        """Queue a request's parts if the held bytes stay within the bound, after making room fairly; else refuse it."""
+        nbytes = sum(part.nbytes for part in parts)
+        over = self.held_bytes + nbytes - self.max_queue_bytes
         if over > 0:
-            for old in self.batcher.make_room(req.peer, req.nbytes, over):
-                self._release(old)
-                self._reply_error(old.envelope, old.req_id, ErrorCode.BUSY, _BUSY)
-            if self.held_bytes + req.nbytes > self.max_queue_bytes:
+            for old in self.batcher.make_room(parts[0].peer, nbytes, over):
+                self._refuse(old, ErrorCode.BUSY, _BUSY)
+            if self.held_bytes + nbytes > self.max_queue_bytes:
                 raise RequestError(ErrorCode.BUSY, _BUSY)
-        self.held_bytes += req.nbytes
-        self.batcher.add(req)
+        self.held_bytes += nbytes
+        for part in parts:
+            self.batcher.add(part)
 
     def _release(self, req: Request) -> None:
         self.held_bytes -= req.nbytes
 
-    def _validate(self, arrays: dict[str, np.ndarray]) -> int:
+    def _refuse(self, req: Request, code: ErrorCode, message: str) -> None:
+        """Answer a queued request (or part) with an error: once per client request, however many parts it had."""
+        self._release(req)
+        if req.whole is not None:
+            if req.whole.failed:
+                return
+            req.whole.failed = True
+        self._reply_error(req.envelope, req.req_id, code, message)
+
+    def _validate(self, arrays: dict[str, Tensor]) -> tuple[int, Tensors, np.ndarray | None]:
+        """A predict's rows, its feeds (variable-length ones as :class:`Ragged`) and each row's length
+        (None when the model has no variable-length feed); RequestError naming what is wrong."""
         feeds = self._feeds
         unknown = sorted(set(arrays) - set(feeds))
         missing = sorted(set(feeds) - set(arrays))
@@ -270,7 +297,7 @@ class TeacherServer:
                 ErrorCode.BAD_REQUEST,
                 f"feeds do not match the model's {sorted(feeds)}: unknown {unknown}, missing {missing}",
             )
-        rows = {arr.shape[0] if arr.ndim else -1 for arr in arrays.values()}
+        rows = {len(arr) if isinstance(arr, Ragged) else arr.shape[0] if arr.ndim else -1 for arr in arrays.values()}
         if len(rows) != 1 or min(rows) < 1:
             raise RequestError(ErrorCode.BAD_REQUEST,
                                f"every feed needs the same number (>= 1) of rows, got {sorted(rows)}")
@@ -282,12 +309,46 @@ class TeacherServer:
             if arr.dtype != dtype:
                 raise RequestError(ErrorCode.BAD_REQUEST,
                                    f"feed {name!r} has dtype {arr.dtype}, the model wants {spec.dtype}")
-            if not spec.matches(arr.shape[1:]):
-                raise RequestError(
-                    ErrorCode.BAD_REQUEST,
-                    f"feed {name!r} has rows of shape {list(arr.shape[1:])}, the model wants {list(spec.shape)}",
-                )
-        return n
+            if isinstance(arr, Ragged):
+                if name not in self._variable:
+                    raise RequestError(ErrorCode.BAD_REQUEST,
+                                       f"feed {name!r} came with rows of different lengths, but the model declares "
+                                       f"its rows {list(spec.shape)} (a first dimension of -1 would allow them)")
+                row_shape = [0, *arr.inner_shape]
+            else:
+                row_shape = list(arr.shape[1:])
+            if not spec.matches(row_shape):
+                shown = f"[n, {', '.join(map(str, row_shape[1:]))}]" if isinstance(arr, Ragged) else str(row_shape)
+                raise RequestError(ErrorCode.BAD_REQUEST,
+                                   f"feed {name!r} has rows of shape {shown}, the model wants {list(spec.shape)}")
+        if not self._variable:
+            return n, arrays, None  # type: ignore[return-value]  # a Ragged feed was refused above
+        return (n, *self._one_length_per_row(arrays, n))
+
+    def _one_length_per_row(self, arrays: dict[str, Tensor], rows: int) -> tuple[Tensors, np.ndarray]:
+        """The feeds with every variable-length one as a :class:`Ragged`, and the rows' one length each."""
+        feeds: Tensors = dict(arrays)
+        lengths: np.ndarray | None = None
+        first = ""
+        for name in self._variable:
+            arr = arrays[name]
+            if not isinstance(arr, Ragged):  # dense: every row of the full length
+                arr = feeds[name] = Ragged(arr.reshape(rows * arr.shape[1], *arr.shape[2:]),
+                                           np.full(rows, arr.shape[1], np.int64))
+            if lengths is None:
+                lengths, first = arr.lengths, name
+            elif not np.array_equal(arr.lengths, lengths):
+                row = int(np.flatnonzero(arr.lengths != lengths)[0])
+                raise RequestError(ErrorCode.BAD_REQUEST,
+                                   f"feed {name!r} row {row} has length {int(arr.lengths[row])}, feed {first!r} "
+                                   f"{int(lengths[row])}: every variable-length feed of a row must have its length")
+        assert lengths is not None
+        longest = int(lengths.max())
+        if longest > self.batcher.max_tokens:
+            row = int(lengths.argmax())
+            raise RequestError(ErrorCode.TOO_LARGE, f"row {row} has {longest} tokens, more than the teacher's "
+                                                    f"--max-batch-tokens {self.batcher.max_tokens}")
+        return feeds, lengths
 
     # -- replying ---------------------------------------------------------
 
@@ -296,13 +357,15 @@ class TeacherServer:
 
     def _reply(self, results: list[Result]) -> None:
         for req, result in results:
+            if isinstance(result, Exception):
+                code = ErrorCode.BAD_OUTPUT if isinstance(result, ModelOutputError) else ErrorCode.MODEL_ERROR
+                self._refuse(req, code, _failure(result))
+                continue
             self._release(req)
-            if isinstance(result, ModelOutputError):
-                self._reply_error(req.envelope, req.req_id, ErrorCode.BAD_OUTPUT, str(result))
-            elif isinstance(result, Exception):
-                self._reply_error(req.envelope, req.req_id, ErrorCode.MODEL_ERROR, f"{type(result).__name__}: {result}")
-            else:
-                self._send(req.envelope, {"kind": "result", "id": req.req_id}, result)
+            if req.whole is not None:  # a part: the client's reply waits for every part
+                if req.whole.failed or (result := req.whole.add(req.index, result)) is None:  # type: ignore[arg-type]
+                    continue
+            self._send(req.envelope, {"kind": "result", "id": req.req_id}, result)
         self.metrics.held_bytes.set(self.held_bytes)
 
     def meta(self) -> dict[str, Any]:
@@ -310,6 +373,7 @@ class TeacherServer:
             "feeds": [s.to_wire() for s in self.model.feeds],
             "fetches": [s.to_wire() for s in self.model.fetches],
             "max_batch_size": self.batcher.max_rows,
+            "max_batch_tokens": self.batcher.max_tokens,
             "max_delay_ms": self.batcher.max_delay * 1000,
             "instances": len(self.instances.instance_seconds),
             "thread_safe": self.model.thread_safe,
@@ -330,6 +394,9 @@ class TeacherServer:
             "batches": s.batches,
             "merged_batches": s.merged_batches,
             "max_batch_rows": s.max_batch_rows,
+            "tokens": s.tokens,
+            "padding_tokens": s.padding_tokens,
+            "model_calls": self.instances.model_calls,
             "model_seconds": self.instances.model_seconds,
             "instance_seconds": list(self.instances.instance_seconds),
             "queued": len(self.batcher),
@@ -346,7 +413,7 @@ class TeacherServer:
             req_id = None
         self._send(envelope, {"kind": "error", "id": req_id, "code": code, "message": message})
 
-    def _send(self, envelope: list[Any], header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> None:
+    def _send(self, envelope: list[Any], header: dict[str, Any], arrays: Tensors | None = None) -> None:
         try:
             wire.send(self.socket, header, arrays, envelope=envelope, flags=zmq.NOBLOCK)
         except zmq.Again:  # SNDHWM replies already wait for this client
@@ -367,6 +434,11 @@ class TeacherServer:
         if now >= self._next_drop_warning:  # a client that stopped reading would otherwise flood the log
             self._next_drop_warning = now + _WARN_EVERY_S
             log.warning("client %r %s: reply dropped (%d so far)", bytes(envelope[0]), why, self.dropped_replies)
+
+
+def _failure(exc: Exception) -> str:
+    """A model failure as its reply says it: the output check's own words, or the exception and its type."""
+    return str(exc) if isinstance(exc, ModelOutputError) else f"{type(exc).__name__}: {exc}"
 
 
 _BUSY = "the teacher's queue is full: send this request again later (or to another teacher)"
@@ -431,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve on this GPU, e.g. 0 (a Paddle model needs paddlepaddle-gpu; a Python function is "
                         "only reported as on it: it picks its device itself)")
     p.add_argument("--max-batch-size", type=int, default=256, help="most rows in one model call (default 256)")
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="for a model with variable-length feeds: most rows x longest row in one model call, "
+                        "rows of similar length batched together; a longer request is cut into several calls, "
+                        f"a single row longer than this gets too_large (default {DEFAULT_MAX_TOKENS})")
     p.add_argument(
         "--max-delay-ms", type=float, default=0.0,
         help="how long a request may wait for others to fill a batch (default 0: merge what queued while busy)",
@@ -474,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             server = TeacherServer(models, endpoint, args.max_batch_size, args.max_delay_ms / 1000,
                                    max_message_bytes(args), int(args.max_queue_mb * MiB), context=context,
-                                   curve=server_keys(args.curve_secret_key, args.curve_allow), metrics=metrics)
+                                   curve=server_keys(args.curve_secret_key, args.curve_allow), metrics=metrics,
+                                   max_batch_tokens=args.max_batch_tokens)
         except zmq.ZMQError as exc:
             raise ConfigError(f"cannot listen on {endpoint}: {exc}") from None
         metrics.serve(args.metrics_port, args.host)
