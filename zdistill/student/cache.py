@@ -75,7 +75,9 @@ def default_max_bytes(path: str) -> int:
 def cacheable(fetches: Sequence[TensorSpec]) -> str | None:
     """Why predictions of these specs cannot be cached (a row size that varies), or None."""
     varying = [f.name for f in fetches if any(d < 0 for d in f.shape)]
-    return f"outputs {varying} are per-token (rows of varying size), and the cache keeps rows of one size" if varying else None
+    if not varying:
+        return None
+    return f"outputs {varying} are per-token (rows of varying size), and the cache keeps rows of one size"
 
 
 def record_dtype(fetches: Sequence[TensorSpec]) -> np.dtype:
