@@ -20,6 +20,8 @@ import pytest
 from tests import procs
 from tests.teachers import scale_tokens_np
 from zdistill import ConfigError, DistillReader
+from zdistill.spec import Ragged
+from zdistill.student.batches import answer_problem
 
 MODES = ["sample", "sample_list", "batch"]
 BATCH = 7  # samples per reader batch (sample lists and batches)
@@ -250,3 +252,18 @@ def test_a_teacher_killed_mid_epoch_loses_no_sequence(start_teacher):
         check("batch", out, items, samples, scaled)
         stats = dr.stats()
     assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
+
+
+def test_an_answer_of_other_rows_or_lengths_is_named_not_used():
+    """What a worker checks of each teacher answer before it is a task's predictions (a teacher
+    that is not a zdistill-teacher may cut per-token outputs otherwise)."""
+    ids = Ragged.from_rows([np.arange(3), np.arange(1)])
+    feeds = {"ids": ids, "w": np.ones(2, np.float32)}
+    right = {"tok": Ragged.from_rows([np.zeros(3, np.float32), np.zeros(1, np.float32)]), "mean": np.zeros(2)}
+    assert answer_problem(feeds, right, ["tok", "mean"]) == ""
+    cut = {**right, "tok": Ragged.from_rows([np.zeros(2, np.float32), np.zeros(2, np.float32)])}
+    assert answer_problem(feeds, cut, ["tok"]) == ("per-token output 'tok' has 2 entries for row 0 of the request, "
+                                                   "whose sequence has 3")
+    assert answer_problem(feeds, {**right, "mean": np.zeros(3)}, ["mean"]) == \
+        "output 'mean' has 3 rows for a request of 2"
+    assert answer_problem(feeds, right, ["other"]) == "its answer has no output 'other'"

@@ -38,6 +38,11 @@ class TensorSpec:
     def from_wire(cls, data: Mapping[str, Any]) -> TensorSpec:
         return cls(str(data["name"]), str(data["dtype"]), tuple(int(d) for d in data["shape"]))
 
+    @property
+    def variable_length(self) -> bool:
+        """Whether rows may differ in length: the first per-row dimension is -1 (token ids, per-token outputs)."""
+        return self.shape[:1] == (-1,)
+
     def matches(self, row_shape: Sequence[int]) -> bool:
         """True when a row of ``row_shape`` fits this spec (-1 matches any size)."""
         return len(row_shape) == len(self.shape) and all(

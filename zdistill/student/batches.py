@@ -99,16 +99,33 @@ def join(parts: Sequence[Tensor]) -> Tensor:
     return np.concatenate(parts)
 
 
+def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], predicts: Sequence[str]) -> str:
+    """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can).
+
+    Each prediction needs a row per fed row, and a per-token one (a Ragged) each fed
+    sequence's length: else a sample would get another's predictions, or a cut that
+    is not its own.
+    """
+    rows = len(next(iter(feeds.values()))) if feeds else 0
+    lengths = next((t.lengths for t in feeds.values() if isinstance(t, Ragged)), None)
+    for name in predicts:
+        got = answer.get(name)
+        if got is None:
+            return f"its answer has no output {name!r}"
+        if len(got) != rows:
+            return f"output {name!r} has {len(got)} rows for a request of {rows}"
+        if isinstance(got, Ragged) and lengths is not None and not np.array_equal(got.lengths, lengths):
+            bad = int(np.flatnonzero(got.lengths != lengths)[0])
+            return (f"per-token output {name!r} has {int(got.lengths[bad])} entries for row {bad} of the request, "
+                    f"whose sequence has {int(lengths[bad])}")
+    return ""
+
+
 def empty_output(spec: TensorSpec) -> Tensor:
     """The answer of no rows for an output of ``spec``: a Ragged for a variable-length one."""
-    if spec.shape[:1] == (-1,):
+    if spec.variable_length:
         return Ragged(np.zeros((0, *(max(d, 1) for d in spec.shape[1:])), spec.dtype), np.zeros(0, np.int64))
     return spec.example(0)
-
-
-def variable(spec: TensorSpec | None) -> bool:
-    """A feed or fetch whose rows may differ in length (first per-row dim -1)."""
-    return spec is not None and spec.shape[:1] == (-1,)
 
 
 @dataclass(frozen=True)
@@ -172,7 +189,7 @@ def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
     way to the teacher, as EDL did (a flat 784-vector for a 1x28x28 feed).  Rows of
     different lengths (``row_shape`` -1 first) go only to a variable-length feed.
     """
-    if row_shape[:1] == (-1,) and not variable(spec):
+    if row_shape[:1] == (-1,) and not spec.variable_length:
         raise ConfigError(
             f"slot {slot!r} has samples of different lengths (rows {_rows_text(row_shape[1:])}), "
             f"but the teacher's feed {spec.name!r} takes rows of fixed shape {list(spec.shape)}; a teacher takes "
@@ -439,9 +456,9 @@ class TaskBuilder:
                 check_feed(name, (-1, *shape[1:]) if name in ragged else shape[1:], self.feeds[name])
 
     def _cut(self) -> BuiltTask:
-        batches = self.reader_type is ReaderType.BATCH
-        ragged = {name for name, part in zip(self.ins, self._parts, strict=True)
-                  if variable(self.feeds.get(name)) or (batches and self._uneven(name, part))}
+        ragged = {name for name, spec in self.feeds.items() if spec.variable_length and name in self.ins}
+        if self.reader_type is ReaderType.BATCH:
+            ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}
         built = self._build(ragged)
         if built is None:  # a sample differs from the first: in length, or in dtype or shape
             ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}

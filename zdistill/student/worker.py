@@ -44,6 +44,7 @@ from zdistill.spec import TeacherMeta, Tensors, TensorSpec
 from zdistill.student import protocol
 from zdistill.student.batches import (
     CacheSlots,
+    answer_problem,
     check_feed,
     empty_output,
     feeds_mismatch,
@@ -286,6 +287,10 @@ class Worker:
             code = code if isinstance(done.error, TeacherError) else "error"
             self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=code,
                                        message=str(done.error)))
+        elif why := answer_problem(job.chunks[part], done.result, self.cfg.predicts):
+            self._drop_job(key)
+            self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=ErrorCode.BAD_OUTPUT,
+                                       message=f"teacher {self.cfg.teacher}: {why}"))
         else:
             job.parts[part] = done.result
             if not job.pending:
