@@ -384,20 +384,26 @@ class TaskBuilder:
             self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, sample, strict=True))
 
     def _add_batch(self, batch: Any) -> int:
-        parts = [_batch_part(name, a) for name, a in zip(self.ins, self._arity(batch, "batch"), strict=True)]
-        rows = {len(p) if isinstance(p, list) else p.shape[0] if p.ndim else -1 for p, _ in parts}
+        values = self._arity(batch, "batch")
+        if all(type(v) is np.ndarray for v in values):  # the common case: arrays, taken as they are
+            parts: list[Any] = list(values)
+            listed = [False] * len(parts)
+        else:
+            made = [_batch_part(name, v) for name, v in zip(self.ins, values, strict=True)]
+            parts, listed = [p for p, _ in made], [as_list for _, as_list in made]
+        rows = {len(p) if isinstance(p, list) else p.shape[0] if p.ndim else -1 for p in parts}
         if len(rows) != 1 or min(rows) < 0:
             shapes = {name: f"{len(p)} samples" if isinstance(p, list) else list(p.shape)
-                      for name, (p, _) in zip(self.ins, parts, strict=True)}
+                      for name, p in zip(self.ins, parts, strict=True)}
             raise ConfigError(f"every slot of a batch needs the same number of rows, got shapes {shapes}")
         n = rows.pop()
-        for forms, (p, as_list) in zip(self._forms, parts, strict=True):
+        for forms, p, as_list in zip(self._forms, parts, listed, strict=True):
             forms.append(AS_LIST if as_list else p.shape[1] if p.ndim > 1 else 0)
         if n or not self._rows:  # an empty batch holds no value: it decides nothing once a row is there
-            for part, (p, _) in zip(self._parts, parts, strict=True):
+            for part, p in zip(self._parts, parts, strict=True):
                 part.append(p)
         if not self._row_bytes and n:
-            self._row_bytes = sum(sum(r.nbytes for r in p) if isinstance(p, list) else p.nbytes for p, _ in parts) // n
+            self._row_bytes = sum(sum(r.nbytes for r in p) if isinstance(p, list) else p.nbytes for p in parts) // n
         return n
 
     def _plan(self, name: str, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
@@ -638,8 +644,14 @@ def split_output(
     if reader_type is ReaderType.SAMPLE:
         yield from zip(*[c.rows() if isinstance(c, Ragged) else c for c in columns], strict=True)
         return
-    kinds = [*forms, *[None] * (len(columns) - len(forms))]
     start = 0
+    if not any(isinstance(c, Ragged) for c in columns) and not any(k is not None for k in forms):
+        for n in sizes or ():  # arrays only (the common case): views, and nothing else to do
+            part = [c[start : start + n] for c in columns]
+            yield tuple(part) if reader_type is ReaderType.BATCH else list(zip(*part, strict=True))
+            start += n
+        return
+    kinds = [*forms, *[None] * (len(columns) - len(forms))]
     for batch, n in enumerate(sizes or ()):
         part = [select(c, slice(start, start + n)) for c in columns]
         if reader_type is ReaderType.BATCH:
