@@ -39,8 +39,8 @@ class TensorSpec:
         return cls(str(data["name"]), str(data["dtype"]), tuple(int(d) for d in data["shape"]))
 
     @property
-    def variable_length(self) -> bool:
-        """Whether rows may differ in length: the first per-row dimension is -1 (token ids, per-token outputs)."""
+    def variable(self) -> bool:
+        """Whether rows may differ in length: the first per-row dim is -1 (such rows travel as :class:`Ragged`)."""
         return self.shape[:1] == (-1,)
 
     def matches(self, row_shape: Sequence[int]) -> bool:

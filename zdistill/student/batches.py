@@ -123,7 +123,7 @@ def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], pr
 
 def empty_output(spec: TensorSpec) -> Tensor:
     """The answer of no rows for an output of ``spec``: a Ragged for a variable-length one."""
-    if spec.variable_length:
+    if spec.variable:
         return Ragged(np.zeros((0, *(max(d, 1) for d in spec.shape[1:])), spec.dtype), np.zeros(0, np.int64))
     return spec.example(0)
 
@@ -189,7 +189,7 @@ def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
     way to the teacher, as EDL did (a flat 784-vector for a 1x28x28 feed).  Rows of
     different lengths (``row_shape`` -1 first) go only to a variable-length feed.
     """
-    if row_shape[:1] == (-1,) and not spec.variable_length:
+    if row_shape[:1] == (-1,) and not spec.variable:
         raise ConfigError(
             f"slot {slot!r} has samples of different lengths (rows {_rows_text(row_shape[1:])}), "
             f"but the teacher's feed {spec.name!r} takes rows of fixed shape {list(spec.shape)}; a teacher takes "
@@ -462,7 +462,7 @@ class TaskBuilder:
                 check_feed(name, (-1, *shape[1:]) if name in ragged else shape[1:], self.feeds[name])
 
     def _cut(self) -> BuiltTask:
-        ragged = {name for name, spec in self.feeds.items() if spec.variable_length and name in self.ins}
+        ragged = {name for name, spec in self.feeds.items() if spec.variable and name in self.ins}
         if self.reader_type is ReaderType.BATCH:
             ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}
         built = self._build(ragged)
