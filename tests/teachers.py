@@ -149,3 +149,39 @@ def tiny_lm_topk(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     rows, seq = batch["tokens"].shape
     return {"topk_logprobs": np.full((rows, seq, 8), -np.log(512), np.float16),
             "topk_indices": np.broadcast_to(np.arange(8, dtype=np.int32), (rows, seq, 8))}
+
+
+EMBED = np.random.default_rng(21).standard_normal((1000, 4)).astype(np.float32)  # token id -> 4 values
+
+
+def per_token_np(ids: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`per_token` serves for ONE row (``ids``, ``weight`` of its own length): ``h``, ``mean``."""
+    x = EMBED[ids] * weight[:, None]
+    h = np.cumsum(x, axis=0, dtype=np.float64).astype(np.float32)
+    mean = (x.sum(axis=0, dtype=np.float64) / max(len(ids), 1)).astype(np.float32)
+    return h, mean
+
+
+_TOKENS = {"feeds": {"ids": ("int64", [-1]), "weight": ("float32", [-1])},
+           "fetches": {"h": ("float32", [-1, 4]), "mean": ("float32", [4])}}
+
+
+@zdistill.teacher_function(**_TOKENS)
+def per_token(batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """Token sequences: ``h`` per token (running sum of weighted embeddings: padding after a row
+    leaves its tokens alone), ``mean`` over the row's own tokens (by ``lengths``: padding counted
+    in would change it).  Sleeps ZDISTILL_TEST_DELAY_MS (default 0) per call."""
+    time.sleep(float(os.environ.get("ZDISTILL_TEST_DELAY_MS", "0")) / 1000)
+    x = EMBED[batch["ids"]] * batch["weight"][..., None]
+    h = np.cumsum(x, axis=1, dtype=np.float64).astype(np.float32)
+    mask = np.arange(x.shape[1]) < lengths[:, None]
+    total = (x * mask[..., None]).sum(axis=1, dtype=np.float64)
+    return {"h": h, "mean": (total / np.maximum(lengths, 1)[:, None]).astype(np.float32)}
+
+
+@zdistill.teacher_function(**_TOKENS)
+def short_tokens(batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """Returns one token of ``h`` per row whatever the rows' lengths: a per-token output too short
+    for any batch whose longest row holds more than one token."""
+    out = per_token(batch, lengths=lengths)
+    return {"h": out["h"][:, :1], "mean": out["mean"]}

@@ -11,10 +11,12 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zdistill.teacher.batcher import Batcher, Request
+from zdistill.spec import Ragged
+from zdistill.teacher.batcher import BUCKET_RATIO, Batcher, Request, Whole, length_bucket, split_by_length
 
 
 def req(width: int, rows: int = 1, peer: bytes = b"p", arrived: float = 0.0, req_id: int = 0) -> Request:
@@ -202,3 +204,94 @@ def test_the_batcher_forms_the_same_batches_as_the_reference(ops, max_rows: int,
     while (got := b.take(now, force=True)) is not None:
         assert ids(got) == ref.take(now, True)
     assert ref.queue == []
+
+
+# -- rows of different lengths ---------------------------------------------------------------------
+
+
+def ragged_parts(lengths: list[int] | np.ndarray, max_rows: int = 256, max_tokens: int = 32768,
+                 req_id: int = 0, peer: bytes = b"p") -> list[Request]:
+    """A request of token rows of ``lengths`` (row i holds the value i), cut into parts by the rule."""
+    lengths = np.asarray(lengths, np.int64)
+    values = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    return split_by_length([peer], req_id, {"ids": Ragged(values, lengths)}, lengths, 0.0, max_rows, max_tokens)
+
+
+def test_length_buckets_hold_lengths_within_the_ratio() -> None:
+    for length in range(2, 5000):
+        b = length_bucket(length)
+        assert BUCKET_RATIO ** (b - 1) < length <= BUCKET_RATIO**b * (1 + 1e-12), length
+    assert length_bucket(0) == length_bucket(1) == 0
+
+
+@pytest.mark.parametrize("rows_per_request", [1, 16, 64])
+def test_padding_stays_under_a_quarter_for_lengths_spread_over_1_to_256(rows_per_request: int) -> None:
+    """Lengths spread evenly over 1..256, in requests of 1 to 64 rows: the batches the batcher forms
+    compute fewer than 25% padding tokens, and never more than max_tokens nor max_rows."""
+    rng = np.random.default_rng(rows_per_request)
+    b = Batcher(max_rows=256, max_delay=0.0, max_tokens=16384)
+    for i in range(4096 // rows_per_request):
+        for part in ragged_parts(rng.integers(1, 257, rows_per_request), 256, 16384, req_id=i):
+            b.add(part)
+    rows = 0
+    while (batch := b.take(0.0, force=True)) is not None:
+        batch_rows = sum(r.rows for r in batch)
+        assert batch_rows <= 256 and batch_rows * max(r.longest for r in batch) <= 16384
+        rows += batch_rows
+    s = b.stats
+    assert rows == s.rows == 4096 and s.requests == 4096 // rows_per_request
+    assert s.padding_tokens / (s.tokens + s.padding_tokens) < 0.25, (s.tokens, s.padding_tokens)
+    assert s.batches < 4096 / 8  # and rows do get merged
+
+
+def test_a_request_within_one_bucket_and_the_bounds_stays_whole_and_uncopied() -> None:
+    feeds = {"ids": Ragged(np.arange(30, dtype=np.int64), np.array([10, 9, 11]))}
+    parts = split_by_length([b"p"], 7, feeds, feeds["ids"].lengths, 0.0, 8, 100)
+    assert len(parts) == 1 and parts[0].whole is None and parts[0].feeds is feeds and parts[0].longest == 11
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=40), max_rows=st.integers(1, 12),
+       max_tokens=st.integers(40, 200))
+def test_parts_keep_within_the_bounds_and_come_back_in_the_clients_order(lengths: list[int], max_rows: int,
+                                                                         max_tokens: int) -> None:
+    parts = ragged_parts(lengths, max_rows, max_tokens)
+    seen = np.concatenate([p.index if p.index is not None else np.arange(len(lengths)) for p in parts])
+    assert sorted(seen.tolist()) == list(range(len(lengths)))  # every row in exactly one part
+    for part in parts:
+        assert part.rows <= max_rows and part.rows * part.longest <= max_tokens
+        assert len({length_bucket(int(n)) for n in part.lengths}) == 1
+        rows_of = part.index if part.index is not None else np.arange(len(lengths))
+        for i, row, n in zip(rows_of.tolist(), part.feeds["ids"].rows(), part.lengths.tolist(), strict=True):
+            assert len(row) == n == lengths[i] and (row == i).all()  # the row's own values, whole
+    if parts[0].whole is None:
+        return
+    # answers per part (row i answers i, as its tokens and as a dense value), back in the client's order
+    whole, merged = parts[0].whole, None
+    for part in reversed(parts):
+        ids_of_rows = part.index
+        outputs = {"tok": Ragged(np.repeat(ids_of_rows, part.lengths), part.lengths), "row": ids_of_rows * 10}
+        merged = whole.add(part.index, outputs)
+    assert merged is not None
+    assert merged["row"].tolist() == [10 * i for i in range(len(lengths))]
+    assert merged["tok"].lengths.tolist() == lengths
+    assert merged["tok"].values.tolist() == np.repeat(np.arange(len(lengths)), lengths).tolist()
+
+
+def test_a_batch_never_passes_max_tokens_and_takes_parts_of_one_bucket_only() -> None:
+    b = Batcher(max_rows=100, max_delay=0.0, max_tokens=64)
+    for i, lengths in enumerate([[8] * 4, [8] * 4, [8] * 4, [30], [3, 4], [8]]):
+        for part in ragged_parts(lengths, 100, 64, req_id=i):
+            b.add(part)
+    assert ids(b.take(0.0)) == [0, 1]  # 8 rows of 8 = 64; the third request would pass 64
+    assert ids(b.take(0.0)) == [2, 5]  # the oldest left, and the other request of its bucket
+    assert ids(b.take(0.0)) == [3]
+    assert ids(b.take(0.0)) == [4]  # 3 and 4 share a bucket: one part
+    assert b.take(0.0, force=True) is None
+
+
+def test_a_whole_answers_in_client_order_whatever_order_its_parts_finish() -> None:
+    whole = Whole(rows=3, parts=2)
+    assert whole.add(np.array([1]), {"y": np.array([[1.0]])}) is None
+    got = whole.add(np.array([0, 2]), {"y": np.array([[0.0], [2.0]])})
+    assert got is not None and got["y"].ravel().tolist() == [0.0, 1.0, 2.0]
