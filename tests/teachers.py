@@ -121,26 +121,6 @@ def negate_increment_int16(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {"na": -batch["a"], "b1": batch["b"].astype(np.int64) + 1}
 
 
-def scale_tokens_np(ids: np.ndarray, w: np.float32) -> tuple[np.ndarray, np.float32]:
-    """What :func:`scale_tokens` answers for one row, computed on the row alone."""
-    tokens = ids.astype(np.float32)
-    mean = np.float32(tokens.sum() / len(tokens) * w) if len(tokens) else np.float32(0)
-    return tokens * w, mean
-
-
-@zdistill.teacher_function(feeds={"ids": ("int64", [-1]), "w": ("float32", [])},
-                           fetches={"tok": ("float32", [-1]), "mean": ("float32", [])})
-def scale_tokens(batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
-    """Token sequences: ``tok`` = each token id times ``w`` (per token), ``mean`` = the mean of a row's
-    ids times ``w`` (0 for an empty row), over its own tokens only, so padding that leaks in shows.
-    Takes ZDISTILL_TEST_DELAY_MS per call (default 0), for a teacher that holds work when killed."""
-    time.sleep(float(os.environ.get("ZDISTILL_TEST_DELAY_MS", "0")) / 1000)
-    tokens, w = batch["ids"].astype(np.float32), batch["w"]
-    inside = np.arange(tokens.shape[1]) < lengths[:, None]
-    total = np.where(inside, tokens, 0).sum(axis=1)
-    mean = np.where(lengths > 0, total / np.maximum(lengths, 1) * w, 0)
-    return {"tok": tokens * w[:, None], "mean": mean.astype(np.float32)}
-
 
 @zdistill.teacher_function(feeds={"tokens": ("int32", [16])},
                            fetches={"topk_logprobs": ("float16", [16, 8]), "topk_indices": ("int32", [16, 8])})

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests import procs
-from tests.teachers import scale_tokens_np
+from tests.teachers import per_token_np
 from zdistill import ConfigError, DistillReader
 from zdistill.spec import Ragged
 from zdistill.student.batches import answer_problem
@@ -111,26 +111,32 @@ def negated(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
 
 
 @pytest.fixture(scope="module")
-def scale(tmp_path_factory):
-    """A teacher of a variable-length feed (``ids``) beside a fixed one (``w``), per-token and per-row fetches."""
-    proc = procs.start_teacher(f"{procs.TEACHERS}:scale_tokens", tmp_path_factory.mktemp("scale"))
+def tokens(tmp_path_factory):
+    """A teacher of two variable-length feeds (``ids``, ``weight``): ``h`` per token ([len, 4]), ``mean`` per row."""
+    proc = procs.start_teacher(f"{procs.TEACHERS}:per_token", tmp_path_factory.mktemp("tokens"))
     yield proc.endpoint
     proc.stop()
 
 
+TOKEN_INS = ["ids", "weight", "label"]
+
+
 def token_rows(n: int, seed: int = 0, shortest: int = 1) -> list[tuple[Any, ...]]:
-    """(ids, w, label): token ids of ``shortest``..12 tokens, a weight, and the row's number."""
+    """(ids, weight, label): ``shortest``..12 token ids, a weight per token, and the row's number."""
     rng = np.random.default_rng(seed)
-    return [(rng.integers(0, 100, int(rng.integers(shortest, 13))), np.float32(1 + i % 3), np.int64(i))
-            for i in range(n)]
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(shortest, 13))
+        rows.append((rng.integers(0, 1000, length), rng.random(length, dtype=np.float32), np.int64(i)))
+    return rows
 
 
-def scaled(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
-    return scale_tokens_np(sample[0], sample[1])
+def per_token(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+    return per_token_np(sample[0], sample[1])
 
 
-def scaled_mean(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
-    return scale_tokens_np(sample[0], sample[1])[1:]
+def per_row(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
+    return per_token_np(sample[0], sample[1])[1:]
 
 
 # -- a ragged slot no teacher takes --------------------------------------------------
@@ -190,66 +196,66 @@ def test_samples_of_different_lengths_for_a_fixed_feed_raise_naming_it(negate, m
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("mode, lists", [*((m, True) for m in MODES), ("batch", False)])
-def test_sequences_are_fed_and_per_token_predictions_cut_to_each_sample(scale, mode, lists):
+def test_sequences_are_fed_and_per_token_predictions_cut_to_each_sample(tokens, mode, lists):
     samples = token_rows(80)
     items = as_items(mode, samples, lists)
-    with reader(mode, ["ids", "w", "label"], ["tok", "mean"], scale, items) as dr:
+    with reader(mode, TOKEN_INS, ["h", "mean"], tokens, items) as dr:
         dr.set_teacher_batch_size(5)  # requests cut across tasks' rows of many lengths
         for _ in range(2):
             out = list(dr())
-            check(mode, out, items, samples, scaled)
+            check(mode, out, items, samples, per_token)
             if mode == "batch":  # a per-token prediction of a batch: one array per sample
                 assert all(isinstance(batch[3], list) for batch in out)
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("mode", MODES)
-def test_sequences_with_the_cache_are_answered_from_it(scale, tmp_path, mode):
+def test_sequences_with_the_cache_are_answered_from_it(tokens, tmp_path, mode):
     """Rows are keyed by their tokens and length: the second epoch comes from the cache, each row its own."""
     samples = token_rows(60, shortest=0)
-    samples += [(np.zeros(0, np.int64), np.float32(2), np.int64(60)), (np.zeros(1, np.int64), np.float32(2),
-                                                                      np.int64(61))]
+    samples += [(np.zeros(0, np.int64), np.zeros(0, np.float32), np.int64(60)),
+                (np.zeros(1, np.int64), np.ones(1, np.float32), np.int64(61))]
     items = as_items(mode, samples)
-    with reader(mode, ["ids", "w", "label"], ["mean"], scale, items) as dr:
+    with reader(mode, TOKEN_INS, ["mean"], tokens, items) as dr:
         dr.set_teacher_cache(tmp_path / "cache")
         for _ in range(2):
-            check(mode, list(dr()), items, samples, scaled_mean)
+            check(mode, list(dr()), items, samples, per_row)
         cache = dr.stats()["cache"]
         assert cache["enabled"] and cache["hits"] >= len(samples) - 2, cache
 
 
 @pytest.mark.timeout(180)
-def test_per_token_predictions_are_not_cached_and_still_right(scale, tmp_path, caplog):
+def test_per_token_predictions_are_not_cached_and_still_right(tokens, tmp_path, caplog):
     """The cache keeps rows of one size: with a per-token prediction it is not used, and says why."""
     samples = token_rows(40)
     items = as_items("sample", samples)
-    with reader("sample", ["ids", "w", "label"], ["tok", "mean"], scale, items) as dr:
+    with reader("sample", TOKEN_INS, ["h", "mean"], tokens, items) as dr:
         dr.set_teacher_cache(tmp_path / "cache")
         for _ in range(2):
-            check("sample", list(dr()), items, samples, scaled)
+            check("sample", list(dr()), items, samples, per_token)
         assert not dr.stats()["cache"]["enabled"]
-    assert "outputs ['tok'] are per-token" in caplog.text
+    assert "outputs ['h'] are per-token" in caplog.text
 
 
 @pytest.mark.timeout(240)
 def test_a_teacher_killed_mid_epoch_loses_no_sequence(start_teacher):
     """Every sample once, in order, with its own predictions, though a teacher holding tasks died."""
-    keep = start_teacher(f"{procs.TEACHERS}:scale_tokens")
+    keep = start_teacher(f"{procs.TEACHERS}:per_token")
     # A slow victim always holds tasks, so its death really costs the epoch some work.
-    victim = start_teacher(f"{procs.TEACHERS}:scale_tokens", env={"ZDISTILL_TEST_DELAY_MS": "30"})
+    victim = start_teacher(f"{procs.TEACHERS}:per_token", env={"ZDISTILL_TEST_DELAY_MS": "30"})
     samples = token_rows(1500, seed=5)
     items = as_items("batch", samples)
-    with reader("batch", ["ids", "w", "label"], ["tok", "mean"], keep.endpoint, items, task_rows=BATCH * 3) as dr:
+    with reader("batch", TOKEN_INS, ["h", "mean"], keep.endpoint, items, task_rows=BATCH * 3) as dr:
         dr.set_fixed_teacher([keep.endpoint, victim.endpoint])
         deadline = time.monotonic() + 60
         while procs.requests_served(victim) == 0 and time.monotonic() < deadline:  # both workers up and busy
-            check("batch", list(dr()), items, samples, scaled)
+            check("batch", list(dr()), items, samples, per_token)
         out = []
         for i, batch in enumerate(dr()):
             out.append(batch)
             if i == 20:
                 victim.kill()
-        check("batch", out, items, samples, scaled)
+        check("batch", out, items, samples, per_token)
         stats = dr.stats()
     assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
 
