@@ -22,6 +22,7 @@ from tests.teachers import per_token_np
 from zdistill import ConfigError, DistillReader
 from zdistill.spec import Ragged
 from zdistill.student.batches import answer_problem
+from zdistill.student.cache import key_seed, row_keys
 
 MODES = ["sample", "sample_list", "batch"]
 BATCH = 7  # samples per reader batch (sample lists and batches)
@@ -273,3 +274,17 @@ def test_an_answer_of_other_rows_or_lengths_is_named_not_used():
     assert answer_problem(feeds, {**right, "mean": np.zeros(3)}, ["mean"]) == \
         "output 'mean' has 3 rows for a request of 2"
     assert answer_problem(feeds, right, ["other"]) == "its answer has no output 'other'"
+
+
+def test_cache_keys_tell_rows_apart_by_length_and_shape():
+    """Rows whose bytes are the same but whose lengths or shapes are not are other questions."""
+    seed = key_seed({"ids": ("<i8", (-1,)), "mask": ("<i8", (-1,))})
+    ids = Ragged.from_rows([np.array([1, 2]), np.array([1])])
+    mask = Ragged.from_rows([np.array([3]), np.array([2, 3])])
+    keys = row_keys([ids, mask], seed)  # row 0: [1, 2] + [3]; row 1: [1] + [2, 3]: the same bytes joined
+    assert len({k.tobytes() for k in keys}) == 2
+    empty = Ragged(np.zeros((5, 0)), np.array([2, 3]))  # tokens of no bytes: only the length differs
+    assert len({k.tobytes() for k in row_keys([empty], seed)}) == 2
+    assert key_seed({"ids": ("<i8", (-1,))}) != key_seed({"ids": ("<i8", (2,))})
+    one = Ragged.from_rows([np.array([1, 2])])
+    assert row_keys([one], seed).tobytes() == row_keys([Ragged.from_rows([np.array([1, 2])])], seed).tobytes()
