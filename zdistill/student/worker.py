@@ -200,13 +200,13 @@ class Worker:
         key = (task.epoch, task.task_id)
         try:
             slots = self.slots.read(task.shm)
-        except WireError as exc:  # a task of an epoch that ended: nobody waits for it any more
+            tensors = slot_tensors(slots, self._fed(slots))  # lengths that do not add up: a slot reused since
+        except (WireError, ConfigError) as exc:  # a task of an epoch that ended: nobody waits for it any more
             log.debug("dropping task %s: %s", key, exc)
             self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED,
                                        message=str(exc)))
             return
         try:
-            tensors = slot_tensors(slots, self._fed(slots))
             for spec in self.feeds:
                 self._check_feed(tensors, spec)
         except ConfigError as exc:  # the teacher was redeployed with other inputs since its meta said
