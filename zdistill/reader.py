@@ -9,6 +9,9 @@ A student swaps ``from paddle_edl.distill.distill_reader import DistillReader`` 
   max batch (EDL's default of 1 sample per request was its main cost); it never
   changes the output;
 - an empty reader batch (or sample list) comes out as an empty batch (EDL dropped it);
+- a slot whose samples differ in length (token ids) travels unpadded, and each sample
+  comes back at its own length, a per-token prediction cut to it (README.md,
+  "Variable-length sequences");
 - every value comes back unchanged (a slot's dtype is one that holds all of its task's
   values, see README.md), or the epoch raises ``ConfigError`` naming it;
 - ``close()``, ``with``, garbage collection and interpreter exit stop every process

@@ -11,6 +11,15 @@ A slot's array in a task has one dtype that holds every value of the task exactl
 and a value the teacher's feed dtype cannot hold is an error (:func:`check_values`),
 never a wrapped or overflowed number.
 
+A slot whose samples differ in length along their first axis (token ids, ``[len, d]``
+features), or that feeds a teacher's variable-length feed (first per-row dim -1), is
+*ragged* in its task: its array holds every sample's values end to end, and the array
+``l:<name>`` each sample's length (:class:`~zdistill.spec.Ragged`'s layout), so a task
+of sequences is still two contiguous arrays, built with one copy.  A batch reader may
+give such a slot as a list of per-sample arrays (EDL's ERNIE example does); the array
+``f:<name>`` (one int64 per reader batch) says in which form each batch came, so the
+training loop gets it back the same way (:func:`split_output`).
+
 Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
 (:mod:`zdistill.student.shm`) under their own names.
 """
@@ -26,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from zdistill.errors import ConfigError
-from zdistill.spec import TensorSpec
+from zdistill.spec import Ragged, Tensor, TensorSpec
 
 
 class ReaderType(enum.StrEnum):
@@ -39,6 +48,84 @@ class ReaderType(enum.StrEnum):
 
 def predict_key(name: str) -> str:
     return "p:" + name
+
+
+_LENGTHS, _FORMS = "l:", "f:"  # a ragged slot's lengths; a slot's form per reader batch
+AS_LIST = -1  # in a slot's forms: this reader batch gave the slot as a list of per-sample arrays
+
+
+def slot_tensors(slots: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, Tensor]:
+    """The slots called ``names`` as the teacher takes them: a ragged one's values and lengths as one Ragged."""
+    out: dict[str, Tensor] = {}
+    for name in names:
+        lengths = slots.get(_LENGTHS + name)
+        out[name] = slots[name] if lengths is None else Ragged.checked(slots[name], lengths, f"slot {name!r}")
+    return out
+
+
+def slot_forms(slots: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
+    """How each reader batch gave slot ``name``: :data:`AS_LIST`, or the row length of an array
+    (a ragged slot's); None when every batch gave it as an array."""
+    return slots.get(_FORMS + name)
+
+
+def row_shape(tensor: Tensor) -> tuple[int, ...]:
+    """The shape of one row: -1 first for rows of different lengths."""
+    return (-1, *tensor.inner_shape) if isinstance(tensor, Ragged) else tuple(tensor.shape[1:])
+
+
+def select(tensor: Tensor, rows: slice | np.ndarray) -> Tensor:
+    """The ``rows`` (a slice of step 1, or indices) of a tensor: views for a slice."""
+    if not isinstance(tensor, Ragged):
+        return tensor[rows]
+    offsets = tensor.offsets
+    if isinstance(rows, slice):
+        start, stop, _ = rows.indices(len(tensor))
+        stop = max(start, stop)
+        return Ragged(tensor.values[offsets[start] : offsets[stop]], tensor.lengths[start:stop])
+    lengths = tensor.lengths[rows]
+    starts = np.repeat(offsets[:-1][rows] - (np.cumsum(lengths) - lengths), lengths)
+    return Ragged(tensor.values[starts + np.arange(len(starts))], lengths)
+
+
+def join(parts: Sequence[Tensor]) -> Tensor:
+    """Tensors' rows one after another (one part: itself)."""
+    if len(parts) == 1:
+        return parts[0]
+    if any(isinstance(p, Ragged) for p in parts):
+        ragged = [p if isinstance(p, Ragged) else Ragged(p.reshape(-1, *p.shape[2:]), np.full(len(p), p.shape[1]))
+                  for p in parts]
+        return Ragged(np.concatenate([p.values for p in ragged]), np.concatenate([p.lengths for p in ragged]))
+    return np.concatenate(parts)
+
+
+def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], predicts: Sequence[str]) -> str:
+    """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can).
+
+    Each prediction needs a row per fed row, and a per-token one (a Ragged) each fed
+    sequence's length: else a sample would get another's predictions, or a cut that
+    is not its own.
+    """
+    rows = len(next(iter(feeds.values()))) if feeds else 0
+    lengths = next((t.lengths for t in feeds.values() if isinstance(t, Ragged)), None)
+    for name in predicts:
+        got = answer.get(name)
+        if got is None:
+            return f"its answer has no output {name!r}"
+        if len(got) != rows:
+            return f"output {name!r} has {len(got)} rows for a request of {rows}"
+        if isinstance(got, Ragged) and lengths is not None and not np.array_equal(got.lengths, lengths):
+            bad = int(np.flatnonzero(got.lengths != lengths)[0])
+            return (f"per-token output {name!r} has {int(got.lengths[bad])} entries for row {bad} of the request, "
+                    f"whose sequence has {int(lengths[bad])}")
+    return ""
+
+
+def empty_output(spec: TensorSpec) -> Tensor:
+    """The answer of no rows for an output of ``spec``: a Ragged for a variable-length one."""
+    if spec.variable:
+        return Ragged(np.zeros((0, *(max(d, 1) for d in spec.shape[1:])), spec.dtype), np.zeros(0, np.int64))
+    return spec.example(0)
 
 
 @dataclass(frozen=True)
@@ -75,7 +162,7 @@ class CacheSlots:
 _STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
 
 
-Allocator = Callable[[int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]
+Allocator = Callable[[int, int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]
 
 
 @dataclass
@@ -87,23 +174,27 @@ class BuiltTask:
     task_id: int
     slots: dict[str, np.ndarray]
     sizes: list[int] | None  # None: a sample reader, every row is yielded on its own
+    rows: int
     descriptor: Any = None  # where the slots live in shared memory (zdistill.student.shm), if they do
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.slots.values())
 
-    @property
-    def rows(self) -> int:
-        return len(next(iter(self.slots.values())))
-
 
 def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
     """Raise a clear error unless rows of ``row_shape`` can be fed to ``spec``.
 
     A row whose number of values equals the feed's is accepted and reshaped on the
-    way to the teacher, as EDL did (a flat 784-vector for a 1x28x28 feed).
+    way to the teacher, as EDL did (a flat 784-vector for a 1x28x28 feed).  Rows of
+    different lengths (``row_shape`` -1 first) go only to a variable-length feed.
     """
+    if row_shape[:1] == (-1,) and not spec.variable:
+        raise ConfigError(
+            f"slot {slot!r} has samples of different lengths (rows {_rows_text(row_shape[1:])}), "
+            f"but the teacher's feed {spec.name!r} takes rows of fixed shape {list(spec.shape)}; a teacher takes "
+            "sequences in a feed declared with -1 first (e.g. ('int64', [-1]))"
+        )
     if spec.matches(row_shape):
         return
     want = int(np.prod(spec.shape)) if all(d >= 0 for d in spec.shape) else None
@@ -174,12 +265,14 @@ def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
                           f"{arr[lost][:3].tolist()} would become {cast[lost][:3].tolist()}")
 
 
-def to_feed(arr: np.ndarray, spec: TensorSpec, check: bool = True) -> np.ndarray:
-    """A slot array as the teacher wants it: its per-row shape and dtype (no copy if already so).
+def to_feed(arr: Tensor, spec: TensorSpec, check: bool = True) -> Tensor:
+    """A slot's tensor as the teacher wants it: its per-row shape and dtype (no copy if already so).
 
     ``check`` raises where the cast would change a value (:func:`check_values`);
     ``check=False`` is for values already checked against this spec.
     """
+    if isinstance(arr, Ragged):
+        return Ragged(to_feed(arr.values, TensorSpec(spec.name, spec.dtype, spec.shape[1:]), check), arr.lengths)
     if not spec.matches(arr.shape[1:]):
         arr = arr.reshape(len(arr), *spec.shape)
     if check:
@@ -222,6 +315,11 @@ class TaskBuilder:
     An empty reader batch (or sample list) rides in the task beside its neighbours as a
     size of 0, so the output has as many batches as the reader yielded; empty batches
     after the epoch's last row make a task of no rows, which needs no teacher.
+
+    A slot is ragged in a task (values plus lengths, see the module docstring) when the
+    teacher's feed for it is variable-length, or when its samples in the task differ in
+    length along their first axis; found out only once stacking them failed, so slots
+    of fixed shape cost what they did.
     """
 
     def __init__(
@@ -241,7 +339,8 @@ class TaskBuilder:
         self.allocate = allocate
         self._row_bytes = 0  # bytes of one row of all slots, learnt from the first task
         self._next_id = 0
-        self._parts: list[list[Any]] = [[] for _ in self.ins]  # per slot: samples or batch arrays
+        self._parts: list[list[Any]] = [[] for _ in self.ins]  # per slot: samples, or batches (arrays or row lists)
+        self._forms: list[list[int]] = [[] for _ in self.ins]  # per slot, per reader batch: AS_LIST or its row length
         self._sizes: list[int] = []
         self._rows = 0
 
@@ -285,17 +384,26 @@ class TaskBuilder:
             self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, sample, strict=True))
 
     def _add_batch(self, batch: Any) -> int:
-        arrays = [_as_array(name, a) for name, a in zip(self.ins, self._arity(batch, "batch"), strict=True)]
-        rows = {a.shape[0] if a.ndim else -1 for a in arrays}
+        values = self._arity(batch, "batch")
+        if all(type(v) is np.ndarray for v in values):  # the common case: arrays, taken as they are
+            parts: list[Any] = list(values)
+            listed = [False] * len(parts)
+        else:
+            made = [_batch_part(name, v) for name, v in zip(self.ins, values, strict=True)]
+            parts, listed = [p for p, _ in made], [as_list for _, as_list in made]
+        rows = {len(p) if isinstance(p, list) else p.shape[0] if p.ndim else -1 for p in parts}
         if len(rows) != 1 or min(rows) < 0:
-            shapes = {name: list(a.shape) for name, a in zip(self.ins, arrays, strict=True)}
+            shapes = {name: f"{len(p)} samples" if isinstance(p, list) else list(p.shape)
+                      for name, p in zip(self.ins, parts, strict=True)}
             raise ConfigError(f"every slot of a batch needs the same number of rows, got shapes {shapes}")
         n = rows.pop()
+        for forms, p, as_list in zip(self._forms, parts, listed, strict=True):
+            forms.append(AS_LIST if as_list else p.shape[1] if p.ndim > 1 else 0)
         if n or not self._rows:  # an empty batch holds no value: it decides nothing once a row is there
-            for part, arr in zip(self._parts, arrays, strict=True):
-                part.append(arr)
+            for part, p in zip(self._parts, parts, strict=True):
+                part.append(p)
         if not self._row_bytes and n:
-            self._row_bytes = sum(a.nbytes for a in arrays) // n
+            self._row_bytes = sum(sum(r.nbytes for r in p) if isinstance(p, list) else p.nbytes for p in parts) // n
         return n
 
     def _plan(self, name: str, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
@@ -313,11 +421,18 @@ class TaskBuilder:
         first = _as_array(name, part[0])
         return (len(part), *first.shape), first.dtype
 
-    def _stacked(self, slots: dict[str, np.ndarray]) -> bool:
+    def _uneven(self, name: str, part: list[Any]) -> bool:
+        """Whether a slot's samples in the task differ in length along their first axis."""
+        if self.reader_type is not ReaderType.BATCH:
+            arrays = [_as_array(name, v) for v in part]
+            return all(a.ndim for a in arrays) and len({a.shape[0] for a in arrays}) > 1
+        return any(isinstance(p, list) for p in part) or len({p.shape[1] for p in part if p.ndim > 1 and len(p)}) > 1
+
+    def _stacked(self, slots: dict[str, np.ndarray], ragged: set[str]) -> bool:
         """Stack a sample reader's values into ``slots``; False when a sample's dtype or shape is not the first's."""
         try:
             for name, part in zip(self.ins, self._parts, strict=True):
-                if part:
+                if part and name not in ragged:
                     np.stack(part, out=slots[name], casting="no")
         except (ValueError, TypeError):
             return False
@@ -338,37 +453,73 @@ class TaskBuilder:
                 _check_held(name, out[start : start + len(p)], p)
             start += len(p)
 
-    def _check(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        for name, (shape, dtype) in specs.items():
+    def _check(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]], ragged: set[str]) -> None:
+        for name in self.ins:
+            shape, dtype = specs[name]
             if dtype.kind not in "biufc":
                 raise ConfigError(f"slot {name!r} holds {dtype} values; zdistill sends numbers and bools")
             if name in self.feeds and shape[0]:
-                check_feed(name, shape[1:], self.feeds[name])
+                check_feed(name, (-1, *shape[1:]) if name in ragged else shape[1:], self.feeds[name])
 
     def _cut(self) -> BuiltTask:
-        specs = {name: self._plan(name, part) for name, part in zip(self.ins, self._parts, strict=True)}
-        self._check(specs)
-        slots, descriptor = self.allocate(self._next_id, specs)
+        ragged = {name for name, spec in self.feeds.items() if spec.variable and name in self.ins}
         if self.reader_type is ReaderType.BATCH:
-            for name, part in zip(self.ins, self._parts, strict=True):
-                self._concatenate(name, slots[name], part)
-        elif not self._stacked(slots):  # a sample differs from the first: stack them all in a dtype that holds each
-            built = {name: self._stack(name, part) for name, part in zip(self.ins, self._parts, strict=True)}
-            specs = {name: (arr.shape, arr.dtype) for name, arr in built.items()}
-            self._check(specs)
-            slots, descriptor = self.allocate(self._next_id, specs)  # the same slot, laid out anew
-            for name, arr in built.items():
-                np.copyto(slots[name], arr)
-        rows = len(next(iter(slots.values())))
-        for name, arr in slots.items():
-            if name in self.feeds and rows:
-                check_values(arr, self.feeds[name])  # before a teacher gets a value its dtype cannot hold
+            ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}
+        built = self._build(ragged)
+        if built is None:  # a sample differs from the first: in length, or in dtype or shape
+            ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}
+            built = self._build(ragged) or self._build(ragged, promote=True)
+        assert built is not None
+        slots, descriptor = built
+        if self._rows:
+            for name in self.ins:
+                if name in self.feeds:
+                    check_values(slots[name], self.feeds[name])  # before a teacher gets a value its dtype cannot hold
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
-        task = BuiltTask(self._next_id, slots, sizes, descriptor)
+        task = BuiltTask(self._next_id, slots, sizes, self._rows, descriptor)
         self._next_id += 1
         self._parts = [[] for _ in self.ins]
+        self._forms = [[] for _ in self.ins]
         self._sizes, self._rows = [], 0
         return task
+
+    def _build(self, ragged: set[str], promote: bool = False) -> tuple[dict[str, np.ndarray], Any] | None:
+        """The task's arrays in a slot, the slots in ``ragged`` as values and lengths; None when a
+        sample reader's sample differs from the first in dtype or shape (unless ``promote``:
+        then each such slot is stacked in a dtype that holds every value, :meth:`_stack`)."""
+        specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        pieces, stacked = {}, {}
+        for name, part in zip(self.ins, self._parts, strict=True):
+            if name in ragged:
+                pieces[name] = _ragged_pieces(name, part, self.reader_type is ReaderType.BATCH)
+                specs[name], specs[_LENGTHS + name] = _ragged_layout(name, pieces[name])
+            elif promote:
+                stacked[name] = self._stack(name, part)
+                specs[name] = stacked[name].shape, stacked[name].dtype
+            else:
+                specs[name] = self._plan(name, part)
+        for name, forms in zip(self.ins, self._forms, strict=True):
+            if forms and (name in ragged or AS_LIST in forms):
+                specs[_FORMS + name] = (len(forms),), np.dtype(np.int64)
+        self._check(specs, ragged)
+        slots, descriptor = self.allocate(self._next_id, self._rows, specs)
+        for name, values in pieces.items():
+            if values:
+                np.concatenate([v for v, _ in values], out=slots[name], casting="no")
+                np.concatenate([n for _, n in values], out=slots[_LENGTHS + name])
+        for name, forms in zip(self.ins, self._forms, strict=True):
+            if _FORMS + name in slots:
+                slots[_FORMS + name][:] = forms
+        dense = [(name, part) for name, part in zip(self.ins, self._parts, strict=True) if name not in ragged]
+        if self.reader_type is ReaderType.BATCH:
+            for name, part in dense:
+                self._concatenate(name, slots[name], part)
+        elif promote:
+            for name, arr in stacked.items():
+                np.copyto(slots[name], arr)
+        elif not self._stacked(slots, ragged):
+            return None
+        return slots, descriptor
 
     def _stack(self, name: str, part: list[Any]) -> np.ndarray:
         """A sample slot's values in one array of the dtype numpy promotes them all to, if it holds each exactly.
@@ -395,6 +546,69 @@ class TaskBuilder:
         return built
 
 
+def _batch_part(name: str, value: Any) -> tuple[np.ndarray | list[np.ndarray], bool]:
+    """A batch reader's slot: an array, or the rows of a list of per-sample arrays of different
+    shapes; and whether it came as a list of arrays (it goes back to the loop as one)."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, np.ndarray) for v in value):
+        rows = list(value)
+    else:
+        try:
+            return np.asarray(value), False
+        except ValueError:  # lists of different lengths: one list per sample
+            if not isinstance(value, (list, tuple)):
+                raise
+            rows = [_as_array(name, v) for v in value]
+    if len({(r.shape, r.dtype) for r in rows}) == 1:
+        return np.stack(rows), True
+    return rows, True
+
+
+def _ragged_pieces(name: str, part: list[Any], batches: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A ragged slot's samples in a task as (values, lengths) pieces to join: one per sample,
+    or per batch of rows of one length (a batch reader's array ``[n, length, ...]``)."""
+    pieces = []
+    for value in part:
+        if batches and isinstance(value, np.ndarray):
+            if value.ndim > 1:
+                pieces.append((value.reshape(-1, *value.shape[2:]), np.full(len(value), value.shape[1], np.int64)))
+                continue
+            rows = list(value)  # scalars, refused below (an empty batch: none)
+        else:
+            rows = value if batches else [value]
+        for row in rows:
+            arr = _as_array(name, row)
+            if not arr.ndim:
+                raise ConfigError(f"slot {name!r} holds samples of different lengths, and a scalar {arr.item()!r:.40} "
+                                  "among them: each sample of a variable-length slot needs a length axis")
+            pieces.append((arr, np.array([len(arr)], np.int64)))
+    return pieces
+
+
+def _ragged_layout(name: str, pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[
+    tuple[tuple[int, ...], np.dtype], tuple[tuple[int, ...], np.dtype]
+]:
+    """Shape and dtype of a ragged slot's values and of its lengths; ConfigError naming the slot
+    unless every sample has one dtype and one shape after its length (a token's shape)."""
+    if not pieces:
+        return ((0,), np.dtype(np.float64)), ((0,), np.dtype(np.int64))
+    first = pieces[0][0]
+    for values, _ in pieces:
+        if values.shape[1:] != first.shape[1:] or values.dtype != first.dtype:
+            raise ConfigError(
+                f"slot {name!r} holds samples of different lengths, so it travels as a sequence per sample, "
+                f"whose samples may differ in length only: one is {values.dtype} {_rows_text(values.shape[1:])}, "
+                f"another {first.dtype} {_rows_text(first.shape[1:])}"
+            )
+    total = sum(len(v) for v, _ in pieces)
+    rows = sum(len(n) for _, n in pieces)
+    return ((total, *first.shape[1:]), first.dtype), ((rows,), np.dtype(np.int64))
+
+
+def _rows_text(inner: Sequence[int]) -> str:
+    """The shape of rows of any length and a token shape ``inner``: ``[n]``, ``[n, 4]``."""
+    return "[" + ", ".join(["n", *map(str, inner)]) + "]"
+
+
 def _as_array(slot: str, value: Any) -> np.ndarray:
     """``np.asarray(value)``, or a ConfigError naming the slot when numpy cannot make one array of it."""
     try:
@@ -415,15 +629,43 @@ def _check_held(name: str, stacked: np.ndarray, original: np.ndarray) -> None:
 
 
 def split_output(
-    reader_type: ReaderType, slots: Sequence[np.ndarray], predicts: Sequence[np.ndarray], sizes: Iterable[int] | None
+    reader_type: ReaderType, slots: Sequence[Tensor], predicts: Sequence[Tensor], sizes: Iterable[int] | None,
+    forms: Sequence[np.ndarray | None] = (),
 ) -> Iterator[Any]:
-    """Cut a finished task back into what EDL's reader yields, as views of its arrays."""
+    """Cut a finished task back into what EDL's reader yields, as views of its arrays.
+
+    A ragged slot or prediction gives each sample its own array.  A batch reader's batch
+    gives a slot back in the form the reader gave it (``forms``, per slot: see
+    :func:`slot_forms`): a list of per-sample arrays, or one array (``[n, length, ...]``
+    for a ragged slot, a view of its values); a ragged prediction is a list of
+    per-sample arrays.
+    """
     columns = [*slots, *predicts]
     if reader_type is ReaderType.SAMPLE:
-        yield from zip(*columns, strict=True)
+        yield from zip(*[c.rows() if isinstance(c, Ragged) else c for c in columns], strict=True)
         return
     start = 0
-    for n in sizes or ():
-        part = [c[start : start + n] for c in columns]
-        yield tuple(part) if reader_type is ReaderType.BATCH else list(zip(*part, strict=True))
+    if not any(isinstance(c, Ragged) for c in columns) and not any(k is not None for k in forms):
+        for n in sizes or ():  # arrays only (the common case): views, and nothing else to do
+            part = [c[start : start + n] for c in columns]
+            yield tuple(part) if reader_type is ReaderType.BATCH else list(zip(*part, strict=True))
+            start += n
+        return
+    kinds = [*forms, *[None] * (len(columns) - len(forms))]
+    for batch, n in enumerate(sizes or ()):
+        part = [select(c, slice(start, start + n)) for c in columns]
+        if reader_type is ReaderType.BATCH:
+            yield tuple(_as_given(c, None if k is None else int(k[batch])) for c, k in zip(part, kinds, strict=True))
+        else:
+            yield list(zip(*[c.rows() if isinstance(c, Ragged) else c for c in part], strict=True))
         start += n
+
+
+def _as_given(column: Tensor, form: int | None) -> Any:
+    """One batch's rows of a column in the form the reader gave them: :data:`AS_LIST`, rows of
+    ``form`` long, or None for a column whose every batch was an array (or a prediction)."""
+    if isinstance(column, Ragged):
+        if form is None or form == AS_LIST:
+            return column.rows()
+        return column.values.reshape(len(column), form, *column.inner_shape)
+    return list(column) if form == AS_LIST else column

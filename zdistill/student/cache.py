@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from zdistill.fingerprint import TOLERANCE, distance
-from zdistill.spec import TensorSpec
+from zdistill.spec import Ragged, Tensor, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,9 @@ def default_max_bytes(path: str) -> int:
 def cacheable(fetches: Sequence[TensorSpec]) -> str | None:
     """Why predictions of these specs cannot be cached (a row size that varies), or None."""
     varying = [f.name for f in fetches if any(d < 0 for d in f.shape)]
-    return f"outputs {varying} have rows of varying size" if varying else None
+    if not varying:
+        return None
+    return f"outputs {varying} are per-token (rows of varying size), and the cache keeps rows of one size"
 
 
 def record_dtype(fetches: Sequence[TensorSpec]) -> np.dtype:
@@ -111,25 +113,40 @@ def record_checks(records: np.ndarray) -> np.ndarray:
     return np.fromiter((digest(row[:body], CHECK_SEED) for row in raw), np.uint32, len(records))
 
 
-def row_keys(arrays: Sequence[np.ndarray], seed: int) -> np.ndarray:
-    """128-bit keys (rows x 16 bytes) of the rows of ``arrays`` taken together."""
+def row_keys(arrays: Sequence[Tensor], seed: int) -> np.ndarray:
+    """128-bit keys (rows x 16 bytes) of the rows of ``arrays`` taken together.
+
+    A row of a :class:`~zdistill.spec.Ragged` is hashed with its length before its bytes:
+    rows of several variable-length feeds that join into the same bytes (``[1, 2] + [3]``
+    and ``[1] + [2, 3]``) are other questions, and so are rows of zero-sized tokens.
+    """
     import xxhash
 
     rows = len(arrays[0])
-    views = [memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8)) for a in arrays]
-    sizes = [len(v) // rows if rows else 0 for v in views]
-    if len(views) == 1:
-        digest, view, n = xxhash.xxh3_128_digest, views[0], sizes[0]
+    if len(arrays) == 1 and not isinstance(arrays[0], Ragged):
+        view = memoryview(np.ascontiguousarray(arrays[0]).reshape(-1).view(np.uint8))
+        digest, n = xxhash.xxh3_128_digest, len(view) // rows if rows else 0
         joined = b"".join([digest(view[i * n : (i + 1) * n], seed) for i in range(rows)])
-    else:
-        parts = []
-        for i in range(rows):
-            h = xxhash.xxh3_128(seed=seed)
-            for view, n in zip(views, sizes, strict=True):
-                h.update(view[i * n : (i + 1) * n])
-            parts.append(h.digest())
-        joined = b"".join(parts)
-    return np.frombuffer(joined, np.uint8).reshape(rows, 16)
+        return np.frombuffer(joined, np.uint8).reshape(rows, 16)
+    cuts = []  # per array: its bytes, where each row starts and ends in them, and each row's length (or None)
+    for a in arrays:
+        if isinstance(a, Ragged):
+            view = memoryview(np.ascontiguousarray(a.values).reshape(-1).view(np.uint8))
+            token = a.values.itemsize * int(np.prod(a.inner_shape))
+            cuts.append((view, (a.offsets * token).tolist(), a.lengths.astype("<i8").tobytes()))
+        else:
+            view = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+            n = len(view) // rows if rows else 0
+            cuts.append((view, list(range(0, (rows + 1) * n, n)) if n else [0] * (rows + 1), None))
+    parts = []
+    for i in range(rows):
+        h = xxhash.xxh3_128(seed=seed)
+        for view, offsets, lengths in cuts:
+            if lengths is not None:
+                h.update(lengths[i * 8 : i * 8 + 8])
+            h.update(view[offsets[i] : offsets[i + 1]])
+        parts.append(h.digest())
+    return np.frombuffer(b"".join(parts), np.uint8).reshape(rows, 16)
 
 
 def key_seed(specs: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:

@@ -11,9 +11,9 @@ import os
 import signal
 from collections.abc import Mapping
 
-import numpy as np
 import zmq
 
+from zdistill.spec import Tensor
 from zdistill.student import protocol
 
 POLL_MS = 100  # how often a blocked child looks whether the student still lives
@@ -24,7 +24,7 @@ class ParentGone(Exception):
 
 
 def send_while_parent_lives(sock: zmq.Socket, msg: protocol.Msg, parent_pid: int,
-                            arrays: Mapping[str, np.ndarray] | None = None) -> None:
+                            arrays: Mapping[str, Tensor] | None = None) -> None:
     """Send ``msg`` to the dispatcher, waiting for room in its queue only while the student
     (``parent_pid``) lives; :class:`ParentGone` once it is gone (its queue never drains)."""
     while True:

@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import zmq
 
 from zdistill.errors import ReaderError, WireError
+from zdistill.spec import Tensors
 from zdistill.student import protocol
 from zdistill.student.cache import CacheGate
 from zdistill.student.children import describe_exit
@@ -101,7 +101,7 @@ class Answer:
 
     epoch: int
     task: protocol.Task
-    arrays: dict[str, np.ndarray]  # the predictions
+    arrays: Tensors  # the predictions
     cached: int = 0  # rows of them the worker took from the teacher-output cache
 
 

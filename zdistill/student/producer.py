@@ -39,6 +39,8 @@ from zdistill.student.batches import (
     CacheSlots,
     ReaderType,
     TaskBuilder,
+    row_shape,
+    slot_tensors,
 )
 from zdistill.student.cache import CacheGate, CacheIndex, key_seed, row_keys
 from zdistill.student.children import POLL_MS, ParentGone, send_while_parent_lives
@@ -106,7 +108,7 @@ class Producer:
         self.sock.close()  # lingers until the end is delivered (or the dispatcher is gone)
         self.ctx.term()
 
-    def _allocate(self, task_id: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
+    def _allocate(self, task_id: int, rows: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
         dict[str, np.ndarray], dict[str, Any]
     ]:
         """Room for a task's arrays in a granted slot, waiting for a grant if none is left.
@@ -121,7 +123,6 @@ class Producer:
         cache = self.cfg.cache
         if cache is None:
             return self.slots.allocate(slot, specs)
-        rows = next(iter(specs.values()))[0][0]
         arrays, descriptor = self.slots.allocate(slot, {**specs, **CacheSlots.layout(rows, cache.fetches)})
         # first: a worker still on the slot's last task sees that it changed
         CacheSlots.of(arrays).stamp[:] = (self.cfg.epoch, task_id)
@@ -139,8 +140,9 @@ class Producer:
         """
         cache = self.cfg.cache
         assert cache is not None
-        feeds = [task.slots[name] for name in self.cfg.cache_feeds]
-        seed = key_seed({name: (a.dtype.str, a.shape[1:]) for name, a in zip(self.cfg.cache_feeds, feeds, strict=True)})
+        tensors = slot_tensors(task.slots, self.cfg.cache_feeds)
+        feeds = list(tensors.values())
+        seed = key_seed({name: (a.dtype.str, row_shape(a)) for name, a in tensors.items()})
         mine = CacheSlots.of(task.slots)
         mine.keys[:] = row_keys(feeds, seed)
         found = cache.lookup(mine.keys)

@@ -39,8 +39,10 @@ import zmq
 
 from zdistill import wire
 from zdistill.errors import WireError
+from zdistill.spec import Tensor
 
-ArrayEntry = tuple[str, str, list[int]]  # one row of the wire's array table: name, dtype, shape
+# One row of the wire's array table: name, dtype, shape (values_shape and rows for a Ragged), checked by the wire.
+ArrayEntry = list[str | int | list[int]]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", forbid_unknown_fields=True):
@@ -131,7 +133,7 @@ _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Msg)
 
 
-def encode(msg: Msg, arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | np.ndarray]:
+def encode(msg: Msg, arrays: Mapping[str, Tensor] | None = None) -> list[bytes | np.ndarray]:
     """The frames of ``msg`` and its ``arrays``: the typed header (with the array table), then raw arrays."""
     table, frames = wire.pack_arrays(arrays)
     if table:
@@ -140,14 +142,14 @@ def encode(msg: Msg, arrays: Mapping[str, np.ndarray] | None = None) -> list[byt
 
 
 def send(
-    sock: zmq.Socket, msg: Msg, arrays: Mapping[str, np.ndarray] | None = None,
+    sock: zmq.Socket, msg: Msg, arrays: Mapping[str, Tensor] | None = None,
     envelope: Sequence[bytes] = (), flags: int = 0,
 ) -> None:
     """Send ``msg`` and its ``arrays`` as one message, after an optional routing ``envelope``."""
     wire.send_frames(sock, [*envelope, *encode(msg, arrays)], flags)
 
 
-def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[Msg, dict[str, np.ndarray]]:
+def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[Msg, dict[str, Tensor]]:
     """Frames (envelope removed) to a typed message and its arrays; WireError for anything malformed."""
     head = wire.header_frame(frames)
     try:

@@ -21,7 +21,7 @@ import numpy as np
 
 from zdistill.student import dispatcher as d
 from zdistill.student import protocol
-from zdistill.student.batches import CacheSlots, ReaderType, predict_key, split_output
+from zdistill.student.batches import CacheSlots, ReaderType, predict_key, slot_forms, slot_tensors, split_output
 from zdistill.student.cache import CacheGate
 from zdistill.student.shm import SlotReader
 
@@ -127,7 +127,8 @@ class EpochSink:
         """
         cached = bool(result.cached)
         shared = self.lender.lend(result.task, self.keep_limit, hold=cached)
-        slots = [shared[n] for n in self.ins]
+        slots = list(slot_tensors(shared, self.ins).values())
+        forms = [slot_forms(shared, n) for n in self.ins]
         if isinstance(result, d.CachedAnswer):
             answers = CacheSlots.of(shared).answers
             preds = [answers[n] for n in self.predicts]
@@ -135,12 +136,12 @@ class EpochSink:
             preds = [result.arrays[predict_key(n)] for n in self.predicts]
         del shared
         if not cached:
-            yield from split_output(self.reader_type, slots, preds, result.task.sizes)
+            yield from split_output(self.reader_type, slots, preds, result.task.sizes, forms)
             return
         yielded = 0
         try:
             while True:
-                for batch in itertools.islice(split_output(self.reader_type, slots, preds, result.task.sizes),
+                for batch in itertools.islice(split_output(self.reader_type, slots, preds, result.task.sizes, forms),
                                               yielded, None):
                     if self._untrusted(result):
                         break

@@ -40,13 +40,19 @@ from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
-from zdistill.spec import TeacherMeta, TensorSpec
+from zdistill.spec import TeacherMeta, Tensors, TensorSpec
 from zdistill.student import protocol
 from zdistill.student.batches import (
     CacheSlots,
+    answer_problem,
     check_feed,
+    empty_output,
     feeds_mismatch,
+    join,
     predict_key,
+    row_shape,
+    select,
+    slot_tensors,
     to_feed,
 )
 from zdistill.student.cache import CacheWriter, folder_for, read_fingerprint
@@ -96,8 +102,8 @@ class Job:
     """A task in progress: its message and the parts its teacher requests answered."""
 
     task: protocol.Task
-    chunks: list[dict[str, np.ndarray]]  # the feeds of each teacher request (views of shared memory)
-    parts: list[dict[str, np.ndarray] | None]
+    chunks: list[Tensors]  # the feeds of each teacher request (views of shared memory)
+    parts: list[Tensors | None]
     pending: set[int] = field(default_factory=set)
     started: float = field(default_factory=time.monotonic)
     busy: int = 0  # "busy" answers so far: the back-off before the next try grows with them
@@ -118,7 +124,7 @@ class Worker:
         self.client = TeacherClient(cfg.teacher, self.ctx, timeout=cfg.timeout, watch=True)
         self.slots = SlotReader(cfg.slots)
         self.feeds: list[TensorSpec] = []  # what the teacher takes, from its meta
-        self.no_rows: dict[str, np.ndarray] = {}  # the answer to a task of no rows: its outputs, empty
+        self.no_rows: Tensors = {}  # the answer to a task of no rows: its outputs, empty
         self.request_rows = cfg.request_rows
         self.up = False
         self.probe: int | None = None
@@ -194,20 +200,21 @@ class Worker:
         key = (task.epoch, task.task_id)
         try:
             slots = self.slots.read(task.shm)
-        except WireError as exc:  # a task of an epoch that ended: nobody waits for it any more
+            tensors = slot_tensors(slots, self._fed(slots))  # lengths that do not add up: a slot reused since
+        except (WireError, ConfigError) as exc:  # a task of an epoch that ended: nobody waits for it any more
             log.debug("dropping task %s: %s", key, exc)
             self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED,
                                        message=str(exc)))
             return
         try:
             for spec in self.feeds:
-                self._check_feed(slots, spec)
+                self._check_feed(tensors, spec)
         except ConfigError as exc:  # the teacher was redeployed with other inputs since its meta said
             self._hand_back(task)
             self._unusable(str(exc))
             return
         try:  # the producer checked the values against the reader's feeds; a teacher with other dtypes here
-            feeds = {spec.name: to_feed(slots[spec.name], spec, check=spec not in self.cfg.feeds)
+            feeds = {spec.name: to_feed(tensors[spec.name], spec, check=spec not in self.cfg.feeds)
                      for spec in self.feeds}
         except ConfigError as exc:  # a value this teacher's dtype cannot hold: no other try can help
             self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=ErrorCode.BAD_REQUEST,
@@ -215,10 +222,11 @@ class Worker:
             return
         misses = np.flatnonzero(~CacheSlots.of(slots).hits) if task.hits else None
         if misses is not None:  # only what the cache did not answer goes to the teacher
-            feeds = {name: arr[misses] for name, arr in feeds.items()}
+            feeds = {name: select(arr, misses) for name, arr in feeds.items()}
         rows = len(next(iter(feeds.values())))
         starts = range(0, rows, self.request_rows)
-        chunks = [{name: arr[start : start + self.request_rows] for name, arr in feeds.items()} for start in starts]
+        chunks = [{name: select(arr, slice(start, start + self.request_rows)) for name, arr in feeds.items()}
+                  for start in starts]
         self.jobs[key] = Job(task, chunks, [None] * len(chunks), slots=slots, misses=misses)
         for part in range(len(chunks)):
             if not self._submit(key, part):
@@ -227,11 +235,15 @@ class Worker:
     def _hand_back(self, task: protocol.Task) -> None:
         self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED))
 
+    def _fed(self, slots: dict[str, np.ndarray]) -> list[str]:
+        """The teacher's feeds among the task's slots."""
+        return [spec.name for spec in self.feeds if spec.name in slots]
+
     @staticmethod
-    def _check_feed(slots: dict[str, np.ndarray], spec: TensorSpec) -> None:
-        if spec.name not in slots:
+    def _check_feed(tensors: Tensors, spec: TensorSpec) -> None:
+        if spec.name not in tensors:
             raise ConfigError(f"the teacher takes feed {spec.name!r}, which this reader's tasks do not hold")
-        check_feed(spec.name, slots[spec.name].shape[1:], spec)
+        check_feed(spec.name, row_shape(tensors[spec.name]), spec)
 
     def _submit(self, key: tuple[int, int], part: int) -> bool:
         """Send one request of a job to the teacher; False if the teacher turned out to be down."""
@@ -275,6 +287,10 @@ class Worker:
             code = code if isinstance(done.error, TeacherError) else "error"
             self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=code,
                                        message=str(done.error)))
+        elif why := answer_problem(job.chunks[part], done.result, self.cfg.predicts):
+            self._drop_job(key)
+            self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=ErrorCode.BAD_OUTPUT,
+                                       message=f"teacher {self.cfg.teacher}: {why}"))
         else:
             job.parts[part] = done.result
             if not job.pending:
@@ -285,7 +301,7 @@ class Worker:
         answers = {}
         for name in self.cfg.predicts:
             parts = [p[name] for p in job.parts if p is not None]
-            answers[name] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            answers[name] = join(parts)
         arrays, cached = self._with_cache(job, answers) if job.task.hits is not None else (answers, 0)
         arrays = {predict_key(name): arr for name, arr in arrays.items()}  # the student reads the slots itself
         now = time.monotonic()
@@ -381,7 +397,7 @@ class Worker:
             return
         try:
             meta = TeacherMeta.parse(done.header)
-            no_rows = {predict_key(f.name): f.example(0) for f in meta.fetches if f.name in self.cfg.predicts}
+            no_rows = {predict_key(f.name): empty_output(f) for f in meta.fetches if f.name in self.cfg.predicts}
         except (WireError, TypeError) as exc:  # TypeError: a dtype numpy does not know
             self._unusable(f"its meta is malformed ({exc})")
             return
