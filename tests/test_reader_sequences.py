@@ -242,8 +242,8 @@ def test_per_token_predictions_are_not_cached_and_still_right(tokens, tmp_path, 
 def test_a_teacher_killed_mid_epoch_loses_no_sequence(start_teacher):
     """Every sample once, in order, with its own predictions, though a teacher holding tasks died."""
     keep = start_teacher(f"{procs.TEACHERS}:per_token")
-    # A slow victim always holds tasks, so its death really costs the epoch some work.
-    victim = start_teacher(f"{procs.TEACHERS}:per_token", env={"ZDISTILL_TEST_DELAY_MS": "30"})
+    # A victim slow enough (300 ms a call) always to hold a task when it dies: its death costs the epoch work.
+    victim = start_teacher(f"{procs.TEACHERS}:per_token", env={"ZDISTILL_TEST_DELAY_MS": "300"})
     samples = token_rows(1500, seed=5)
     items = as_items("batch", samples)
     with reader("batch", TOKEN_INS, ["h", "mean"], keep.endpoint, items, task_rows=BATCH * 3) as dr:

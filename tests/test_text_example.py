@@ -26,7 +26,6 @@ HAVE_PADDLE = importlib.util.find_spec("paddle") is not None
 HAVE_DEMO_DEPS = all(importlib.util.find_spec(m) is not None for m in ("tqdm", "matplotlib"))
 needs_paddle = pytest.mark.skipif(not (HAVE_PADDLE and HAVE_DEMO_DEPS),
                                   reason="the example needs paddlepaddle, tqdm and matplotlib")
-needs_ragged_reader = pytest.mark.skip(reason="needs ragged reader slots (seq-student)")
 TINY = {"n_teacher": 400, "n_train": 96, "n_labeled": 16, "n_test": 64}
 
 
@@ -268,7 +267,6 @@ def test_demo_tiny_in_process_writes_results(tmp_path):
 
 
 @needs_paddle
-@needs_ragged_reader
 def test_distill_reader_returns_each_review_with_the_teachers_probabilities(tiny_teacher, start_teacher):
     from zdistill import DistillReader
     from zdistill.client import TeacherClient
@@ -302,7 +300,6 @@ def test_distill_reader_returns_each_review_with_the_teachers_probabilities(tiny
 
 
 @needs_paddle
-@needs_ragged_reader
 def test_demo_tiny_served_runs_end_to_end_and_stops_its_teacher(tmp_path):
     out = tmp_path / "out"
     output = run_demo("demo.py", "--tiny", "--seeds", "2", "--out", str(out), folder=EXAMPLE, timeout=180)
