@@ -1,4 +1,4 @@
-"""Fair shares of one teacher: three students keeping different numbers of requests queued.
+"""Fair shares: of one teacher between its students, and of a service's teachers between trainers.
 
 A real teacher process serving a 10 ms function (256 rows per call at most) and three
 students, each a thread with its own :class:`~zdistill.client.TeacherClient` (its own
@@ -7,6 +7,9 @@ A first-come-first-served teacher hands out shares in proportion to those window
 (Jain's index about 0.6); the teacher's fair queueing must give each the same rows,
 counted by the students themselves over one common window.  No rate is asserted, only
 the shares, and every answer is checked against the function computed here.
+
+Then the balancer's part, as real processes: the trainers of one data-parallel job (one
+student each) split a service's teachers evenly, without sharing any.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import time
 
 import numpy as np
 
-from tests import procs
+from tests import daemons, procs
 from tests.teachers import softmax_np
+from tests.test_balancer import _wait_teachers, add_teacher
 from zdistill.client import TeacherClient
+from zdistill.discovery.client import DiscoveryClient
 
 ROWS = 32
 WINDOWS = [12, 24, 64]
@@ -82,3 +87,17 @@ def test_three_students_get_equal_shares_of_one_teacher_whatever_they_keep_queue
     assert min(shares) > 0 and stats["merged_batches"] > 0, (shares, stats)
     assert jain(shares) >= 0.98, shares
     assert min(shares) >= 0.9 * sum(shares) / len(shares), shares
+
+
+def test_two_trainers_of_one_job_get_two_of_four_teachers_each(redis_server, store, tmp_path, stopper, clients):
+    teachers = [f"10.0.0.{i}:7000" for i in range(1, 5)]
+    for address in teachers:
+        add_teacher(store, address)
+    bal = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    stopper.append(bal)
+    trainers = [DiscoveryClient(bal.endpoint, "svc", 4, f"job-rank{rank}") for rank in range(2)]
+    clients.extend(trainers)
+    for trainer in trainers:
+        trainer.start()
+    got = [_wait_teachers(trainer, lambda ts: len(ts) == 2)[1] for trainer in trainers]
+    assert sorted(got[0] + got[1]) == teachers  # disjoint, and every teacher in use
