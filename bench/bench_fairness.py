@@ -1,15 +1,22 @@
-"""How fairly students sharing teachers divide them: N student processes x K fixed teachers.
+"""How fairly students sharing teachers divide them: N student processes x K teachers, fixed or dynamic.
 
-Run ``python bench/bench_fairness.py`` (about a minute; ``--quick`` for a few seconds).
+Run ``python bench/bench_fairness.py`` (about a minute; ``--quick`` for a few seconds);
+``--teachers K`` for K teachers, ``--dynamic`` to have a balancer assign them.
 
 Each teacher serves :func:`bench.teachers_bench.fixed_time_softmax`: every call lasts
 10 ms whatever its size up to ``--max-batch-size`` 256, so a teacher's capacity is exactly
 25,600 rows/s and the pool's is K times that.  Each student is a separate process with
-one :class:`~zdistill.client.TeacherClient` per teacher, keeping ``window`` requests of 32
+one :class:`~zdistill.client.TeacherClient` per teacher it uses, keeping ``window`` requests of 32
 rows in flight on each (a DistillReader's workers keep several requests in flight the
 same way).  Students are client loops, not DistillReaders: on 2 shared cores a reader's
 own pipeline (workers, shared memory) would be the bottleneck, and the bench is about how
 the teachers divide their capacity, which only the requests in flight decide.
+
+Fixed teachers: every student uses all K.  Dynamic (``--dynamic``): a private
+redis-server, a ``zdistill-balancer`` and one ``zdistill-register`` per teacher; each
+student is a :class:`~zdistill.discovery.client.DiscoveryClient` asking for up to K
+teachers and uses those the balancer assigns it, so the figures show the balancer's
+split and the teachers' fair queueing together.
 
 Two cases: ``equal`` (every student the same window: the issue's three students) and
 ``unequal`` (windows 8, 16, 64: students that keep different amounts queued, where a
@@ -42,13 +49,16 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
 
-from tests import procs  # noqa: E402
+from tests import daemons, procs  # noqa: E402
 from zdistill.client import TeacherClient  # noqa: E402
+from zdistill.discovery.assignment import assign  # noqa: E402
+from zdistill.discovery.client import DiscoveryClient  # noqa: E402
 
 ROWS = 32
 MAX_BATCH = 256
 SERVICE_S = 0.010
 TIMEOUT = 30.0  # every blocking wait below is bounded by this (seconds)
+SERVICE = "fairness"
 CASES = {"equal": [8, 8, 8], "unequal": [8, 16, 64]}
 
 
@@ -90,34 +100,55 @@ def student_rows(clients: list[TeacherClient], warmup: float, seconds: float, wi
                     counted += ROWS
 
 
-def student_main(endpoints: str) -> int:
-    """A student process: ping every teacher, say ``ready``, then answer each ``run WARMUP SECONDS WINDOW`` + ``go``."""
-    clients = [TeacherClient(e, timeout=TIMEOUT) for e in endpoints.split(",")]
-    for c in clients:
-        c.ping(timeout=TIMEOUT)
+def student_main(endpoints: str, balancer: str | None, student_id: str, max_teachers: int) -> int:
+    """A student process: say ``ready``, then answer each ``run WARMUP SECONDS WINDOW`` + ``go``.
+
+    Fixed teachers (``endpoints``), or the teachers the ``balancer`` assigns it: then it
+    also answers ``teachers`` with its assignment, which the parent reads until it has
+    settled, so no run starts while the balancer is still moving teachers.
+    """
+    discovery: DiscoveryClient | None = None
+    if balancer:
+        discovery = DiscoveryClient(balancer, SERVICE, max_teachers, student_id)
+        discovery.start()
+    clients: dict[str, TeacherClient] = {}
     print("ready", flush=True)
     for line in sys.stdin:
         cmd = line.split()
+        if cmd[:1] == ["teachers"] and discovery is not None:  # after a change, or 0.2 s without one
+            version, _ = discovery.current()
+            print(json.dumps({"teachers": discovery.wait_for_change(version, 0.2)[1]}), flush=True)
+            continue
         if cmd[:1] != ["run"] or sys.stdin.readline().strip() != "go":
             break
+        addresses = discovery.current()[1] if discovery is not None else endpoints.split(",")
+        for address in addresses:
+            if address not in clients:
+                clients[address] = TeacherClient(address, timeout=TIMEOUT)
+                clients[address].ping(timeout=TIMEOUT)
         warmup, seconds, window = float(cmd[1]), float(cmd[2]), int(cmd[3])
-        rows = student_rows(clients, warmup, seconds, window)
-        print(json.dumps({"rows_per_s": rows / seconds}), flush=True)
-    for c in clients:
+        rows = student_rows([clients[a] for a in addresses], warmup, seconds, window)
+        print(json.dumps({"rows_per_s": rows / seconds, "teachers": addresses}), flush=True)
+    for c in clients.values():
         c.close()
+    if discovery is not None:
+        discovery.close()
     return 0
 
 
 class Students:
     """The student processes, driven by lines on their stdin; stopped by PID on close."""
 
-    def __init__(self, endpoints: list[str], n: int) -> None:
+    def __init__(self, endpoints: list[str], n: int, balancer: str | None = None) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.popens: list[subprocess.Popen] = []
+        self.ids = [f"student-{i}" for i in range(n)]
+        dynamic = ["--balancer", balancer] if balancer else []
         try:
-            for _ in range(n):
+            for sid in self.ids:
                 self.popens.append(subprocess.Popen(
-                    [sys.executable, __file__, "--student", ",".join(endpoints)],
+                    [sys.executable, __file__, "--student", ",".join(endpoints), "--student-id", sid,
+                     "--teachers", str(len(endpoints)), *dynamic],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
                 ))
             assert all(line == "ready" for line in self._read_lines())
@@ -143,6 +174,25 @@ class Students:
                     lines[key.data] = line.strip()
                     sel.unregister(key.fileobj)
         return [lines[i] for i in range(len(self.popens))]
+
+    def settled(self, addresses: list[str], max_teachers: int) -> dict[str, list[str]]:
+        """Wait until the students' teachers are balanced and stay so (dynamic teachers only); return them.
+
+        Balanced: :func:`~zdistill.discovery.assignment.assign` keeps it as it is (a
+        balanced assignment is its fixed point), and two looks in a row agree.
+        """
+        maxima = dict.fromkeys(self.ids, max_teachers)
+        last: dict[str, list[str]] | None = None
+        end = time.monotonic() + TIMEOUT
+        while time.monotonic() < end:
+            for p in self.popens:
+                p.stdin.write("teachers\n")
+                p.stdin.flush()
+            got = dict(zip(self.ids, (json.loads(line)["teachers"] for line in self._read_lines()), strict=True))
+            if got == last and assign(addresses, maxima, got) == got:
+                return got
+            last = got
+        raise TimeoutError(f"the balancer's assignment did not settle: {last}")
 
     def run(self, warmup: float, seconds: float, windows: list[int]) -> list[float]:
         """Every student streams at once, each with its window; their rows/s over the same measured window."""
@@ -191,7 +241,7 @@ def run_case(students: Students, windows: list[int], teachers: list[procs.Proc],
         per_run.append({**summary(rates, capacity), "call_ms": mean_call_ms(before, after)})
         print(f"  windows {windows}, run {r + 1}/{runs}: {json.dumps(per_run[-1])}", flush=True)
     return {"windows": windows, "capacity_rows_per_s": capacity, "runs": per_run,
-            **{f"median_{k}": statistics.median(run[k] for run in per_run)
+            **{f"median_{k}": round(statistics.median(run[k] for run in per_run), 4)
                for k in ("jain", "slowest_over_mean", "total_over_capacity")},
             "worst_jain": min(run["jain"] for run in per_run),
             "worst_slowest_over_mean": min(run["slowest_over_mean"] for run in per_run)}
@@ -200,7 +250,13 @@ def run_case(students: Students, windows: list[int], teachers: list[procs.Proc],
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", default=None, help=argparse.SUPPRESS)  # runs as one student process
-    parser.add_argument("--teachers", type=int, default=1, help="K fixed teachers (default 1)")
+    parser.add_argument("--student-id", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--balancer", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--teachers", type=int, default=1, help="K teachers (default 1)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="teachers registered with a balancer (redis-server, zdistill-balancer, one "
+                             "zdistill-register each), every student asking for up to K; default: each student "
+                             "uses all K teachers")
     parser.add_argument("--cases", default=",".join(CASES), help="which of %(default)s")
     parser.add_argument("--windows", default=None,
                         help="one case of your own: requests in flight per student per teacher, e.g. 4,4,4,4")
@@ -211,30 +267,45 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if args.student is not None:
-        return student_main(args.student)
+        return student_main(args.student, args.balancer, args.student_id, args.teachers)
     if args.quick:
         args.runs, args.seconds, args.warmup = 2, 1.0, 0.3
     cases = {"custom": [int(w) for w in args.windows.split(",")]} if args.windows else \
         {name: CASES[name] for name in args.cases.split(",")}
+    n = max(len(w) for w in cases.values())
+    if any(len(w) != n for w in cases.values()):
+        raise SystemExit("every case needs as many students")
     model = f"{BENCH / 'teachers_bench.py'}:fixed_time_softmax"
-    results: dict[str, Any] = {"teachers": args.teachers, "rows_per_request": ROWS, "max_batch": MAX_BATCH,
-                               "service_ms": SERVICE_S * 1000, "seconds": args.seconds, "cases": {}}
+    results: dict[str, Any] = {"teachers": args.teachers, "dynamic": args.dynamic, "rows_per_request": ROWS,
+                               "max_batch": MAX_BATCH, "service_ms": SERVICE_S * 1000, "seconds": args.seconds,
+                               "cases": {}}
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
         teachers: list[procs.Proc] = []
+        started: list[procs.Proc] = []  # redis-server, the balancer, zdistill-register: stopped in reverse
         students: Students | None = None
         try:
             for _ in range(args.teachers):
                 teachers.append(procs.start_teacher(model, Path(tmp), "--max-batch-size", str(MAX_BATCH),
                                                     "--log-level", "WARNING"))
-            students = Students([t.endpoint for t in teachers], max(len(w) for w in cases.values()))
+            addresses = [t.endpoint.removeprefix("tcp://") for t in teachers]
+            balancer = None
+            if args.dynamic:
+                started.append(procs.start_redis())
+                started.append(daemons.start_balancer(started[0].endpoint, Path(tmp)))
+                balancer = started[1].endpoint
+                started += [daemons.start_register(started[0].endpoint, SERVICE, a, Path(tmp)) for a in addresses]
+            students = Students(addresses, n, balancer)
+            if args.dynamic:
+                results["assignment"] = students.settled(addresses, args.teachers)
+                print(f"assignment: {json.dumps(results['assignment'])}", flush=True)
             for name, windows in cases.items():
-                if len(windows) != len(students.popens):
-                    raise SystemExit("every case needs as many students")
-                print(f"{name}: {len(windows)} students x {args.teachers} teachers", flush=True)
+                print(f"{name}: {n} students x {args.teachers} teachers", flush=True)
                 results["cases"][name] = run_case(students, windows, teachers, args.runs, args.warmup, args.seconds)
         finally:
             if students is not None:
                 students.close()
+            for proc in reversed(started):
+                proc.stop()
             for t in teachers:
                 t.stop()
     for name, case in results["cases"].items():
