@@ -8,6 +8,8 @@ so a padding token leaking into a row, or a row cut to another's length, fails.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,8 +23,9 @@ from tests.teachers import per_token_np
 from tests.test_wire import MALFORMED_RAGGED
 from zdistill import wire
 from zdistill.client import TeacherClient
-from zdistill.errors import TeacherError
-from zdistill.spec import Ragged
+from zdistill.errors import TeacherError, TeacherTimeout
+from zdistill.spec import Ragged, TensorSpec
+from zdistill.teacher.server import TeacherServer
 
 TIMEOUT = 10.0  # seconds; every blocking call in this file is bounded by it
 TOKENS = f"{procs.TEACHERS}:per_token"
@@ -232,15 +235,7 @@ def test_busy_and_two_instances_answer_every_ragged_request_once(start_teacher) 
             sent[i] = (ids, weight)
         feeds, ids, weight = sequences(999, [30, 2, 17])
         assert_rows(calm.predict(feeds), ids, weight)  # not refused: the flooder's newest parts make room
-        replies: dict[int, list[wire.Message]] = {}
-        end = time.monotonic() + TIMEOUT * 3
-        while sum(map(len, replies.values())) < len(sent) and time.monotonic() < end:
-            if flood.poll(100):
-                msg = wire.decode(flood.recv_multipart())
-                replies.setdefault(msg.header["id"], []).append(msg)
-        while flood.poll(300):  # a second reply to any request would arrive now
-            msg = wire.decode(flood.recv_multipart())
-            replies.setdefault(msg.header["id"], []).append(msg)
+        replies = raw_replies(flood, len(sent))
         assert set(replies) == set(sent) and all(len(r) == 1 for r in replies.values())
         busy = 0
         for i, (msg,) in replies.items():
@@ -256,3 +251,133 @@ def test_busy_and_two_instances_answer_every_ragged_request_once(start_teacher) 
     finally:
         flood.close()
         calm.close()
+
+
+def raw_replies(sock: zmq.Socket, want: int, quiet_s: float = 0.3) -> dict[object, list[wire.Message]]:
+    """Replies on ``sock`` by id: until ``want`` came (at most TIMEOUT), then until it is quiet for ``quiet_s``
+    (a second reply to any request would come then)."""
+    replies: dict[object, list[wire.Message]] = {}
+    end = time.monotonic() + TIMEOUT
+    while sum(map(len, replies.values())) < want and time.monotonic() < end:
+        if sock.poll(100):
+            msg = wire.decode(sock.recv_multipart())
+            replies.setdefault(msg.header["id"], []).append(msg)
+    while sock.poll(int(quiet_s * 1000)):
+        msg = wire.decode(sock.recv_multipart())
+        replies.setdefault(msg.header["id"], []).append(msg)
+    return replies
+
+
+def test_sigterm_with_requests_cut_into_parts_answers_each_once_and_exits_0(start_teacher) -> None:
+    """Requests cut into parts (--max-batch-tokens 64), some running, the rest queued, when SIGTERM
+    comes: each request gets exactly one reply, every row right or shutting_down."""
+    proc = start_teacher(TOKENS, "--instances", "1", "--max-batch-tokens", "64", env={"ZDISTILL_TEST_DELAY_MS": "50"})
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(proc.endpoint)
+    try:
+        sent = {}
+        for i in range(12):
+            lengths = np.random.default_rng(200 + i).integers(1, 40, 8).tolist()
+            feeds, ids, weight = sequences(200 + i, lengths)
+            wire.send(sock, {"kind": "predict", "id": i}, feeds)
+            sent[i] = (ids, weight)
+        assert sock.poll(int(TIMEOUT * 1000)), "no reply to the first requests"  # the model is at work
+        proc.popen.send_signal(signal.SIGTERM)
+        replies = raw_replies(sock, len(sent))
+        assert set(replies) == set(sent) and all(len(r) == 1 for r in replies.values()), replies
+        codes = []
+        for i, (msg,) in replies.items():
+            if msg.kind == "error":
+                codes.append(msg.header["code"])
+            else:
+                assert_rows(msg.arrays, *sent[i])
+        assert codes and set(codes) == {"shutting_down"}, codes
+        assert proc.popen.wait(TIMEOUT) == 0
+    finally:
+        sock.close()
+
+
+def test_a_ragged_request_past_its_deadline_times_out_and_its_late_answer_is_dropped(start_teacher) -> None:
+    proc = start_teacher(TOKENS, env={"ZDISTILL_TEST_DELAY_MS": "300"})
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        feeds, ids, weight = sequences(300, [5, 30, 2])
+        with pytest.raises(TeacherTimeout):
+            c.predict(feeds, timeout=0.05)
+        assert_rows(c.predict(feeds), ids, weight)  # the late answer to the first is not taken for this one
+    finally:
+        c.close()
+
+
+class UncheckedTokensModel:
+    """A Model that checks nothing and gives every row one token of output, whatever its length:
+    the teacher itself must refuse to cut rows by lengths its output cannot hold."""
+
+    feeds = [TensorSpec("ids", "int64", (-1,))]
+    fetches = [TensorSpec("h", "float32", (-1,))]
+    description = "unchecked tokens"
+    device = "cpu"
+    thread_safe = True
+    model_id = "unchecked-tokens"
+
+    def run(self, feeds: dict[str, np.ndarray], lengths: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return {"h": feeds["ids"][:, :1].astype(np.float32)}
+
+    def clone(self) -> UncheckedTokensModel:
+        return self
+
+
+def test_a_model_that_checks_no_lengths_still_gets_bad_output_never_a_wrong_row() -> None:
+    ctx = zmq.Context()
+    server = TeacherServer([UncheckedTokensModel()], "tcp://127.0.0.1:0", context=ctx)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    c = TeacherClient(server.endpoint, context=ctx, timeout=TIMEOUT, curve=None)
+    try:
+        # rows of 3 and 2 tokens fall in two length buckets: two parts, each refused, one reply
+        with pytest.raises(TeacherError, match=r"unchecked tokens: per-token output 'h' has shape \[1, 1\], "
+                                               r"a length axis shorter than the batch's longest row \([23]\)") as info:
+            c.predict({"ids": Ragged.from_rows([np.array([5, 6, 7]), np.array([8, 9])])})
+        assert info.value.code == "bad_output"
+        got = c.predict({"ids": Ragged.from_rows([np.array([5]), np.array([], np.int64)])})["h"]
+        assert got.lengths.tolist() == [1, 0] and got.values.tolist() == [5.0]
+    finally:
+        c.close()
+        server.stop()
+        thread.join(TIMEOUT)
+        ctx.destroy(linger=0)
+    assert not thread.is_alive()
+
+
+def test_a_function_gets_lengths_only_when_it_has_a_lengths_parameter() -> None:
+    """``lengths=`` is passed to a function that names it (None without a variable-length feed);
+    a function without it gets the padded batch alone; a dense batch means rows of full length."""
+    import zdistill
+    from zdistill.teacher.model import CallableModel
+
+    seen: list[object] = []
+
+    @zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"n": ("int64", [])})
+    def counts(batch, lengths):
+        seen.append(lengths.tolist())
+        assert not lengths.flags.writeable
+        return {"n": lengths}
+
+    @zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"n": ("int64", [])})
+    def no_lengths(batch):
+        return {"n": (batch["ids"] != 0).sum(axis=1)}
+
+    @zdistill.teacher_function(feeds={"x": ("float32", [2])}, fetches={"n": ("int64", [])})
+    def fixed(batch, lengths=0):
+        seen.append(lengths)
+        return {"n": np.zeros(len(batch["x"]), np.int64)}
+
+    padded = np.array([[3, 4, 0], [5, 0, 0]])
+    lengths = np.array([2, 1])
+    lengths.flags.writeable = False
+    assert CallableModel(counts, "counts", model_id="a").run({"ids": padded}, lengths)["n"].tolist() == [2, 1]
+    assert CallableModel(counts, "counts", model_id="a").run({"ids": padded})["n"].tolist() == [3, 3]
+    assert CallableModel(no_lengths, "no_lengths", model_id="b").run({"ids": padded}, lengths)["n"].tolist() == [2, 1]
+    CallableModel(fixed, "fixed", model_id="c").run({"x": np.zeros((2, 2), np.float32)})
+    assert seen == [[2, 1], [3, 3], None]

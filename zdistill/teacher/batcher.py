@@ -82,6 +82,7 @@ class Request:
     nbytes: int = field(init=False)
     peer: bytes = field(init=False)
     longest: int = field(init=False)  # the longest row (0 without variable-length feeds)
+    tokens: int = field(init=False)  # what it costs a padded batch on its own: rows x longest row
     seq: int = field(init=False, default=-1)  # arrival order, set by Batcher.add
     start: float = field(init=False, default=0.0)  # its fair-queueing start tag, set by Batcher.add
     queued: bool = field(init=False, default=False)  # in the batcher, not yet taken nor evicted
@@ -89,18 +90,16 @@ class Request:
     def __post_init__(self) -> None:
         # by name, not by the order the client sent its feeds in: only requests whose rows
         # really have the same shapes, feed by feed, can be concatenated into one batch
-        self.key = tuple(sorted((name, _row_shape(arr)) for name, arr in self.feeds.items()))
         self.nbytes = sum(arr.nbytes for arr in self.feeds.values())
         self.peer = bytes(self.envelope[0]) if self.envelope else b""
-        self.longest = 0
-        if self.lengths is not None:
+        if self.lengths is None:
+            self.key = tuple(sorted((name, arr.shape[1:]) for name, arr in self.feeds.items()))  # type: ignore[union-attr]
+            self.longest = self.tokens = 0
+        else:
             self.longest = int(self.lengths.max())
-            self.key += (length_bucket(self.longest),)
-
-    @property
-    def tokens(self) -> int:
-        """What this request costs a padded batch on its own: rows x longest row."""
-        return self.rows * self.longest
+            self.tokens = self.rows * self.longest
+            self.key = (*sorted((name, _row_shape(arr)) for name, arr in self.feeds.items()),
+                        length_bucket(self.longest))
 
     @property
     def cost(self) -> int:
@@ -114,11 +113,11 @@ def _row_shape(arr: Tensor) -> tuple[Any, ...]:
 
 def length_bucket(length: int) -> int:
     """The bucket of rows of ``length``: bucket ``b`` holds lengths in (ratio**(b-1), ratio**b]."""
-    return 0 if length <= 1 else math.ceil(math.log(length, BUCKET_RATIO) - 1e-9)
+    return int(_buckets(np.array([length]))[0])
 
 
 def _buckets(lengths: np.ndarray) -> np.ndarray:
-    """:func:`length_bucket` of every length at once."""
+    """:func:`length_bucket` of every length at once (0 for lengths 0 and 1)."""
     return np.ceil(np.log2(np.maximum(lengths, 1)) / math.log2(BUCKET_RATIO) - 1e-9).astype(np.int64)
 
 
@@ -143,17 +142,27 @@ class Whole:
         merged: Tensors = {}
         for name, first in self._done[0][1].items():
             if isinstance(first, Ragged):
-                rows: list[np.ndarray] = [np.empty(0)] * self.rows
+                lengths = np.empty(self.rows, np.int64)
                 for index, outputs in self._done:
-                    for i, row in zip(index.tolist(), outputs[name].rows(), strict=True):
-                        rows[i] = row
-                merged[name] = Ragged.from_rows(rows, name)
+                    lengths[index] = outputs[name].lengths
+                starts = np.zeros(self.rows, np.int64)
+                np.cumsum(lengths[:-1], out=starts[1:])
+                values = np.empty((int(lengths.sum()), *first.inner_shape), first.dtype)
+                for index, outputs in self._done:
+                    values[_token_positions(starts[index], lengths[index])] = outputs[name].values
+                merged[name] = Ragged(values, lengths)
             else:
                 out = np.empty((self.rows, *first.shape[1:]), first.dtype)
                 for index, outputs in self._done:
                     out[index] = outputs[name]
                 merged[name] = out
         return merged
+
+
+def _token_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Where the tokens of rows starting at ``starts`` with ``lengths`` lie in their values, in row order."""
+    ends = np.cumsum(lengths)
+    return np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
 
 
 def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: np.ndarray, arrived: float,
@@ -169,20 +178,31 @@ def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: n
     rows = len(lengths)
     if rows <= max_rows and (buckets == buckets[0]).all() and rows * int(lengths.max()) <= max_tokens:
         return [Request(envelope, req_id, feeds, rows, arrived, lengths)]
+    # the rows gathered once in bucket order (stable: the client's order within a bucket),
+    # then cut where the bucket changes or a bound would be passed: parts are views of that copy
     order = np.argsort(buckets, kind="stable")
-    cuts = np.flatnonzero(np.diff(buckets[order])) + 1
-    indices: list[np.ndarray] = []
-    for group in np.split(order, cuts):
-        start = 0
-        while start < len(group):  # the longest row so far x the rows so far must stay within max_tokens
-            longest = np.maximum.accumulate(lengths[group[start:start + max_rows]])
-            cost = longest * np.arange(1, len(longest) + 1)  # of the first k + 1 rows: never decreasing
-            take = max(1, int(np.searchsorted(cost, max_tokens, side="right")))
-            indices.append(group[start:start + take])
-            start += take
-    whole = Whole(rows, len(indices))
-    return [Request(envelope, req_id, _rows_of(feeds, index), len(index), arrived, lengths[index], whole, index)
-            for index in indices]
+    ordered = _rows_of(feeds, order)
+    ordered_lengths = lengths[order]
+    ends = np.cumsum(ordered_lengths).tolist()
+    ordered_buckets = buckets[order].tolist()
+    cuts = [0]
+    start = longest = 0
+    for i, n in enumerate(ordered_lengths.tolist()):
+        taken = i - start  # rows already in the part that starts at ``start``
+        if taken and (ordered_buckets[i] != ordered_buckets[start] or taken >= max_rows
+                      or (taken + 1) * max(longest, n) > max_tokens):
+            cuts.append(i)
+            start, longest = i, 0
+        longest = max(longest, n)
+    cuts.append(rows)
+    whole = Whole(rows, len(cuts) - 1)
+    parts = []
+    for a, b in itertools.pairwise(cuts):
+        first, last = (ends[a - 1] if a else 0), ends[b - 1]
+        part = {name: Ragged(arr.values[first:last], ordered_lengths[a:b]) if isinstance(arr, Ragged) else arr[a:b]
+                for name, arr in ordered.items()}
+        parts.append(Request(envelope, req_id, part, b - a, arrived, ordered_lengths[a:b], whole, order[a:b]))
+    return parts
 
 
 def _rows_of(feeds: Tensors, index: np.ndarray) -> Tensors:
@@ -190,8 +210,8 @@ def _rows_of(feeds: Tensors, index: np.ndarray) -> Tensors:
     out: Tensors = {}
     for name, arr in feeds.items():
         if isinstance(arr, Ragged):
-            rows = arr.rows()
-            out[name] = Ragged.from_rows([rows[i] for i in index.tolist()], name)
+            lengths = arr.lengths[index]
+            out[name] = Ragged(arr.values[_token_positions(arr.offsets[index], lengths)], lengths)
         else:
             out[name] = arr[index]
     return out
@@ -418,8 +438,15 @@ class Batcher:
             return None
         batch: list[Request] = []
         rows = longest = tokens = 0
-        while q and (not q[0][2].queued or self._fits(rows, longest, q[0][2])):
-            request = heapq.heappop(q)[2]
+        while q:
+            request = q[0][2]
+            if request.queued:
+                grown = rows + request.rows
+                if grown > self.max_rows or (
+                    request.longest and rows and grown * max(longest, request.longest) > self.max_tokens
+                ):
+                    break
+            heapq.heappop(q)
             if request.queued:
                 del self._peers[request.peer].requests[request.seq]
                 self._unlink(request)
@@ -433,13 +460,6 @@ class Batcher:
         self._next_key()  # lists the key's new head, or forgets the key
         self.stats.record(batch)
         return batch
-
-    def _fits(self, rows: int, longest: int, request: Request) -> bool:
-        """Whether ``request`` joins a batch of ``rows`` rows padded to ``longest`` within both bounds."""
-        rows += request.rows
-        if rows > self.max_rows:
-            return False
-        return rows * max(longest, request.longest) <= self.max_tokens or rows == request.rows
 
     def _unlink(self, request: Request) -> None:
         """Count a request out of the queue (already removed from its peer's table)."""

@@ -38,7 +38,7 @@ import zmq
 from zdistill.metrics import TeacherMetrics
 from zdistill.spec import Arrays, Ragged, Tensors
 from zdistill.teacher.batcher import Batcher, Request
-from zdistill.teacher.model import Model, variable_length
+from zdistill.teacher.model import Model, check_outputs, variable_length
 
 log = logging.getLogger("zdistill.teacher.server")
 
@@ -111,7 +111,7 @@ class ModelInstances:
         self.instance_seconds = [0.0] * len(models)  # time in successful model calls, per instance
         self.model_calls = 0  # every call of Model.run on a batch, failed ones too
         # fetches the model answers per token, padded: cut back to each row's length here
-        self._per_token = {spec.name for spec in models[0].fetches if variable_length(spec)}
+        self._per_token = [spec for spec in models[0].fetches if variable_length(spec)]
         self._done: deque[list[Finished]] = deque()
         self._endpoint = f"inproc://zdistill-instances-{id(self)}"
         self.wake = context.socket(zmq.PULL)
@@ -197,7 +197,10 @@ class ModelInstances:
         feeds, lengths = buffers.merge(batch)
         started = time.monotonic()
         outputs = model.run(feeds) if lengths is None else model.run(feeds, lengths)
-        return outputs, time.monotonic() - started
+        seconds = time.monotonic() - started
+        if lengths is not None and self._per_token:  # whatever the model checked: rows are cut by lengths
+            check_outputs(outputs, self._per_token, len(lengths), model.description, copy=False, lengths=lengths)
+        return outputs, seconds
 
     # -- in the socket thread ---------------------------------------------
 
@@ -222,8 +225,8 @@ class ModelInstances:
         for req in done.requests:
             outputs: Tensors = {name: out[start : start + req.rows] for name, out in done.outcome.items()}
             if req.lengths is not None:
-                for name in self._per_token:
-                    outputs[name] = Ragged.unpad(outputs[name], req.lengths)  # type: ignore[arg-type]
+                for spec in self._per_token:
+                    outputs[spec.name] = Ragged.unpad(outputs[spec.name], req.lengths)  # type: ignore[arg-type]
             results.append((req, outputs))
             start += req.rows
         return results

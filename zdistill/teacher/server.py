@@ -341,7 +341,7 @@ class TeacherServer:
                 row = int(np.flatnonzero(arr.lengths != lengths)[0])
                 raise RequestError(ErrorCode.BAD_REQUEST,
                                    f"feed {name!r} row {row} has length {int(arr.lengths[row])}, feed {first!r} "
-                                   f"{int(lengths[row])}: every variable-length feed of a row must have its length")
+                                   f"{int(lengths[row])}: all variable-length feeds of a row must have the same length")
         assert lengths is not None
         longest = int(lengths.max())
         if longest > self.batcher.max_tokens:
