@@ -19,9 +19,10 @@ from zdistill.spec import Ragged
 from zdistill.teacher.batcher import BUCKET_RATIO, Batcher, Request, Whole, length_bucket, split_by_length
 
 
-def req(width: int, rows: int = 1, peer: bytes = b"p", arrived: float = 0.0, req_id: int = 0) -> Request:
+def req(width: int, rows: int = 1, peer: bytes = b"p", arrived: float = 0.0, req_id: int = 0,
+        weight: float = 1.0) -> Request:
     """A request of ``rows`` rows of a variable-size feed ``width`` wide (its shape key)."""
-    return Request([peer], req_id, {"x": np.zeros((rows, width), np.float32)}, rows, arrived)
+    return Request([peer], req_id, {"x": np.zeros((rows, width), np.float32)}, rows, arrived, weight=weight)
 
 
 def ids(batch: list[Request] | None) -> list[int]:
@@ -88,6 +89,18 @@ def test_clients_get_equal_rows_per_batch_whatever_each_keeps_queued() -> None:
         for r in b.take(0.0) or []:
             rows[r.peer] += r.rows
     assert sum(rows.values()) >= 25 and abs(rows[b"deep"] - rows[b"wide"]) <= 2  # equal within one request
+
+
+def test_a_client_declaring_weight_2_gets_twice_the_rows() -> None:
+    b = Batcher(max_rows=6, max_delay=0.0)
+    for i in range(30):
+        b.add(req(1, peer=b"one", req_id=i))
+        b.add(req(1, peer=b"two", req_id=100 + i, weight=2.0))
+    rows = {b"one": 0, b"two": 0}
+    for _ in range(5):
+        for r in b.take(0.0) or []:
+            rows[r.peer] += r.rows
+    assert rows == {b"one": 10, b"two": 20}
 
 
 def test_a_client_that_was_idle_starts_at_the_virtual_time_without_credit() -> None:
@@ -167,7 +180,7 @@ class Reference:
     """The fair batching rule the obvious way: one list, scanned whole at every step.
 
     A request's start tag is the larger of the virtual time (the largest tag taken so
-    far) and the finish (start + cost) of its peer's newest queued request; a batch takes
+    far) and the finish (start + cost / weight) of its peer's newest queued request; a batch takes
     the requests of the key of the smallest tag, in tag order (ties in arrival order).
     Among peers holding the same bytes, the victim of an eviction is the one that has
     held requests the longest without a break (``order``).
@@ -184,7 +197,8 @@ class Reference:
         mine = [q for q in self.queue if q.peer == r.peer]
         if not mine:
             self.order.append(r.peer)
-        self.tags[id(r)] = max(self.virtual, self.tags[id(mine[-1])] + mine[-1].cost) if mine else self.virtual
+        last = mine[-1] if mine else None
+        self.tags[id(r)] = max(self.virtual, self.tags[id(last)] + last.cost / last.weight) if last else self.virtual
         self.queue.append(r)
 
     def remove(self, gone: list[Request]) -> None:
@@ -227,7 +241,7 @@ class Reference:
 
 
 PEERS = st.sampled_from([b"a", b"b", b"c"])
-ADD = st.tuples(st.just("add"), st.integers(1, 4), st.integers(1, 5), PEERS)
+ADD = st.tuples(st.just("add"), st.integers(1, 4), st.integers(1, 5), PEERS, st.sampled_from([1.0, 1.0, 2.0, 0.5]))
 OPS = st.lists(
     st.one_of(ADD, ADD, ADD, st.tuples(st.just("take"), st.booleans()),
               st.tuples(st.just("room"), PEERS, st.integers(1, 100))),
@@ -243,10 +257,10 @@ def test_the_batcher_forms_the_same_batches_as_the_reference(ops, max_rows: int,
     for i, op in enumerate(ops):
         now += 1.0
         if op[0] == "add":
-            _, width, rows, peer = op
+            _, width, rows, peer, weight = op
             if rows > max_rows:  # the server refuses those before they reach the batcher
                 continue
-            r = req(width, rows, peer, arrived=now, req_id=i)
+            r = req(width, rows, peer, arrived=now, req_id=i, weight=weight)
             b.add(r)
             ref.add(r)
         elif op[0] == "take":

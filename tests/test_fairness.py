@@ -8,7 +8,8 @@ A first-come-first-served teacher hands out shares in proportion to those window
 counted by the students themselves over one common window.  No rate is asserted, only
 the shares, and every answer is checked against the function computed here.
 
-Then the balancer's part, as real processes: the trainers of one data-parallel job (one
+A student declaring weight 2 gets twice the share of the others; a weight out of bounds
+is refused.  Then the balancer's part, as real processes: the trainers of one data-parallel job (one
 student each) split a service's teachers evenly, without sharing any.
 """
 
@@ -18,12 +19,15 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from tests import daemons, procs
 from tests.teachers import softmax_np
 from tests.test_balancer import _wait_teachers, add_teacher
+from zdistill import wire
 from zdistill.client import TeacherClient
 from zdistill.discovery.client import DiscoveryClient
+from zdistill.errors import ConfigError
 
 ROWS = 32
 WINDOWS = [12, 24, 64]
@@ -38,15 +42,15 @@ def jain(shares: list[int]) -> float:
 class Student(threading.Thread):
     """Keeps ``window`` requests in flight until ``end``; counts the rows answered in [start, end)."""
 
-    def __init__(self, endpoint: str, window: int, seed: int, start: float, end: float) -> None:
+    def __init__(self, endpoint: str, window: int, seed: int, start: float, end: float, weight: float = 1.0) -> None:
         super().__init__(daemon=True)
-        self.endpoint, self.window, self.start_at, self.end = endpoint, window, start, end
+        self.endpoint, self.window, self.start_at, self.end, self.weight = endpoint, window, start, end, weight
         self.feeds = {"img": np.random.default_rng(seed).random((ROWS, 784), dtype=np.float32)}
         self.counted = 0
         self.failure: BaseException | None = None
 
     def run(self) -> None:
-        client = TeacherClient(self.endpoint, timeout=TIMEOUT)
+        client = TeacherClient(self.endpoint, timeout=TIMEOUT, weight=self.weight)
         try:
             expected = softmax_np(self.feeds["img"])
             in_flight = 0
@@ -68,12 +72,11 @@ class Student(threading.Thread):
             client.close()
 
 
-def test_three_students_get_equal_shares_of_one_teacher_whatever_they_keep_queued(start_teacher) -> None:
-    teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", "--max-batch-size", "256",
-                            env={"ZDISTILL_TEST_DELAY_MS": "10"})
+def shares(endpoint: str, windows: list[int], weights: list[float]) -> list[int]:
+    """Rows each student got over one common window, its students streaming at once."""
     start = time.monotonic() + WARMUP_S
-    students = [Student(teacher.endpoint, window, seed, start, start + MEASURED_S)
-                for seed, window in enumerate(WINDOWS)]
+    students = [Student(endpoint, window, seed, start, start + MEASURED_S, weight)
+                for seed, (window, weight) in enumerate(zip(windows, weights, strict=True))]
     for s in students:
         s.start()
     for s in students:
@@ -82,11 +85,45 @@ def test_three_students_get_equal_shares_of_one_teacher_whatever_they_keep_queue
     for s in students:
         if s.failure is not None:
             raise s.failure
-    shares = [s.counted for s in students]
+    return [s.counted for s in students]
+
+
+def slow_teacher(start_teacher) -> procs.Proc:
+    return start_teacher(f"{procs.TEACHERS}:slow_softmax", "--max-batch-size", "256",
+                         env={"ZDISTILL_TEST_DELAY_MS": "10"})
+
+
+def test_three_students_get_equal_shares_of_one_teacher_whatever_they_keep_queued(start_teacher) -> None:
+    teacher = slow_teacher(start_teacher)
+    got = shares(teacher.endpoint, WINDOWS, [1.0] * len(WINDOWS))
     stats = procs.teacher_stats(teacher.endpoint)
-    assert min(shares) > 0 and stats["merged_batches"] > 0, (shares, stats)
-    assert jain(shares) >= 0.98, shares
-    assert min(shares) >= 0.9 * sum(shares) / len(shares), shares
+    assert min(got) > 0 and stats["merged_batches"] > 0, (got, stats)
+    assert jain(got) >= 0.98, got
+    assert min(got) >= 0.9 * sum(got) / len(got), got
+
+
+def test_a_student_declaring_weight_2_gets_twice_the_share(start_teacher) -> None:
+    teacher = slow_teacher(start_teacher)
+    got = shares(teacher.endpoint, [32, 32, 32], [1.0, 1.0, 2.0])
+    assert min(got) > 0, got
+    assert 0.9 <= got[0] / got[1] <= 1.1, got
+    assert 1.8 <= got[2] / ((got[0] + got[1]) / 2) <= 2.2, got
+
+
+def test_a_weight_out_of_bounds_is_refused(start_teacher) -> None:
+    teacher = slow_teacher(start_teacher)
+    client = TeacherClient(teacher.endpoint, timeout=TIMEOUT)
+    try:
+        for weight in (0, -1, 1000, "2"):
+            wire.send(client.socket, {"kind": "predict", "id": 1, "weight": weight},
+                      {"img": np.zeros((1, 784), np.float32)})
+            assert client.socket.poll(int(TIMEOUT * 1000))
+            reply = wire.decode(client.socket.recv_multipart()).header
+            assert (reply["kind"], reply["code"]) == ("error", "bad_request") and "weight" in reply["message"], reply
+    finally:
+        client.close()
+    with pytest.raises(ConfigError, match="weight"):
+        TeacherClient(teacher.endpoint, weight=0)
 
 
 def test_two_trainers_of_one_job_get_two_of_four_teachers_each(redis_server, store, tmp_path, stopper, clients):

@@ -7,9 +7,10 @@ passes ``now``), so the rule is easy to test.
 
 The rule: every client (ROUTER identity, the request's peer) gets an equal share of the
 model, counted in rows (in tokens, rows x longest row, for variable-length feeds), however
-many requests it keeps queued.  That is start-time fair queueing: a request's start tag
-is the larger of the virtual time (the largest tag taken so far) and the finish tag of
-its client's previous queued request, and its finish tag is its start plus its cost.  A
+many requests it keeps queued, or a share in proportion to the weight it declares.  That
+is start-time fair queueing: a request's start tag is the larger of the virtual time (the
+largest tag taken so far) and the finish tag of its client's previous queued request, and
+its finish tag is its start plus its cost divided by its weight.  A
 batch starts with the queued request of the smallest start tag and takes the requests
 whose rows have the same shapes in tag order (ties in arrival order), up to ``max_rows``
 in all.  So a client keeping 64 requests queued and one keeping 8 alternate turn by turn,
@@ -67,7 +68,7 @@ class Request:
     ``lengths``: each row's length when the model has variable-length feeds (those feeds
     are :class:`~zdistill.spec.Ragged` here), else None.  ``whole`` and ``index``: the
     client's request this part belongs to and which of its rows it holds (None for a
-    request sent on whole).
+    request sent on whole).  ``weight``: the share its client declared (``Predict.weight``).
     """
 
     envelope: list[Any]
@@ -78,6 +79,7 @@ class Request:
     lengths: np.ndarray | None = None
     whole: Whole | None = None
     index: np.ndarray | None = None
+    weight: float = 1.0  # its client's declared share weight: its cost counts 1 / weight
     key: Key = field(init=False)
     nbytes: int = field(init=False)
     peer: bytes = field(init=False)
@@ -166,7 +168,7 @@ def _token_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: np.ndarray, arrived: float,
-                    max_rows: int, max_tokens: int) -> list[Request]:
+                    max_rows: int, max_tokens: int, weight: float = 1.0) -> list[Request]:
     """A request whose rows differ in length, as parts that each batch with rows of similar length.
 
     One part per length bucket, cut further so that no part passes ``max_rows`` rows nor
@@ -177,7 +179,7 @@ def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: n
     buckets = _buckets(lengths)
     rows = len(lengths)
     if rows <= max_rows and (buckets == buckets[0]).all() and rows * int(lengths.max()) <= max_tokens:
-        return [Request(envelope, req_id, feeds, rows, arrived, lengths)]
+        return [Request(envelope, req_id, feeds, rows, arrived, lengths, weight=weight)]
     # the rows gathered once in bucket order (stable: the client's order within a bucket),
     # then cut where the bucket changes or a bound would be passed: parts are views of that copy
     order = np.argsort(buckets, kind="stable")
@@ -201,7 +203,7 @@ def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: n
         first, last = (ends[a - 1] if a else 0), ends[b - 1]
         part = {name: Ragged(arr.values[first:last], ordered_lengths[a:b]) if isinstance(arr, Ragged) else arr[a:b]
                 for name, arr in ordered.items()}
-        parts.append(Request(envelope, req_id, part, b - a, arrived, ordered_lengths[a:b], whole, order[a:b]))
+        parts.append(Request(envelope, req_id, part, b - a, arrived, ordered_lengths[a:b], whole, order[a:b], weight))
     return parts
 
 
@@ -290,7 +292,7 @@ class Batcher:
             if peer is None:
                 peer = self._peers[request.peer] = _Peer(self._virtual)
             request.start = max(self._virtual, peer.finish)
-            peer.finish = request.start + request.cost
+            peer.finish = request.start + request.cost / request.weight
             peer.requests[request.seq] = request
             peer.nbytes += request.nbytes
             q = self._queues.get(request.key)
