@@ -138,3 +138,17 @@ def test_two_trainers_of_one_job_get_two_of_four_teachers_each(redis_server, sto
         trainer.start()
     got = [_wait_teachers(trainer, lambda ts: len(ts) == 2)[1] for trainer in trainers]
     assert sorted(got[0] + got[1]) == teachers  # disjoint, and every teacher in use
+
+
+def test_a_reader_with_a_share_weight_gets_the_teachers_answers(start_teacher) -> None:
+    """Its workers send the weight with every predict, and the teacher serves them: every answer is the model's."""
+    from zdistill import DistillReader
+
+    teacher = slow_teacher(start_teacher)
+    x = np.random.default_rng(5).random((640, 784), dtype=np.float32)
+    with DistillReader(ins=["img"], predicts=["prob"]) as dr:
+        dr.options.share_weight = 2.5
+        dr.set_fixed_teacher(teacher.endpoint.removeprefix("tcp://"))
+        dr.set_batch_generator(lambda: ((x[i:i + 64],) for i in range(0, len(x), 64)))
+        probs = np.concatenate([batch[1] for batch in dr()])
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
