@@ -1,7 +1,8 @@
 """How fairly students sharing teachers divide them: N student processes x K teachers, fixed or dynamic.
 
 Run ``python bench/bench_fairness.py`` (about a minute; ``--quick`` for a few seconds);
-``--teachers K`` for K teachers, ``--dynamic`` to have a balancer assign them.
+``--teachers K`` for K teachers, ``--dynamic`` to have a balancer assign them,
+``--weights 1,1,2`` for students declaring share weights.
 
 Each teacher serves :func:`bench.teachers_bench.fixed_time_softmax`: every call lasts
 10 ms whatever its size up to ``--max-batch-size`` 256, so a teacher's capacity is exactly
@@ -100,7 +101,7 @@ def student_rows(clients: list[TeacherClient], warmup: float, seconds: float, wi
                     counted += ROWS
 
 
-def student_main(endpoints: str, balancer: str | None, student_id: str, max_teachers: int) -> int:
+def student_main(endpoints: str, balancer: str | None, student_id: str, max_teachers: int, weight: float) -> int:
     """A student process: say ``ready``, then answer each ``run WARMUP SECONDS WINDOW`` + ``go``.
 
     Fixed teachers (``endpoints``), or the teachers the ``balancer`` assigns it: then it
@@ -124,7 +125,7 @@ def student_main(endpoints: str, balancer: str | None, student_id: str, max_teac
         addresses = discovery.current()[1] if discovery is not None else endpoints.split(",")
         for address in addresses:
             if address not in clients:
-                clients[address] = TeacherClient(address, timeout=TIMEOUT)
+                clients[address] = TeacherClient(address, timeout=TIMEOUT, weight=weight)
                 clients[address].ping(timeout=TIMEOUT)
         warmup, seconds, window = float(cmd[1]), float(cmd[2]), int(cmd[3])
         rows = student_rows([clients[a] for a in addresses], warmup, seconds, window)
@@ -139,15 +140,16 @@ def student_main(endpoints: str, balancer: str | None, student_id: str, max_teac
 class Students:
     """The student processes, driven by lines on their stdin; stopped by PID on close."""
 
-    def __init__(self, endpoints: list[str], n: int, balancer: str | None = None) -> None:
+    def __init__(self, endpoints: list[str], weights: list[float], balancer: str | None = None) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.popens: list[subprocess.Popen] = []
-        self.ids = [f"student-{i}" for i in range(n)]
+        self.ids = [f"student-{i}" for i in range(len(weights))]
         dynamic = ["--balancer", balancer] if balancer else []
         try:
-            for sid in self.ids:
+            for sid, weight in zip(self.ids, weights, strict=True):
                 self.popens.append(subprocess.Popen(
                     [sys.executable, __file__, "--student", ",".join(endpoints), "--student-id", sid,
+                     "--weight", repr(weight),
                      "--teachers", str(len(endpoints)), *dynamic],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
                 ))
@@ -216,10 +218,12 @@ class Students:
                     p.wait(5)
 
 
-def summary(rates: list[float], capacity: float) -> dict[str, Any]:
-    mean = statistics.mean(rates)
-    return {"rows_per_s": [round(r) for r in rates], "jain": round(jain(rates), 4),
-            "slowest_over_mean": round(min(rates) / mean, 3) if mean else 0.0,
+def summary(rates: list[float], weights: list[float], capacity: float) -> dict[str, Any]:
+    """One run's figures; the index and the slowest over the mean compare rows/s per unit of weight."""
+    shares = [r / w for r, w in zip(rates, weights, strict=True)]
+    mean = statistics.mean(shares)
+    return {"rows_per_s": [round(r) for r in rates], "jain": round(jain(shares), 4),
+            "slowest_over_mean": round(min(shares) / mean, 3) if mean else 0.0,
             "total_over_capacity": round(sum(rates) / capacity, 3)}
 
 
@@ -230,15 +234,15 @@ def mean_call_ms(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> f
     return round(1000 * seconds / max(1, calls), 2)
 
 
-def run_case(students: Students, windows: list[int], teachers: list[procs.Proc], runs: int, warmup: float,
-             seconds: float) -> dict[str, Any]:
+def run_case(students: Students, windows: list[int], weights: list[float], teachers: list[procs.Proc], runs: int,
+             warmup: float, seconds: float) -> dict[str, Any]:
     capacity = len(teachers) * MAX_BATCH / SERVICE_S
     per_run = []
     for r in range(runs):
         before = [procs.teacher_stats(t.endpoint, TIMEOUT) for t in teachers]
         rates = students.run(warmup, seconds, windows)
         after = [procs.teacher_stats(t.endpoint, TIMEOUT) for t in teachers]
-        per_run.append({**summary(rates, capacity), "call_ms": mean_call_ms(before, after)})
+        per_run.append({**summary(rates, weights, capacity), "call_ms": mean_call_ms(before, after)})
         print(f"  windows {windows}, run {r + 1}/{runs}: {json.dumps(per_run[-1])}", flush=True)
     return {"windows": windows, "capacity_rows_per_s": capacity, "runs": per_run,
             **{f"median_{k}": round(statistics.median(run[k] for run in per_run), 4)
@@ -260,6 +264,10 @@ def main() -> int:
     parser.add_argument("--cases", default=",".join(CASES), help="which of %(default)s")
     parser.add_argument("--windows", default=None,
                         help="one case of your own: requests in flight per student per teacher, e.g. 4,4,4,4")
+    parser.add_argument("--weights", default=None,
+                        help="each student's declared share weight (TeacherClient weight=), e.g. 1,1,2 "
+                             "(default 1 each); the index and the slowest then compare rows/s per unit of weight")
+    parser.add_argument("--weight", type=float, default=1.0, help=argparse.SUPPRESS)  # one student's
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window per run")
     parser.add_argument("--warmup", type=float, default=0.5)
@@ -267,16 +275,18 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if args.student is not None:
-        return student_main(args.student, args.balancer, args.student_id, args.teachers)
+        return student_main(args.student, args.balancer, args.student_id, args.teachers, args.weight)
     if args.quick:
         args.runs, args.seconds, args.warmup = 2, 1.0, 0.3
     cases = {"custom": [int(w) for w in args.windows.split(",")]} if args.windows else \
         {name: CASES[name] for name in args.cases.split(",")}
     n = max(len(w) for w in cases.values())
-    if any(len(w) != n for w in cases.values()):
-        raise SystemExit("every case needs as many students")
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * n
+    if any(len(w) != n for w in [*cases.values(), weights]):
+        raise SystemExit("every case, and --weights, needs as many students")
     model = f"{BENCH / 'teachers_bench.py'}:fixed_time_softmax"
-    results: dict[str, Any] = {"teachers": args.teachers, "dynamic": args.dynamic, "rows_per_request": ROWS,
+    results: dict[str, Any] = {"teachers": args.teachers, "dynamic": args.dynamic, "weights": weights,
+                               "rows_per_request": ROWS,
                                "max_batch": MAX_BATCH, "service_ms": SERVICE_S * 1000, "seconds": args.seconds,
                                "cases": {}}
     with tempfile.TemporaryDirectory(prefix="bench-fairness-") as tmp:
@@ -294,13 +304,14 @@ def main() -> int:
                 started.append(daemons.start_balancer(started[0].endpoint, Path(tmp)))
                 balancer = started[1].endpoint
                 started += [daemons.start_register(started[0].endpoint, SERVICE, a, Path(tmp)) for a in addresses]
-            students = Students(addresses, n, balancer)
+            students = Students(addresses, weights, balancer)
             if args.dynamic:
                 results["assignment"] = students.settled(addresses, args.teachers)
                 print(f"assignment: {json.dumps(results['assignment'])}", flush=True)
             for name, windows in cases.items():
                 print(f"{name}: {n} students x {args.teachers} teachers", flush=True)
-                results["cases"][name] = run_case(students, windows, teachers, args.runs, args.warmup, args.seconds)
+                results["cases"][name] = run_case(students, windows, weights, teachers, args.runs, args.warmup,
+                                                  args.seconds)
         finally:
             if students is not None:
                 students.close()
