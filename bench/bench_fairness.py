@@ -19,7 +19,7 @@ student is a :class:`~zdistill.discovery.client.DiscoveryClient` asking for up t
 teachers and uses those the balancer assigns it, so the figures show the balancer's
 split and the teachers' fair queueing together.
 
-Two cases: ``equal`` (every student the same window: the issue's three students) and
+Two cases: ``equal`` (every student the same window) and
 ``unequal`` (windows 8, 16, 64: students that keep different amounts queued, where a
 first-come-first-served teacher hands out shares in proportion to what each keeps
 queued).  All students start on one ``go`` line and count the rows answered within the

@@ -10,14 +10,14 @@ model, counted in rows (in tokens, rows x longest row, for variable-length feeds
 many requests it keeps queued, or a share in proportion to the weight it declares.  That
 is start-time fair queueing: a request's start tag is the larger of the virtual time (the
 largest tag taken so far) and the finish tag of its client's previous queued request, and
-its finish tag is its start plus its cost divided by its weight.  A
-batch starts with the queued request of the smallest start tag and takes the requests
-whose rows have the same shapes in tag order (ties in arrival order), up to ``max_rows``
-in all.  So a client keeping 64 requests queued and one keeping 8 alternate turn by turn,
-and a client that was idle starts level with the others, with no credit for its idle
-time.  A batch is ready when it is full, or when the oldest request of its shapes has
-waited ``max_delay`` seconds.  With a delay of 0 it still merges whatever queued up while
-the instances were busy, which is where the throughput of many small concurrent requests
+its finish tag is its start plus its cost divided by its weight.  A batch starts with
+the queued request of the smallest start tag and takes the requests whose rows have the
+same shapes in tag order (ties in arrival order), up to ``max_rows`` in all.  So a
+client keeping 64 requests queued and one keeping 8 alternate turn by turn, and a client
+that was idle starts level with the others, with no credit for its idle time.  A batch
+is ready when it is full, or when the oldest request of its shapes has waited
+``max_delay`` seconds.  With a delay of 0 it still merges whatever queued up while the
+instances were busy, which is where the throughput of many small concurrent requests
 comes from.
 
 Rows of different lengths (a feed declared with a variable first per-row dimension,
