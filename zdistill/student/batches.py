@@ -88,9 +88,13 @@ def select(tensor: Tensor, rows: slice | np.ndarray) -> Tensor:
 
 def _token_index(tensor: Ragged, rows: np.ndarray) -> np.ndarray:
     """Where the tokens of ``rows`` (indices) lie in ``tensor.values``, row after row."""
-    lengths = tensor.lengths[rows]
-    starts = np.repeat(tensor.offsets[:-1][rows] - (np.cumsum(lengths) - lengths), lengths)
-    return starts + np.arange(len(starts))
+    return spans(tensor.offsets[:-1][rows], tensor.lengths[rows])
+
+
+def spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i] .. starts[i] + lengths[i]``, one run after another, in one array."""
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
 
 
 def place(tensor: Tensor, rows: np.ndarray, values: Tensor) -> None:

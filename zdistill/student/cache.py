@@ -61,6 +61,7 @@ import numpy as np
 
 from zdistill.fingerprint import TOLERANCE, distance
 from zdistill.spec import Ragged, Tensor, TensorSpec
+from zdistill.student.batches import spans
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,11 @@ class TokenRecords:
         body = self.head.itemsize + np.asarray(lengths, np.int64) * self.token_bytes
         return body + (-body % 4) + 4
 
+    def size(self, length: int) -> int:
+        """:meth:`sizes` of one row."""
+        body = self.head.itemsize + length * self.token_bytes
+        return body + (-body % 4) + 4
+
     def pack(self, keys: np.ndarray, outputs: Mapping[str, Tensor]) -> np.ndarray:
         """The records of rows ``keys``, end to end: ``outputs[name]`` holds each prediction (a
         per-token one as a Ragged)."""
@@ -152,39 +158,24 @@ class TokenRecords:
         sizes = self.sizes(lengths)
         starts = np.cumsum(sizes) - sizes
         buf = np.zeros(int(sizes.sum()), np.uint8)
-        raw = heads.view(np.uint8).reshape(len(keys), -1)
-        tokens = [(outputs[name], dt) for name, dt, _ in self.parts]
+        raw = memoryview(heads.view(np.uint8))
+        tokens = []  # per per-token prediction: its bytes, and where each row's start in them
+        for name, dt, _ in self.parts:
+            out = outputs[name]
+            assert isinstance(out, Ragged)
+            per_token = dt.itemsize * math.prod(out.inner_shape)
+            tokens.append((memoryview(np.ascontiguousarray(out.values, dt).reshape(-1).view(np.uint8)),
+                           (out.offsets * per_token).tolist()))
+        view, hs, digest = memoryview(buf), self.head.itemsize, xxhash.xxh32_intdigest
         for i, (at, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
-            record = buf[at : at + size]
-            record[: self.head.itemsize] = raw[i]
-            to = self.head.itemsize
-            for out, dt in tokens:
-                assert isinstance(out, Ragged)
-                start, stop = int(out.offsets[i]), int(out.offsets[i + 1])
-                values = np.ascontiguousarray(out.values[start:stop], dt).reshape(-1).view(np.uint8)
-                record[to : to + len(values)] = values
-                to += len(values)
-            record[-4:] = np.frombuffer(xxhash.xxh32_intdigest(record[:-4], CHECK_SEED).to_bytes(4, "little"), np.uint8)
+            view[at : at + hs] = raw[i * hs : (i + 1) * hs]
+            to = at + hs
+            for values, offsets in tokens:
+                n = offsets[i + 1] - offsets[i]
+                view[to : to + n] = values[offsets[i] : offsets[i + 1]]
+                to += n
+            view[at + size - 4 : at + size] = digest(view[at : at + size - 4], CHECK_SEED).to_bytes(4, "little")
         return buf
-
-    def unpack(self, record: np.ndarray, key: bytes, length: int, recheck: bool) -> dict[str, np.ndarray] | None:
-        """The predictions in ``record`` (its bytes, sized by ``length``) if it holds ``key`` and a row of
-        ``length`` tokens (and, with ``recheck``, passes its check), else None."""
-        import xxhash
-
-        head = record[: self.head.itemsize].view(self.head)[0]
-        if record[:16].tobytes() != key or int(head["length"]) != length:
-            return None
-        check = int.from_bytes(record[-4:].tobytes(), "little")
-        if recheck and xxhash.xxh32_intdigest(record[:-4], CHECK_SEED) != check:
-            return None
-        rows = {name[2:]: head[name] for name in self.head.names[2:]}
-        at = self.head.itemsize
-        for name, dt, shape in self.parts:
-            size = length * dt.itemsize * math.prod(shape)
-            rows[name] = record[at : at + size].view(dt).reshape(length, *shape)
-            at += size
-        return rows
 
 
 def folder_for(root: str, model_id: str, fetches: Sequence[TensorSpec]) -> str:
@@ -409,22 +400,32 @@ class CacheIndex:
 
     def _copy_tokens(self, buf: np.ndarray, starts: np.ndarray, read: np.ndarray, keys: np.ndarray,
                      lengths: np.ndarray, recheck: bool, out: Mapping[str, Tensor], where: np.ndarray) -> np.ndarray:
-        """:meth:`_copy_fixed` for records of their own size (:class:`TokenRecords`)."""
-        assert self.tokens is not None
-        ok = np.zeros(len(starts), bool)
-        sizes = self.tokens.sizes(lengths)
-        offsets = {name: t.offsets for name, t in out.items() if isinstance(t, Ragged)}
-        for i in np.flatnonzero(read).tolist():
-            rows = self.tokens.unpack(buf[starts[i] : starts[i] + sizes[i]], keys[i].astype("<u8").tobytes(),
-                                      int(lengths[i]), recheck)
-            if rows is None:
-                continue
-            ok[i], row = True, int(where[i])
-            for name, arr in out.items():
-                if isinstance(arr, Ragged):
-                    arr.values[offsets[name][row] : offsets[name][row + 1]] = rows[name]
-                else:
-                    arr[row] = rows[name]
+        """:meth:`_copy_fixed` for records of their own size (:class:`TokenRecords`): a record
+        also holds its row's ``lengths`` entry, or it is a miss."""
+        import xxhash
+
+        layout = self.tokens
+        assert layout is not None
+        size = layout.head.itemsize
+        heads = buf[starts[:, None] + np.arange(size)].view(layout.head).reshape(-1)
+        ok = read & (heads["key"].copy().view("<u8") == keys).all(axis=1) & (heads["length"] == lengths)
+        if recheck:
+            digest, ends = xxhash.xxh32_intdigest, starts + layout.sizes(lengths)
+            for i in np.flatnonzero(ok).tolist():
+                ok[i] = digest(buf[starts[i] : ends[i] - 4], CHECK_SEED) == int.from_bytes(
+                    buf[ends[i] - 4 : ends[i]].tobytes(), "little")
+        good = np.flatnonzero(ok)
+        rows, at, tokens = where[good], starts[good] + size, lengths[good]
+        for name in layout.head.names[2:]:
+            fixed = out[name[2:]]
+            assert isinstance(fixed, np.ndarray)
+            fixed[rows] = heads[name][good]
+        for name, dt, shape in layout.parts:
+            arr, per_token = out[name], math.prod(shape)
+            assert isinstance(arr, Ragged)
+            values = buf[spans(at, tokens * per_token * dt.itemsize)].view(dt)
+            arr.values.reshape(-1)[spans(arr.offsets[rows] * per_token, tokens * per_token)] = values
+            at = at + tokens * per_token * dt.itemsize
         return ok
 
     def _read(self, seg: _Segment, places: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -542,12 +543,12 @@ class CacheIndex:
         head, digest = self.tokens.head.itemsize, xxhash.xxh32_intdigest
         keys, places, at = [], [], 0
         while at + head <= got:
-            length = int(buf[at + 16 : at + 24].view("<i8")[0])
-            record = int(self.tokens.sizes(np.array([length]))[0]) if length >= 0 else -1
+            length = int.from_bytes(buf[at + 16 : at + 24].tobytes(), "little", signed=True)
+            record = self.tokens.size(length) if length >= 0 else -1
             if record > 0 and at + record > got:
                 break  # its writer has not written it whole yet
-            if record < 0 or digest(buf[at : at + record - 4], CHECK_SEED) != int(
-                    buf[at + record - 4 : at + record].view("<u4")[0]):
+            if record < 0 or digest(buf[at : at + record - 4], CHECK_SEED) != int.from_bytes(
+                    buf[at + record - 4 : at + record].tobytes(), "little"):
                 log.warning("cache segment %s: a damaged record at byte %d; the %d bytes after it are not read",
                             seg.path, _HEADER + seg.scanned + at, size - seg.scanned - at)
                 seg.ended = True
