@@ -5,7 +5,7 @@ every call lasts 10 ms for up to 256 rows, a GPU stand-in), one teacher process 
 ``DistillReader`` batches of 256 rows of 784 float32, and for a teacher of per-token
 outputs (``per_token``: token sequences of 1..64 ids and a weight per token in, ``h``
 per token and ``mean`` per row out), batches of 256 such sequences given as lists of
-per-sample arrays:
+per-sample arrays, as it is (cheap) and sleeping 10 ms per call:
 
 - **epoch 1 vs epoch 2** with the cache: the first epoch asks the teacher and fills the
   cache, the second is answered from it (samples/s of each, and epoch 2 / epoch 1);
@@ -45,8 +45,9 @@ from bench_reader import MAX_BATCH, Fleet  # noqa: E402
 
 from zdistill import DistillReader  # noqa: E402
 
-CASES = {"cheap": ("softmax", 100_000), "10ms": ("fixed_time_softmax", 25_600),
-         "per-token": ("per_token", 25_600)}  # teacher, rows per epoch
+# teacher, rows per epoch, its ZDISTILL_TEST_DELAY_MS (per_token sleeps that long per call)
+CASES = {"cheap": ("softmax", 100_000, ""), "10ms": ("fixed_time_softmax", 25_600, ""),
+         "per-token": ("per_token", 25_600, ""), "per-token 10ms": ("per_token", 25_600, "10")}
 LONGEST = 64  # tokens of the per-token case's longest sequence
 
 
@@ -135,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     repeats = 1 if args.quick else 5
     results: dict[str, dict] = {}
-    for name, (function, rows) in CASES.items():
+    for name, (function, rows, delay_ms) in CASES.items():
+        os.environ["ZDISTILL_TEST_DELAY_MS"] = delay_ms or "0"  # the teachers started next inherit it
         data = TokenData(rows) if function == "per_token" else Data(rows)
         runs = []
         with tempfile.TemporaryDirectory() as tmp, Fleet(function, 1, Path(tmp)) as fleet:
