@@ -25,9 +25,9 @@ values agree within a relative tolerance ``r`` have bucket sums that agree withi
 in the last bits and catches other weights, which move the sums far more.  Outputs of
 integers or booleans must agree exactly.  A per-token output (of a model with a
 variable-length feed, whose probe rows are all :data:`VARIABLE_SIZE` tokens long) is
-summarized over each row's tokens, as a teacher cuts it (:func:`summarized`).  What it cannot see: a difference confined to
-inputs the probe never holds (token ids above 1, say), or one smaller than the
-tolerance over a whole bucket.  The first is what the student's audits are for (a cached
+summarized over each row's tokens, as a teacher cuts it (:func:`summarized`).  What it
+cannot see: a difference confined to inputs the probe never holds (token ids above 1,
+say), or one smaller than the tolerance over a whole bucket.  The first is what the student's audits are for (a cached
 row asked anyway each epoch and compared with :func:`rows_apart`: see the producer).
 """
 

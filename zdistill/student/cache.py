@@ -147,10 +147,14 @@ class TokenRecords:
 
     def pack(self, keys: np.ndarray, outputs: Mapping[str, Tensor]) -> np.ndarray:
         """The records of rows ``keys``, end to end: ``outputs[name]`` holds each prediction (a
-        per-token one as a Ragged)."""
+        per-token one as a Ragged); a ValueError if per-token ones differ in a row's length."""
         import xxhash
 
         lengths = next(t.lengths for t in outputs.values() if isinstance(t, Ragged))
+        for name, _, _ in self.parts:
+            out = outputs[name]
+            if not isinstance(out, Ragged) or not np.array_equal(out.lengths, lengths):
+                raise ValueError(f"per-token output {name!r} is not of the rows' lengths: a record holds one length")
         heads = np.zeros(len(keys), self.head)
         heads["key"], heads["length"] = keys, lengths
         for name in self.head.names[2:]:
