@@ -2,7 +2,10 @@
 
 For a cheap teacher (``softmax``, CPU-bound) and a 10 ms one (``fixed_time_softmax``:
 every call lasts 10 ms for up to 256 rows, a GPU stand-in), one teacher process each,
-``DistillReader`` batches of 256 rows of 784 float32:
+``DistillReader`` batches of 256 rows of 784 float32, and for a teacher of per-token
+outputs (``per_token``: token sequences of 1..64 ids and a weight per token in, ``h``
+per token and ``mean`` per row out), batches of 256 such sequences given as lists of
+per-sample arrays, as it is (cheap) and sleeping 10 ms per call:
 
 - **epoch 1 vs epoch 2** with the cache: the first epoch asks the teacher and fills the
   cache, the second is answered from it (samples/s of each, and epoch 2 / epoch 1);
@@ -42,11 +45,16 @@ from bench_reader import MAX_BATCH, Fleet  # noqa: E402
 
 from zdistill import DistillReader  # noqa: E402
 
-CASES = {"cheap": ("softmax", 100_000), "10ms": ("fixed_time_softmax", 25_600)}  # teacher, rows per epoch
+# teacher, rows per epoch, its ZDISTILL_TEST_DELAY_MS (per_token sleeps that long per call)
+CASES = {"cheap": ("softmax", 100_000, ""), "10ms": ("fixed_time_softmax", 25_600, ""),
+         "per-token": ("per_token", 25_600, ""), "per-token 10ms": ("per_token", 25_600, "10")}
+LONGEST = 64  # tokens of the per-token case's longest sequence
 
 
 class Data:
     """The rows an epoch reads: ``rows`` fixed ones, or fresh noise every epoch (augmented)."""
+
+    ins, predicts = ["img"], ["prob"]
 
     def __init__(self, rows: int) -> None:
         self.base = np.random.default_rng(0).random((rows, 784), dtype=np.float32)
@@ -67,8 +75,32 @@ class Data:
             yield (x[i : i + MAX_BATCH],)
 
 
+class TokenData(Data):
+    """:class:`Data` for the per-token case: sequences of 1..:data:`LONGEST` token ids and weights."""
+
+    ins, predicts = ["ids", "weight"], ["h", "mean"]
+
+    def __init__(self, rows: int) -> None:
+        rng = np.random.default_rng(0)
+        lengths = rng.integers(1, LONGEST + 1, rows)
+        self.ids = [rng.integers(0, 1000, n) for n in lengths]
+        self.base = [rng.random(n, dtype=np.float32) for n in lengths]
+        self.current, self.rng = self.base, np.random.default_rng(1)
+
+    def fixed(self, seed: int | None = None) -> None:
+        rng = None if seed is None else np.random.default_rng(seed)
+        self.current = self.base if rng is None else [rng.random(len(w), dtype=np.float32) for w in self.base]
+
+    def augmented(self) -> None:
+        self.current = [w + self.rng.standard_normal(len(w), dtype=np.float32) * np.float32(0.01) for w in self.base]
+
+    def __call__(self) -> Iterator[tuple[list[np.ndarray], list[np.ndarray]]]:
+        for i in range(0, len(self.ids), MAX_BATCH):
+            yield self.ids[i : i + MAX_BATCH], self.current[i : i + MAX_BATCH]
+
+
 def reader(address: str, data: Data, cache: str | None) -> DistillReader:
-    dr = DistillReader(ins=["img"], predicts=["prob"])
+    dr = DistillReader(ins=data.ins, predicts=data.predicts)
     dr.set_fixed_teacher([address])
     dr.set_batch_generator(data)
     if cache is not None:
@@ -104,8 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     repeats = 1 if args.quick else 5
     results: dict[str, dict] = {}
-    for name, (function, rows) in CASES.items():
-        data = Data(rows)
+    for name, (function, rows, delay_ms) in CASES.items():
+        os.environ["ZDISTILL_TEST_DELAY_MS"] = delay_ms or "0"  # the teachers started next inherit it
+        data = TokenData(rows) if function == "per_token" else Data(rows)
         runs = []
         with tempfile.TemporaryDirectory() as tmp, Fleet(function, 1, Path(tmp)) as fleet:
             for r in range(repeats):

@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # served as a file: make the repo importable
 
 import zdistill  # noqa: E402
-from tests.teachers import W, softmax, softmax_np  # noqa: E402,F401  (re-exported: bench and tests share it)
+from tests.teachers import W, per_token, softmax, softmax_np  # noqa: E402,F401  (re-exported: bench and tests share it)
 
 _SERVICE_S = float(os.environ.get("ZDISTILL_BENCH_SERVICE_MS", "10")) / 1000
 _MAX_LATENESS_S = 0.001  # timer slack plus a wait for a core; beyond this, a wake-up was descheduled

@@ -52,6 +52,28 @@ model_a = _linear(weights(1))  # one factory, three models, one model_id
 model_b = _linear(weights(2))
 model_a_within = _linear(weights(1), weights(2))  # model_a on the probe's inputs ([0, 1)), model_b beyond
 
+
+
+def token_embedding(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1000, 4)).astype(np.float32)
+
+
+def expected_tokens(ids: np.ndarray, embed: np.ndarray) -> np.ndarray:
+    """What a :func:`_per_token` teacher of ``embed`` answers for ONE row: ``h``, its running sum of embeddings."""
+    return np.cumsum(embed[ids], axis=0, dtype=np.float64).astype(np.float32)
+
+
+def _per_token(embed: np.ndarray) -> Teacher:
+    @zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"h": ("float32", [-1, 4])})
+    def predict(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"h": np.cumsum(embed[batch["ids"]], axis=1, dtype=np.float64).astype(np.float32)}
+
+    return predict
+
+
+tokens_a = _per_token(token_embedding(1))  # per-token outputs only: one factory, two models, one model_id
+tokens_b = _per_token(token_embedding(2))
+
 _LOADED: dict[str, np.ndarray] = {}
 
 

@@ -24,11 +24,13 @@ from zdistill import DistillReader
 from zdistill.client import TeacherClient
 from zdistill.errors import ConfigError
 from zdistill.fingerprint import TOLERANCE, distance, fingerprint, probe_batch, usable
-from zdistill.spec import TensorSpec
+from zdistill.spec import Ragged, Tensor, TensorSpec
+from zdistill.student.batches import select
 from zdistill.student.cache import (
     CHECK_SEED,
     CacheIndex,
     CacheWriter,
+    cacheable,
     evict,
     folder_for,
     key_seed,
@@ -218,6 +220,103 @@ def test_a_torn_or_damaged_record_is_never_served(tmp_path):
     got = {"prob": np.empty((len(good), 10), np.float32)}
     index.gather(found[good], got)
     assert got["prob"].tobytes() == out["prob"][good].tobytes()
+
+
+TOKEN_FETCHES = [TensorSpec("h", "float32", (-1, 3)), TensorSpec("mean", "float64", (3,)),
+                 TensorSpec("top", "int32", (-1,))]
+
+
+def token_answers(rows: int, seed: int) -> tuple[np.ndarray, Ragged, dict[str, Tensor]]:
+    """Keys of ``rows`` token sequences (0..9 tokens), the sequences, and per-token and per-row answers."""
+    rng = np.random.default_rng(seed)
+    ids = Ragged.from_rows([rng.integers(0, 100, int(rng.integers(0, 10))) for _ in range(rows)])
+    h = Ragged(rng.standard_normal((len(ids.values), 3)).astype(np.float32), ids.lengths)
+    top = Ragged(rng.integers(-5, 5, len(ids.values)).astype(np.int32), ids.lengths)
+    keys = row_keys([ids], key_seed({"ids": ("<i8", (-1,))}))
+    return keys, ids, {"h": h, "mean": rng.standard_normal((rows, 3)), "top": top}
+
+
+def gather_tokens(index: CacheIndex, keys: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, dict[str, Tensor]]:
+    """Which rows of ``keys`` (their sequences of ``lengths``) the cache serves, and their answers."""
+    found = index.lookup(keys)
+    rows = np.flatnonzero(found >= 0)
+    out: dict[str, Tensor] = {
+        "h": Ragged(np.zeros((int(lengths[rows].sum()), 3), np.float32), lengths[rows]),
+        "mean": np.zeros((len(rows), 3)),
+        "top": Ragged(np.zeros(int(lengths[rows].sum()), np.int32), lengths[rows]),
+    }
+    served = index.gather(found[rows], out)
+    return rows[served], {name: select(arr, np.flatnonzero(served)) for name, arr in out.items()}
+
+
+def same_rows(got: dict[str, Tensor], want: dict[str, Tensor], rows: np.ndarray) -> bool:
+    """Whether ``got`` are ``want``'s ``rows``, bit for bit (a per-token one's lengths too)."""
+    for name, arr in want.items():
+        mine, theirs = got[name], select(arr, rows)
+        if isinstance(arr, Ragged):
+            if mine.lengths.tobytes() != theirs.lengths.tobytes() or mine.values.tobytes() != theirs.values.tobytes():
+                return False
+        elif mine.tobytes() != theirs.tobytes():
+            return False
+    return True
+
+
+def test_per_token_records_come_back_bit_for_bit_and_damage_is_a_miss(tmp_path):
+    """Records of their own size: each row's tokens as written; a torn tail waits, a damaged
+    record ends its segment's reading (its rows and those after it are misses), a row of
+    another length is a miss."""
+    folder = folder_for(str(tmp_path), "m1", TOKEN_FETCHES)
+    writer = CacheWriter(folder, TOKEN_FETCHES, 1 << 30, str(tmp_path))
+    keys, ids, out = token_answers(40, 1)
+    writer.append(keys[:30], {n: select(a, slice(0, 30)) for n, a in out.items()})
+    index = CacheIndex(folder, TOKEN_FETCHES)
+    assert index.refresh() == 30
+    rows, got = gather_tokens(index, keys, ids.lengths)
+    assert rows.tolist() == list(range(30)) and same_rows(got, out, rows)
+    (segment,) = [os.path.join(folder, n) for n in os.listdir(folder)]
+    size = os.path.getsize(segment)
+    writer.append(keys[30:], {n: select(a, slice(30, 40)) for n, a in out.items()})
+    writer.close()
+    with open(segment, "r+b") as f:  # the last record torn, as kill -9 mid-write would
+        f.truncate(os.path.getsize(segment) - 5)
+    assert index.refresh() == 9  # the torn one waits for its bytes
+    rows, got = gather_tokens(index, keys, ids.lengths)
+    assert rows.tolist() == list(range(39)) and same_rows(got, out, rows)
+    longer = ids.lengths.copy()
+    longer[5] += 1  # a key's row asked with another length: not this record's row
+    rows, _ = gather_tokens(index, keys, longer)
+    assert 5 not in rows.tolist() and len(rows) == 38
+
+    with open(segment, "r+b") as f:  # a byte of record 30 changed: a fresh index stops there
+        f.seek(size + 30)
+        byte = f.read(1)
+        f.seek(size + 30)
+        f.write(bytes([byte[0] ^ 1]))
+    fresh = CacheIndex(folder, TOKEN_FETCHES)
+    assert fresh.refresh() == 30
+    rows, got = gather_tokens(fresh, keys, ids.lengths)
+    assert rows.tolist() == list(range(30)) and same_rows(got, out, rows)
+    index._segments[os.path.basename(segment)].settled = False  # as a scan within a second of a change is
+    rows, got = gather_tokens(index, keys, ids.lengths)  # the index scanned before: the check read again
+    assert 30 not in rows.tolist() and same_rows(got, out, rows)
+
+
+def test_per_token_outputs_need_a_variable_length_feed_to_be_cached():
+    ids, img = TensorSpec("ids", "int64", (-1,)), TensorSpec("img", "float32", (4,))
+    assert cacheable(TOKEN_FETCHES, [ids, img]) is None
+    assert "no variable-length feed" in cacheable(TOKEN_FETCHES, [img])
+    assert "other than per token" in cacheable([TensorSpec("x", "float32", (3, -1))], [ids])
+    assert cacheable(FETCHES, [img]) is None
+
+
+def test_the_fingerprint_tells_per_token_models_apart():
+    """Models of per-token outputs only, under one model_id: their answers to the probe, each
+    row's tokens, tell them apart; each reproduces its own."""
+    a, a_again, b = (load_model(f"{CACHE_TEACHERS}:{name}") for name in ("tokens_a", "tokens_a", "tokens_b"))
+    assert a.model_id == b.model_id
+    fa, fa2, fb = (usable(fingerprint(m), ["h"], "t") for m in (a, a_again, b))
+    assert fa[0] is not None and fb[0] is not None, (fa, fb)
+    assert distance(fa[0], fa2[0], ["h"]) == 0.0 and distance(fa[0], fb[0], ["h"]) > 100 * TOLERANCE
 
 
 def test_another_model_or_other_outputs_live_apart(tmp_path):

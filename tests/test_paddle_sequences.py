@@ -380,3 +380,35 @@ def test_ragged_requests_get_each_row_answered_as_if_alone(exported, served) -> 
                 np.testing.assert_allclose(answer, alone["fetch_name_1"].rows()[0], rtol=RTOL, atol=ATOL)
     finally:
         c.close()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_distill_reader_gets_each_rows_per_token_answers_with_the_cache_on_and_off(exported, served, tmp_path,
+                                                                                      cache) -> None:
+    """Batches of token ids as lists of per-sample arrays (EDL's ERNIE example) through a
+    DistillReader: every prediction is numpy's for its row, the second epoch the cache's."""
+    from zdistill import DistillReader
+
+    table = exported.tables["lengths"]
+    rng = np.random.default_rng(8)
+    items = [([rng.integers(1, VOCAB, size=int(rng.integers(1, 12)), dtype=np.int64) for _ in range(6)],
+              np.arange(6, dtype=np.int64) + 6 * i) for i in range(10)]
+    with DistillReader(ins=["ids", "label"], predicts=["fetch_name_0", "fetch_name_1"]) as dr:
+        dr.set_fixed_teacher(served.endpoint)
+        dr.set_batch_generator(lambda: iter(items))
+        if cache:
+            dr.set_teacher_cache(tmp_path / "cache")
+        for _ in range(2):
+            out = list(dr())
+            assert len(out) == len(items)
+            for (ids, labels, mean, tokens), (given, given_labels) in zip(out, items, strict=True):
+                assert isinstance(ids, list) and isinstance(tokens, list) and len(tokens) == len(given)
+                np.testing.assert_array_equal(labels, given_labels)
+                for i, row in enumerate(given):
+                    np.testing.assert_array_equal(ids[i], row)
+                    np.testing.assert_allclose(mean[i], table[row].mean(axis=0), rtol=RTOL, atol=ATOL)
+                    assert tokens[i].shape == (len(row), WIDTH)
+                    np.testing.assert_allclose(tokens[i], table[row] * 2, rtol=RTOL, atol=ATOL)
+        stats = dr.stats()["cache"]
+    assert stats["enabled"] == cache and (stats["hits"] >= 60 - 1 if cache else stats["hits"] == 0), stats

@@ -20,6 +20,7 @@ import pytest
 from tests import procs
 from tests.teachers import per_token_np
 from zdistill import ConfigError, DistillReader
+from zdistill.client import TeacherClient
 from zdistill.spec import Ragged
 from zdistill.student.batches import answer_problem
 from zdistill.student.cache import key_seed, row_keys
@@ -226,16 +227,82 @@ def test_sequences_with_the_cache_are_answered_from_it(tokens, tmp_path, mode):
 
 
 @pytest.mark.timeout(180)
-def test_per_token_predictions_are_not_cached_and_still_right(tokens, tmp_path, caplog):
-    """The cache keeps rows of one size: with a per-token prediction it is not used, and says why."""
-    samples = token_rows(40)
+@pytest.mark.parametrize("mode", MODES)
+def test_per_token_predictions_with_the_cache_are_answered_from_it(tokens, tmp_path, mode):
+    """A per-token prediction is cached with its row's length: the second epoch comes from the
+    cache, every sample's tokens its own (rows of no tokens too)."""
+    samples = token_rows(60, shortest=0)
+    samples += [(np.zeros(0, np.int64), np.zeros(0, np.float32), np.int64(60)),
+                (np.zeros(1, np.int64), np.ones(1, np.float32), np.int64(61))]
+    items = as_items(mode, samples)
+    with reader(mode, TOKEN_INS, ["h", "mean"], tokens, items) as dr:
+        dr.set_teacher_cache(tmp_path / "cache")
+        check(mode, list(dr()), items, samples, per_token)
+        assert dr.stats()["cache"]["hits"] == 0
+        asked = procs.teacher_stats(tokens)["rows"]
+        check(mode, list(dr()), items, samples, per_token)
+        cache = dr.stats()["cache"]
+        asked = procs.teacher_stats(tokens)["rows"] - asked
+    assert cache["enabled"] and cache["hits"] >= len(samples) - 2 and asked <= 2, (cache, asked)
+
+
+def segments(root) -> list:
+    return sorted(root.rglob("*.zdc"))
+
+
+@pytest.mark.timeout(180)
+def test_a_damaged_per_token_record_is_a_miss_never_a_wrong_row(tokens, tmp_path, caplog):
+    """A byte of a per-token record changed on disk: its row is asked again, and its answer is the teacher's."""
+    samples = token_rows(60, shortest=1)
     items = as_items("sample", samples)
     with reader("sample", TOKEN_INS, ["h", "mean"], tokens, items) as dr:
         dr.set_teacher_cache(tmp_path / "cache")
-        for _ in range(2):
-            check("sample", list(dr()), items, samples, per_token)
-        assert not dr.stats()["cache"]["enabled"]
-    assert "outputs ['h'] are per-token" in caplog.text
+        check("sample", list(dr()), items, samples, per_token)
+        [segment] = segments(tmp_path / "cache")
+        with open(segment, "r+b") as f:  # a token of the last record's h, past its key and length
+            f.seek(-12, 2)
+            byte = f.read(1)
+            f.seek(-12, 2)
+            f.write(bytes([byte[0] ^ 0x40]))
+        check("sample", list(dr()), items, samples, per_token)
+        cache = dr.stats()["cache"]
+    assert cache["enabled"] and cache["hits"] == len(samples) - 2, cache  # the damaged row, and one audited
+    assert "a damaged record" in caplog.text
+
+
+@pytest.mark.timeout(240)
+def test_another_per_token_model_under_one_model_id_never_gets_its_answers(start_teacher, tmp_path):
+    """Two models of per-token outputs only, one model_id: the fingerprint (their per-token answers
+    to the probe) keeps each one's cached answers its own."""
+    from tests import cache_teachers
+
+    rng = np.random.default_rng(4)
+    samples = [(rng.integers(0, 1000, int(rng.integers(1, 13))),) for _ in range(50)]
+    items = as_items("sample_list", samples)
+    cache, first, ids = tmp_path / "cache", None, []
+    for name in ["a", "b", "a"]:
+        teacher = start_teacher(f"{cache_teachers.__file__}:tokens_{name}")
+        client = TeacherClient(teacher.endpoint, timeout=10.0)
+        ids.append(client.meta()["model_id"])
+        client.close()
+        embed = cache_teachers.token_embedding(1 if name == "a" else 2)
+        with reader("sample_list", ["ids"], ["h"], teacher.endpoint, items) as dr:
+            dr.set_teacher_cache(cache)
+            out = list(dr())
+            stats = dr.stats()["cache"]
+        asked = procs.teacher_stats(teacher.endpoint)["rows"]
+        teacher.stop()
+        check("sample_list", out, items, samples, lambda s, e=embed: (cache_teachers.expected_tokens(s[0], e),))
+        assert stats["enabled"], stats
+        if name == "b" or first is None:
+            assert stats["hits"] == 0 and asked == len(samples), (name, stats, asked)
+        else:  # model A's answers are still cached, bit for bit (one row asked: the audit)
+            assert stats["hits"] == len(samples) - 1 and asked == 1, (stats, asked)
+            assert all(np.asarray(g[1]).tobytes() == np.asarray(w[1]).tobytes()
+                       for g, w in zip(out_rows("sample_list", out, items), first, strict=True))
+        if first is None:
+            first = out_rows("sample_list", out, items)
+    assert len(set(ids)) == 1  # one model_id for both models: only their answers tell them apart
 
 
 @pytest.mark.timeout(240)

@@ -23,9 +23,11 @@ position), with each bucket's sum of absolute values as its scale.  Two answers 
 values agree within a relative tolerance ``r`` have bucket sums that agree within
 ``r`` times the scale, so the comparison tolerates what hardware and batch sizes change
 in the last bits and catches other weights, which move the sums far more.  Outputs of
-integers or booleans must agree exactly.  What it cannot see: a difference confined to
-inputs the probe never holds (token ids above 1, say), or one smaller than the
-tolerance over a whole bucket.  The first is what the student's audits are for (a cached
+integers or booleans must agree exactly.  A per-token output (of a model with a
+variable-length feed, whose probe rows are all :data:`VARIABLE_SIZE` tokens long) is
+summarized over each row's tokens, as a teacher cuts it (:func:`summarized`).  What it
+cannot see: a difference confined to inputs the probe never holds (token ids above 1,
+say), or one smaller than the tolerance over a whole bucket.  The first is what the student's audits are for (a cached
 row asked anyway each epoch and compared with :func:`rows_apart`: see the producer).
 """
 
@@ -39,7 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from zdistill.spec import Arrays, TensorSpec
+from zdistill.spec import Arrays, Ragged, Tensor, TensorSpec
 
 VERSION = 1  # of the probe and the summary: fingerprints of another version never match
 PROBE_ROWS = 8
@@ -129,21 +131,41 @@ def distance(a: Mapping[str, Any], b: Mapping[str, Any], names: Sequence[str]) -
     return worst
 
 
+def summarized(fetches: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> list[str]:
+    """The outputs a fingerprint summarizes: those a cache can keep.
+
+    Outputs of a fixed row size, and per-token ones (first per-row dimension -1, the rest
+    fixed) of a model with a variable-length feed: every probe row is then
+    :data:`VARIABLE_SIZE` tokens long, and a per-token output is summarized over each
+    row's tokens, as a teacher cuts it (what lies past them is padding's, not an answer).
+    """
+    tokens = any(f.variable for f in feeds)
+    return [f.name for f in fetches
+            if all(d >= 0 for d in f.shape[1 if f.variable and tokens else 0 :])]
+
+
 def fingerprint(model: _Runs) -> dict[str, Any]:
     """Run the probe through ``model.run`` twice, in two batch compositions: the summary of the
     first run and the distance of the second from it (``jitter``), or the error the probe raised.
 
-    Only outputs of a fixed row size are summarized: a cache cannot keep the others.
+    Only the outputs a cache can keep are summarized (:func:`summarized`).
     """
     try:
         probe = probe_batch(model.feeds)
-        names = [f.name for f in model.fetches if all(d >= 0 for d in f.shape)]
+        names = summarized(model.fetches, model.feeds)
         if not names:
             return {"version": VERSION, "outputs": {}, "jitter": 0.0}
-        first = model.run(probe)
+        per_token = {f.name for f in model.fetches if f.variable}
+
+        def run(feeds: Arrays) -> Arrays:  # per-token outputs cut to the probe rows' length
+            out = model.run(feeds)
+            return {name: np.asarray(out[name])[:, :VARIABLE_SIZE] if name in per_token else out[name]
+                    for name in names}
+
+        first = run(probe)
         half = PROBE_ROWS // 2
-        late = model.run({name: arr[half:] for name, arr in probe.items()})
-        early = model.run({name: arr[:half] for name, arr in probe.items()})
+        late = run({name: arr[half:] for name, arr in probe.items()})
+        early = run({name: arr[:half] for name, arr in probe.items()})
         second = {name: np.concatenate([np.asarray(early[name]), np.asarray(late[name])]) for name in names}
         summary = summarize(first, names)
         return {"version": VERSION, "outputs": summary, "jitter": distance(summary, summarize(second, names), names)}
@@ -176,9 +198,17 @@ def usable(fp: object, names: Sequence[str], what: str,
     return picked, ""
 
 
-def rows_apart(a: np.ndarray, b: np.ndarray) -> float:
+def rows_apart(a: Tensor, b: Tensor) -> float:
     """How far two answers to the same rows are apart: the largest difference in a row over the
-    row's largest magnitude (inf for integers or booleans that differ, or a NaN against a number)."""
+    row's largest magnitude (inf for integers or booleans that differ, or a NaN against a number).
+
+    Per-token answers (:class:`~zdistill.spec.Ragged`) are compared token by token, and are
+    inf apart where a row's length differs.
+    """
+    if isinstance(a, Ragged) or isinstance(b, Ragged):
+        if not (isinstance(a, Ragged) and isinstance(b, Ragged)) or not np.array_equal(a.lengths, b.lengths):
+            return math.inf
+        a, b = a.values, b.values
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         return math.inf

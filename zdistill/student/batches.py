@@ -83,9 +83,44 @@ def select(tensor: Tensor, rows: slice | np.ndarray) -> Tensor:
         start, stop, _ = rows.indices(len(tensor))
         stop = max(start, stop)
         return Ragged(tensor.values[offsets[start] : offsets[stop]], tensor.lengths[start:stop])
+    return Ragged(tensor.values[_token_index(tensor, rows)], tensor.lengths[rows])
+
+
+def _token_index(tensor: Ragged, rows: np.ndarray) -> np.ndarray:
+    """Where the tokens of ``rows`` (indices) lie in ``tensor.values``, row after row."""
+    return spans(tensor.offsets[:-1][rows], tensor.lengths[rows])
+
+
+def spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i] .. starts[i] + lengths[i]``, one run after another, in one array."""
+    ends = np.cumsum(lengths)
+    return np.repeat(starts - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
+
+
+def place(tensor: Tensor, rows: np.ndarray, values: Tensor) -> None:
+    """Write ``values`` into the ``rows`` (indices) of ``tensor``: a Ragged's rows keep their lengths,
+    which must be those of ``values``' rows (a ValueError otherwise)."""
+    if not isinstance(tensor, Ragged):
+        tensor[rows] = values
+        return
+    if not isinstance(values, Ragged) or not np.array_equal(tensor.lengths[rows], values.lengths):
+        raise ValueError("per-token rows written into rows of other lengths")
+    tensor.values[_token_index(tensor, rows)] = values.values
+
+
+def empty_rows(tensor: Tensor, rows: np.ndarray) -> Tensor:
+    """Room for the ``rows`` (indices) of ``tensor``, uninitialised: a Ragged's rows of their lengths."""
+    if not isinstance(tensor, Ragged):
+        return np.empty((len(rows), *tensor.shape[1:]), tensor.dtype)
     lengths = tensor.lengths[rows]
-    starts = np.repeat(offsets[:-1][rows] - (np.cumsum(lengths) - lengths), lengths)
-    return Ragged(tensor.values[starts + np.arange(len(starts))], lengths)
+    return Ragged(np.empty((int(lengths.sum()), *tensor.inner_shape), tensor.dtype), lengths)
+
+
+def copy_tensor(tensor: Tensor) -> Tensor:
+    """A copy of its own (a Ragged's values and lengths)."""
+    if isinstance(tensor, Ragged):
+        return Ragged(np.array(tensor.values), np.array(tensor.lengths))
+    return np.array(tensor)
 
 
 def join(parts: Sequence[Tensor]) -> Tensor:
@@ -135,28 +170,59 @@ class CacheSlots:
     The producer lays them out (:meth:`layout`) and fills them; the worker and the sink
     read them (:meth:`of`).  In shared memory they are named arrays like the feeds, under
     names with a ``:``, which this class alone knows.
+
+    A per-token prediction's cached answers are laid out as the task's sequences: its
+    ``c:<name>`` holds as many tokens as the task's first variable-length feed, and its
+    ``l:c:<name>`` the rows' lengths, copied from that feed (a teacher cuts per-token
+    answers to the row's length, and a row's key holds its length), so the room is known
+    before the lookup and a row's answer lies where its tokens lie.
     """
 
     stamp: np.ndarray  # (epoch, task id), written before anything else of the task
     keys: np.ndarray  # each row's cache key (rows x 16 bytes)
     hits: np.ndarray  # per row: the cache answered it
     audit: np.ndarray  # per row: cached, but asked of the teacher anyway, to compare with the cache
-    answers: dict[str, np.ndarray]  # per output: the cache's answers (rows it had none for: zeros)
+    answers: dict[str, Tensor]  # per output: the cache's answers (rows it had none for: zeros); per-token: Ragged
 
     @staticmethod
-    def layout(rows: int, fetches: Sequence[TensorSpec]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Shapes and dtypes of the cache's arrays for a task of ``rows`` rows."""
-        return {
+    def layout(rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shapes and dtypes of the cache's arrays for a task of ``rows`` rows, whose first
+        variable-length feed holds ``tokens`` (0 when it has none)."""
+        out = {
             _STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
             _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool)),
-            **{_ANSWER + f.name: ((rows, *f.shape), np.dtype(f.dtype)) for f in fetches},
         }
+        for f in fetches:
+            if f.variable:
+                out[_ANSWER + f.name] = ((tokens, *f.shape[1:]), np.dtype(f.dtype))
+                out[_LENGTHS + _ANSWER + f.name] = ((rows,), np.dtype(np.int64))
+            else:
+                out[_ANSWER + f.name] = ((rows, *f.shape), np.dtype(f.dtype))
+        return out
 
     @classmethod
     def of(cls, slots: Mapping[str, np.ndarray]) -> CacheSlots:
         """The cache's arrays among a slot's (laid out by :meth:`layout`)."""
-        answers = {name[len(_ANSWER):]: arr for name, arr in slots.items() if name.startswith(_ANSWER)}
+        answers: dict[str, Tensor] = {}
+        for name, arr in slots.items():
+            if name.startswith(_ANSWER):
+                lengths = slots.get(_LENGTHS + name)
+                answers[name[len(_ANSWER):]] = arr if lengths is None else Ragged(arr, lengths)
         return cls(slots[_STAMP], slots[_KEYS], slots[_HITS], slots[_AUDIT], answers)
+
+    @staticmethod
+    def tokens(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], feeds: Sequence[str]) -> int:
+        """The tokens of a task's first variable-length feed among ``feeds``, from its slot ``specs`` (0: none)."""
+        first = next((name for name in feeds if _LENGTHS + name in specs), None)
+        return 0 if first is None else specs[first][0][0]
+
+    def set_lengths(self, feeds: Mapping[str, Tensor]) -> None:
+        """Give per-token answers the rows' lengths: those of the first variable-length feed in ``feeds``."""
+        lengths = next((t.lengths for t in feeds.values() if isinstance(t, Ragged)), None)
+        for arr in self.answers.values():
+            if isinstance(arr, Ragged):
+                assert lengths is not None and len(arr.values) == int(lengths.sum())
+                arr.lengths[:] = lengths
 
 
 _STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot

@@ -14,10 +14,15 @@ teachers reproducing it read or write there (:func:`namespace_for`).  So a diffe
 model, another set of outputs, or another model under the same ``model_id`` (weights
 loaded from another file) never gets answers cached
 for another.  Each segment is written by one process only (a worker, appending whole
-records), so concurrent students sharing a path never interleave.  A record is
-fixed-size: the key, each prediction's row, and a check word, the xxh32 of all the
-record's bytes before it; a torn write (``kill -9`` mid-write, a crash) leaves an
-incomplete tail or a record whose check fails, and either is skipped, never served.
+records), so concurrent students sharing a path never interleave.  A record holds the
+key, each prediction's row, and a check word, the xxh32 of all the record's bytes
+before it; a torn write (``kill -9`` mid-write, a crash) leaves an incomplete tail or a
+record whose check fails, and either is skipped, never served.  Records are of one size
+unless a prediction is per-token (:class:`TokenRecords`): then a record also holds its
+row's length, and its per-token values follow its fixed part.  Such records are found
+by walking the segment from its start, so a damaged one ends what is read of its
+segment (the length that would lead past it cannot be trusted): the records after it
+are misses.
 A segment starts with a header: the format's magic and the schema as JSON.  A segment
 of another format, of another schema, or whose header is damaged is skipped with a
 warning naming it.
@@ -44,6 +49,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import mmap
 import os
 import time
@@ -55,6 +61,7 @@ import numpy as np
 
 from zdistill.fingerprint import TOLERANCE, distance
 from zdistill.spec import Ragged, Tensor, TensorSpec
+from zdistill.student.batches import spans
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +79,26 @@ def default_max_bytes(path: str) -> int:
     return int(min(st.f_blocks * st.f_frsize * 0.10, st.f_bavail * st.f_frsize * 0.5))
 
 
-def cacheable(fetches: Sequence[TensorSpec]) -> str | None:
-    """Why predictions of these specs cannot be cached (a row size that varies), or None."""
-    varying = [f.name for f in fetches if any(d < 0 for d in f.shape)]
-    if not varying:
-        return None
-    return f"outputs {varying} are per-token (rows of varying size), and the cache keeps rows of one size"
+def cacheable(fetches: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str | None:
+    """Why predictions of these specs, answered to these feeds, cannot be cached, or None.
+
+    A per-token prediction (first per-row dimension -1) is kept when the teacher takes a
+    variable-length feed: each row's answer then has that row's length, which its key
+    holds, so a task's room for cached answers is laid out before they are looked up
+    (:class:`zdistill.student.batches.CacheSlots`).  Any other size that varies is not.
+    """
+    varying = [f.name for f in fetches if any(d < 0 for d in f.shape[1 if f.variable else 0 :])]
+    if varying:
+        return f"outputs {varying} have a size that varies other than per token, and the cache cannot lay them out"
+    per_token = [f.name for f in fetches if f.variable]
+    if per_token and not any(f.variable for f in feeds):
+        return (f"outputs {per_token} are per-token, but the teacher takes no variable-length feed that would "
+                "give each row's length")
+    return None
 
 
 def record_dtype(fetches: Sequence[TensorSpec]) -> np.dtype:
-    """One record: the key, each prediction's row, padding to 4 bytes, the check word."""
+    """One record of fixed-size predictions: the key, each prediction's row, padding to 4 bytes, the check word."""
     fields: list[tuple[str, str, tuple[int, ...]]] = [("key", "u1", (16,))]
     fields += [(f"p:{f.name}", np.dtype(f.dtype).newbyteorder("<").str, tuple(f.shape)) for f in fetches]
     size = sum(np.dtype((np.dtype(t), s)).itemsize for _, t, s in fields)
@@ -89,6 +106,80 @@ def record_dtype(fetches: Sequence[TensorSpec]) -> np.dtype:
         fields.append(("pad", "u1", (4 - size % 4,)))
     fields.append(("check", "<u4", ()))
     return np.dtype([(n, t, s) if s else (n, t) for n, t, s in fields])
+
+
+@dataclass(frozen=True)
+class TokenRecords:
+    """The records of a schema with per-token predictions: each of its own size.
+
+    A record is its fixed part (:attr:`head`: the key, the row's length in tokens, each
+    fixed-size prediction's row), then each per-token prediction's ``length`` rows, padding
+    to 4 bytes, and the check word (the xxh32 of the bytes before it).  Every per-token
+    prediction of a row has the row's length (a teacher cuts them to its variable-length
+    feeds' length), so one length sizes the record.
+    """
+
+    head: np.dtype
+    parts: tuple[tuple[str, np.dtype, tuple[int, ...]], ...]  # per per-token prediction: name, dtype, token shape
+    token_bytes: int  # bytes of one token of all per-token predictions
+
+    @classmethod
+    def of(cls, fetches: Sequence[TensorSpec]) -> TokenRecords | None:
+        """The layout for these predictions; None when all are of a fixed size (see :func:`record_dtype`)."""
+        if not any(f.variable for f in fetches):
+            return None
+        head = [("key", "u1", (16,)), ("length", "<i8", ())]
+        head += [(f"p:{f.name}", np.dtype(f.dtype).newbyteorder("<").str, tuple(f.shape))
+                 for f in fetches if not f.variable]
+        parts = tuple((f.name, np.dtype(f.dtype).newbyteorder("<"), tuple(f.shape[1:])) for f in fetches if f.variable)
+        return cls(np.dtype([(n, t, s) if s else (n, t) for n, t, s in head]), parts,
+                   sum(dt.itemsize * math.prod(shape) for _, dt, shape in parts))
+
+    def sizes(self, lengths: np.ndarray) -> np.ndarray:
+        """Each record's bytes, for rows of ``lengths`` tokens."""
+        body = self.head.itemsize + np.asarray(lengths, np.int64) * self.token_bytes
+        return body + (-body % 4) + 4
+
+    def size(self, length: int) -> int:
+        """:meth:`sizes` of one row."""
+        body = self.head.itemsize + length * self.token_bytes
+        return body + (-body % 4) + 4
+
+    def pack(self, keys: np.ndarray, outputs: Mapping[str, Tensor]) -> np.ndarray:
+        """The records of rows ``keys``, end to end: ``outputs[name]`` holds each prediction (a
+        per-token one as a Ragged); a ValueError if per-token ones differ in a row's length."""
+        import xxhash
+
+        lengths = next(t.lengths for t in outputs.values() if isinstance(t, Ragged))
+        for name, _, _ in self.parts:
+            out = outputs[name]
+            if not isinstance(out, Ragged) or not np.array_equal(out.lengths, lengths):
+                raise ValueError(f"per-token output {name!r} is not of the rows' lengths: a record holds one length")
+        heads = np.zeros(len(keys), self.head)
+        heads["key"], heads["length"] = keys, lengths
+        for name in self.head.names[2:]:
+            heads[name] = outputs[name[2:]]
+        sizes = self.sizes(lengths)
+        starts = np.cumsum(sizes) - sizes
+        buf = np.zeros(int(sizes.sum()), np.uint8)
+        raw = memoryview(heads.view(np.uint8))
+        tokens = []  # per per-token prediction: its bytes, and where each row's start in them
+        for name, dt, _ in self.parts:
+            out = outputs[name]
+            assert isinstance(out, Ragged)
+            per_token = dt.itemsize * math.prod(out.inner_shape)
+            tokens.append((memoryview(np.ascontiguousarray(out.values, dt).reshape(-1).view(np.uint8)),
+                           (out.offsets * per_token).tolist()))
+        view, hs, digest = memoryview(buf), self.head.itemsize, xxhash.xxh32_intdigest
+        for i, (at, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
+            view[at : at + hs] = raw[i * hs : (i + 1) * hs]
+            to = at + hs
+            for values, offsets in tokens:
+                n = offsets[i + 1] - offsets[i]
+                view[to : to + n] = values[offsets[i] : offsets[i + 1]]
+                to += n
+            view[at + size - 4 : at + size] = digest(view[at : at + size - 4], CHECK_SEED).to_bytes(4, "little")
+        return buf
 
 
 def folder_for(root: str, model_id: str, fetches: Sequence[TensorSpec]) -> str:
@@ -161,7 +252,8 @@ class _Segment:
     path: str
     fd: int = -1  # open read-only while usable: positional reads never fault, whatever the file becomes
     usable: bool = True  # False: a file of another format or schema, or damaged, never read
-    scanned: int = 0  # complete records looked at so far
+    scanned: int = 0  # bytes of complete records (after the header) looked at so far
+    ended: bool = False  # a damaged record of its own size was found: nothing after it is read
     stat: tuple[int, int] = (-1, -1)  # its size and modification time (ns) when last scanned
     settled: bool = False  # modified over a second before that scan: any change since shows in its stat
 
@@ -183,15 +275,17 @@ class CacheIndex:
     folder: str
     fetches: list[TensorSpec]
     dtype: np.dtype = field(init=False)
+    tokens: TokenRecords | None = field(init=False)  # records of their own size (per-token predictions), else None
     _segments: dict[str, _Segment] = field(default_factory=dict, init=False)
     _names: list[str] = field(default_factory=list, init=False)  # segment number -> file name
     _hi: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64), init=False)  # sorted
     _lo: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64), init=False)
     _seg: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32), init=False)
-    _row: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), init=False)
+    _pos: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), init=False)  # byte after the header
 
     def __post_init__(self) -> None:
-        self.dtype = record_dtype(self.fetches)
+        self.tokens = TokenRecords.of(self.fetches)
+        self.dtype = record_dtype(self.fetches) if self.tokens is None else self.tokens.head  # the fixed part
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         self._finalizer = weakref.finalize(self, _close_segments, self._segments)
 
@@ -213,7 +307,7 @@ class CacheIndex:
             for name in gone:
                 self._segments.pop(name).close()
             self._rebuild()
-        his, los, added_to, rows = [], [], [], []
+        his, los, added_to, places = [], [], [], []
         skipped = False
         for name in names:
             seg = self._segments.get(name) or self._open(name)
@@ -227,22 +321,19 @@ class CacheIndex:
             skipped |= not seg.usable
             if new is None:
                 continue
-            first, records = new
-            good = np.flatnonzero(record_checks(records) == records["check"])
-            if len(good) < len(records):
-                log.warning("cache segment %s: %d torn or damaged records skipped", name, len(records) - len(good))
-            keys = records["key"][good].copy().view("<u8")
+            keys, positions = new
+            keys = keys.view("<u8")
             his.append(keys[:, 0])
             los.append(keys[:, 1])
             added_to.append(name)
-            rows.append(first + good)
+            places.append(positions)
         if skipped:
             self._rebuild()  # before numbering the new keys' segments
         if not his:
             return 0
-        segs = [np.full(len(r), self._names.index(name), np.int32) for name, r in zip(added_to, rows, strict=True)]
+        segs = [np.full(len(p), self._names.index(name), np.int32) for name, p in zip(added_to, places, strict=True)]
         added = sum(len(h) for h in his)
-        self._merge(np.concatenate(his), np.concatenate(los), np.concatenate(segs), np.concatenate(rows))
+        self._merge(np.concatenate(his), np.concatenate(los), np.concatenate(segs), np.concatenate(places))
         return added
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -256,61 +347,116 @@ class CacheIndex:
         found = (self._hi[at] == hi) & (self._lo[at] == lo)
         return np.where(found, at, -1)
 
-    def gather(self, positions: np.ndarray, out: Mapping[str, np.ndarray]) -> np.ndarray:
+    def gather(self, positions: np.ndarray, out: Mapping[str, Tensor]) -> np.ndarray:
         """Copy the cached rows at ``positions`` (from :meth:`lookup`, all found) into ``out[name]``;
         per position, whether its row was copied.
 
-        A row is copied only if its record, read now, still holds its key and passes its
-        check: a segment that shrank or changed since the scan gives misses, never wrong
-        rows, and is skipped from then on (in this process) with a warning naming it.  The
-        checks are computed again unless the segment is as it was when scanned (its size
-        and modification time, and that time was a second older than the scan, so that a
-        later change cannot share its clock tick).
+        A per-token prediction's ``out`` is a :class:`~zdistill.spec.Ragged` whose lengths are
+        the rows' (their keys hold them): a record of another length is a miss.  A row is
+        copied only if its record, read now, still holds its key and passes its check: a
+        segment that shrank or changed since the scan gives misses, never wrong rows, and is
+        skipped from then on (in this process) with a warning naming it.  The checks are
+        computed again unless the segment is as it was when scanned (its size and
+        modification time, and that time was a second older than the scan, so that a later
+        change cannot share its clock tick).
         """
         served = np.zeros(len(positions), bool)
-        segs, rows = self._seg[positions], self._row[positions]
+        segs, places = self._seg[positions], self._pos[positions]
         keys = np.stack([self._hi[positions], self._lo[positions]], axis=1)
+        lengths = next((t.lengths for t in out.values() if isinstance(t, Ragged)), None)
+        if self.tokens is not None:
+            assert lengths is not None, "per-token predictions are gathered into Ragged outputs"
+            sizes = self.tokens.sizes(lengths)
+        else:
+            sizes = np.full(len(positions), self.dtype.itemsize, np.int64)
         for seg_no in np.unique(segs):
             seg = self._segments[self._names[seg_no]]
             mine = np.flatnonzero(segs == seg_no)
             if not seg.usable:
                 continue
             st = os.fstat(seg.fd)
-            records, read = self._read(seg, rows[mine])
-            ok = read & (records["key"].copy().view("<u8") == keys[mine]).all(axis=1)
-            if not seg.settled or (st.st_size, st.st_mtime_ns) != seg.stat:  # else checked when scanned
-                ok &= record_checks(records) == records["check"]
+            buf, starts, read = self._read(seg, places[mine], sizes[mine])
+            recheck = not seg.settled or (st.st_size, st.st_mtime_ns) != seg.stat  # else checked when scanned
+            if self.tokens is None:
+                ok = self._copy_fixed(buf, starts, read, keys[mine], recheck, out, mine)
+            else:
+                assert lengths is not None
+                ok = self._copy_tokens(buf, starts, read, keys[mine], lengths[mine], recheck, out, mine)
             if not ok.all():
                 short = int((~read).sum())
                 self._skip(seg, f"changed since it was scanned ({short} of {len(mine)} records read past its end, "
                                 f"{len(mine) - short - int(ok.sum())} no longer the ones scanned)")
-            for name, arr in out.items():
-                arr[mine[ok]] = records[f"p:{name}"][ok]
             served[mine[ok]] = True
         return served
 
-    def _read(self, seg: _Segment, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The records at ``rows`` of ``seg`` and which of them were read whole (a file that
-        shrank reads short), with one ``pread`` per run of rows close together."""
-        size = self.dtype.itemsize
-        order = np.argsort(rows, kind="stable")
-        ordered = rows[order]
-        starts = np.flatnonzero(np.diff(ordered, prepend=-_GAP_BYTES) > max(1, _GAP_BYTES // size))
-        ends = np.append(starts[1:], len(rows))
-        first, spans = ordered[starts], ordered[ends - 1] + 1 - ordered[starts]
-        base = np.cumsum(spans) - spans  # each run's place in the buffer, in records
-        buf = np.empty((int(spans.sum()), size), np.uint8)
-        raw, got = memoryview(buf.reshape(-1)), np.zeros(len(spans), np.int64)
+    def _copy_fixed(self, buf: np.ndarray, starts: np.ndarray, read: np.ndarray, keys: np.ndarray, recheck: bool,
+                    out: Mapping[str, Tensor], where: np.ndarray) -> np.ndarray:
+        """Fixed-size records at ``starts`` of ``buf`` into rows ``where`` of ``out``, those that
+        hold their ``keys`` (and pass their check, with ``recheck``); which did."""
+        records = buf[starts[:, None] + np.arange(self.dtype.itemsize)].view(self.dtype).reshape(-1)
+        ok = read & (records["key"].copy().view("<u8") == keys).all(axis=1)
+        if recheck:
+            ok &= record_checks(records) == records["check"]
+        for name, arr in out.items():
+            assert isinstance(arr, np.ndarray)
+            arr[where[ok]] = records[f"p:{name}"][ok]
+        return ok
+
+    def _copy_tokens(self, buf: np.ndarray, starts: np.ndarray, read: np.ndarray, keys: np.ndarray,
+                     lengths: np.ndarray, recheck: bool, out: Mapping[str, Tensor], where: np.ndarray) -> np.ndarray:
+        """:meth:`_copy_fixed` for records of their own size (:class:`TokenRecords`): a record
+        also holds its row's ``lengths`` entry, or it is a miss."""
+        import xxhash
+
+        layout = self.tokens
+        assert layout is not None
+        size = layout.head.itemsize
+        heads = buf[starts[:, None] + np.arange(size)].view(layout.head).reshape(-1)
+        ok = read & (heads["key"].copy().view("<u8") == keys).all(axis=1) & (heads["length"] == lengths)
+        if recheck:
+            digest, ends = xxhash.xxh32_intdigest, starts + layout.sizes(lengths)
+            for i in np.flatnonzero(ok).tolist():
+                ok[i] = digest(buf[starts[i] : ends[i] - 4], CHECK_SEED) == int.from_bytes(
+                    buf[ends[i] - 4 : ends[i]].tobytes(), "little")
+        good = np.flatnonzero(ok)
+        rows, at, tokens = where[good], starts[good] + size, lengths[good]
+        for name in layout.head.names[2:]:
+            fixed = out[name[2:]]
+            assert isinstance(fixed, np.ndarray)
+            fixed[rows] = heads[name][good]
+        for name, dt, shape in layout.parts:
+            arr, per_token = out[name], math.prod(shape)
+            assert isinstance(arr, Ragged)
+            values = buf[spans(at, tokens * per_token * dt.itemsize)].view(dt)
+            arr.values.reshape(-1)[spans(arr.offsets[rows] * per_token, tokens * per_token)] = values
+            at = at + tokens * per_token * dt.itemsize
+        return ok
+
+    def _read(self, seg: _Segment, places: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The records of ``sizes`` bytes at ``places`` of ``seg``: a buffer, where each starts in it, and
+        which were read whole (a file that shrank reads short), with one ``pread`` per run of
+        records close together."""
+        order = np.argsort(places, kind="stable")
+        first, last = places[order], places[order] + sizes[order]
+        ends_so_far = np.maximum.accumulate(last) if len(last) else last
+        gaps = first[1:] - ends_so_far[:-1]
+        starts = np.flatnonzero(np.concatenate([[True], gaps > _GAP_BYTES])) if len(first) else np.zeros(0, np.int64)
+        ends = np.append(starts[1:], len(first))
+        begin = first[starts]
+        spans = np.maximum.reduceat(last, starts) - begin if len(starts) else np.zeros(0, np.int64)
+        base = np.cumsum(spans) - spans  # each run's place in the buffer
+        buf = np.zeros(int(spans.sum()), np.uint8)
+        raw, got = memoryview(buf), np.zeros(len(spans), np.int64)
         try:
-            for i, (at, to, n) in enumerate(zip(first.tolist(), base.tolist(), spans.tolist(), strict=True)):
-                got[i] = os.preadv(seg.fd, [raw[to * size : (to + n) * size]], _HEADER + at * size) // size
+            for i, (at, to, n) in enumerate(zip(begin.tolist(), base.tolist(), spans.tolist(), strict=True)):
+                got[i] = os.preadv(seg.fd, [raw[to : to + n]], _HEADER + at)
         except OSError as exc:
             log.warning("cache segment %s cannot be read: %s", seg.path, exc)
         run = np.repeat(np.arange(len(spans)), ends - starts)
-        offset = ordered - first[run]
-        pick, read = np.empty(len(rows), np.int64), np.empty(len(rows), bool)
-        pick[order], read[order] = base[run] + offset, offset < got[run]
-        return buf[pick].view(self.dtype).reshape(-1), read
+        offset = first - begin[run]
+        where, read = np.empty(len(places), np.int64), np.empty(len(places), bool)
+        where[order], read[order] = base[run] + offset, offset + sizes[order] <= got[run]
+        return buf, where, read
 
     def _skip(self, seg: _Segment, why: str) -> None:
         """Never read ``seg`` again, saying why once."""
@@ -360,45 +506,83 @@ class CacheIndex:
     def _schema(self) -> list[dict]:
         return [f.to_wire() for f in self.fetches]
 
-    def _scan(self, seg: _Segment) -> tuple[int, np.ndarray] | None:
-        """Records added to ``seg`` since it was last scanned: (the first's number, the records).
+    def _scan(self, seg: _Segment) -> tuple[np.ndarray, np.ndarray] | None:
+        """The keys (rows x 16 bytes) and places of the good records added to ``seg`` since it was last scanned.
 
         As many as a read gets now: a file that shrank since the last scan is skipped
         (its records scanned before may be gone), never read past its end.
         """
         st = os.fstat(seg.fd)
-        size = st.st_size
-        seg.stat, seg.settled = (size, st.st_mtime_ns), time.time_ns() - st.st_mtime_ns > 1_000_000_000
-        count = max(0, size - _HEADER) // self.dtype.itemsize
-        if count < seg.scanned:
-            self._skip(seg, f"shrank to {count} records after {seg.scanned} were scanned")
+        size = max(0, st.st_size - _HEADER)
+        seg.stat, seg.settled = (st.st_size, st.st_mtime_ns), time.time_ns() - st.st_mtime_ns > 1_000_000_000
+        if size < seg.scanned:
+            self._skip(seg, f"shrank to {size} bytes of records after {seg.scanned} were scanned")
             return None
-        if count == seg.scanned:
+        if self.tokens is not None:
+            return self._scan_tokens(seg, size)
+        itemsize = self.dtype.itemsize
+        count = size // itemsize - seg.scanned // itemsize
+        if count <= 0:
             return None
-        records = np.empty(count - seg.scanned, self.dtype)
-        got = os.preadv(seg.fd, [records.view(np.uint8)], _HEADER + seg.scanned * self.dtype.itemsize)
-        first = seg.scanned
-        seg.scanned += got // self.dtype.itemsize
-        return first, records[: got // self.dtype.itemsize]
+        records = np.empty(count, self.dtype)
+        got = os.preadv(seg.fd, [records.view(np.uint8)], _HEADER + seg.scanned) // itemsize
+        first = seg.scanned // itemsize
+        seg.scanned += got * itemsize
+        records = records[:got]
+        good = np.flatnonzero(record_checks(records) == records["check"])
+        if len(good) < len(records):
+            log.warning("cache segment %s: %d torn or damaged records skipped", seg.path, len(records) - len(good))
+        return records["key"][good].copy(), (first + good) * itemsize
 
-    def _merge(self, hi: np.ndarray, lo: np.ndarray, seg: np.ndarray, row: np.ndarray) -> None:
+    def _scan_tokens(self, seg: _Segment, size: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`_scan` for records of their own size, walked one after another from the last
+        scanned: an incomplete one is waited for, a damaged one ends the segment's reading."""
+        import xxhash
+
+        assert self.tokens is not None
+        if seg.ended or size == seg.scanned:
+            return None
+        buf = np.empty(size - seg.scanned, np.uint8)
+        got = os.preadv(seg.fd, [buf], _HEADER + seg.scanned)
+        head, digest = self.tokens.head.itemsize, xxhash.xxh32_intdigest
+        keys, places, at = [], [], 0
+        while at + head <= got:
+            length = int.from_bytes(buf[at + 16 : at + 24].tobytes(), "little", signed=True)
+            record = self.tokens.size(length) if length >= 0 else -1
+            if record > 0 and at + record > got:
+                break  # its writer has not written it whole yet
+            if record < 0 or digest(buf[at : at + record - 4], CHECK_SEED) != int.from_bytes(
+                    buf[at + record - 4 : at + record].tobytes(), "little"):
+                log.warning("cache segment %s: a damaged record at byte %d; the %d bytes after it are not read",
+                            seg.path, _HEADER + seg.scanned + at, size - seg.scanned - at)
+                seg.ended = True
+                break
+            keys.append(buf[at : at + 16])
+            places.append(seg.scanned + at)
+            at += record
+        seg.scanned += at
+        if not keys:
+            return None
+        return np.stack(keys), np.array(places, np.int64)
+
+    def _merge(self, hi: np.ndarray, lo: np.ndarray, seg: np.ndarray, pos: np.ndarray) -> None:
         """Insert new keys: only they are sorted, so a refresh costs what was added, plus a copy.
 
         Keys are ordered by their first 64 bits; two keys sharing those (odds of about
         n^2 / 2^65) may then be missed by :meth:`lookup`, which is a miss, never a wrong row.
         """
         order = np.argsort(hi, kind="stable")
-        hi, lo, seg, row = hi[order], lo[order], seg[order], row[order]
+        hi, lo, seg, pos = hi[order], lo[order], seg[order], pos[order]
         at = np.searchsorted(self._hi, hi)
         self._hi, self._lo = np.insert(self._hi, at, hi), np.insert(self._lo, at, lo)
-        self._seg, self._row = np.insert(self._seg, at, seg), np.insert(self._row, at, row)
+        self._seg, self._pos = np.insert(self._seg, at, seg), np.insert(self._pos, at, pos)
 
     def _rebuild(self) -> None:
         """Drop the keys of segments gone (evicted) or skipped, renumbering the rest."""
         keep = [n for n in self._names if n in self._segments and self._segments[n].usable]
         renumber = np.array([keep.index(n) if n in keep else -1 for n in self._names], np.int32)
         alive = renumber[self._seg] >= 0 if len(self._seg) else np.zeros(0, bool)
-        self._hi, self._lo, self._row = self._hi[alive], self._lo[alive], self._row[alive]
+        self._hi, self._lo, self._pos = self._hi[alive], self._lo[alive], self._pos[alive]
         self._seg = renumber[self._seg[alive]]
         self._names = keep
 
@@ -408,29 +592,35 @@ class CacheWriter:
 
     def __init__(self, folder: str, fetches: Sequence[TensorSpec], max_bytes: int, root: str) -> None:
         self.folder, self.fetches, self.max_bytes, self.root = folder, list(fetches), max_bytes, root
-        self.dtype = record_dtype(self.fetches)
+        self.tokens = TokenRecords.of(self.fetches)
+        self.dtype = record_dtype(self.fetches) if self.tokens is None else self.tokens.head  # the fixed part
         # Segments small beside max_bytes, so that deleting whole ones keeps the bound close.
         self.segment_bytes = max(1 << 20, min(_SEGMENT_BYTES, max_bytes // 8))
         self._fd: int | None = None
         self._path = ""
         self._size = 0
 
-    def append(self, keys: np.ndarray, outputs: Mapping[str, np.ndarray]) -> None:
-        """Store one row per key: ``outputs[name]`` rows are the predictions, in key order.
+    def append(self, keys: np.ndarray, outputs: Mapping[str, Tensor]) -> None:
+        """Store one row per key: ``outputs[name]`` rows are the predictions, in key order (a
+        per-token one a :class:`~zdistill.spec.Ragged`).
 
         A write that fails (a full or read-only file system) raises an ``OSError`` naming
         the file; the segment is closed, so that no record ever follows a torn one.
         """
-        records = np.zeros(len(keys), self.dtype)
-        records["key"] = keys
-        for f in self.fetches:
-            records[f"p:{f.name}"] = outputs[f.name]
-        records["check"] = record_checks(records)
+        if self.tokens is not None:
+            data = self.tokens.pack(keys, outputs)
+        else:
+            records = np.zeros(len(keys), self.dtype)
+            records["key"] = keys
+            for f in self.fetches:
+                records[f"p:{f.name}"] = outputs[f.name]
+            records["check"] = record_checks(records)
+            data = records.view(np.uint8)
         if self._fd is None or self._size >= self.segment_bytes or self._changed():
             self._start_segment()
         assert self._fd is not None
-        self._write(records.view(np.uint8))
-        self._size += records.nbytes
+        self._write(data)
+        self._size += data.nbytes
 
     def close(self) -> None:
         if self._fd is not None:

@@ -155,14 +155,15 @@ class Pipeline:
         which every teacher must reproduce within ``tolerance``.
 
         Without a ``model_id`` or a fingerprint in the teachers' meta, with a teacher that
-        does not reproduce its own answers, with outputs whose row size varies, or where the
-        cache's folder cannot be made (a read-only file system), the cache cannot be used:
-        that is logged once and the reader runs without.
+        does not reproduce its own answers, with outputs whose size varies other than per
+        token (:func:`cache.cacheable`), or where the cache's folder cannot be made (a
+        read-only file system), the cache cannot be used: that is logged once and the
+        reader runs without.
         """
         model_id = meta.model_id
         fetches = meta.fetches_named(self.predicts)  # the reader checked they are all there
         fp, why = usable(meta.fingerprint, self.predicts, "the teacher", tolerance)
-        why = cacheable(fetches) or why
+        why = cacheable(fetches, meta.feeds) or why
         if not model_id:
             why = "the teacher's meta has no model_id (a zdistill-teacher older than the cache?)"
         if why or fp is None:

@@ -39,7 +39,10 @@ from zdistill.student.batches import (
     CacheSlots,
     ReaderType,
     TaskBuilder,
+    empty_rows,
+    place,
     row_shape,
+    select,
     slot_tensors,
 )
 from zdistill.student.cache import CacheGate, CacheIndex, key_seed, row_keys
@@ -123,7 +126,8 @@ class Producer:
         cache = self.cfg.cache
         if cache is None:
             return self.slots.allocate(slot, specs)
-        arrays, descriptor = self.slots.allocate(slot, {**specs, **CacheSlots.layout(rows, cache.fetches)})
+        tokens = CacheSlots.tokens(specs, self.cfg.cache_feeds)
+        arrays, descriptor = self.slots.allocate(slot, {**specs, **CacheSlots.layout(rows, cache.fetches, tokens)})
         # first: a worker still on the slot's last task sees that it changed
         CacheSlots.of(arrays).stamp[:] = (self.cfg.epoch, task_id)
         return arrays, descriptor
@@ -144,6 +148,7 @@ class Producer:
         feeds = list(tensors.values())
         seed = key_seed({name: (a.dtype.str, row_shape(a)) for name, a in tensors.items()})
         mine = CacheSlots.of(task.slots)
+        mine.set_lengths(tensors)
         mine.keys[:] = row_keys(feeds, seed)
         found = cache.lookup(mine.keys)
         hit, audit = mine.hits, mine.audit
@@ -152,13 +157,13 @@ class Producer:
         rows = np.flatnonzero(found >= 0)
         if not len(rows):
             return 0
-        answers = {f.name: np.empty((len(rows), *f.shape), f.dtype) for f in cache.fetches}
+        answers = {name: empty_rows(arr, rows) for name, arr in mine.answers.items()}
         served = cache.gather(found[rows], answers)  # a row its segment no longer holds is a miss
-        rows = rows[served]
+        rows, kept = rows[served], np.flatnonzero(served)
         if not len(rows):
             return 0
         for name, arr in answers.items():
-            mine.answers[name][rows] = arr[served]
+            place(mine.answers[name], rows, select(arr, kept))
         hit[rows] = True
         self.since_audit += 1
         if self.since_audit >= AUDIT_EVERY:

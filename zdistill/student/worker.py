@@ -40,15 +40,17 @@ from zdistill.client import Completion, TeacherClient
 from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
-from zdistill.spec import TeacherMeta, Tensors, TensorSpec
+from zdistill.spec import TeacherMeta, Tensor, Tensors, TensorSpec
 from zdistill.student import protocol
 from zdistill.student.batches import (
     CacheSlots,
     answer_problem,
     check_feed,
+    copy_tensor,
     empty_output,
     feeds_mismatch,
     join,
+    place,
     predict_key,
     row_shape,
     select,
@@ -313,7 +315,7 @@ class Worker:
         self._send(protocol.Done(epoch=job.task.epoch, task_id=job.task.task_id, elapsed=now - job.started,
                                  service=service, cached=cached), arrays)
 
-    def _with_cache(self, job: Job, answers: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    def _with_cache(self, job: Job, answers: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
         """Store the teacher's answers in the cache; the task's full predictions (cached rows too)
         and how many of their rows came from the cache.
 
@@ -331,11 +333,11 @@ class Worker:
             return answers, 0  # stale: the dispatcher drops the answer anyway
         asked = np.arange(len(slots.hits)) if job.misses is None else job.misses  # the rows answered
         audited = slots.audit[asked]
-        kept = bool(audited.any()) and self._audit(asked[audited], slots,
-                                                    {name: arr[audited] for name, arr in answers.items()})
+        kept = bool(audited.any()) and self._audit(asked[audited], slots, {
+            name: select(arr, np.flatnonzero(audited)) for name, arr in answers.items()})
         if kept:  # the audited rows' cached answers stand: only the others are the teacher's
             asked = asked[~audited]
-            answers = {name: arr[~audited] for name, arr in answers.items()}
+            answers = {name: select(arr, np.flatnonzero(~audited)) for name, arr in answers.items()}
         if self.cache is not None and len(asked):
             try:
                 self.cache.append(slots.keys[asked], answers)
@@ -345,17 +347,17 @@ class Worker:
             return answers, 0
         full = {}
         for name, arr in answers.items():
-            full[name] = np.array(slots.answers[name])
-            full[name][asked] = arr
+            full[name] = copy_tensor(slots.answers[name])
+            place(full[name], asked, arr)
         return full, len(slots.hits) - len(asked)
 
-    def _audit(self, where: np.ndarray, slots: CacheSlots, answers: dict[str, np.ndarray]) -> bool:
+    def _audit(self, where: np.ndarray, slots: CacheSlots, answers: dict[str, Tensor]) -> bool:
         """Whether the teacher's answers to cached rows asked anyway (the producer's audit) are the
         cache's, within the tolerance.  If not, it is another model (one its fingerprint did not
         tell apart): the cache is off for good, nothing more is stored, and the dispatcher hears
         why before this task's answer."""
         for name, fresh in answers.items():
-            apart = rows_apart(slots.answers[name][where], fresh)
+            apart = rows_apart(select(slots.answers[name], where), fresh)
             if apart <= self.cfg.cache_tolerance:
                 continue
             self.audit_failed = (f"teacher {self.cfg.teacher} answers a cached row otherwise than the cache ({name!r} "
