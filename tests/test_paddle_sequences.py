@@ -383,32 +383,28 @@ def test_ragged_requests_get_each_row_answered_as_if_alone(exported, served) -> 
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("mode", ["sample", "sample_list", "batch"])
 @pytest.mark.parametrize("cache", [False, True])
 def test_a_distill_reader_gets_each_rows_per_token_answers_with_the_cache_on_and_off(exported, served, tmp_path,
-                                                                                      cache) -> None:
-    """Batches of token ids as lists of per-sample arrays (EDL's ERNIE example) through a
-    DistillReader: every prediction is numpy's for its row, the second epoch the cache's."""
-    from zdistill import DistillReader
+                                                                                      mode, cache) -> None:
+    """Token ids of different lengths through a DistillReader in each mode (a batch reader's
+    slot as a list of per-sample arrays, EDL's ERNIE example): every sample back as given,
+    every prediction numpy's for its row, the second epoch the cache's."""
+    from tests.test_reader_sequences import as_items, check, reader
 
     table = exported.tables["lengths"]
     rng = np.random.default_rng(8)
-    items = [([rng.integers(1, VOCAB, size=int(rng.integers(1, 12)), dtype=np.int64) for _ in range(6)],
-              np.arange(6, dtype=np.int64) + 6 * i) for i in range(10)]
-    with DistillReader(ins=["ids", "label"], predicts=["fetch_name_0", "fetch_name_1"]) as dr:
-        dr.set_fixed_teacher(served.endpoint)
-        dr.set_batch_generator(lambda: iter(items))
+    samples = [(rng.integers(1, VOCAB, size=int(rng.integers(1, 12)), dtype=np.int64), np.int64(i)) for i in range(60)]
+    items = as_items(mode, samples)
+
+    def expect(sample: tuple[np.ndarray, np.int64]) -> tuple[np.ndarray, np.ndarray]:
+        rows = table[sample[0]]
+        return rows.mean(axis=0), rows * 2
+
+    with reader(mode, ["ids", "label"], ["fetch_name_0", "fetch_name_1"], served.endpoint, items) as dr:
         if cache:
             dr.set_teacher_cache(tmp_path / "cache")
         for _ in range(2):
-            out = list(dr())
-            assert len(out) == len(items)
-            for (ids, labels, mean, tokens), (given, given_labels) in zip(out, items, strict=True):
-                assert isinstance(ids, list) and isinstance(tokens, list) and len(tokens) == len(given)
-                np.testing.assert_array_equal(labels, given_labels)
-                for i, row in enumerate(given):
-                    np.testing.assert_array_equal(ids[i], row)
-                    np.testing.assert_allclose(mean[i], table[row].mean(axis=0), rtol=RTOL, atol=ATOL)
-                    assert tokens[i].shape == (len(row), WIDTH)
-                    np.testing.assert_allclose(tokens[i], table[row] * 2, rtol=RTOL, atol=ATOL)
+            check(mode, list(dr()), items, samples, expect, rtol=RTOL, atol=ATOL)
         stats = dr.stats()["cache"]
-    assert stats["enabled"] == cache and (stats["hits"] >= 60 - 1 if cache else stats["hits"] == 0), stats
+    assert stats["enabled"] == cache and (stats["hits"] >= len(samples) - 1 if cache else stats["hits"] == 0), stats

@@ -92,7 +92,7 @@ def out_rows(mode: str, out: list[Any], items: list[Any]) -> list[tuple[Any, ...
 
 
 def check(mode: str, out: list[Any], items: list[Any], samples: list[tuple[Any, ...]],
-          expect: Callable[[tuple[Any, ...]], tuple[np.ndarray, ...]]) -> None:
+          expect: Callable[[tuple[Any, ...]], tuple[np.ndarray, ...]], rtol: float = 1e-6, atol: float = 0) -> None:
     """Every sample back in order, each array unchanged, and each prediction what ``expect`` says of its row."""
     rows = out_rows(mode, out, items)
     assert len(rows) == len(samples)
@@ -105,7 +105,7 @@ def check(mode: str, out: list[Any], items: list[Any], samples: list[tuple[Any, 
         for got, want in zip(row[width:], expect(sample), strict=True):
             got = np.asarray(got)
             assert got.dtype == want.dtype and got.shape == want.shape, (i, got.dtype, got.shape, want.shape)
-            np.testing.assert_allclose(got, want, rtol=1e-6)
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol)
 
 
 def negated(sample: tuple[Any, ...]) -> tuple[np.ndarray, ...]:
