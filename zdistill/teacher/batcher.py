@@ -222,10 +222,20 @@ class BatchStats:
         self.batches += 1
         self.merged_batches += len(batch) > 1
         self.max_batch_rows = max(self.max_batch_rows, rows)
-        if batch[0].lengths is not None:
-            tokens = sum(int(r.lengths.sum()) for r in batch)  # type: ignore[union-attr]
-            self.tokens += tokens
-            self.padding_tokens += rows * max(r.longest for r in batch) - tokens
+        tokens, padding = padded_tokens(batch)
+        self.tokens += tokens
+        self.padding_tokens += padding
+
+
+def padded_tokens(batch: list[Request]) -> tuple[int, int]:
+    """A batch's own tokens and what padding to its longest row adds; ``(0, 0)`` for fixed-shape rows.
+
+    The one definition of both, for the ``stats`` counters and the Prometheus metrics alike.
+    """
+    if batch[0].lengths is None:
+        return 0, 0
+    tokens = sum(int(r.lengths.sum()) for r in batch)  # type: ignore[union-attr]
+    return tokens, sum(r.rows for r in batch) * max(r.longest for r in batch) - tokens
 
 
 class Batcher:
