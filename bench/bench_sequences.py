@@ -25,7 +25,7 @@ that starts the workers and checks its first batch against numpy, and an unmeasu
 that sizes the measured epochs to ``--seconds``.  Every teacher is stopped by PID in a
 ``finally``.  Writes ``bench/results/sequences.json``.
 
-    python bench/bench_sequences.py          # 5 repeats: about 2 minutes on 2 cores
+    python bench/bench_sequences.py          # 5 repeats of 2-s epochs: about 2 minutes on 2 cores
     python bench/bench_sequences.py --quick  # 1 short repeat: about 30 s
 """
 
@@ -55,7 +55,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-from bench_reader import Fleet  # noqa: E402
+from bench_reader import CpuSnap, Fleet  # noqa: E402
 from teachers_bench import EMB_TOKENS, FIXED_TOKENS, VOCAB, pooled  # noqa: E402
 
 from tests.procs import teacher_stats  # noqa: E402
@@ -78,7 +78,7 @@ class Plan:
     seconds: float  # one measured epoch, or one raw run
 
 
-FULL = Plan(repeats=5, seconds=1.0)
+FULL = Plan(repeats=5, seconds=2.0)  # an epoch's start and drain (tens of ms on a loaded machine) weigh little
 QUICK = Plan(repeats=1, seconds=0.5)
 
 
@@ -204,9 +204,14 @@ class SeqReader:
     def __exit__(self, *exc: object) -> None:
         self.dr.close()
 
+    @property
+    def tokens(self) -> int:
+        """The tokens of one epoch."""
+        return sum(self.batches[i % len(self.batches)][1] for i in range(self.count))
+
     def epoch(self) -> float:
         """Tokens/s of one whole epoch, fork to end."""
-        tokens = sum(self.batches[i % len(self.batches)][1] for i in range(self.count))
+        tokens = self.tokens
         n = 0
         start = time.perf_counter()
         for _ in self.dr():
@@ -219,7 +224,7 @@ class SeqReader:
 
 def check_pooled(ids: Any, out: np.ndarray) -> None:
     rows = list(ids)
-    want = np.stack([pooled(row[None], None)["pooled"][0] for row in rows])
+    want = np.stack([pooled(row[None], np.array([len(row)]))["pooled"][0] for row in rows])
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5)
 
 
@@ -242,6 +247,21 @@ def median_ratio(a: list[float], b: list[float]) -> float:
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
+def cpu_per_million(cpu: dict[str, float], tokens: float) -> dict[str, float]:
+    """CPU seconds per role (:class:`bench_reader.CpuSnap`) per million tokens."""
+    return {role: seconds / tokens * 1e6 for role, seconds in cpu.items()}
+
+
+def median_roles(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {role: statistics.median(run[role] for run in runs) for role in runs[0]}
+
+
+def fmt_roles(cpu: dict[str, float]) -> str:
+    """Only the roles that spent something: the raw client has no reader process or workers."""
+    return " ".join(f"{role} {seconds:.3f}" for role, seconds in cpu.items() if seconds > 0) + \
+        f" (total {sum(cpu.values()):.3f})"
+
+
 def case_reader_vs_raw(plan: Plan, fleets: dict[str, Fleet], results: dict[str, Any]) -> None:
     """(s1): the reader's tokens/s over the raw client's, measured just before each epoch."""
     rng = np.random.default_rng(1)
@@ -252,20 +272,28 @@ def case_reader_vs_raw(plan: Plan, fleets: dict[str, Fleet], results: dict[str, 
     for teacher, predict, check in (("seq_pooled", "pooled", check_pooled), ("seq_tokens", "logits", check_tokens)):
         address = fleets[teacher].addresses()[0]
         raw_rate(address, requests, plan.seconds / 2)  # the teacher's first calls, unmeasured
+        pids = fleets[teacher].pids()
         raw, reader, padding = [], [], []
+        raw_cpu: list[dict[str, float]] = []
+        reader_cpu: list[dict[str, float]] = []
         with SeqReader(address, predict, batches, plan.seconds, check) as sr:
             for _ in range(plan.repeats):
+                cpu = CpuSnap.take(pids)
                 raw.append(raw_rate(address, requests, plan.seconds))
-                before = teacher_stats(address)
+                raw_cpu.append(cpu_per_million(CpuSnap.take(pids).minus(cpu), raw[-1] * plan.seconds))
+                before, cpu = teacher_stats(address), CpuSnap.take(pids)
                 reader.append(sr.epoch())
+                reader_cpu.append(cpu_per_million(CpuSnap.take(pids).minus(cpu), sr.tokens))
                 padding.append(padding_of(before, teacher_stats(address))["padding_share"])
         ratio = median_ratio(reader, raw)
         out[teacher] = {"fetch": predict, "raw_tokens_per_s": raw, "reader_tokens_per_s": reader,
                         "reader_over_raw": ratio, "reader_padding_share": statistics.median(padding),
-                        "epoch_batches": sr.count}
+                        "epoch_batches": sr.count, "raw_cpu_s_per_million_tokens": median_roles(raw_cpu),
+                        "reader_cpu_s_per_million_tokens": median_roles(reader_cpu)}
         print(f"  (s1) {teacher}: reader {statistics.median(reader):,.0f} tokens/s, raw "
               f"{statistics.median(raw):,.0f} tokens/s: {ratio:.2f}x (goal >= 0.8); padding during the "
-              f"reader's epochs {statistics.median(padding):.1%}", flush=True)
+              f"reader's epochs {statistics.median(padding):.1%}; CPU-s per million tokens: reader "
+              f"{fmt_roles(median_roles(reader_cpu))}, raw {fmt_roles(median_roles(raw_cpu))}", flush=True)
     results["s1_reader_vs_raw"] = out
 
 
@@ -319,9 +347,12 @@ def case_ragged_vs_fixed(plan: Plan, fleets: dict[str, Fleet], results: dict[str
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one short repeat of every case")
+    p.add_argument("--seconds", type=float, help="length of one measured epoch or raw run (default 2; 0.5 quick)")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="folder for sequences.json")
     args = p.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.seconds is not None:
+        plan = Plan(plan.repeats, args.seconds)
     results: dict[str, Any] = {
         "plan": asdict(plan),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,

@@ -110,11 +110,9 @@ EMB_TOKENS = np.random.default_rng(9).standard_normal((VOCAB, 4)).astype(np.floa
 FIXED_TOKENS = 128  # seq_pooled_fixed's row length
 
 
-def pooled(ids: np.ndarray, lengths: np.ndarray | None) -> dict[str, np.ndarray]:
-    """Each row's mean embedding over its own tokens (``lengths``; None: every row is full)."""
+def pooled(ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """Each row's mean embedding over its own ``lengths`` tokens of ``ids`` (``[rows, longest]``)."""
     h = EMB_POOLED[ids]  # [rows, longest, 8], padding included
-    if lengths is None:
-        return {"pooled": h.mean(axis=1, dtype=np.float32)}
     mask = np.arange(h.shape[1]) < lengths[:, None]
     total = (h * mask[..., None]).sum(axis=1, dtype=np.float32)
     return {"pooled": total / np.maximum(lengths, 1)[:, None].astype(np.float32)}
@@ -128,8 +126,13 @@ def seq_pooled(batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, n
 
 @zdistill.teacher_function(feeds={"ids": ("int64", [FIXED_TOKENS])}, fetches={"pooled": ("float32", [8])})
 def seq_pooled_fixed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """:func:`seq_pooled` for rows of exactly 128 tokens (a fixed-shape feed: no lengths, no padding)."""
-    return pooled(batch["ids"], None)
+    """:func:`seq_pooled` for rows of exactly 128 tokens (a fixed-shape feed: no lengths, no padding).
+
+    The same math, the mask included, so that ragged against fixed slots compares the
+    slots and the batching, not two functions.
+    """
+    ids = batch["ids"]
+    return pooled(ids, np.full(len(ids), FIXED_TOKENS))
 
 
 @zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"logits": ("float32", [-1, 4])})
