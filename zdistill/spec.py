@@ -145,9 +145,22 @@ class Ragged:
 
     @classmethod
     def unpad(cls, padded: np.ndarray, lengths: np.ndarray) -> Ragged:
-        """The first ``lengths[i]`` entries of each row of ``padded`` (``[rows, >= max(lengths), ...]``)."""
-        mask = np.arange(padded.shape[1]) < np.asarray(lengths)[:, None]
-        return cls(padded[mask], np.asarray(lengths, dtype=np.int64))
+        """The first ``lengths[i]`` entries of each row of ``padded`` (``[rows, >= max(lengths), ...]``).
+
+        A token of several values is taken as one opaque item of its bytes: numpy's boolean
+        indexing of ``[rows, L, k]`` copies item by item along ``k``, 5-8x slower for
+        per-token top-k outputs, and was the largest cost of a teacher's socket thread
+        serving them (a profile of ``bench/bench_sequences.py``).
+        """
+        lengths = np.asarray(lengths, dtype=np.int64)
+        mask = np.arange(padded.shape[1]) < lengths[:, None]
+        inner = padded.shape[2:]
+        items = int(np.prod(inner))
+        if not inner or items == 0:
+            return cls(padded[mask], lengths)
+        tokens = np.ascontiguousarray(padded).reshape(*padded.shape[:2], items)
+        tokens = tokens.view(np.dtype((np.void, padded.dtype.itemsize * items)))
+        return cls(tokens[..., 0][mask].view(padded.dtype).reshape(-1, *inner), lengths)
 
 
 Tensor = np.ndarray | Ragged  # a named input or output: dense rows, or rows of different lengths
