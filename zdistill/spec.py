@@ -145,22 +145,32 @@ class Ragged:
 
     @classmethod
     def unpad(cls, padded: np.ndarray, lengths: np.ndarray) -> Ragged:
-        """The first ``lengths[i]`` entries of each row of ``padded`` (``[rows, >= max(lengths), ...]``).
-
-        A token of several values is taken as one opaque item of its bytes: numpy's boolean
-        indexing of ``[rows, L, k]`` copies item by item along ``k``, 5-8x slower for
-        per-token top-k outputs, and was the largest cost of a teacher's socket thread
-        serving them (a profile of ``bench/bench_sequences.py``).
-        """
+        """The first ``lengths[i]`` entries of each row of ``padded`` (``[rows, >= max(lengths), ...]``)."""
         lengths = np.asarray(lengths, dtype=np.int64)
         mask = np.arange(padded.shape[1]) < lengths[:, None]
         inner = padded.shape[2:]
-        items = int(np.prod(inner))
-        if not inner or items == 0:
+        if not inner or 0 in inner:  # a token of one value, or of none: nothing to gain from token_items
             return cls(padded[mask], lengths)
-        tokens = np.ascontiguousarray(padded).reshape(*padded.shape[:2], items)
-        tokens = tokens.view(np.dtype((np.void, padded.dtype.itemsize * items)))
-        return cls(tokens[..., 0][mask].view(padded.dtype).reshape(-1, *inner), lengths)
+        flat = np.ascontiguousarray(padded).reshape(padded.shape[0] * padded.shape[1], *inner)
+        kept = token_items(flat).reshape(mask.shape)[mask]
+        return cls(kept.view(padded.dtype).reshape(-1, *inner), lengths)
+
+
+def token_items(arr: np.ndarray) -> np.ndarray:
+    """A C-contiguous ``[n, *inner]`` array as ``[n]`` opaque items of one token's bytes (a view).
+
+    numpy's boolean and fancy indexing copy ``[n, k]`` value by value along ``k``; items of
+    ``k`` values' bytes move a token at once, 2.5-8x faster for per-token outputs, which
+    a teacher's socket thread cuts by row and gathers back into request order (the largest
+    costs of that thread in a profile of ``bench/bench_sequences.py``).  A 1-D array, or
+    tokens of no values, come back as they are: there is nothing to gain.
+    """
+    items = int(np.prod(arr.shape[1:]))
+    if arr.ndim < 2 or items == 0:
+        return arr
+    if not arr.flags.c_contiguous:  # a reshape would copy, and writes through the view would be lost
+        raise ValueError(f"token_items needs a C-contiguous array, got strides {arr.strides}")
+    return arr.reshape(len(arr), items).view(np.dtype((np.void, arr.itemsize * items)))[:, 0]
 
 
 Tensor = np.ndarray | Ragged  # a named input or output: dense rows, or rows of different lengths

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from zdistill.spec import Ragged, Tensor, Tensors
+from zdistill.spec import Ragged, Tensor, Tensors, token_items
 
 Key = tuple[Any, ...]  # (feed name, row shape) pairs by name, then the length bucket of a ragged part
 BUCKET_RATIO = math.sqrt(2)  # the longest row of a bucket over its shortest, at most
@@ -134,8 +134,10 @@ class Whole:
                 starts = np.zeros(self.rows, np.int64)
                 np.cumsum(lengths[:-1], out=starts[1:])
                 values = np.empty((int(lengths.sum()), *first.inner_shape), first.dtype)
+                tokens = token_items(values)
                 for index, outputs in self._done:
-                    values[_token_positions(starts[index], lengths[index])] = outputs[name].values
+                    part = token_items(np.ascontiguousarray(outputs[name].values))
+                    tokens[_token_positions(starts[index], lengths[index])] = part
                 merged[name] = Ragged(values, lengths)
             else:
                 out = np.empty((self.rows, *first.shape[1:]), first.dtype)
