@@ -328,19 +328,24 @@ def case_ragged_vs_fixed(plan: Plan, fleets: dict[str, Fleet], results: dict[str
         "sequences l, 256 - l": (fleets["seq_pooled"], seqs),
     }
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     with ExitStack() as stack:
         readers = {name: stack.enter_context(SeqReader(fleet.addresses()[0], "pooled", batches, plan.seconds,
                                                        check_pooled))
                    for name, (fleet, batches) in variants.items()}
         for _ in range(plan.repeats):
             for name, sr in readers.items():
+                pids = variants[name][0].pids()
+                before = CpuSnap.take(pids)
                 rates[name].append(sr.epoch())
+                cpu[name].append(cpu_per_million(CpuSnap.take(pids).minus(before), sr.tokens))
     base = "fixed rows to a fixed feed"
     out: dict[str, Any] = {"batch": BATCH, "tokens_per_batch": BATCH * FIXED_TOKENS}
     for name, values in rates.items():
-        out[name] = {"tokens_per_s": values, "over_fixed": median_ratio(values, rates[base])}
+        out[name] = {"tokens_per_s": values, "over_fixed": median_ratio(values, rates[base]),
+                     "cpu_s_per_million_tokens": median_roles(cpu[name])}
         print(f"  (s3) {name}: {statistics.median(values):,.0f} tokens/s = {out[name]['over_fixed']:.2f}x "
-              f"the fixed rows", flush=True)
+              f"the fixed rows; CPU-s per million tokens {fmt_roles(median_roles(cpu[name]))}", flush=True)
     results["s3_ragged_vs_fixed"] = out
 
 
