@@ -25,8 +25,8 @@ that starts the workers and checks its first batch against numpy, and an unmeasu
 that sizes the measured epochs to ``--seconds``.  Every teacher is stopped by PID in a
 ``finally``.  Writes ``bench/results/sequences.json``.
 
-    python bench/bench_sequences.py          # 5 repeats of 2-s epochs: about 2 minutes on 2 cores
-    python bench/bench_sequences.py --quick  # 1 short repeat: about 30 s
+    python bench/bench_sequences.py          # 5 repeats of 2-s epochs: about 80 s on 2 cores
+    python bench/bench_sequences.py --quick  # 1 repeat of 0.5-s epochs: about 15 s
 """
 
 from __future__ import annotations
