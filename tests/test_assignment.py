@@ -238,3 +238,23 @@ def test_large_input_is_fast_and_balanced():
     check_valid(teachers, students, result)
     assert again == result
     assert elapsed < 2.0, f"two calls took {elapsed:.2f}s"
+
+
+def test_one_jobs_trainers_split_its_teachers_evenly_and_disjointly():
+    """Each trainer of a data-parallel job is one student: 4 teachers, 2 trainers -> 2 each, none shared."""
+    teachers = [f"t{i}:1" for i in range(4)]
+    result = assign(teachers, {"job-rank0": 4, "job-rank1": 4})
+    assert [len(got) for got in result.values()] == [2, 2]
+    assert sorted(result["job-rank0"] + result["job-rank1"]) == teachers
+    result = assign([*teachers, "t4:1"], {"job-rank0": 4, "job-rank1": 4}, result)
+    assert sorted(len(got) for got in result.values()) == [2, 3]  # the odd teacher goes to one, not idle
+
+
+def test_shares_are_per_trainer_not_per_job():
+    """Two jobs of 2 and 1 trainers: every trainer gets the same teachers, so the first job gets twice the second."""
+    teachers = [f"t{i}:1" for i in range(6)]
+    result = assign(teachers, {"a-rank0": 4, "a-rank1": 4, "b-rank0": 4})
+    assert {sid: len(got) for sid, got in result.items()} == {"a-rank0": 2, "a-rank1": 2, "b-rank0": 2}
+    # fewer teachers than trainers: every trainer shares one, loads differ by at most one
+    result = assign(teachers[:1], {"a-rank0": 4, "a-rank1": 4, "b-rank0": 4})
+    assert all(got == ["t0:1"] for got in result.values())  # one teacher; its fair queueing splits it in three

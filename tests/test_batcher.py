@@ -1,8 +1,8 @@
-"""The teacher's batcher as pure bookkeeping: batching rule, FIFO by the oldest request, fair eviction.
+"""The teacher's batcher as pure bookkeeping: batching rule, fair shares between clients, fair eviction.
 
 The rule is checked on small cases, then on random sequences of adds, takes and evictions
-against a reference that scans the whole queue the obvious way (what the batcher did when
-its cost grew with the square of the queue).
+against a reference that scans the whole queue the obvious way, computing every
+request's fair-queueing tag from the queue as it stands.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from zdistill.spec import Ragged
 from zdistill.teacher.batcher import BUCKET_RATIO, Batcher, Request, Whole, length_bucket, split_by_length
 
 
-def req(width: int, rows: int = 1, peer: bytes = b"p", arrived: float = 0.0, req_id: int = 0) -> Request:
+def req(width: int, rows: int = 1, peer: bytes = b"p", arrived: float = 0.0, req_id: int = 0,
+        weight: float = 1.0) -> Request:
     """A request of ``rows`` rows of a variable-size feed ``width`` wide (its shape key)."""
-    return Request([peer], req_id, {"x": np.zeros((rows, width), np.float32)}, rows, arrived)
+    return Request([peer], req_id, {"x": np.zeros((rows, width), np.float32)}, rows, arrived, weight=weight)
 
 
 def ids(batch: list[Request] | None) -> list[int]:
@@ -68,7 +69,63 @@ def test_make_room_takes_the_newest_requests_of_the_peer_holding_the_most() -> N
     evicted = b.make_room(b"calm", 400, need=700)
     assert ids(evicted) == [3, 2]  # newest first, until enough is free
     assert len(b) == 3
-    assert ids(b.take(0.0)) == [0, 1, 10]  # evicted requests are gone from the batches too
+    # evicted requests are gone from the batches too; calm's request, at the virtual time,
+    # goes before flood's second (fair shares)
+    assert ids(b.take(0.0)) == [0, 10, 1]
+
+
+def test_clients_get_equal_rows_per_batch_whatever_each_keeps_queued() -> None:
+    b = Batcher(max_rows=6, max_delay=0.0)
+    for i in range(20):
+        b.add(req(1, peer=b"deep", req_id=i))
+    for i in range(20, 22):
+        b.add(req(1, peer=b"shallow", req_id=i))
+    for i in range(30, 50):
+        b.add(req(1, 2, peer=b"wide", req_id=i))  # 2 rows per request: half as many requests per turn
+    assert ids(b.take(0.0)) == [0, 20, 30, 1, 21]  # 2 rows each; wide's second would pass 6 rows
+    assert ids(b.take(0.0)) == [2, 31, 3, 4]  # deep and wide share what shallow leaves; 32 would pass 6 rows
+    rows = {b"deep": 0, b"wide": 0}
+    for _ in range(5):
+        for r in b.take(0.0) or []:
+            rows[r.peer] += r.rows
+    assert sum(rows.values()) >= 25 and abs(rows[b"deep"] - rows[b"wide"]) <= 2  # equal within one request
+
+
+def test_a_client_declaring_weight_2_gets_twice_the_rows() -> None:
+    b = Batcher(max_rows=6, max_delay=0.0)
+    for i in range(30):
+        b.add(req(1, peer=b"one", req_id=i))
+        b.add(req(1, peer=b"two", req_id=100 + i, weight=2.0))
+    rows = {b"one": 0, b"two": 0}
+    for _ in range(5):
+        for r in b.take(0.0) or []:
+            rows[r.peer] += r.rows
+    assert rows == {b"one": 10, b"two": 20}
+
+
+def test_a_client_that_was_idle_starts_at_the_virtual_time_without_credit() -> None:
+    b = Batcher(max_rows=4, max_delay=0.0)
+    for i in range(12):
+        b.add(req(1, peer=b"busy", req_id=i))
+    assert ids(b.take(0.0)) == [0, 1, 2, 3]
+    b.add(req(1, peer=b"late", req_id=20))
+    b.add(req(1, peer=b"late", req_id=21))
+    b.add(req(1, peer=b"late", req_id=22))
+    # late starts at the tag of the last request taken (busy's 3), not at 0, which would let
+    # it take the whole batch for the rows busy got while late was idle: the two alternate
+    assert ids(b.take(0.0)) == [20, 4, 21, 5]
+
+
+def test_an_evicted_request_does_not_count_against_its_clients_share() -> None:
+    b = Batcher(max_rows=4, max_delay=0.0)
+    for i in range(4):
+        b.add(req(100, peer=b"flood", req_id=i))
+    assert ids(b.make_room(b"calm", 400, need=800)) == [3, 2]
+    b.add(req(100, peer=b"calm", req_id=10))
+    b.add(req(100, peer=b"calm", req_id=11))
+    b.add(req(100, peer=b"flood", req_id=4))  # in the place of its evicted request 2
+    assert ids(b.take(0.0)) == [0, 10, 1, 11]
+    assert ids(b.take(0.0)) == [4]
 
 
 def test_an_evicted_head_leaves_the_next_oldest_request_first() -> None:
@@ -120,8 +177,11 @@ def test_a_burst_wakes_one_instance_and_each_wakes_the_next_while_work_is_left()
 
 
 class Reference:
-    """The batching rule the obvious way: one list, scanned whole at every step.
+    """The fair batching rule the obvious way: one list, scanned whole at every step.
 
+    A request's start tag is the larger of the virtual time (the largest tag taken so
+    far) and the finish (start + cost / weight) of its peer's newest queued request; a batch takes
+    the requests of the key of the smallest tag, in tag order (ties in arrival order).
     Among peers holding the same bytes, the victim of an eviction is the one that has
     held requests the longest without a break (``order``).
     """
@@ -130,21 +190,29 @@ class Reference:
         self.max_rows, self.max_delay = max_rows, max_delay
         self.queue: list[Request] = []
         self.order: list[bytes] = []
+        self.tags: dict[int, float] = {}  # by id() of a queued request
+        self.virtual = 0.0
 
     def add(self, r: Request) -> None:
-        if all(q.peer != r.peer for q in self.queue):
+        mine = [q for q in self.queue if q.peer == r.peer]
+        if not mine:
             self.order.append(r.peer)
+        last = mine[-1] if mine else None
+        self.tags[id(r)] = max(self.virtual, self.tags[id(last)] + last.cost / last.weight) if last else self.virtual
         self.queue.append(r)
 
     def remove(self, gone: list[Request]) -> None:
         self.queue = [r for r in self.queue if r not in gone]
         self.order = [p for p in self.order if any(r.peer == p for r in self.queue)]
 
+    def in_tag_order(self, requests: list[Request]) -> list[Request]:
+        return sorted(requests, key=lambda r: (self.tags[id(r)], self.queue.index(r)))
+
     def take(self, now: float, force: bool) -> list[int] | None:
         if not self.queue:
             return None
-        head = self.queue[0]
-        same = [r for r in self.queue if r.key == head.key]
+        head = self.in_tag_order(self.queue)[0]
+        same = self.in_tag_order([r for r in self.queue if r.key == head.key])
         batch, rows = [], 0
         for r in same:
             if rows + r.rows > self.max_rows:
@@ -152,8 +220,9 @@ class Reference:
             batch.append(r)
             rows += r.rows
         full = sum(r.rows for r in same) >= self.max_rows
-        if not (full or force or now >= head.arrived + self.max_delay):
+        if not (full or force or now >= min(r.arrived for r in same) + self.max_delay):
             return None
+        self.virtual = max(self.virtual, self.tags[id(batch[-1])])
         self.remove(batch)
         return [r.req_id for r in batch]
 
@@ -172,7 +241,7 @@ class Reference:
 
 
 PEERS = st.sampled_from([b"a", b"b", b"c"])
-ADD = st.tuples(st.just("add"), st.integers(1, 4), st.integers(1, 5), PEERS)
+ADD = st.tuples(st.just("add"), st.integers(1, 4), st.integers(1, 5), PEERS, st.sampled_from([1.0, 1.0, 2.0, 0.5]))
 OPS = st.lists(
     st.one_of(ADD, ADD, ADD, st.tuples(st.just("take"), st.booleans()),
               st.tuples(st.just("room"), PEERS, st.integers(1, 100))),
@@ -188,10 +257,10 @@ def test_the_batcher_forms_the_same_batches_as_the_reference(ops, max_rows: int,
     for i, op in enumerate(ops):
         now += 1.0
         if op[0] == "add":
-            _, width, rows, peer = op
+            _, width, rows, peer, weight = op
             if rows > max_rows:  # the server refuses those before they reach the batcher
                 continue
-            r = req(width, rows, peer, arrived=now, req_id=i)
+            r = req(width, rows, peer, arrived=now, req_id=i, weight=weight)
             b.add(r)
             ref.add(r)
         elif op[0] == "take":

@@ -76,3 +76,12 @@ def test_a_readers_options_are_checked_where_the_user_sets_them() -> None:
     with pytest.raises(ConfigError, match="request_timeout"):
         reader.options.request_timeout = -5.0
     assert reader.options.window == PipelineOptions().window
+
+
+def test_share_weight_stays_within_what_a_teacher_accepts() -> None:
+    options = PipelineOptions()
+    for bad in (0.001, 101):
+        with pytest.raises(ConfigError, match="share_weight must be from 0.01 to 100"):
+            options.share_weight = bad
+    options.share_weight = 2
+    assert options.share_weight == 2.0

@@ -27,7 +27,7 @@ from zdistill import wire
 from zdistill.errors import ConfigError, RequestError, TeacherError, TeacherTimeout, WireError
 from zdistill.security import ClientKeys, client_keys_from_env, secure_client
 from zdistill.spec import Tensors
-from zdistill.teacher_messages import read_reply
+from zdistill.teacher_messages import MAX_WEIGHT, MIN_WEIGHT, read_reply
 from zdistill.wire import ErrorReply
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,9 @@ class TeacherClient:
     raises :class:`~zdistill.errors.ConfigError` here (:func:`teacher_endpoint`).
     ``curve``: the CURVE keys to reach a teacher that requires them; by default they
     come from the environment (:func:`zdistill.security.client_keys_from_env`).
+    ``weight``: this client's share of the teacher relative to its other clients (sent
+    with every ``predict``; the default 1 is not sent), from
+    :data:`~zdistill.teacher_messages.MIN_WEIGHT` to :data:`~zdistill.teacher_messages.MAX_WEIGHT`.
     """
 
     def __init__(
@@ -162,7 +165,11 @@ class TeacherClient:
         limits: wire.Limits = wire.DEFAULT_LIMITS,
         watch: bool = False,
         curve: ClientKeys | None | Literal["env"] = "env",
+        weight: float = 1.0,
     ) -> None:
+        if not MIN_WEIGHT <= weight <= MAX_WEIGHT:  # NaN fails too
+            raise ConfigError(f"a client's weight must be from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, got {weight!r}")
+        self.weight = float(weight)
         self.address = address
         self.endpoint = teacher_endpoint(address)
         self.timeout = timeout
@@ -231,8 +238,11 @@ class TeacherClient:
     def submit(self, kind: str = "predict", arrays: Tensors | None = None, timeout: float | None = None) -> int:
         """Send a request now and return its id; the answer comes from :meth:`collect`."""
         req_id = next(self._ids)
+        header: dict[str, Any] = {"kind": kind, "id": req_id}
+        if kind == "predict" and self.weight != 1.0:
+            header["weight"] = self.weight
         try:
-            wire.send(self.socket, {"kind": kind, "id": req_id}, arrays, flags=zmq.NOBLOCK)
+            wire.send(self.socket, header, arrays, flags=zmq.NOBLOCK)
         except zmq.Again:  # the send queue is full: the teacher has not been reachable for a while
             raise TeacherTimeout(f"teacher {self.address} is not reachable (send queue full)") from None
         self._deadlines[req_id] = time.monotonic() + (self.timeout if timeout is None else timeout)

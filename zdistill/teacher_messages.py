@@ -11,13 +11,27 @@ teacher reports it from its own model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from zdistill.wire import ErrorReply, Header, by_kind, read_header
 
+# the share weights a client may declare, relative to the default 1: bounded both ways so
+# that fair-queueing tags (rows / weight, summed) keep their precision for ever
+MAX_WEIGHT = 100.0
+MIN_WEIGHT = 1 / MAX_WEIGHT
+
 
 class Predict(Header, tag="predict"):
-    """Run the model on the arrays sent with it (one per feed, the same rows in each)."""
+    """Run the model on the arrays sent with it (one per feed, the same rows in each).
+
+    ``weight``: the client's share of the teacher relative to other clients (default 1):
+    a client declaring 2 gets twice the rows of one declaring 1 while both keep requests
+    queued.  Declared, not proven: see docs/teacher.md, Fair shares.
+    """
+
+    weight: Annotated[float, msgspec.Meta(ge=MIN_WEIGHT, le=MAX_WEIGHT)] = 1.0
 
 
 class MetaRequest(Header, tag="meta"):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from zdistill.errors import ConfigError
+from zdistill.teacher_messages import MAX_WEIGHT, MIN_WEIGHT
 
 # Knobs where 0 means something (no retry, no wait, no floor); every other knob must be > 0.
 _MAY_BE_ZERO = frozenset({"max_retries", "teacher_wait", "straggler_min"})
@@ -41,6 +42,7 @@ class PipelineOptions:
     stall_timeout: float = 60.0  # no progress this long: send every missing task again
     straggler_factor: float = 4.0  # the next task late by this many typical task times is sent again
     straggler_min: float = 0.5  # ...but never sooner than this many seconds
+    share_weight: float = 1.0  # this student's share of each teacher against its other students (0.01..100)
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, _checked(name, value))
@@ -69,4 +71,6 @@ def _checked(name: str, value: Any) -> int | float | None:
     value = number(value)
     if not (value >= 0 if name in _MAY_BE_ZERO else value > 0):  # a NaN fails both
         raise ConfigError(f"PipelineOptions.{name} must be {floor}, got {value!r}")
+    if name == "share_weight" and not MIN_WEIGHT <= value <= MAX_WEIGHT:  # what a teacher accepts
+        raise ConfigError(f"PipelineOptions.share_weight must be from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, got {value!r}")
     return value

@@ -191,6 +191,7 @@ class Pipeline:
             "--identity", identity.decode(), "--slots", self.slots_folder,
             "--predicts", ",".join(self.predicts), "--feeds", json.dumps([f.to_wire() for f in self.feeds]),
             "--request-rows", str(o.request_rows), "--timeout", str(o.request_timeout),
+            "--share-weight", repr(o.share_weight),
             "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(max(logging.getLogger("zdistill").getEffectiveLevel(), logging.INFO)),
             *cache,

@@ -81,6 +81,7 @@ class WorkerConfig:
     request_rows: int
     timeout: float
     parent_pid: int
+    share_weight: float = 1.0  # this student's share of the teacher (PipelineOptions.share_weight)
     cache_root: str = ""  # the reader's teacher-output cache ("": none)
     cache_folder: str = ""  # where its answers go: the teacher's must be the same to write there
     cache_max_bytes: int = 0
@@ -93,7 +94,7 @@ class WorkerConfig:
             predicts=args.predicts.split(","), feeds=[TensorSpec.from_wire(f) for f in json.loads(args.feeds)],
             request_rows=args.request_rows, timeout=args.timeout, parent_pid=args.parent_pid,
             cache_root=args.cache_root, cache_folder=args.cache_folder, cache_max_bytes=args.cache_max_bytes,
-            cache_tolerance=args.cache_tolerance,
+            cache_tolerance=args.cache_tolerance, share_weight=args.share_weight,
         )
 
 
@@ -121,7 +122,7 @@ class Worker:
         self.sock.setsockopt(zmq.IDENTITY, cfg.identity)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(cfg.dispatcher)
-        self.client = TeacherClient(cfg.teacher, self.ctx, timeout=cfg.timeout, watch=True)
+        self.client = TeacherClient(cfg.teacher, self.ctx, timeout=cfg.timeout, watch=True, weight=cfg.share_weight)
         self.slots = SlotReader(cfg.slots)
         self.feeds: list[TensorSpec] = []  # what the teacher takes, from its meta
         self.no_rows: Tensors = {}  # the answer to a task of no rows: its outputs, empty
@@ -524,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feeds", default="[]", help="JSON: the feeds (TensorSpec) this reader's tasks are built for")
     p.add_argument("--request-rows", type=int, default=256)
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--share-weight", type=float, default=1.0, help="this student's share of the teacher")
     p.add_argument("--cache-root", default="", help="the reader's teacher-output cache, if it has one")
     p.add_argument("--cache-folder", default="", help="where this reader's model's answers go in it")
     p.add_argument("--cache-max-bytes", type=int, default=0)

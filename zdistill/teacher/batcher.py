@@ -5,11 +5,20 @@ takes its next batch when it becomes free (:meth:`Batcher.next_batch`), formed a
 moment from everything queued.  :meth:`Batcher.take` has no clock of its own (the caller
 passes ``now``), so the rule is easy to test.
 
-The rule: a batch starts with the oldest queued request and takes the following
-requests whose rows have the same shapes, in order, up to ``max_rows`` in all.  It is
-ready when it is full, or when its oldest request has waited ``max_delay`` seconds.  With
-a delay of 0 it still merges whatever queued up while the instances were busy, which is
-where the throughput of many small concurrent requests comes from.
+The rule: every client (ROUTER identity, the request's peer) gets an equal share of the
+model, counted in rows (in tokens, rows x longest row, for variable-length feeds), however
+many requests it keeps queued, or a share in proportion to the weight it declares.  That
+is start-time fair queueing: a request's start tag is the larger of the virtual time (the
+largest tag taken so far) and the finish tag of its client's previous queued request, and
+its finish tag is its start plus its cost divided by its weight.  A batch starts with
+the queued request of the smallest start tag and takes the requests whose rows have the
+same shapes in tag order (ties in arrival order), up to ``max_rows`` in all.  So a
+client keeping 64 requests queued and one keeping 8 alternate turn by turn, and a client
+that was idle starts level with the others, with no credit for its idle time.  A batch
+is ready when it is full, or when the oldest request of its shapes has waited
+``max_delay`` seconds.  With a delay of 0 it still merges whatever queued up while the
+instances were busy, which is where the throughput of many small concurrent requests
+comes from.
 
 Rows of different lengths (a feed declared with a variable first per-row dimension,
 :class:`~zdistill.spec.Ragged` on the wire): the model gets them padded to the longest
@@ -22,14 +31,14 @@ evenly, a bucket's rows average about 85% of its longest, so padding stays near 
 the tokens computed.  A :class:`Whole` gathers its parts' answers back into the
 client's row order.
 
-Cost: requests wait in one FIFO per shape key, and a heap orders the keys by the arrival
-of each key's head, so forming a batch costs the requests it takes (plus a heap step),
-however many requests and distinct shapes are queued.
+Cost: requests wait in a heap per shape key, ordered by tag, and a heap orders the keys
+by the tag of each key's head, so forming a batch costs a heap step per request it takes,
+however many requests, clients and distinct shapes are queued.
 
 Memory: the batcher also knows which client (peer) queued what, so that a teacher whose
 queue is full can make room for a client holding little by refusing the newest requests
 of the client holding the most (:meth:`Batcher.make_room`): one client flooding the
-teacher cannot lock the others out.
+teacher cannot lock the others out, and what it was refused does not count against its share.
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ class Request:
     ``lengths``: each row's length when the model has variable-length feeds (those feeds
     are :class:`~zdistill.spec.Ragged` here), else None.  ``whole`` and ``index``: the
     client's request this part belongs to and which of its rows it holds (None for a
-    request sent on whole).
+    request sent on whole).  ``weight``: the share its client declared (``Predict.weight``).
     """
 
     envelope: list[Any]
@@ -70,12 +79,14 @@ class Request:
     lengths: np.ndarray | None = None
     whole: Whole | None = None
     index: np.ndarray | None = None
+    weight: float = 1.0  # its client's declared share weight: its cost counts 1 / weight
     key: Key = field(init=False)
     nbytes: int = field(init=False)
     peer: bytes = field(init=False)
     longest: int = field(init=False)  # the longest row (0 without variable-length feeds)
     tokens: int = field(init=False)  # what it costs a padded batch on its own: rows x longest row
     seq: int = field(init=False, default=-1)  # arrival order, set by Batcher.add
+    start: float = field(init=False, default=0.0)  # its fair-queueing start tag, set by Batcher.add
     queued: bool = field(init=False, default=False)  # in the batcher, not yet taken nor evicted
 
     def __post_init__(self) -> None:
@@ -91,6 +102,11 @@ class Request:
             self.tokens = self.rows * self.longest
             self.key = (*sorted((name, _row_shape(arr)) for name, arr in self.feeds.items()),
                         length_bucket(self.longest))
+
+    @property
+    def cost(self) -> int:
+        """What its client's share is counted in: tokens for variable-length rows, else rows."""
+        return self.tokens if self.lengths is not None else self.rows
 
 
 def _row_shape(arr: Tensor) -> tuple[Any, ...]:
@@ -154,7 +170,7 @@ def _token_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: np.ndarray, arrived: float,
-                    max_rows: int, max_tokens: int) -> list[Request]:
+                    max_rows: int, max_tokens: int, weight: float = 1.0) -> list[Request]:
     """A request whose rows differ in length, as parts that each batch with rows of similar length.
 
     One part per length bucket, cut further so that no part passes ``max_rows`` rows nor
@@ -165,7 +181,7 @@ def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: n
     buckets = _buckets(lengths)
     rows = len(lengths)
     if rows <= max_rows and (buckets == buckets[0]).all() and rows * int(lengths.max()) <= max_tokens:
-        return [Request(envelope, req_id, feeds, rows, arrived, lengths)]
+        return [Request(envelope, req_id, feeds, rows, arrived, lengths, weight=weight)]
     # the rows gathered once in bucket order (stable: the client's order within a bucket),
     # then cut where the bucket changes or a bound would be passed: parts are views of that copy
     order = np.argsort(buckets, kind="stable")
@@ -189,7 +205,7 @@ def split_by_length(envelope: list[Any], req_id: Any, feeds: Tensors, lengths: n
         first, last = (ends[a - 1] if a else 0), ends[b - 1]
         part = {name: Ragged(arr.values[first:last], ordered_lengths[a:b]) if isinstance(arr, Ragged) else arr[a:b]
                 for name, arr in ordered.items()}
-        parts.append(Request(envelope, req_id, part, b - a, arrived, ordered_lengths[a:b], whole, order[a:b]))
+        parts.append(Request(envelope, req_id, part, b - a, arrived, ordered_lengths[a:b], whole, order[a:b], weight))
     return parts
 
 
@@ -240,6 +256,15 @@ def padded_tokens(batch: list[Request]) -> tuple[int, int]:
     return tokens, sum(r.rows for r in batch) * max(r.longest for r in batch) - tokens
 
 
+@dataclass(eq=False)
+class _Peer:
+    """One client's queued requests (by seq, in arrival order), their bytes, and its last finish tag."""
+
+    finish: float
+    requests: dict[int, Request] = field(default_factory=dict)
+    nbytes: int = 0
+
+
 class Batcher:
     """Queued requests, the rule that cuts them into model batches, and who queued what.
 
@@ -255,12 +280,16 @@ class Batcher:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._seq = itertools.count()
-        self._queues: dict[Key, deque[Request]] = {}  # per shape key, in arrival order; may hold evicted requests
+        self._virtual = 0.0  # the largest start tag taken so far: where a client with nothing queued starts
+        # per shape key: a heap of (start tag, seq, request), and a FIFO in arrival order for
+        # max_delay; both may hold requests taken or evicted through the other (removed lazily)
+        self._queues: dict[Key, list[tuple[float, int, Request]]] = {}
+        self._arrivals: dict[Key, deque[Request]] = {}
         self._rows: dict[Key, int] = {}  # rows queued per key (evicted ones not counted)
         self._tokens: dict[Key, int] = {}  # rows x longest row, summed over the requests queued per key
-        self._heads: list[tuple[int, Key]] = []  # heap of (seq of a key's head, key); stale entries are fixed lazily
-        self._by_peer: dict[bytes, dict[int, Request]] = {}  # queued requests per peer, in arrival order
-        self._peer_bytes: dict[bytes, int] = {}
+        self._heads: list[tuple[float, int, Key]] = []  # heap of (start tag, seq) of each key's head, key
+        self._listed: dict[Key, tuple[float, int]] = {}  # the entry of _heads that stands for each key
+        self._peers: dict[bytes, _Peer] = {}  # clients with requests queued
         self._count = 0
         self._closed = False
 
@@ -271,16 +300,24 @@ class Batcher:
         with self._lock:
             request.seq = next(self._seq)
             request.queued = True
+            peer = self._peers.get(request.peer)
+            if peer is None:
+                peer = self._peers[request.peer] = _Peer(self._virtual)
+            request.start = max(self._virtual, peer.finish)
+            peer.finish = request.start + request.cost / request.weight
+            peer.requests[request.seq] = request
+            peer.nbytes += request.nbytes
             q = self._queues.get(request.key)
             if q is None:
-                q = self._queues[request.key] = deque()
+                q = self._queues[request.key] = []
+                self._arrivals[request.key] = deque()
                 self._rows[request.key] = self._tokens[request.key] = 0
-                heapq.heappush(self._heads, (request.seq, request.key))
-            q.append(request)
+            heapq.heappush(q, (request.start, request.seq, request))
+            self._arrivals[request.key].append(request)
             self._rows[request.key] += request.rows
             self._tokens[request.key] += request.tokens
-            self._by_peer.setdefault(request.peer, {})[request.seq] = request
-            self._peer_bytes[request.peer] = self._peer_bytes.get(request.peer, 0) + request.nbytes
+            if q[0][2] is request:  # a new head for its key: list it (the entry it replaces is dropped lazily)
+                self._list(request.key, request)
             self._count += 1
 
     def wake(self) -> None:
@@ -312,8 +349,8 @@ class Batcher:
                     if self._count:
                         self._changed.notify()
                     return batch
-                key = self._oldest_key()
-                wait = None if key is None else self._queues[key][0].arrived + self.max_delay - time.monotonic()
+                key = self._next_key()
+                wait = None if key is None else self._oldest(key).arrived + self.max_delay - time.monotonic()
                 self._changed.wait(None if wait is None else max(wait, 0.0))
             return None
 
@@ -322,17 +359,19 @@ class Batcher:
 
         Only from the peer holding the most queued bytes, newest first, and only while it
         holds more than ``peer`` would after adding its request (longest-queue drop): a
-        peer never loses requests to one holding as much as itself.  May free less than
-        ``need``; the caller then refuses the new request.
+        peer never loses requests to one holding as much as itself.  The victim's finish
+        tag goes back to its evicted request's start, so what it was refused never counts
+        against its share.  May free less than ``need``; the caller then refuses the new request.
         """
         evicted: list[Request] = []
         with self._lock:
-            mine = self._peer_bytes.get(peer, 0) + nbytes
-            while need > 0 and self._peer_bytes:
-                victim = max(self._peer_bytes, key=self._peer_bytes.__getitem__)
-                if victim == peer or self._peer_bytes[victim] <= mine:
+            mine = (self._peers[peer].nbytes if peer in self._peers else 0) + nbytes
+            while need > 0 and self._peers:
+                victim = max(self._peers, key=lambda p: self._peers[p].nbytes)
+                if victim == peer or self._peers[victim].nbytes <= mine:
                     break
-                _, request = self._by_peer[victim].popitem()
+                _, request = self._peers[victim].requests.popitem()
+                self._peers[victim].finish = request.start
                 self._unlink(request)
                 self._rows[request.key] -= request.rows
                 self._tokens[request.key] -= request.tokens
@@ -344,15 +383,16 @@ class Batcher:
         """Stop handing out batches (waiting instances return None); remove and return every queued request."""
         with self._lock:
             self._closed = True
-            left = sorted((r for reqs in self._by_peer.values() for r in reqs.values()), key=lambda r: r.seq)
+            left = sorted((r for p in self._peers.values() for r in p.requests.values()), key=lambda r: r.seq)
             for request in left:
                 request.queued = False
             self._queues.clear()
+            self._arrivals.clear()
             self._rows.clear()
             self._tokens.clear()
             self._heads.clear()
-            self._by_peer.clear()
-            self._peer_bytes.clear()
+            self._listed.clear()
+            self._peers.clear()
             self._count = 0
             self._changed.notify_all()
             return left
@@ -364,56 +404,74 @@ class Batcher:
 
     # -- under the lock ----------------------------------------------------
 
-    def _oldest_key(self) -> Key | None:
-        """The key whose head request is the oldest queued one, fixing stale heap entries on the way."""
+    def _list(self, key: Key, head: Request) -> None:
+        """Make ``head`` the entry of ``_heads`` that stands for ``key``."""
+        self._listed[key] = (head.start, head.seq)
+        heapq.heappush(self._heads, (head.start, head.seq, key))
+
+    def _head(self, key: Key) -> Request | None:
+        """The queued request of ``key`` with the smallest tag, dropping taken and evicted ones on the way."""
+        q = self._queues[key]
+        while q and not q[0][2].queued:
+            heapq.heappop(q)
+        return q[0][2] if q else None
+
+    def _oldest(self, key: Key) -> Request:
+        """The queued request of ``key`` that arrived first (the key has one)."""
+        arrivals = self._arrivals[key]
+        while not arrivals[0].queued:
+            arrivals.popleft()
+        return arrivals[0]
+
+    def _next_key(self) -> Key | None:
+        """The key whose head has the smallest start tag, fixing stale entries of ``_heads`` on the way."""
         while self._heads:
-            seq, key = self._heads[0]
-            q = self._queues[key]
-            while q and not q[0].queued:  # evicted requests leave their queue lazily
-                q.popleft()
-            if not q:
+            start, seq, key = self._heads[0]
+            if self._listed.get(key) != (start, seq):  # replaced by a newer head's entry, or its key is gone
                 heapq.heappop(self._heads)
-                del self._queues[key], self._rows[key], self._tokens[key]
-            elif q[0].seq != seq:
-                heapq.heapreplace(self._heads, (q[0].seq, key))
+                continue
+            head = self._head(key)
+            if head is None:
+                heapq.heappop(self._heads)
+                del self._queues[key], self._arrivals[key], self._rows[key], self._tokens[key], self._listed[key]
+            elif head.seq != seq:
+                self._listed[key] = (head.start, head.seq)
+                heapq.heapreplace(self._heads, (head.start, head.seq, key))
             else:
                 return key
         return None
 
     def _take(self, now: float, force: bool) -> list[Request] | None:
-        key = self._oldest_key()
+        key = self._next_key()
         if key is None:
             return None
         q = self._queues[key]
         # then a request does not fit, or the batch is exactly full
         full = self._rows[key] >= self.max_rows or self._tokens[key] >= self.max_tokens
-        if not (full or force or now >= q[0].arrived + self.max_delay):
+        if not (full or force or now >= self._oldest(key).arrived + self.max_delay):
             return None
         batch: list[Request] = []
         rows = longest = tokens = 0
         while q:
-            request = q[0]
+            request = q[0][2]
             if request.queued:
                 grown = rows + request.rows
                 if grown > self.max_rows or (
                     request.longest and rows and grown * max(longest, request.longest) > self.max_tokens
                 ):
                     break
-            q.popleft()
+            heapq.heappop(q)
             if request.queued:
-                del self._by_peer[request.peer][request.seq]
+                del self._peers[request.peer].requests[request.seq]
                 self._unlink(request)
                 batch.append(request)
                 rows += request.rows
                 longest = max(longest, request.longest)
                 tokens += request.tokens
+        self._virtual = max(self._virtual, batch[-1].start)
         self._rows[key] -= rows
         self._tokens[key] -= tokens
-        if q:
-            heapq.heapreplace(self._heads, (q[0].seq, key))
-        else:
-            heapq.heappop(self._heads)
-            del self._queues[key], self._rows[key], self._tokens[key]
+        self._next_key()  # lists the key's new head, or forgets the key
         self.stats.record(batch)
         return batch
 
@@ -421,8 +479,7 @@ class Batcher:
         """Count a request out of the queue (already removed from its peer's table)."""
         request.queued = False
         self._count -= 1
-        left = self._peer_bytes[request.peer] - request.nbytes
-        if self._by_peer[request.peer]:
-            self._peer_bytes[request.peer] = left
-        else:
-            del self._by_peer[request.peer], self._peer_bytes[request.peer]
+        peer = self._peers[request.peer]
+        peer.nbytes -= request.nbytes
+        if not peer.requests:  # back at the virtual time when it queues again
+            del self._peers[request.peer]

@@ -8,7 +8,8 @@ request     header / arrays                             reply
 ==========  ==========================================  =====================================
 ``predict`` ``{"kind": "predict", "id"}`` + one array   ``{"kind": "result", "id"}`` + one
             per feed, all with the same number of rows  array per fetch, the same rows
-            (ragged for a variable-length feed)         (ragged for a per-token fetch)
+            (ragged for a variable-length feed);        (ragged for a per-token fetch)
+            optional ``weight``: the client's share
 ``meta``    ``{"kind": "meta", "id"}``                  ``{"kind": "meta", ...}``: feeds,
                                                         fetches, max batch, instances,
                                                         device, model id, fingerprint,
@@ -42,6 +43,10 @@ and answers them, refuses every queued request, and every request that arrives u
 its socket has been quiet for a moment (at most a second), with ``shutting_down`` (a
 client resends those elsewhere at once), then flushes its replies and exits 0: a few
 seconds, whatever the backlog.
+
+Clients (ROUTER identities) get equal shares of the model's rows, or shares in
+proportion to the ``weight`` their requests declare, however many requests each keeps
+queued (fair queueing in :mod:`zdistill.teacher.batcher`; docs/teacher.md, Fair shares).
 
 One thread owns the socket: it receives, validates, admits and replies.  The model
 instances (:mod:`zdistill.teacher.instances`) each pull their next batch from the batcher
@@ -250,10 +255,10 @@ class TeacherServer:
         if isinstance(request, Predict):
             rows, feeds, lengths = self._validate(msg.arrays)
             if lengths is None:
-                self._admit([Request(envelope, request.id, feeds, rows, time.monotonic())])
+                self._admit([Request(envelope, request.id, feeds, rows, time.monotonic(), weight=request.weight)])
             else:
                 self._admit(split_by_length(envelope, request.id, feeds, lengths, time.monotonic(),
-                                            self.batcher.max_rows, self.batcher.max_tokens))
+                                            self.batcher.max_rows, self.batcher.max_tokens, request.weight))
         elif isinstance(request, Ping):
             self._send(envelope, {"kind": "pong", "id": request.id})
         elif isinstance(request, MetaRequest):
