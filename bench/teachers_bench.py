@@ -13,6 +13,11 @@
   images in, 10 floats out; it copies every input byte into a buffer of its thread (like
   a host-to-device copy, numpy releasing the GIL) and then waits 30 ms per 64 images
   (like a kernel), so model instances can overlap one call's copy with another's wait.
+- :func:`seq_pooled`, :func:`seq_pooled_fixed` and :func:`seq_tokens` are the token-sequence
+  teachers of ``bench_sequences.py``: int64 token ids in, an embedding lookup (the least a
+  language model does with every token), then the mean over each row's own tokens (8
+  floats per row) or every token's 4 values (a per-token fetch).  ``seq_pooled_fixed`` is
+  ``seq_pooled`` with a fixed feed of 128 tokens, for ragged slots against fixed ones.
 """
 
 from __future__ import annotations
@@ -101,3 +106,40 @@ def gpu_standin(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     np.copyto(buf[: len(x)], x)
     _LATENESS.sleep_until(time.perf_counter() + _KERNEL_S_PER_ROW * len(x))
     return {"prob": buf[: len(x), 0, 0, :10].astype(np.float32)}
+
+
+VOCAB = 30000
+EMB_POOLED = np.random.default_rng(8).standard_normal((VOCAB, 8)).astype(np.float32)
+EMB_TOKENS = np.random.default_rng(9).standard_normal((VOCAB, 4)).astype(np.float32)
+FIXED_TOKENS = 128  # seq_pooled_fixed's row length
+
+
+def pooled(ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """Each row's mean embedding over its own ``lengths`` tokens of ``ids`` (``[rows, longest]``)."""
+    h = EMB_POOLED[ids]  # [rows, longest, 8], padding included
+    mask = np.arange(h.shape[1]) < lengths[:, None]
+    total = (h * mask[..., None]).sum(axis=1, dtype=np.float32)
+    return {"pooled": total / np.maximum(lengths, 1)[:, None].astype(np.float32)}
+
+
+@zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"pooled": ("float32", [8])})
+def seq_pooled(batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of any length: the mean embedding of each row's tokens."""
+    return pooled(batch["ids"], lengths)
+
+
+@zdistill.teacher_function(feeds={"ids": ("int64", [FIXED_TOKENS])}, fetches={"pooled": ("float32", [8])})
+def seq_pooled_fixed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`seq_pooled` for rows of exactly 128 tokens (a fixed-shape feed: no lengths, no padding).
+
+    The same math, the mask included, so that ragged against fixed slots compares the
+    slots and the batching, not two functions.
+    """
+    ids = batch["ids"]
+    return pooled(ids, np.full(len(ids), FIXED_TOKENS))
+
+
+@zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"logits": ("float32", [-1, 4])})
+def seq_tokens(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per token: its 4 embedding values (each token on its own, so padding needs no mask)."""
+    return {"logits": EMB_TOKENS[batch["ids"]]}

@@ -100,3 +100,26 @@ def test_daemons_work_without_prometheus_client():
                             cwd=str(procs.REPO))
     assert result.returncode == 0, result.stderr
     assert "refused: --metrics-port needs the prometheus-client package" in result.stdout
+
+
+def test_teacher_metrics_count_tokens_and_padding_of_variable_length_rows(start_teacher):
+    """One request at a time, each of one length bucket: each is one model call, padded to its longest row."""
+    from zdistill.spec import Ragged
+
+    port = procs.free_port()
+    teacher = start_teacher(f"{procs.TEACHERS}:per_token", "--metrics-port", str(port))
+    client = TeacherClient(teacher.endpoint, timeout=10)
+    requests = [[6, 7, 8], [1], [40, 33, 45]]  # padding 3, 0, 12 + 5 = 17
+    for lengths in requests:
+        ids = Ragged.checked(np.arange(sum(lengths), dtype=np.int64), np.array(lengths))
+        weight = Ragged.checked(np.ones(sum(lengths), np.float32), np.array(lengths))
+        client.predict({"ids": ids, "weight": weight})
+    stats = client.stats()
+    client.close()
+    tokens = sum(sum(lengths) for lengths in requests)
+    padding = sum(len(lengths) * max(lengths) - sum(lengths) for lengths in requests)
+    assert (stats["tokens"], stats["padding_tokens"]) == (tokens, padding)
+    text = scrape(port)
+    assert value(text, "zdistill_teacher_tokens_total") == tokens
+    assert value(text, "zdistill_teacher_padding_tokens_total") == padding
+    assert value(text, "zdistill_teacher_rows_total") == 7

@@ -1,14 +1,15 @@
-"""TeacherMeta: a teacher's ``meta`` reply parsed once, every field checked, a bad one named."""
+"""TeacherMeta: a teacher's ``meta`` reply parsed once, every field checked, a bad one named; Ragged cut into rows."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 
 from zdistill.errors import WireError
-from zdistill.spec import TeacherMeta, TensorSpec
+from zdistill.spec import Ragged, TeacherMeta, TensorSpec
 
 # what a zdistill-teacher answers to ``meta`` (see tests/test_teacher.py), with the reply's own keys
 REPLY: dict[str, Any] = {
@@ -60,3 +61,32 @@ def test_a_malformed_field_is_a_wire_error_naming_it(field: str, value: Any, whe
                                                  ((7,), False)])
 def test_a_spec_is_variable_when_its_first_per_row_dim_is_open(shape: tuple[int, ...], variable: bool) -> None:
     assert TensorSpec("t", "int64", shape).variable is variable
+
+
+def padded_layouts(dtype: str, inner: tuple[int, ...]) -> list[np.ndarray]:
+    """``[5, 9, *inner]`` of distinct values: C order, Fortran order, a strided view, a broadcast."""
+    rows, longest = 5, 9
+    base = (np.arange(rows * longest * int(np.prod(inner))) % 251).astype(dtype).reshape(rows, longest, *inner)
+    wide = np.repeat(base, 2, axis=1)[:, ::2]  # the same values, not contiguous
+    broadcast = np.broadcast_to(base[:1], base.shape)
+    return [base, np.asfortranarray(base), wide, broadcast]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int64", "bool", "uint8"])
+@pytest.mark.parametrize("inner", [(), (4,), (2, 3), (0,)])
+def test_unpad_and_rows_give_each_row_its_own_tokens(dtype: str, inner: tuple[int, ...]) -> None:
+    lengths = np.array([3, 0, 9, 1, 5])
+    for padded in padded_layouts(dtype, inner):
+        ragged = Ragged.unpad(padded, lengths)
+        assert ragged.values.dtype == padded.dtype and ragged.values.shape == (18, *inner)
+        assert ragged.lengths.dtype == np.int64
+        rows = ragged.rows()
+        assert len(rows) == 5
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            np.testing.assert_array_equal(row, padded[i, :n])
+            assert row.dtype == padded.dtype and row.shape == (n, *inner)
+
+
+def test_unpad_and_rows_of_no_rows() -> None:
+    ragged = Ragged.unpad(np.zeros((0, 0, 4), np.float32), np.zeros(0, np.int64))
+    assert ragged.values.shape == (0, 4) and ragged.rows() == []

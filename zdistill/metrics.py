@@ -61,13 +61,18 @@ def _make(kind: type, registry: object, *args: object, **kwargs: object) -> obje
 
 
 class TeacherMetrics(_Metrics):
-    """``zdistill-teacher``: requests, rows, formed batches, waits, model time per instance, errors, memory."""
+    """``zdistill-teacher``: requests, rows, tokens and padding, formed batches, waits, model time per instance,
+    errors, memory."""
 
     def __init__(self) -> None:
         super().__init__()
         r = self.registry
         self.requests = _make(Counter, r, "zdistill_teacher_requests", "Requests received, by kind", ["kind"])
         self.rows = _make(Counter, r, "zdistill_teacher_rows", "Rows predicted")
+        self.tokens = _make(Counter, r, "zdistill_teacher_tokens",
+                            "Tokens of variable-length rows predicted, padding not counted")
+        self.padding_tokens = _make(Counter, r, "zdistill_teacher_padding_tokens",
+                                    "Padding the model computed besides those tokens (rows x longest row - tokens)")
         self.batch_rows = _make(Histogram, r, "zdistill_teacher_batch_rows", "Rows per model call (dynamic batcher)",
                                 buckets=_ROW_BUCKETS)
         self.batch_requests = _make(Histogram, r, "zdistill_teacher_batch_requests", "Requests merged per model call",

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from zdistill.spec import Ragged, Tensor, Tensors
+from zdistill.spec import Ragged, Tensor, Tensors, token_items
 
 Key = tuple[Any, ...]  # (feed name, row shape) pairs by name, then the length bucket of a ragged part
 BUCKET_RATIO = math.sqrt(2)  # the longest row of a bucket over its shortest, at most
@@ -150,8 +150,10 @@ class Whole:
                 starts = np.zeros(self.rows, np.int64)
                 np.cumsum(lengths[:-1], out=starts[1:])
                 values = np.empty((int(lengths.sum()), *first.inner_shape), first.dtype)
+                tokens = token_items(values)
                 for index, outputs in self._done:
-                    values[_token_positions(starts[index], lengths[index])] = outputs[name].values
+                    part = token_items(np.ascontiguousarray(outputs[name].values))
+                    tokens[_token_positions(starts[index], lengths[index])] = part
                 merged[name] = Ragged(values, lengths)
             else:
                 out = np.empty((self.rows, *first.shape[1:]), first.dtype)
@@ -238,10 +240,20 @@ class BatchStats:
         self.batches += 1
         self.merged_batches += len(batch) > 1
         self.max_batch_rows = max(self.max_batch_rows, rows)
-        if batch[0].lengths is not None:
-            tokens = sum(int(r.lengths.sum()) for r in batch)  # type: ignore[union-attr]
-            self.tokens += tokens
-            self.padding_tokens += rows * max(r.longest for r in batch) - tokens
+        tokens, padding = padded_tokens(batch)
+        self.tokens += tokens
+        self.padding_tokens += padding
+
+
+def padded_tokens(batch: list[Request]) -> tuple[int, int]:
+    """A batch's own tokens and what padding to its longest row adds; ``(0, 0)`` for fixed-shape rows.
+
+    The one definition of both, for the ``stats`` counters and the Prometheus metrics alike.
+    """
+    if batch[0].lengths is None:
+        return 0, 0
+    tokens = sum(int(r.lengths.sum()) for r in batch)  # type: ignore[union-attr]
+    return tokens, sum(r.rows for r in batch) * max(r.longest for r in batch) - tokens
 
 
 @dataclass(eq=False)

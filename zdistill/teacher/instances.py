@@ -37,7 +37,7 @@ import zmq
 
 from zdistill.metrics import TeacherMetrics
 from zdistill.spec import Arrays, Ragged, Tensors
-from zdistill.teacher.batcher import Batcher, Request
+from zdistill.teacher.batcher import Batcher, Request, padded_tokens
 from zdistill.teacher.model import Model, check_outputs
 
 log = logging.getLogger("zdistill.teacher.server")
@@ -220,6 +220,9 @@ class ModelInstances:
         self.metrics.model_time.observe(done.seconds)
         self.metrics.instance_seconds.labels(str(done.instance)).inc(done.seconds)
         self.metrics.rows.inc(rows)
+        tokens, padding = padded_tokens(done.requests)
+        self.metrics.tokens.inc(tokens)
+        self.metrics.padding_tokens.inc(padding)
         results: list[Result] = []
         start = 0
         for req in done.requests:
