@@ -106,14 +106,14 @@ class Dispatcher:
 
     def __init__(
         self, ctx: zmq.Context, folder: str, options: PipelineOptions,
-        worker_command: Callable[[str, str, bytes], list[str]],
+        worker_command: Callable[[str, bytes], list[str]],
     ) -> None:
         self.ctx, self.folder = ctx, folder
         self.endpoint = f"ipc://{folder}/dispatch"
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.sched = Scheduler(options)
-        self.pool = WorkerPool(lambda teacher, identity: worker_command(teacher, self.endpoint, identity))
+        self.pool = WorkerPool(worker_command)
         self._router = ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a worker gone fails instead of vanishing

@@ -180,15 +180,15 @@ class Pipeline:
         self.cache_root, self.cache_max_bytes, self.cache = cache_root, cache_max_bytes, cache
         self.cache_tolerance = tolerance
 
-    def _worker_command(self, teacher: str, endpoint: str, identity: bytes) -> list[str]:
+    def _worker_command(self, teacher: str, identity: bytes) -> list[str]:
         o = self.options
         cache = [] if self.cache is None else [
             "--cache-root", self.cache_root, "--cache-folder", self.cache.folder,
             "--cache-max-bytes", str(self.cache_max_bytes), "--cache-tolerance", repr(self.cache_tolerance),
         ]
         return [
-            sys.executable, "-m", "zdistill.student.worker", "--teacher", teacher, "--dispatcher", endpoint,
-            "--identity", identity.decode(), "--slots", self.slots_folder,
+            sys.executable, "-m", "zdistill.student.worker", "--teacher", teacher,
+            "--dispatcher", self.dispatcher.endpoint, "--identity", identity.decode(), "--slots", self.slots_folder,
             "--predicts", ",".join(self.predicts), "--feeds", json.dumps([f.to_wire() for f in self.feeds]),
             "--request-rows", str(o.request_rows), "--timeout", str(o.request_timeout),
             "--parent-pid", str(os.getpid()),
