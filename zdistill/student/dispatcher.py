@@ -118,6 +118,7 @@ class Dispatcher:
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a worker gone fails instead of vanishing
         self._router.bind(self.endpoint)
+        self._poller = zmq.Poller()  # the dispatcher thread's
         self._calls: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()  # from other threads
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -197,19 +198,13 @@ class Dispatcher:
     # -- the thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        polled: zmq.Socket | None = None  # the producer socket registered
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._closing:
-                if polled is not None and polled is not self._producer:
-                    poller.unregister(polled)  # closed with its epoch
-                    polled = None
-                if self._producer is not None:
-                    poller.register(self._producer, zmq.POLLIN | (zmq.POLLOUT if self._grants else 0))
-                    polled = self._producer
-                ready = dict(poller.poll(_SUPERVISE_EVERY * 1000))
+                if self._producer is not None:  # for room too while grants wait: it may not be connected yet
+                    self._poller.register(self._producer, zmq.POLLIN | (zmq.POLLOUT if self._grants else 0))
+                ready = dict(self._poller.poll(_SUPERVISE_EVERY * 1000))
                 with self.lock:
                     try:
                         self._step(ready)
@@ -263,6 +258,7 @@ class Dispatcher:
         self.sched.stop(set(lent))
         self._grants.clear()
         if self._producer is not None:
+            self._poller.unregister(self._producer)
             self._producer.close(linger=0)
             self._producer = None
         pid, self.producer_pid = self.producer_pid, None
