@@ -126,7 +126,6 @@ class Dispatcher:
         self._membership: Callable[[], list[str] | None] | None = None
         self._producer: zmq.Socket | None = None
         self.producer_pid: int | None = None  # the producer of the epoch running
-        self._producer_ended = False  # its end came (it may exit now)
         self._producers: set[int] = set()  # forked, not yet reaped
         self._grants: list[int] = []  # granted, not yet sent (the producer was not connected)
         self._error: BaseException | None = None  # failed between epochs: told at the next one
@@ -245,7 +244,6 @@ class Dispatcher:
             return
         plan = self.sched.begin(epoch, time.monotonic())
         self._said_finished = False
-        self._producer_ended = False
         self._producer = self.ctx.socket(zmq.PAIR)
         self._producer.setsockopt(zmq.LINGER, 0)
         endpoint = f"ipc://{self.folder}/producer-{epoch}"
@@ -362,7 +360,6 @@ class Dispatcher:
                 if self.sched.on_task(msg, frames) and cached_whole(msg):
                     self.events.put(CachedAnswer(msg.epoch, msg))
             elif isinstance(msg, protocol.End):
-                self._producer_ended = True
                 if msg.error is not None:
                     raise rebuild_exception(msg.error)
                 self.sched.on_end(msg)
@@ -386,10 +383,10 @@ class Dispatcher:
             if done == 0:
                 continue
             self._producers.discard(pid)
-            if pid == self.producer_pid and self.sched.active and not self._producer_ended:
+            if pid == self.producer_pid and self.sched.active and self.sched.total is None:  # no end came
                 if self._producer is not None and self._producer.poll(200):  # its last words may be in transit
                     self._read_producer()
-                if not self._producer_ended:
+                if self.sched.total is None:
                     how = describe_exit(os.waitstatus_to_exitcode(status))
                     raise ReaderError(
                         f"the reader process (pid {pid}) {how} before the end of the epoch; "
