@@ -300,9 +300,11 @@ class Scheduler:
         """Queued tasks to workers with room, lowest task first, the worker holding least first;
         each one a try sent ``now``."""
         out: list[tuple[bytes, HeldTask]] = []
+        if not self.active or not self._queue:
+            return out
         cap = self.plan_now.in_flight
         ready = [i for i, s in self.workers.items() if s.up and not s.retiring and len(s.holds) < cap]
-        for task_id in sorted(self._queue) if self.active and ready else ():
+        for task_id in sorted(self._queue) if ready else ():
             held = self.pending.get(task_id)
             if held is None:
                 self._queue.discard(task_id)  # answered while it waited
