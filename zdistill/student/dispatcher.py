@@ -4,24 +4,21 @@ It is to a DistillReader what ``_MultiProcessingDataLoaderIter`` is to a PyTorch
 DataLoader, with ZeroMQ where that uses ``mp.Queue``: it owns the worker processes
 (:class:`~zdistill.student.worker_pool.WorkerPool`), the bookkeeping of tasks, credit and
 slots (:class:`~zdistill.student.scheduler.Scheduler`), the one ROUTER socket every worker
-talks to for its whole life, and the socket of the current epoch's producer.  It
-lives as long as the reader, so workers never re-handshake at an epoch's start.
+talks to for its whole life, and the socket of the current epoch's producer.  It lives
+as long as the reader, so workers never re-handshake at an epoch's start.  A thread and
+not a process: it mostly waits in ``zmq_poll`` (which releases the GIL), so it keeps the
+teachers fed while the training step holds the GIL, and hands answers to the loop
+without a further hop (docs/dataplane.md).
 
-A thread and not a process: it keeps the teachers fed while the training step holds
-the GIL for milliseconds at a time, because it mostly waits in ``zmq_poll`` (which
-releases the GIL) and each message costs it microseconds; a process would add a hop
-for every result (``bench/bench_gil.py`` measures a GIL-holding step: docs/dataplane.md).
-
-Other threads talk to it only through :meth:`post` (commands), :meth:`release` (a
-slot the training loop let go of, from any thread) and :attr:`events` (what it tells
-the training loop).  :attr:`lock` is held while it handles messages: the training
-loop takes it to fork the producer (so no lock of this thread is inherited held) and
-to read :meth:`snapshot`.
+Other threads call its public methods: each queues the call for the thread and wakes
+it; the thread tells the training loop what happened on :attr:`events`.  :attr:`lock`
+is held while the thread works: the training loop holds it to fork the producer (so no
+lock of this thread is inherited held), to call :meth:`started` and to read its state
+for ``stats()``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -42,7 +39,7 @@ from zdistill.student.cache import CacheGate
 from zdistill.student.children import describe_exit
 from zdistill.student.options import PipelineOptions
 from zdistill.student.producer import rebuild_exception
-from zdistill.student.scheduler import Counters, Plan, Scheduler, TeacherStats, cached_whole, uncached
+from zdistill.student.scheduler import Plan, Scheduler, cached_whole, uncached
 from zdistill.student.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -51,38 +48,7 @@ _SUPERVISE_EVERY = 0.01  # seconds: workers, membership, producer, stragglers
 _BURST = 64  # messages read from one socket before the others get a turn
 
 
-# -- commands (to the dispatcher) and events (from it) ------------------------------
-
-
-@dataclass(frozen=True)
-class SetTeachers:
-    teachers: list[str]
-    membership: Callable[[], list[str] | None] | None = None  # dynamic teachers: a new list, or None
-
-
-@dataclass(frozen=True)
-class Begin:
-    epoch: int
-
-
-@dataclass(frozen=True)
-class Started:
-    epoch: int
-    pid: int
-
-
-@dataclass(frozen=True)
-class Stop:
-    epoch: int
-    lent: frozenset[int]  # slots whose arrays the training loop still holds
-
-
-@dataclass(frozen=True)
-class Redo:
-    """A task whose answer holds cached rows while the cache is no longer trusted: ask a teacher."""
-
-    epoch: int
-    task: protocol.Task
+# -- events: what the thread tells the training loop --------------------------------
 
 
 @dataclass(frozen=True)
@@ -135,49 +101,31 @@ Answered = Answer | CachedAnswer
 Event = Planned | Answered | AllAnswered | Failed
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """The dispatcher's state for ``DistillReader.stats()``: copies, taken under its lock."""
-
-    counters: Counters
-    workers_restarted: int
-    task_rows: int  # of the next epoch (Scheduler.plan)
-    in_flight: int  # tasks per worker of the next epoch
-    tasks_in_flight: int  # built, not yet answered
-    teachers: dict[str, TeacherStats]  # every teacher seen
-    in_use: set[str]  # the teachers a worker runs for now
-    worker_pids: dict[str, int]  # teacher -> its worker's PID
-    workers_spawned: int
-    producer_pid: int | None  # the producer of the epoch running, if any
-    cache_ok: bool  # False once a teacher's answers could not go to the cache
-
-
 class Dispatcher:
     """Owns the scheduler, the workers, their socket and the producer's (see the module docstring)."""
 
     def __init__(
         self, ctx: zmq.Context, folder: str, options: PipelineOptions,
-        worker_command: Callable[[str, str, bytes], list[str]],
+        worker_command: Callable[[str, bytes], list[str]],
     ) -> None:
         self.ctx, self.folder = ctx, folder
         self.endpoint = f"ipc://{folder}/dispatch"
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.sched = Scheduler(options)
-        self.pool = WorkerPool(lambda teacher, identity: worker_command(teacher, self.endpoint, identity))
+        self.pool = WorkerPool(worker_command)
         self._router = ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a worker gone fails instead of vanishing
         self._router.bind(self.endpoint)
-        self._commands: deque[Any] = deque()
-        self._released: deque[int] = deque()
+        self._poller = zmq.Poller()  # the dispatcher thread's
+        self._calls: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()  # from other threads
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._membership: Callable[[], list[str] | None] | None = None
         self._producer: zmq.Socket | None = None
-        self._producer_pid: int | None = None
-        self._producer_ended = False  # its end came (it may exit now)
+        self.producer_pid: int | None = None  # the producer of the epoch running
         self._producers: set[int] = set()  # forked, not yet reaped
         self._grants: list[int] = []  # granted, not yet sent (the producer was not connected)
         self._error: BaseException | None = None  # failed between epochs: told at the next one
@@ -191,16 +139,37 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._run, name="zdistill-dispatcher", daemon=True)
         self._thread.start()
 
-    # -- the interface of other threads -------------------------------------------
+    # -- what other threads call ---------------------------------------------------
 
-    def post(self, command: Any) -> None:
-        self._commands.append(command)
-        self._wake()
+    def set_teachers(self, teachers: Sequence[str], membership: Callable[[], list[str] | None] | None) -> None:
+        """Workers for these teachers; ``membership`` (dynamic teachers): polled for a new list, or None."""
+        self._post(self._set_teachers, list(teachers), membership)
+
+    def begin(self, epoch: int) -> None:
+        """Plan ``epoch`` and bind its producer's socket: :class:`Planned` (or :class:`Failed`) follows."""
+        self._post(self._begin, epoch)
+
+    def started(self, pid: int) -> None:
+        """The loop forked the epoch's producer, and calls this holding :attr:`lock` (taken for
+        the fork): once the thread stopped, nobody else would ever stop that producer."""
+        if self.stopped:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        else:
+            self.producer_pid = pid
+            self._producers.add(pid)
+
+    def stop(self, epoch: int, lent: frozenset[int]) -> None:
+        """The loop is done with ``epoch`` (to its end, by a break, or by an error); it still holds ``lent``."""
+        self._post(self._end_epoch, epoch, lent)
+
+    def redo(self, task: protocol.Task) -> None:
+        """The task's answer holds cached rows the cache's gate no longer lets through: a teacher answers it whole."""
+        self._post(self.sched.redo, task)
 
     def release(self, slot: int) -> None:
         """A slot is free again (called by the finalizer of its arrays, in any thread)."""
-        self._released.append(slot)
-        self._wake()
+        self._post(self.sched.release, slot)
 
     def close(self) -> None:
         """Stop the thread; it stops every worker and producer by PID on its way out."""
@@ -213,23 +182,9 @@ class Dispatcher:
             os.close(self._wake_r)
             os.close(self._wake_w)
 
-    def snapshot(self) -> Snapshot:
-        with self.lock:
-            s = self.sched
-            task_rows, in_flight = s.plan(len(s.workers))
-            return Snapshot(
-                counters=dataclasses.replace(s.counters),
-                workers_restarted=self.pool.restarted,
-                task_rows=task_rows,
-                in_flight=in_flight,
-                tasks_in_flight=len(s.pending),
-                teachers={name: dataclasses.replace(t) for name, t in s.teachers.items()},
-                in_use={p.teacher for p in self.pool.workers.values()},
-                worker_pids={p.teacher: p.popen.pid for p in self.pool.workers.values()},
-                workers_spawned=self.pool.spawned,
-                producer_pid=self._producer_pid,
-                cache_ok=self.cache_ok,
-            )
+    def _post(self, call: Callable[..., None], *args: Any) -> None:
+        self._calls.append((call, args))
+        self._wake()
 
     def _wake(self) -> None:
         if self._closed:
@@ -242,19 +197,13 @@ class Dispatcher:
     # -- the thread ------------------------------------------------------------------
 
     def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        polled: zmq.Socket | None = None  # the producer socket registered
+        self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
         try:
             while not self._closing:
-                if polled is not None and polled is not self._producer:
-                    poller.unregister(polled)  # closed with its epoch
-                    polled = None
-                if self._producer is not None:
-                    poller.register(self._producer, zmq.POLLIN | (zmq.POLLOUT if self._grants else 0))
-                    polled = self._producer
-                ready = dict(poller.poll(_SUPERVISE_EVERY * 1000))
+                if self._producer is not None:  # for room too while grants wait: it may not be connected yet
+                    self._poller.register(self._producer, zmq.POLLIN | (zmq.POLLOUT if self._grants else 0))
+                ready = dict(self._poller.poll(_SUPERVISE_EVERY * 1000))
                 with self.lock:
                     try:
                         self._step(ready)
@@ -270,10 +219,9 @@ class Dispatcher:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:
                 pass
-        while self._commands:
-            self._on_command(self._commands.popleft())
-        while self._released:
-            self.sched.release(self._released.popleft())
+        while self._calls:
+            call, args = self._calls.popleft()
+            call(*args)
         now = time.monotonic()
         if self._router in ready:
             self._read_workers(now)
@@ -289,22 +237,6 @@ class Dispatcher:
             self._said_finished = True
             self.events.put(AllAnswered(s.epoch, s.total or 0))
 
-    def _on_command(self, cmd: Any) -> None:
-        if isinstance(cmd, SetTeachers):
-            self._membership = cmd.membership
-            self._set_teachers(cmd.teachers)
-        elif isinstance(cmd, Begin):
-            self._begin(cmd.epoch)
-        elif isinstance(cmd, Started):
-            if cmd.epoch == self.sched.epoch:
-                self._producer_pid = cmd.pid
-            self._producers.add(cmd.pid)
-        elif isinstance(cmd, Stop):
-            if cmd.epoch == self.sched.epoch:
-                self._end_epoch(cmd.lent)
-        elif isinstance(cmd, Redo):
-            self.sched.redo(cmd.task)
-
     def _begin(self, epoch: int) -> None:
         if self._error is not None:
             error, self._error = self._error, None
@@ -312,21 +244,22 @@ class Dispatcher:
             return
         plan = self.sched.begin(epoch, time.monotonic())
         self._said_finished = False
-        self._producer_ended = False
         self._producer = self.ctx.socket(zmq.PAIR)
         self._producer.setsockopt(zmq.LINGER, 0)
         endpoint = f"ipc://{self.folder}/producer-{epoch}"
         self._producer.bind(endpoint)
         self.events.put(Planned(epoch, plan, endpoint, self.sched.slot_count, self.sched.grants(), self.cache_ok))
 
-    def _end_epoch(self, lent: frozenset[int]) -> None:
-        """The training loop is done with the epoch (to its end, by a break, or by an error)."""
+    def _end_epoch(self, epoch: int, lent: frozenset[int]) -> None:
+        if epoch != self.sched.epoch:
+            return  # a generator of an earlier epoch, collected late
         self.sched.stop(set(lent))
         self._grants.clear()
         if self._producer is not None:
+            self._poller.unregister(self._producer)
             self._producer.close(linger=0)
             self._producer = None
-        pid, self._producer_pid = self._producer_pid, None
+        pid, self.producer_pid = self.producer_pid, None
         if pid is not None and pid in self._producers:
             try:
                 os.kill(pid, signal.SIGKILL)  # it may still be building tasks nobody will take
@@ -342,14 +275,15 @@ class Dispatcher:
         if self.sched.active:
             self.sched.active = False
             self.events.put(Failed(self.sched.epoch, exc))
-        elif self._producer is not None:  # the epoch failed already; its Stop is on its way
+        elif self._producer is not None:  # the epoch failed already; its stop is on its way
             log.debug("epoch %d already failed; also: %s", self.sched.epoch, exc)
         else:
             self._error = exc
 
     # -- workers ---------------------------------------------------------------------
 
-    def _set_teachers(self, teachers: Sequence[str]) -> None:
+    def _set_teachers(self, teachers: Sequence[str], membership: Callable[[], list[str] | None] | None) -> None:
+        self._membership = membership
         started, retired = self.pool.set_teachers(teachers)
         for proc in started:
             self.sched.add_worker(proc.identity, proc.teacher)
@@ -401,7 +335,7 @@ class Dispatcher:
             teachers = self._membership()
             if teachers is not None:
                 log.info("teachers now: %s", ", ".join(teachers) or "none")
-                self._set_teachers(teachers)
+                self._set_teachers(teachers, self._membership)
         died, started = self.pool.reap(now)
         for proc in died:
             self.sched.worker_gone(proc.identity)
@@ -426,7 +360,6 @@ class Dispatcher:
                 if self.sched.on_task(msg, frames) and cached_whole(msg):
                     self.events.put(CachedAnswer(msg.epoch, msg))
             elif isinstance(msg, protocol.End):
-                self._producer_ended = True
                 if msg.error is not None:
                     raise rebuild_exception(msg.error)
                 self.sched.on_end(msg)
@@ -450,10 +383,10 @@ class Dispatcher:
             if done == 0:
                 continue
             self._producers.discard(pid)
-            if pid == self._producer_pid and self.sched.active and not self._producer_ended:
+            if pid == self.producer_pid and self.sched.active and self.sched.total is None:  # no end came
                 if self._producer is not None and self._producer.poll(200):  # its last words may be in transit
                     self._read_producer()
-                if not self._producer_ended:
+                if self.sched.total is None:
                     how = describe_exit(os.waitstatus_to_exitcode(status))
                     raise ReaderError(
                         f"the reader process (pid {pid}) {how} before the end of the epoch; "
@@ -463,10 +396,6 @@ class Dispatcher:
     # -- shutdown ----------------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        while self._commands:  # a producer forked just before close() was posted under the lock: stop it too
-            cmd = self._commands.popleft()
-            if isinstance(cmd, Started):
-                self._producers.add(cmd.pid)
         for pid in self._producers:
             try:
                 os.kill(pid, signal.SIGKILL)

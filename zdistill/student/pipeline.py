@@ -147,7 +147,7 @@ class Pipeline:
     def set_teachers(self, teachers: Iterable[str],
                      membership: Callable[[], list[str] | None] | None = None) -> None:
         """Workers for these teachers (and, for dynamic teachers, where to hear of changes)."""
-        self.dispatcher.post(d.SetTeachers(list(teachers), membership))
+        self.dispatcher.set_teachers(list(teachers), membership)
 
     def use_cache(self, root: str, meta: TeacherMeta, max_bytes: int | None, tolerance: float) -> None:
         """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta``
@@ -181,15 +181,15 @@ class Pipeline:
         self.cache_root, self.cache_max_bytes, self.cache = cache_root, cache_max_bytes, cache
         self.cache_tolerance = tolerance
 
-    def _worker_command(self, teacher: str, endpoint: str, identity: bytes) -> list[str]:
+    def _worker_command(self, teacher: str, identity: bytes) -> list[str]:
         o = self.options
         cache = [] if self.cache is None else [
             "--cache-root", self.cache_root, "--cache-folder", self.cache.folder,
             "--cache-max-bytes", str(self.cache_max_bytes), "--cache-tolerance", repr(self.cache_tolerance),
         ]
         return [
-            sys.executable, "-m", "zdistill.student.worker", "--teacher", teacher, "--dispatcher", endpoint,
-            "--identity", identity.decode(), "--slots", self.slots_folder,
+            sys.executable, "-m", "zdistill.student.worker", "--teacher", teacher,
+            "--dispatcher", self.dispatcher.endpoint, "--identity", identity.decode(), "--slots", self.slots_folder,
             "--predicts", ",".join(self.predicts), "--feeds", json.dumps([f.to_wire() for f in self.feeds]),
             "--request-rows", str(o.request_rows), "--timeout", str(o.request_timeout),
             "--share-weight", repr(o.share_weight),
@@ -202,49 +202,51 @@ class Pipeline:
         """What :meth:`DistillReader.stats` reports: throughput, waits, resends, per teacher."""
         now = time.monotonic()
         busy = self.busy_seconds + (now - self._epoch_started if self._epoch_started else 0.0)
-        snap = self.dispatcher.snapshot()
-        c = snap.counters
-        return {
-            "tasks": c.tasks,
-            "samples": c.samples,
-            "resent": c.resent,
-            "returned": c.returned,
-            "failed": c.failed,
-            "timed_out": c.timed_out,
-            "straggler_resends": c.straggler_resends,
-            "duplicates_dropped": c.duplicates_dropped,
-            "workers_restarted": snap.workers_restarted,
-            "samples_per_s": c.samples / busy if busy else 0.0,
-            "wait_s": self.wait_seconds + (self._sink.wait_seconds if self._sink else 0.0),
-            "task_rows": snap.task_rows,  # rows per task of the next epoch (see Scheduler.plan)
-            "in_flight": snap.in_flight,  # tasks per worker of the next epoch
-            "tasks_in_flight": snap.tasks_in_flight,  # built, not yet answered
-            "tasks_buffered": len(self._sink.buffer) if self._sink else 0,  # answered, waiting for an earlier one
-            "reader_pid": snap.producer_pid,  # the producer of the epoch running, if any
-            "workers": snap.worker_pids,  # the current teachers' worker processes: teacher -> PID
-            "workers_spawned": snap.workers_spawned,
-            "folders": [self.folder, self.slots_folder],
-            # the teacher-output cache: rows answered from it, rows asked, bytes on disk
-            "cache": {"hits": c.cache_hits, "misses": c.cache_misses, "bytes_stored": self._cache_bytes(now),
-                      "enabled": self.cache is not None and snap.cache_ok},
-            "teachers": {
-                name: {
-                    "up": t.up,
-                    "in_use": name in snap.in_use,
-                    "tasks": t.tasks,
-                    "samples": t.samples,
-                    "samples_per_s": t.samples / busy if busy else 0.0,
-                    "failed": t.failed,
-                    "timed_out": t.timed_out,
-                    "returned": t.returned,
-                    "reason": t.reason,
-                    "state_age_s": now - t.changed_at if t.changed_at else None,
-                    "first_task_at": t.first_task_at or None,
-                    "changed_at": t.changed_at or None,
-                }
-                for name, t in snap.teachers.items()
-            },
-        }
+        stored = self._cache_bytes(now)  # outside the lock: it may walk the cache's folder
+        with self.dispatcher.lock:  # the dispatcher thread's state, read while it waits
+            sched, pool, c = self.dispatcher.sched, self.dispatcher.pool, self.dispatcher.sched.counters
+            task_rows, in_flight = sched.plan(len(sched.workers))
+            return {
+                "tasks": c.tasks,
+                "samples": c.samples,
+                "resent": c.resent,
+                "returned": c.returned,
+                "failed": c.failed,
+                "timed_out": c.timed_out,
+                "straggler_resends": c.straggler_resends,
+                "duplicates_dropped": c.duplicates_dropped,
+                "workers_restarted": pool.restarted,
+                "samples_per_s": c.samples / busy if busy else 0.0,
+                "wait_s": self.wait_seconds + (self._sink.wait_seconds if self._sink else 0.0),
+                "task_rows": task_rows,  # rows per task of the next epoch (see Scheduler.plan)
+                "in_flight": in_flight,  # tasks per worker of the next epoch
+                "tasks_in_flight": len(sched.pending),  # built, not yet answered
+                "tasks_buffered": len(self._sink.buffer) if self._sink else 0,  # answered, waiting for an earlier one
+                "reader_pid": self.dispatcher.producer_pid,  # the producer of the epoch running, if any
+                "workers": {p.teacher: p.popen.pid for p in pool.workers.values()},  # teacher -> PID
+                "workers_spawned": pool.spawned,
+                "folders": [self.folder, self.slots_folder],
+                # the teacher-output cache: rows answered from it, rows asked, bytes on disk
+                "cache": {"hits": c.cache_hits, "misses": c.cache_misses, "bytes_stored": stored,
+                          "enabled": self.cache is not None and self.dispatcher.cache_ok},
+                "teachers": {
+                    name: {
+                        "up": t.up,
+                        "in_use": name in pool.workers,
+                        "tasks": t.tasks,
+                        "samples": t.samples,
+                        "samples_per_s": t.samples / busy if busy else 0.0,
+                        "failed": t.failed,
+                        "timed_out": t.timed_out,
+                        "returned": t.returned,
+                        "reason": t.reason,
+                        "state_age_s": now - t.changed_at if t.changed_at else None,
+                        "first_task_at": t.first_task_at or None,
+                        "changed_at": t.changed_at or None,
+                    }
+                    for name, t in sched.teachers.items()
+                },
+            }
 
     def _cache_bytes(self, now: float) -> int:
         """Bytes of the cache folder's segments, walked at most every few seconds: stats() may be
@@ -262,7 +264,7 @@ class Pipeline:
         self._check_open()
         self.epochs += 1
         epoch = self.epochs
-        self.dispatcher.post(d.Begin(epoch))
+        self.dispatcher.begin(epoch)
         planned = self._planned(epoch)
         cache = self.cache if planned.cache else None
         if cache is not None:
@@ -277,22 +279,19 @@ class Pipeline:
         )
         with self.dispatcher.lock:  # no lock of the dispatcher thread is inherited held, and no close() missed
             pid = os.fork()
-            if pid != 0 and self.dispatcher.stopped:  # closed as it forked: nobody else knows this producer
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            elif pid != 0:
-                self.dispatcher.post(d.Started(epoch, pid))  # under the lock: a closing dispatcher still sees it
+            if pid != 0:
+                self.dispatcher.started(pid)
         if pid == 0:
             run_producer(cfg)
         self._check_open()
         sink = EpochSink(self.dispatcher.events, epoch, reader_type, self.ins, self.predicts, self.lender,
                          planned.plan.keep_limit, self._check_open, self.dispatcher.gate,
-                         lambda task: self.dispatcher.post(d.Redo(epoch, task)))
+                         self.dispatcher.redo)
         self._epoch_started, self._sink = time.monotonic(), sink
         try:
             yield from sink.outputs()
         finally:
-            self.dispatcher.post(d.Stop(epoch, frozenset(self.lender.lent)))
+            self.dispatcher.stop(epoch, frozenset(self.lender.lent))
             self.busy_seconds += time.monotonic() - self._epoch_started
             self.wait_seconds += sink.wait_seconds
             self._epoch_started = self._sink = None

@@ -1,33 +1,19 @@
 """The dispatcher's bookkeeping: tasks in flight, what each worker holds, slots, resends.
 
-Everything the student must remember about work in progress lives here, in one
-object owned by the dispatcher thread (:mod:`zdistill.student.dispatcher`), which feeds it
-the messages it receives and sends what it decides.  It has no sockets and no clock
-of its own (callers pass ``now``), so its rules are unit-tested with plain calls
-(``tests/test_scheduler.py``).
+One object, owned by the dispatcher thread, that has no sockets and no clock (callers
+pass ``now``), so its rules are unit-tested with plain calls (``tests/test_scheduler.py``).
 
-- **Tasks**: a task of the current epoch is *pending* from the moment the producer
-  built it until its first answer; a queue (lowest id first, as the training loop
-  wants them in order) holds those waiting for a worker.  A task goes back in the
-  queue when its worker hands it back, dies or refuses it, when a try of it went
-  unanswered for ``request_timeout``, when later tasks finished long before it (a
-  straggler: the first answer wins), and when nothing finished for ``stall_timeout``.
-- **A task's life is bounded**: each send of it to a worker is a *try* with its own
-  clock.  A try fails when the teacher refuses it (``busy`` included) or leaves it
-  unanswered for ``request_timeout`` (counted again for each further
-  ``request_timeout`` its worker keeps it); a hand-back within ``request_timeout``, or a
-  worker's death, is not the task's failure.  A task that failed more than
-  ``max_retries`` tries fails the epoch (:meth:`Scheduler._fail_try`) with an error
-  naming the teachers tried, why each try failed and the seconds since it was first sent.
-- **Workers**: what each one holds, counted here (sent, not yet answered), is its
-  credit: a worker gets a task only while it holds fewer than the epoch's
-  ``in_flight``.  Among those with room, the one holding least gets it, so a slow
-  teacher gets fewer tasks, not an equal share.  Tasks of an ended epoch still count
-  until answered, so a worker never holds more than it may.
-- **Slots**: each task is built in a shared-memory slot the producer was granted.
-  A slot is free again once the training loop let go of the task's arrays
-  (:meth:`release`), or at the epoch's end if the loop never got it.  Grants stop
-  while the tasks held would exceed ``max_inflight_bytes``.
+- A task of the current epoch is *pending* from the moment the producer built it until
+  its first answer; the queue holds those waiting for a worker, sent lowest id first
+  (the training loop wants them in order).
+- Each send of a task is a *try* with its own deadline (``request_timeout``): a try that
+  was refused or went unanswered past it is a failure, and a task that failed more than
+  ``max_retries`` tries fails the epoch.  A hand-back in time or a worker's death is not.
+- What a worker holds (sent, not answered, any epoch) is its credit: it gets a task only
+  while it holds fewer than the epoch's ``in_flight``, the one holding least first, so a
+  slow teacher gets fewer tasks.
+- A slot is granted to the producer, holds a task until the training loop lets go of its
+  arrays (or the epoch ends without it), then is free; grants stop at ``max_inflight_bytes``.
 """
 
 from __future__ import annotations
@@ -149,8 +135,7 @@ class Scheduler:
         self.active = False  # an epoch runs
         self.plan_now = Plan(options.task_rows, options.in_flight, options.window, 1)
         self.pending: dict[int, HeldTask] = {}
-        self._queue: list[int] = []  # heap of pending task ids waiting for a worker
-        self._queued: set[int] = set()
+        self._queue: set[int] = set()  # pending tasks waiting for a worker
         self.produced = 0
         self.total: int | None = None  # tasks of the epoch, once the producer said
         self.last_progress = 0.0
@@ -158,7 +143,6 @@ class Scheduler:
         self._blocked: tuple[int, float] | None = None  # (lowest pending task, since when later ones are done)
         self._down_since: float | None = None
         self._next_expiry = math.inf  # no try can run out of time before this
-        # Slots: free, granted to the producer, or holding a task (until released).
         self.slot_count = 0
         self.free: list[int] = []  # a heap: the lowest slots are reused, so few slot files are ever made
         self.granted: set[int] = set()
@@ -178,21 +162,18 @@ class Scheduler:
 
     def retire_worker(self, identity: bytes) -> None:
         """Its teacher left: no new tasks; what it holds it finishes or hands back."""
-        if identity in self.workers:
+        if identity in self.workers:  # unless it died already
             self.workers[identity].retiring = True
 
     def worker_gone(self, identity: bytes) -> int:
         """A worker exited: what it held of this epoch is sent again; the count resent."""
         state = self.workers.pop(identity, None)
-        if state is None:
-            return 0
         resent = 0
-        for epoch, task in state.holds:
+        for epoch, task in state.holds if state is not None else ():
             held = self.pending.get(task) if epoch == self.epoch else None
             if held is not None:
                 held.holders.pop(identity, None)
-                if not held.holders:
-                    resent += self._requeue(task)
+                resent += 0 if held.holders else self._requeue(task)
         self.counters.resent += resent
         return resent
 
@@ -215,7 +196,6 @@ class Scheduler:
         self.epoch, self.active = epoch, True
         self.pending.clear()
         self._queue.clear()
-        self._queued.clear()
         self._next_expiry = math.inf
         self.produced, self.total, self.highest_done = 0, None, -1
         self._blocked = self._down_since = None
@@ -239,25 +219,19 @@ class Scheduler:
         self._return_grants()
         self.pending.clear()
         self._queue.clear()
-        self._queued.clear()
 
     def grants(self) -> list[int]:
-        """Free slots the producer may fill now, within the byte budget.
-
-        A grant is priced at the biggest of the latest tasks; before any task was made
-        its size is unknown, so the producer gets one slot, and more once it is known.
-        """
+        """Free slots the producer may fill now, within ``max_inflight_bytes``: each priced at
+        the biggest of the latest tasks, and only one while no task told what a task costs."""
         if not self.active or self.total is not None:
             return []
         typical = max(self.recent_task_bytes, default=0)
         out: list[int] = []
         while self.free:
-            busy = self.slot_task or self.granted or out
-            if busy and not typical:
-                break
-            committed = self.held_bytes + (len(self.granted) + len(out) + 1) * typical
-            if busy and committed > self.options.max_inflight_bytes:
-                break
+            if self.slot_task or self.granted or out:
+                committed = self.held_bytes + (len(self.granted) + len(out) + 1) * typical
+                if not typical or committed > self.options.max_inflight_bytes:
+                    break
             out.append(heapq.heappop(self.free))
         self.granted.update(out)
         return out
@@ -276,9 +250,7 @@ class Scheduler:
 
     def on_task(self, task: protocol.Task, frames: list[Any]) -> bool:
         """The producer built a task; False if it is not one of this epoch's.
-
-        A task the cache answered whole is done at once: it never leaves the machine.
-        """
+        A task the cache answered whole is done at once: it never leaves the machine."""
         if not self.active or task.epoch != self.epoch or task.slot not in self.granted:
             return False
         self.granted.discard(task.slot)
@@ -295,9 +267,8 @@ class Scheduler:
             self.counters.tasks += 1
             self.counters.samples += task.rows
             self.highest_done = max(self.highest_done, task.task_id)
-            return True
-        self.pending[task.task_id] = HeldTask(task, frames)
-        self._requeue(task.task_id)
+        else:
+            self._hold(task, frames)
         return True
 
     def redo(self, task: protocol.Task) -> None:
@@ -308,9 +279,11 @@ class Scheduler:
         self.counters.tasks -= 1  # counted again when a teacher answers it
         self.counters.samples -= task.rows
         self.counters.cache_hits -= task.hits or 0
-        task, frames = uncached(task)
+        self._hold(*uncached(task))
+
+    def _hold(self, task: protocol.Task, frames: list[Any]) -> None:
         self.pending[task.task_id] = HeldTask(task, frames)
-        self._requeue(task.task_id)
+        self._queue.add(task.task_id)
 
     def on_end(self, end: protocol.End) -> None:
         """The producer made its last task: the slots it was granted and did not use are free."""
@@ -324,47 +297,40 @@ class Scheduler:
         return self.total is not None and self.produced == self.total and not self.pending
 
     def assignments(self, now: float) -> list[tuple[bytes, HeldTask]]:
-        """Queued tasks to workers with room, lowest task first, least-loaded worker first; each
-        one a try sent ``now``."""
+        """Queued tasks to workers with room, lowest task first, the worker holding least first;
+        each one a try sent ``now``."""
         out: list[tuple[bytes, HeldTask]] = []
-        if not self.active:
+        if not self.active or not self._queue:
             return out
         cap = self.plan_now.in_flight
-        skipped = []  # tasks every worker with room already holds (a straggler's copy): they wait
-        while self._queue:
-            task_id = heapq.heappop(self._queue)
+        ready = [i for i, s in self.workers.items() if s.up and not s.retiring and len(s.holds) < cap]
+        for task_id in sorted(self._queue) if ready else ():
             held = self.pending.get(task_id)
             if held is None:
-                self._queued.discard(task_id)
+                self._queue.discard(task_id)  # answered while it waited
                 continue
-            best, room = None, 0
-            for identity, state in self.workers.items():
-                free = cap - len(state.holds)
-                if free > room and state.up and not state.retiring and identity not in held.holders:
-                    best, room = identity, free
-            if best is None:
-                skipped.append(task_id)
-                if not any(cap > len(s.holds) and s.up and not s.retiring for s in self.workers.values()):
-                    break  # no worker has room: the rest waits too
-                continue
-            self._queued.discard(task_id)
+            takers = [i for i in ready if i not in held.holders]
+            if not takers:
+                continue  # every worker with room holds it already (a straggler's copy): it waits
+            best = min(takers, key=lambda i: len(self.workers[i].holds))
+            self._queue.discard(task_id)
             held.holders[best] = Try(self.workers[best].teacher, now + self.options.request_timeout)
             held.first_sent = now if held.first_sent is None else held.first_sent
             self._next_expiry = min(self._next_expiry, now + self.options.request_timeout)
             self.workers[best].holds.add((self.epoch, task_id))
             out.append((best, held))
-        for task_id in skipped:
-            heapq.heappush(self._queue, task_id)
+            if len(self.workers[best].holds) >= cap:
+                ready.remove(best)
+                if not ready:
+                    break  # no worker has room: the rest waits
         return out
 
     def unsent(self, identity: bytes, task_id: int) -> None:
         """A task could not be sent to the worker :meth:`assignments` chose: it waits again."""
-        state = self.workers.get(identity)
-        if state is not None:
-            state.holds.discard((self.epoch, task_id))
-        held = self.pending.get(task_id)
-        if held is not None:
-            held.holders.pop(identity, None)
+        if identity in self.workers:
+            self.workers[identity].holds.discard((self.epoch, task_id))
+        if task_id in self.pending:
+            self.pending[task_id].holders.pop(identity, None)
             self._requeue(task_id)
 
     def on_done(self, identity: bytes, done: protocol.Done, rows: int, now: float) -> HeldTask | None:
@@ -392,20 +358,14 @@ class Scheduler:
         return held
 
     def on_undone(self, identity: bytes, undone: protocol.Undone, now: float) -> None:
-        """A task handed back (sent elsewhere) or refused (a failed try: retried, up to ``max_retries``).
-
-        A hand-back that comes once the try's ``request_timeout`` ran out (the worker's
-        request timed out first) is a failed try too, if the clock did not count it yet.
-        """
-        state = self.workers.get(identity)
-        if state is not None:
-            state.holds.discard((undone.epoch, undone.task_id))
+        """A task handed back (sent elsewhere; a failed try too if its deadline passed and the
+        clock did not count it yet) or refused (a failed try, retried up to ``max_retries``)."""
+        if identity in self.workers:
+            self.workers[identity].holds.discard((undone.epoch, undone.task_id))
         held = self.pending.get(undone.task_id) if undone.epoch == self.epoch else None
-        if held is None:
-            return
-        attempt = held.holders.pop(identity, None)
-        if attempt is None:
-            return  # the word of a worker already forgotten: the task is queued or held elsewhere
+        attempt = held.holders.pop(identity, None) if held is not None else None
+        if held is None or attempt is None:
+            return  # another epoch's, or the word of a worker already forgotten
         stats = self.teachers.setdefault(attempt.teacher, TeacherStats())
         if undone.code == protocol.RETURNED:
             self.counters.returned += 1
@@ -428,21 +388,17 @@ class Scheduler:
         attempt.deadline = now + self.options.request_timeout
         self.counters.timed_out += 1
         self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
-        log.warning("task %d: no answer from teacher %s within %g s (request_timeout)", held.task.task_id,
-                    attempt.teacher, self.options.request_timeout)
-        self._fail_try(held, attempt.teacher, f"no answer within request_timeout ({self.options.request_timeout:g} s)",
-                       now, None)
+        why = f"no answer within request_timeout ({self.options.request_timeout:g} s)"
+        log.warning("task %d: %s from teacher %s", held.task.task_id, why, attempt.teacher)
+        self._fail_try(held, attempt.teacher, why, now, None)
 
     def _fail_try(self, held: HeldTask, teacher: str, why: str, now: float, code: str | None) -> None:
-        """Count a failed try of ``held``; past ``max_retries`` (or refused as hopeless) the epoch fails.
-
-        The error is a :class:`TeacherError` with the teacher's code when the last try was
-        refused, a :class:`TeacherTimeout` when it went unanswered; its message names every
-        teacher tried, why each try failed and how long the task waited since first sent.
-        """
+        """Count a failed try; past ``max_retries`` (or refused as hopeless) the epoch fails with a
+        :class:`TeacherError` (refused: ``code``) or :class:`TeacherTimeout` (unanswered) naming
+        every teacher tried, why each try failed and how long since the task was first sent."""
         held.failures.append((teacher, why))
         tries = len(held.failures)
-        if (code is None or code not in FATAL_CODES) and tries <= self.options.max_retries:
+        if code not in FATAL_CODES and tries <= self.options.max_retries:
             return
         waited = 0.0 if held.first_sent is None else now - held.first_sent
         each = Counter(held.failures)  # in the order they came, alike ones once
@@ -454,10 +410,18 @@ class Scheduler:
     # -- supervision ------------------------------------------------------------------
 
     def check(self, now: float) -> None:
-        """Stragglers, stalls and teachers gone: resend, or raise when waiting cannot help."""
+        """Tries past their deadline, stragglers, stalls and teachers gone: resend, or raise
+        when waiting cannot help."""
         if not self.active:
             return
-        self._expire_tries(now)
+        if now >= self._next_expiry:
+            self._next_expiry = math.inf
+            for held in self.pending.values():
+                for attempt in held.holders.values():
+                    if now >= attempt.deadline:
+                        self._timed_out(held, attempt, now)
+                        self.counters.resent += self._requeue(held.task.task_id)
+                    self._next_expiry = min(self._next_expiry, attempt.deadline)
         self._chase_straggler(now)
         if self.pending and now - self.last_progress > self.options.stall_timeout:
             log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
@@ -465,18 +429,6 @@ class Scheduler:
             for task_id in list(self.pending):
                 self.counters.resent += self._requeue(task_id)
         self._check_teachers(now)
-
-    def _expire_tries(self, now: float) -> None:
-        """Count each try unanswered for ``request_timeout`` as failed, and queue its task for another worker."""
-        if now < self._next_expiry:
-            return
-        self._next_expiry = math.inf
-        for held in self.pending.values():
-            for attempt in held.holders.values():
-                if now >= attempt.deadline:
-                    self._timed_out(held, attempt, now)
-                    self.counters.resent += self._requeue(held.task.task_id)
-                self._next_expiry = min(self._next_expiry, attempt.deadline)
 
     def _chase_straggler(self, now: float) -> None:
         """Send the lowest pending task again when later ones finished long before it."""
@@ -487,18 +439,13 @@ class Scheduler:
         if self._blocked is None or self._blocked[0] != lowest:
             self._blocked = (lowest, now)
         typical = statistics.median(self.task_times) if self.task_times else 0.0
-        limit = max(self.options.straggler_min, self.options.straggler_factor * typical)
-        if now - self._blocked[1] > limit:
+        if now - self._blocked[1] > max(self.options.straggler_min, self.options.straggler_factor * typical):
             self.counters.straggler_resends += self._requeue(lowest)
             self._blocked = (lowest, now)
 
     def _check_teachers(self, now: float) -> None:
-        """Fail when no teacher can ever take the tasks, or none came back within ``teacher_wait``.
-
-        Teachers that answer but take other inputs than this reader's (another model
-        deployed at the address) cannot come back by waiting: when every teacher is such
-        a one, the epoch fails at once, naming them and why.
-        """
+        """Fail at once when every teacher takes other inputs than this reader's (another model
+        at the address: waiting cannot help), or when none was up for ``teacher_wait``."""
         states = [s for s in self.workers.values() if not s.retiring]
         if any(s.up for s in states):
             self._down_since = None
@@ -514,10 +461,9 @@ class Scheduler:
 
     def _requeue(self, task_id: int) -> int:
         """Queue a pending task (once); 1 if it was queued, else 0."""
-        if task_id not in self.pending or task_id in self._queued:
+        if task_id not in self.pending or task_id in self._queue:
             return 0
-        heapq.heappush(self._queue, task_id)
-        self._queued.add(task_id)
+        self._queue.add(task_id)
         return 1
 
     # -- the plan ------------------------------------------------------------------
@@ -525,25 +471,14 @@ class Scheduler:
     def plan(self, workers: int) -> tuple[int, int]:
         """Rows per task and tasks per worker for the next epoch, from the teacher time measured.
 
-        A task is the unit of load balancing: one teacher runs it, and the epoch cannot
-        end before its slowest task.  With fast teachers big tasks are cheapest (the
-        pipeline's cost is per message).  With slow ones (a 10 ms GPU call per 256 rows
-        makes a 1024-row task 40 ms of one teacher) big tasks leave teachers idle at the
-        start of an epoch, until each has one, and at its end, while the last few run on
-        some teachers only.  So a task holds about ``task_seconds`` of teacher time, but
-        never fewer rows than one request, and at most ``task_rows``.
-
-        A worker holds about ``queue_seconds`` of teacher time in flight, so its teacher
-        never waits while one task's result travels to the student and the next task to
-        the worker, even while other processes hold the cores for a while.  Short tasks
-        thus get deeper queues, up to 8 (or ``max_in_flight``), as long as all workers
-        together hold no more bytes than ``window`` full-size tasks (``window * task_bytes``).
-
-        A teacher also needs enough rows queued to fill a batch on each of its model
-        instances, and one more batch waiting: ``(instances + 1) * max_batch_size`` rows
-        (from its meta).  Tasks of big samples hold few rows (a task ends at ``task_bytes``),
-        so that can take many more tasks; they are kept in flight within
-        ``max_inflight_bytes`` over all workers (and within ``max_in_flight`` if it is set).
+        A task is the unit of load balancing and an epoch ends with its slowest task: big
+        tasks are cheapest with fast teachers (the pipeline's cost is per message), but
+        leave slow teachers idle at an epoch's start and end.  So a task holds about
+        ``task_seconds`` of teacher time (at least one request, at most ``task_rows``), and
+        a worker holds about ``queue_seconds`` in flight, so its teacher never waits for
+        the next task, up to 8 (or ``max_in_flight``) while all workers together hold no
+        more than ``window`` full-size tasks' bytes; and at least enough to fill a batch on
+        each of its teacher's instances and one more (:meth:`_fill`).
         """
         o = self.options
         if not self.row_service:
@@ -559,13 +494,13 @@ class Scheduler:
         return rows, max(o.in_flight, min(cap, deep, fits), self._fill(rows, workers))
 
     def _fill(self, rows: int, workers: int) -> int:
-        """Tasks per worker that keep ``(instances + 1) * max_batch_size`` rows at each teacher."""
+        """Tasks per worker that keep ``(instances + 1) * max_batch_size`` rows at each teacher
+        (from its meta), within ``max_inflight_bytes`` over all workers and ``max_in_flight``."""
         o = self.options
         wanted = max(((s.instances + 1) * s.max_batch_size for s in self.workers.values()), default=0)
         if not wanted or not self.row_bytes:
             return 0
         per_task = max(1, int(statistics.median(self.task_sizes)) if self.task_sizes else rows)
         tasks = math.ceil(wanted / per_task)
-        if o.max_in_flight is not None:
-            tasks = min(tasks, o.max_in_flight)
-        return min(tasks, o.max_inflight_bytes // (max(1, workers) * per_task * self.row_bytes))
+        fits = o.max_inflight_bytes // (max(1, workers) * per_task * self.row_bytes)
+        return min(tasks, o.max_in_flight or tasks, fits)

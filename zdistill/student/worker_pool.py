@@ -12,15 +12,14 @@ the epoch after a few tries with a :class:`~zdistill.errors.WorkerError` that qu
 what it printed.  Without that limit a broken environment would restart workers
 thousands of times a minute, until the student runs out of file descriptors.
 
-Each worker's stderr goes through a pipe that :class:`StderrRelay` copies to the
-student's stderr, keeping the last lines of each for such error messages.
+Each worker's stderr goes through a pipe that a thread of its own (:func:`_relay`) copies
+to the student's stderr, keeping its last lines for such error messages.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import selectors
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from zdistill.errors import WorkerError
 from zdistill.student.children import describe_exit
@@ -40,6 +40,7 @@ _BACKOFF_MAX = 5.0  # ...up to this
 _YOUNG = 30.0  # a worker that dies younger than this counts towards the back-off
 _TAIL_LINES = 20
 _STOP_WAIT = 3.0  # how long close() waits for workers to finish before SIGKILL
+_RELAY_WAIT = 1.0  # how long an exited worker's relay may take to copy what is left in its pipe
 
 
 @dataclass
@@ -49,8 +50,15 @@ class WorkerProc:
     teacher: str
     popen: subprocess.Popen
     identity: bytes  # its name on the dispatcher's socket (one per process, never reused)
+    relay: threading.Thread  # copies its stderr, filling tail
+    tail: deque[bytes]  # the last lines it wrote to stderr
     started_at: float = field(default_factory=time.monotonic)
     started: bool = False  # it said hello: a later exit is a crash, not a failed start
+
+    def printed(self) -> str:
+        """What it wrote last, once it exited (the relay reads to the end of the pipe first)."""
+        self.relay.join(_RELAY_WAIT)
+        return b"".join(self.tail).decode(errors="replace").strip()
 
 
 def import_path_env() -> dict[str, str]:
@@ -62,79 +70,18 @@ def import_path_env() -> dict[str, str]:
     return env
 
 
-class StderrRelay:
-    """Copies the workers' stderr to the student's, and keeps each one's last lines.
+def _relay(pipe: BinaryIO, tail: deque[bytes]) -> None:
+    """Copy a worker's stderr to the student's, line by line, until the worker exits.
 
-    A thread, because workers also log between epochs, when nothing else in the student
-    runs: a pipe nobody drains would block a worker at its next log line.  It writes
-    with :func:`os.write` to file descriptor 2, so it never holds a lock (``sys.stderr``'s)
+    A thread, so that a worker never blocks on a full pipe, between epochs too, and
+    :func:`os.write` to file descriptor 2, so that it never holds a lock (``sys.stderr``'s)
     that the producer, forked from the student, could inherit held.
     """
-
-    def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe()
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._new: deque[tuple[int, int]] = deque()  # (pid, fd) to watch, handed to the thread
-        self._tails: dict[int, deque[bytes]] = {}
-        self._partial: dict[int, bytes] = {}
-        self._closing = False
-        self._thread = threading.Thread(target=self._run, name="zdistill-worker-stderr", daemon=True)
-        self._thread.start()
-
-    def watch(self, pid: int, fd: int) -> None:
-        self._tails[pid] = deque(maxlen=_TAIL_LINES)
-        self._new.append((pid, fd))
-        os.write(self._wake_w, b"w")
-
-    def tail(self, pid: int) -> str:
-        """The last lines a worker wrote (including an unfinished one)."""
-        lines = [*self._tails.get(pid, ()), self._partial.get(pid, b"")]
-        return b"".join(lines).decode(errors="replace").strip()
-
-    def forget(self, pid: int) -> None:
-        self._tails.pop(pid, None)
-        self._partial.pop(pid, None)
-
-    def close(self) -> None:
-        self._closing = True
-        os.write(self._wake_w, b"x")
-        self._thread.join(2.0)
-
-    def _run(self) -> None:
-        while not self._closing:
-            for key, _ in self._selector.select():
-                if key.data is None:
-                    os.read(self._wake_r, 512)
-                    while self._new:
-                        pid, fd = self._new.popleft()
-                        os.set_blocking(fd, False)
-                        self._selector.register(fd, selectors.EVENT_READ, pid)
-                else:
-                    self._read(key.fd, key.data)
-        for key in list(self._selector.get_map().values()):
-            os.close(key.fd)
-        os.close(self._wake_w)
-        self._selector.close()
-
-    def _read(self, fd: int, pid: int) -> None:
-        try:
-            chunk = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        if not chunk:  # the worker exited
-            self._selector.unregister(fd)
-            os.close(fd)
-            chunk = b"\n" if self._partial.get(pid) else b""
-        data = self._partial.pop(pid, b"") + chunk
-        done, _, rest = data.rpartition(b"\n")
-        if rest:
-            self._partial[pid] = rest
-        if done:
-            lines = (done + b"\n").splitlines(keepends=True)
-            self._tails.setdefault(pid, deque(maxlen=_TAIL_LINES)).extend(lines)
+    with pipe:
+        for line in pipe:
+            tail.append(line)
             try:
-                os.write(2, b"".join(lines))
+                os.write(2, line)
             except OSError:
                 pass  # no stderr to copy to: the tail is still kept
 
@@ -155,7 +102,6 @@ class WorkerPool:
         self._deaths: dict[str, int] = {}  # per teacher: workers that died young in a row
         self._failed_starts: dict[str, int] = {}  # per teacher: workers that died before starting, in a row
         self._restart_at: dict[str, float] = {}  # per teacher whose worker died: when to start the next
-        self.relay = StderrRelay()
 
     def set_teachers(self, teachers: Iterable[str]) -> tuple[list[WorkerProc], list[WorkerProc]]:
         """Start a worker for each new teacher; retire the workers of teachers gone.
@@ -190,10 +136,11 @@ class WorkerPool:
         identity = b"w%d" % self.spawned
         popen = subprocess.Popen(self.command(teacher, identity), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  close_fds=True, env=import_path_env())
-        assert popen.stderr is not None
-        self.relay.watch(popen.pid, os.dup(popen.stderr.fileno()))
-        popen.stderr.close()
-        return WorkerProc(teacher, popen, identity)
+        tail: deque[bytes] = deque(maxlen=_TAIL_LINES)
+        relay = threading.Thread(target=_relay, args=(popen.stderr, tail), name=f"zdistill-stderr-{popen.pid}",
+                                 daemon=True)
+        relay.start()
+        return WorkerProc(teacher, popen, identity, relay, tail)
 
     def reap(self, now: float) -> tuple[list[WorkerProc], list[WorkerProc]]:
         """Forget exited workers and replace the current teachers' (after their back-off).
@@ -205,7 +152,6 @@ class WorkerPool:
         died = [p for p in self.retiring if p.popen.poll() is not None]
         for proc in died:
             self.retiring.remove(proc)
-            self.relay.forget(proc.popen.pid)
         started = []
         for teacher, proc in list(self.workers.items()):
             code = proc.popen.poll()
@@ -216,7 +162,6 @@ class WorkerPool:
                 self._restart_at[teacher] = now + self._died(proc, code, now)
             if now >= self._restart_at[teacher]:
                 del self._restart_at[teacher]
-                self.relay.forget(proc.popen.pid)
                 self.restarted += 1
                 self.workers[teacher] = self._spawn(teacher)
                 started.append(self.workers[teacher])
@@ -224,7 +169,7 @@ class WorkerPool:
 
     def _died(self, proc: WorkerProc, code: int, now: float) -> float:
         """Count a worker's death; the back-off before its replacement (or WorkerError)."""
-        teacher, tail = proc.teacher, self.relay.tail(proc.popen.pid)
+        teacher, tail = proc.teacher, proc.printed()
         how = describe_exit(code)
         if not proc.started:
             failed = self._failed_starts[teacher] = self._failed_starts.get(teacher, 0) + 1
@@ -256,6 +201,7 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.popen.kill()
                 proc.popen.wait()
+        for proc in everyone:
+            proc.relay.join(_RELAY_WAIT)
         self.workers.clear()
         self.retiring.clear()
-        self.relay.close()
