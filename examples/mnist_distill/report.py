@@ -17,6 +17,21 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
 
 
+def samples_per_s(hists: list[Any]) -> float:
+    """How fast the training loops of ``hists`` (:class:`models.History`) consumed samples, over all their runs."""
+    return sum(h.samples for h in hists) / max(sum(h.seconds for h in hists), 1e-9)
+
+
+def print_results(rows: list[tuple[str, int, str, list[Any], str, float]]) -> None:
+    """The demo's results table, one row a model: its name, parameter count, what it trained on,
+    the histories of its runs, its test accuracy (as printed) and its wall seconds."""
+    print(f"  {'model':<25}{'params':>8}  {'trained on':<13}{'runs':>4}{'epochs':>8}  {'test accuracy':<18}"
+          f"{'wall s':>7}{'samples/s':>11}")
+    for name, params, trained_on, hists, acc, secs in rows:
+        print(f"  {name:<25}{params:>8,}  {trained_on:<13}{len(hists):>4}{len(hists[0].epoch_test_acc):>8}  "
+              f"{acc:<18}{secs:>7.1f}{samples_per_s(hists):>11,.0f}")
+
+
 def noise_level(alone: list[float], distilled: list[float], n_test: int) -> float:
     """The smallest mean gain that counts: one test image, or twice the standard error of the difference."""
     var = 0.0

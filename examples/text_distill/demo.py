@@ -153,7 +153,7 @@ def run_demo(args: argparse.Namespace, children: mnist_demo.Children) -> int:
     print("\n[4/4] results")
     student_params = models.n_params(StudentBOW(ds.STUDENT_EMBEDDING))
     samples = sum(h.samples for h in distilled)
-    rate = samples / max(sum(h.seconds for h in distilled), 1e-9)
+    rate = report.samples_per_s(distilled)
     alone_accs, distilled_accs = [h.final_acc for h in alone], [h.final_acc for h in distilled]
     rows = [
         ("teacher (GRU)", models.n_params(teacher), f"{len(corpus.teacher_train)} own", [teacher_hist],
@@ -163,12 +163,7 @@ def run_demo(args: argparse.Namespace, children: mnist_demo.Children) -> int:
         ("student distilled (BOW)", student_params, f"all {n_train}", distilled, report.mean_std(distilled_accs),
          timings["distilled"]),
     ]
-    print(f"  {'model':<25}{'params':>8}  {'trained on':<13}{'runs':>4}{'epochs':>8}  {'test accuracy':<18}"
-          f"{'wall s':>7}{'samples/s':>11}")
-    for name, params, reviews, hists, acc, secs in rows:
-        speed = sum(h.samples for h in hists) / max(sum(h.seconds for h in hists), 1e-9)
-        print(f"  {name:<25}{params:>8,}  {reviews:<13}{len(hists):>4}{len(hists[0].epoch_test_acc):>8}  "
-              f"{acc:<18}{secs:>7.1f}{speed:>11,.0f}")
+    report.print_results(rows)
     for seed, a, d in zip(seeds, alone_accs, distilled_accs, strict=True):
         print(f"  seed {seed}: alone {a:.4f}, distilled {d:.4f} ({100 * (d - a):+.2f} points)")
     where = ("the saved teacher in this process" if args.in_process
