@@ -227,12 +227,7 @@ def test_busy_and_two_instances_answer_every_ragged_request_once(start_teacher) 
     flood.connect(proc.endpoint)
     calm = TeacherClient(proc.endpoint, timeout=TIMEOUT * 3)
     try:
-        sent = {}
-        for i in range(60):
-            lengths = np.random.default_rng(100 + i).integers(1, 40, 16).tolist()
-            feeds, ids, weight = sequences(100 + i, lengths)
-            wire.send(flood, {"kind": "predict", "id": i}, feeds)
-            sent[i] = (ids, weight)
+        sent = send_ragged(flood, 60, rows=16, first_seed=100)
         feeds, ids, weight = sequences(999, [30, 2, 17])
         assert_rows(calm.predict(feeds), ids, weight)  # not refused: the flooder's newest parts make room
         replies = raw_replies(flood, len(sent))
@@ -251,6 +246,19 @@ def test_busy_and_two_instances_answer_every_ragged_request_once(start_teacher) 
     finally:
         flood.close()
         calm.close()
+
+
+def send_ragged(sock: zmq.Socket, n: int, rows: int,
+                first_seed: int) -> dict[int, tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Send ``n`` predict requests of ``rows`` sequences, 1 to 39 tokens long, with ids 0 to n - 1 (request
+    ``i`` drawn from seed ``first_seed + i``); return the ids and weights each request's answer is made of."""
+    sent = {}
+    for i in range(n):
+        lengths = np.random.default_rng(first_seed + i).integers(1, 40, rows).tolist()
+        feeds, ids, weight = sequences(first_seed + i, lengths)
+        wire.send(sock, {"kind": "predict", "id": i}, feeds)
+        sent[i] = (ids, weight)
+    return sent
 
 
 def raw_replies(sock: zmq.Socket, want: int, quiet_s: float = 0.3) -> dict[object, list[wire.Message]]:
@@ -276,12 +284,7 @@ def test_sigterm_with_requests_cut_into_parts_answers_each_once_and_exits_0(star
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(proc.endpoint)
     try:
-        sent = {}
-        for i in range(12):
-            lengths = np.random.default_rng(200 + i).integers(1, 40, 8).tolist()
-            feeds, ids, weight = sequences(200 + i, lengths)
-            wire.send(sock, {"kind": "predict", "id": i}, feeds)
-            sent[i] = (ids, weight)
+        sent = send_ragged(sock, 12, rows=8, first_seed=200)
         assert sock.poll(int(TIMEOUT * 1000)), "no reply to the first requests"  # the model is at work
         proc.popen.send_signal(signal.SIGTERM)
         replies = raw_replies(sock, len(sent))
