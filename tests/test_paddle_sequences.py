@@ -11,19 +11,18 @@ In process (``PaddleModel.run``) and through a real ``zdistill-teacher`` a clien
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 from tests import procs
+from tests.test_paddle_teacher import load_module
 from zdistill.client import TeacherClient
 from zdistill.errors import ConfigError
 from zdistill.spec import Ragged, TensorSpec
@@ -167,15 +166,6 @@ class Exported:
 
     def path(self, name: str) -> str:
         return str(self.folder / name / "model")
-
-
-def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("seq_models", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["seq_models"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # run in a child with FLAGS_enable_pir_api=0, so jit.save writes the Paddle 2 protobuf program

@@ -70,10 +70,11 @@ tiny_mlp.export(layer, sys.argv[3])
 
 
 def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tiny_mlp", path)
+    """Import the model source written at ``path`` under its file's name, as the export child imports it."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["tiny_mlp"] = module
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
 
