@@ -21,6 +21,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from zdistill.client import Completion, TeacherClient
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHERS = Path(__file__).resolve().parent / "teachers.py"
@@ -129,6 +133,20 @@ def teacher_stats(endpoint: str, timeout: float = 5.0) -> dict:
         return client.stats()
     finally:
         client.close()
+
+
+def pipelined(client: TeacherClient, requests: list[dict[str, Any]], timeout: float) -> list[Completion]:
+    """Send every request at once; their completions, in the order sent (errors too: the caller judges them).
+
+    Fails if the teacher answers nothing for ``timeout`` s while some are still out.
+    """
+    ids = [client.submit("predict", feeds) for feeds in requests]
+    got: dict[int, Completion] = {}
+    while len(got) < len(ids):
+        done = client.collect(wait=timeout)
+        assert done, "the teacher stopped answering"
+        got.update({d.req_id: d for d in done})
+    return [got[req_id] for req_id in ids]
 
 
 def requests_served(teacher: Proc) -> int:
