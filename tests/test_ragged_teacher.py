@@ -9,7 +9,6 @@ so a padding token leaking into a row, or a row cut to another's length, fails.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,12 +19,12 @@ import zmq
 
 from tests import fuzzing, procs
 from tests.teachers import per_token_np
+from tests.test_teacher import served_here
 from tests.test_wire import MALFORMED_RAGGED
 from zdistill import wire
 from zdistill.client import TeacherClient
 from zdistill.errors import TeacherError, TeacherTimeout
 from zdistill.spec import Ragged, TensorSpec
-from zdistill.teacher.server import TeacherServer
 
 TIMEOUT = 10.0  # seconds; every blocking call in this file is bounded by it
 TOKENS = f"{procs.TEACHERS}:per_token"
@@ -332,12 +331,7 @@ class UncheckedTokensModel:
 
 
 def test_a_model_that_checks_no_lengths_still_gets_bad_output_never_a_wrong_row() -> None:
-    ctx = zmq.Context()
-    server = TeacherServer([UncheckedTokensModel()], "tcp://127.0.0.1:0", context=ctx)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    c = TeacherClient(server.endpoint, context=ctx, timeout=TIMEOUT, curve=None)
-    try:
+    with served_here(UncheckedTokensModel(), TIMEOUT) as (_, c):
         # rows of 3 and 2 tokens fall in two length buckets: two parts, each refused, one reply
         with pytest.raises(TeacherError, match=r"unchecked tokens: per-token output 'h' has shape \[1, 1\], "
                                                r"a length axis shorter than the batch's longest row \([23]\)") as info:
@@ -345,12 +339,6 @@ def test_a_model_that_checks_no_lengths_still_gets_bad_output_never_a_wrong_row(
         assert info.value.code == "bad_output"
         got = c.predict({"ids": Ragged.from_rows([np.array([5]), np.array([], np.int64)])})["h"]
         assert got.lengths.tolist() == [1, 0] and got.values.tolist() == [5.0]
-    finally:
-        c.close()
-        server.stop()
-        thread.join(TIMEOUT)
-        ctx.destroy(linger=0)
-    assert not thread.is_alive()
 
 
 def test_a_function_gets_lengths_only_when_it_has_a_lengths_parameter() -> None:
