@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -137,45 +135,15 @@ def student_main(endpoints: str, balancer: str | None, student_id: str, max_teac
     return 0
 
 
-class Students:
+class Students(procs.Workers):
     """The student processes, driven by lines on their stdin; stopped by PID on close."""
 
     def __init__(self, endpoints: list[str], weights: list[float], balancer: str | None = None) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.popens: list[subprocess.Popen] = []
         self.ids = [f"student-{i}" for i in range(len(weights))]
         dynamic = ["--balancer", balancer] if balancer else []
-        try:
-            for sid, weight in zip(self.ids, weights, strict=True):
-                self.popens.append(subprocess.Popen(
-                    [sys.executable, __file__, "--student", ",".join(endpoints), "--student-id", sid,
-                     "--weight", repr(weight),
-                     "--teachers", str(len(endpoints)), *dynamic],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
-                ))
-            assert all(line == "ready" for line in self._read_lines())
-        except BaseException:
-            self.close()
-            raise
-
-    def _read_lines(self) -> list[str]:
-        """One line from each student, waiting at most TIMEOUT in all."""
-        lines: dict[int, str] = {}
-        end = time.monotonic() + TIMEOUT
-        with selectors.DefaultSelector() as sel:
-            for i, p in enumerate(self.popens):
-                sel.register(p.stdout, selectors.EVENT_READ, i)
-            while len(lines) < len(self.popens):
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("a student did not answer in time")
-                for key, _ in sel.select(left):
-                    line = self.popens[key.data].stdout.readline()
-                    if not line:
-                        raise RuntimeError(f"student {self.popens[key.data].pid} exited")
-                    lines[key.data] = line.strip()
-                    sel.unregister(key.fileobj)
-        return [lines[i] for i in range(len(self.popens))]
+        super().__init__([[__file__, "--student", ",".join(endpoints), "--student-id", sid, "--weight", repr(weight),
+                           "--teachers", str(len(endpoints)), *dynamic]
+                          for sid, weight in zip(self.ids, weights, strict=True)], "student", TIMEOUT)
 
     def settled(self, addresses: list[str], max_teachers: int) -> dict[str, list[str]]:
         """Wait until the students' teachers are balanced and stay so (dynamic teachers only); return them.
@@ -187,10 +155,8 @@ class Students:
         last: dict[str, list[str]] | None = None
         end = time.monotonic() + TIMEOUT
         while time.monotonic() < end:
-            for p in self.popens:
-                p.stdin.write("teachers\n")
-                p.stdin.flush()
-            got = dict(zip(self.ids, (json.loads(line)["teachers"] for line in self._read_lines()), strict=True))
+            self.tell("teachers")
+            got = dict(zip(self.ids, (json.loads(line)["teachers"] for line in self.read_lines()), strict=True))
             if got == last and assign(addresses, maxima, got) == got:
                 return got
             last = got
@@ -198,24 +164,9 @@ class Students:
 
     def run(self, warmup: float, seconds: float, windows: list[int]) -> list[float]:
         """Every student streams at once, each with its window; their rows/s over the same measured window."""
-        for p, window in zip(self.popens, windows, strict=True):
-            p.stdin.write(f"run {warmup} {seconds} {window}\n")
-            p.stdin.flush()
-        for p in self.popens:  # everyone has its command: now start together
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        return [json.loads(line)["rows_per_s"] for line in self._read_lines()]
-
-    def close(self) -> None:
-        for p in self.popens:
-            if p.poll() is None:
-                try:
-                    p.stdin.write("quit\n")
-                    p.stdin.flush()
-                    p.wait(5)
-                except (OSError, subprocess.TimeoutExpired):
-                    p.kill()
-                    p.wait(5)
+        self.tell([f"run {warmup} {seconds} {window}" for window in windows])
+        self.tell("go")  # everyone has its command: now start together
+        return [json.loads(line)["rows_per_s"] for line in self.read_lines()]
 
 
 def summary(rates: list[float], weights: list[float], capacity: float) -> dict[str, Any]:

@@ -35,9 +35,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import selectors  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -192,62 +190,17 @@ def client_main(endpoint_arg: str) -> int:
     return 0
 
 
-class ClientProcs:
+class ClientProcs(procs.Workers):
     """The four client processes, driven by lines on their stdin; stopped by PID on close."""
 
     def __init__(self, endpoints: list[str], n: int) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.popens: list[subprocess.Popen] = []
-        try:
-            for _ in range(n):
-                self.popens.append(subprocess.Popen(
-                    [sys.executable, __file__, "--client", ",".join(endpoints)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
-                ))
-            assert all(line == "ready" for line in self._read_lines())
-        except BaseException:
-            self.close()
-            raise
-
-    def _read_lines(self) -> list[str]:
-        """One line from each client, waiting at most TIMEOUT in all."""
-        lines: dict[int, str] = {}
-        end = time.monotonic() + TIMEOUT
-        with selectors.DefaultSelector() as sel:
-            for i, p in enumerate(self.popens):
-                sel.register(p.stdout, selectors.EVENT_READ, i)
-            while len(lines) < len(self.popens):
-                left = end - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError("a benchmark client did not answer in time")
-                for key, _ in sel.select(left):
-                    line = self.popens[key.data].stdout.readline()
-                    if not line:
-                        raise RuntimeError(f"benchmark client {self.popens[key.data].pid} exited")
-                    lines[key.data] = line.strip()
-                    sel.unregister(key.fileobj)
-        return [lines[i] for i in range(len(self.popens))]
+        super().__init__([[__file__, "--client", ",".join(endpoints)]] * n, "benchmark client", TIMEOUT)
 
     def run(self, endpoint: str, seconds: float, window: int) -> float:
         """All clients hammer ``endpoint`` together; return their total rows/s."""
-        for p in self.popens:
-            p.stdin.write(f"run {endpoint} {seconds} {window}\n")
-            p.stdin.flush()
-        for p in self.popens:  # everyone has its command: now start together
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        return sum(json.loads(line)["rows_per_s"] for line in self._read_lines())
-
-    def close(self) -> None:
-        for p in self.popens:
-            if p.poll() is None:
-                try:
-                    p.stdin.write("quit\n")
-                    p.stdin.flush()
-                    p.wait(5)
-                except (OSError, subprocess.TimeoutExpired):
-                    p.kill()
-                    p.wait(5)
+        self.tell(f"run {endpoint} {seconds} {window}")
+        self.tell("go")  # everyone has its command: now start together
+        return sum(json.loads(line)["rows_per_s"] for line in self.read_lines())
 
 
 CONFIGS = {

@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -20,6 +21,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from zdistill.client import Completion, TeacherClient
 
 REPO = Path(__file__).resolve().parent.parent
 TEACHERS = Path(__file__).resolve().parent / "teachers.py"
@@ -130,6 +135,20 @@ def teacher_stats(endpoint: str, timeout: float = 5.0) -> dict:
         client.close()
 
 
+def pipelined(client: TeacherClient, requests: list[dict[str, Any]], timeout: float) -> list[Completion]:
+    """Send every request at once; their completions, in the order sent (errors too: the caller judges them).
+
+    Fails if the teacher answers nothing for ``timeout`` s while some are still out.
+    """
+    ids = [client.submit("predict", feeds) for feeds in requests]
+    got: dict[int, Completion] = {}
+    while len(got) < len(ids):
+        done = client.collect(wait=timeout)
+        assert done, "the teacher stopped answering"
+        got.update({d.req_id: d for d in done})
+    return [got[req_id] for req_id in ids]
+
+
 def requests_served(teacher: Proc) -> int:
     """How many requests a running teacher has answered."""
     return int(teacher_stats(teacher.endpoint)["requests"])
@@ -203,3 +222,69 @@ class Program:
         if self.popen.poll() is None:
             self.popen.kill()
             self.popen.wait(10)
+
+
+class Workers:
+    """Python processes driven together by lines on their stdin, each answering one line per command;
+    stopped by PID on close.
+
+    Benchmarks give every worker its command first and then a ``go`` line, so all are measured over the
+    same window; their answers are read together, and one that exits or stalls fails the read instead of
+    hanging it.  Each prints ``ready`` once it has set up.
+    """
+
+    def __init__(self, argvs: list[list[str]], what: str, timeout: float) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.what = what
+        self.timeout = timeout
+        self.popens: list[subprocess.Popen] = []
+        try:
+            for args in argvs:
+                self.popens.append(subprocess.Popen(
+                    [sys.executable, *args],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(REPO),
+                ))
+            started = self.read_lines()
+            if any(line != "ready" for line in started):
+                raise RuntimeError(f"a {what} did not start: {started}")
+        except BaseException:
+            self.close()
+            raise
+
+    def tell(self, lines: str | list[str]) -> None:
+        """Write a line to every worker: the same ``str`` to all, or a list of one line per worker."""
+        each = [lines] * len(self.popens) if isinstance(lines, str) else lines
+        for p, line in zip(self.popens, each, strict=True):
+            p.stdin.write(line + "\n")
+            p.stdin.flush()
+
+    def read_lines(self) -> list[str]:
+        """One line from each worker, in the workers' order, waiting at most ``timeout`` in all."""
+        lines: dict[int, str] = {}
+        end = time.monotonic() + self.timeout
+        with selectors.DefaultSelector() as sel:
+            for i, p in enumerate(self.popens):
+                sel.register(p.stdout, selectors.EVENT_READ, i)
+            while len(lines) < len(self.popens):
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"a {self.what} did not answer in {self.timeout} s")
+                for key, _ in sel.select(left):
+                    line = self.popens[key.data].stdout.readline()
+                    if not line:
+                        raise RuntimeError(f"{self.what} {self.popens[key.data].pid} exited")
+                    lines[key.data] = line.strip()
+                    sel.unregister(key.fileobj)
+        return [lines[i] for i in range(len(self.popens))]
+
+    def close(self) -> None:
+        """Ask each worker to quit; kill, by PID, one that does not within 5 s."""
+        for p in self.popens:
+            if p.poll() is None:
+                try:
+                    p.stdin.write("quit\n")
+                    p.stdin.flush()
+                    p.wait(5)
+                except (OSError, subprocess.TimeoutExpired):
+                    p.kill()
+                    p.wait(5)

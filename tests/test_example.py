@@ -117,17 +117,24 @@ def test_augment_makes_fresh_label_preserving_views():
     assert 0.3 < np.mean([np.array_equal(u, v) for u, v in zip(a, x, strict=True)]) < 0.7  # half are plain
 
 
+def epoch_of_seven(reader) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The samples of one epoch of ``reader``: 7 samples, each labeled with its row, 5 a batch, 30 an epoch.
+
+    Checks the epoch is made of fresh passes, so every sample comes as often as it can be.
+    """
+    batches = list(reader())
+    assert len(reader) == 6 and [len(b) for b in batches] == [5] * 6
+    labels = np.array([label[0] for batch in batches for _, label in batch])
+    assert sorted(np.bincount(labels)) == [4, 4, 4, 4, 4, 5, 5]
+    return [sample for batch in batches for sample in batch]
+
+
 def test_a_few_labeled_images_fill_an_epoch_of_all_images():
     data = example("data")
     x = np.arange(7 * 4, dtype=np.float32).reshape(7, 1, 2, 2)
     reader = data.SampleListReader(x, np.arange(7), batch_size=5, samples_per_epoch=30, seed=3)
-    batches = list(reader())
-    assert len(reader) == 6 and [len(b) for b in batches] == [5] * 6
-    labels = np.array([label[0] for batch in batches for _, label in batch])
-    assert sorted(np.bincount(labels)) == [4, 4, 4, 4, 4, 5, 5]  # fresh passes, every image as often as it can be
-    for batch in batches:
-        for img, label in batch:
-            np.testing.assert_array_equal(img, x[label[0]])  # images stay with their labels
+    for img, label in epoch_of_seven(reader):
+        np.testing.assert_array_equal(img, x[label[0]])  # images stay with their labels
     with pytest.raises(ValueError, match="at least one image"):
         data.SampleListReader(x[:0], np.arange(0), batch_size=5)
 

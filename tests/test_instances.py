@@ -25,15 +25,9 @@ def rows(seed: int, n: int) -> np.ndarray:
 
 def pipelined(client: TeacherClient, requests: list[dict[str, np.ndarray]]) -> list[Completion]:
     """Send every request at once; their completions, in the order sent."""
-    ids = [client.submit("predict", feeds) for feeds in requests]
-    got: dict[int, Completion] = {}
-    while len(got) < len(ids):
-        done = client.collect(wait=TIMEOUT)
-        assert done, "the teacher stopped answering"
-        got.update({d.req_id: d for d in done})
-    for req_id in ids:
-        assert got[req_id].error is None, got[req_id].error
-    return [got[req_id] for req_id in ids]
+    done = procs.pipelined(client, requests, TIMEOUT)
+    assert all(d.error is None for d in done), [d.error for d in done]
+    return done
 
 
 def test_answers_are_bit_for_bit_the_same_whatever_the_instances(start_teacher) -> None:

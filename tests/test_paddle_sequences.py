@@ -11,19 +11,18 @@ In process (``PaddleModel.run``) and through a real ``zdistill-teacher`` a clien
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
 from tests import procs
+from tests.test_paddle_teacher import load_module
 from zdistill.client import TeacherClient
 from zdistill.errors import ConfigError
 from zdistill.spec import Ragged, TensorSpec
@@ -167,15 +166,6 @@ class Exported:
 
     def path(self, name: str) -> str:
         return str(self.folder / name / "model")
-
-
-def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("seq_models", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["seq_models"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # run in a child with FLAGS_enable_pir_api=0, so jit.save writes the Paddle 2 protobuf program
@@ -362,15 +352,10 @@ def test_ragged_requests_get_each_row_answered_as_if_alone(exported, served) -> 
     sent = {seed: ragged_ids(list(np.random.default_rng(seed).integers(1, 12, size=5)), seed) for seed in range(8)}
     c = TeacherClient(served.endpoint, timeout=TIMEOUT)
     try:
-        ids = {c.submit("predict", {"ids": feeds}): feeds for feeds in sent.values()}
-        got: dict = {}
-        while len(got) < len(ids):
-            batch = c.collect(wait=TIMEOUT)
-            assert batch, "teacher stopped answering"
-            got.update({d.req_id: d for d in batch})
-        for req_id, feeds in ids.items():
-            assert got[req_id].error is None, got[req_id].error
-            mean, tokens = got[req_id].result["fetch_name_0"], got[req_id].result["fetch_name_1"]
+        requests = list(sent.values())
+        for feeds, done in zip(requests, procs.pipelined(c, [{"ids": f} for f in requests], TIMEOUT), strict=True):
+            assert done.error is None, done.error
+            mean, tokens = done.result["fetch_name_0"], done.result["fetch_name_1"]
             assert isinstance(tokens, Ragged) and np.array_equal(tokens.lengths, feeds.lengths)
             for i, (row, answer) in enumerate(zip(feeds.rows(), tokens.rows(), strict=True)):
                 np.testing.assert_allclose(mean[i], table[row].mean(axis=0), rtol=RTOL, atol=ATOL)

@@ -70,10 +70,11 @@ tiny_mlp.export(layer, sys.argv[3])
 
 
 def load_module(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tiny_mlp", path)
+    """Import the model source written at ``path`` under its file's name, as the export child imports it."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["tiny_mlp"] = module
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
 
@@ -149,15 +150,10 @@ def test_pipelined_requests_merge_and_still_match(exported, served) -> None:
     """Several requests in flight through the batcher each come back with their own rows."""
     c = TeacherClient(served.endpoint, timeout=TIMEOUT)
     try:
-        sent = {c.submit("predict", {"img": inputs(3, seed)}): inputs(3, seed) for seed in range(16)}
-        got: dict = {}
-        while len(got) < len(sent):
-            batch = c.collect(wait=TIMEOUT)
-            assert batch, "teacher stopped answering"
-            got.update({d.req_id: d for d in batch})
-        for req_id, x in sent.items():
-            assert got[req_id].error is None, got[req_id].error
-            np.testing.assert_allclose(got[req_id].result["fetch_name_0"], exported.predict(x), rtol=RTOL, atol=ATOL)
+        requests = [inputs(3, seed) for seed in range(16)]
+        for x, done in zip(requests, procs.pipelined(c, [{"img": x} for x in requests], TIMEOUT), strict=True):
+            assert done.error is None, done.error
+            np.testing.assert_allclose(done.result["fetch_name_0"], exported.predict(x), rtol=RTOL, atol=ATOL)
     finally:
         c.close()
 
@@ -173,14 +169,9 @@ def test_instances_answer_bit_for_bit_alike(exported, tmp_path_factory) -> None:
         c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
         try:
             assert c.meta()["instances"] == n
-            ids = [c.submit("predict", {"img": x}) for x in requests]
-            got: dict = {}
-            while len(got) < len(ids):
-                batch = c.collect(wait=TIMEOUT)
-                assert batch, "teacher stopped answering"
-                got.update({d.req_id: d for d in batch})
-            assert all(got[i].error is None for i in ids), [got[i].error for i in ids]
-            answers[n] = [got[i].result["fetch_name_0"] for i in ids]
+            done = procs.pipelined(c, [{"img": x} for x in requests], TIMEOUT)
+            assert all(d.error is None for d in done), [d.error for d in done]
+            answers[n] = [d.result["fetch_name_0"] for d in done]
         finally:
             c.close()
         stop_cleanly(proc)

@@ -9,7 +9,6 @@ so a padding token leaking into a row, or a row cut to another's length, fails.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,12 +19,12 @@ import zmq
 
 from tests import fuzzing, procs
 from tests.teachers import per_token_np
+from tests.test_teacher import served_here
 from tests.test_wire import MALFORMED_RAGGED
 from zdistill import wire
 from zdistill.client import TeacherClient
 from zdistill.errors import TeacherError, TeacherTimeout
 from zdistill.spec import Ragged, TensorSpec
-from zdistill.teacher.server import TeacherServer
 
 TIMEOUT = 10.0  # seconds; every blocking call in this file is bounded by it
 TOKENS = f"{procs.TEACHERS}:per_token"
@@ -227,12 +226,7 @@ def test_busy_and_two_instances_answer_every_ragged_request_once(start_teacher) 
     flood.connect(proc.endpoint)
     calm = TeacherClient(proc.endpoint, timeout=TIMEOUT * 3)
     try:
-        sent = {}
-        for i in range(60):
-            lengths = np.random.default_rng(100 + i).integers(1, 40, 16).tolist()
-            feeds, ids, weight = sequences(100 + i, lengths)
-            wire.send(flood, {"kind": "predict", "id": i}, feeds)
-            sent[i] = (ids, weight)
+        sent = send_ragged(flood, 60, rows=16, first_seed=100)
         feeds, ids, weight = sequences(999, [30, 2, 17])
         assert_rows(calm.predict(feeds), ids, weight)  # not refused: the flooder's newest parts make room
         replies = raw_replies(flood, len(sent))
@@ -251,6 +245,19 @@ def test_busy_and_two_instances_answer_every_ragged_request_once(start_teacher) 
     finally:
         flood.close()
         calm.close()
+
+
+def send_ragged(sock: zmq.Socket, n: int, rows: int,
+                first_seed: int) -> dict[int, tuple[list[np.ndarray], list[np.ndarray]]]:
+    """Send ``n`` predict requests of ``rows`` sequences, 1 to 39 tokens long, with ids 0 to n - 1 (request
+    ``i`` drawn from seed ``first_seed + i``); return the ids and weights each request's answer is made of."""
+    sent = {}
+    for i in range(n):
+        lengths = np.random.default_rng(first_seed + i).integers(1, 40, rows).tolist()
+        feeds, ids, weight = sequences(first_seed + i, lengths)
+        wire.send(sock, {"kind": "predict", "id": i}, feeds)
+        sent[i] = (ids, weight)
+    return sent
 
 
 def raw_replies(sock: zmq.Socket, want: int, quiet_s: float = 0.3) -> dict[object, list[wire.Message]]:
@@ -276,12 +283,7 @@ def test_sigterm_with_requests_cut_into_parts_answers_each_once_and_exits_0(star
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(proc.endpoint)
     try:
-        sent = {}
-        for i in range(12):
-            lengths = np.random.default_rng(200 + i).integers(1, 40, 8).tolist()
-            feeds, ids, weight = sequences(200 + i, lengths)
-            wire.send(sock, {"kind": "predict", "id": i}, feeds)
-            sent[i] = (ids, weight)
+        sent = send_ragged(sock, 12, rows=8, first_seed=200)
         assert sock.poll(int(TIMEOUT * 1000)), "no reply to the first requests"  # the model is at work
         proc.popen.send_signal(signal.SIGTERM)
         replies = raw_replies(sock, len(sent))
@@ -329,12 +331,7 @@ class UncheckedTokensModel:
 
 
 def test_a_model_that_checks_no_lengths_still_gets_bad_output_never_a_wrong_row() -> None:
-    ctx = zmq.Context()
-    server = TeacherServer([UncheckedTokensModel()], "tcp://127.0.0.1:0", context=ctx)
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    c = TeacherClient(server.endpoint, context=ctx, timeout=TIMEOUT, curve=None)
-    try:
+    with served_here(UncheckedTokensModel(), TIMEOUT) as (_, c):
         # rows of 3 and 2 tokens fall in two length buckets: two parts, each refused, one reply
         with pytest.raises(TeacherError, match=r"unchecked tokens: per-token output 'h' has shape \[1, 1\], "
                                                r"a length axis shorter than the batch's longest row \([23]\)") as info:
@@ -342,12 +339,6 @@ def test_a_model_that_checks_no_lengths_still_gets_bad_output_never_a_wrong_row(
         assert info.value.code == "bad_output"
         got = c.predict({"ids": Ragged.from_rows([np.array([5]), np.array([], np.int64)])})["h"]
         assert got.lengths.tolist() == [1, 0] and got.values.tolist() == [5.0]
-    finally:
-        c.close()
-        server.stop()
-        thread.join(TIMEOUT)
-        ctx.destroy(linger=0)
-    assert not thread.is_alive()
 
 
 def test_a_function_gets_lengths_only_when_it_has_a_lengths_parameter() -> None:

@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import msgpack
@@ -29,6 +30,7 @@ from zdistill import wire
 from zdistill.client import TeacherClient
 from zdistill.errors import TeacherError
 from zdistill.spec import TensorSpec
+from zdistill.teacher.model import Model
 from zdistill.teacher.server import TeacherServer
 
 TIMEOUT = 10.0  # seconds; every blocking call in this file is bounded by it
@@ -629,23 +631,31 @@ class BrokenDescriptionModel:
         return self
 
 
-def test_a_bug_while_handling_a_request_costs_that_request_only() -> None:
-    """The crash policy: an unforeseen exception becomes ``internal`` for its request; the teacher serves on."""
+@contextmanager
+def served_here(model: Model, timeout: float = TIMEOUT) -> Iterator[tuple[TeacherServer, TeacherClient]]:
+    """``model`` served by a TeacherServer in a thread of this process, and a client to it; on exit both
+    are closed and the serving thread must have ended within ``timeout``."""
     ctx = zmq.Context()
-    server = TeacherServer([BrokenDescriptionModel()], "tcp://127.0.0.1:0", context=ctx)
+    server = TeacherServer([model], "tcp://127.0.0.1:0", context=ctx)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
-    client = TeacherClient(server.endpoint, context=ctx, timeout=TIMEOUT, curve=None)
+    client = TeacherClient(server.endpoint, context=ctx, timeout=timeout, curve=None)
     try:
+        yield server, client
+    finally:
+        client.close()
+        server.stop()
+        thread.join(timeout)
+        ctx.destroy(linger=0)
+    assert not thread.is_alive()
+
+
+def test_a_bug_while_handling_a_request_costs_that_request_only() -> None:
+    """The crash policy: an unforeseen exception becomes ``internal`` for its request; the teacher serves on."""
+    with served_here(BrokenDescriptionModel()) as (server, client):
         with pytest.raises(TeacherError) as info:
             client.meta()
         assert info.value.code == "internal" and "RuntimeError" in str(info.value)
         out = client.predict({"x": np.ones((3, 2), np.float32)})
         np.testing.assert_array_equal(out["y"], np.full((3, 2), 2, np.float32))
         assert server.stats()["errors"] == {"internal": 1}
-    finally:
-        client.close()
-        server.stop()
-        thread.join(TIMEOUT)
-        ctx.destroy(linger=0)
-    assert not thread.is_alive()

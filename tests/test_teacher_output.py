@@ -34,14 +34,8 @@ def inputs(seed: int, n: int) -> np.ndarray:
 
 
 def pipelined(client: TeacherClient, requests: list[np.ndarray]) -> list[Completion]:
-    """Send every request at once; their completions, in the order sent."""
-    ids = [client.submit("predict", {"x": x}) for x in requests]
-    got: dict[int, Completion] = {}
-    while len(got) < len(ids):
-        done = client.collect(wait=TIMEOUT)
-        assert done, "the teacher stopped answering"
-        got.update({d.req_id: d for d in done})
-    return [got[req_id] for req_id in ids]
+    """Send every request (the input ``x``) at once; their completions, in the order sent."""
+    return procs.pipelined(client, [{"x": x} for x in requests], TIMEOUT)
 
 
 # -- the teacher owns what it sends --------------------------------------------------------------

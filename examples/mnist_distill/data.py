@@ -19,8 +19,9 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -247,32 +248,28 @@ class Augment:
 AUGMENT = Augment()  # what both students and the teacher train with
 
 
-class SampleListReader:
-    """An EDL-style sample-list reader: ``reader()`` yields lists of ``(img, label)`` samples.
+class EpochReader:
+    """What the examples' EDL-style sample-list readers share: ``reader()`` yields lists of samples.
 
     A class rather than a closure so it pickles: zdistill may run the reader in its own
-    process.  ``img`` is ``float32 (1, H, W)``, ``label`` is ``int64 (1,)`` as in Paddle's
-    MNIST examples (``UNLABELED`` where the student has no label).  Each call shuffles and
-    augments afresh; the epoch seed mixes ``epoch`` (set by the training loop) with a
-    per-object call count, so epochs differ whether the reader runs in this process, a fresh
-    child per epoch, or one long-lived child.
+    process.  Each call shuffles and augments afresh; the epoch seed mixes ``seed``,
+    ``epoch`` (set by the training loop) and a per-object call count, so epochs differ
+    whether the reader runs in this process, a fresh child per epoch, or one long-lived child.
 
-    ``samples_per_epoch`` (default: one pass) makes an epoch that many samples, going
-    through the images in fresh shuffled passes: a student with few labeled images then
-    takes as many steps per epoch as one that reads them all, so both get the same budget.
+    ``samples_per_epoch`` (default: one pass over the ``n`` samples) makes an epoch that
+    many samples, in fresh shuffled passes: a student with few labeled samples then takes as
+    many steps per epoch as one that reads them all, so both get the same budget.
+    Subclasses make a batch's samples in :meth:`batch`.
     """
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = True,
-                 augment: Augment | None = None, seed: int = 0, samples_per_epoch: int | None = None) -> None:
-        if len(y) == 0:
-            raise ValueError("a reader needs at least one image")
-        self.x = np.ascontiguousarray(x, dtype=np.float32)
-        self.y = np.asarray(y, dtype=np.int64)
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, augment: Callable[..., Any] | None = None,
+                 seed: int = 0, samples_per_epoch: int | None = None) -> None:
+        self.n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = augment
         self.seed = seed
-        self.samples_per_epoch = samples_per_epoch or len(self.y)
+        self.samples_per_epoch = samples_per_epoch or n
         self.epoch = 0
         self._calls = 0
 
@@ -283,14 +280,36 @@ class SampleListReader:
     def __call__(self) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
         self._calls += 1
         rng = np.random.default_rng([self.seed, self.epoch, self._calls])
-        passes = -(-self.samples_per_epoch // len(self.y))
-        order = np.concatenate([rng.permutation(len(self.y)) if self.shuffle else np.arange(len(self.y))
+        passes = -(-self.samples_per_epoch // self.n)
+        order = np.concatenate([rng.permutation(self.n) if self.shuffle else np.arange(self.n)
                                 for _ in range(passes)])[: self.samples_per_epoch]
         for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            imgs = self.augment(self.x[idx], rng) if self.augment else self.x[idx]
-            labels = self.y[idx]
-            yield [(imgs[i], labels[i : i + 1]) for i in range(len(idx))]
+            yield self.batch(order[start : start + self.batch_size], rng)
+
+    def batch(self, idx: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The samples at ``idx``, augmented with ``rng``."""
+        raise NotImplementedError
+
+
+class SampleListReader(EpochReader):
+    """An :class:`EpochReader` of ``(img, label)`` samples.
+
+    ``img`` is ``float32 (1, H, W)``, ``label`` is ``int64 (1,)`` as in Paddle's MNIST
+    examples (``UNLABELED`` where the student has no label).
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool = True,
+                 augment: Augment | None = None, seed: int = 0, samples_per_epoch: int | None = None) -> None:
+        if len(y) == 0:
+            raise ValueError("a reader needs at least one image")
+        self.x = np.ascontiguousarray(x, dtype=np.float32)
+        self.y = np.asarray(y, dtype=np.int64)
+        super().__init__(len(self.y), batch_size, shuffle, augment, seed, samples_per_epoch)
+
+    def batch(self, idx: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        imgs = self.augment(self.x[idx], rng) if self.augment else self.x[idx]
+        labels = self.y[idx]
+        return [(imgs[i], labels[i : i + 1]) for i in range(len(idx))]
 
 
 def global_batches(n: int, batch_size: int, world: int) -> list[slice]:

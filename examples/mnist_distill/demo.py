@@ -227,7 +227,7 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
     import distill_student as ds
     from data import AUGMENT, LABELED_FRACTION, load_data
     from models import accuracy, n_params
-    from report import mean_std, plot_curves, verdict, write_json
+    from report import mean_std, plot_curves, print_distilled_rate, print_results, students_results, verdict, write_json
     from train_teacher import TEACHER_EPOCHS, TEACHER_MEMBERS, TEACHER_OUTPUT, export_teacher, train_teachers
 
     from zdistill import DistillReader
@@ -291,8 +291,6 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
 
     print("\n[4/4] results")
     student_params = n_params(ds.StudentMLP(data.image_shape[1:], ds.STUDENT_HIDDEN))
-    samples = sum(h.samples for h in distilled)
-    rate = samples / max(sum(h.seconds for h in distilled), 1e-9)
     alone_accs, distilled_accs = [h.final_acc for h in alone], [h.final_acc for h in distilled]
     rows = [
         (f"teacher ({cnns})", n_params(teacher), f"{n_labeled} labeled",
@@ -301,14 +299,8 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
         ("student distilled (MLP)", student_params, f"all {n_train}", distilled, mean_std(distilled_accs),
          timings["distilled"]),
     ]
-    print(f"  {'model':<25}{'params':>8}  {'trained on':<13}{'runs':>4}{'epochs':>8}  {'test accuracy':<18}"
-          f"{'wall s':>7}{'samples/s':>11}")
-    for name, params, images, hists, acc, secs in rows:
-        speed = sum(h.samples for h in hists) / max(sum(h.seconds for h in hists), 1e-9)
-        print(f"  {name:<25}{params:>8,}  {images:<13}{len(hists):>4}{len(hists[0].epoch_test_acc):>8}  "
-              f"{acc:<18}{secs:>7.1f}{speed:>11,.0f}")
-    print(f"  distilled training: {samples:,} samples with teacher soft labels at {rate:,.0f} samples/s "
-          f"(training loop incl. the student's steps); DistillReader alone {np.mean(pipeline_rates):,.0f} samples/s")
+    print_results(rows)
+    print_distilled_rate(distilled, f"DistillReader alone {np.mean(pipeline_rates):,.0f} samples/s")
     note = verdict(alone_accs, distilled_accs, len(data.y_test))
     if args.tiny:
         note = f"A tiny smoke run (256 images, 1 epoch): these accuracies mean nothing. {note}"
@@ -328,15 +320,8 @@ def run_demo(args: argparse.Namespace, children: Children) -> int:
                     "address": address},
         "distillation": {"temperature": temperature, "hard_weight": hard_weight},
         "seeds": {"split": args.split_seed, "teacher": args.seed, "students": seeds},
-        "student_alone": {"model": f"MLP, {ds.STUDENT_HIDDEN} hidden units", "params": student_params,
-                          "epochs": student_epochs, "samples_per_seed": alone[0].samples,
-                          "accuracies": alone_accs, "mean": float(np.mean(alone_accs))},
-        "student_distilled": {"model": f"MLP, {ds.STUDENT_HIDDEN} hidden units", "params": student_params,
-                              "epochs": student_epochs, "samples_per_seed": distilled[0].samples,
-                              "accuracies": distilled_accs, "mean": float(np.mean(distilled_accs)),
-                              "samples_per_s": rate},
-        "gain_points": 100 * float(np.mean(distilled_accs) - np.mean(alone_accs)),
-        "every_distilled_seed_above_every_alone_seed": min(distilled_accs) > max(alone_accs),
+        **students_results(f"MLP, {ds.STUDENT_HIDDEN} hidden units", student_params, student_epochs, alone,
+                           distilled),
         "verdict": note,
         "tiny": args.tiny,
         "wall_seconds": wall,

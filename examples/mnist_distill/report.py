@@ -17,6 +17,41 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.4f}" + (f" ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else "")
 
 
+def samples_per_s(hists: list[Any]) -> float:
+    """How fast the training loops of ``hists`` (:class:`models.History`) consumed samples, over all their runs."""
+    return sum(h.samples for h in hists) / max(sum(h.seconds for h in hists), 1e-9)
+
+
+def print_results(rows: list[tuple[str, int, str, list[Any], str, float]]) -> None:
+    """The demo's results table, one row a model: its name, parameter count, what it trained on,
+    the histories of its runs, its test accuracy (as printed) and its wall seconds."""
+    print(f"  {'model':<25}{'params':>8}  {'trained on':<13}{'runs':>4}{'epochs':>8}  {'test accuracy':<18}"
+          f"{'wall s':>7}{'samples/s':>11}")
+    for name, params, trained_on, hists, acc, secs in rows:
+        print(f"  {name:<25}{params:>8,}  {trained_on:<13}{len(hists):>4}{len(hists[0].epoch_test_acc):>8}  "
+              f"{acc:<18}{secs:>7.1f}{samples_per_s(hists):>11,.0f}")
+
+
+def print_distilled_rate(distilled: list[Any], reader: str) -> None:
+    """How fast distilled training went, the student's steps included; ``reader`` says what fed it and how fast."""
+    print(f"  distilled training: {sum(h.samples for h in distilled):,} samples with teacher soft labels at "
+          f"{samples_per_s(distilled):,.0f} samples/s (training loop incl. the student's steps); {reader}")
+
+
+def students_results(model: str, params: int, epochs: int, alone: list[Any], distilled: list[Any]) -> dict[str, Any]:
+    """The two students' part of ``results.json``: each one's runs, and how the distilled one compares."""
+    alone_accs, distilled_accs = [h.final_acc for h in alone], [h.final_acc for h in distilled]
+    student = {"model": model, "params": params, "epochs": epochs}
+    return {
+        "student_alone": {**student, "samples_per_seed": alone[0].samples, "accuracies": alone_accs,
+                          "mean": float(np.mean(alone_accs))},
+        "student_distilled": {**student, "samples_per_seed": distilled[0].samples, "accuracies": distilled_accs,
+                              "mean": float(np.mean(distilled_accs)), "samples_per_s": samples_per_s(distilled)},
+        "gain_points": 100 * float(np.mean(distilled_accs) - np.mean(alone_accs)),
+        "every_distilled_seed_above_every_alone_seed": min(distilled_accs) > max(alone_accs),
+    }
+
+
 def noise_level(alone: list[float], distilled: list[float], n_test: int) -> float:
     """The smallest mean gain that counts: one test image, or twice the standard error of the difference."""
     var = 0.0

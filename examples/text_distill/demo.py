@@ -152,8 +152,6 @@ def run_demo(args: argparse.Namespace, children: mnist_demo.Children) -> int:
 
     print("\n[4/4] results")
     student_params = models.n_params(StudentBOW(ds.STUDENT_EMBEDDING))
-    samples = sum(h.samples for h in distilled)
-    rate = samples / max(sum(h.seconds for h in distilled), 1e-9)
     alone_accs, distilled_accs = [h.final_acc for h in alone], [h.final_acc for h in distilled]
     rows = [
         ("teacher (GRU)", models.n_params(teacher), f"{len(corpus.teacher_train)} own", [teacher_hist],
@@ -163,18 +161,12 @@ def run_demo(args: argparse.Namespace, children: mnist_demo.Children) -> int:
         ("student distilled (BOW)", student_params, f"all {n_train}", distilled, report.mean_std(distilled_accs),
          timings["distilled"]),
     ]
-    print(f"  {'model':<25}{'params':>8}  {'trained on':<13}{'runs':>4}{'epochs':>8}  {'test accuracy':<18}"
-          f"{'wall s':>7}{'samples/s':>11}")
-    for name, params, reviews, hists, acc, secs in rows:
-        speed = sum(h.samples for h in hists) / max(sum(h.seconds for h in hists), 1e-9)
-        print(f"  {name:<25}{params:>8,}  {reviews:<13}{len(hists):>4}{len(hists[0].epoch_test_acc):>8}  "
-              f"{acc:<18}{secs:>7.1f}{speed:>11,.0f}")
+    report.print_results(rows)
     for seed, a, d in zip(seeds, alone_accs, distilled_accs, strict=True):
         print(f"  seed {seed}: alone {a:.4f}, distilled {d:.4f} ({100 * (d - a):+.2f} points)")
     where = ("the saved teacher in this process" if args.in_process
              else f"DistillReader alone {np.mean(pipeline_rates):,.0f} samples/s")
-    print(f"  distilled training: {samples:,} samples with teacher soft labels at {rate:,.0f} samples/s "
-          f"(training loop incl. the student's steps); {where}")
+    report.print_distilled_rate(distilled, where)
     note = report.verdict(alone_accs, distilled_accs, n_test, unit="test reviews")
     if args.tiny:
         note = f"A tiny smoke run ({n_train} reviews, 1 epoch): these accuracies mean nothing. {note}"
@@ -197,14 +189,7 @@ def run_demo(args: argparse.Namespace, children: mnist_demo.Children) -> int:
                     "address": address, "served": not args.in_process},
         "distillation": {"temperature": temperature, "hard_weight": hard_weight},
         "seeds": {"split": args.data_seed, "teacher": args.seed, "students": seeds},
-        "student_alone": {"model": bow, "params": student_params, "epochs": student_epochs,
-                          "samples_per_seed": alone[0].samples, "accuracies": alone_accs,
-                          "mean": float(np.mean(alone_accs))},
-        "student_distilled": {"model": bow, "params": student_params, "epochs": student_epochs,
-                              "samples_per_seed": distilled[0].samples, "accuracies": distilled_accs,
-                              "mean": float(np.mean(distilled_accs)), "samples_per_s": rate},
-        "gain_points": 100 * float(np.mean(distilled_accs) - np.mean(alone_accs)),
-        "every_distilled_seed_above_every_alone_seed": min(distilled_accs) > max(alone_accs),
+        **report.students_results(bow, student_params, student_epochs, alone, distilled),
         "verdict": note,
         "tiny": args.tiny,
         "wall_seconds": wall,

@@ -25,10 +25,11 @@ Token id 0 is padding (:data:`PAD`); sentences are 1-D ``int64`` arrays of ids, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from mnist_parts import data as mnist_data
 
 PAD = 0
 POSITIVE = ("good great excellent superb lovely solid sturdy reliable perfect nice fantastic brilliant pleasant "
@@ -271,17 +272,11 @@ def make_corpus(n_teacher: int = 4000, n_train: int = 5000, n_labeled: int = 200
     return Corpus(teacher_train, train, test, labeled, f"generated reviews (seed {seed}, vocabulary {len(VOCAB)})")
 
 
-class ReviewReader:
-    """An EDL-style sample-list reader: ``reader()`` yields lists of ``(ids, label)`` samples.
+class ReviewReader(mnist_data.EpochReader):
+    """An :class:`EpochReader` (the MNIST example's) of ``(ids, label)`` samples.
 
     ``ids`` is a 1-D int64 array of the review's own length (the slot whose samples differ
-    in length), ``label`` int64 ``(1,)`` (``UNLABELED`` where the student has none).  A class
-    rather than a closure so it pickles: zdistill may run the reader in its own process.
-    Each call shuffles and augments afresh, seeded by ``seed``, ``epoch`` (set by the
-    training loop) and a per-object call count, so epochs differ wherever the reader runs.
-    ``samples_per_epoch`` (default: one pass) makes an epoch that many samples, in fresh
-    shuffled passes: a student with 200 labeled reviews then takes as many steps per epoch
-    as one that reads all of them.
+    in length), ``label`` int64 ``(1,)`` (``UNLABELED`` where the student has none).
     """
 
     def __init__(self, reviews: Reviews, batch_size: int, augment: Augment | None = None, seed: int = 0,
@@ -289,26 +284,11 @@ class ReviewReader:
         if len(reviews) == 0:
             raise ValueError("a reader needs at least one review")
         self.reviews = reviews
-        self.batch_size = batch_size
-        self.augment = augment
-        self.seed = seed
-        self.samples_per_epoch = samples_per_epoch or len(reviews)
-        self.epoch = 0
-        self._calls = 0
+        super().__init__(len(reviews), batch_size, augment=augment, seed=seed, samples_per_epoch=samples_per_epoch)
 
-    def __len__(self) -> int:
-        """Batches per epoch (for progress bars)."""
-        return -(-self.samples_per_epoch // self.batch_size)
-
-    def __call__(self) -> Iterator[list[tuple[np.ndarray, np.ndarray]]]:
-        self._calls += 1
-        rng = np.random.default_rng([self.seed, self.epoch, self._calls])
-        n = len(self.reviews)
-        order = np.concatenate([rng.permutation(n) for _ in range(-(-self.samples_per_epoch // n))])
+    def batch(self, idx: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        views = [self.reviews.sentences[i] for i in idx]
+        if self.augment is not None:
+            views = self.augment(views, rng)
         labels = self.reviews.labels
-        for start in range(0, self.samples_per_epoch, self.batch_size):
-            idx = order[start : min(start + self.batch_size, self.samples_per_epoch)]
-            views = [self.reviews.sentences[i] for i in idx]
-            if self.augment is not None:
-                views = self.augment(views, rng)
-            yield [(views[k], labels[i : i + 1]) for k, i in enumerate(idx)]
+        return [(views[k], labels[i : i + 1]) for k, i in enumerate(idx)]

@@ -1,12 +1,14 @@
 """The MNIST example's parts this example reuses, imported rather than copied.
 
-``models``: the training loop with its progress bar (``train_epochs``), the distillation
-loss and the tempered soft labels, ``History``; ``report``: the verdict sentence,
-``results.json`` and the curves; ``mnist_demo`` (its ``demo.py``): the child processes
-stopped by PID, and starting ``zdistill-teacher``.  The MNIST folder goes on ``sys.path``
-right after this one, so this folder's modules win and no installed package of the same
-name hides the MNIST ones; its ``demo.py`` is loaded under another name because this
-folder has a ``demo.py`` too.
+``data``: :class:`~data.EpochReader`, the sample-list readers' base; ``models``: the
+training loop with its progress bar (``train_epochs``), the distillation loss and the
+tempered soft labels, ``History``; ``report``: the verdict sentence, ``results.json`` and
+the curves; ``mnist_demo`` (its ``demo.py``): the child processes stopped by PID, and
+starting ``zdistill-teacher``. The MNIST folder goes on ``sys.path`` right after this one,
+so this folder's modules win and no installed package of the same name hides the MNIST ones;
+its ``demo.py`` is loaded under another name because this folder has a ``demo.py`` too.
+``data`` is numpy only and imported at once; the rest imports Paddle, so it is loaded when
+first asked for and the language needs no Paddle.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ MNIST_DIR = os.path.join(os.path.dirname(HERE), "mnist_distill")
 if MNIST_DIR not in sys.path:
     sys.path.insert(sys.path.index(HERE) + 1 if HERE in sys.path else 0, MNIST_DIR)
 
-import models  # noqa: E402  (the MNIST example's, found through the path set above)
-import report  # noqa: E402
+import data  # noqa: E402,F401  (the MNIST example's, found through the path set above; re-exported)
 
 
 def _load(name: str, filename: str) -> ModuleType:
@@ -34,6 +35,11 @@ def _load(name: str, filename: str) -> ModuleType:
     return sys.modules[name]
 
 
-mnist_demo = _load("mnist_demo", "demo.py")
+def __getattr__(name: str) -> ModuleType:
+    """``models``, ``report`` and ``mnist_demo``, imported on first use."""
+    if name == "mnist_demo":
+        return _load("mnist_demo", "demo.py")
+    if name in ("models", "report"):
+        return importlib.import_module(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["MNIST_DIR", "mnist_demo", "models", "report"]
