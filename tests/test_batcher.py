@@ -180,7 +180,9 @@ class Reference:
     """The fair batching rule the obvious way: one list, scanned whole at every step.
 
     A request's start tag is the larger of the virtual time (the largest tag taken so
-    far) and the finish (start + cost / weight) of its peer's newest queued request; a batch takes
+    far) and the finish (start + cost / weight) of its peer's previous request, taken or
+    not, while the peer has any request queued (an evicted request gives its start
+    back); a batch takes
     the requests of the key of the smallest tag, in tag order (ties in arrival order).
     Among peers holding the same bytes, the victim of an eviction is the one that has
     held requests the longest without a break (``order``).
@@ -191,14 +193,15 @@ class Reference:
         self.queue: list[Request] = []
         self.order: list[bytes] = []
         self.tags: dict[int, float] = {}  # by id() of a queued request
+        self.finish: dict[bytes, float] = {}  # by peer: its previous request's finish tag
         self.virtual = 0.0
 
     def add(self, r: Request) -> None:
-        mine = [q for q in self.queue if q.peer == r.peer]
-        if not mine:
+        if not any(q.peer == r.peer for q in self.queue):
             self.order.append(r.peer)
-        last = mine[-1] if mine else None
-        self.tags[id(r)] = max(self.virtual, self.tags[id(last)] + last.cost / last.weight) if last else self.virtual
+            self.finish[r.peer] = self.virtual
+        self.tags[id(r)] = max(self.virtual, self.finish[r.peer])
+        self.finish[r.peer] = self.tags[id(r)] + r.cost / r.weight
         self.queue.append(r)
 
     def remove(self, gone: list[Request]) -> None:
@@ -234,6 +237,7 @@ class Reference:
             if victim == peer or held[victim] <= held.get(peer, 0) + nbytes:
                 break
             newest = [r for r in self.queue if r.peer == victim][-1]
+            self.finish[victim] = self.tags[id(newest)]
             self.remove([newest])
             evicted.append(newest.req_id)
             need -= newest.nbytes
