@@ -150,28 +150,32 @@ def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, ori
         raise ModelOutputError(f"{origin} returned {type(outputs).__name__}, not a dict of arrays")
     checked = {}
     for spec in fetches:
-        declared = [rows, *spec.shape]
-        declared_text = f"declared {spec.dtype} {declared}" + (" (-1: any size)" if -1 in spec.shape else "")
         if spec.name not in outputs:
             names = sorted(str(name) for name in outputs)
-            raise ModelOutputError(f"{origin} returned no output {spec.name!r} (only {names}), {declared_text}")
+            raise ModelOutputError(f"{origin} returned no output {spec.name!r} (only {names}), {_declared(spec, rows)}")
         try:
             arr = np.asarray(outputs[spec.name])
         except (TypeError, ValueError) as exc:  # ragged lists, tensors numpy cannot read
             raise ModelOutputError(f"{origin}: output {spec.name!r} is not an array ({type(exc).__name__}: {exc}), "
-                                   f"{declared_text}") from None
+                                   f"{_declared(spec, rows)}") from None
         if arr.ndim == 0 or arr.shape[0] != rows or not spec.matches(arr.shape[1:]):
             raise ModelOutputError(f"{origin}: output {spec.name!r} has shape {list(arr.shape)} for a batch of "
-                                   f"{rows} rows, {declared_text}")
+                                   f"{rows} rows, {_declared(spec, rows)}")
         if lengths is not None and spec.variable and arr.shape[1] < longest:
             raise ModelOutputError(f"{origin}: per-token output {spec.name!r} has shape {list(arr.shape)}, a length "
                                    f"axis shorter than the batch's longest row ({longest}): it must hold "
-                                   f"[rows, >= longest row, ...], {declared_text}")
+                                   f"[rows, >= longest row, ...], {_declared(spec, rows)}")
         if not np.can_cast(arr.dtype, spec.dtype, casting="same_kind"):
-            raise ModelOutputError(f"{origin}: output {spec.name!r} has dtype {arr.dtype}, which does not cast to the "
-                                   f"declared {spec.dtype} within its kind (numpy 'same_kind'), {declared_text}")
+            raise ModelOutputError(f"{origin}: output {spec.name!r} has dtype {arr.dtype}, which does not cast to "
+                                   f"the declared {spec.dtype} within its kind (numpy 'same_kind'), "
+                                   f"{_declared(spec, rows)}")
         checked[spec.name] = arr.astype(spec.dtype, copy=copy)
     return checked
+
+
+def _declared(spec: TensorSpec, rows: int) -> str:
+    """What ``spec`` declares for a batch of ``rows`` rows, for :func:`check_outputs`' errors."""
+    return f"declared {spec.dtype} {[rows, *spec.shape]}" + (" (-1: any size)" if -1 in spec.shape else "")
 
 
 def _specs(declared: Mapping[str, tuple[str, Sequence[int]]], what: str) -> list[TensorSpec]:
