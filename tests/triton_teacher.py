@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--delay-ms", type=float, default=0.0, help="a fixed service time per batch")
     p.add_argument("--queue-delay-us", type=int, default=500, help="the dynamic batcher's max_queue_delay")
-    p.add_argument("--workspace", default=None, help="PyTriton's model store and server files (default: a temporary one)")
+    p.add_argument("--workspace", default=None, help="PyTriton's model store and server files (default: temporary)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     scale = np.float32(args.version)
@@ -53,7 +53,8 @@ def main() -> None:
     config = TritonConfig(grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
                           grpc_address="127.0.0.1", http_address="127.0.0.1")
     # No token on the model-control endpoints: the tests unload the model through Triton's own API.
-    with Triton(config=config, workspace=args.workspace, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
+    security = TritonSecurityConfig(restricted_endpoints=[])
+    with Triton(config=config, workspace=args.workspace, security_config=security) as triton:
         triton.bind(
             model_name=args.model, model_version=args.version, infer_func=infer,
             inputs=[Tensor(name="img", dtype=np.float32, shape=(784,))],

@@ -13,6 +13,7 @@ answering 200, and :meth:`TritonTeacher.stop` kills the whole process group by i
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -48,6 +49,7 @@ class TritonTeacher:
     model: str
     version: int
     log_path: str
+    folder: str  # PyTriton's workspace is in it
 
     @property
     def address(self) -> str:
@@ -93,6 +95,7 @@ class TritonTeacher:
         except ProcessLookupError:
             pass
         self.popen.wait(10)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def start_triton(tmp_path: Path, *, grpc_port: int | None = None, http_port: int | None = None,
@@ -101,15 +104,18 @@ def start_triton(tmp_path: Path, *, grpc_port: int | None = None, http_port: int
     """A PyTriton server serving ``model`` on free loopback ports, once the model is ready."""
     require_triton()
     grpc_port, http_port = grpc_port or procs.free_port(), http_port or procs.free_port()
-    workspace = tmp_path / f"pytriton-{grpc_port}-{os.urandom(4).hex()}"  # PyTriton makes it; a restart, another
+    # PyTriton makes the workspace itself, and binds ipc:// sockets in it: a short path, as a socket's is at
+    # most 107 bytes (a test's tmp_path is longer)
+    folder = tempfile.mkdtemp(prefix="zpt-")
     with tempfile.NamedTemporaryFile(prefix="triton-", suffix=".log", dir=tmp_path, delete=False) as log:
         popen = subprocess.Popen(
             [PYTHON, str(SCRIPT), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
              "--metrics-port", str(procs.free_port()), "--model", model, "--version", str(version),
-             "--max-batch-size", str(max_batch_size), "--delay-ms", str(delay_ms), "--workspace", str(workspace)],
+             "--max-batch-size", str(max_batch_size), "--delay-ms", str(delay_ms),
+             "--workspace", os.path.join(folder, "w")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(procs.REPO),
         )
-    teacher = TritonTeacher(popen, grpc_port, http_port, model, version, log.name)
+    teacher = TritonTeacher(popen, grpc_port, http_port, model, version, log.name, folder)
     try:
         procs.wait_for(teacher.ready, timeout, "Triton model", popen)
     except BaseException as exc:

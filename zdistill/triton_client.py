@@ -61,6 +61,11 @@ TRITON_TYPES = {np.dtype(v): k for k, v in DTYPES.items()}
 _DOWN = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED", "StatusCode.NOT_FOUND"}
 _NO_BATCH_LIMIT = 2**31 - 1
 _META_WORKERS = 1  # meta and ping calls block: one thread runs them, in order
+# gRPC's channel options: tritonclient's message limits, and reconnects as a TeacherClient's (ZeroMQ's
+# 100 ms to 1 s), not gRPC's default back-off of up to two minutes, so a restarted server is seen soon
+_CHANNEL = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 def connect_teacher(
@@ -117,7 +122,7 @@ class TritonClient:
         os.set_blocking(self._write_fd, False)
         self.socket = self._read_fd  # readable when something finished
         self._pool = ThreadPoolExecutor(_META_WORKERS, thread_name_prefix="triton-meta")
-        self._server = self._grpc.InferenceServerClient(self.target.url)
+        self._server = self._connect()
         self._closed = False
 
     # -- the caller's side ---------------------------------------------------
@@ -203,7 +208,7 @@ class TritonClient:
             self._deadlines.clear()
             self._ready.clear()
         self._kept.clear()
-        old, self._server = self._server, self._grpc.InferenceServerClient(self.target.url)
+        old, self._server = self._server, self._connect()
         self._pool.submit(old.close)  # closing cancels its calls: their callbacks must not run under our lock
 
     def close(self) -> None:
@@ -218,6 +223,9 @@ class TritonClient:
         self._server.close()
         os.close(self._read_fd)
         os.close(self._write_fd)
+
+    def _connect(self) -> Any:
+        return self._grpc.InferenceServerClient(self.target.url, channel_args=_CHANNEL)
 
     # -- answers, from other threads -------------------------------------------
 
