@@ -18,7 +18,7 @@ import pytest
 
 from tests import daemons, procs
 from tests.teachers import W, softmax_np
-from tests.tritons import require_triton, start_triton
+from tests.tritons import start_triton
 from zdistill import ConfigError, DistillReader, TeacherError
 from zdistill.client import teacher_endpoint
 from zdistill.errors import ErrorCode, TeacherTimeout
@@ -28,11 +28,6 @@ N, B = 2000, 50
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(autouse=True)
-def _needs_triton():
-    require_triton()
-
-
 @pytest.fixture
 def data() -> np.ndarray:
     return np.random.default_rng(23).random((N, 784), dtype=np.float32)
@@ -40,7 +35,8 @@ def data() -> np.ndarray:
 
 @pytest.fixture
 def tritons(tmp_path):
-    """Factory of Triton servers, every one stopped (its whole process group) at the end."""
+    """Factory of Triton servers (the test is skipped, saying why, where none can run), every one
+    stopped (its whole process group) at the end."""
     started = []
 
     def _start(**kw):
@@ -227,3 +223,45 @@ def test_the_cache_keys_a_triton_model_by_name_version_and_fingerprint(tritons, 
     z = data @ W * 2
     e = np.exp(z - z.max(axis=1, keepdims=True))
     np.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+ADDRESS = "triton://127.0.0.1:8001/m"
+
+
+def _described(inputs: list, outputs: list | None = None, max_batch_size: int = 8, **config):
+    from zdistill.triton_client import TritonModel
+
+    outputs = outputs if outputs is not None else [{"name": "y", "datatype": "FP32", "shape": ["-1", "3"]}]
+    metadata = {"name": "m", "versions": ["1", "3"], "platform": "onnxruntime_onnx", "inputs": inputs,
+                "outputs": outputs}
+    return TritonModel.describe(ADDRESS, metadata, {"max_batch_size": max_batch_size, **config})
+
+
+@pytest.mark.parametrize(("inputs", "max_batch_size", "says"), [
+    ([{"name": "ids", "datatype": "INT64", "shape": ["-1", "-1"]}], 8, "input 'ids' has a variable first dimension"),
+    ([{"name": "text", "datatype": "BYTES", "shape": ["-1", "1"]}], 8, "input 'text' is BYTES"),
+    ([{"name": "x", "datatype": "FP32", "shape": ["4", "3"]}], 0, "does not batch"),
+], ids=["ragged", "bytes", "no-batch"])
+def test_a_model_zdistill_cannot_feed_is_a_config_error_naming_the_tensor(inputs, max_batch_size, says):
+    with pytest.raises(ConfigError, match=says) as info:
+        _described(inputs, max_batch_size=max_batch_size)
+    assert "model 'm' of teacher triton://127.0.0.1:8001/m" in str(info.value)
+
+
+def test_a_model_described_as_a_teacher_meta():
+    from zdistill.spec import TeacherMeta, TensorSpec
+
+    model = _described([{"name": "x", "datatype": "FP16", "shape": ["-1", "4", "-1"]}],
+                       instance_group=[{"kind": "KIND_GPU", "count": 2}, {"kind": "KIND_GPU", "count": 1}])
+    meta = TeacherMeta.parse(model.meta())
+    assert meta.feeds == [TensorSpec("x", "float16", (4, -1))] and meta.fetches == [TensorSpec("y", "float32", (3,))]
+    assert (meta.max_batch_size, meta.instances, meta.device, meta.model_id) == (8, 3, "gpu", "triton:m:3")
+    unbatched = _described([{"name": "x", "datatype": "INT32", "shape": ["-1", "2"]}], max_batch_size=0)
+    assert unbatched.max_batch_size == 2**31 - 1 and unbatched.feeds == [TensorSpec("x", "int32", (2,))]
+
+
+def test_the_store_takes_triton_addresses_in_their_normal_form():
+    from zdistill.discovery.store import is_address
+
+    assert is_address("triton://127.0.0.1:8001/m") and is_address("triton://10.0.0.7:8001/resnet50/3")
+    assert not is_address("TRITON://127.0.0.1:8001/m") and not is_address("triton://127.0.0.1:8001")

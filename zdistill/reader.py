@@ -41,6 +41,7 @@ from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student.batches import ReaderType
 from zdistill.student.options import PipelineOptions
 from zdistill.student.pipeline import Pipeline
+from zdistill.triton_address import is_triton
 from zdistill.triton_client import connect_teacher
 
 log = logging.getLogger("zdistill.reader")
@@ -360,8 +361,8 @@ class DistillReader:
                         continue
                     if isinstance(done.error, TeacherError):
                         raise ConfigError(f"teacher {address} refused meta: {done.error}")
-                    if done.error is not None:
-                        return None, silent
+                    if done.error is not None:  # a Triton teacher's says why (no such model, say)
+                        return None, str(done.error) if is_triton(address) else silent
                     try:
                         return TeacherMeta.parse(done.header or {}), ""
                     except WireError as exc:

@@ -398,6 +398,9 @@ class Worker:
     def _on_probe(self, done: Completion) -> None:
         self.probe = None
         self.next_probe = time.monotonic() + _PROBE_EVERY
+        if isinstance(done.error, TeacherError) and done.error.code == ErrorCode.BAD_REQUEST:
+            self._unusable(str(done.error))  # it answers, with a model zdistill cannot feed (a Triton teacher's)
+            return
         if done.error is not None or done.header is None:
             return
         try:
