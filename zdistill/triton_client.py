@@ -219,7 +219,7 @@ class TritonClient:
             self._generation += 1
             self._deadlines.clear()
             self._ready.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)  # a meta call in progress ends on its own timeout
         self._server.close()
         os.close(self._read_fd)
         os.close(self._write_fd)
