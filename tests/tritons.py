@@ -12,6 +12,8 @@ answering 200, and :meth:`TritonTeacher.stop` kills the whole process group by i
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -88,14 +90,24 @@ class TritonTeacher:
     def log(self) -> str:
         return Path(self.log_path).read_text(errors="replace")[-4000:]
 
-    def stop(self) -> None:
-        """Kill the process group (PyTriton, tritonserver, backend stubs) and reap PyTriton."""
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM to PyTriton, which stops its tritonserver and frees its shared memory; after ``timeout``,
+        SIGKILL to the whole process group (tritonserver, backend stubs).  PyTriton reaped, its files gone."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
         try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
+            os.killpg(self.popen.pid, signal.SIGKILL)  # whatever is left of the group
         except ProcessLookupError:
             pass
         self.popen.wait(10)
         shutil.rmtree(self.folder, ignore_errors=True)
+        for path in glob.glob(f"/dev/shm/pytrtion{self.popen.pid}-*"):  # its backend's regions, after a SIGKILL
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def start_triton(tmp_path: Path, *, grpc_port: int | None = None, http_port: int | None = None,
