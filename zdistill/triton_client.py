@@ -127,10 +127,6 @@ class TritonClient:
 
     # -- the caller's side ---------------------------------------------------
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._deadlines)
-
     def submit(self, kind: str = "predict", arrays: Tensors | None = None, timeout: float | None = None) -> int:
         """Start a request now and return its id; the answer comes from :meth:`collect`."""
         req_id = next(self._ids)
@@ -140,8 +136,8 @@ class TritonClient:
             generation = self._generation
         if kind == "predict":
             self._infer(req_id, generation, arrays or {}, wait)
-        elif kind in ("meta", "ping", "stats"):
-            job: Callable[[float], Completion] = {"meta": self._meta, "ping": self._ping, "stats": self._stats}[kind]
+        elif kind in ("meta", "ping"):
+            job: Callable[[float], Completion] = self._meta if kind == "meta" else self._ping
             self._pool.submit(self._run_job, req_id, generation, job, wait)
         else:
             self._finish(generation, Completion(req_id, error=TeacherError(
@@ -190,9 +186,6 @@ class TritonClient:
 
     def predict(self, feeds: Tensors, timeout: float | None = None) -> Tensors:
         return self.call("predict", feeds, timeout).result or {}
-
-    def meta(self, timeout: float | None = None) -> dict[str, Any]:
-        return dict(self.call("meta", timeout=timeout).header or {})
 
     def ping(self, timeout: float | None = None) -> None:
         """Return while the server is live and the model ready; raise TeacherTimeout or TeacherError otherwise."""
@@ -308,11 +301,6 @@ class TritonClient:
                 f"teacher {self.address}: model {model.model!r} is not ready on the Triton server (unloaded, or "
                 "still loading)", ErrorCode.SHUTTING_DOWN))
         return Completion(0, header={"kind": "pong"})
-
-    def _stats(self, wait: float) -> Completion:
-        got = self._server.get_inference_statistics(self.target.model, self.target.version, as_json=True,
-                                                    client_timeout=wait)
-        return Completion(0, header={"kind": "stats", "stats": got})
 
     def _meta(self, wait: float) -> Completion:
         """The model's description as a zdistill-teacher's ``meta`` header, with its fingerprint."""
