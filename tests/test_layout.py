@@ -23,6 +23,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "zdistill"
 PARTS = ("student", "teacher", "discovery")
 GROUND = ("spec", "wire", "teacher_messages", "errors", "security", "flags", "metrics", "client", "topk",
+          "triton_address", "triton_client",
           "fingerprint")
 FORBIDDEN = {
     "student": ("teacher",),

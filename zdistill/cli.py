@@ -20,11 +20,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from zdistill.client import TeacherClient, teacher_endpoint
+from zdistill.client import teacher_endpoint
 from zdistill.discovery.client import ask_balancer
 from zdistill.discovery.messages import StatusReply, StatusRequest
 from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout
 from zdistill.flags import add_db_flags, password_from_args
+from zdistill.triton_client import connect_teacher
 from zdistill.wire import ErrorReply
 
 
@@ -34,7 +35,7 @@ def ping(kind: str, address: str, timeout: float) -> int:
     An address that is none of :data:`~zdistill.client.ADDRESS_FORMS` raises :class:`ConfigError` (exit 2).
     """
     if kind == "teacher":
-        client = TeacherClient(address, timeout=timeout)
+        client = connect_teacher(address, timeout=timeout)
         try:
             client.ping()
         except TeacherError as exc:

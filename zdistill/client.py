@@ -28,6 +28,8 @@ from zdistill.errors import ConfigError, RequestError, TeacherError, TeacherTime
 from zdistill.security import ClientKeys, client_keys_from_env, secure_client
 from zdistill.spec import Tensors
 from zdistill.teacher_messages import MAX_WEIGHT, MIN_WEIGHT, read_reply
+from zdistill.triton_address import FORM as TRITON_FORM
+from zdistill.triton_address import TritonAddress
 from zdistill.wire import ErrorReply
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ ADDRESS_FORMS = "HOST:PORT, tcp://HOST:PORT or ipc://PATH"
 _HOST_PORT_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]:]{1,255}:([0-9]{1,5})$")  # a name, IPv4 or [IPv6], and a port
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.DOTALL)
 _NOT_SPOKEN = {  # schemes a user may try, and why zdistill cannot use them
-    "triton": "Triton Inference Server is not supported (serve the model with zdistill-teacher)",
+    "triton": "a Triton Inference Server is a teacher (triton://HOST:PORT/MODEL), not a zdistill-balancer",
     "grpc": "zdistill speaks ZeroMQ, not gRPC, to a zdistill-teacher or zdistill-balancer",
     "http": "zdistill speaks ZeroMQ, not HTTP, to a zdistill-teacher or zdistill-balancer",
     "https": "zdistill speaks ZeroMQ (encrypted with CURVE), not HTTPS, to a zdistill-teacher or zdistill-balancer",
@@ -48,10 +50,13 @@ def teacher_endpoint(address: str, what: str = "teacher") -> str:
 
     An address of a teacher or a balancer (``what`` says which, for the message) is
     ``HOST:PORT`` (a host name, an IPv4 or an ``[IPv6]`` address, a port of 1..65535),
-    ``tcp://HOST:PORT`` or ``ipc://PATH``.  Anything else raises :class:`ConfigError`
-    naming the address, why, and what is accepted: a typo or another server's URL
-    (``http://``, ``triton://``) is reported where the address is given, not as a
-    ``ZMQError`` from deep inside a worker, nor as a connection retried until
+    ``tcp://HOST:PORT`` or ``ipc://PATH``; a teacher's may also be a model on a Triton
+    Inference Server, ``triton://HOST:PORT/MODEL[/VERSION]``, returned in its normal
+    form (:class:`~zdistill.triton_address.TritonAddress`: no ZeroMQ endpoint, a
+    :class:`~zdistill.triton_client.TritonClient` talks to it).  Anything else raises
+    :class:`ConfigError` naming the address, why, and what is accepted: a typo or
+    another server's URL (``http://``) is reported where the address is given, not as
+    a ``ZMQError`` from deep inside a worker, nor as a connection retried until
     ``teacher_wait`` runs out.
     """
     if not isinstance(address, str):
@@ -64,6 +69,11 @@ def teacher_endpoint(address: str, what: str = "teacher") -> str:
         return f"ipc://{scheme.group(2)}"
     elif scheme.group(1).lower() == "tcp":
         rest, endpoint = scheme.group(2), f"tcp://{scheme.group(2)}"
+    elif scheme.group(1).lower() == "triton" and what == "teacher":
+        try:
+            return str(TritonAddress.parse(given))
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; a teacher address is {ADDRESS_FORMS}, or {TRITON_FORM}") from None
     else:
         name = scheme.group(1).lower()
         why = _NOT_SPOKEN.get(name, "ipc:// names no path" if name == "ipc" else f"unknown scheme {name}://")
@@ -101,10 +111,14 @@ def unreachable(address: str, timeout: float = 1.0) -> str | None:
     nothing listens, the host is unknown, or there is no route to it.
     """
     endpoint = teacher_endpoint(address)
-    if not endpoint.startswith("tcp://"):
+    if endpoint.startswith("triton://"):
+        triton = TritonAddress.parse(endpoint)
+        host, port = triton.host.strip("[]"), str(triton.port)
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host = host.strip("[]")
+    else:
         return None
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    host = host.strip("[]")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout):
             return None
@@ -172,6 +186,9 @@ class TeacherClient:
         self.weight = float(weight)
         self.address = address
         self.endpoint = teacher_endpoint(address)
+        if self.endpoint.startswith("triton://"):
+            raise ConfigError(f"teacher {address!r:.200} is a model on Triton: zdistill.triton_client.connect_teacher "
+                              "gives its client")
         self.timeout = timeout
         self.limits = limits
         self._ctx = context or zmq.Context.instance()

@@ -34,13 +34,15 @@ from typing import Any
 
 import zmq
 
-from zdistill.client import TeacherClient, addresses, unreachable
+from zdistill.client import addresses, unreachable
 from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import TOLERANCE
 from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student.batches import ReaderType
 from zdistill.student.options import PipelineOptions
 from zdistill.student.pipeline import Pipeline
+from zdistill.triton_address import is_triton
+from zdistill.triton_client import connect_teacher
 
 log = logging.getLogger("zdistill.reader")
 
@@ -344,7 +346,7 @@ class DistillReader:
         """A teacher's meta, or None and why it did not come (a failed handshake is known at once)."""
         silent = (f"it accepts connections but does not answer in {timeout:g} s "
                   "(is it a zdistill-teacher? still loading its model?)")
-        client = TeacherClient(address, ctx, timeout=timeout, watch=True)
+        client = connect_teacher(address, ctx, timeout=timeout, watch=True)
         deadline = time.monotonic() + timeout
         req_id: int | None = None
         try:
@@ -359,8 +361,8 @@ class DistillReader:
                         continue
                     if isinstance(done.error, TeacherError):
                         raise ConfigError(f"teacher {address} refused meta: {done.error}")
-                    if done.error is not None:
-                        return None, silent
+                    if done.error is not None:  # a Triton teacher's says why (no such model, say)
+                        return None, str(done.error) if is_triton(address) else silent
                     try:
                         return TeacherMeta.parse(done.header or {}), ""
                     except WireError as exc:

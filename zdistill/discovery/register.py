@@ -34,7 +34,7 @@ from typing import Any
 import redis
 import zmq
 
-from zdistill.client import Completion, TeacherClient, teacher_endpoint
+from zdistill.client import Completion, teacher_endpoint
 from zdistill.discovery.store import (
     Store,
     TeacherRecord,
@@ -43,9 +43,10 @@ from zdistill.discovery.store import (
     describe,
     teacher_meta,
 )
-from zdistill.errors import ConfigError, RecordError, TeacherTimeout
+from zdistill.errors import ConfigError, RecordError, TeacherError, TeacherTimeout
 from zdistill.flags import add_daemon_flags, add_db_flags, password_from_args, setup_logging
 from zdistill.metrics import RegisterMetrics
+from zdistill.triton_client import connect_teacher
 
 log = logging.getLogger("zdistill.discovery.register")
 
@@ -75,10 +76,12 @@ class Registrar:
         self.ttl = ttl
         self.interval = ttl / 3
         self.ping_timeout = ping_timeout if ping_timeout is not None else max(0.2, ttl / 3)
-        teacher_endpoint(address)  # says why a URL (http://, triton://) is no teacher address
+        endpoint = teacher_endpoint(address)  # says why a URL (http://) is no teacher address
+        if endpoint.startswith("triton://"):
+            address = endpoint  # a model on Triton, recorded in the form students get it in
         self.record = TeacherRecord(check_address(address), check_service(service))  # IP:PORT, as students reach it
         self.stop_event = threading.Event()
-        self.client = TeacherClient(address, context=context, timeout=self.ping_timeout)
+        self.client = connect_teacher(address, context=context, timeout=self.ping_timeout)
         self.registered = False  # our record should be in Redis now
         self.healthy = False  # the teacher answered the last check, with sane meta
         self.bad_meta: tuple[Any, ...] = ()  # what was wrong with the teacher's meta, as last logged
@@ -112,6 +115,10 @@ class Registrar:
         if done is None or done.error is not None:
             if done is not None:
                 log.debug("teacher %s did not answer a ping: %s", self.record.address, done.error)
+            if isinstance(done and done.error, TeacherError) and self.registered:
+                # It answered that it does not serve (a Triton model unloaded): no student should wait a TTL for it
+                log.warning("teacher %s says it does not serve (%s): record removed", self.record.address, done.error)
+                self.remove()
             return False
         if self.healthy:
             return True

@@ -62,6 +62,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from zdistill.errors import ConfigError, RecordError, WrongTypeError
+from zdistill.triton_address import TritonAddress, is_triton
 
 log = logging.getLogger("zdistill.discovery.store")
 
@@ -138,7 +139,13 @@ def check_service(name: str) -> str:
 
 
 def is_address(address: object) -> bool:
-    """``IP:PORT`` (or ``host:PORT``, ``[v6]:PORT``) with a port of 1..65535."""
+    """``IP:PORT`` (or ``host:PORT``, ``[v6]:PORT``) with a port of 1..65535, or a model on Triton
+    (``triton://HOST:PORT/MODEL[/VERSION]``, in its normal form)."""
+    if is_triton(address):
+        try:
+            return str(TritonAddress.parse(address)) == address  # type: ignore[arg-type]
+        except ConfigError:
+            return False
     if not isinstance(address, str) or not ADDRESS_RE.match(address):
         return False
     return 0 < int(address.rsplit(":", 1)[1]) <= 65535
@@ -146,7 +153,8 @@ def is_address(address: object) -> bool:
 
 def check_address(address: str) -> str:
     if not is_address(address):
-        raise ConfigError(f"teacher address {address!r:.80} is not IP:PORT with a port of 1..65535")
+        raise ConfigError(f"teacher address {address!r:.80} is not IP:PORT with a port of 1..65535, "
+                          "nor triton://HOST:PORT/MODEL[/VERSION]")
     return address
 
 

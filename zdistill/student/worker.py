@@ -36,7 +36,7 @@ import msgspec
 import numpy as np
 import zmq
 
-from zdistill.client import Completion, TeacherClient
+from zdistill.client import Completion
 from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
@@ -60,6 +60,7 @@ from zdistill.student.batches import (
 from zdistill.student.cache import CacheWriter, folder_for, read_fingerprint
 from zdistill.student.children import ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotReader, reclaim
+from zdistill.triton_client import connect_teacher
 
 log = logging.getLogger("zdistill.student.worker")  # not __name__: it runs as __main__
 
@@ -124,7 +125,8 @@ class Worker:
         self.sock.setsockopt(zmq.IDENTITY, cfg.identity)
         self.sock.setsockopt(zmq.LINGER, 2000)
         self.sock.connect(cfg.dispatcher)
-        self.client = TeacherClient(cfg.teacher, self.ctx, timeout=cfg.timeout, watch=True, weight=cfg.share_weight)
+        self.client = connect_teacher(cfg.teacher, self.ctx, timeout=cfg.timeout, watch=True, weight=cfg.share_weight,
+                                      outputs=cfg.predicts)
         self.slots = SlotReader(cfg.slots)
         self.feeds: list[TensorSpec] = []  # what the teacher takes, from its meta
         self.no_rows: Tensors = {}  # the answer to a task of no rows: its outputs, empty
@@ -396,6 +398,9 @@ class Worker:
     def _on_probe(self, done: Completion) -> None:
         self.probe = None
         self.next_probe = time.monotonic() + _PROBE_EVERY
+        if isinstance(done.error, TeacherError) and done.error.code == ErrorCode.BAD_REQUEST:
+            self._unusable(str(done.error))  # it answers, with a model zdistill cannot feed (a Triton teacher's)
+            return
         if done.error is not None or done.header is None:
             return
         try:

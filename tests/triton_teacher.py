@@ -1,0 +1,70 @@
+"""A real Triton Inference Server for the tests: PyTriton binding a numpy softmax.
+
+Run by the interpreter of the server-side venv (``ZDISTILL_TRITON_PYTHON``, see
+``tests/tritons.py``), never by the project's: PyTriton's Python backend loads the
+system's ``libpython3.11``, so only Debian's own ``python3.11`` serves models with it.
+It imports nothing of zdistill (that venv has only PyTriton and numpy), so the model
+is written out here; ``tests/test_triton.py`` checks its answers against
+:func:`tests.teachers.softmax_np`, which computes the same thing.
+
+Binds model ``softmax`` (``img`` float32 [784] -> ``prob`` float32 [10]) with Triton's
+dynamic batcher, on the ports given, and serves until SIGTERM or SIGINT.  With
+``--version`` the model is served under that version and scaled by it, so two versions
+of one model answer differently (what a cache must keep apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+from pytriton.decorators import batch
+from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+W = np.random.default_rng(1234).standard_normal((784, 10)).astype(np.float32) * 0.05  # tests/teachers.py's
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--grpc-port", type=int, required=True)
+    p.add_argument("--http-port", type=int, required=True)
+    p.add_argument("--metrics-port", type=int, required=True)
+    p.add_argument("--model", default="softmax")
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--delay-ms", type=float, default=0.0, help="a fixed service time per batch")
+    p.add_argument("--queue-delay-us", type=int, default=500, help="the dynamic batcher's max_queue_delay")
+    p.add_argument("--workspace", default=None, help="PyTriton's model store and server files (default: temporary)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    scale = np.float32(args.version)
+
+    @batch
+    def infer(img: np.ndarray) -> dict[str, np.ndarray]:
+        if args.delay_ms:
+            time.sleep(args.delay_ms / 1000)
+        z = img.reshape(len(img), -1).astype(np.float32) @ W * scale
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return {"prob": e / e.sum(axis=1, keepdims=True)}
+
+    config = TritonConfig(grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+                          grpc_address="127.0.0.1", http_address="127.0.0.1")
+    # No token on the model-control endpoints: the tests unload the model through Triton's own API.
+    security = TritonSecurityConfig(restricted_endpoints=[])
+    with Triton(config=config, workspace=args.workspace, security_config=security) as triton:
+        triton.bind(
+            model_name=args.model, model_version=args.version, infer_func=infer,
+            inputs=[Tensor(name="img", dtype=np.float32, shape=(784,))],
+            outputs=[Tensor(name="prob", dtype=np.float32, shape=(10,))],
+            config=ModelConfig(max_batch_size=args.max_batch_size,
+                               batcher=DynamicBatcher(max_queue_delay_microseconds=args.queue_delay_us)),
+            strict=True,
+        )
+        triton.serve()
+
+
+if __name__ == "__main__":
+    main()
