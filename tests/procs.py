@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -147,6 +148,17 @@ def pipelined(client: TeacherClient, requests: list[dict[str, Any]], timeout: fl
         assert done, "the teacher stopped answering"
         got.update({d.req_id: d for d in done})
     return [got[req_id] for req_id in ids]
+
+
+def run_epoch(dr: Any, at: int | None = None, action: Callable[[], object] | None = None) -> list:
+    """One epoch of a DistillReader, its batches in a list; ``action()`` runs once batch ``at`` is in
+    (a kill mid-epoch, say)."""
+    out = []
+    for i, batch in enumerate(dr()):
+        out.append(batch)
+        if i == at and action is not None:
+            action()
+    return out
 
 
 def requests_served(teacher: Proc) -> int:

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from tests import procs
+from tests.procs import run_epoch
 from tests.teachers import softmax_np
 from zdistill import DistillReader, TeacherTimeout
 
@@ -42,14 +43,6 @@ def check_epoch(batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]], x: np.
     probs = np.concatenate([b[2] for b in batches])
     np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
 
-
-def run_epoch(dr: DistillReader, at: int | None = None, action=None) -> list:
-    out = []
-    for i, batch in enumerate(dr()):
-        out.append(batch)
-        if i == at and action is not None:
-            action()
-    return out
 
 
 def test_teacher_killed_mid_epoch_then_back_at_same_address(start_teacher, data, tmp_path):

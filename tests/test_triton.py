@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests import daemons, procs
+from tests.procs import run_epoch
 from tests.teachers import W, softmax_np
 from tests.tritons import start_triton
 from zdistill import ConfigError, DistillReader, TeacherError
@@ -55,14 +56,6 @@ def make_reader(x: np.ndarray, ins=("img", "label")) -> DistillReader:
     dr.options.task_rows = 2 * B  # more tasks than the one Triton model holds at once: some are in flight at a kill
     return dr
 
-
-def run_epoch(dr: DistillReader, at: int | None = None, action=None) -> list:
-    out = []
-    for i, batch in enumerate(dr()):
-        out.append(batch)
-        if i == at and action is not None:
-            action()
-    return out
 
 
 def check_epoch(batches: list, x: np.ndarray) -> None:
