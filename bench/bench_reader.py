@@ -176,10 +176,11 @@ def forked_pids() -> list[int]:
 class CpuSnap:
     """CPU seconds so far, per role; the difference of two snaps is what an epoch cost."""
 
-    student: float
+    student: float  # this process, as the snap began
     reaped: float  # the epoch's forked reader process: children waited for, and any other not yet reaped
     workers: float
     teachers: float
+    student_after: float  # this process, as the snap ended: reading the others' CPU is the benchmark's own
 
     @classmethod
     def take(cls, teacher_pids: Sequence[int]) -> CpuSnap:
@@ -188,12 +189,14 @@ class CpuSnap:
             forked = cpu_of(forked_pids())
             if os.times()[2:4] == t[2:4]:
                 break
-        return cls(t.user + t.system, t.children_user + t.children_system + forked, cpu_of(worker_pids()),
-                   cpu_of(teacher_pids))
+        workers, teachers = cpu_of(worker_pids()), cpu_of(teacher_pids)
+        end = os.times()
+        return cls(t.user + t.system, t.children_user + t.children_system + forked, workers, teachers,
+                   end.user + end.system)
 
     def minus(self, other: CpuSnap) -> dict[str, float]:
         return {
-            "student": self.student - other.student,
+            "student": self.student - other.student_after,
             "reader": self.reaped - other.reaped,
             "workers": self.workers - other.workers,
             "teachers": self.teachers - other.teachers,
