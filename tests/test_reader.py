@@ -258,6 +258,9 @@ def test_unknown_exception_type_becomes_reader_error(teachers, data):
     [
         (lambda: iter([[(np.zeros(783, np.float32), 0)]]), r"slot 'img' has samples of shape \[783\]"),
         (lambda: iter([[(np.zeros(784, np.float32),)]]), r"2 slots \['img', 'label'\], got 1"),
+        (lambda: iter([[(np.zeros(784, np.float32), 0), (np.zeros(784, np.float32),)]]),
+         r"2 slots \['img', 'label'\], got 1"),  # a later sample of the list
+        (lambda: iter([[(np.zeros(784, np.float32), 0), np.zeros(2)]]), r"2 slots \['img', 'label'\], got ndarray"),
         (lambda: iter([[(np.zeros(784, np.float32), "cat")]]), r"slot 'label' holds <U3"),
     ],
 )
