@@ -453,9 +453,8 @@ class TaskBuilder:
                 columns = list(zip(*samples, strict=True))
             except ValueError:  # samples of different lengths: the check below names one
                 pass
-        if len(columns) != len(self.ins):  # something is wrong: say what, sample by sample
-            for sample in samples:
-                self._arity(sample, "sample")
+        if len(columns) != len(self.ins):  # other sequences, or a sample is wrong: check each (naming a bad one)
+            columns = list(zip(*(self._arity(sample, "sample") for sample in samples), strict=True))
         for part, column in zip(self._parts, columns, strict=True):
             part.extend(column)
         if not self._row_bytes:
