@@ -16,7 +16,11 @@ machines are shared and their absolute speed drifts by +-30%):
 - (d) a large payload (64x3x224x224 float32 per batch): GB/s against raw PUSH/PULL of
   the same bytes between two processes;
 - (e) CPU seconds per 100k samples in the student's process, and (as far as the OS lets
-  us see them) in the reader process, the workers and the teachers.
+  us see them) in the reader process, the workers and the teachers, during (b); and the
+  student host's CPU per 100k samples with EDL-style sample lists (batch 32 and 256, 1 and
+  4 teachers, epochs of 40,000 samples) beside its floor: the reader's lists iterated once,
+  each slot stacked into an array, per-sample tuples handed back as views.  ``--case e``
+  runs only this part.
 
 Every process the benchmark starts is stopped by PID in a ``finally`` block.
 """
@@ -33,6 +37,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -88,9 +93,11 @@ QUICK = Plan(repeats=1, seconds=0.5, ks_b=[1, 2], ks_c=[1, 2, 4, 8], big_batches
 class Fleet:
     """Teacher processes started together (they load in parallel) and stopped by PID."""
 
-    def __init__(self, function: str, count: int, folder: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(self, function: str, count: int, folder: Path, extra: Sequence[str] = (),
+                 model: str | None = None) -> None:
         self.procs: list[Proc] = []
         self.function, self.count, self.folder, self.extra = function, count, folder, list(extra)
+        self.model = model or f"{TEACHERS}:{function}"  # a function of teachers_bench.py, or a saved model
 
     def __enter__(self) -> Fleet:
         try:
@@ -98,7 +105,7 @@ class Fleet:
             for i in range(self.count):
                 ready = self.folder / f"{self.function}-{i}-{time.monotonic_ns()}.ready"
                 log = open(self.folder / f"{self.function}-{i}.log", "w")  # closed once the child holds it
-                args = [sys.executable, "-m", "zdistill.teacher.server", "--model", f"{TEACHERS}:{self.function}",
+                args = [sys.executable, "-m", "zdistill.teacher.server", "--model", self.model,
                         "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
                         "--log-level", "WARNING", *self.extra]
                 env = {**os.environ, "PYTHONUNBUFFERED": "1",
@@ -131,46 +138,75 @@ class Fleet:
 
 
 def cpu_of(pids: Sequence[int]) -> float:
-    """User + system CPU seconds of these live processes (0 for any that is gone)."""
-    total = 0.0
+    """CPU seconds of these live processes' threads, to the nanosecond (0 for any that is gone).
+
+    Each thread's ``schedstat`` counts its time on a CPU exactly; ``/proc/PID/stat`` counts
+    in clock ticks of 10 ms, a quarter of what an epoch of this benchmark costs a process.
+    """
+    total = 0
     for pid in pids:
         try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile
+    return total / 1e9
 
 
-def worker_pids() -> list[int]:
-    """The DistillReader's worker processes: our children running ``zdistill.student.worker``."""
+def reaped_cpu() -> float:
+    """CPU seconds of the children this process waited for (``getrusage``: to the microsecond)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child_pids(running: Callable[[list[str]], bool]) -> list[int]:
+    """Our children whose command line passes ``running`` (a zombie's counts as empty)."""
     out = []
     for child in psutil.Process().children():
         try:
-            if "zdistill.student.worker" in child.cmdline():
+            if running([] if child.status() == psutil.STATUS_ZOMBIE else child.cmdline()):
                 out.append(child.pid)
         except psutil.Error:
             pass
     return out
 
 
+def worker_pids() -> list[int]:
+    """The DistillReader's worker processes: our children running ``zdistill.student.worker``."""
+    return child_pids(lambda cmdline: "zdistill.student.worker" in cmdline)
+
+
+def forked_pids() -> list[int]:
+    """Our children forked and not yet reaped (the epoch's reader process): they keep our command line,
+    or have exited (a zombie's command line reads empty)."""
+    ours = psutil.Process().cmdline()
+    return child_pids(lambda cmdline: cmdline in (ours, []))
+
+
 @dataclass
 class CpuSnap:
     """CPU seconds so far, per role; the difference of two snaps is what an epoch cost."""
 
-    student: float
-    reaped: float  # children already waited for: the epoch's forked reader process
+    student: float  # this process, as the snap began
+    reaped: float  # the epoch's forked reader process: children waited for, and any other not yet reaped
     workers: float
     teachers: float
+    student_after: float  # this process, as the snap ended: reading the others' CPU is the benchmark's own
 
     @classmethod
     def take(cls, teacher_pids: Sequence[int]) -> CpuSnap:
-        t = os.times()
-        return cls(t.user + t.system, t.children_user + t.children_system, cpu_of(worker_pids()), cpu_of(teacher_pids))
+        while True:  # again if a child was reaped while its CPU was read: it would count twice or not at all
+            student, reaped = time.process_time(), reaped_cpu()
+            forked = cpu_of(forked_pids())
+            if reaped_cpu() == reaped:
+                break
+        workers, teachers = cpu_of(worker_pids()), cpu_of(teacher_pids)
+        return cls(student, reaped + forked, workers, teachers, time.process_time())
 
     def minus(self, other: CpuSnap) -> dict[str, float]:
         return {
-            "student": self.student - other.student,
+            "student": self.student - other.student_after,
             "reader": self.reaped - other.reaped,
             "workers": self.workers - other.workers,
             "teachers": self.teachers - other.teachers,
@@ -320,11 +356,12 @@ class ReaderBench:
 
     def __init__(self, addresses: Sequence[str], teacher_pids: Sequence[int], kind: str, batch: int,
                  seconds: float, row_shape: tuple[int, ...] = (784,), options: dict[str, Any] | None = None,
-                 epoch_batches: int | None = None, check: Callable[[np.ndarray, np.ndarray], None] | None = None):
+                 epoch_batches: int | None = None, check: Callable[[np.ndarray, np.ndarray], None] | None = None,
+                 predict: str = "prob"):
         self.teacher_pids, self.kind, self.batch, self.seconds = list(teacher_pids), kind, batch, seconds
         self.epoch_batches, self.check = epoch_batches, check
         self.count = [max(4, int(20_000 / batch))] if epoch_batches is None else [max(2, epoch_batches // 2)]
-        self.dr = DistillReader(ins=["img", "label"], predicts=["prob"])
+        self.dr = DistillReader(ins=["img", "label"], predicts=[predict])
         self.dr.set_fixed_teacher(list(addresses))
         for key, value in (options or {}).items():
             setattr(self.dr.options, key, value)
@@ -388,7 +425,8 @@ class ReaderBench:
 def run_reader(addresses: Sequence[str], teacher_pids: Sequence[int], kind: str, batch: int, plan: Plan,
                row_shape: tuple[int, ...] = (784,), options: dict[str, Any] | None = None,
                epoch_batches: int | None = None, check: Callable[[np.ndarray, np.ndarray], None] | None = None,
-               paired: Callable[[], dict[str, float]] | None = None, track_rss: bool = False) -> ReaderRun:
+               paired: Callable[[], dict[str, float]] | None = None, track_rss: bool = False,
+               predict: str = "prob") -> ReaderRun:
     """A warm-up epoch, then ``plan.repeats`` measured epochs, each just after a ``paired`` measurement.
 
     ``paired`` (a raw run, or an epoch of the default configuration) runs while this
@@ -396,7 +434,7 @@ def run_reader(addresses: Sequence[str], teacher_pids: Sequence[int], kind: str,
     """
     run = ReaderRun()
     with ReaderBench(addresses, teacher_pids, kind, batch, plan.seconds, row_shape, options, epoch_batches,
-                     check) as bench:
+                     check, predict) as bench:
         for _ in range(plan.repeats):
             if paired is not None:
                 run.paired.append(paired())
@@ -684,6 +722,85 @@ def case_d(plan: Plan, folder: Path, results: dict[str, Any]) -> None:
     results["d_big_payload"] = out
 
 
+HOST_EPOCH = 40_000  # case (e): samples per measured sample-list epoch, as EDL's comparison used
+PADDLE_MLP = '''
+import sys
+import paddle
+
+
+class TinyMLP(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = paddle.nn.Linear(784, 16)
+        self.fc2 = paddle.nn.Linear(16, 10)
+
+    def forward(self, img):
+        return paddle.nn.functional.softmax(self.fc2(paddle.nn.functional.relu(self.fc1(img))))
+
+
+layer = TinyMLP()
+layer.eval()
+paddle.jit.save(layer, sys.argv[1], input_spec=[paddle.static.InputSpec([None, 784], "float32", "img")])
+'''  # the tests' tiny Paddle MLP (784 -> 16 -> 10, softmax), exported as Paddle 3 saves it
+
+
+def paddle_model(folder: Path) -> str:
+    """Export the tiny Paddle MLP (in a child: Paddle stays out of this process) and return its prefix."""
+    script, prefix = folder / "export_mlp.py", folder / "mlp" / "mlp"
+    script.write_text(PADDLE_MLP)
+    subprocess.run([sys.executable, str(script), str(prefix)], check=True, timeout=300, capture_output=True)
+    return str(prefix)
+
+
+def floor_cpu(batch: int, samples: int) -> float:
+    """CPU seconds per 100k samples of the least a sample-list reader must do without a teacher.
+
+    The reader's lists are iterated once, each slot is stacked into an array, and each
+    sample is handed back as a tuple of row views of those arrays (as the pipeline yields).
+    """
+    count = [samples // batch]
+    reader = make_reader("sample_list", batch, (784,), count)
+    n = 0
+    start = time.process_time()
+    for item in reader():
+        columns = [np.stack(values) for values in zip(*item, strict=True)]
+        n += len(list(zip(*columns, strict=True)))
+    return (time.process_time() - start) / n * 1e5
+
+
+def case_e(plan: Plan, folder: Path, results: dict[str, Any], teacher: str = "softmax") -> None:
+    """The student host's CPU per 100k samples with sample lists, beside the floor, measured alternately.
+
+    The host's CPU is the machine's busy time less the teachers': here, where other jobs
+    share the machine, it is the CPU time of the student's own processes (this process,
+    the reaped reader process of each epoch, the workers), which is what that difference
+    counts on a host of its own.  ``teacher`` is ``softmax`` (the cheap numpy teacher of (b)) or
+    ``paddle`` (a tiny Paddle MLP, 784 -> 16 -> 10, served with one math thread).
+    """
+    out: dict[str, Any] = {"epoch_samples": HOST_EPOCH, "teacher": teacher}
+    paddle = teacher == "paddle"
+    model = paddle_model(folder) if paddle else None
+    with Fleet(teacher, 4, folder, ["--threads", "1"] if paddle else [], model) as fleet:
+        for batch in (32, 256):
+            for k in (1, 4):
+                def floor(batch: int = batch) -> dict[str, float]:
+                    return {"floor": floor_cpu(batch, HOST_EPOCH)}
+
+                run = run_reader(fleet.addresses(k), fleet.pids(k), "sample_list", batch, plan,
+                                 epoch_batches=HOST_EPOCH // batch, check=None if paddle else softmax_check,
+                                 paired=floor, predict="fetch_name_0" if paddle else "prob")
+                host = [c["student"] + c["reader"] + c["workers"] for c in run.cpu]
+                floors = [p["floor"] for p in run.paired]
+                name = f"sample_list{batch}_k{k}"
+                out[name] = {"batch": batch, "teachers": k, "samples_per_s": run.rates,
+                             "median_rate": run.median_rate(), "host_cpu_s_per_100k": host, "host_median": med(host),
+                             "floor_cpu_s_per_100k": floors, "floor_median": med(floors),
+                             "cpu_s_per_100k": run.median_cpu()}
+                print(f"  (e) {name}: host {med(host):.3f} CPU-s/100k (floor {med(floors):.3f}), "
+                      f"{run.median_rate():,.0f} samples/s; {fmt_cpu(run.median_cpu())}", flush=True)
+    results["e_host_cpu"] = out
+
+
 def fmt_cpu(cpu: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.2f}" for k, v in cpu.items())
 
@@ -746,6 +863,7 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"(e) CPU s/100k samples, {name}", f"student {cpu['student']:.2f}",
                          f"reader proc {cpu['reader']:.2f}, workers {cpu['workers']:.2f}, "
                          f"teachers {cpu['teachers']:.2f}; total {sum(cpu.values()):.2f}", ""))
+    rows += host_rows(results)
     for key in ("k1_rows32", "k1_rows256"):
         if key in a:
             r = a[key]
@@ -760,6 +878,13 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                          f"{cpu['teachers']:.2f}; total {sum(cpu.values()):.2f} vs raw hop tcp {raw['tcp']:.2f} / "
                          f"ipc {raw['ipc']:.2f}", ""))
     return rows
+
+
+def host_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Case (e)'s sample-list rows: the student host's CPU beside the floor."""
+    return [(f"(e) host CPU s/100k, {name}", f"{r['host_median']:.3f}",
+             f"floor {r['floor_median']:.3f}; {r['median_rate']:,.0f} samples/s", "")
+            for name, r in results["e_host_cpu"].items() if isinstance(r, dict)]
 
 
 def print_table(rows: list[tuple[str, str, str, str]]) -> None:
@@ -846,6 +971,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one short repeat of every case (under a minute)")
     p.add_argument("--out", default=str(RESULTS), help="folder for reader.json and reader.png")
+    p.add_argument("--case", choices=["all", "e"], default="all",
+                   help="e: only the student host's CPU with sample lists (written to reader_e.json)")
+    p.add_argument("--teacher", choices=["softmax", "paddle"], default="softmax",
+                   help="case (e)'s teacher: the cheap numpy one, or a tiny Paddle MLP (needs paddlepaddle)")
     p.add_argument("--pull-server", nargs=3, metavar=("DATA", "ACK", "MSGS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.pull_server:
@@ -865,24 +994,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="zd-bench-") as tmp:
         folder = Path(tmp)
-        print("cases (a), (b), (e): cheap teacher", flush=True)
-        case_a_b_e(plan, folder, results)
-        print("case (c): fixed service time", flush=True)
-        case_c(plan, folder, results)
-        print("case (d): big payload", flush=True)
-        case_d(plan, folder, results)
+        if args.case == "all":
+            print("cases (a), (b), (e): cheap teacher", flush=True)
+            case_a_b_e(plan, folder, results)
+            print("case (c): fixed service time", flush=True)
+            case_c(plan, folder, results)
+            print("case (d): big payload", flush=True)
+            case_d(plan, folder, results)
+        print("case (e): the student host's CPU with sample lists", flush=True)
+        case_e(plan, folder, results, args.teacher)
     results["machine"]["load_after"] = os.getloadavg()
     results["wall_s"] = time.perf_counter() - start
-    rows = summary_rows(results)
+    rows = summary_rows(results) if args.case == "all" else host_rows(results)
     results["table"] = [list(r) for r in rows]
-    (out / "reader.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "reader.png")
+    (out / ("reader.json" if args.case == "all" else "reader_e.json")).write_text(json.dumps(results, indent=2))
+    if args.case == "all":
+        plot(results, out / "reader.png")
     print()
     print_table([("case", "measured", "against", "verdict"), *rows])
     before, after = results["machine"]["load_before"], results["machine"]["load_after"]
     print(f"\n{results['wall_s']:.0f} s on {os.cpu_count()} CPUs, load average {before[0]:.1f} before, {after[0]:.1f} "
           f"after (others' jobs share this machine: compare ratios, not absolute figures)")
-    print(f"wrote {out / 'reader.json'} and {out / 'reader.png'}")
+    print(f"wrote the results to {out}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import os
@@ -258,6 +259,9 @@ def test_unknown_exception_type_becomes_reader_error(teachers, data):
     [
         (lambda: iter([[(np.zeros(783, np.float32), 0)]]), r"slot 'img' has samples of shape \[783\]"),
         (lambda: iter([[(np.zeros(784, np.float32),)]]), r"2 slots \['img', 'label'\], got 1"),
+        (lambda: iter([[(np.zeros(784, np.float32), 0), (np.zeros(784, np.float32),)]]),
+         r"2 slots \['img', 'label'\], got 1"),  # a later sample of the list
+        (lambda: iter([[(np.zeros(784, np.float32), 0), np.zeros(2)]]), r"2 slots \['img', 'label'\], got ndarray"),
         (lambda: iter([[(np.zeros(784, np.float32), "cat")]]), r"slot 'label' holds <U3"),
     ],
 )
@@ -267,6 +271,19 @@ def test_bad_samples_give_clear_errors_without_hanging(teachers, reader, message
         dr.set_sample_list_generator(reader)
         with pytest.raises(ConfigError, match=message):
             list(dr())
+
+
+def test_samples_may_be_any_lists_or_tuples(teachers):
+    """Named tuples, lists and tuples mixed in one sample list: each value comes back, in order."""
+    sample = collections.namedtuple("sample", "img label")
+    x = np.random.default_rng(5).random((6, 784), dtype=np.float32)
+    samples = [sample(x[0], 0), [x[1], 1], (x[2], 2), sample(x[3], 3), [x[4], 4], (x[5], 5)]
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teachers[:1])
+        dr.set_sample_list_generator(lambda: iter([samples[:4], samples[4:]]))
+        out = [s for batch in dr() for s in batch]
+    assert [int(s[1]) for s in out] == list(range(6))
+    np.testing.assert_array_equal(np.stack([s[0] for s in out]), x)
 
 
 def test_flat_slot_is_reshaped_to_the_teachers_feed(start_teacher):

@@ -27,6 +27,7 @@ Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
 from __future__ import annotations
 
 import enum
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -417,13 +418,12 @@ class TaskBuilder:
     def add(self, item: Any) -> Iterator[BuiltTask]:
         """Take one item from the user's reader; yield a task whenever one is full."""
         if self.reader_type is ReaderType.SAMPLE:
-            self._add_sample(item)
+            self._add_samples([item])
             n = 1
         elif self.reader_type is ReaderType.SAMPLE_LIST:
             if not isinstance(item, (list, tuple)):
                 raise ConfigError(f"a sample list generator must yield lists of samples, got {type(item).__name__}")
-            for sample in item:
-                self._add_sample(sample)
+            self._add_samples(item)
             n = len(item)
         else:
             n = self._add_batch(item)
@@ -443,11 +443,22 @@ class TaskBuilder:
             raise ConfigError(f"each {what} must have {len(self.ins)} slots {self.ins}, got {got}")
         return item
 
-    def _add_sample(self, sample: Any) -> None:
-        for part, value in zip(self._parts, self._arity(sample, "sample"), strict=True):
-            part.append(value)
+    def _add_samples(self, samples: Sequence[Any]) -> None:
+        """Append samples to their slots' parts, transposed in one pass (no Python per sample)."""
+        if not samples:
+            return
+        columns: list[tuple[Any, ...]] = []
+        if set(map(type, samples)) <= {tuple, list}:
+            try:
+                columns = list(zip(*samples, strict=True))
+            except ValueError:  # samples of different lengths: the check below names one
+                pass
+        if len(columns) != len(self.ins):  # other sequences, or a sample is wrong: check each (naming a bad one)
+            columns = list(zip(*(self._arity(sample, "sample") for sample in samples), strict=True))
+        for part, column in zip(self._parts, columns, strict=True):
+            part.extend(column)
         if not self._row_bytes:
-            self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, sample, strict=True))
+            self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, samples[0], strict=True))
 
     def _add_batch(self, batch: Any) -> int:
         values = self._arity(batch, "batch")
@@ -499,7 +510,7 @@ class TaskBuilder:
         try:
             for name, part in zip(self.ins, self._parts, strict=True):
                 if part and name not in ragged:
-                    np.stack(part, out=slots[name], casting="no")
+                    _stack_into(slots[name], part)
         except (ValueError, TypeError):
             return False
         return True
@@ -610,6 +621,19 @@ class TaskBuilder:
                 rows = [i for i, a in enumerate(arrays) if a.dtype == dtype]
                 _check_held(name, built[rows], np.stack([arrays[i] for i in rows]))
         return built
+
+
+_SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
+
+
+def _stack_into(out: np.ndarray, part: list[Any]) -> None:
+    """``np.stack(part, out=out, casting="no")``; when every sample is an array of ``out``'s row shape
+    and dtype, one concatenate instead (numpy's stack makes a view of each sample first)."""
+    if (out.ndim > 1 and set(map(type, part)) == {np.ndarray} and set(map(_SHAPE, part)) == {out.shape[1:]}
+            and set(map(_DTYPE, part)) == {out.dtype}):
+        np.concatenate(part, out=out.reshape(-1, *out.shape[2:]), casting="no")
+    else:
+        np.stack(part, out=out, casting="no")
 
 
 def _batch_part(name: str, value: Any) -> tuple[np.ndarray | list[np.ndarray], bool]:

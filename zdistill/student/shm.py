@@ -49,6 +49,7 @@ _ALIGN = 64
 # populating them up front costs less than half of faulting them in page by page.
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000 if sys.platform.startswith("linux") else 0)
 _GROW = 1 << 20  # files grow in whole MiB, so ragged last tasks do not force a new file
+_MAP_STEP = 64 << 10  # the reader process maps (and populates) of a slot file what its tasks use, in these steps
 _NAME = re.compile(r"^s(\d+)-g(\d+)$")
 _FOLDER = re.compile(r"^zdistill-(?:slots|ipc)-\d+-")
 _LOCK = "owner.lock"  # in each private folder: its owner holds an exclusive flock on it for its life
@@ -169,8 +170,8 @@ def _lock(folder: str, create: bool) -> int | None:
     return None
 
 
-def _aligned(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+def _aligned(n: int, step: int = _ALIGN) -> int:
+    return (n + step - 1) // step * step
 
 
 class SlotWriter:
@@ -219,18 +220,20 @@ class SlotWriter:
     def _ensure(self, slot: int, needed: int) -> tuple[str, int, mmap.mmap]:
         held = self._slots.get(slot)
         if held is not None and held[1] >= needed:
-            if held[2] is None:  # a file an earlier epoch made: map it
-                self._slots[slot] = (held[0], held[1], self._map(held[0], held[1], os.O_RDWR))
+            if held[2] is None or len(held[2]) < needed:  # a file an earlier epoch made, or mapped short of this task
+                self._slots[slot] = (held[0], held[1], self._map(held[0], held[1], os.O_RDWR, needed))
             return self._slots[slot]  # type: ignore[return-value]
         if held is not None:  # readers keep their mapping of the old file until they see the new one
             os.unlink(os.path.join(self.folder, held[0]))
         self._generation += 1
-        size = (needed + _GROW - 1) // _GROW * _GROW
+        size = _aligned(needed, _GROW)
         name = f"s{slot}-g{self._generation}"
-        self._slots[slot] = (name, size, self._map(name, size, os.O_RDWR | os.O_CREAT | os.O_EXCL))
+        self._slots[slot] = (name, size, self._map(name, size, os.O_RDWR | os.O_CREAT | os.O_EXCL, needed))
         return self._slots[slot]  # type: ignore[return-value]
 
-    def _map(self, name: str, size: int, flags: int) -> mmap.mmap:
+    def _map(self, name: str, size: int, flags: int, needed: int) -> mmap.mmap:
+        """A mapping of the file's first ``needed`` bytes (in whole pages of 64 KiB): only what a task
+        uses is populated, and torn down when this process exits."""
         path = os.path.join(self.folder, name)
         fd = os.open(path, flags, 0o600)
         try:
@@ -243,7 +246,7 @@ class SlotWriter:
                         f"no room for a {size / 2**20:.0f} MiB task slot in {self.folder} ({exc.strerror}): "
                         "lower DistillReader.options.task_bytes / window, or give /dev/shm more space"
                     ) from None
-            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+            return mmap.mmap(fd, min(size, _aligned(needed, _MAP_STEP)), flags=mmap.MAP_SHARED | _POPULATE)
         finally:
             os.close(fd)
 
