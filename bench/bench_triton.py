@@ -133,6 +133,20 @@ def check(dr: DistillReader, x: np.ndarray) -> None:
     np.testing.assert_allclose(first[1], softmax_np(x[:len(first[1])]), rtol=1e-5, atol=1e-6)
 
 
+def pin(server_pids: list[int]) -> None:
+    """The servers' processes (and their children: tritonserver, its Python backend) on the last CPU,
+    this process (and the workers it starts later) on the others: the student's CPU then
+    never comes out of a server's, as when they run on machines of their own."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    for pid in server_pids:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            proc.cpu_affinity(cpus[-1:])
+    os.sched_setaffinity(0, cpus[:-1])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=256, help="rows per request and per reader batch")
@@ -141,6 +155,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--delay-ms", type=float, default=0.0,
                    help="a fixed service time per model call, in both servers (a model that waits on a GPU)")
+    p.add_argument("--pin", action="store_true",
+                   help="both servers on the last CPU, the student on the others (as on machines of their own)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
@@ -155,6 +171,8 @@ def main() -> None:
         teacher = procs.start_teacher(f"{procs.TEACHERS}:{model}", Path(tmp), "--max-batch-size", str(args.rows),
                                       env={"ZDISTILL_TEST_DELAY_MS": str(args.delay_ms)})
         try:
+            if args.pin:  # before the readers start their workers, which inherit the student's CPUs
+                pin([server.popen.pid, teacher.popen.pid])
             with reader_for(server.address, chunks, args.rows) as on_triton, \
                     reader_for(teacher.endpoint, chunks, args.rows) as on_teacher:
                 check(on_triton, x)
@@ -186,7 +204,7 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     out = BENCH / "results"
     out.mkdir(exist_ok=True)
-    (out / f"triton{'-delay' if args.delay_ms else ''}.json").write_text(json.dumps({
+    (out / f"triton{'-delay' if args.delay_ms else ''}{'-pinned' if args.pin else ''}.json").write_text(json.dumps({
         "args": vars(args), "machine": platform.node(), "cpus": os.cpu_count(), "runs": results, "cpu": cpu,
         "summary": summary}, indent=2))
 
