@@ -723,33 +723,16 @@ def case_d(plan: Plan, folder: Path, results: dict[str, Any]) -> None:
 
 
 HOST_EPOCH = 40_000  # case (e): samples per measured sample-list epoch, as EDL's comparison used
-PADDLE_MLP = '''
-import sys
-import paddle
-
-
-class TinyMLP(paddle.nn.Layer):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = paddle.nn.Linear(784, 16)
-        self.fc2 = paddle.nn.Linear(16, 10)
-
-    def forward(self, img):
-        return paddle.nn.functional.softmax(self.fc2(paddle.nn.functional.relu(self.fc1(img))))
-
-
-layer = TinyMLP()
-layer.eval()
-paddle.jit.save(layer, sys.argv[1], input_spec=[paddle.static.InputSpec([None, 784], "float32", "img")])
-'''  # the tests' tiny Paddle MLP (784 -> 16 -> 10, softmax), exported as Paddle 3 saves it
 
 
 def paddle_model(folder: Path) -> str:
-    """Export the tiny Paddle MLP (in a child: Paddle stays out of this process) and return its prefix."""
-    script, prefix = folder / "export_mlp.py", folder / "mlp" / "mlp"
-    script.write_text(PADDLE_MLP)
-    subprocess.run([sys.executable, str(script), str(prefix)], check=True, timeout=300, capture_output=True)
-    return str(prefix)
+    """Export the tests' tiny Paddle MLP (784 -> 16 -> 10, softmax; ``bench_teacher.export_mlp``) in a
+    child, so that Paddle stays out of this process; return its prefix."""
+    code = ("import sys; from pathlib import Path; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+            "from bench_teacher import export_mlp; print(export_mlp(Path(sys.argv[3])))")
+    done = subprocess.run([sys.executable, "-c", code, str(REPO), str(BENCH), str(folder)], check=True, timeout=300,
+                          capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1]
 
 
 def floor_cpu(batch: int, samples: int) -> float:
