@@ -418,3 +418,20 @@ def test_every_epoch_gives_back_its_values_or_raises(readers, data):
             check_rows(mode, out, samples)
             del out
         slots_back(dr)
+
+
+@pytest.mark.parametrize("row_shape", [(784,), (3, 4, 5), (), (1,)])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_stacking_a_slot_writes_every_sample_into_its_row(row_shape, contiguous):
+    """A slot's samples land in their rows as np.stack would put them, on the one-concatenate path
+    (arrays of the slot's row shape and dtype) and off it (a slot's array that is not contiguous)."""
+    from zdistill.student.batches import _stack_into
+
+    rng = np.random.default_rng(3)
+    samples = [rng.standard_normal(row_shape).astype(np.float32) for _ in range(7)]
+    room = np.zeros((7, 1 if contiguous else 2, *row_shape), np.float32)
+    out = room[:, -1]  # of 2, a strided view
+    assert out.flags.c_contiguous == contiguous
+    _stack_into(out, samples)
+    np.testing.assert_array_equal(out, np.stack(samples))
+    assert contiguous or not room[:, 0].any()  # nothing written beside the slot's rows

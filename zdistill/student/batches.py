@@ -629,7 +629,8 @@ _SHAPE, _DTYPE = operator.attrgetter("shape"), operator.attrgetter("dtype")
 def _stack_into(out: np.ndarray, part: list[Any]) -> None:
     """``np.stack(part, out=out, casting="no")``; when every sample is an array of ``out``'s row shape
     and dtype, one concatenate instead (numpy's stack makes a view of each sample first)."""
-    if (out.ndim > 1 and set(map(type, part)) == {np.ndarray} and set(map(_SHAPE, part)) == {out.shape[1:]}
+    if (out.ndim > 1 and out.flags.c_contiguous  # so that the reshape below is a view of ``out``, never a copy
+            and set(map(type, part)) == {np.ndarray} and set(map(_SHAPE, part)) == {out.shape[1:]}
             and set(map(_DTYPE, part)) == {out.dtype}):
         np.concatenate(part, out=out.reshape(-1, *out.shape[2:]), casting="no")
     else:
