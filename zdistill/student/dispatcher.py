@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _SUPERVISE_EVERY = 0.05  # seconds: workers, membership, producer, stragglers (each wake-up costs ~50 us of CPU)
 _BURST = 64  # messages read from one socket before the others get a turn
+_IN, _IN_OUT = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 
 
 # -- events: what the thread tells the training loop --------------------------------
@@ -199,10 +200,14 @@ class Dispatcher:
     def _run(self) -> None:
         self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        polled: tuple[zmq.Socket | None, int] = (None, 0)  # the producer's socket and the events it is polled for
         try:
             while not self._closing:
                 if self._producer is not None:  # for room too while grants wait: it may not be connected yet
-                    self._poller.register(self._producer, zmq.POLLIN | (zmq.POLLOUT if self._grants else 0))
+                    events = _IN_OUT if self._grants else _IN
+                    if polled != (self._producer, events):
+                        self._poller.register(self._producer, events)
+                        polled = (self._producer, events)
                 ready = dict(self._poller.poll(_SUPERVISE_EVERY * 1000))
                 with self.lock:
                     try:
@@ -292,10 +297,9 @@ class Dispatcher:
 
     def _read_workers(self, now: float) -> None:
         for _ in range(_BURST):
-            try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            if not self._router.get(zmq.EVENTS) & _IN:  # cheaper than the exception of an empty recv
                 return
+            frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             identity = frames[0].bytes
             try:
                 msg, arrays = protocol.decode(frames[1:])
@@ -349,10 +353,9 @@ class Dispatcher:
     def _read_producer(self) -> None:
         assert self._producer is not None
         for _ in range(_BURST):
-            try:
-                frames = self._producer.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not self._producer.get(zmq.EVENTS) & _IN:
                 return
+            frames = self._producer.recv_multipart(zmq.NOBLOCK)
             msg, _ = protocol.decode(frames)
             if isinstance(msg, protocol.Task):
                 if msg.hits and self.gate.closed:  # looked up before the producer saw the gate close
