@@ -1,67 +1,67 @@
 """A persistent teacher-output cache: a teacher is never asked twice about the same sample.
 
-Where the student's data is not augmented, every epoch after the first asks the
-teachers the same questions.  With ``DistillReader.set_teacher_cache(path)`` the
-answers are kept on disk, keyed by the teacher's ``model_id`` (from its ``meta``) and
-a 128-bit hash (xxh3) of the exact bytes of each sample's feeds, and rows already
-answered are answered from the cache before a task leaves the student's machine.
+Where the student's data is not augmented, every epoch after the first asks the teachers
+the same questions.  With ``DistillReader.set_teacher_cache(path)`` the answers are kept on
+disk, keyed by the teacher's ``model_id`` (from its ``meta``) and a 128-bit hash (xxh3) of
+the exact bytes of each sample's feeds, and rows already answered are answered from the
+cache before a task leaves the student's machine.
 
-Layout: ``<path>/<model>/<schema>/fp<n>/<segment files>``, where ``<model>`` is a digest
-of the ``model_id``, ``<schema>`` one of the predictions kept (names, dtypes, row
-shapes) and ``fp<n>`` one per behaviour of the model: its ``fingerprint.json`` holds
-what the model answered to the probe batch (:mod:`zdistill.fingerprint`), and only
-teachers reproducing it read or write there (:func:`namespace_for`).  So a different
-model, another set of outputs, or another model under the same ``model_id`` (weights
-loaded from another file) never gets answers cached
-for another.  Each segment is written by one process only (a worker, appending whole
-records), so concurrent students sharing a path never interleave.  A record holds the
-key, each prediction's row, and a check word, the xxh32 of all the record's bytes
-before it; a torn write (``kill -9`` mid-write, a crash) leaves an incomplete tail or a
-record whose check fails, and either is skipped, never served.  Records are of one size
-unless a prediction is per-token (:class:`TokenRecords`): then a record also holds its
-row's length, and its per-token values follow its fixed part.  Such records are found
-by walking the segment from its start, so a damaged one ends what is read of its
-segment (the length that would lead past it cannot be trusted): the records after it
-are misses.
-A segment starts with a header: the format's magic and the schema as JSON.  A segment
-of another format, of another schema, or whose header is damaged is skipped with a
-warning naming it.
+Layout: ``<path>/<model>/<schema>/fp<n>/<segment files>``: a digest of the ``model_id``, one
+of the predictions kept (names, dtypes, row shapes), and one folder per behaviour of the
+model, whose ``fingerprint.json`` holds what it answered to the probe batch
+(:mod:`zdistill.fingerprint`, :func:`namespace_for`).  So another model, other outputs, or
+another model under the same ``model_id`` (weights loaded from another file) never gets
+answers cached for another.  A segment starts with a header, the format's magic and the
+schema as JSON (one of another format or schema, or damaged, is skipped with a warning
+naming it), and is written by one process only (a worker, appending whole records), so
+concurrent students sharing a path never interleave.  A record holds the key, each
+prediction's row, and a check word, the xxh32 of the record's bytes before it: a torn
+write (``kill -9`` mid-write) leaves an incomplete tail or a record whose check fails,
+never served.  With a per-token prediction, records are of their own size
+(:class:`TokenRecords`) and found by walking the segment from its start, so a damaged one
+ends what is read of its segment (the length that would lead past it cannot be trusted).
 
-Readers (the student, before each epoch) scan only the bytes added since their last
-look and look keys up in sorted arrays, vectorized per task; the producer inherits the
-index and the segments' open files across its fork and reads its hits with ``pread``,
-never through a mapping, so a segment that shrinks under a running student yields
-short reads (misses), never a SIGBUS.  Each record read is checked again (its key, and
-its check word where the segment changed since the scan): one that changed is a miss,
-never a wrong row.  A writer
-whose file a full or read-only file system stops raises an ``OSError`` naming it and
-leaves nothing a later record could follow; the worker then stops writing and the
-reader turns the cache off.
+Readers (the student, before each epoch) scan only the bytes added since their last look
+and look keys up in sorted arrays, vectorized per task; the producer inherits the index and
+the segments' open files across its fork and reads its hits with ``pread``, never through
+a mapping, so a segment that shrinks under a running student yields short reads (misses),
+never a SIGBUS.  Each record read is checked again (its key, and its check word where the
+segment changed since the scan): one that changed is a miss, never a wrong row.  A writer
+whose file a full or read-only file system stops raises an ``OSError`` naming it and leaves
+nothing a later record could follow; the worker then stops writing and the reader turns
+the cache off.
 
-The cache is bounded by ``max_bytes`` over the whole ``path``: writers delete the
-oldest segments (by modification time) when they start a new one (segments are at
-most an eighth of ``max_bytes``, so the bound holds within a segment per writer).
+The cache is bounded by ``max_bytes`` over the whole ``path``: writers delete the oldest
+segments (by modification time) when they start a new one (segments are at most an eighth
+of ``max_bytes``, so the bound holds within a segment per writer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
 import mmap
 import os
+import shutil
 import time
 import weakref
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from zdistill.fingerprint import TOLERANCE, distance
 from zdistill.spec import Ragged, Tensor, TensorSpec
 from zdistill.student.batches import spans
+
+try:
+    import xxhash
+except ImportError:  # optional (zdistill[cache]): DistillReader.set_teacher_cache says it is needed
+    xxhash = None
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ _SEGMENT_BYTES = 64 << 20  # a writer starts a new segment past this
 CHECK_SEED = 0x5A444332  # the seed of each record's xxh32
 _GAP_BYTES = 4 << 10  # hits closer than this in a segment are read with one pread
 _SUFFIX = ".zdc"
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 def default_max_bytes(path: str) -> int:
@@ -97,15 +98,18 @@ def cacheable(fetches: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str
     return None
 
 
+def _rows(fetches: Iterable[TensorSpec]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """A record's field per fixed-size prediction: its row, little-endian."""
+    return [(f"p:{f.name}", np.dtype(f.dtype).newbyteorder("<").str, tuple(f.shape)) for f in fetches]
+
+
 def record_dtype(fetches: Sequence[TensorSpec]) -> np.dtype:
     """One record of fixed-size predictions: the key, each prediction's row, padding to 4 bytes, the check word."""
-    fields: list[tuple[str, str, tuple[int, ...]]] = [("key", "u1", (16,))]
-    fields += [(f"p:{f.name}", np.dtype(f.dtype).newbyteorder("<").str, tuple(f.shape)) for f in fetches]
-    size = sum(np.dtype((np.dtype(t), s)).itemsize for _, t, s in fields)
+    fields = [("key", "u1", (16,)), *_rows(fetches)]
+    size = np.dtype(fields).itemsize
     if size % 4:
-        fields.append(("pad", "u1", (4 - size % 4,)))
-    fields.append(("check", "<u4", ()))
-    return np.dtype([(n, t, s) if s else (n, t) for n, t, s in fields])
+        fields.append(("pad", "u1", (-size % 4,)))
+    return np.dtype([*fields, ("check", "<u4")])
 
 
 @dataclass(frozen=True)
@@ -128,28 +132,18 @@ class TokenRecords:
         """The layout for these predictions; None when all are of a fixed size (see :func:`record_dtype`)."""
         if not any(f.variable for f in fetches):
             return None
-        head = [("key", "u1", (16,)), ("length", "<i8", ())]
-        head += [(f"p:{f.name}", np.dtype(f.dtype).newbyteorder("<").str, tuple(f.shape))
-                 for f in fetches if not f.variable]
+        head = np.dtype([("key", "u1", (16,)), ("length", "<i8"), *_rows(f for f in fetches if not f.variable)])
         parts = tuple((f.name, np.dtype(f.dtype).newbyteorder("<"), tuple(f.shape[1:])) for f in fetches if f.variable)
-        return cls(np.dtype([(n, t, s) if s else (n, t) for n, t, s in head]), parts,
-                   sum(dt.itemsize * math.prod(shape) for _, dt, shape in parts))
+        return cls(head, parts, sum(dt.itemsize * math.prod(shape) for _, dt, shape in parts))
 
-    def sizes(self, lengths: np.ndarray) -> np.ndarray:
-        """Each record's bytes, for rows of ``lengths`` tokens."""
-        body = self.head.itemsize + np.asarray(lengths, np.int64) * self.token_bytes
-        return body + (-body % 4) + 4
-
-    def size(self, length: int) -> int:
-        """:meth:`sizes` of one row."""
-        body = self.head.itemsize + length * self.token_bytes
+    def sizes(self, lengths: int | np.ndarray) -> int | np.ndarray:
+        """Each record's bytes, for rows of ``lengths`` tokens (an int, or an int64 array)."""
+        body = self.head.itemsize + lengths * self.token_bytes
         return body + (-body % 4) + 4
 
     def pack(self, keys: np.ndarray, outputs: Mapping[str, Tensor]) -> np.ndarray:
         """The records of rows ``keys``, end to end: ``outputs[name]`` holds each prediction (a
         per-token one as a Ragged); a ValueError if per-token ones differ in a row's length."""
-        import xxhash
-
         lengths = next(t.lengths for t in outputs.values() if isinstance(t, Ragged))
         for name, _, _ in self.parts:
             out = outputs[name]
@@ -166,7 +160,6 @@ class TokenRecords:
         tokens = []  # per per-token prediction: its bytes, and where each row's start in them
         for name, dt, _ in self.parts:
             out = outputs[name]
-            assert isinstance(out, Ragged)
             per_token = dt.itemsize * math.prod(out.inner_shape)
             tokens.append((memoryview(np.ascontiguousarray(out.values, dt).reshape(-1).view(np.uint8)),
                            (out.offsets * per_token).tolist()))
@@ -197,8 +190,6 @@ def record_checks(records: np.ndarray) -> np.ndarray:
     except for small records by the million (0.37 against 0.14 us a 56-byte record,
     but 0.9 against 7 us a 4 KB one, and 0.3 against 0.9 us in a task's few hundred).
     """
-    import xxhash
-
     raw = records.view(np.uint8).reshape(len(records), -1)
     digest, body = xxhash.xxh32_intdigest, raw.shape[1] - 4
     return np.fromiter((digest(row[:body], CHECK_SEED) for row in raw), np.uint32, len(records))
@@ -211,8 +202,6 @@ def row_keys(arrays: Sequence[Tensor], seed: int) -> np.ndarray:
     rows of several variable-length feeds that join into the same bytes (``[1, 2] + [3]``
     and ``[1] + [2, 3]``) are other questions, and so are rows of zero-sized tokens.
     """
-    import xxhash
-
     rows = len(arrays[0])
     if len(arrays) == 1 and not isinstance(arrays[0], Ragged):
         view = memoryview(np.ascontiguousarray(arrays[0]).reshape(-1).view(np.uint8))
@@ -227,8 +216,7 @@ def row_keys(arrays: Sequence[Tensor], seed: int) -> np.ndarray:
             cuts.append((view, (a.offsets * token).tolist(), a.lengths.astype("<i8").tobytes()))
         else:
             view = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-            n = len(view) // rows if rows else 0
-            cuts.append((view, list(range(0, (rows + 1) * n, n)) if n else [0] * (rows + 1), None))
+            cuts.append((view, (np.arange(rows + 1) * (len(view) // rows if rows else 0)).tolist(), None))
     parts = []
     for i in range(rows):
         h = xxhash.xxh3_128(seed=seed)
@@ -268,24 +256,18 @@ def _close_segments(segments: dict[str, _Segment]) -> None:
         seg.close()
 
 
-@dataclass
 class CacheIndex:
     """The reader's side: which keys are cached, and their rows (see the module docstring)."""
 
-    folder: str
-    fetches: list[TensorSpec]
-    dtype: np.dtype = field(init=False)
-    tokens: TokenRecords | None = field(init=False)  # records of their own size (per-token predictions), else None
-    _segments: dict[str, _Segment] = field(default_factory=dict, init=False)
-    _names: list[str] = field(default_factory=list, init=False)  # segment number -> file name
-    _hi: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64), init=False)  # sorted
-    _lo: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64), init=False)
-    _seg: np.ndarray = field(default_factory=lambda: np.empty(0, np.int32), init=False)
-    _pos: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64), init=False)  # byte after the header
-
-    def __post_init__(self) -> None:
-        self.tokens = TokenRecords.of(self.fetches)
+    def __init__(self, folder: str, fetches: Sequence[TensorSpec]) -> None:
+        self.folder, self.fetches = folder, list(fetches)
+        self.tokens = TokenRecords.of(self.fetches)  # records of their own size (per-token predictions), else None
         self.dtype = record_dtype(self.fetches) if self.tokens is None else self.tokens.head  # the fixed part
+        self._segments: dict[str, _Segment] = {}
+        self._names: list[str] = []  # segment number -> file name
+        # Per key, sorted by its first 64 bits: its two halves, its segment's number, its byte after the header.
+        self._hi, self._lo = np.empty(0, np.uint64), np.empty(0, np.uint64)
+        self._seg, self._pos = np.empty(0, np.int32), np.empty(0, np.int64)
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         self._finalizer = weakref.finalize(self, _close_segments, self._segments)
 
@@ -303,38 +285,36 @@ class CacheIndex:
         except FileNotFoundError:
             names = []
         gone = [n for n in self._segments if n not in names]
-        if gone:  # evicted: forget their keys (a producer already forked keeps its own files)
-            for name in gone:
-                self._segments.pop(name).close()
-            self._rebuild()
-        his, los, added_to, places = [], [], [], []
-        skipped = False
+        for name in gone:  # evicted: forget their keys (a producer already forked keeps its own files)
+            self._segments.pop(name).close()
+        new, skipped = [], False  # new: (segment name, keys, places) per segment with records added
         for name in names:
             seg = self._segments.get(name) or self._open(name)
             if seg is None or not seg.usable:
                 continue
             try:
-                new = self._scan(seg)
+                added = self._scan(seg)
             except OSError as exc:
                 self._skip(seg, f"cannot be read ({exc})")
-                new = None
+                added = None
             skipped |= not seg.usable
-            if new is None:
-                continue
-            keys, positions = new
-            keys = keys.view("<u8")
-            his.append(keys[:, 0])
-            los.append(keys[:, 1])
-            added_to.append(name)
-            places.append(positions)
-        if skipped:
+            if added is not None:
+                new.append((name, *added))
+        if gone or skipped:
             self._rebuild()  # before numbering the new keys' segments
-        if not his:
+        if not new:
             return 0
-        segs = [np.full(len(p), self._names.index(name), np.int32) for name, p in zip(added_to, places, strict=True)]
-        added = sum(len(h) for h in his)
-        self._merge(np.concatenate(his), np.concatenate(los), np.concatenate(segs), np.concatenate(places))
-        return added
+        keys = np.concatenate([k for _, k, _ in new]).view("<u8")
+        segs = np.concatenate([np.full(len(k), self._names.index(name), np.int32) for name, k, _ in new])
+        places = np.concatenate([p for _, _, p in new])
+        # Only the new keys are sorted, so a refresh costs what was added, plus a copy.  Two keys sharing
+        # their first 64 bits (odds of about n^2 / 2^65) may be missed by lookup: a miss, never a wrong row.
+        order = np.argsort(keys[:, 0], kind="stable")
+        keys, segs, places = keys[order], segs[order], places[order]
+        at = np.searchsorted(self._hi, keys[:, 0])
+        self._hi, self._lo = np.insert(self._hi, at, keys[:, 0]), np.insert(self._lo, at, keys[:, 1])
+        self._seg, self._pos = np.insert(self._seg, at, segs), np.insert(self._pos, at, places)
+        return len(keys)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Per key (rows x 16 bytes): its position in the index, or -1."""
@@ -342,8 +322,7 @@ class CacheIndex:
             return np.full(len(keys), -1, np.int64)
         q = np.ascontiguousarray(keys).view("<u8")
         hi, lo = q[:, 0], q[:, 1]
-        at = np.searchsorted(self._hi, hi)
-        at = np.minimum(at, len(self._hi) - 1)
+        at = np.minimum(np.searchsorted(self._hi, hi), len(self._hi) - 1)
         found = (self._hi[at] == hi) & (self._lo[at] == lo)
         return np.where(found, at, -1)
 
@@ -377,11 +356,8 @@ class CacheIndex:
             st = os.fstat(seg.fd)
             buf, starts, read = self._read(seg, places[mine], sizes[mine])
             recheck = not seg.settled or (st.st_size, st.st_mtime_ns) != seg.stat  # else checked when scanned
-            if self.tokens is None:
-                ok = self._copy_fixed(buf, starts, read, keys[mine], recheck, out, mine)
-            else:
-                assert lengths is not None
-                ok = self._copy_tokens(buf, starts, read, keys[mine], lengths[mine], recheck, out, mine)
+            ok = self._copy(buf, starts, read, keys[mine], None if lengths is None else lengths[mine], recheck,
+                            out, mine)
             if not ok.all():
                 short = int((~read).sum())
                 self._skip(seg, f"changed since it was scanned ({short} of {len(mine)} records read past its end, "
@@ -389,70 +365,54 @@ class CacheIndex:
             served[mine[ok]] = True
         return served
 
-    def _copy_fixed(self, buf: np.ndarray, starts: np.ndarray, read: np.ndarray, keys: np.ndarray, recheck: bool,
-                    out: Mapping[str, Tensor], where: np.ndarray) -> np.ndarray:
-        """Fixed-size records at ``starts`` of ``buf`` into rows ``where`` of ``out``, those that
-        hold their ``keys`` (and pass their check, with ``recheck``); which did."""
-        records = buf[starts[:, None] + np.arange(self.dtype.itemsize)].view(self.dtype).reshape(-1)
-        ok = read & (records["key"].copy().view("<u8") == keys).all(axis=1)
-        if recheck:
-            ok &= record_checks(records) == records["check"]
-        for name, arr in out.items():
-            assert isinstance(arr, np.ndarray)
-            arr[where[ok]] = records[f"p:{name}"][ok]
-        return ok
-
-    def _copy_tokens(self, buf: np.ndarray, starts: np.ndarray, read: np.ndarray, keys: np.ndarray,
-                     lengths: np.ndarray, recheck: bool, out: Mapping[str, Tensor], where: np.ndarray) -> np.ndarray:
-        """:meth:`_copy_fixed` for records of their own size (:class:`TokenRecords`): a record
-        also holds its row's ``lengths`` entry, or it is a miss."""
-        import xxhash
-
+    def _copy(self, buf: np.ndarray, starts: np.ndarray, read: np.ndarray, keys: np.ndarray,
+              lengths: np.ndarray | None, recheck: bool, out: Mapping[str, Tensor], where: np.ndarray) -> np.ndarray:
+        """The records at ``starts`` of ``buf`` into rows ``where`` of ``out``, those read whole that hold
+        their ``keys`` (and their ``lengths``, records of their own size) and, with ``recheck``, pass their
+        check; which did."""
+        heads = buf[starts[:, None] + np.arange(self.dtype.itemsize)].view(self.dtype).reshape(-1)
+        ok = read & (heads["key"].copy().view("<u8") == keys).all(axis=1)
         layout = self.tokens
-        assert layout is not None
-        size = layout.head.itemsize
-        heads = buf[starts[:, None] + np.arange(size)].view(layout.head).reshape(-1)
-        ok = read & (heads["key"].copy().view("<u8") == keys).all(axis=1) & (heads["length"] == lengths)
-        if recheck:
-            digest, ends = xxhash.xxh32_intdigest, starts + layout.sizes(lengths)
-            for i in np.flatnonzero(ok).tolist():
-                ok[i] = digest(buf[starts[i] : ends[i] - 4], CHECK_SEED) == int.from_bytes(
+        if layout is None:
+            if recheck:
+                ok &= record_checks(heads) == heads["check"]
+        else:
+            ok &= heads["length"] == lengths
+            ends = starts + layout.sizes(lengths)
+            for i in np.flatnonzero(ok).tolist() if recheck else ():
+                ok[i] = xxhash.xxh32_intdigest(buf[starts[i] : ends[i] - 4], CHECK_SEED) == int.from_bytes(
                     buf[ends[i] - 4 : ends[i]].tobytes(), "little")
         good = np.flatnonzero(ok)
-        rows, at, tokens = where[good], starts[good] + size, lengths[good]
-        for name in layout.head.names[2:]:
-            fixed = out[name[2:]]
-            assert isinstance(fixed, np.ndarray)
-            fixed[rows] = heads[name][good]
-        for name, dt, shape in layout.parts:
-            arr, per_token = out[name], math.prod(shape)
-            assert isinstance(arr, Ragged)
-            values = buf[spans(at, tokens * per_token * dt.itemsize)].view(dt)
-            arr.values.reshape(-1)[spans(arr.offsets[rows] * per_token, tokens * per_token)] = values
-            at = at + tokens * per_token * dt.itemsize
+        rows, at = where[good], starts[good] + self.dtype.itemsize
+        for name in self.dtype.names:
+            if name.startswith("p:"):
+                out[name[2:]][rows] = heads[name][good]
+        if layout is not None:
+            tokens = lengths[good]
+            for name, dt, shape in layout.parts:
+                arr, per_token = out[name], math.prod(shape)
+                values = buf[spans(at, tokens * per_token * dt.itemsize)].view(dt)
+                arr.values.reshape(-1)[spans(arr.offsets[rows] * per_token, tokens * per_token)] = values
+                at = at + tokens * per_token * dt.itemsize
         return ok
 
     def _read(self, seg: _Segment, places: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The records of ``sizes`` bytes at ``places`` of ``seg``: a buffer, where each starts in it, and
-        which were read whole (a file that shrank reads short), with one ``pread`` per run of
+        """The records (some) of ``sizes`` bytes at ``places`` of ``seg``: a buffer, where each starts in
+        it, and which were read whole (a file that shrank reads short), with one ``pread`` per run of
         records close together."""
         order = np.argsort(places, kind="stable")
         first, last = places[order], places[order] + sizes[order]
-        ends_so_far = np.maximum.accumulate(last) if len(last) else last
-        gaps = first[1:] - ends_so_far[:-1]
-        starts = np.flatnonzero(np.concatenate([[True], gaps > _GAP_BYTES])) if len(first) else np.zeros(0, np.int64)
-        ends = np.append(starts[1:], len(first))
-        begin = first[starts]
-        spans = np.maximum.reduceat(last, starts) - begin if len(starts) else np.zeros(0, np.int64)
-        base = np.cumsum(spans) - spans  # each run's place in the buffer
-        buf = np.zeros(int(spans.sum()), np.uint8)
-        raw, got = memoryview(buf), np.zeros(len(spans), np.int64)
+        opens = np.concatenate([[True], first[1:] - np.maximum.accumulate(last)[:-1] > _GAP_BYTES])  # a new run
+        run, begin = np.cumsum(opens) - 1, first[opens]
+        extent = np.maximum.reduceat(last, np.flatnonzero(opens)) - begin
+        base = np.cumsum(extent) - extent  # each run's place in the buffer
+        buf = np.zeros(int(extent.sum()), np.uint8)
+        raw, got = memoryview(buf), np.zeros(len(extent), np.int64)
         try:
-            for i, (at, to, n) in enumerate(zip(begin.tolist(), base.tolist(), spans.tolist(), strict=True)):
+            for i, (at, to, n) in enumerate(zip(begin.tolist(), base.tolist(), extent.tolist(), strict=True)):
                 got[i] = os.preadv(seg.fd, [raw[to : to + n]], _HEADER + at)
         except OSError as exc:
             log.warning("cache segment %s cannot be read: %s", seg.path, exc)
-        run = np.repeat(np.arange(len(spans)), ends - starts)
         offset = first - begin[run]
         where, read = np.empty(len(places), np.int64), np.empty(len(places), bool)
         where[order], read[order] = base[run] + offset, offset + sizes[order] <= got[run]
@@ -501,10 +461,7 @@ class CacheIndex:
             schema = json.loads(head[len(MAGIC) :].rstrip(b"\0").decode())
         except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             return f"has a damaged header ({type(exc).__name__}: {exc})"
-        return "" if schema == self._schema() else "is not one of this folder's (another schema)"
-
-    def _schema(self) -> list[dict]:
-        return [f.to_wire() for f in self.fetches]
+        return "" if schema == [f.to_wire() for f in self.fetches] else "is not one of this folder's (another schema)"
 
     def _scan(self, seg: _Segment) -> tuple[np.ndarray, np.ndarray] | None:
         """The keys (rows x 16 bytes) and places of the good records added to ``seg`` since it was last scanned.
@@ -520,26 +477,20 @@ class CacheIndex:
             return None
         if self.tokens is not None:
             return self._scan_tokens(seg, size)
-        itemsize = self.dtype.itemsize
-        count = size // itemsize - seg.scanned // itemsize
-        if count <= 0:
+        at, itemsize = seg.scanned, self.dtype.itemsize
+        records = np.empty((size - at) // itemsize, self.dtype)
+        if not len(records):
             return None
-        records = np.empty(count, self.dtype)
-        got = os.preadv(seg.fd, [records.view(np.uint8)], _HEADER + seg.scanned) // itemsize
-        first = seg.scanned // itemsize
-        seg.scanned += got * itemsize
-        records = records[:got]
+        records = records[: os.preadv(seg.fd, [records.view(np.uint8)], _HEADER + at) // itemsize]
+        seg.scanned += records.nbytes
         good = np.flatnonzero(record_checks(records) == records["check"])
         if len(good) < len(records):
             log.warning("cache segment %s: %d torn or damaged records skipped", seg.path, len(records) - len(good))
-        return records["key"][good].copy(), (first + good) * itemsize
+        return records["key"][good], at + good * itemsize
 
     def _scan_tokens(self, seg: _Segment, size: int) -> tuple[np.ndarray, np.ndarray] | None:
         """:meth:`_scan` for records of their own size, walked one after another from the last
         scanned: an incomplete one is waited for, a damaged one ends the segment's reading."""
-        import xxhash
-
-        assert self.tokens is not None
         if seg.ended or size == seg.scanned:
             return None
         buf = np.empty(size - seg.scanned, np.uint8)
@@ -548,7 +499,7 @@ class CacheIndex:
         keys, places, at = [], [], 0
         while at + head <= got:
             length = int.from_bytes(buf[at + 16 : at + 24].tobytes(), "little", signed=True)
-            record = self.tokens.size(length) if length >= 0 else -1
+            record = self.tokens.sizes(length) if length >= 0 else -1
             if record > 0 and at + record > got:
                 break  # its writer has not written it whole yet
             if record < 0 or digest(buf[at : at + record - 4], CHECK_SEED) != int.from_bytes(
@@ -565,23 +516,11 @@ class CacheIndex:
             return None
         return np.stack(keys), np.array(places, np.int64)
 
-    def _merge(self, hi: np.ndarray, lo: np.ndarray, seg: np.ndarray, pos: np.ndarray) -> None:
-        """Insert new keys: only they are sorted, so a refresh costs what was added, plus a copy.
-
-        Keys are ordered by their first 64 bits; two keys sharing those (odds of about
-        n^2 / 2^65) may then be missed by :meth:`lookup`, which is a miss, never a wrong row.
-        """
-        order = np.argsort(hi, kind="stable")
-        hi, lo, seg, pos = hi[order], lo[order], seg[order], pos[order]
-        at = np.searchsorted(self._hi, hi)
-        self._hi, self._lo = np.insert(self._hi, at, hi), np.insert(self._lo, at, lo)
-        self._seg, self._pos = np.insert(self._seg, at, seg), np.insert(self._pos, at, pos)
-
     def _rebuild(self) -> None:
         """Drop the keys of segments gone (evicted) or skipped, renumbering the rest."""
         keep = [n for n in self._names if n in self._segments and self._segments[n].usable]
         renumber = np.array([keep.index(n) if n in keep else -1 for n in self._names], np.int32)
-        alive = renumber[self._seg] >= 0 if len(self._seg) else np.zeros(0, bool)
+        alive = renumber[self._seg] >= 0
         self._hi, self._lo, self._pos = self._hi[alive], self._lo[alive], self._pos[alive]
         self._seg = renumber[self._seg[alive]]
         self._names = keep
@@ -597,8 +536,7 @@ class CacheWriter:
         # Segments small beside max_bytes, so that deleting whole ones keeps the bound close.
         self.segment_bytes = max(1 << 20, min(_SEGMENT_BYTES, max_bytes // 8))
         self._fd: int | None = None
-        self._path = ""
-        self._size = 0
+        self._path, self._size = "", 0
 
     def append(self, keys: np.ndarray, outputs: Mapping[str, Tensor]) -> None:
         """Store one row per key: ``outputs[name]`` rows are the predictions, in key order (a
@@ -616,9 +554,14 @@ class CacheWriter:
                 records[f"p:{f.name}"] = outputs[f.name]
             records["check"] = record_checks(records)
             data = records.view(np.uint8)
-        if self._fd is None or self._size >= self.segment_bytes or self._changed():
+        if self._fd is not None and self._size < self.segment_bytes:
+            size = os.fstat(self._fd).st_size
+            if size != self._size:  # truncated, or written by another: readers number records by their place
+                log.warning("cache segment %s is %d bytes, not the %d written: a new one is started",
+                            self._path, size, self._size)
+                self.close()
+        if self._fd is None or self._size >= self.segment_bytes:
             self._start_segment()
-        assert self._fd is not None
         self._write(data)
         self._size += data.nbytes
 
@@ -627,20 +570,9 @@ class CacheWriter:
             os.close(self._fd)
             self._fd = None
 
-    def _changed(self) -> bool:
-        """Whether the segment is no longer as this writer left it (truncated, or written by
-        another): readers number records by their place, so it gets no more of them."""
-        assert self._fd is not None
-        size = os.fstat(self._fd).st_size
-        if size != self._size:
-            log.warning("cache segment %s is %d bytes, not the %d written: a new one is started",
-                        self._path, size, self._size)
-        return size != self._size
-
     def _write(self, data: np.ndarray) -> None:
         """Append all of ``data``: a short write is followed by the rest (or by the error that
         cut it short, naming the file, after which the segment is closed)."""
-        assert self._fd is not None
         view, done = memoryview(data), 0
         try:
             while done < len(view):
@@ -672,24 +604,17 @@ def evict(root: str, max_bytes: int) -> int:
     """Delete the oldest segments under ``root`` until the rest hold at most ``max_bytes``; bytes freed."""
     segments = []
     for folder, _, files in os.walk(root):
-        for name in files:
-            if name.endswith(_SUFFIX):
-                path = os.path.join(folder, name)
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    continue
+        for path in (os.path.join(folder, name) for name in files if name.endswith(_SUFFIX)):
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(path)
                 segments.append((st.st_mtime, path, st.st_size))
-    total = sum(size for _, _, size in segments)
-    freed = 0
+    total, freed = sum(size for _, _, size in segments), 0
     for _, path, size in sorted(segments):
         if total - freed <= max(0, max_bytes):
             break
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
             freed += size
-        except FileNotFoundError:
-            pass
     return freed
 
 
@@ -697,9 +622,6 @@ def stored_bytes(root: str) -> int:
     """Bytes of every segment under ``root``."""
     return sum(os.path.getsize(os.path.join(f, n)) for f, _, files in os.walk(root) for n in files
                if n.endswith(_SUFFIX) and os.path.exists(os.path.join(f, n)))
-
-
-FINGERPRINT_FILE = "fingerprint.json"
 
 
 def read_fingerprint(folder: str) -> dict | None:
@@ -726,28 +648,23 @@ def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: M
     """
     parent = folder_for(root, model_id, fetches)
     os.makedirs(parent, mode=0o700, exist_ok=True)
-    names = [f.name for f in fetches]
-    number = 0
-    while True:
+    for number in itertools.count():
         folder = os.path.join(parent, f"fp{number}")
-        if os.path.isdir(folder):
-            known = read_fingerprint(folder)
-            if known is not None and distance(known, fp, names) <= tolerance:
+        if not os.path.isdir(folder):
+            staging = os.path.join(parent, f".new-{os.getpid()}-{os.urandom(4).hex()}")
+            os.makedirs(staging, mode=0o700)
+            with open(os.path.join(staging, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
+                json.dump(fp, f)
+            try:
+                os.rename(staging, folder)
                 return folder
-            number += 1
-            continue
-        staging = os.path.join(parent, f".new-{os.getpid()}-{os.urandom(4).hex()}")
-        os.makedirs(staging, mode=0o700)
-        with open(os.path.join(staging, FINGERPRINT_FILE), "w", encoding="utf-8") as f:
-            json.dump(fp, f)
-        try:
-            os.rename(staging, folder)
+            except OSError:  # another student made this one meanwhile: look at it
+                shutil.rmtree(staging)
+                if not os.path.isdir(folder):
+                    raise  # not a race: the rename itself failed
+        known = read_fingerprint(folder)
+        if known is not None and distance(known, fp, [f.name for f in fetches]) <= tolerance:
             return folder
-        except OSError:  # another student made this one meanwhile: look at it
-            os.unlink(os.path.join(staging, FINGERPRINT_FILE))
-            os.rmdir(staging)
-            if not os.path.isdir(folder):
-                raise  # not a race: the rename itself failed
 
 
 class CacheGate:
