@@ -1,39 +1,27 @@
 """A persistent teacher-output cache: a teacher is never asked twice about the same sample.
 
-Where the student's data is not augmented, every epoch after the first asks the teachers
-the same questions.  With ``DistillReader.set_teacher_cache(path)`` the answers are kept on
-disk, keyed by the teacher's ``model_id`` (from its ``meta``) and a 128-bit hash (xxh3) of
-the exact bytes of each sample's feeds, and rows already answered are answered from the
-cache before a task leaves the student's machine.
+With ``DistillReader.set_teacher_cache(path)`` the answers are kept on disk, keyed by the
+teacher's ``model_id`` (from its ``meta``) and a 128-bit hash (xxh3) of the exact bytes of
+each sample's feeds, so that where the data is not augmented, rows already answered are
+answered before a task leaves the student's machine.
 
 Layout: ``<path>/<model>/<schema>/fp<n>/<segment files>``: a digest of the ``model_id``, one
-of the predictions kept (names, dtypes, row shapes), and one folder per behaviour of the
+of the predictions kept (names, dtypes, row shapes), and a folder per behaviour of the
 model, whose ``fingerprint.json`` holds what it answered to the probe batch
-(:mod:`zdistill.fingerprint`, :func:`namespace_for`).  So another model, other outputs, or
-another model under the same ``model_id`` (weights loaded from another file) never gets
-answers cached for another.  A segment starts with a header, the format's magic and the
-schema as JSON (one of another format or schema, or damaged, is skipped with a warning
-naming it), and is written by one process only (a worker, appending whole records), so
-concurrent students sharing a path never interleave.  A record holds the key, each
-prediction's row, and a check word, the xxh32 of the record's bytes before it: a torn
-write (``kill -9`` mid-write) leaves an incomplete tail or a record whose check fails,
-never served.  With a per-token prediction, records are of their own size
-(:class:`TokenRecords`) and found by walking the segment from its start, so a damaged one
-ends what is read of its segment (the length that would lead past it cannot be trusted).
+(:func:`namespace_for`): another model, even one under the same ``model_id``, never gets
+another's answers.  A segment starts with a header (the format's magic and the schema as
+JSON) and has one writer (a worker, appending whole records), so students sharing a path
+never interleave.  A record holds the key, each prediction's row and a check word, the
+xxh32 of the bytes before it, so a torn write (``kill -9`` mid-write) leaves an incomplete
+tail or a record that fails its check, never served (records of per-token predictions:
+:class:`TokenRecords`).
 
 Readers (the student, before each epoch) scan only the bytes added since their last look
-and look keys up in sorted arrays, vectorized per task; the producer inherits the index and
-the segments' open files across its fork and reads its hits with ``pread``, never through
-a mapping, so a segment that shrinks under a running student yields short reads (misses),
-never a SIGBUS.  Each record read is checked again (its key, and its check word where the
-segment changed since the scan): one that changed is a miss, never a wrong row.  A writer
-whose file a full or read-only file system stops raises an ``OSError`` naming it and leaves
-nothing a later record could follow; the worker then stops writing and the reader turns
-the cache off.
-
-The cache is bounded by ``max_bytes`` over the whole ``path``: writers delete the oldest
-segments (by modification time) when they start a new one (segments are at most an eighth
-of ``max_bytes``, so the bound holds within a segment per writer).
+into sorted arrays; the producer inherits the index and its open files across its fork and
+reads its hits with ``pread``, never through a mapping, so a segment that shrinks under it
+reads short (misses), never a SIGBUS.  ``max_bytes`` bounds the whole ``path``: writers
+delete the oldest segments (by modification time) as they start one (segments are at most
+an eighth of ``max_bytes``, so the bound holds within a segment per writer).
 """
 
 from __future__ import annotations
@@ -81,13 +69,10 @@ def default_max_bytes(path: str) -> int:
 
 
 def cacheable(fetches: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str | None:
-    """Why predictions of these specs, answered to these feeds, cannot be cached, or None.
-
-    A per-token prediction (first per-row dimension -1) is kept when the teacher takes a
-    variable-length feed: each row's answer then has that row's length, which its key
-    holds, so a task's room for cached answers is laid out before they are looked up
-    (:class:`zdistill.student.batches.CacheSlots`).  Any other size that varies is not.
-    """
+    """Why predictions of these specs, answered to these feeds, cannot be cached, or None.  A per-token
+    prediction (first per-row dimension -1) is kept when the teacher takes a variable-length feed: each
+    row's answer then has that row's length, which its key holds, so a task's room for cached answers
+    is laid out before they are looked up (:class:`~zdistill.student.batches.CacheSlots`)."""
     varying = [f.name for f in fetches if any(d < 0 for d in f.shape[1 if f.variable else 0 :])]
     if varying:
         return f"outputs {varying} have a size that varies other than per token, and the cache cannot lay them out"
@@ -114,13 +99,11 @@ def record_dtype(fetches: Sequence[TensorSpec]) -> np.dtype:
 
 @dataclass(frozen=True)
 class TokenRecords:
-    """The records of a schema with per-token predictions: each of its own size.
-
-    A record is its fixed part (:attr:`head`: the key, the row's length in tokens, each
-    fixed-size prediction's row), then each per-token prediction's ``length`` rows, padding
-    to 4 bytes, and the check word (the xxh32 of the bytes before it).  Every per-token
-    prediction of a row has the row's length (a teacher cuts them to its variable-length
-    feeds' length), so one length sizes the record.
+    """The records of a schema with per-token predictions, each of its own size: its fixed part
+    (:attr:`head`: the key, the row's length in tokens, each fixed-size prediction's row), then each
+    per-token prediction's ``length`` rows, padding to 4 bytes, and the check word (the xxh32 of the
+    bytes before it).  A teacher cuts every per-token prediction of a row to the row's length (its
+    variable-length feeds'), so one length sizes the record.
     """
 
     head: np.dtype
@@ -183,24 +166,19 @@ def folder_for(root: str, model_id: str, fetches: Sequence[TensorSpec]) -> str:
 
 
 def record_checks(records: np.ndarray) -> np.ndarray:
-    """The check word of each record: the xxh32 of its bytes before the check.
-
-    A hash, not a sum, so that words swapped, or moved between records, fail it.  One
-    call of the library per record: measured, that beats an xxh32 vectorized in numpy
-    except for small records by the million (0.37 against 0.14 us a 56-byte record,
-    but 0.9 against 7 us a 4 KB one, and 0.3 against 0.9 us in a task's few hundred).
-    """
+    """The check word of each record: the xxh32 of its bytes before the check (a hash, not a sum, so
+    that words swapped, or moved between records, fail it).  One call of the library per record:
+    measured, that beats an xxh32 vectorized in numpy except for small records by the million (0.37
+    against 0.14 us a 56-byte record, but 0.9 against 7 us a 4 KB one, 0.3 against 0.9 in a task's)."""
     raw = records.view(np.uint8).reshape(len(records), -1)
     digest, body = xxhash.xxh32_intdigest, raw.shape[1] - 4
     return np.fromiter((digest(row[:body], CHECK_SEED) for row in raw), np.uint32, len(records))
 
 
 def row_keys(arrays: Sequence[Tensor], seed: int) -> np.ndarray:
-    """128-bit keys (rows x 16 bytes) of the rows of ``arrays`` taken together.
-
-    A row of a :class:`~zdistill.spec.Ragged` is hashed with its length before its bytes:
-    rows of several variable-length feeds that join into the same bytes (``[1, 2] + [3]``
-    and ``[1] + [2, 3]``) are other questions, and so are rows of zero-sized tokens.
+    """128-bit keys (rows x 16 bytes) of the rows of ``arrays`` taken together.  A Ragged's row is
+    hashed with its length before its bytes: rows of variable-length feeds that join into the same
+    bytes (``[1, 2] + [3]`` and ``[1] + [2, 3]``) are other questions, and so are rows of zero-sized tokens.
     """
     rows = len(arrays[0])
     if len(arrays) == 1 and not isinstance(arrays[0], Ragged):
@@ -275,19 +253,15 @@ class CacheIndex:
         """Close the segments' files (a producer already forked keeps its own)."""
         self._finalizer()
 
-    def __len__(self) -> int:
-        return len(self._hi)
-
     def refresh(self) -> int:
         """Take in the records written since the last look; the number of new keys."""
         try:
             names = sorted(n for n in os.listdir(self.folder) if n.endswith(_SUFFIX))
         except FileNotFoundError:
             names = []
-        gone = [n for n in self._segments if n not in names]
-        for name in gone:  # evicted: forget their keys (a producer already forked keeps its own files)
+        for name in [n for n in self._segments if n not in names]:  # evicted (a producer keeps its own files)
             self._segments.pop(name).close()
-        new, skipped = [], False  # new: (segment name, keys, places) per segment with records added
+        new = []  # (segment name, keys, places) per segment with records added
         for name in names:
             seg = self._segments.get(name) or self._open(name)
             if seg is None or not seg.usable:
@@ -297,11 +271,9 @@ class CacheIndex:
             except OSError as exc:
                 self._skip(seg, f"cannot be read ({exc})")
                 added = None
-            skipped |= not seg.usable
             if added is not None:
                 new.append((name, *added))
-        if gone or skipped:
-            self._rebuild()  # before numbering the new keys' segments
+        self._rebuild()  # before numbering the new keys' segments
         if not new:
             return 0
         keys = np.concatenate([k for _, k, _ in new]).view("<u8")
@@ -327,27 +299,20 @@ class CacheIndex:
         return np.where(found, at, -1)
 
     def gather(self, positions: np.ndarray, out: Mapping[str, Tensor]) -> np.ndarray:
-        """Copy the cached rows at ``positions`` (from :meth:`lookup`, all found) into ``out[name]``;
-        per position, whether its row was copied.
-
-        A per-token prediction's ``out`` is a :class:`~zdistill.spec.Ragged` whose lengths are
-        the rows' (their keys hold them): a record of another length is a miss.  A row is
-        copied only if its record, read now, still holds its key and passes its check: a
-        segment that shrank or changed since the scan gives misses, never wrong rows, and is
-        skipped from then on (in this process) with a warning naming it.  The checks are
-        computed again unless the segment is as it was when scanned (its size and
-        modification time, and that time was a second older than the scan, so that a later
-        change cannot share its clock tick).
+        """Copy the cached rows at ``positions`` (from :meth:`lookup`, all found) into ``out[name]`` (a
+        per-token prediction's is a Ragged of the rows' lengths, which their keys hold); per position,
+        whether its row was copied.  Its record, read now, must still hold its key (and length) and
+        pass its check, else its segment changed since the scan: a miss, never a wrong row, and the
+        segment is skipped from then on (in this process) with a warning naming it.  The checks are
+        computed again unless the segment's size and modification time are as scanned and that time
+        was a second older than the scan (so that a later change cannot share its clock tick).
         """
         served = np.zeros(len(positions), bool)
         segs, places = self._seg[positions], self._pos[positions]
         keys = np.stack([self._hi[positions], self._lo[positions]], axis=1)
         lengths = next((t.lengths for t in out.values() if isinstance(t, Ragged)), None)
-        if self.tokens is not None:
-            assert lengths is not None, "per-token predictions are gathered into Ragged outputs"
-            sizes = self.tokens.sizes(lengths)
-        else:
-            sizes = np.full(len(positions), self.dtype.itemsize, np.int64)
+        sizes = (np.full(len(positions), self.dtype.itemsize, np.int64) if self.tokens is None
+                 else self.tokens.sizes(lengths))
         for seg_no in np.unique(segs):
             seg = self._segments[self._names[seg_no]]
             mine = np.flatnonzero(segs == seg_no)
@@ -355,46 +320,34 @@ class CacheIndex:
                 continue
             st = os.fstat(seg.fd)
             buf, starts, read = self._read(seg, places[mine], sizes[mine])
+            heads = buf[starts[:, None] + np.arange(self.dtype.itemsize)].view(self.dtype).reshape(-1)
+            ok = read & (heads["key"].copy().view("<u8") == keys[mine]).all(axis=1)
             recheck = not seg.settled or (st.st_size, st.st_mtime_ns) != seg.stat  # else checked when scanned
-            ok = self._copy(buf, starts, read, keys[mine], None if lengths is None else lengths[mine], recheck,
-                            out, mine)
+            if self.tokens is not None:
+                ok &= heads["length"] == lengths[mine]
+            if recheck and self.tokens is None:
+                ok &= record_checks(heads) == heads["check"]
+            elif recheck:
+                ends = starts + sizes[mine]
+                for i in np.flatnonzero(ok).tolist():
+                    ok[i] = xxhash.xxh32_intdigest(buf[starts[i] : ends[i] - 4], CHECK_SEED) == int.from_bytes(
+                        buf[ends[i] - 4 : ends[i]].tobytes(), "little")
             if not ok.all():
                 short = int((~read).sum())
                 self._skip(seg, f"changed since it was scanned ({short} of {len(mine)} records read past its end, "
                                 f"{len(mine) - short - int(ok.sum())} no longer the ones scanned)")
-            served[mine[ok]] = True
+            good = np.flatnonzero(ok)
+            rows, at = mine[good], starts[good] + self.dtype.itemsize
+            served[rows] = True
+            for name in self.dtype.names:
+                if name.startswith("p:"):
+                    out[name[2:]][rows] = heads[name][good]
+            for name, dt, shape in self.tokens.parts if self.tokens else ():
+                arr, per_row = out[name], lengths[rows] * math.prod(shape)  # each row's values of it
+                values = buf[spans(at, per_row * dt.itemsize)].view(dt)
+                arr.values.reshape(-1)[spans(arr.offsets[rows] * math.prod(shape), per_row)] = values
+                at = at + per_row * dt.itemsize
         return served
-
-    def _copy(self, buf: np.ndarray, starts: np.ndarray, read: np.ndarray, keys: np.ndarray,
-              lengths: np.ndarray | None, recheck: bool, out: Mapping[str, Tensor], where: np.ndarray) -> np.ndarray:
-        """The records at ``starts`` of ``buf`` into rows ``where`` of ``out``, those read whole that hold
-        their ``keys`` (and their ``lengths``, records of their own size) and, with ``recheck``, pass their
-        check; which did."""
-        heads = buf[starts[:, None] + np.arange(self.dtype.itemsize)].view(self.dtype).reshape(-1)
-        ok = read & (heads["key"].copy().view("<u8") == keys).all(axis=1)
-        layout = self.tokens
-        if layout is None:
-            if recheck:
-                ok &= record_checks(heads) == heads["check"]
-        else:
-            ok &= heads["length"] == lengths
-            ends = starts + layout.sizes(lengths)
-            for i in np.flatnonzero(ok).tolist() if recheck else ():
-                ok[i] = xxhash.xxh32_intdigest(buf[starts[i] : ends[i] - 4], CHECK_SEED) == int.from_bytes(
-                    buf[ends[i] - 4 : ends[i]].tobytes(), "little")
-        good = np.flatnonzero(ok)
-        rows, at = where[good], starts[good] + self.dtype.itemsize
-        for name in self.dtype.names:
-            if name.startswith("p:"):
-                out[name[2:]][rows] = heads[name][good]
-        if layout is not None:
-            tokens = lengths[good]
-            for name, dt, shape in layout.parts:
-                arr, per_token = out[name], math.prod(shape)
-                values = buf[spans(at, tokens * per_token * dt.itemsize)].view(dt)
-                arr.values.reshape(-1)[spans(arr.offsets[rows] * per_token, tokens * per_token)] = values
-                at = at + tokens * per_token * dt.itemsize
-        return ok
 
     def _read(self, seg: _Segment, places: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The records (some) of ``sizes`` bytes at ``places`` of ``seg``: a buffer, where each starts in
@@ -425,50 +378,37 @@ class CacheIndex:
         seg.close()
 
     def _open(self, name: str) -> _Segment | None:
-        path = os.path.join(self.folder, name)
+        """The segment ``name``, or None while its writer is still writing its header.  One never to be
+        read is remembered, so that it is named once."""
+        seg = _Segment(os.path.join(self.folder, name))
         try:
-            fd = os.open(path, os.O_RDONLY)
+            seg.fd = os.open(seg.path, os.O_RDONLY)
+            head = os.pread(seg.fd, _HEADER, 0)
+            if len(head) < _HEADER:
+                seg.close()
+                return None
+            why = ""
+            if not head.startswith(MAGIC):
+                why = f"is of another format (magic {head[:len(MAGIC)]!r}, not {MAGIC!r})"
+            elif json.loads(head[len(MAGIC) :].rstrip(b"\0").decode()) != [f.to_wire() for f in self.fetches]:
+                why = "is not one of this folder's (another schema)"
         except FileNotFoundError:
             return None
         except OSError as exc:
-            return self._ignore(name, path, f"cannot be opened ({exc})")
-        try:
-            head = os.pread(fd, _HEADER, 0)
-        except OSError as exc:
-            os.close(fd)
-            return self._ignore(name, path, f"cannot be read ({exc})")
-        if len(head) < _HEADER:
-            os.close(fd)
-            return None  # its writer is still writing the header
-        why = self._header_problem(head)
+            why = f"cannot be read ({exc})"
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            why = f"has a damaged header ({type(exc).__name__}: {exc})"
+        self._segments[name] = seg
         if why:
-            os.close(fd)
-            return self._ignore(name, path, why)
-        self._names.append(name)
-        seg = self._segments[name] = _Segment(path, fd)
+            self._skip(seg, why)
+        else:
+            self._names.append(name)
         return seg
 
-    def _ignore(self, name: str, path: str, why: str) -> None:
-        """A segment never to be read: remembered, so that it is named once."""
-        log.warning("cache segment %s %s; ignored", path, why)
-        self._segments[name] = _Segment(path, usable=False)
-
-    def _header_problem(self, head: bytes) -> str:
-        """Why a segment with this header is not to be read ("" when it is)."""
-        if not head.startswith(MAGIC):
-            return f"is of another format (magic {head[:len(MAGIC)]!r}, not {MAGIC!r})"
-        try:
-            schema = json.loads(head[len(MAGIC) :].rstrip(b"\0").decode())
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            return f"has a damaged header ({type(exc).__name__}: {exc})"
-        return "" if schema == [f.to_wire() for f in self.fetches] else "is not one of this folder's (another schema)"
-
     def _scan(self, seg: _Segment) -> tuple[np.ndarray, np.ndarray] | None:
-        """The keys (rows x 16 bytes) and places of the good records added to ``seg`` since it was last scanned.
-
-        As many as a read gets now: a file that shrank since the last scan is skipped
-        (its records scanned before may be gone), never read past its end.
-        """
+        """The keys (rows x 16 bytes) and places of the good records added to ``seg`` since it was last
+        scanned, as many as a read gets now: a file that shrank since is skipped (its records scanned
+        before may be gone), never read past its end."""
         st = os.fstat(seg.fd)
         size = max(0, st.st_size - _HEADER)
         seg.stat, seg.settled = (st.st_size, st.st_mtime_ns), time.time_ns() - st.st_mtime_ns > 1_000_000_000
@@ -489,8 +429,8 @@ class CacheIndex:
         return records["key"][good], at + good * itemsize
 
     def _scan_tokens(self, seg: _Segment, size: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """:meth:`_scan` for records of their own size, walked one after another from the last
-        scanned: an incomplete one is waited for, a damaged one ends the segment's reading."""
+        """:meth:`_scan` for records of their own size, walked one after another: an incomplete one is
+        waited for, a damaged one ends the segment's reading."""
         if seg.ended or size == seg.scanned:
             return None
         buf = np.empty(size - seg.scanned, np.uint8)
@@ -517,8 +457,10 @@ class CacheIndex:
         return np.stack(keys), np.array(places, np.int64)
 
     def _rebuild(self) -> None:
-        """Drop the keys of segments gone (evicted) or skipped, renumbering the rest."""
+        """Drop the keys of segments gone (evicted) or skipped, if any, renumbering the rest."""
         keep = [n for n in self._names if n in self._segments and self._segments[n].usable]
+        if len(keep) == len(self._names):
+            return
         renumber = np.array([keep.index(n) if n in keep else -1 for n in self._names], np.int32)
         alive = renumber[self._seg] >= 0
         self._hi, self._lo, self._pos = self._hi[alive], self._lo[alive], self._pos[alive]
@@ -585,11 +527,10 @@ class CacheWriter:
         self.close()
         os.makedirs(self.folder, mode=0o700, exist_ok=True)
         evict(self.root, self.max_bytes - self.segment_bytes)
-        name = f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}{_SUFFIX}"
         head = MAGIC + json.dumps([f.to_wire() for f in self.fetches]).encode()
         if len(head) > _HEADER:
             raise ValueError("the outputs' description does not fit a cache segment header")
-        self._path = os.path.join(self.folder, name)
+        self._path = os.path.join(self.folder, f"{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}{_SUFFIX}")
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             self._write(np.frombuffer(head.ljust(_HEADER, b"\0"), np.uint8))
@@ -638,13 +579,10 @@ def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: M
                   tolerance: float = TOLERANCE) -> str:
     """The folder of answers of ``model_id`` that behaves as ``fp`` says (a summary of its answers to
     the probe batch, :func:`zdistill.fingerprint.usable`): the first under :func:`folder_for` whose
-    fingerprint is within ``tolerance`` of ``fp``, else a new one.
-
-    Two models of one ``model_id`` (weights loaded from another file, say) so get folders of
-    their own: answers of one are never looked up for the other.  A new folder is made whole
-    (its fingerprint written) under a temporary name and renamed into place, so a folder
-    seen by its name always has its fingerprint, and two students making one at once both
-    end up in one of them.
+    fingerprint is within ``tolerance`` of ``fp``, else a new one, so that two models of one
+    ``model_id`` get folders of their own.  A new folder is made whole (its fingerprint written)
+    under a temporary name and renamed into place: a folder seen by its name always has its
+    fingerprint, and two students making one at once both end up in one of them.
     """
     parent = folder_for(root, model_id, fetches)
     os.makedirs(parent, mode=0o700, exist_ok=True)
@@ -668,13 +606,10 @@ def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: M
 
 
 class CacheGate:
-    """Whether cached answers may still be served to this reader's training loop.
-
-    Closed (for good) the moment a teacher is known not to reproduce the cache's
-    fingerprint: the producer stops looking rows up, and no answer holding cached rows
-    reaches the training loop any more (the dispatcher and the sink send such tasks to
-    the teachers again).  One byte of shared memory made before any fork, so the
-    producers of later forks and the one running see it change at once.
+    """Whether cached answers may still be served to this reader's training loop: closed for good
+    once a teacher is known not to reproduce the cache's fingerprint (the producer stops looking
+    rows up; the dispatcher and the sink send tasks holding cached rows to the teachers again).
+    One byte of shared memory made before any fork, so that every producer sees it change at once.
     """
 
     def __init__(self) -> None:
