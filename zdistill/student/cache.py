@@ -175,6 +175,11 @@ def record_checks(records: np.ndarray) -> np.ndarray:
     return np.fromiter((digest(row[:body], CHECK_SEED) for row in raw), np.uint32, len(records))
 
 
+def _checked(buf: np.ndarray, start: int, end: int) -> bool:
+    """Whether the record ``buf[start:end]`` passes its check."""
+    return xxhash.xxh32_intdigest(buf[start : end - 4], CHECK_SEED) == int.from_bytes(buf[end - 4 : end], "little")
+
+
 def row_keys(arrays: Sequence[Tensor], seed: int) -> np.ndarray:
     """128-bit keys (rows x 16 bytes) of the rows of ``arrays`` taken together.  A Ragged's row is
     hashed with its length before its bytes: rows of variable-length feeds that join into the same
@@ -327,11 +332,9 @@ class CacheIndex:
                 ok &= heads["length"] == lengths[mine]
             if recheck and self.tokens is None:
                 ok &= record_checks(heads) == heads["check"]
-            elif recheck:
+            elif recheck:  # records of their own size, one at a time
                 ends = starts + sizes[mine]
-                for i in np.flatnonzero(ok).tolist():
-                    ok[i] = xxhash.xxh32_intdigest(buf[starts[i] : ends[i] - 4], CHECK_SEED) == int.from_bytes(
-                        buf[ends[i] - 4 : ends[i]].tobytes(), "little")
+                ok[ok] = [_checked(buf, at, end) for at, end in zip(starts[ok], ends[ok], strict=True)]
             if not ok.all():
                 short = int((~read).sum())
                 self._skip(seg, f"changed since it was scanned ({short} of {len(mine)} records read past its end, "
@@ -408,42 +411,36 @@ class CacheIndex:
     def _scan(self, seg: _Segment) -> tuple[np.ndarray, np.ndarray] | None:
         """The keys (rows x 16 bytes) and places of the good records added to ``seg`` since it was last
         scanned, as many as a read gets now: a file that shrank since is skipped (its records scanned
-        before may be gone), never read past its end."""
+        before may be gone), never read past its end.  Records of their own size are walked one after
+        another: an incomplete one is waited for, a damaged one ends the segment's reading."""
         st = os.fstat(seg.fd)
         size = max(0, st.st_size - _HEADER)
         seg.stat, seg.settled = (st.st_size, st.st_mtime_ns), time.time_ns() - st.st_mtime_ns > 1_000_000_000
         if size < seg.scanned:
             self._skip(seg, f"shrank to {size} bytes of records after {seg.scanned} were scanned")
             return None
-        if self.tokens is not None:
-            return self._scan_tokens(seg, size)
-        at, itemsize = seg.scanned, self.dtype.itemsize
-        records = np.empty((size - at) // itemsize, self.dtype)
-        if not len(records):
-            return None
-        records = records[: os.preadv(seg.fd, [records.view(np.uint8)], _HEADER + at) // itemsize]
-        seg.scanned += records.nbytes
-        good = np.flatnonzero(record_checks(records) == records["check"])
-        if len(good) < len(records):
-            log.warning("cache segment %s: %d torn or damaged records skipped", seg.path, len(records) - len(good))
-        return records["key"][good], at + good * itemsize
-
-    def _scan_tokens(self, seg: _Segment, size: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """:meth:`_scan` for records of their own size, walked one after another: an incomplete one is
-        waited for, a damaged one ends the segment's reading."""
+        if self.tokens is None:
+            at, itemsize = seg.scanned, self.dtype.itemsize
+            records = np.empty((size - at) // itemsize, self.dtype)
+            if not len(records):
+                return None
+            records = records[: os.preadv(seg.fd, [records.view(np.uint8)], _HEADER + at) // itemsize]
+            seg.scanned += records.nbytes
+            good = np.flatnonzero(record_checks(records) == records["check"])
+            if len(good) < len(records):
+                log.warning("cache segment %s: %d torn or damaged records skipped", seg.path, len(records) - len(good))
+            return records["key"][good], at + good * itemsize
         if seg.ended or size == seg.scanned:
             return None
         buf = np.empty(size - seg.scanned, np.uint8)
         got = os.preadv(seg.fd, [buf], _HEADER + seg.scanned)
-        head, digest = self.tokens.head.itemsize, xxhash.xxh32_intdigest
         keys, places, at = [], [], 0
-        while at + head <= got:
+        while at + self.dtype.itemsize <= got:
             length = int.from_bytes(buf[at + 16 : at + 24].tobytes(), "little", signed=True)
             record = self.tokens.sizes(length) if length >= 0 else -1
             if record > 0 and at + record > got:
                 break  # its writer has not written it whole yet
-            if record < 0 or digest(buf[at : at + record - 4], CHECK_SEED) != int.from_bytes(
-                    buf[at + record - 4 : at + record].tobytes(), "little"):
+            if record < 0 or not _checked(buf, at, at + record):
                 log.warning("cache segment %s: a damaged record at byte %d; the %d bytes after it are not read",
                             seg.path, _HEADER + seg.scanned + at, size - seg.scanned - at)
                 seg.ended = True
@@ -513,8 +510,7 @@ class CacheWriter:
             self._fd = None
 
     def _write(self, data: np.ndarray) -> None:
-        """Append all of ``data``: a short write is followed by the rest (or by the error that
-        cut it short, naming the file, after which the segment is closed)."""
+        """Append all of ``data`` (a short write is followed by the rest); an error names the file and closes it."""
         view, done = memoryview(data), 0
         try:
             while done < len(view):
