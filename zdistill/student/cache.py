@@ -139,22 +139,17 @@ class TokenRecords:
         sizes = self.sizes(lengths)
         starts = np.cumsum(sizes) - sizes
         buf = np.zeros(int(sizes.sum()), np.uint8)
-        raw = memoryview(heads.view(np.uint8))
-        tokens = []  # per per-token prediction: its bytes, and where each row's start in them
-        for name, dt, _ in self.parts:
-            out = outputs[name]
-            per_token = dt.itemsize * math.prod(out.inner_shape)
-            tokens.append((memoryview(np.ascontiguousarray(out.values, dt).reshape(-1).view(np.uint8)),
-                           (out.offsets * per_token).tolist()))
-        view, hs, digest = memoryview(buf), self.head.itemsize, xxhash.xxh32_intdigest
-        for i, (at, size) in enumerate(zip(starts.tolist(), sizes.tolist(), strict=True)):
-            view[at : at + hs] = raw[i * hs : (i + 1) * hs]
-            to = at + hs
+        hs, view, digest = self.head.itemsize, memoryview(buf), xxhash.xxh32_intdigest
+        buf[starts[:, None] + np.arange(hs)] = heads.view(np.uint8).reshape(len(keys), hs)
+        tokens = [(memoryview(np.ascontiguousarray(outputs[name].values, dt).reshape(-1).view(np.uint8)),
+                   (outputs[name].offsets * dt.itemsize * math.prod(outputs[name].inner_shape)).tolist())
+                  for name, dt, _ in self.parts]  # per per-token prediction: its bytes, where each row starts in them
+        for i, (start, end) in enumerate(zip(starts.tolist(), (starts + sizes).tolist(), strict=True)):
+            at = start + hs
             for values, offsets in tokens:
-                n = offsets[i + 1] - offsets[i]
-                view[to : to + n] = values[offsets[i] : offsets[i + 1]]
-                to += n
-            view[at + size - 4 : at + size] = digest(view[at : at + size - 4], CHECK_SEED).to_bytes(4, "little")
+                view[at : at + offsets[i + 1] - offsets[i]] = values[offsets[i] : offsets[i + 1]]
+                at += offsets[i + 1] - offsets[i]
+            view[end - 4 : end] = digest(view[start : end - 4], CHECK_SEED).to_bytes(4, "little")
         return buf
 
 
@@ -297,8 +292,7 @@ class CacheIndex:
         """Per key (rows x 16 bytes): its position in the index, or -1."""
         if not len(self._hi):
             return np.full(len(keys), -1, np.int64)
-        q = np.ascontiguousarray(keys).view("<u8")
-        hi, lo = q[:, 0], q[:, 1]
+        hi, lo = np.ascontiguousarray(keys).view("<u8").T
         at = np.minimum(np.searchsorted(self._hi, hi), len(self._hi) - 1)
         found = (self._hi[at] == hi) & (self._lo[at] == lo)
         return np.where(found, at, -1)
