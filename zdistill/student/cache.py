@@ -347,9 +347,8 @@ class CacheIndex:
         return served
 
     def _read(self, seg: _Segment, places: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The records (some) of ``sizes`` bytes at ``places`` of ``seg``: a buffer, where each starts in
-        it, and which were read whole (a file that shrank reads short), with one ``pread`` per run of
-        records close together."""
+        """The records of ``sizes`` bytes at ``places`` of ``seg``, one ``pread`` per run of them close together:
+        a buffer, where each starts in it, and which were read whole (a file that shrank reads short)."""
         order = np.argsort(places, kind="stable")
         first, last = places[order], places[order] + sizes[order]
         opens = np.concatenate([[True], first[1:] - np.maximum.accumulate(last)[:-1] > _GAP_BYTES])  # a new run
@@ -403,10 +402,9 @@ class CacheIndex:
         return seg
 
     def _scan(self, seg: _Segment) -> tuple[np.ndarray, np.ndarray] | None:
-        """The keys (rows x 16 bytes) and places of the good records added to ``seg`` since it was last
-        scanned, as many as a read gets now: a file that shrank since is skipped (its records scanned
-        before may be gone), never read past its end.  Records of their own size are walked one after
-        another: an incomplete one is waited for, a damaged one ends the segment's reading."""
+        """The keys (rows x 16 bytes) and places of the good records added to ``seg`` since its last scan, as
+        many as a read gets now (a file that shrank since is skipped: records scanned before may be gone).
+        Records of their own size are walked: an incomplete one is waited for, a damaged one ends the reading."""
         st = os.fstat(seg.fd)
         size = max(0, st.st_size - _HEADER)
         seg.stat, seg.settled = (st.st_size, st.st_mtime_ns), time.time_ns() - st.st_mtime_ns > 1_000_000_000
@@ -428,7 +426,7 @@ class CacheIndex:
             return None
         buf = np.empty(size - seg.scanned, np.uint8)
         got = os.preadv(seg.fd, [buf], _HEADER + seg.scanned)
-        keys, places, at = [], [], 0
+        found, at = [], 0  # where each good record starts in buf
         while at + self.dtype.itemsize <= got:
             length = int.from_bytes(buf[at + 16 : at + 24].tobytes(), "little", signed=True)
             record = self.tokens.sizes(length) if length >= 0 else -1
@@ -439,13 +437,12 @@ class CacheIndex:
                             seg.path, _HEADER + seg.scanned + at, size - seg.scanned - at)
                 seg.ended = True
                 break
-            keys.append(buf[at : at + 16])
-            places.append(seg.scanned + at)
+            found.append(at)
             at += record
+        starts = np.array(found, np.int64)
+        keys, places = buf[starts[:, None] + np.arange(16)], seg.scanned + starts
         seg.scanned += at
-        if not keys:
-            return None
-        return np.stack(keys), np.array(places, np.int64)
+        return keys, places
 
     def _rebuild(self) -> None:
         """Drop the keys of segments gone (evicted) or skipped, if any, renumbering the rest."""
