@@ -4,15 +4,13 @@ Started by the dispatcher (``python -m zdistill.student.worker``), never forked,
 none of the student's state.  A DEALER under the identity the dispatcher gave it, it says
 ``hello``, takes ``task`` messages, sends the feed slots straight from shared memory to its
 teacher in requests of at most ``--request-rows`` rows, and answers each task with ``done``
-(the predictions; the slots stay in shared memory) or ``undone``.  It keeps no credit: the
-dispatcher counts what it holds.
+(the predictions) or ``undone``.  It keeps no credit: the dispatcher counts what it holds.
 
-Health is judged in-band: a dropped TCP connection (socket monitor) or a request past its
-timeout marks the teacher *down*: every task held goes back (``undone`` ``returned``: sent
-elsewhere without counting a retry) and ``meta`` probes follow until it answers.  Each change
-is a ``status``.  A refusal is an ``undone`` with the teacher's code.  ``busy`` is retried here,
-after a growing pause, only while the task is younger than the request timeout: past it the
-dispatcher counts the try as failed anyway, so it comes back as ``undone`` ``busy``.
+A dropped TCP connection (socket monitor) or a request past its timeout marks the teacher
+*down*: every task held goes back (``undone`` ``returned``) and ``meta`` probes follow until
+it answers; each change is a ``status``.  ``busy`` is retried here, after a growing pause,
+only while the task is younger than the request timeout (past it the dispatcher counts the
+try as failed anyway); then it is ``undone`` ``busy``, so that no task is held for ever.
 """
 
 from __future__ import annotations
@@ -38,22 +36,7 @@ from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.spec import TeacherMeta, Tensor, Tensors, TensorSpec
-from zdistill.student import protocol
-from zdistill.student.batches import (
-    CacheSlots,
-    answer_problem,
-    check_feed,
-    copy_tensor,
-    empty_output,
-    feeds_mismatch,
-    join,
-    place,
-    predict_key,
-    row_shape,
-    select,
-    slot_tensors,
-    to_feed,
-)
+from zdistill.student import batches, protocol
 from zdistill.student.cache import CacheWriter, folder_for, read_fingerprint
 from zdistill.student.children import ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotReader, reclaim
@@ -72,6 +55,7 @@ _RECLAIM_WAIT = 5.0  # how long a worker of a dead student waits for the student
 class Job:
     """A task in progress: the feeds of each teacher request (views of shared memory) and their answers."""
 
+    key: tuple[int, int]  # epoch, task id
     task: protocol.Task
     slots: dict[str, np.ndarray]  # the task's slot arrays (shared memory)
     misses: np.ndarray | None  # with cached rows: the rows the teacher is asked
@@ -81,15 +65,10 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     busy: int = 0  # "busy" answers so far: the back-off before the next try grows with them
 
-    @property
-    def key(self) -> tuple[int, int]:
-        return self.task.epoch, self.task.task_id
-
 
 class Worker:
-    """Owns the teacher client, the jobs in progress and the socket to the dispatcher.
-
-    ``cfg`` is the parsed command line (:func:`build_parser`)."""
+    """Owns the teacher client, the jobs in progress and the socket to the dispatcher; ``cfg`` is
+    the parsed command line (:func:`build_parser`)."""
 
     def __init__(self, cfg: argparse.Namespace) -> None:
         self.cfg = cfg
@@ -175,7 +154,7 @@ class Worker:
             return
         try:  # lengths that do not add up: a slot reused since, by a task of an epoch that ended
             slots = self.slots.read(task.shm)
-            tensors = slot_tensors(slots, [spec.name for spec in self.feeds if spec.name in slots])
+            tensors = batches.slot_tensors(slots, [spec.name for spec in self.feeds if spec.name in slots])
         except (WireError, ConfigError) as exc:  # nobody waits for this one any more
             log.debug("dropping task %s: %s", (task.epoch, task.task_id), exc)
             self._undone(task, protocol.RETURNED, str(exc))
@@ -184,24 +163,25 @@ class Worker:
             for spec in self.feeds:
                 if spec.name not in tensors:
                     raise ConfigError(f"the teacher takes feed {spec.name!r}, which this reader's tasks do not hold")
-                check_feed(spec.name, row_shape(tensors[spec.name]), spec)
+                batches.check_feed(spec.name, batches.row_shape(tensors[spec.name]), spec)
         except ConfigError as exc:  # the teacher was redeployed with other inputs since its meta said
             self._undone(task, protocol.RETURNED)
             self._unusable(str(exc))
             return
         try:  # the producer checked the values against the reader's feeds; a teacher with other dtypes here
-            feeds = {spec.name: to_feed(tensors[spec.name], spec, check=spec not in self.cfg.feeds)
+            feeds = {spec.name: batches.to_feed(tensors[spec.name], spec, check=spec not in self.cfg.feeds)
                      for spec in self.feeds}
         except ConfigError as exc:  # a value this teacher's dtype cannot hold: no other try can help
             self._undone(task, ErrorCode.BAD_REQUEST, str(exc))
             return
-        misses = np.flatnonzero(~CacheSlots.of(slots).hits) if task.hits else None
+        misses = np.flatnonzero(~batches.CacheSlots.of(slots).hits) if task.hits else None
         if misses is not None:  # only what the cache did not answer goes to the teacher
-            feeds = {name: select(arr, misses) for name, arr in feeds.items()}
+            feeds = {name: batches.select(arr, misses) for name, arr in feeds.items()}
         step = self.request_rows
-        chunks = [{name: select(arr, slice(start, start + step)) for name, arr in feeds.items()}
+        chunks = [{name: batches.select(arr, slice(start, start + step)) for name, arr in feeds.items()}
                   for start in range(0, len(next(iter(feeds.values()))), step)]
-        job = self.jobs[task.epoch, task.task_id] = Job(task, slots, misses, chunks, [None] * len(chunks), len(chunks))
+        key = (task.epoch, task.task_id)
+        job = self.jobs[key] = Job(key, task, slots, misses, chunks, [None] * len(chunks), len(chunks))
         for part in range(len(chunks)):
             if not self._submit(job, part):
                 return
@@ -242,7 +222,7 @@ class Worker:
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._undone(job.task, code if isinstance(done.error, TeacherError) else "error", str(done.error))
-        elif why := answer_problem(job.chunks[part], done.result, self.cfg.predicts):
+        elif why := batches.answer_problem(job.chunks[part], done.result, self.cfg.predicts):
             self._undone(job.task, ErrorCode.BAD_OUTPUT, f"teacher {self.cfg.teacher}: {why}")
         else:
             job.parts[part] = done.result
@@ -252,7 +232,7 @@ class Worker:
 
     def _finish(self, job: Job) -> None:
         del self.jobs[job.key]
-        arrays: dict[str, Tensor] = {name: join([p[name] for p in job.parts]) for name in self.cfg.predicts}
+        arrays: dict[str, Tensor] = {name: batches.join([p[name] for p in job.parts]) for name in self.cfg.predicts}
         cached = 0
         if job.task.hits is not None:
             arrays, cached = self._with_cache(job, arrays)
@@ -262,31 +242,29 @@ class Worker:
         service = now - max(job.started, self.last_finish)
         self.last_finish = now
         self._send(protocol.Done(epoch=job.task.epoch, task_id=job.task.task_id, elapsed=now - job.started,
-                                 service=service, cached=cached),
-                   {predict_key(name): arr for name, arr in arrays.items()})  # the student reads the slots itself
+                                 service=service, cached=cached),  # only predictions: the student has the slots
+                   {batches.predict_key(name): arr for name, arr in arrays.items()})
 
     def _with_cache(self, job: Job, answers: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
         """Store the teacher's answers in the cache; the task's full predictions (cached rows too)
         and how many of their rows came from the cache.
 
-        Only while the slot still holds this task: a slot reused by a later one (the epoch
-        ended meanwhile) may have changed under the requests, and its answers must never be
-        filed under this task's keys.  The slot's id is written before anything else of a new
-        task, so an unchanged id means unchanged inputs.
-
-        Rows the producer audited (cached, asked anyway) are compared with the cache: where
-        they agree, the cached answer stands, so an epoch answered from the cache is the same,
-        bit for bit, as the one that filled it.  Where they do not, the teacher is another model
-        (one its fingerprint did not tell apart), and the cache is off for good.
+        Only while the slot's id (written first of a task) still names this task: a slot reused
+        since may have changed under the requests, and must never be filed under this task's keys.
+        Rows the producer audited (cached, asked anyway) are compared with the cache: where they
+        agree, the cached answer stands (an epoch answered from the cache is the same, bit for
+        bit, as the one that filled it); where not, it is another model that the fingerprint did
+        not tell apart, and the cache is off for good.
         """
-        slots, task = CacheSlots.of(job.slots), job.task
+        slots, task = batches.CacheSlots.of(job.slots), job.task
         if tuple(slots.stamp) != (task.epoch, task.task_id):
             return answers, 0  # stale: the dispatcher drops the answer anyway
         asked = np.arange(len(slots.hits)) if job.misses is None else job.misses  # the rows answered
         audited, kept = slots.audit[asked], False
         if audited.any():
             for name, arr in answers.items():
-                apart = rows_apart(select(slots.answers[name], asked[audited]), select(arr, np.flatnonzero(audited)))
+                cached = batches.select(slots.answers[name], asked[audited])
+                apart = rows_apart(cached, batches.select(arr, np.flatnonzero(audited)))
                 if not apart <= self.cfg.cache_tolerance:
                     self._cache_off(f"teacher {self.cfg.teacher} answers a cached row otherwise than the cache "
                                     f"({name!r} apart by {apart:.3g}, tolerance {self.cfg.cache_tolerance:g}): it "
@@ -294,7 +272,7 @@ class Worker:
                     break
             else:  # the audited rows' cached answers stand: only the others are the teacher's
                 asked, kept = asked[~audited], True
-                answers = {name: select(arr, np.flatnonzero(~audited)) for name, arr in answers.items()}
+                answers = {name: batches.select(arr, np.flatnonzero(~audited)) for name, arr in answers.items()}
         if self.cache is not None and len(asked):
             try:
                 self.cache.append(slots.keys[asked], answers)
@@ -304,8 +282,8 @@ class Worker:
             return answers, 0
         full = {}
         for name, arr in answers.items():
-            full[name] = copy_tensor(slots.answers[name])
-            place(full[name], asked, arr)
+            full[name] = batches.copy_tensor(slots.answers[name])
+            batches.place(full[name], asked, arr)
         return full, len(slots.hits) - len(asked)
 
     def _cache_off(self, why: str) -> None:
@@ -330,14 +308,15 @@ class Worker:
             return
         try:
             meta = TeacherMeta.parse(done.header)
-            no_rows = {predict_key(f.name): empty_output(f) for f in meta.fetches if f.name in self.cfg.predicts}
+            no_rows = {batches.predict_key(f.name): batches.empty_output(f)
+                       for f in meta.fetches if f.name in self.cfg.predicts}
         except (WireError, TypeError) as exc:  # TypeError: a dtype numpy does not know
             self._unusable(f"its meta is malformed ({exc})")
             return
         fetches = {f.name for f in meta.fetches}
         missing = [p for p in self.cfg.predicts if p not in fetches]
         why = f"it has no outputs {missing}, only {sorted(fetches)}" if missing else None
-        why = why or feeds_mismatch(self.cfg.feeds, meta.feeds)
+        why = why or batches.feeds_mismatch(self.cfg.feeds, meta.feeds)
         if why:
             self._unusable(why)
             return
@@ -408,17 +387,11 @@ class Worker:
     def _send(self, msg: protocol.Msg, arrays: dict[str, Tensor] | None = None) -> None:
         send_while_parent_lives(self.sock, msg, self.cfg.parent_pid, arrays)
 
-    def stop(self) -> None:
-        """Take no more tasks, finish the ones held, then leave (a retired teacher's worker).
-        Called from the SIGTERM handler: the loop tells the dispatcher, as sockets are the loop's."""
-        self.stopping = True
-
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
         self.client.close()
-        self.sock.close()
-        self.ctx.term()
+        self.ctx.destroy()  # closes self.sock, after its linger
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,8 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="A DistillReader worker (internal).")
     p.add_argument("--teacher", required=True)
     p.add_argument("--dispatcher", required=True, help="the student's dispatcher endpoint")
-    p.add_argument("--identity", required=True, type=str.encode,
-                   help="this worker's name on the dispatcher's socket")
+    p.add_argument("--identity", required=True, type=str.encode, help="its name on the dispatcher's socket")
     p.add_argument("--slots", required=True, help="folder of the shared-memory task slots")
     p.add_argument("--predicts", required=True, type=lambda names: names.split(","))
     p.add_argument("--feeds", default="[]", type=lambda text: [TensorSpec.from_wire(f) for f in json.loads(text)],
@@ -448,22 +420,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    # No parent-death signal: Linux sends it when the *thread* that started us ends (the
-    # dispatcher's), while the student may still be dying and hold its folders' locks.
-    # Each turn of the loop (at most 0.1 s) checks getppid(), which changes only once the
-    # whole student is gone.
+    # No parent-death signal: Linux sends it when the *thread* that started us ends (the dispatcher's),
+    # while the student may still hold its folders' locks; getppid() changes once it is all gone.
     worker = Worker(args)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    # SIGTERM (a retired teacher's worker): take no more tasks, finish the ones held, then leave.
+    # Only a flag: the loop tells the dispatcher, as the sockets are the loop's.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stopping", True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
     try:
         worker.run()
     except ParentGone:  # nobody waits for our results any more
         log.info("student process is gone; worker for %s exits", args.teacher)
     finally:
-        # A student that died without removing its slot and ipc folders (kill -9, or SIGTERM
-        # where its handler could not be installed): each goes once its lock is free, when the
-        # student and the producer it forked are provably gone.  First: closing the sockets
-        # may wait for their linger.
+        # A student that died without removing its slot and ipc folders (kill -9, or SIGTERM with no
+        # handler): each goes once its lock is free (the student and its producer are provably gone).
+        # First: closing the sockets may wait for their linger.
         if os.getppid() != args.parent_pid:
             for folder in (args.slots, os.path.dirname(args.dispatcher.removeprefix("ipc://"))):
                 if reclaim(folder, wait=_RECLAIM_WAIT):
