@@ -94,7 +94,7 @@ class WorkerPool:
                 proc.started = True
 
     def _spawn(self, teacher: str) -> WorkerProc:
-        """Start the teacher's worker, under an identity of its own, with the student's import path."""
+        """Start the teacher's worker (its entry in ``workers``) under an identity of its own."""
         self.spawned += 1
         identity = b"w%d" % self.spawned
         paths = [os.path.abspath(p or os.curdir) for p in sys.path if isinstance(p, str)]
