@@ -1,28 +1,23 @@
 """A reader worker: one process, one teacher connection, several requests in flight.
 
-Started by the student's dispatcher (``python -m zdistill.student.worker``), never forked, so
-it carries none of the student's state.  For its whole life it talks to one peer,
-the dispatcher (a DEALER connected to its ROUTER, under an identity the dispatcher
-gave it): it says ``hello``, then takes ``task`` messages, sends the feed slots
-straight from shared memory to its teacher in requests of at most ``--request-rows``
-rows, and answers each task with ``done`` (the predictions; the slots stay in shared
-memory) or ``undone``.  It keeps no credit: the dispatcher counts what it holds.
+Started by the dispatcher (``python -m zdistill.student.worker``), never forked, so it carries
+none of the student's state.  A DEALER under the identity the dispatcher gave it, it says
+``hello``, takes ``task`` messages, sends the feed slots straight from shared memory to its
+teacher in requests of at most ``--request-rows`` rows, and answers each task with ``done``
+(the predictions) or ``undone``.  It keeps no credit: the dispatcher counts what it holds.
 
-Health is judged in-band: a dropped TCP connection (socket monitor) or a request
-past its timeout marks the teacher *down*; the worker then hands back every task it
-holds (``undone`` with code ``returned``: sent elsewhere without counting a retry)
-and probes the teacher with ``meta`` until it answers again.  The dispatcher hears a
-``status`` on each change.  Requests the teacher refuses come back as ``undone`` with
-the teacher's error code, for the dispatcher to retry or give up on.  A ``busy`` answer
-is retried here, after a growing pause, but only while the task is younger than the
-request timeout: past it the dispatcher counts the try as failed anyway, so the task
-comes back as ``undone`` ``busy`` and this worker holds nothing for ever.
+A dropped TCP connection (socket monitor) or a request past its timeout marks the teacher
+*down*: every task held goes back (``undone`` ``returned``) and ``meta`` probes follow until
+it answers; each change is a ``status``.  ``busy`` is retried here, after a growing pause,
+only while the task is younger than the request timeout (past it the dispatcher counts the
+try as failed anyway); then it is ``undone`` ``busy``, so that no task is held for ever.
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -41,22 +36,7 @@ from zdistill.errors import ConfigError, ErrorCode, TeacherError, TeacherTimeout
 from zdistill.fingerprint import distance, rows_apart, usable
 from zdistill.flags import add_log_level, setup_logging
 from zdistill.spec import TeacherMeta, Tensor, Tensors, TensorSpec
-from zdistill.student import protocol
-from zdistill.student.batches import (
-    CacheSlots,
-    answer_problem,
-    check_feed,
-    copy_tensor,
-    empty_output,
-    feeds_mismatch,
-    join,
-    place,
-    predict_key,
-    row_shape,
-    select,
-    slot_tensors,
-    to_feed,
-)
+from zdistill.student import batches, protocol
 from zdistill.student.cache import CacheWriter, folder_for, read_fingerprint
 from zdistill.student.children import ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotReader, reclaim
@@ -71,54 +51,26 @@ _BUSY_MAX = 1.0  # ...doubling up to this, while the task is younger than the re
 _RECLAIM_WAIT = 5.0  # how long a worker of a dead student waits for the student's folders to be unlocked
 
 
-@dataclass(kw_only=True)
-class WorkerConfig:
-    """What a worker is told on its command line."""
-
-    teacher: str
-    dispatcher: str  # the dispatcher's endpoint
-    identity: bytes
-    slots: str  # folder of the shared-memory task slots
-    predicts: list[str]
-    feeds: list[TensorSpec]  # what this reader's tasks are built for
-    request_rows: int
-    timeout: float
-    parent_pid: int
-    share_weight: float = 1.0  # this student's share of the teacher (PipelineOptions.share_weight)
-    cache_root: str = ""  # the reader's teacher-output cache ("": none)
-    cache_folder: str = ""  # where its answers go: the teacher's must be the same to write there
-    cache_max_bytes: int = 0
-    cache_tolerance: float = 0.0  # how far a teacher's fingerprint may be from the cache folder's
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> WorkerConfig:
-        return cls(
-            teacher=args.teacher, dispatcher=args.dispatcher, identity=args.identity.encode(), slots=args.slots,
-            predicts=args.predicts.split(","), feeds=[TensorSpec.from_wire(f) for f in json.loads(args.feeds)],
-            request_rows=args.request_rows, timeout=args.timeout, parent_pid=args.parent_pid,
-            cache_root=args.cache_root, cache_folder=args.cache_folder, cache_max_bytes=args.cache_max_bytes,
-            cache_tolerance=args.cache_tolerance, share_weight=args.share_weight,
-        )
-
-
 @dataclass
 class Job:
-    """A task in progress: its message and the parts its teacher requests answered."""
+    """A task in progress: the feeds of each teacher request (views of shared memory) and their answers."""
 
+    key: tuple[int, int]  # epoch, task id
     task: protocol.Task
-    chunks: list[Tensors]  # the feeds of each teacher request (views of shared memory)
+    slots: dict[str, np.ndarray]  # the task's slot arrays (shared memory)
+    misses: np.ndarray | None  # with cached rows: the rows the teacher is asked
+    chunks: list[Tensors]
     parts: list[Tensors | None]
-    pending: set[int] = field(default_factory=set)
+    left: int  # requests not answered yet
     started: float = field(default_factory=time.monotonic)
     busy: int = 0  # "busy" answers so far: the back-off before the next try grows with them
-    slots: dict[str, np.ndarray] = field(default_factory=dict)  # the task's slot arrays (shared memory)
-    misses: np.ndarray | None = None  # with the cache: the rows it did not answer, sent to the teacher
 
 
 class Worker:
-    """Owns the teacher client, the jobs in progress and the socket to the dispatcher."""
+    """Owns the teacher client, the jobs in progress and the socket to the dispatcher; ``cfg`` is
+    the parsed command line (:func:`build_parser`)."""
 
-    def __init__(self, cfg: WorkerConfig) -> None:
+    def __init__(self, cfg: argparse.Namespace) -> None:
         self.cfg = cfg
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -135,25 +87,23 @@ class Worker:
         self.probe: int | None = None
         self.next_probe = 0.0
         self.jobs: dict[tuple[int, int], Job] = {}
-        self.requests: dict[int, tuple[tuple[int, int], int]] = {}  # request id -> (job key, part)
-        self.retries: list[tuple[float, tuple[int, int], int]] = []  # heap: (when, job key, part) the teacher was busy
+        self.requests: dict[int, tuple[Job, int]] = {}  # request id -> (job, part)
+        # heap: (when, tie-breaker, job, part) the teacher was busy; a job no longer held is skipped
+        self.retries: list[tuple[float, int, Job, int]] = []
+        self.retry_ids = itertools.count()
         self.stopping = False
         self.said_stop = False
         self.last_finish = 0.0  # when the last task was done
         self.cache: CacheWriter | None = None  # where answers go, while the teacher's model is the cache's
         self.status = protocol.Status(up=False)  # the last said while up
-        self.cache_failed = ""  # why the cache cannot be written (a write failed): it never is again
-        self.audit_failed = ""  # why the teacher's answers are not the cache's, found by an audit
-
-    # -- main loop ----------------------------------------------------------
+        self.no_cache = ""  # why answers are never stored again (a write failed, or an audit)
 
     def run(self) -> None:
         poller, polled = zmq.Poller(), None
         self._send(protocol.Hello(pid=os.getpid()))
         while not (self.stopping and not self.jobs):
             if os.getppid() != self.cfg.parent_pid:
-                log.info("student process is gone; worker for %s exits", self.cfg.teacher)
-                return
+                raise ParentGone
             if self.stopping and not self.said_stop:
                 self._send(protocol.Status(up=False, reason="its teacher left this reader's list"))
                 self.said_stop = True
@@ -182,8 +132,8 @@ class Worker:
                 for completion in self.client.collect(0):
                     self._on_completion(completion)
             while self.retries and self.retries[0][0] <= time.monotonic():
-                _, key, part = heapq.heappop(self.retries)
-                if key in self.jobs and not self._submit(key, part):
+                _, _, job, part = heapq.heappop(self.retries)
+                if self.jobs.get(job.key) is job and not self._submit(job, part):
                     break
 
     # -- tasks -----------------------------------------------------------------
@@ -197,69 +147,57 @@ class Worker:
         if not isinstance(task, protocol.Task):
             return
         if not self.up or self.stopping:
-            self._hand_back(task)
+            self._undone(task, protocol.RETURNED)
             return
         if not task.rows:  # only empty reader batches: empty predictions, without asking the teacher
             self._send(protocol.Done(epoch=task.epoch, task_id=task.task_id, elapsed=0.0, service=0.0), self.no_rows)
             return
-        key = (task.epoch, task.task_id)
-        try:
+        try:  # lengths that do not add up: a slot reused since, by a task of an epoch that ended
             slots = self.slots.read(task.shm)
-            tensors = slot_tensors(slots, self._fed(slots))  # lengths that do not add up: a slot reused since
-        except (WireError, ConfigError) as exc:  # a task of an epoch that ended: nobody waits for it any more
-            log.debug("dropping task %s: %s", key, exc)
-            self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED,
-                                       message=str(exc)))
+            tensors = batches.slot_tensors(slots, [spec.name for spec in self.feeds if spec.name in slots])
+        except (WireError, ConfigError) as exc:  # nobody waits for this one any more
+            log.debug("dropping task %s: %s", (task.epoch, task.task_id), exc)
+            self._undone(task, protocol.RETURNED, str(exc))
             return
         try:
             for spec in self.feeds:
-                self._check_feed(tensors, spec)
+                if spec.name not in tensors:
+                    raise ConfigError(f"the teacher takes feed {spec.name!r}, which this reader's tasks do not hold")
+                batches.check_feed(spec.name, batches.row_shape(tensors[spec.name]), spec)
         except ConfigError as exc:  # the teacher was redeployed with other inputs since its meta said
-            self._hand_back(task)
+            self._undone(task, protocol.RETURNED)
             self._unusable(str(exc))
             return
         try:  # the producer checked the values against the reader's feeds; a teacher with other dtypes here
-            feeds = {spec.name: to_feed(tensors[spec.name], spec, check=spec not in self.cfg.feeds)
+            feeds = {spec.name: batches.to_feed(tensors[spec.name], spec, check=spec not in self.cfg.feeds)
                      for spec in self.feeds}
         except ConfigError as exc:  # a value this teacher's dtype cannot hold: no other try can help
-            self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=ErrorCode.BAD_REQUEST,
-                                       message=str(exc)))
+            self._undone(task, ErrorCode.BAD_REQUEST, str(exc))
             return
-        misses = np.flatnonzero(~CacheSlots.of(slots).hits) if task.hits else None
+        misses = np.flatnonzero(~batches.CacheSlots.of(slots).hits) if task.hits else None
         if misses is not None:  # only what the cache did not answer goes to the teacher
-            feeds = {name: select(arr, misses) for name, arr in feeds.items()}
-        rows = len(next(iter(feeds.values())))
-        starts = range(0, rows, self.request_rows)
-        chunks = [{name: select(arr, slice(start, start + self.request_rows)) for name, arr in feeds.items()}
-                  for start in starts]
-        self.jobs[key] = Job(task, chunks, [None] * len(chunks), slots=slots, misses=misses)
+            feeds = {name: batches.select(arr, misses) for name, arr in feeds.items()}
+        step = self.request_rows
+        chunks = [{name: batches.select(arr, slice(start, start + step)) for name, arr in feeds.items()}
+                  for start in range(0, len(next(iter(feeds.values()))), step)]
+        key = (task.epoch, task.task_id)
+        job = self.jobs[key] = Job(key, task, slots, misses, chunks, [None] * len(chunks), len(chunks))
         for part in range(len(chunks)):
-            if not self._submit(key, part):
+            if not self._submit(job, part):
                 return
 
-    def _hand_back(self, task: protocol.Task) -> None:
-        self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=protocol.RETURNED))
+    def _undone(self, task: protocol.Task, code: str, message: str = "") -> None:
+        """Give a task back, forgetting its job if it has one (the same task may come here again)."""
+        self.jobs.pop((task.epoch, task.task_id), None)
+        self._send(protocol.Undone(epoch=task.epoch, task_id=task.task_id, code=code, message=message))
 
-    def _fed(self, slots: dict[str, np.ndarray]) -> list[str]:
-        """The teacher's feeds among the task's slots."""
-        return [spec.name for spec in self.feeds if spec.name in slots]
-
-    @staticmethod
-    def _check_feed(tensors: Tensors, spec: TensorSpec) -> None:
-        if spec.name not in tensors:
-            raise ConfigError(f"the teacher takes feed {spec.name!r}, which this reader's tasks do not hold")
-        check_feed(spec.name, row_shape(tensors[spec.name]), spec)
-
-    def _submit(self, key: tuple[int, int], part: int) -> bool:
+    def _submit(self, job: Job, part: int) -> bool:
         """Send one request of a job to the teacher; False if the teacher turned out to be down."""
-        job = self.jobs[key]
         try:
-            req_id = self.client.submit("predict", job.chunks[part])
+            self.requests[self.client.submit("predict", job.chunks[part])] = (job, part)
         except TeacherTimeout as exc:
             self._teacher_down(str(exc))  # hands this job back too
             return False
-        self.requests[req_id] = (key, part)
-        job.pending.add(req_id)
         return True
 
     def _on_completion(self, done: Completion) -> None:
@@ -267,131 +205,96 @@ class Worker:
             self._on_probe(done)
             return
         where = self.requests.pop(done.req_id, None)
-        if where is None:
-            return
-        key, part = where
-        job = self.jobs.get(key)
-        if job is None:
-            return
-        job.pending.discard(done.req_id)
+        if where is None or self.jobs.get(where[0].key) is not where[0]:
+            return  # a job given up or handed back
+        job, part = where
         code = getattr(done.error, "code", "")
         if code == ErrorCode.BUSY:  # the teacher's queue is full: the same request again, a little later
             job.busy += 1
             now = time.monotonic()
             retry_at = now + min(_BUSY_MAX, _BUSY_FIRST * 2 ** (job.busy - 1))
             if retry_at - job.started < self.cfg.timeout:
-                heapq.heappush(self.retries, (retry_at, key, part))
+                heapq.heappush(self.retries, (retry_at, next(self.retry_ids), job, part))
             else:  # a try the dispatcher counts as failed: it decides whether the task goes on
-                self._drop_job(key)
-                self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=ErrorCode.BUSY,
-                                           message=f"answered busy for {now - job.started:.1f} s (its queue is full)"))
+                self._undone(job.task, ErrorCode.BUSY,
+                             f"answered busy for {now - job.started:.1f} s (its queue is full)")
         elif isinstance(done.error, TeacherTimeout) or code == ErrorCode.SHUTTING_DOWN:
             self._teacher_down(str(done.error))
         elif done.error is not None:
-            self._drop_job(key)
-            code = code if isinstance(done.error, TeacherError) else "error"
-            self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=code,
-                                       message=str(done.error)))
-        elif why := answer_problem(job.chunks[part], done.result, self.cfg.predicts):
-            self._drop_job(key)
-            self._send(protocol.Undone(epoch=job.task.epoch, task_id=job.task.task_id, code=ErrorCode.BAD_OUTPUT,
-                                       message=f"teacher {self.cfg.teacher}: {why}"))
+            self._undone(job.task, code if isinstance(done.error, TeacherError) else "error", str(done.error))
+        elif why := batches.answer_problem(job.chunks[part], done.result, self.cfg.predicts):
+            self._undone(job.task, ErrorCode.BAD_OUTPUT, f"teacher {self.cfg.teacher}: {why}")
         else:
             job.parts[part] = done.result
-            if not job.pending:
-                self._finish(key, job)
+            job.left -= 1
+            if not job.left:
+                self._finish(job)
 
-    def _finish(self, key: tuple[int, int], job: Job) -> None:
-        del self.jobs[key]
-        answers = {}
-        for name in self.cfg.predicts:
-            parts = [p[name] for p in job.parts if p is not None]
-            answers[name] = join(parts)
-        arrays, cached = self._with_cache(job, answers) if job.task.hits is not None else (answers, 0)
-        arrays = {predict_key(name): arr for name, arr in arrays.items()}  # the student reads the slots itself
+    def _finish(self, job: Job) -> None:
+        del self.jobs[job.key]
+        arrays: dict[str, Tensor] = {name: batches.join([p[name] for p in job.parts]) for name in self.cfg.predicts}
+        cached = 0
+        if job.task.hits is not None:
+            arrays, cached = self._with_cache(job, arrays)
         now = time.monotonic()
         # The teacher's time for this task: since it came, or since the task before it was
         # done if it queued behind that one (the student sizes tasks and queues by it).
         service = now - max(job.started, self.last_finish)
         self.last_finish = now
         self._send(protocol.Done(epoch=job.task.epoch, task_id=job.task.task_id, elapsed=now - job.started,
-                                 service=service, cached=cached), arrays)
+                                 service=service, cached=cached),  # only predictions: the student has the slots
+                   {batches.predict_key(name): arr for name, arr in arrays.items()})
 
     def _with_cache(self, job: Job, answers: dict[str, Tensor]) -> tuple[dict[str, Tensor], int]:
         """Store the teacher's answers in the cache; the task's full predictions (cached rows too)
         and how many of their rows came from the cache.
 
-        Only while the slot still holds this task: a slot reused by a later one (the
-        epoch ended meanwhile) may have changed under the requests, and its answers must
-        never be filed under this task's keys.  The slot's id is written before anything
-        else of a new task, so an unchanged id means unchanged inputs.
-
-        Rows the producer audited (cached, asked anyway) are compared with the cache
-        (:meth:`_audit`); where they agree, the cached answer stands, so an epoch answered
-        from the cache is the same, bit for bit, as the one that filled it.
+        Only while the slot's id (written first of a task) still names this task: a slot reused
+        since may have changed under the requests, and must never be filed under this task's keys.
+        Rows the producer audited (cached, asked anyway) are compared with the cache: where they
+        agree, the cached answer stands (an epoch answered from the cache is the same, bit for
+        bit, as the one that filled it); where not, it is another model that the fingerprint did
+        not tell apart, and the cache is off for good.
         """
-        slots, task = CacheSlots.of(job.slots), job.task
+        slots, task = batches.CacheSlots.of(job.slots), job.task
         if tuple(slots.stamp) != (task.epoch, task.task_id):
             return answers, 0  # stale: the dispatcher drops the answer anyway
         asked = np.arange(len(slots.hits)) if job.misses is None else job.misses  # the rows answered
-        audited = slots.audit[asked]
-        kept = bool(audited.any()) and self._audit(asked[audited], slots, {
-            name: select(arr, np.flatnonzero(audited)) for name, arr in answers.items()})
-        if kept:  # the audited rows' cached answers stand: only the others are the teacher's
-            asked = asked[~audited]
-            answers = {name: select(arr, np.flatnonzero(~audited)) for name, arr in answers.items()}
+        audited, kept = slots.audit[asked], False
+        if audited.any():
+            for name, arr in answers.items():
+                cached = batches.select(slots.answers[name], asked[audited])
+                apart = rows_apart(cached, batches.select(arr, np.flatnonzero(audited)))
+                if not apart <= self.cfg.cache_tolerance:
+                    self._cache_off(f"teacher {self.cfg.teacher} answers a cached row otherwise than the cache "
+                                    f"({name!r} apart by {apart:.3g}, tolerance {self.cfg.cache_tolerance:g}): it "
+                                    "is not the model the cache was filled by")
+                    break
+            else:  # the audited rows' cached answers stand: only the others are the teacher's
+                asked, kept = asked[~audited], True
+                answers = {name: batches.select(arr, np.flatnonzero(~audited)) for name, arr in answers.items()}
         if self.cache is not None and len(asked):
             try:
                 self.cache.append(slots.keys[asked], answers)
-            except OSError as exc:
-                self._cache_off(exc)
+            except OSError as exc:  # a full or read-only file system: the answers still go on
+                self._cache_off(f"the worker for teacher {self.cfg.teacher} cannot write to it: {exc}")
         if job.misses is None and not kept:
             return answers, 0
         full = {}
         for name, arr in answers.items():
-            full[name] = copy_tensor(slots.answers[name])
-            place(full[name], asked, arr)
+            full[name] = batches.copy_tensor(slots.answers[name])
+            batches.place(full[name], asked, arr)
         return full, len(slots.hits) - len(asked)
 
-    def _audit(self, where: np.ndarray, slots: CacheSlots, answers: dict[str, Tensor]) -> bool:
-        """Whether the teacher's answers to cached rows asked anyway (the producer's audit) are the
-        cache's, within the tolerance.  If not, it is another model (one its fingerprint did not
-        tell apart): the cache is off for good, nothing more is stored, and the dispatcher hears
-        why before this task's answer."""
-        for name, fresh in answers.items():
-            apart = rows_apart(select(slots.answers[name], where), fresh)
-            if apart <= self.cfg.cache_tolerance:
-                continue
-            self.audit_failed = (f"teacher {self.cfg.teacher} answers a cached row otherwise than the cache ({name!r} "
-                                 f"apart by {apart:.3g}, tolerance {self.cfg.cache_tolerance:g}): it is not the "
-                                 "model the cache was filled by")
-            if self.cache is not None:
-                self.cache.close()
-                self.cache = None
-            self._send(msgspec.structs.replace(self.status, cache=self.audit_failed))
-            return False
-        return True
-
-    def _cache_off(self, exc: OSError) -> None:
-        """Stop writing to a cache that cannot be written (a full or read-only file system):
-        the answers go on to the student, and the status tells the reader, which turns the
-        cache off with one warning (one per reader, however many workers fail)."""
-        assert self.cache is not None
-        self.cache.close()
-        self.cache = None
-        self.cache_failed = f"the worker for teacher {self.cfg.teacher} cannot write to it: {exc}"
-        log.info("%s", self.cache_failed)
-        if self.up:
-            self._send(msgspec.structs.replace(self.status, cache=self.cache_failed))
-
-    def _drop_job(self, key: tuple[int, int]) -> None:
-        """Forget a job, its requests and its busy retries (the same task may come here again)."""
-        job = self.jobs.pop(key)
-        for req_id in job.pending:
-            self.requests.pop(req_id, None)
-        if any(k == key for _, k, _ in self.retries):
-            self.retries = [r for r in self.retries if r[1] != key]
-            heapq.heapify(self.retries)
+    def _cache_off(self, why: str) -> None:
+        """Store nothing more, for good, and tell the dispatcher why (before the task's answer):
+        it turns the reader's cache off, with one warning however many workers say so."""
+        if self.cache is not None:
+            self.cache.close()
+            self.cache = None
+        self.no_cache = why
+        log.info("%s", why)
+        self._send(msgspec.structs.replace(self.status, cache=why))
 
     # -- teacher health -----------------------------------------------------
 
@@ -405,59 +308,55 @@ class Worker:
             return
         try:
             meta = TeacherMeta.parse(done.header)
-            no_rows = {predict_key(f.name): empty_output(f) for f in meta.fetches if f.name in self.cfg.predicts}
+            no_rows = {batches.predict_key(f.name): batches.empty_output(f)
+                       for f in meta.fetches if f.name in self.cfg.predicts}
         except (WireError, TypeError) as exc:  # TypeError: a dtype numpy does not know
             self._unusable(f"its meta is malformed ({exc})")
             return
-        feeds, fetches = meta.feeds, {f.name for f in meta.fetches}
+        fetches = {f.name for f in meta.fetches}
         missing = [p for p in self.cfg.predicts if p not in fetches]
         why = f"it has no outputs {missing}, only {sorted(fetches)}" if missing else None
-        why = why or feeds_mismatch(self.cfg.feeds, feeds)
+        why = why or batches.feeds_mismatch(self.cfg.feeds, meta.feeds)
         if why:
             self._unusable(why)
             return
-        self.feeds, self.no_rows = feeds, no_rows
+        self.feeds, self.no_rows = meta.feeds, no_rows
         self.request_rows = min(self.cfg.request_rows, meta.max_batch_size)
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)
-        cache = self._cache_for(meta)
         self.status = protocol.Status(up=True, max_batch_size=meta.max_batch_size, instances=meta.instances,
-                                      cache=cache)
+                                      cache=self._cache_for(meta))
         self._send(self.status)
 
     def _cache_for(self, meta: TeacherMeta) -> str:
         """Open the cache for this teacher's answers if its model is the cache's; else why not.
 
-        Asked on every (re)connection: a teacher redeployed behind the same address may
-        serve another model, under the same ``model_id`` or another.  The model is the
-        cache's when its ``model_id`` names the cache folder's parent and its answers to
-        the probe batch are the folder's fingerprint, within the tolerance.
+        Asked on every (re)connection: a teacher redeployed behind the same address may serve
+        another model, under the same ``model_id`` or another.  The model is the cache's when
+        its ``model_id`` names the cache folder's parent and its answers to the probe batch are
+        the folder's fingerprint, within the tolerance.
         """
         if not self.cfg.cache_folder:
             return ""
-        if self.cache_failed:
-            return self.cache_failed
         if self.cache is not None:
             self.cache.close()
             self.cache = None
-        if self.audit_failed:
-            return self.audit_failed
-        model_id = meta.model_id
+        if self.no_cache:
+            return self.no_cache
+        model_id, teacher, tolerance = meta.model_id, f"teacher {self.cfg.teacher}", self.cfg.cache_tolerance
         if not model_id:
-            return f"teacher {self.cfg.teacher} says no model_id"
+            return f"{teacher} says no model_id"
         fetches = meta.fetches_named(self.cfg.predicts)  # _on_probe checked they are all there
         if folder_for(self.cfg.cache_root, model_id, fetches) != os.path.dirname(self.cfg.cache_folder):
-            return f"teacher {self.cfg.teacher} serves model_id {model_id!r}, not the model the cache was opened for"
-        tolerance = self.cfg.cache_tolerance
-        fp, why = usable(meta.fingerprint, self.cfg.predicts, f"teacher {self.cfg.teacher}", tolerance)
+            return f"{teacher} serves model_id {model_id!r}, not the model the cache was opened for"
+        fp, why = usable(meta.fingerprint, self.cfg.predicts, teacher, tolerance)
         if fp is None:
             return why
         known = read_fingerprint(self.cfg.cache_folder)
         apart = distance(known, fp, self.cfg.predicts) if known is not None else float("inf")
         if not apart <= tolerance:
-            return (f"teacher {self.cfg.teacher} answers the probe batch otherwise than the model the cache was "
-                    f"opened for (apart by {apart:.3g}, tolerance {tolerance:g}): another model under model_id "
-                    f"{model_id!r}")
+            return (f"{teacher} answers the probe batch otherwise than the model the cache was opened for "
+                    f"(apart by {apart:.3g}, tolerance {tolerance:g}): another model under model_id {model_id!r}")
         self.cache = CacheWriter(self.cfg.cache_folder, fetches, self.cfg.cache_max_bytes, self.cfg.cache_root)
         return ""
 
@@ -473,52 +372,26 @@ class Worker:
 
     def _teacher_down(self, reason: str, announce: bool = True) -> None:
         """Hand back every task held, start afresh, and probe until the teacher answers."""
-        was_up = self.up
-        self.up = False
-        if was_up and announce:  # first, so that the tasks handed back are not sent to us again
+        if self.up and announce:  # first, so that the tasks handed back are not sent to us again
             log.warning("teacher %s is down: %s", self.cfg.teacher, reason)
             self._send(protocol.Status(up=False, reason=reason))
-        for key in list(self.jobs):
-            job = self.jobs[key]
-            self._drop_job(key)
-            self._hand_back(job.task)
+        self.up = False
+        for job in list(self.jobs.values()):
+            self._undone(job.task, protocol.RETURNED)
         self.client.reset()
         self.requests.clear()
         self.retries.clear()
         self.probe = None
         self.next_probe = time.monotonic() + _PROBE_EVERY
 
-    def _send(self, msg: protocol.Msg, arrays: dict[str, np.ndarray] | None = None) -> None:
+    def _send(self, msg: protocol.Msg, arrays: dict[str, Tensor] | None = None) -> None:
         send_while_parent_lives(self.sock, msg, self.cfg.parent_pid, arrays)
-
-    def stop(self) -> None:
-        """Take no more tasks, finish the ones held, then leave (a retired teacher's worker).
-
-        Called from the SIGTERM handler, so it only sets a flag: the loop tells the
-        dispatcher, as sockets belong to the loop.
-        """
-        self.stopping = True
 
     def close(self) -> None:
         if self.cache is not None:
             self.cache.close()
         self.client.close()
-        self.sock.close()
-        self.ctx.term()
-
-
-def _remove_folders_of_dead_student(cfg: WorkerConfig) -> None:
-    """The student died without removing its folders (``kill -9``, or SIGTERM where its
-    handler could not be installed: a reader made in a thread other than the main one).
-
-    Its workers outlive it by moments, so they remove its slot and ipc folders, each
-    only once its lock is free (:func:`zdistill.student.shm.reclaim`): the student is provably
-    gone, and so is the producer it forked, which dies with it.
-    """
-    ipc = os.path.dirname(cfg.dispatcher.removeprefix("ipc://"))
-    for folder in (cfg.slots, ipc):
-        if reclaim(folder, wait=_RECLAIM_WAIT):
-            log.info("removed the folder %s of the student that died", folder)
+        self.ctx.destroy()  # closes self.sock, after its linger
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -526,10 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="A DistillReader worker (internal).")
     p.add_argument("--teacher", required=True)
     p.add_argument("--dispatcher", required=True, help="the student's dispatcher endpoint")
-    p.add_argument("--identity", required=True, help="this worker's name on the dispatcher's socket")
+    p.add_argument("--identity", required=True, type=str.encode, help="its name on the dispatcher's socket")
     p.add_argument("--slots", required=True, help="folder of the shared-memory task slots")
-    p.add_argument("--predicts", required=True)
-    p.add_argument("--feeds", default="[]", help="JSON: the feeds (TensorSpec) this reader's tasks are built for")
+    p.add_argument("--predicts", required=True, type=lambda names: names.split(","))
+    p.add_argument("--feeds", default="[]", type=lambda text: [TensorSpec.from_wire(f) for f in json.loads(text)],
+                   help="JSON: the feeds (TensorSpec) this reader's tasks are built for")
     p.add_argument("--request-rows", type=int, default=256)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--share-weight", type=float, default=1.0, help="this student's share of the teacher")
@@ -546,20 +420,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    # No parent-death signal: Linux sends it when the *thread* that started us ends (the
-    # dispatcher's), while the student may still be dying and hold its folders' locks.
-    # Each turn of the loop (at most 0.1 s) checks getppid(), which changes only once the
-    # whole student is gone.
-    worker = Worker(WorkerConfig.from_args(args))
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    # No parent-death signal: Linux sends it when the *thread* that started us ends (the dispatcher's),
+    # while the student may still hold its folders' locks; getppid() changes once it is all gone.
+    worker = Worker(args)
+    # SIGTERM (a retired teacher's worker): take no more tasks, finish the ones held, then leave.
+    # Only a flag: the loop tells the dispatcher, as the sockets are the loop's.
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stopping", True))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the student, which stops us
     try:
         worker.run()
     except ParentGone:  # nobody waits for our results any more
         log.info("student process is gone; worker for %s exits", args.teacher)
     finally:
-        if os.getppid() != worker.cfg.parent_pid:  # first: closing the sockets may wait for their linger
-            _remove_folders_of_dead_student(worker.cfg)
+        # A student that died without removing its slot and ipc folders (kill -9, or SIGTERM with no
+        # handler): each goes once its lock is free (the student and its producer are provably gone).
+        # First: closing the sockets may wait for their linger.
+        if os.getppid() != args.parent_pid:
+            for folder in (args.slots, os.path.dirname(args.dispatcher.removeprefix("ipc://"))):
+                if reclaim(folder, wait=_RECLAIM_WAIT):
+                    log.info("removed the folder %s of the student that died", folder)
         worker.close()
     return 0
 

@@ -1,19 +1,12 @@
 """The student's worker processes: one per teacher, started, watched, restarted with back-off.
 
-A :class:`WorkerPool` owns every worker process of a DistillReader.  Workers are
-started as ``python -m zdistill.student.worker`` (never forked: they carry none of the
-student's state) with the student's own import path, so a training script that finds
-zdistill (or numpy, pyzmq) only through ``sys.path`` gets workers that find them too.
-
-A worker that exits is replaced at once, but not for ever: while a teacher's workers
-keep dying young, restarts back off (0.25 s doubling to 5 s), and a worker that
-dies before it could even say it started (an import error, a broken environment) ends
-the epoch after a few tries with a :class:`~zdistill.errors.WorkerError` that quotes
-what it printed.  Without that limit a broken environment would restart workers
-thousands of times a minute, until the student runs out of file descriptors.
-
-Each worker's stderr goes through a pipe that a thread of its own (:func:`_relay`) copies
-to the student's stderr, keeping its last lines for such error messages.
+Workers run ``python -m zdistill.student.worker`` (never forked: they carry none of the student's
+state) with the student's ``sys.path`` as ``PYTHONPATH``, so they find what the training script
+found.  One that exits is replaced at once, but while a teacher's workers keep dying young,
+restarts back off (0.25 s doubling to 5 s), and a few in a row that die before saying they
+started (a broken environment) end the epoch with a :class:`~zdistill.errors.WorkerError`
+quoting their stderr's last lines, rather than restart thousands of times a minute until the
+student runs out of file descriptors.
 """
 
 from __future__ import annotations
@@ -24,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -38,14 +31,13 @@ MAX_START_FAILURES = 3  # workers of one teacher dying before they started, in a
 _BACKOFF_FIRST = 0.25  # seconds before the second restart in a row of young deaths; doubles with each...
 _BACKOFF_MAX = 5.0  # ...up to this
 _YOUNG = 30.0  # a worker that dies younger than this counts towards the back-off
-_TAIL_LINES = 20
 _STOP_WAIT = 3.0  # how long close() waits for workers to finish before SIGKILL
 _RELAY_WAIT = 1.0  # how long an exited worker's relay may take to copy what is left in its pipe
 
 
 @dataclass
 class WorkerProc:
-    """One worker process and what the student knows of its teacher."""
+    """One worker process and what the student knows of it."""
 
     teacher: str
     popen: subprocess.Popen
@@ -55,28 +47,11 @@ class WorkerProc:
     started_at: float = field(default_factory=time.monotonic)
     started: bool = False  # it said hello: a later exit is a crash, not a failed start
 
-    def printed(self) -> str:
-        """What it wrote last, once it exited (the relay reads to the end of the pipe first)."""
-        self.relay.join(_RELAY_WAIT)
-        return b"".join(self.tail).decode(errors="replace").strip()
-
-
-def import_path_env() -> dict[str, str]:
-    """The environment for a worker: the student's, with the student's ``sys.path`` as
-    ``PYTHONPATH`` (entries made absolute, ``''`` meaning the current folder)."""
-    env = dict(os.environ)
-    paths = [os.path.abspath(p or os.curdir) for p in sys.path if isinstance(p, str)]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if os.path.exists(p)))
-    return env
-
 
 def _relay(pipe: BinaryIO, tail: deque[bytes]) -> None:
-    """Copy a worker's stderr to the student's, line by line, until the worker exits.
-
-    A thread, so that a worker never blocks on a full pipe, between epochs too, and
-    :func:`os.write` to file descriptor 2, so that it never holds a lock (``sys.stderr``'s)
-    that the producer, forked from the student, could inherit held.
-    """
+    """Copy a worker's stderr to the student's, line by line, until the worker exits: in a thread,
+    so that a worker never blocks on a full pipe, and with :func:`os.write`, so that it holds no
+    lock (``sys.stderr``'s) that the producer, forked from the student, could inherit held."""
     with pipe:
         for line in pipe:
             tail.append(line)
@@ -87,11 +62,8 @@ def _relay(pipe: BinaryIO, tail: deque[bytes]) -> None:
 
 
 class WorkerPool:
-    """Owns the worker processes of one DistillReader (see the module docstring).
-
-    ``command(teacher, identity)`` is the worker's command line.  Used by the dispatcher
-    thread only; it tells the scheduler which workers started, retired and died.
-    """
+    """Owns the worker processes of one DistillReader, for the dispatcher thread (which tells the
+    scheduler which started, retired and died).  ``command(teacher, identity)``: a command line."""
 
     def __init__(self, command: Callable[[str, bytes], list[str]]) -> None:
         self.command = command
@@ -99,29 +71,20 @@ class WorkerPool:
         self.retiring: list[WorkerProc] = []  # workers of teachers gone, finishing their requests
         self.spawned = 0  # workers started so far: each gets an identity of its own
         self.restarted = 0
-        self._deaths: dict[str, int] = {}  # per teacher: workers that died young in a row
-        self._failed_starts: dict[str, int] = {}  # per teacher: workers that died before starting, in a row
+        self._deaths: Counter[str] = Counter()  # per teacher: workers that died young in a row
+        self._failed_starts: Counter[str] = Counter()  # per teacher: workers that died before starting, in a row
         self._restart_at: dict[str, float] = {}  # per teacher whose worker died: when to start the next
 
     def set_teachers(self, teachers: Iterable[str]) -> tuple[list[WorkerProc], list[WorkerProc]]:
-        """Start a worker for each new teacher; retire the workers of teachers gone.
-
-        Returns the workers started and those retired.
-        """
-        wanted = list(dict.fromkeys(teachers))
-        started = []
-        for teacher in wanted:
-            if teacher not in self.workers:
-                self.workers[teacher] = self._spawn(teacher)
-                started.append(self.workers[teacher])
-        retired = []
-        for teacher in [t for t in self.workers if t not in wanted]:
-            proc = self.workers.pop(teacher)
-            self._restart_at.pop(teacher, None)
-            retired.append(proc)
+        """Start a worker for each new teacher, retire those of teachers gone: (started, retired)."""
+        wanted = dict.fromkeys(teachers)
+        started = [self._spawn(teacher) for teacher in wanted if teacher not in self.workers]
+        retired = [self.workers.pop(teacher) for teacher in list(self.workers) if teacher not in wanted]
+        for proc in retired:
+            self._restart_at.pop(proc.teacher, None)
             if proc.popen.poll() is None:
                 proc.popen.terminate()  # it finishes its requests in flight, then exits
-            self.retiring.append(proc)
+        self.retiring += retired
         return started, retired
 
     def mark_started(self, identity: bytes) -> None:
@@ -131,27 +94,25 @@ class WorkerPool:
                 proc.started = True
 
     def _spawn(self, teacher: str) -> WorkerProc:
-        """Start a worker; it connects to the dispatcher under an identity of its own."""
+        """Start the teacher's worker (its entry in ``workers``) under an identity of its own."""
         self.spawned += 1
         identity = b"w%d" % self.spawned
+        paths = [os.path.abspath(p or os.curdir) for p in sys.path if isinstance(p, str)]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if os.path.exists(p)))}
         popen = subprocess.Popen(self.command(teacher, identity), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 close_fds=True, env=import_path_env())
-        tail: deque[bytes] = deque(maxlen=_TAIL_LINES)
+                                 close_fds=True, env=env)
+        tail: deque[bytes] = deque(maxlen=20)
         relay = threading.Thread(target=_relay, args=(popen.stderr, tail), name=f"zdistill-stderr-{popen.pid}",
                                  daemon=True)
         relay.start()
-        return WorkerProc(teacher, popen, identity, relay, tail)
+        proc = self.workers[teacher] = WorkerProc(teacher, popen, identity, relay, tail)
+        return proc
 
     def reap(self, now: float) -> tuple[list[WorkerProc], list[WorkerProc]]:
-        """Forget exited workers and replace the current teachers' (after their back-off).
-
-        Returns the workers that exited and those started in their place.  Raises
-        :class:`WorkerError` once a teacher's workers failed to start
-        :data:`MAX_START_FAILURES` times in a row.
-        """
+        """Forget exited workers, replace the current teachers' after their back-off: (exited, started).
+        :class:`WorkerError` once a teacher's failed to start :data:`MAX_START_FAILURES` times in a row."""
         died = [p for p in self.retiring if p.popen.poll() is not None]
-        for proc in died:
-            self.retiring.remove(proc)
+        self.retiring = [p for p in self.retiring if p.popen.returncode is None]
         started = []
         for teacher, proc in list(self.workers.items()):
             code = proc.popen.poll()
@@ -163,26 +124,21 @@ class WorkerPool:
             if now >= self._restart_at[teacher]:
                 del self._restart_at[teacher]
                 self.restarted += 1
-                self.workers[teacher] = self._spawn(teacher)
-                started.append(self.workers[teacher])
+                started.append(self._spawn(teacher))
         return died, started
 
     def _died(self, proc: WorkerProc, code: int, now: float) -> float:
         """Count a worker's death; the back-off before its replacement (or WorkerError)."""
-        teacher, tail = proc.teacher, proc.printed()
-        how = describe_exit(code)
-        if not proc.started:
-            failed = self._failed_starts[teacher] = self._failed_starts.get(teacher, 0) + 1
-            if failed >= MAX_START_FAILURES:
-                self._restart_at[teacher] = now + _BACKOFF_MAX  # said once; the next try comes later
-                raise WorkerError(
-                    f"the worker process for teacher {teacher} could not start ({failed} tries, the last {how}); "
-                    f"it printed:\n{tail or '(nothing)'}"
-                )
-        else:
-            self._failed_starts[teacher] = 0
-        young = now - proc.started_at < _YOUNG
-        deaths = self._deaths[teacher] = self._deaths.get(teacher, 0) + 1 if young else 1
+        teacher, how = proc.teacher, describe_exit(code)
+        proc.relay.join(_RELAY_WAIT)  # it reads to the end of the pipe first
+        tail = b"".join(proc.tail).decode(errors="replace").strip()
+        self._failed_starts[teacher] = 0 if proc.started else self._failed_starts[teacher] + 1
+        if self._failed_starts[teacher] >= MAX_START_FAILURES:
+            self._restart_at[teacher] = now + _BACKOFF_MAX  # said once; the next try comes later
+            raise WorkerError(f"the worker process for teacher {teacher} could not start "
+                              f"({self._failed_starts[teacher]} tries, the last {how}); "
+                              f"it printed:\n{tail or '(nothing)'}")
+        deaths = self._deaths[teacher] = self._deaths[teacher] + 1 if now - proc.started_at < _YOUNG else 1
         delay = 0.0 if deaths == 1 else min(_BACKOFF_MAX, _BACKOFF_FIRST * 2 ** (deaths - 2))
         log.warning("worker for teacher %s %s; starting another in %.2f s%s", teacher, how, delay,
                     f"; it printed:\n{tail}" if tail else "")
