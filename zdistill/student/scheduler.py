@@ -21,9 +21,9 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any
 
 import msgspec
@@ -72,14 +72,18 @@ class WorkerState:
 
 
 @dataclass
-class TeacherStats:
-    """What the student saw of one teacher, for ``DistillReader.stats()``."""
+class Counts:
+    """Counted over the reader's life, for ``DistillReader.stats()``: of every teacher, and of each."""
 
-    tasks: int = 0
+    tasks: int = 0  # answered (first answers only)
     samples: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    returned: int = 0
+    failed: int = 0  # refused by a teacher
+    timed_out: int = 0  # tries unanswered within request_timeout
+    returned: int = 0  # handed back by a worker whose teacher could not run them
+
+
+@dataclass
+class TeacherStats(Counts):
     up: bool = False
     changed_at: float = 0.0  # monotonic time of the last up/down change
     first_task_at: float = 0.0  # monotonic time its first answer reached the dispatcher
@@ -87,15 +91,8 @@ class TeacherStats:
 
 
 @dataclass
-class Counters:
-    """Counters over the reader's life (``DistillReader.stats()``)."""
-
-    tasks: int = 0  # answered (first answers only)
-    samples: int = 0
+class Counters(Counts):
     resent: int = 0  # sends beyond the first (a worker died, a refusal, a stall)
-    returned: int = 0  # handed back by a worker whose teacher could not run them
-    failed: int = 0  # refused by a teacher
-    timed_out: int = 0  # tries unanswered within request_timeout
     straggler_resends: int = 0
     duplicates_dropped: int = 0  # second answers of a task sent twice
     cache_hits: int = 0  # rows answered from the teacher-output cache
@@ -114,7 +111,7 @@ class Plan:
 
 def cached_whole(task: protocol.Task) -> bool:
     """Every row of ``task`` was answered from the cache (its predictions are in its slot)."""
-    return task.hits is not None and task.rows > 0 and task.hits == task.rows
+    return task.rows > 0 and task.hits == task.rows
 
 
 def uncached(task: protocol.Task) -> tuple[protocol.Task, list[Any]]:
@@ -155,10 +152,13 @@ class Scheduler:
         self.recent_task_bytes: deque[int] = deque(maxlen=8)  # bytes of the latest tasks: what a grant may cost
         self.row_bytes = 0
 
+    def _stats(self, teacher: str) -> TeacherStats:
+        return self.teachers.setdefault(teacher, TeacherStats())  # from the first word of the teacher
+
     # -- workers ------------------------------------------------------------------
 
     def add_worker(self, identity: bytes, teacher: str) -> None:
-        self.workers[identity] = WorkerState(teacher)  # its teacher's stats start with its first word of it
+        self.workers[identity] = WorkerState(teacher)
 
     def retire_worker(self, identity: bytes) -> None:
         """Its teacher left: no new tasks; what it holds it finishes or hands back."""
@@ -184,15 +184,22 @@ class Scheduler:
         state.up, state.unusable, state.reason = status.up, status.unusable, status.reason
         state.max_batch_size = status.max_batch_size or state.max_batch_size
         state.instances = max(1, status.instances)
-        stats = self.teachers.setdefault(state.teacher, TeacherStats())
+        stats = self._stats(state.teacher)
         stats.up, stats.changed_at, stats.reason = status.up, now, status.unusable or status.reason
         if not status.up and stats.reason:
             log.warning("teacher %s unavailable: %s", state.teacher, stats.reason)
 
+    def _unhold(self, identity: bytes, epoch: int, task_id: int) -> WorkerState | None:
+        """The worker no longer holds the task (answered, handed back, or never sent); the worker."""
+        state = self.workers.get(identity)
+        if state is not None:
+            state.holds.discard((epoch, task_id))
+        return state
+
     # -- one epoch ------------------------------------------------------------------
 
     def begin(self, epoch: int, now: float) -> Plan:
-        """Start ``epoch``: its plan, and room for its slots."""
+        """Start ``epoch``: its plan, and room for its slots (slot numbers only grow)."""
         self.epoch, self.active = epoch, True
         self.pending.clear()
         self._queue.clear()
@@ -204,8 +211,7 @@ class Scheduler:
         window = max(self.options.window, 3 * in_flight * len(self.workers))  # every worker busy, as much queued
         self.plan_now = Plan(task_rows, in_flight, window, max(1, window // 4))
         wanted = window + self.plan_now.keep_limit
-        for slot in range(self.slot_count, wanted):
-            heapq.heappush(self.free, slot)
+        self.free.extend(range(self.slot_count, wanted))  # each bigger than every slot there: still a heap
         self.slot_count = max(self.slot_count, wanted)
         return self.plan_now
 
@@ -244,8 +250,8 @@ class Scheduler:
             heapq.heappush(self.free, slot)
 
     def _return_grants(self) -> None:
-        for slot in self.granted:
-            heapq.heappush(self.free, slot)
+        self.free.extend(self.granted)
+        heapq.heapify(self.free)
         self.granted.clear()
 
     def on_task(self, task: protocol.Task, frames: list[Any]) -> bool:
@@ -327,17 +333,14 @@ class Scheduler:
 
     def unsent(self, identity: bytes, task_id: int) -> None:
         """A task could not be sent to the worker :meth:`assignments` chose: it waits again."""
-        if identity in self.workers:
-            self.workers[identity].holds.discard((self.epoch, task_id))
+        self._unhold(identity, self.epoch, task_id)
         if task_id in self.pending:
             self.pending[task_id].holders.pop(identity, None)
             self._requeue(task_id)
 
     def on_done(self, identity: bytes, done: protocol.Done, rows: int, now: float) -> HeldTask | None:
         """A task's answer: the held task if it is the first (to forward), else None."""
-        state = self.workers.get(identity)
-        if state is not None:
-            state.holds.discard((done.epoch, done.task_id))
+        state = self._unhold(identity, done.epoch, done.task_id)
         held = self.pending.pop(done.task_id, None) if done.epoch == self.epoch else None
         if held is None:
             if done.epoch == self.epoch and self.active:
@@ -346,7 +349,7 @@ class Scheduler:
         self.counters.tasks += 1
         self.counters.samples += held.task.rows
         if state is not None:
-            stats = self.teachers.setdefault(state.teacher, TeacherStats())
+            stats = self._stats(state.teacher)
             stats.tasks += 1
             stats.samples += rows
             stats.first_task_at = stats.first_task_at or now
@@ -360,13 +363,12 @@ class Scheduler:
     def on_undone(self, identity: bytes, undone: protocol.Undone, now: float) -> None:
         """A task handed back (sent elsewhere; a failed try too if its deadline passed and the
         clock did not count it yet) or refused (a failed try, retried up to ``max_retries``)."""
-        if identity in self.workers:
-            self.workers[identity].holds.discard((undone.epoch, undone.task_id))
+        self._unhold(identity, undone.epoch, undone.task_id)
         held = self.pending.get(undone.task_id) if undone.epoch == self.epoch else None
         attempt = held.holders.pop(identity, None) if held is not None else None
         if held is None or attempt is None:
             return  # another epoch's, or the word of a worker already forgotten
-        stats = self.teachers.setdefault(attempt.teacher, TeacherStats())
+        stats = self._stats(attempt.teacher)
         if undone.code == protocol.RETURNED:
             self.counters.returned += 1
             stats.returned += 1
@@ -384,10 +386,9 @@ class Scheduler:
 
     def _timed_out(self, held: HeldTask, attempt: Try, now: float) -> None:
         """A try went ``request_timeout`` unanswered: a failed try; its clock starts again."""
-        attempt.failed = True
-        attempt.deadline = now + self.options.request_timeout
+        attempt.failed, attempt.deadline = True, now + self.options.request_timeout
         self.counters.timed_out += 1
-        self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
+        self._stats(attempt.teacher).timed_out += 1
         why = f"no answer within request_timeout ({self.options.request_timeout:g} s)"
         log.warning("task %d: %s from teacher %s", held.task.task_id, why, attempt.teacher)
         self._fail_try(held, attempt.teacher, why, now, None)
@@ -407,13 +408,21 @@ class Scheduler:
                    + "; ".join(f"teacher {t}: {w}" + (f" ({n} times)" if n > 1 else "") for (t, w), n in each.items()))
         raise TeacherTimeout(message) if code is None else TeacherError(message, code)
 
+    def _requeue(self, task_id: int) -> int:
+        """Queue a pending task (once); 1 if it was queued, else 0."""
+        if task_id not in self.pending or task_id in self._queue:
+            return 0
+        self._queue.add(task_id)
+        return 1
+
     # -- supervision ------------------------------------------------------------------
 
     def check(self, now: float) -> None:
-        """Tries past their deadline, stragglers, stalls and teachers gone: resend, or raise
+        """Tries past their deadline, the straggler, a stall and the teachers: resend, or raise
         when waiting cannot help."""
         if not self.active:
             return
+        o = self.options
         if now >= self._next_expiry:
             self._next_expiry = math.inf
             for held in self.pending.values():
@@ -422,49 +431,35 @@ class Scheduler:
                         self._timed_out(held, attempt, now)
                         self.counters.resent += self._requeue(held.task.task_id)
                     self._next_expiry = min(self._next_expiry, attempt.deadline)
-        self._chase_straggler(now)
-        if self.pending and now - self.last_progress > self.options.stall_timeout:
-            log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
-            self.last_progress = now
-            for task_id in list(self.pending):
-                self.counters.resent += self._requeue(task_id)
-        self._check_teachers(now)
-
-    def _chase_straggler(self, now: float) -> None:
-        """Send the lowest pending task again when later ones finished long before it."""
+        # The straggler: the lowest pending task, while a later one is answered, is sent again
+        # once it stayed lowest that long.
         lowest = min(self.pending, default=None)
         if lowest is None or self.highest_done < lowest:
             self._blocked = None
-            return
-        if self._blocked is None or self._blocked[0] != lowest:
+        elif self._blocked is None or self._blocked[0] != lowest:
             self._blocked = (lowest, now)
-        typical = statistics.median(self.task_times) if self.task_times else 0.0
-        if now - self._blocked[1] > max(self.options.straggler_min, self.options.straggler_factor * typical):
+        elif now - self._blocked[1] > max(o.straggler_min, o.straggler_factor * median(self.task_times or [0])):
             self.counters.straggler_resends += self._requeue(lowest)
             self._blocked = (lowest, now)
-
-    def _check_teachers(self, now: float) -> None:
-        """Fail at once when every teacher takes other inputs than this reader's (another model
-        at the address: waiting cannot help), or when none was up for ``teacher_wait``."""
+        if self.pending and now - self.last_progress > o.stall_timeout:
+            log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
+            self.last_progress = now
+            for task_id in self.pending:
+                self.counters.resent += self._requeue(task_id)
+        # The teachers: fail at once when every one takes other inputs than this reader's (another
+        # model at the address: waiting cannot help), or when none was up for teacher_wait.
         states = [s for s in self.workers.values() if not s.retiring]
         if any(s.up for s in states):
             self._down_since = None
-            return
-        if states and all(s.unusable for s in states):
+        elif states and all(s.unusable for s in states):
             reasons = "; ".join(f"{s.teacher}: {s.unusable}" for s in states)
             raise ConfigError(f"no teacher can take this reader's inputs ({reasons})")
-        self._down_since = self._down_since or now
-        if now - self._down_since > self.options.teacher_wait:
-            why = {s.teacher: s.reason for s in states}
-            names = ", ".join(f"{t} ({r})" if r else t for t, r in why.items()) or "none"
-            raise TeacherTimeout(f"no teacher answered for {self.options.teacher_wait:.0f} s (teachers: {names})")
-
-    def _requeue(self, task_id: int) -> int:
-        """Queue a pending task (once); 1 if it was queued, else 0."""
-        if task_id not in self.pending or task_id in self._queue:
-            return 0
-        self._queue.add(task_id)
-        return 1
+        else:
+            self._down_since = self._down_since or now
+            if now - self._down_since > o.teacher_wait:
+                why = {s.teacher: s.reason for s in states}
+                names = ", ".join(f"{t} ({r})" if r else t for t, r in why.items()) or "none"
+                raise TeacherTimeout(f"no teacher answered for {o.teacher_wait:.0f} s (teachers: {names})")
 
     # -- the plan ------------------------------------------------------------------
 
@@ -477,13 +472,14 @@ class Scheduler:
         ``task_seconds`` of teacher time (at least one request, at most ``task_rows``), and
         a worker holds about ``queue_seconds`` in flight, so its teacher never waits for
         the next task, up to 8 (or ``max_in_flight``) while all workers together hold no
-        more than ``window`` full-size tasks' bytes; and at least enough to fill a batch on
-        each of its teacher's instances and one more (:meth:`_fill`).
+        more than ``window`` full-size tasks' bytes; and at least enough to keep
+        ``(instances + 1) * max_batch_size`` rows at each teacher (from its meta), a batch on
+        each of its instances and one more, within ``max_inflight_bytes`` and ``max_in_flight``.
         """
         o = self.options
         if not self.row_service:
             return o.task_rows, o.in_flight
-        per_row = statistics.median(self.row_service)
+        per_row = median(self.row_service)
         floor = min(o.request_rows, o.task_rows)
         fit = int(o.task_seconds / per_row) if per_row > 0 else o.task_rows
         rows = max(floor, min(o.task_rows, fit // floor * floor))
@@ -491,16 +487,10 @@ class Scheduler:
         deep = math.ceil(o.queue_seconds / (per_row * rows)) if per_row > 0 else cap
         task_bytes = min(o.task_bytes, rows * self.row_bytes)
         fits = o.window * o.task_bytes // (max(1, workers) * task_bytes) if task_bytes > 0 else cap
-        return rows, max(o.in_flight, min(cap, deep, fits), self._fill(rows, workers))
-
-    def _fill(self, rows: int, workers: int) -> int:
-        """Tasks per worker that keep ``(instances + 1) * max_batch_size`` rows at each teacher
-        (from its meta), within ``max_inflight_bytes`` over all workers and ``max_in_flight``."""
-        o = self.options
         wanted = max(((s.instances + 1) * s.max_batch_size for s in self.workers.values()), default=0)
-        if not wanted or not self.row_bytes:
-            return 0
-        per_task = max(1, int(statistics.median(self.task_sizes)) if self.task_sizes else rows)
-        tasks = math.ceil(wanted / per_task)
-        fits = o.max_inflight_bytes // (max(1, workers) * per_task * self.row_bytes)
-        return min(tasks, o.max_in_flight or tasks, fits)
+        fill = 0
+        if wanted and self.row_bytes:
+            per_task = max(1, int(median(self.task_sizes or [rows])))
+            fill = min(math.ceil(wanted / per_task), o.max_in_flight or wanted,
+                       o.max_inflight_bytes // (max(1, workers) * per_task * self.row_bytes))
+        return rows, max(o.in_flight, min(cap, deep, fits), fill)
