@@ -152,13 +152,10 @@ class Scheduler:
         self.recent_task_bytes: deque[int] = deque(maxlen=8)  # bytes of the latest tasks: what a grant may cost
         self.row_bytes = 0
 
-    def _stats(self, teacher: str) -> TeacherStats:
-        return self.teachers.setdefault(teacher, TeacherStats())  # from the first word of the teacher
-
     # -- workers ------------------------------------------------------------------
 
     def add_worker(self, identity: bytes, teacher: str) -> None:
-        self.workers[identity] = WorkerState(teacher)
+        self.workers[identity] = WorkerState(teacher)  # its teacher's stats start with its first word of it
 
     def retire_worker(self, identity: bytes) -> None:
         """Its teacher left: no new tasks; what it holds it finishes or hands back."""
@@ -184,17 +181,10 @@ class Scheduler:
         state.up, state.unusable, state.reason = status.up, status.unusable, status.reason
         state.max_batch_size = status.max_batch_size or state.max_batch_size
         state.instances = max(1, status.instances)
-        stats = self._stats(state.teacher)
+        stats = self.teachers.setdefault(state.teacher, TeacherStats())
         stats.up, stats.changed_at, stats.reason = status.up, now, status.unusable or status.reason
         if not status.up and stats.reason:
             log.warning("teacher %s unavailable: %s", state.teacher, stats.reason)
-
-    def _unhold(self, identity: bytes, epoch: int, task_id: int) -> WorkerState | None:
-        """The worker no longer holds the task (answered, handed back, or never sent); the worker."""
-        state = self.workers.get(identity)
-        if state is not None:
-            state.holds.discard((epoch, task_id))
-        return state
 
     # -- one epoch ------------------------------------------------------------------
 
@@ -333,14 +323,17 @@ class Scheduler:
 
     def unsent(self, identity: bytes, task_id: int) -> None:
         """A task could not be sent to the worker :meth:`assignments` chose: it waits again."""
-        self._unhold(identity, self.epoch, task_id)
+        if identity in self.workers:
+            self.workers[identity].holds.discard((self.epoch, task_id))
         if task_id in self.pending:
             self.pending[task_id].holders.pop(identity, None)
             self._requeue(task_id)
 
     def on_done(self, identity: bytes, done: protocol.Done, rows: int, now: float) -> HeldTask | None:
         """A task's answer: the held task if it is the first (to forward), else None."""
-        state = self._unhold(identity, done.epoch, done.task_id)
+        state = self.workers.get(identity)
+        if state is not None:
+            state.holds.discard((done.epoch, done.task_id))
         held = self.pending.pop(done.task_id, None) if done.epoch == self.epoch else None
         if held is None:
             if done.epoch == self.epoch and self.active:
@@ -349,7 +342,7 @@ class Scheduler:
         self.counters.tasks += 1
         self.counters.samples += held.task.rows
         if state is not None:
-            stats = self._stats(state.teacher)
+            stats = self.teachers.setdefault(state.teacher, TeacherStats())
             stats.tasks += 1
             stats.samples += rows
             stats.first_task_at = stats.first_task_at or now
@@ -363,12 +356,13 @@ class Scheduler:
     def on_undone(self, identity: bytes, undone: protocol.Undone, now: float) -> None:
         """A task handed back (sent elsewhere; a failed try too if its deadline passed and the
         clock did not count it yet) or refused (a failed try, retried up to ``max_retries``)."""
-        self._unhold(identity, undone.epoch, undone.task_id)
+        if identity in self.workers:
+            self.workers[identity].holds.discard((undone.epoch, undone.task_id))
         held = self.pending.get(undone.task_id) if undone.epoch == self.epoch else None
         attempt = held.holders.pop(identity, None) if held is not None else None
         if held is None or attempt is None:
             return  # another epoch's, or the word of a worker already forgotten
-        stats = self._stats(attempt.teacher)
+        stats = self.teachers.setdefault(attempt.teacher, TeacherStats())
         if undone.code == protocol.RETURNED:
             self.counters.returned += 1
             stats.returned += 1
@@ -388,7 +382,7 @@ class Scheduler:
         """A try went ``request_timeout`` unanswered: a failed try; its clock starts again."""
         attempt.failed, attempt.deadline = True, now + self.options.request_timeout
         self.counters.timed_out += 1
-        self._stats(attempt.teacher).timed_out += 1
+        self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
         why = f"no answer within request_timeout ({self.options.request_timeout:g} s)"
         log.warning("task %d: %s from teacher %s", held.task.task_id, why, attempt.teacher)
         self._fail_try(held, attempt.teacher, why, now, None)
