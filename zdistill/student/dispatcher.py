@@ -126,9 +126,8 @@ class Dispatcher:
         self._supervised_at = 0.0
         self.cache_ok = True  # every teacher's answers may go to the reader's cache (if it has one)
         self.gate = CacheGate()  # closed with cache_ok: from then on no cached row is served (made before any fork)
-        self._closing = False
+        self._closing = False  # close() was called: the thread ends, then the wake-up fd is closed
         self.stopped = False  # every process stopped, under the lock: a producer forked now is the forker's to stop
-        self._closed = False  # the wake-up fd is closed
         self._thread = threading.Thread(target=self._run, name="zdistill-dispatcher", daemon=True)
         self._thread.start()
 
@@ -166,20 +165,15 @@ class Dispatcher:
 
     def close(self) -> None:
         """Stop the thread; it stops every worker and producer by PID on its way out."""
-        if self._thread.is_alive():
+        if not self._closing:
             self._closing = True
-            self._wake()
+            os.eventfd_write(self._wakeup, 1)
             self._thread.join(10.0)
-        if not self._closed:
-            self._closed = True
             os.close(self._wakeup)
 
     def _post(self, call: Callable[..., None], *args: Any) -> None:
         self._calls.append((call, args))
-        self._wake()
-
-    def _wake(self) -> None:
-        if not self._closed:  # else a finalizer after close(): nothing to wake
+        if not self._closing:  # else a finalizer after close(): nothing to wake
             with contextlib.suppress(OSError):  # closed meanwhile
                 os.eventfd_write(self._wakeup, 1)
 
@@ -256,10 +250,8 @@ class Dispatcher:
         self._reap_producers()
 
     def _fail(self, exc: BaseException) -> None:
-        """An error the training loop must hear: it ends the epoch (or the next one, between epochs).
-
-        An epoch fails once: a second error before the loop stopped it is only logged.
-        """
+        """An error the training loop must hear: it ends the epoch (or the next one, between epochs);
+        an epoch fails once: a second error before the loop stopped it is only logged."""
         if self.sched.active:
             self.sched.active = False
             self.events.put(Failed(self.sched.epoch, exc))
@@ -352,11 +344,9 @@ class Dispatcher:
     def _send_grants(self) -> None:
         self._grants += self.sched.grants()
         if self._grants and self._producer is not None:
-            try:
+            with contextlib.suppress(zmq.Again):  # not connected yet: polled for POLLOUT
                 protocol.send(self._producer, protocol.Grant(slots=self._grants), flags=zmq.NOBLOCK)
                 self._grants = []
-            except zmq.Again:
-                pass  # not connected yet: polled for POLLOUT
 
     def _reap_producers(self) -> None:
         """Reap exited producers; one that died before its end fails the epoch, saying how it died."""
@@ -373,10 +363,8 @@ class Dispatcher:
                     self._read_producer()
                 if self.sched.total is None:
                     how = describe_exit(os.waitstatus_to_exitcode(status))
-                    raise ReaderError(
-                        f"the reader process (pid {pid}) {how} before the end of the epoch; "
-                        "if the machine ran out of memory, the kernel's log (dmesg) names it"
-                    )
+                    raise ReaderError(f"the reader process (pid {pid}) {how} before the end of the epoch; if "
+                                      "the machine ran out of memory, the kernel's log (dmesg) names it")
 
     def _shutdown(self) -> None:
         for pid in self._producers:

@@ -367,31 +367,29 @@ class Scheduler:
             self.counters.returned += 1
             stats.returned += 1
             if now >= attempt.deadline:
-                self._timed_out(held, attempt, now)
+                self._fail_try(held, attempt, now)
         else:
             self.counters.failed += 1
             stats.failed += 1
             if not attempt.failed or undone.code in FATAL_CODES:
-                self._fail_try(held, attempt.teacher, f"{undone.code}: {undone.message}", now, undone.code)
+                self._fail_try(held, attempt, now, undone.code, f"{undone.code}: {undone.message}")
             log.warning("task %d failed (%s), sending it again: %s", undone.task_id, undone.code, undone.message)
             self.counters.resent += 1
         if not held.holders:
             self._requeue(undone.task_id)
 
-    def _timed_out(self, held: HeldTask, attempt: Try, now: float) -> None:
-        """A try went ``request_timeout`` unanswered: a failed try; its clock starts again."""
-        attempt.failed, attempt.deadline = True, now + self.options.request_timeout
-        self.counters.timed_out += 1
-        self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
-        why = f"no answer within request_timeout ({self.options.request_timeout:g} s)"
-        log.warning("task %d: %s from teacher %s", held.task.task_id, why, attempt.teacher)
-        self._fail_try(held, attempt.teacher, why, now, None)
-
-    def _fail_try(self, held: HeldTask, teacher: str, why: str, now: float, code: str | None) -> None:
-        """Count a failed try; past ``max_retries`` (or refused as hopeless) the epoch fails with a
-        :class:`TeacherError` (refused: ``code``) or :class:`TeacherTimeout` (unanswered) naming
-        every teacher tried, why each try failed and how long since the task was first sent."""
-        held.failures.append((teacher, why))
+    def _fail_try(self, held: HeldTask, attempt: Try, now: float, code: str | None = None, why: str = "") -> None:
+        """Count a failed try: refused (``code``, ``why``), or unanswered ``request_timeout`` after its
+        deadline (its clock starts again).  Past ``max_retries`` (or refused as hopeless) the epoch fails
+        with a :class:`TeacherError` (refused) or :class:`TeacherTimeout` (unanswered) naming every
+        teacher tried, why each try failed and how long since the task was first sent."""
+        if code is None:
+            attempt.failed, attempt.deadline = True, now + self.options.request_timeout
+            self.counters.timed_out += 1
+            self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
+            why = f"no answer within request_timeout ({self.options.request_timeout:g} s)"
+            log.warning("task %d: %s from teacher %s", held.task.task_id, why, attempt.teacher)
+        held.failures.append((attempt.teacher, why))
         tries = len(held.failures)
         if code not in FATAL_CODES and tries <= self.options.max_retries:
             return
@@ -422,7 +420,7 @@ class Scheduler:
             for held in self.pending.values():
                 for attempt in held.holders.values():
                     if now >= attempt.deadline:
-                        self._timed_out(held, attempt, now)
+                        self._fail_try(held, attempt, now)
                         self.counters.resent += self._requeue(held.task.task_id)
                     self._next_expiry = min(self._next_expiry, attempt.deadline)
         # The straggler: the lowest pending task, while a later one is answered, is sent again
