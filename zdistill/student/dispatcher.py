@@ -260,8 +260,6 @@ class Dispatcher:
         else:
             self._error = exc
 
-    # -- workers ---------------------------------------------------------------------
-
     def _set_teachers(self, teachers: Sequence[str], membership: Callable[[], list[str] | None] | None) -> None:
         self._membership = membership
         started, retired = self.pool.set_teachers(teachers)
@@ -321,8 +319,6 @@ class Dispatcher:
             self.sched.add_worker(proc.identity, proc.teacher)
         self._reap_producers()
         self.sched.check(now)
-
-    # -- the producer -----------------------------------------------------------------
 
     def _read_producer(self) -> None:
         assert self._producer is not None

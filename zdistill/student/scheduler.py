@@ -152,8 +152,6 @@ class Scheduler:
         self.recent_task_bytes: deque[int] = deque(maxlen=8)  # bytes of the latest tasks: what a grant may cost
         self.row_bytes = 0
 
-    # -- workers ------------------------------------------------------------------
-
     def add_worker(self, identity: bytes, teacher: str) -> None:
         self.workers[identity] = WorkerState(teacher)  # its teacher's stats start with its first word of it
 
@@ -185,8 +183,6 @@ class Scheduler:
         stats.up, stats.changed_at, stats.reason = status.up, now, status.unusable or status.reason
         if not status.up and stats.reason:
             log.warning("teacher %s unavailable: %s", state.teacher, stats.reason)
-
-    # -- one epoch ------------------------------------------------------------------
 
     def begin(self, epoch: int, now: float) -> Plan:
         """Start ``epoch``: its plan, and room for its slots (slot numbers only grow)."""
@@ -407,8 +403,6 @@ class Scheduler:
         self._queue.add(task_id)
         return 1
 
-    # -- supervision ------------------------------------------------------------------
-
     def check(self, now: float) -> None:
         """Tries past their deadline, the straggler, a stall and the teachers: resend, or raise
         when waiting cannot help."""
@@ -452,8 +446,6 @@ class Scheduler:
                 why = {s.teacher: s.reason for s in states}
                 names = ", ".join(f"{t} ({r})" if r else t for t, r in why.items()) or "none"
                 raise TeacherTimeout(f"no teacher answered for {o.teacher_wait:.0f} s (teachers: {names})")
-
-    # -- the plan ------------------------------------------------------------------
 
     def plan(self, workers: int) -> tuple[int, int]:
         """Rows per task and tasks per worker for the next epoch, from the teacher time measured.
