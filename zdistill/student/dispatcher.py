@@ -99,10 +99,8 @@ Event = Planned | Answered | AllAnswered | Failed
 class Dispatcher:
     """Owns the scheduler, the workers, their socket and the producer's (see the module docstring)."""
 
-    def __init__(
-        self, ctx: zmq.Context, folder: str, options: PipelineOptions,
-        worker_command: Callable[[str, bytes], list[str]],
-    ) -> None:
+    def __init__(self, ctx: zmq.Context, folder: str, options: PipelineOptions,
+                 worker_command: Callable[[str, bytes], list[str]]) -> None:
         self.ctx, self.folder = ctx, folder
         self.endpoint = f"ipc://{folder}/dispatch"
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()

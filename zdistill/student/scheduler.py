@@ -202,8 +202,7 @@ class Scheduler:
         return self.plan_now
 
     def stop(self, lent: set[int]) -> None:
-        """The epoch is over (ended or abandoned): every slot of it the training loop does
-        not hold is free again, and nothing more of it is sent."""
+        """The epoch ended or was abandoned: its slots the training loop does not hold are free, none is sent."""
         self.active = False
         for slot, (epoch, _) in list(self.slot_task.items()):
             if epoch == self.epoch and slot not in lent:
@@ -241,8 +240,7 @@ class Scheduler:
         self.granted.clear()
 
     def on_task(self, task: protocol.Task, frames: list[Any]) -> bool:
-        """The producer built a task; False if it is not one of this epoch's.
-        A task the cache answered whole is done at once: it never leaves the machine."""
+        """The producer built a task (False: not this epoch's); one the cache answered whole is done at once."""
         if not self.active or task.epoch != self.epoch or task.slot not in self.granted:
             return False
         self.granted.discard(task.slot)
@@ -289,8 +287,7 @@ class Scheduler:
         return self.total is not None and self.produced == self.total and not self.pending
 
     def assignments(self, now: float) -> list[tuple[bytes, HeldTask]]:
-        """Queued tasks to workers with room, lowest task first, the worker holding least first;
-        each one a try sent ``now``."""
+        """Queued tasks to workers with room (lowest task first, to the one holding least), each a try sent ``now``."""
         out: list[tuple[bytes, HeldTask]] = []
         if not self.active or not self._queue:
             return out
@@ -404,8 +401,7 @@ class Scheduler:
         return 1
 
     def check(self, now: float) -> None:
-        """Tries past their deadline, the straggler, a stall and the teachers: resend, or raise
-        when waiting cannot help."""
+        """Tries past their deadline, the straggler, a stall, the teachers: resend, or raise if waiting cannot help."""
         if not self.active:
             return
         o = self.options
