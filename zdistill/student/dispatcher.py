@@ -49,7 +49,6 @@ _IN, _IN_OUT = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 
 @dataclass(frozen=True)
 class Planned:
-    """What the producer of the epoch needs to start."""
 
     epoch: int
     plan: Plan

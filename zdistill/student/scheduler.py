@@ -53,7 +53,7 @@ class HeldTask:
     task: protocol.Task
     wire: list[Any]  # the producer's frames
     holders: dict[bytes, Try] = field(default_factory=dict)  # the workers it was sent to, not yet answered
-    first_sent: float | None = None  # when it was first sent (the error says how long it waited)
+    first_sent: float = 0.0  # when it was first sent (0: not yet); the error says how long it waited
     failures: list[tuple[str, str]] = field(default_factory=list)  # (teacher, why) of each failed try
 
 
@@ -304,7 +304,7 @@ class Scheduler:
             best = min(takers, key=lambda i: len(self.workers[i].holds))
             self._queue.discard(task_id)
             held.holders[best] = Try(self.workers[best].teacher, now + self.options.request_timeout)
-            held.first_sent = now if held.first_sent is None else held.first_sent
+            held.first_sent = held.first_sent or now
             self._next_expiry = min(self._next_expiry, now + self.options.request_timeout)
             self.workers[best].holds.add((self.epoch, task_id))
             out.append((best, held))
@@ -372,10 +372,9 @@ class Scheduler:
             self._requeue(undone.task_id)
 
     def _fail_try(self, held: HeldTask, attempt: Try, now: float, code: str | None = None, why: str = "") -> None:
-        """Count a failed try: refused (``code``, ``why``), or unanswered ``request_timeout`` after its
-        deadline (its clock starts again).  Past ``max_retries`` (or refused as hopeless) the epoch fails
-        with a :class:`TeacherError` (refused) or :class:`TeacherTimeout` (unanswered) naming every
-        teacher tried, why each try failed and how long since the task was first sent."""
+        """Count a failed try: refused (``code``, ``why``), or unanswered past its deadline (whose clock starts
+        again).  Past ``max_retries`` (or refused as hopeless) the epoch fails with a :class:`TeacherError`
+        or :class:`TeacherTimeout` naming each teacher tried, why each try failed and how long it took."""
         if code is None:
             attempt.failed, attempt.deadline = True, now + self.options.request_timeout
             self.counters.timed_out += 1
@@ -386,9 +385,8 @@ class Scheduler:
         tries = len(held.failures)
         if code not in FATAL_CODES and tries <= self.options.max_retries:
             return
-        waited = 0.0 if held.first_sent is None else now - held.first_sent
         each = Counter(held.failures)  # in the order they came, alike ones once
-        message = (f"task {held.task.task_id} failed {tries} time(s) over {waited:.1f} s (max_retries "
+        message = (f"task {held.task.task_id} failed {tries} time(s) over {now - held.first_sent:.1f} s (max_retries "
                    f"{self.options.max_retries}): "
                    + "; ".join(f"teacher {t}: {w}" + (f" ({n} times)" if n > 1 else "") for (t, w), n in each.items()))
         raise TeacherTimeout(message) if code is None else TeacherError(message, code)
@@ -446,15 +444,14 @@ class Scheduler:
     def plan(self, workers: int) -> tuple[int, int]:
         """Rows per task and tasks per worker for the next epoch, from the teacher time measured.
 
-        A task is the unit of load balancing and an epoch ends with its slowest task: big
-        tasks are cheapest with fast teachers (the pipeline's cost is per message), but
-        leave slow teachers idle at an epoch's start and end.  So a task holds about
-        ``task_seconds`` of teacher time (at least one request, at most ``task_rows``), and
-        a worker holds about ``queue_seconds`` in flight, so its teacher never waits for
-        the next task, up to 8 (or ``max_in_flight``) while all workers together hold no
-        more than ``window`` full-size tasks' bytes; and at least enough to keep
-        ``(instances + 1) * max_batch_size`` rows at each teacher (from its meta), a batch on
-        each of its instances and one more, within ``max_inflight_bytes`` and ``max_in_flight``.
+        A task is the unit of load balancing and an epoch ends with its slowest task: big tasks are
+        cheapest with fast teachers (the pipeline's cost is per message), but leave slow teachers
+        idle at an epoch's start and end.  So a task holds about ``task_seconds`` of teacher time
+        (at least one request, at most ``task_rows``), and a worker holds about ``queue_seconds`` in
+        flight, so its teacher never waits for the next task: up to 8 (or ``max_in_flight``) while
+        all workers together hold no more than ``window`` full-size tasks' bytes, and at least
+        ``(instances + 1) * max_batch_size`` rows (from the teacher's meta: a batch on each of its
+        instances and one more) within ``max_inflight_bytes`` and ``max_in_flight``.
         """
         o = self.options
         if not self.row_service:
