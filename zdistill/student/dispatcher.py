@@ -49,7 +49,6 @@ _IN, _IN_OUT = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 
 @dataclass(frozen=True)
 class Planned:
-
     epoch: int
     plan: Plan
     endpoint: str  # where the producer connects
