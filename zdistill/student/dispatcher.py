@@ -1,24 +1,22 @@
 """The dispatcher: one thread of the student that owns the data plane's state.
 
-It is to a DistillReader what ``_MultiProcessingDataLoaderIter`` is to a PyTorch
-DataLoader, with ZeroMQ where that uses ``mp.Queue``: it owns the worker processes
-(:class:`~zdistill.student.worker_pool.WorkerPool`), the bookkeeping of tasks, credit and
-slots (:class:`~zdistill.student.scheduler.Scheduler`), the one ROUTER socket every worker
-talks to for its whole life, and the socket of the current epoch's producer.  It lives
-as long as the reader, so workers never re-handshake at an epoch's start.  A thread and
-not a process: it mostly waits in ``zmq_poll`` (which releases the GIL), so it keeps the
-teachers fed while the training step holds the GIL, and hands answers to the loop
+It owns the worker processes (:class:`~zdistill.student.worker_pool.WorkerPool`), the
+bookkeeping of tasks, credit and slots (:class:`~zdistill.student.scheduler.Scheduler`),
+the ROUTER socket every worker talks to for its whole life (it lives as long as the reader,
+so workers never re-handshake at an epoch's start) and the current producer's socket.  A
+thread, not a process: it mostly waits in ``zmq_poll`` (which releases the GIL), so it keeps
+the teachers fed while the training step holds the GIL, and hands answers to the loop
 without a further hop (docs/dataplane.md).
 
-Other threads call its public methods: each queues the call for the thread and wakes
-it; the thread tells the training loop what happened on :attr:`events`.  :attr:`lock`
-is held while the thread works: the training loop holds it to fork the producer (so no
-lock of this thread is inherited held), to call :meth:`started` and to read its state
-for ``stats()``.
+Other threads call its public methods: each queues the call for the thread and wakes it;
+the thread tells the training loop what happened on :attr:`events`.  :attr:`lock` is held
+while the thread works: the training loop holds it to fork the producer (so no lock of
+this thread is inherited held), to call :meth:`started` and to read its state for ``stats()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -49,9 +47,6 @@ _BURST = 64  # messages read from one socket before the others get a turn
 _IN, _IN_OUT = int(zmq.POLLIN), int(zmq.POLLIN | zmq.POLLOUT)
 
 
-# -- events: what the thread tells the training loop --------------------------------
-
-
 @dataclass(frozen=True)
 class Planned:
     epoch: int
@@ -78,10 +73,7 @@ class CachedAnswer:
 
     epoch: int
     task: protocol.Task
-
-    @property
-    def cached(self) -> int:
-        return self.task.rows
+    cached: int  # every row: task.rows
 
 
 @dataclass(frozen=True)
@@ -105,10 +97,8 @@ Event = Planned | Answered | AllAnswered | Failed
 class Dispatcher:
     """Owns the scheduler, the workers, their socket and the producer's (see the module docstring)."""
 
-    def __init__(
-        self, ctx: zmq.Context, folder: str, options: PipelineOptions,
-        worker_command: Callable[[str, bytes], list[str]],
-    ) -> None:
+    def __init__(self, ctx: zmq.Context, folder: str, options: PipelineOptions,
+                 worker_command: Callable[[str, bytes], list[str]]) -> None:
         self.ctx, self.folder = ctx, folder
         self.endpoint = f"ipc://{folder}/dispatch"
         self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
@@ -121,9 +111,7 @@ class Dispatcher:
         self._router.bind(self.endpoint)
         self._poller = zmq.Poller()  # the dispatcher thread's
         self._calls: deque[tuple[Callable[..., None], tuple[Any, ...]]] = deque()  # from other threads
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        self._wakeup = os.eventfd(0)  # written after each call queued: the thread polls it beside its sockets
         self._membership: Callable[[], list[str] | None] | None = None
         self._producer: zmq.Socket | None = None
         self.producer_pid: int | None = None  # the producer of the epoch running
@@ -134,9 +122,8 @@ class Dispatcher:
         self._supervised_at = 0.0
         self.cache_ok = True  # every teacher's answers may go to the reader's cache (if it has one)
         self.gate = CacheGate()  # closed with cache_ok: from then on no cached row is served (made before any fork)
-        self._closing = False
+        self._closing = False  # close() was called: the thread ends, then the wake-up fd is closed
         self.stopped = False  # every process stopped, under the lock: a producer forked now is the forker's to stop
-        self._closed = False  # the wake-up pipe is closed
         self._thread = threading.Thread(target=self._run, name="zdistill-dispatcher", daemon=True)
         self._thread.start()
 
@@ -174,32 +161,23 @@ class Dispatcher:
 
     def close(self) -> None:
         """Stop the thread; it stops every worker and producer by PID on its way out."""
-        if self._thread.is_alive():
+        if not self._closing:
             self._closing = True
-            self._wake()
+            os.eventfd_write(self._wakeup, 1)
             self._thread.join(10.0)
-        if not self._closed:
-            self._closed = True
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            os.close(self._wakeup)
 
     def _post(self, call: Callable[..., None], *args: Any) -> None:
         self._calls.append((call, args))
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._closed:
-            return  # a finalizer after close(): nothing to wake
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is pending anyway) or closed
+        if not self._closing:  # else a finalizer after close(): nothing to wake
+            with contextlib.suppress(OSError):  # closed meanwhile
+                os.eventfd_write(self._wakeup, 1)
 
     # -- the thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         self._poller.register(self._router, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
+        self._poller.register(self._wakeup, zmq.POLLIN)
         polled: tuple[zmq.Socket | None, int] = (None, 0)  # the producer's socket and the events it is polled for
         try:
             while not self._closing:
@@ -219,11 +197,8 @@ class Dispatcher:
                 self._shutdown()
 
     def _step(self, ready: dict[Any, int]) -> None:
-        if self._wake_r in ready:
-            try:
-                os.read(self._wake_r, 4096)
-            except BlockingIOError:
-                pass
+        if self._wakeup in ready:
+            os.eventfd_read(self._wakeup)  # zero again
         while self._calls:
             call, args = self._calls.popleft()
             call(*args)
@@ -266,17 +241,13 @@ class Dispatcher:
             self._producer = None
         pid, self.producer_pid = self.producer_pid, None
         if pid is not None and pid in self._producers:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # it may still be building tasks nobody will take
-            except ProcessLookupError:
-                pass
         self._reap_producers()
 
     def _fail(self, exc: BaseException) -> None:
-        """An error the training loop must hear: it ends the epoch (or the next one, between epochs).
-
-        An epoch fails once: a second error before the loop stopped it is only logged.
-        """
+        """An error the training loop must hear: it ends the epoch (or the next one, between epochs);
+        an epoch fails once: a second error before the loop stopped it is only logged."""
         if self.sched.active:
             self.sched.active = False
             self.events.put(Failed(self.sched.epoch, exc))
@@ -284,8 +255,6 @@ class Dispatcher:
             log.debug("epoch %d already failed; also: %s", self.sched.epoch, exc)
         else:
             self._error = exc
-
-    # -- workers ---------------------------------------------------------------------
 
     def _set_teachers(self, teachers: Sequence[str], membership: Callable[[], list[str] | None] | None) -> None:
         self._membership = membership
@@ -306,6 +275,8 @@ class Dispatcher:
             except WireError as exc:
                 log.warning("dropping a malformed message from a worker: %s", exc)
                 continue
+            if isinstance(msg, protocol.Hello | protocol.Status):
+                self.pool.mark_started(identity)
             if isinstance(msg, protocol.Done):
                 rows = len(next(iter(arrays.values()), ()))
                 held = self.sched.on_done(identity, msg, rows, now)
@@ -316,15 +287,12 @@ class Dispatcher:
             elif isinstance(msg, protocol.Undone):
                 self.sched.on_undone(identity, msg, time.monotonic())
             elif isinstance(msg, protocol.Status):
-                self.pool.mark_started(identity)
                 self.sched.on_status(identity, msg, now)
                 if msg.cache and self.cache_ok:
                     self.cache_ok = False
                     self.gate.close()
                     log.warning("the teacher-output cache is off: a teacher's answers cannot go to it (%s); from "
                                 "now on no cached answer is served, and the teachers answer every row", msg.cache)
-            elif isinstance(msg, protocol.Hello):
-                self.pool.mark_started(identity)
 
     def _send_tasks(self) -> None:
         for identity, held in self.sched.assignments(time.monotonic()):
@@ -348,8 +316,6 @@ class Dispatcher:
         self._reap_producers()
         self.sched.check(now)
 
-    # -- the producer -----------------------------------------------------------------
-
     def _read_producer(self) -> None:
         assert self._producer is not None
         for _ in range(_BURST):
@@ -361,7 +327,7 @@ class Dispatcher:
                 if msg.hits and self.gate.closed:  # looked up before the producer saw the gate close
                     msg, frames = uncached(msg)
                 if self.sched.on_task(msg, frames) and cached_whole(msg):
-                    self.events.put(CachedAnswer(msg.epoch, msg))
+                    self.events.put(CachedAnswer(msg.epoch, msg, msg.rows))
             elif isinstance(msg, protocol.End):
                 if msg.error is not None:
                     raise rebuild_exception(msg.error)
@@ -370,11 +336,9 @@ class Dispatcher:
     def _send_grants(self) -> None:
         self._grants += self.sched.grants()
         if self._grants and self._producer is not None:
-            try:
+            with contextlib.suppress(zmq.Again):  # not connected yet: polled for POLLOUT
                 protocol.send(self._producer, protocol.Grant(slots=self._grants), flags=zmq.NOBLOCK)
                 self._grants = []
-            except zmq.Again:
-                pass  # not connected yet: polled for POLLOUT
 
     def _reap_producers(self) -> None:
         """Reap exited producers; one that died before its end fails the epoch, saying how it died."""
@@ -391,20 +355,14 @@ class Dispatcher:
                     self._read_producer()
                 if self.sched.total is None:
                     how = describe_exit(os.waitstatus_to_exitcode(status))
-                    raise ReaderError(
-                        f"the reader process (pid {pid}) {how} before the end of the epoch; "
-                        "if the machine ran out of memory, the kernel's log (dmesg) names it"
-                    )
-
-    # -- shutdown ----------------------------------------------------------------------
+                    raise ReaderError(f"the reader process (pid {pid}) {how} before the end of the epoch; if "
+                                      "the machine ran out of memory, the kernel's log (dmesg) names it")
 
     def _shutdown(self) -> None:
         for pid in self._producers:
-            try:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
         self._producers.clear()
         if self._producer is not None:
             self._producer.close(linger=0)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-import statistics
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Any
 
 import msgspec
@@ -53,7 +53,7 @@ class HeldTask:
     task: protocol.Task
     wire: list[Any]  # the producer's frames
     holders: dict[bytes, Try] = field(default_factory=dict)  # the workers it was sent to, not yet answered
-    first_sent: float | None = None  # when it was first sent (the error says how long it waited)
+    first_sent: float = 0.0  # when it was first sent (0: not yet); the error says how long it waited
     failures: list[tuple[str, str]] = field(default_factory=list)  # (teacher, why) of each failed try
 
 
@@ -72,14 +72,18 @@ class WorkerState:
 
 
 @dataclass
-class TeacherStats:
-    """What the student saw of one teacher, for ``DistillReader.stats()``."""
+class Counts:
+    """Counted over the reader's life, for ``DistillReader.stats()``: of every teacher, and of each."""
 
-    tasks: int = 0
+    tasks: int = 0  # answered (first answers only)
     samples: int = 0
-    failed: int = 0
-    timed_out: int = 0
-    returned: int = 0
+    failed: int = 0  # refused by a teacher
+    timed_out: int = 0  # tries unanswered within request_timeout
+    returned: int = 0  # handed back by a worker whose teacher could not run them
+
+
+@dataclass
+class TeacherStats(Counts):
     up: bool = False
     changed_at: float = 0.0  # monotonic time of the last up/down change
     first_task_at: float = 0.0  # monotonic time its first answer reached the dispatcher
@@ -87,15 +91,8 @@ class TeacherStats:
 
 
 @dataclass
-class Counters:
-    """Counters over the reader's life (``DistillReader.stats()``)."""
-
-    tasks: int = 0  # answered (first answers only)
-    samples: int = 0
+class Counters(Counts):
     resent: int = 0  # sends beyond the first (a worker died, a refusal, a stall)
-    returned: int = 0  # handed back by a worker whose teacher could not run them
-    failed: int = 0  # refused by a teacher
-    timed_out: int = 0  # tries unanswered within request_timeout
     straggler_resends: int = 0
     duplicates_dropped: int = 0  # second answers of a task sent twice
     cache_hits: int = 0  # rows answered from the teacher-output cache
@@ -114,7 +111,7 @@ class Plan:
 
 def cached_whole(task: protocol.Task) -> bool:
     """Every row of ``task`` was answered from the cache (its predictions are in its slot)."""
-    return task.hits is not None and task.rows > 0 and task.hits == task.rows
+    return task.rows > 0 and task.hits == task.rows
 
 
 def uncached(task: protocol.Task) -> tuple[protocol.Task, list[Any]]:
@@ -155,8 +152,6 @@ class Scheduler:
         self.recent_task_bytes: deque[int] = deque(maxlen=8)  # bytes of the latest tasks: what a grant may cost
         self.row_bytes = 0
 
-    # -- workers ------------------------------------------------------------------
-
     def add_worker(self, identity: bytes, teacher: str) -> None:
         self.workers[identity] = WorkerState(teacher)  # its teacher's stats start with its first word of it
 
@@ -189,10 +184,8 @@ class Scheduler:
         if not status.up and stats.reason:
             log.warning("teacher %s unavailable: %s", state.teacher, stats.reason)
 
-    # -- one epoch ------------------------------------------------------------------
-
     def begin(self, epoch: int, now: float) -> Plan:
-        """Start ``epoch``: its plan, and room for its slots."""
+        """Start ``epoch``: its plan, and room for its slots (slot numbers only grow)."""
         self.epoch, self.active = epoch, True
         self.pending.clear()
         self._queue.clear()
@@ -204,14 +197,12 @@ class Scheduler:
         window = max(self.options.window, 3 * in_flight * len(self.workers))  # every worker busy, as much queued
         self.plan_now = Plan(task_rows, in_flight, window, max(1, window // 4))
         wanted = window + self.plan_now.keep_limit
-        for slot in range(self.slot_count, wanted):
-            heapq.heappush(self.free, slot)
+        self.free.extend(range(self.slot_count, wanted))  # each bigger than every slot there: still a heap
         self.slot_count = max(self.slot_count, wanted)
         return self.plan_now
 
     def stop(self, lent: set[int]) -> None:
-        """The epoch is over (ended or abandoned): every slot of it the training loop does
-        not hold is free again, and nothing more of it is sent."""
+        """The epoch ended or was abandoned: its slots the training loop does not hold are free, none is sent."""
         self.active = False
         for slot, (epoch, _) in list(self.slot_task.items()):
             if epoch == self.epoch and slot not in lent:
@@ -244,13 +235,12 @@ class Scheduler:
             heapq.heappush(self.free, slot)
 
     def _return_grants(self) -> None:
-        for slot in self.granted:
-            heapq.heappush(self.free, slot)
+        self.free.extend(self.granted)
+        heapq.heapify(self.free)
         self.granted.clear()
 
     def on_task(self, task: protocol.Task, frames: list[Any]) -> bool:
-        """The producer built a task; False if it is not one of this epoch's.
-        A task the cache answered whole is done at once: it never leaves the machine."""
+        """The producer built a task (False: not this epoch's); one the cache answered whole is done at once."""
         if not self.active or task.epoch != self.epoch or task.slot not in self.granted:
             return False
         self.granted.discard(task.slot)
@@ -297,8 +287,7 @@ class Scheduler:
         return self.total is not None and self.produced == self.total and not self.pending
 
     def assignments(self, now: float) -> list[tuple[bytes, HeldTask]]:
-        """Queued tasks to workers with room, lowest task first, the worker holding least first;
-        each one a try sent ``now``."""
+        """Queued tasks to workers with room (lowest task first, to the one holding least), each a try sent ``now``."""
         out: list[tuple[bytes, HeldTask]] = []
         if not self.active or not self._queue:
             return out
@@ -315,7 +304,7 @@ class Scheduler:
             best = min(takers, key=lambda i: len(self.workers[i].holds))
             self._queue.discard(task_id)
             held.holders[best] = Try(self.workers[best].teacher, now + self.options.request_timeout)
-            held.first_sent = now if held.first_sent is None else held.first_sent
+            held.first_sent = held.first_sent or now
             self._next_expiry = min(self._next_expiry, now + self.options.request_timeout)
             self.workers[best].holds.add((self.epoch, task_id))
             out.append((best, held))
@@ -371,93 +360,36 @@ class Scheduler:
             self.counters.returned += 1
             stats.returned += 1
             if now >= attempt.deadline:
-                self._timed_out(held, attempt, now)
+                self._fail_try(held, attempt, now)
         else:
             self.counters.failed += 1
             stats.failed += 1
             if not attempt.failed or undone.code in FATAL_CODES:
-                self._fail_try(held, attempt.teacher, f"{undone.code}: {undone.message}", now, undone.code)
+                self._fail_try(held, attempt, now, undone.code, f"{undone.code}: {undone.message}")
             log.warning("task %d failed (%s), sending it again: %s", undone.task_id, undone.code, undone.message)
             self.counters.resent += 1
         if not held.holders:
             self._requeue(undone.task_id)
 
-    def _timed_out(self, held: HeldTask, attempt: Try, now: float) -> None:
-        """A try went ``request_timeout`` unanswered: a failed try; its clock starts again."""
-        attempt.failed = True
-        attempt.deadline = now + self.options.request_timeout
-        self.counters.timed_out += 1
-        self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
-        why = f"no answer within request_timeout ({self.options.request_timeout:g} s)"
-        log.warning("task %d: %s from teacher %s", held.task.task_id, why, attempt.teacher)
-        self._fail_try(held, attempt.teacher, why, now, None)
-
-    def _fail_try(self, held: HeldTask, teacher: str, why: str, now: float, code: str | None) -> None:
-        """Count a failed try; past ``max_retries`` (or refused as hopeless) the epoch fails with a
-        :class:`TeacherError` (refused: ``code``) or :class:`TeacherTimeout` (unanswered) naming
-        every teacher tried, why each try failed and how long since the task was first sent."""
-        held.failures.append((teacher, why))
+    def _fail_try(self, held: HeldTask, attempt: Try, now: float, code: str | None = None, why: str = "") -> None:
+        """Count a failed try: refused (``code``, ``why``), or unanswered past its deadline (whose clock starts
+        again).  Past ``max_retries`` (or refused as hopeless) the epoch fails with a :class:`TeacherError`
+        or :class:`TeacherTimeout` naming each teacher tried, why each try failed and how long it took."""
+        if code is None:
+            attempt.failed, attempt.deadline = True, now + self.options.request_timeout
+            self.counters.timed_out += 1
+            self.teachers.setdefault(attempt.teacher, TeacherStats()).timed_out += 1
+            why = f"no answer within request_timeout ({self.options.request_timeout:g} s)"
+            log.warning("task %d: %s from teacher %s", held.task.task_id, why, attempt.teacher)
+        held.failures.append((attempt.teacher, why))
         tries = len(held.failures)
         if code not in FATAL_CODES and tries <= self.options.max_retries:
             return
-        waited = 0.0 if held.first_sent is None else now - held.first_sent
         each = Counter(held.failures)  # in the order they came, alike ones once
-        message = (f"task {held.task.task_id} failed {tries} time(s) over {waited:.1f} s (max_retries "
+        message = (f"task {held.task.task_id} failed {tries} time(s) over {now - held.first_sent:.1f} s (max_retries "
                    f"{self.options.max_retries}): "
                    + "; ".join(f"teacher {t}: {w}" + (f" ({n} times)" if n > 1 else "") for (t, w), n in each.items()))
         raise TeacherTimeout(message) if code is None else TeacherError(message, code)
-
-    # -- supervision ------------------------------------------------------------------
-
-    def check(self, now: float) -> None:
-        """Tries past their deadline, stragglers, stalls and teachers gone: resend, or raise
-        when waiting cannot help."""
-        if not self.active:
-            return
-        if now >= self._next_expiry:
-            self._next_expiry = math.inf
-            for held in self.pending.values():
-                for attempt in held.holders.values():
-                    if now >= attempt.deadline:
-                        self._timed_out(held, attempt, now)
-                        self.counters.resent += self._requeue(held.task.task_id)
-                    self._next_expiry = min(self._next_expiry, attempt.deadline)
-        self._chase_straggler(now)
-        if self.pending and now - self.last_progress > self.options.stall_timeout:
-            log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
-            self.last_progress = now
-            for task_id in list(self.pending):
-                self.counters.resent += self._requeue(task_id)
-        self._check_teachers(now)
-
-    def _chase_straggler(self, now: float) -> None:
-        """Send the lowest pending task again when later ones finished long before it."""
-        lowest = min(self.pending, default=None)
-        if lowest is None or self.highest_done < lowest:
-            self._blocked = None
-            return
-        if self._blocked is None or self._blocked[0] != lowest:
-            self._blocked = (lowest, now)
-        typical = statistics.median(self.task_times) if self.task_times else 0.0
-        if now - self._blocked[1] > max(self.options.straggler_min, self.options.straggler_factor * typical):
-            self.counters.straggler_resends += self._requeue(lowest)
-            self._blocked = (lowest, now)
-
-    def _check_teachers(self, now: float) -> None:
-        """Fail at once when every teacher takes other inputs than this reader's (another model
-        at the address: waiting cannot help), or when none was up for ``teacher_wait``."""
-        states = [s for s in self.workers.values() if not s.retiring]
-        if any(s.up for s in states):
-            self._down_since = None
-            return
-        if states and all(s.unusable for s in states):
-            reasons = "; ".join(f"{s.teacher}: {s.unusable}" for s in states)
-            raise ConfigError(f"no teacher can take this reader's inputs ({reasons})")
-        self._down_since = self._down_since or now
-        if now - self._down_since > self.options.teacher_wait:
-            why = {s.teacher: s.reason for s in states}
-            names = ", ".join(f"{t} ({r})" if r else t for t, r in why.items()) or "none"
-            raise TeacherTimeout(f"no teacher answered for {self.options.teacher_wait:.0f} s (teachers: {names})")
 
     def _requeue(self, task_id: int) -> int:
         """Queue a pending task (once); 1 if it was queued, else 0."""
@@ -466,24 +398,65 @@ class Scheduler:
         self._queue.add(task_id)
         return 1
 
-    # -- the plan ------------------------------------------------------------------
+    def check(self, now: float) -> None:
+        """Tries past their deadline, the straggler, a stall, the teachers: resend, or raise if waiting cannot help."""
+        if not self.active:
+            return
+        o = self.options
+        if now >= self._next_expiry:
+            self._next_expiry = math.inf
+            for held in self.pending.values():
+                for attempt in held.holders.values():
+                    if now >= attempt.deadline:
+                        self._fail_try(held, attempt, now)
+                        self.counters.resent += self._requeue(held.task.task_id)
+                    self._next_expiry = min(self._next_expiry, attempt.deadline)
+        # The straggler: the lowest pending task, while a later one is answered, is sent again
+        # once it stayed lowest that long.
+        lowest = min(self.pending, default=None)
+        if lowest is None or self.highest_done < lowest:
+            self._blocked = None
+        elif self._blocked is None or self._blocked[0] != lowest:
+            self._blocked = (lowest, now)
+        elif now - self._blocked[1] > max(o.straggler_min, o.straggler_factor * median(self.task_times or [0])):
+            self.counters.straggler_resends += self._requeue(lowest)
+            self._blocked = (lowest, now)
+        if self.pending and now - self.last_progress > o.stall_timeout:
+            log.warning("no task finished for %.0f s; sending the missing ones again", now - self.last_progress)
+            self.last_progress = now
+            for task_id in self.pending:
+                self.counters.resent += self._requeue(task_id)
+        # The teachers: fail at once when every one takes other inputs than this reader's (another
+        # model at the address: waiting cannot help), or when none was up for teacher_wait.
+        states = [s for s in self.workers.values() if not s.retiring]
+        if any(s.up for s in states):
+            self._down_since = None
+        elif states and all(s.unusable for s in states):
+            reasons = "; ".join(f"{s.teacher}: {s.unusable}" for s in states)
+            raise ConfigError(f"no teacher can take this reader's inputs ({reasons})")
+        else:
+            self._down_since = self._down_since or now
+            if now - self._down_since > o.teacher_wait:
+                why = {s.teacher: s.reason for s in states}
+                names = ", ".join(f"{t} ({r})" if r else t for t, r in why.items()) or "none"
+                raise TeacherTimeout(f"no teacher answered for {o.teacher_wait:.0f} s (teachers: {names})")
 
     def plan(self, workers: int) -> tuple[int, int]:
         """Rows per task and tasks per worker for the next epoch, from the teacher time measured.
 
-        A task is the unit of load balancing and an epoch ends with its slowest task: big
-        tasks are cheapest with fast teachers (the pipeline's cost is per message), but
-        leave slow teachers idle at an epoch's start and end.  So a task holds about
-        ``task_seconds`` of teacher time (at least one request, at most ``task_rows``), and
-        a worker holds about ``queue_seconds`` in flight, so its teacher never waits for
-        the next task, up to 8 (or ``max_in_flight``) while all workers together hold no
-        more than ``window`` full-size tasks' bytes; and at least enough to fill a batch on
-        each of its teacher's instances and one more (:meth:`_fill`).
+        A task is the unit of load balancing and an epoch ends with its slowest task: big tasks are
+        cheapest with fast teachers (the pipeline's cost is per message), but leave slow teachers
+        idle at an epoch's start and end.  So a task holds about ``task_seconds`` of teacher time
+        (at least one request, at most ``task_rows``), and a worker holds about ``queue_seconds`` in
+        flight, so its teacher never waits for the next task: up to 8 (or ``max_in_flight``) while
+        all workers together hold no more than ``window`` full-size tasks' bytes, and at least
+        ``(instances + 1) * max_batch_size`` rows (from the teacher's meta: a batch on each of its
+        instances and one more) within ``max_inflight_bytes`` and ``max_in_flight``.
         """
         o = self.options
         if not self.row_service:
             return o.task_rows, o.in_flight
-        per_row = statistics.median(self.row_service)
+        per_row = median(self.row_service)
         floor = min(o.request_rows, o.task_rows)
         fit = int(o.task_seconds / per_row) if per_row > 0 else o.task_rows
         rows = max(floor, min(o.task_rows, fit // floor * floor))
@@ -491,16 +464,10 @@ class Scheduler:
         deep = math.ceil(o.queue_seconds / (per_row * rows)) if per_row > 0 else cap
         task_bytes = min(o.task_bytes, rows * self.row_bytes)
         fits = o.window * o.task_bytes // (max(1, workers) * task_bytes) if task_bytes > 0 else cap
-        return rows, max(o.in_flight, min(cap, deep, fits), self._fill(rows, workers))
-
-    def _fill(self, rows: int, workers: int) -> int:
-        """Tasks per worker that keep ``(instances + 1) * max_batch_size`` rows at each teacher
-        (from its meta), within ``max_inflight_bytes`` over all workers and ``max_in_flight``."""
-        o = self.options
         wanted = max(((s.instances + 1) * s.max_batch_size for s in self.workers.values()), default=0)
-        if not wanted or not self.row_bytes:
-            return 0
-        per_task = max(1, int(statistics.median(self.task_sizes)) if self.task_sizes else rows)
-        tasks = math.ceil(wanted / per_task)
-        fits = o.max_inflight_bytes // (max(1, workers) * per_task * self.row_bytes)
-        return min(tasks, o.max_in_flight or tasks, fits)
+        fill = 0
+        if wanted and self.row_bytes:
+            per_task = max(1, int(median(self.task_sizes or [rows])))
+            fill = min(math.ceil(wanted / per_task), o.max_in_flight or wanted,
+                       o.max_inflight_bytes // (max(1, workers) * per_task * self.row_bytes))
+        return rows, max(o.in_flight, min(cap, deep, fits), fill)
