@@ -5,7 +5,10 @@ owns a private ZeroMQ context, a folder of ipc endpoints, the folder of shared-m
 task slots, and the :class:`~zdistill.student.dispatcher.Dispatcher` thread, which owns
 everything else (workers, tasks in flight, credit, slots: see ``docs/dataplane.md``).
 :meth:`Pipeline.epoch` forks the epoch's producer (:mod:`zdistill.student.producer`) and
-yields EDL's output through an :class:`~zdistill.student.sink.EpochSink`.
+yields EDL's output through an :class:`EpochSink`, the training loop's side of the epoch:
+it puts finished tasks back in the reader's order, lends the loop their slot arrays and
+cuts them back into the reader's batches; everything else (resends, duplicates, slots,
+workers) is the dispatcher's.
 
 Cleanup does not depend on the caller: :func:`weakref.finalize` stops every process
 by PID on :meth:`close`, on garbage collection, at interpreter exit and on SIGTERM, in
@@ -16,6 +19,7 @@ thread: a training loop waiting on an epoch raises :class:`~zdistill.errors.Clos
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -26,26 +30,30 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+import numpy as np
 import zmq
 
 from zdistill.errors import ClosedError
 from zdistill.fingerprint import usable
 from zdistill.spec import TeacherMeta, TensorSpec
 from zdistill.student import dispatcher as d
-from zdistill.student.batches import ReaderType
+from zdistill.student import protocol
+from zdistill.student.batches import CacheSlots, ReaderType, predict_key, slot_forms, slot_tensors, split_output
 from zdistill.student.cache import CacheIndex, cacheable, default_max_bytes, evict, namespace_for, stored_bytes
 from zdistill.student.options import PipelineOptions
 from zdistill.student.producer import ProducerConfig, run_producer
-from zdistill.student.shm import PrivateFolder, make_private_folder, make_slot_folder
-from zdistill.student.sink import EpochSink, SlotLender
+from zdistill.student.shm import PrivateFolder, SlotReader, make_private_folder, make_slot_folder
 
 log = logging.getLogger(__name__)
 
 _PLAN_WAIT = 30.0  # seconds the training loop waits for the dispatcher to plan an epoch
 _CLOSED_CHECK = 0.1  # seconds between a waiting loop's looks at whether the reader was closed
 _STORED_BYTES_EVERY = 5.0  # seconds between walks of the cache folder for stats()' bytes_stored
+_COUNTERS = ("tasks", "samples", "resent", "returned", "failed", "timed_out", "straggler_resends",
+             "duplicates_dropped")  # of Scheduler.counters, as stats() names them
+T = TypeVar("T")
 
 
 def _shutdown(dispatcher: d.Dispatcher, folders: list[PrivateFolder], ctx: zmq.Context, owner: int) -> None:
@@ -64,9 +72,8 @@ def _shutdown(dispatcher: d.Dispatcher, folders: list[PrivateFolder], ctx: zmq.C
         folder.remove()
 
 
-# Every open pipeline's clean-up, by id of its pool, for the SIGTERM handler below.
+# Every open pipeline's clean-up, by id of its dispatcher, for the SIGTERM handler below.
 _live: dict[int, Callable[[], None]] = {}
-_sigterm_lock = threading.Lock()
 _sigterm_installed = False
 _sigterm_before: Any = None
 
@@ -94,14 +101,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _clean_up_on_sigterm() -> None:
-    """Install :func:`_on_sigterm` once (only the main thread may set signal handlers)."""
+    """Install :func:`_on_sigterm` once, from the main thread: the only one that may set signal
+    handlers (so no two threads ever get here together)."""
     global _sigterm_installed, _sigterm_before
-    with _sigterm_lock:
-        if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-            return
-        _sigterm_before = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _on_sigterm)
-        _sigterm_installed = True
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_before = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm_installed = True
 
 
 class Pipeline:
@@ -202,62 +209,41 @@ class Pipeline:
         """What :meth:`DistillReader.stats` reports: throughput, waits, resends, per teacher."""
         now = time.monotonic()
         busy = self.busy_seconds + (now - self._epoch_started if self._epoch_started else 0.0)
-        stored = self._cache_bytes(now)  # outside the lock: it may walk the cache's folder
+        # The cache folder's size, walked outside the lock and at most every few seconds: stats() may be
+        # called every step, and the folder may hold millions of rows (other readers add to it too).
+        if self.cache_root and now - self._stored_bytes[0] >= _STORED_BYTES_EVERY:
+            self._stored_bytes = (now, stored_bytes(self.cache_root))
+        sink = self._sink
         with self.dispatcher.lock:  # the dispatcher thread's state, read while it waits
             sched, pool, c = self.dispatcher.sched, self.dispatcher.pool, self.dispatcher.sched.counters
             task_rows, in_flight = sched.plan(len(sched.workers))
             return {
-                "tasks": c.tasks,
-                "samples": c.samples,
-                "resent": c.resent,
-                "returned": c.returned,
-                "failed": c.failed,
-                "timed_out": c.timed_out,
-                "straggler_resends": c.straggler_resends,
-                "duplicates_dropped": c.duplicates_dropped,
+                **{name: getattr(c, name) for name in _COUNTERS},
                 "workers_restarted": pool.restarted,
                 "samples_per_s": c.samples / busy if busy else 0.0,
-                "wait_s": self.wait_seconds + (self._sink.wait_seconds if self._sink else 0.0),
+                "wait_s": self.wait_seconds + (sink.wait_seconds if sink else 0.0),
                 "task_rows": task_rows,  # rows per task of the next epoch (see Scheduler.plan)
                 "in_flight": in_flight,  # tasks per worker of the next epoch
                 "tasks_in_flight": len(sched.pending),  # built, not yet answered
-                "tasks_buffered": len(self._sink.buffer) if self._sink else 0,  # answered, waiting for an earlier one
+                "tasks_buffered": len(sink.buffer) if sink else 0,  # answered, waiting for an earlier one
                 "reader_pid": self.dispatcher.producer_pid,  # the producer of the epoch running, if any
                 "workers": {p.teacher: p.popen.pid for p in pool.workers.values()},  # teacher -> PID
                 "workers_spawned": pool.spawned,
                 "folders": [self.folder, self.slots_folder],
                 # the teacher-output cache: rows answered from it, rows asked, bytes on disk
-                "cache": {"hits": c.cache_hits, "misses": c.cache_misses, "bytes_stored": stored,
+                "cache": {"hits": c.cache_hits, "misses": c.cache_misses, "bytes_stored": self._stored_bytes[1],
                           "enabled": self.cache is not None and self.dispatcher.cache_ok},
                 "teachers": {
                     name: {
-                        "up": t.up,
-                        "in_use": name in pool.workers,
-                        "tasks": t.tasks,
-                        "samples": t.samples,
+                        "up": t.up, "in_use": name in pool.workers, "tasks": t.tasks, "samples": t.samples,
                         "samples_per_s": t.samples / busy if busy else 0.0,
-                        "failed": t.failed,
-                        "timed_out": t.timed_out,
-                        "returned": t.returned,
-                        "reason": t.reason,
+                        "failed": t.failed, "timed_out": t.timed_out, "returned": t.returned, "reason": t.reason,
                         "state_age_s": now - t.changed_at if t.changed_at else None,
-                        "first_task_at": t.first_task_at or None,
-                        "changed_at": t.changed_at or None,
+                        "first_task_at": t.first_task_at or None, "changed_at": t.changed_at or None,
                     }
                     for name, t in sched.teachers.items()
                 },
             }
-
-    def _cache_bytes(self, now: float) -> int:
-        """Bytes of the cache folder's segments, walked at most every few seconds: stats() may be
-        called every step, and the folder may hold millions of rows (other readers add to it too)."""
-        if not self.cache_root:
-            return 0
-        at, size = self._stored_bytes
-        if now - at >= _STORED_BYTES_EVERY:
-            size = stored_bytes(self.cache_root)
-            self._stored_bytes = (now, size)
-        return size
 
     def epoch(self, reader: Callable[[], Iterable[Any]], reader_type: ReaderType) -> Iterator[Any]:
         """Run the reader once through the teachers and yield EDL's output, in order."""
@@ -284,9 +270,7 @@ class Pipeline:
         if pid == 0:
             run_producer(cfg)
         self._check_open()
-        sink = EpochSink(self.dispatcher.events, epoch, reader_type, self.ins, self.predicts, self.lender,
-                         planned.plan.keep_limit, self._check_open, self.dispatcher.gate,
-                         self.dispatcher.redo)
+        sink = EpochSink(self, epoch, reader_type, planned.plan.keep_limit)
         self._epoch_started, self._sink = time.monotonic(), sink
         try:
             yield from sink.outputs()
@@ -313,3 +297,157 @@ class Pipeline:
                 raise event.error
             if isinstance(event, d.Planned):
                 return event
+
+
+class ReorderBuffer(Generic[T]):
+    """Holds finished tasks of one epoch until every earlier task has been yielded."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, T] = {}
+        self.next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def add(self, task_id: int, value: T) -> None:
+        if task_id >= self.next_id:
+            self._held[task_id] = value
+
+    def pop_next(self) -> T | None:
+        """The next task in order, or None if it has not finished yet."""
+        value = self._held.pop(self.next_id, None)
+        if value is not None:
+            self.next_id += 1
+        return value
+
+    def again(self, task_id: int) -> None:
+        """The task just popped was not yielded: wait for another answer of it."""
+        self.next_id = task_id
+
+
+class SlotLender:
+    """Lends the training loop a task's slot arrays, and tells when it let go of them.
+
+    Views cost nothing, but their slot stays taken while the loop holds them; a loop
+    that keeps everything (``list(dr())``) would take every slot.  So past
+    ``keep_limit`` slots lent, the loop gets copies and the slot is free at once.
+    """
+
+    def __init__(self, folder: str, release: Callable[[int], None]) -> None:
+        self._slot_reader = SlotReader(folder)
+        self._release = release
+        self.lent: set[int] = set()  # slots whose views the loop may still hold (one lender per pipeline)
+
+    def lend(self, task: protocol.Task, keep_limit: int, hold: bool = False) -> dict[str, np.ndarray]:
+        """The task's slot arrays: views, or copies past ``keep_limit``.  With ``hold`` a copied
+        task's slot stays taken until :meth:`give_back` (a teacher may have to read it again)."""
+        slot, arrays, mapping = self._slot_reader.view(task.shm)
+        if len(self.lent) < keep_limit:
+            self.lent.add(slot)
+            weakref.finalize(mapping, self._returned, slot)
+            return arrays
+        copies = {name: np.array(arr) for name, arr in arrays.items()}
+        del arrays
+        mapping.close()
+        if not hold:
+            self._release(slot)
+        return copies
+
+    def give_back(self, task: protocol.Task) -> None:
+        """A task lent with ``hold`` is yielded: its slot is free, unless the loop holds views of it."""
+        if task.slot not in self.lent:
+            self._release(task.slot)
+
+    def _returned(self, slot: int) -> None:  # any thread: the finalizer of the slot's mapping
+        self.lent.discard(slot)
+        self._release(slot)
+
+
+class EpochSink:
+    """One epoch's outputs, in order, from the dispatcher's events (the sink of ``docs/dataplane.md``)."""
+
+    def __init__(self, pipeline: Pipeline, epoch: int, reader_type: ReaderType, keep_limit: int) -> None:
+        self.pipeline, self.epoch, self.reader_type, self.keep_limit = pipeline, epoch, reader_type, keep_limit
+        self.gate = pipeline.dispatcher.gate  # closed: the cache's answers are no longer trusted
+        self.buffer: ReorderBuffer[d.Answered] = ReorderBuffer()
+        self.total: int | None = None  # the epoch's tasks, once every one is answered
+        self.wait_seconds = 0.0  # time the training loop spent waiting for data
+
+    def outputs(self) -> Iterator[Any]:
+        while self.total is None or self.buffer.next_id < self.total:
+            self.pipeline._check_open()  # at least every 0.1 s while it waits: nothing comes once it is closed
+            result = self.buffer.pop_next()
+            if result is None:
+                self._wait()
+                continue
+            yield from self._task_outputs(self._trusted(result))
+
+    def _task_outputs(self, result: d.Answered) -> Iterator[Any]:
+        """One task's reader batches with their predictions.
+
+        A task with cached rows keeps its slot until its last batch is yielded: should the
+        cache turn out to hold another model's answers meanwhile (the gate closes), the
+        batches not yet yielded get a teacher's answers instead (:meth:`_trusted`), and the
+        teacher reads the rows from the slot.
+        """
+        p, cached = self.pipeline, bool(result.cached)
+        shared = p.lender.lend(result.task, self.keep_limit, hold=cached)
+        slots = list(slot_tensors(shared, p.ins).values())
+        forms = [slot_forms(shared, n) for n in p.ins]
+        if isinstance(result, d.CachedAnswer):
+            answers = CacheSlots.of(shared).answers
+            preds = [answers[n] for n in p.predicts]
+        else:
+            preds = [result.arrays[predict_key(n)] for n in p.predicts]
+        del shared
+        if not cached:
+            yield from split_output(self.reader_type, slots, preds, result.task.sizes, forms)
+            return
+        yielded = 0
+        try:
+            while True:
+                for batch in itertools.islice(split_output(self.reader_type, slots, preds, result.task.sizes, forms),
+                                              yielded, None):
+                    if result.cached and self.gate.closed:
+                        break
+                    yield batch
+                    yielded += 1
+                else:
+                    return
+                result = self._trusted(result)
+                assert isinstance(result, d.Answer)  # a task asked again is answered by a teacher
+                preds = [result.arrays[predict_key(n)] for n in p.predicts]
+        finally:
+            p.lender.give_back(result.task)
+
+    def _trusted(self, result: d.Answered) -> d.Answered:
+        """``result``, or, if it holds cached rows no longer trusted, a teacher's answer of the task."""
+        while result.cached and self.gate.closed:
+            self.buffer.again(result.task.task_id)
+            self.pipeline.dispatcher.redo(result.task)
+            while (again := self.buffer.pop_next()) is None:
+                self.pipeline._check_open()
+                self._wait()
+            result = again
+        return result
+
+    def _wait(self) -> None:
+        started = time.monotonic()
+        try:
+            event = self.pipeline.dispatcher.events.get(timeout=_CLOSED_CHECK)
+        except queue.Empty:
+            return
+        finally:
+            self.wait_seconds += time.monotonic() - started
+        while True:
+            if event.epoch == self.epoch:  # else a late word of an epoch that ended
+                if isinstance(event, d.Answered):
+                    self.buffer.add(event.task.task_id, event)
+                elif isinstance(event, d.AllAnswered):
+                    self.total = event.tasks
+                elif isinstance(event, d.Failed):
+                    raise event.error
+            try:
+                event = self.pipeline.dispatcher.events.get_nowait()
+            except queue.Empty:
+                return
