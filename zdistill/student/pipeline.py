@@ -58,11 +58,8 @@ T = TypeVar("T")
 
 def _shutdown(dispatcher: d.Dispatcher, folders: list[PrivateFolder], ctx: zmq.Context, owner: int) -> None:
     """Stop the dispatcher (it stops every process by PID) and remove the folders; safe twice and at exit.
-
-    Only in the ``owner`` process: a child forked from it (``os.fork``, a multiprocessing
-    helper) runs this too as it exits (at exit, or in the SIGTERM handler it inherited),
-    and the processes, sockets and folders it sees are its parent's, still in use.
-    """
+    Only in the ``owner`` process: in a child forked from it (``os.fork``, a multiprocessing helper) they
+    are its parent's, still in use."""
     _live.pop(id(dispatcher), None)
     if os.getpid() != owner:
         return
@@ -82,11 +79,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM: the handler that was there before decides, but its default (dying) first
     removes every pipeline's processes, shared memory and endpoints.
 
-    A handler of the user's own runs as before: if it ends the program, the pipelines'
-    finalizers clean up at exit; if it does not, the pipelines go on.  Without a Python
-    handler (the default, or one set in C, as Paddle does) the process would die with
-    the folders left behind, so they are removed first, and then the process dies of
-    the same signal.
+    A handler of the user's own runs as before (if it ends the program, the finalizers
+    clean up at exit).  Without a Python handler (the default, or one set in C, as Paddle
+    does) the process would die with the folders left behind, so they are removed first.
     """
     before = _sigterm_before
     if callable(before):
@@ -125,7 +120,8 @@ class Pipeline:
         self.cache_root, self.cache_max_bytes, self.cache_tolerance = "", 0, 0.0
         self._stored_bytes = (-_STORED_BYTES_EVERY, 0)  # (when, bytes): the cache folder's size, walked now and then
         self.dispatcher = d.Dispatcher(self.ctx, self.folder, options, self._worker_command)
-        self.lender = SlotLender(self.slots_folder, self.dispatcher.release)
+        self.slot_reader = SlotReader(self.slots_folder)
+        self.lent: set[int] = set()  # slots whose views the loop may still hold, across epochs (EpochSink._lend)
         self.epochs = 0
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
         self.busy_seconds = 0.0  # time inside epochs, for samples/s
@@ -158,20 +154,16 @@ class Pipeline:
 
     def use_cache(self, root: str, meta: TeacherMeta, max_bytes: int | None, tolerance: float) -> None:
         """Answer rows from the teacher-output cache under ``root``, keyed by the model ``meta``
-        names and by its fingerprint (its answers to the probe batch, :mod:`zdistill.fingerprint`),
-        which every teacher must reproduce within ``tolerance``.
-
-        Without a ``model_id`` or a fingerprint in the teachers' meta, with a teacher that
-        does not reproduce its own answers, with outputs whose size varies other than per
-        token (:func:`cache.cacheable`), or where the cache's folder cannot be made (a
-        read-only file system), the cache cannot be used: that is logged once and the
-        reader runs without.
+        names and by its fingerprint (:mod:`zdistill.fingerprint`), which every teacher must
+        reproduce within ``tolerance``.  Where the cache cannot be used (no ``model_id`` or
+        fingerprint, a teacher that does not reproduce its own answers, outputs
+        :func:`cache.cacheable` refuses, a folder that cannot be made), that is logged once and
+        the reader runs without.
         """
-        model_id = meta.model_id
         fetches = meta.fetches_named(self.predicts)  # the reader checked they are all there
         fp, why = usable(meta.fingerprint, self.predicts, "the teacher", tolerance)
         why = cacheable(fetches, meta.feeds) or why
-        if not model_id:
+        if not meta.model_id:
             why = "the teacher's meta has no model_id (a zdistill-teacher older than the cache?)"
         if why or fp is None:
             log.warning("the teacher-output cache at %s is not used: %s", root, why)
@@ -179,14 +171,13 @@ class Pipeline:
         try:  # a cache that cannot be written (a read-only file system) is not used
             os.makedirs(root, mode=0o700, exist_ok=True)
             cache_root = os.path.abspath(root)
-            cache_max_bytes = max_bytes if max_bytes is not None else default_max_bytes(cache_root)
-            evict(cache_root, cache_max_bytes)
-            cache = CacheIndex(namespace_for(cache_root, model_id, fetches, fp, tolerance), fetches)
+            limit = max_bytes if max_bytes is not None else default_max_bytes(cache_root)
+            evict(cache_root, limit)
+            cache = CacheIndex(namespace_for(cache_root, meta.model_id, fetches, fp, tolerance), fetches)
         except OSError as exc:
             log.warning("the teacher-output cache at %s is not used: %s", root, exc)
             return
-        self.cache_root, self.cache_max_bytes, self.cache = cache_root, cache_max_bytes, cache
-        self.cache_tolerance = tolerance
+        self.cache, self.cache_root, self.cache_max_bytes, self.cache_tolerance = cache, cache_root, limit, tolerance
 
     def _worker_command(self, teacher: str, identity: bytes) -> list[str]:
         o = self.options
@@ -250,8 +241,9 @@ class Pipeline:
         self._check_open()
         self.epochs += 1
         epoch = self.epochs
+        sink = EpochSink(self, epoch, reader_type)
         self.dispatcher.begin(epoch)
-        planned = self._planned(epoch)
+        planned = sink.planned()
         cache = self.cache if planned.cache else None
         if cache is not None:
             cache.refresh()  # what the workers stored so far: the producer inherits it across the fork
@@ -270,33 +262,14 @@ class Pipeline:
         if pid == 0:
             run_producer(cfg)
         self._check_open()
-        sink = EpochSink(self, epoch, reader_type, planned.plan.keep_limit)
         self._epoch_started, self._sink = time.monotonic(), sink
         try:
             yield from sink.outputs()
         finally:
-            self.dispatcher.stop(epoch, frozenset(self.lender.lent))
+            self.dispatcher.stop(epoch, frozenset(self.lent))
             self.busy_seconds += time.monotonic() - self._epoch_started
             self.wait_seconds += sink.wait_seconds
             self._epoch_started = self._sink = None
-
-    def _planned(self, epoch: int) -> d.Planned:
-        deadline = time.monotonic() + _PLAN_WAIT
-        while True:
-            self._check_open()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError("the DistillReader's dispatcher thread does not answer")
-            try:
-                event = self.dispatcher.events.get(timeout=min(left, _CLOSED_CHECK))
-            except queue.Empty:
-                continue
-            if event.epoch != epoch:
-                continue  # a late word of an earlier epoch
-            if isinstance(event, d.Failed):
-                raise event.error
-            if isinstance(event, d.Planned):
-                return event
 
 
 class ReorderBuffer(Generic[T]):
@@ -320,58 +293,29 @@ class ReorderBuffer(Generic[T]):
             self.next_id += 1
         return value
 
-    def again(self, task_id: int) -> None:
-        """The task just popped was not yielded: wait for another answer of it."""
-        self.next_id = task_id
-
-
-class SlotLender:
-    """Lends the training loop a task's slot arrays, and tells when it let go of them.
-
-    Views cost nothing, but their slot stays taken while the loop holds them; a loop
-    that keeps everything (``list(dr())``) would take every slot.  So past
-    ``keep_limit`` slots lent, the loop gets copies and the slot is free at once.
-    """
-
-    def __init__(self, folder: str, release: Callable[[int], None]) -> None:
-        self._slot_reader = SlotReader(folder)
-        self._release = release
-        self.lent: set[int] = set()  # slots whose views the loop may still hold (one lender per pipeline)
-
-    def lend(self, task: protocol.Task, keep_limit: int, hold: bool = False) -> dict[str, np.ndarray]:
-        """The task's slot arrays: views, or copies past ``keep_limit``.  With ``hold`` a copied
-        task's slot stays taken until :meth:`give_back` (a teacher may have to read it again)."""
-        slot, arrays, mapping = self._slot_reader.view(task.shm)
-        if len(self.lent) < keep_limit:
-            self.lent.add(slot)
-            weakref.finalize(mapping, self._returned, slot)
-            return arrays
-        copies = {name: np.array(arr) for name, arr in arrays.items()}
-        del arrays
-        mapping.close()
-        if not hold:
-            self._release(slot)
-        return copies
-
-    def give_back(self, task: protocol.Task) -> None:
-        """A task lent with ``hold`` is yielded: its slot is free, unless the loop holds views of it."""
-        if task.slot not in self.lent:
-            self._release(task.slot)
-
-    def _returned(self, slot: int) -> None:  # any thread: the finalizer of the slot's mapping
-        self.lent.discard(slot)
-        self._release(slot)
-
 
 class EpochSink:
     """One epoch's outputs, in order, from the dispatcher's events (the sink of ``docs/dataplane.md``)."""
 
-    def __init__(self, pipeline: Pipeline, epoch: int, reader_type: ReaderType, keep_limit: int) -> None:
-        self.pipeline, self.epoch, self.reader_type, self.keep_limit = pipeline, epoch, reader_type, keep_limit
+    def __init__(self, pipeline: Pipeline, epoch: int, reader_type: ReaderType) -> None:
+        self.pipeline, self.epoch, self.reader_type = pipeline, epoch, reader_type
+        self.plan: d.Planned | None = None
+        self.keep_limit = 0  # slots the loop may hold views of (the plan's)
         self.gate = pipeline.dispatcher.gate  # closed: the cache's answers are no longer trusted
         self.buffer: ReorderBuffer[d.Answered] = ReorderBuffer()
         self.total: int | None = None  # the epoch's tasks, once every one is answered
         self.wait_seconds = 0.0  # time the training loop spent waiting for data
+
+    def planned(self) -> d.Planned:
+        """The dispatcher's plan of the epoch, once :meth:`Dispatcher.begin` made it."""
+        deadline = time.monotonic() + _PLAN_WAIT
+        while self.plan is None:
+            self.pipeline._check_open()
+            if time.monotonic() >= deadline:
+                raise RuntimeError("the DistillReader's dispatcher thread does not answer")
+            self._wait()
+        self.keep_limit, self.wait_seconds = self.plan.plan.keep_limit, 0.0  # only the waits for data count
+        return self.plan
 
     def outputs(self) -> Iterator[Any]:
         while self.total is None or self.buffer.next_id < self.total:
@@ -391,7 +335,7 @@ class EpochSink:
         teacher reads the rows from the slot.
         """
         p, cached = self.pipeline, bool(result.cached)
-        shared = p.lender.lend(result.task, self.keep_limit, hold=cached)
+        shared = self._lend(result.task, hold=cached)
         slots = list(slot_tensors(shared, p.ins).values())
         forms = [slot_forms(shared, n) for n in p.ins]
         if isinstance(result, d.CachedAnswer):
@@ -417,13 +361,35 @@ class EpochSink:
                 result = self._trusted(result)
                 assert isinstance(result, d.Answer)  # a task asked again is answered by a teacher
                 preds = [result.arrays[predict_key(n)] for n in p.predicts]
-        finally:
-            p.lender.give_back(result.task)
+        finally:  # a copy held for a teacher is let go of now; views, once the loop drops them
+            if result.task.slot not in p.lent:
+                p.dispatcher.release(result.task.slot)
+
+    def _lend(self, task: protocol.Task, hold: bool) -> dict[str, np.ndarray]:
+        """The task's slot arrays: views, or copies past ``keep_limit`` slots lent.
+
+        Views cost nothing, but their slot stays taken while the loop holds them; a loop
+        that keeps everything (``list(dr())``) would take every slot.  So past
+        ``keep_limit`` the loop gets copies and the slot is free at once, unless ``hold``
+        (a teacher may have to read it again).
+        """
+        p = self.pipeline
+        slot, arrays, mapping = p.slot_reader.view(task.shm)
+        if len(p.lent) < self.keep_limit:
+            p.lent.add(slot)
+            weakref.finalize(mapping, _returned, p.lent, p.dispatcher.release, slot)
+            return arrays
+        copies = {name: np.array(arr) for name, arr in arrays.items()}
+        del arrays
+        mapping.close()
+        if not hold:
+            p.dispatcher.release(slot)
+        return copies
 
     def _trusted(self, result: d.Answered) -> d.Answered:
         """``result``, or, if it holds cached rows no longer trusted, a teacher's answer of the task."""
         while result.cached and self.gate.closed:
-            self.buffer.again(result.task.task_id)
+            self.buffer.next_id = result.task.task_id  # wait for another answer of it
             self.pipeline.dispatcher.redo(result.task)
             while (again := self.buffer.pop_next()) is None:
                 self.pipeline._check_open()
@@ -443,6 +409,8 @@ class EpochSink:
             if event.epoch == self.epoch:  # else a late word of an epoch that ended
                 if isinstance(event, d.Answered):
                     self.buffer.add(event.task.task_id, event)
+                elif isinstance(event, d.Planned):
+                    self.plan = event
                 elif isinstance(event, d.AllAnswered):
                     self.total = event.tasks
                 elif isinstance(event, d.Failed):
@@ -451,3 +419,9 @@ class EpochSink:
                 event = self.pipeline.dispatcher.events.get_nowait()
             except queue.Empty:
                 return
+
+
+def _returned(lent: set[int], release: Callable[[int], None], slot: int) -> None:
+    """The finalizer of a lent slot's mapping (any thread): the loop let go of the slot."""
+    lent.discard(slot)
+    release(slot)

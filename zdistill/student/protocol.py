@@ -1,31 +1,16 @@
 """Every message of the student's data plane, typed, in one place.
 
-Three kinds of process talk on the student's machine (see ``docs/dataplane.md``):
-the *producer* (the user's reader, forked for each epoch), the *dispatcher* (a
-thread of the student that owns every piece of shared state) and the *workers*
-(one process per teacher).  They exchange seven kinds of message, all in the
-:mod:`zdistill.wire` format (a msgpack header, raw array frames):
-
-============  =======================  ==============================================
-kind          from -> to               says
-============  =======================  ==============================================
-``grant``     dispatcher -> producer   these shared-memory slots are yours to fill
-``task``      producer -> dispatcher,  a task is built in a slot (forwarded as is to
-              dispatcher -> worker     one worker; sent again to another if needed)
-``end``       producer -> dispatcher   the reader is exhausted after N tasks, or raised
-``hello``     worker -> dispatcher     the worker runs (its first word)
-``status``    worker -> dispatcher     its teacher is up / down / unusable, and why
-``done``      worker -> dispatcher     a task's predictions (as arrays)
-``undone``    worker -> dispatcher     a task not answered: handed back, or refused
-============  =======================  ==============================================
-
+The producer (the user's reader, forked for each epoch), the dispatcher (a thread of
+the student that owns every piece of shared state) and the workers (one process per
+teacher) exchange seven kinds of message, in the :mod:`zdistill.wire` format (a msgpack
+header, raw array frames); ``docs/dataplane.md`` tells who sends each kind, and when.
 Credit is implicit: the dispatcher counts what each worker holds (tasks sent, not yet
 answered) and what slots the producer may fill, so no message carries credit and
 nothing is re-negotiated at an epoch's start.  Each kind is a msgspec ``Struct``
 tagged by its ``kind``: the header frame is decoded straight into it, every field
 type-checked by msgspec, so a malformed message is a :class:`WireError`, never a
-``KeyError`` deep in the dispatcher.  Arrays stay raw frames (:mod:`zdistill.wire`):
-only the header is typed, and its array table (``arrays``) is checked by the wire.
+``KeyError`` deep in the dispatcher.  Arrays stay raw frames: only the header is typed,
+and its array table (``arrays``) is checked by the wire.
 """
 
 from __future__ import annotations
@@ -141,10 +126,8 @@ def encode(msg: Msg, arrays: Mapping[str, Tensor] | None = None) -> list[bytes |
     return [_ENCODER.encode(msg), *frames]
 
 
-def send(
-    sock: zmq.Socket, msg: Msg, arrays: Mapping[str, Tensor] | None = None,
-    envelope: Sequence[bytes] = (), flags: int = 0,
-) -> None:
+def send(sock: zmq.Socket, msg: Msg, arrays: Mapping[str, Tensor] | None = None, envelope: Sequence[bytes] = (),
+         flags: int = 0) -> None:
     """Send ``msg`` and its ``arrays`` as one message, after an optional routing ``envelope``."""
     wire.send_frames(sock, [*envelope, *encode(msg, arrays)], flags)
 

@@ -1,25 +1,21 @@
 """Task slots in shared memory: the student's own bytes never cross a socket twice.
 
-The producer (the reader process) builds each task's arrays directly in a memory-mapped
-file (under ``/dev/shm`` where it has room); only a small descriptor travels to the
-dispatcher and the worker.  The worker sends the feeds from that memory to its teacher
-(the one hop that must carry them) and the student reads the slots back from it: two
-full copies through the kernel per task fewer than over sockets, most of what a hop costs.
+The producer builds each task's arrays directly in a memory-mapped slot file (under
+``/dev/shm`` where it has room); only a small descriptor travels to the dispatcher and
+the worker, which sends the feeds from that memory to its teacher (the one hop that must
+carry them): two full copies through the kernel per task fewer than over sockets.
 
-The dispatcher grants the producer free slots and gets each back once the training
-loop let go of its arrays (:class:`zdistill.student.scheduler.Scheduler`).  A slot whose task
-is bigger than its file gets a new, bigger file (a new *generation*); readers map each
-file once and drop the mapping of an older generation, so memory stays bounded by the
-number of slots.  Slot files outlive an epoch, so the next epoch writes into pages that
-already exist instead of faulting in fresh ones (for big samples, faulting is most of
-the reader process's time).  Space is reserved with ``posix_fallocate`` when a file is
-made, so a full ``/dev/shm`` is a clear error then, never a SIGBUS later.
+A slot whose task is bigger than its file gets a new, bigger file (a new *generation*);
+readers map each file once and drop the mapping of an older generation, so memory stays
+bounded by the number of slots.  Slot files outlive an epoch, so the next epoch writes
+into pages that already exist instead of faulting in fresh ones (for big samples,
+faulting is most of the producer's time).  ``posix_fallocate`` reserves a file's space
+when it is made, so a full ``/dev/shm`` is a clear error then, never a SIGBUS later.
 
 The training loop gets views of a slot (:meth:`SlotReader.view`): a private, copy-on-write
-mapping of the slot file, so it may write into its arrays without touching the file.  The
-slot stays taken while any of those arrays lives, so the next task never overwrites data
-the loop still holds.  A late worker may read a reused slot; its answer is for a task
-already answered, and the dispatcher drops it.
+mapping, so it may write into its arrays without touching the file; the slot stays taken
+while any of them lives (:mod:`zdistill.student.pipeline`).  A late worker may read a
+reused slot: its answer is for a task already answered, and the dispatcher drops it.
 """
 
 from __future__ import annotations
@@ -61,18 +57,17 @@ class PrivateFolder:
     namespace (a sibling container sharing ``/tmp`` and ``/dev/shm``) does not see it.
     The lock's file descriptor is close-on-exec, so processes the owner starts (its
     workers) never hold it; a child it forks shares it (a lock belongs to the open file,
-    not to a process), so the folder stays while such a child lives, and that child
-    never removes it (:meth:`remove` only acts in the process that made it).
+    not to a process), so the folder stays while such a child lives (and only the process
+    that made the pipeline removes its folders, :func:`zdistill.student.pipeline._shutdown`).
     """
 
     def __init__(self, path: str, lock_fd: int) -> None:
         self.path = path
         self._lock_fd = lock_fd
-        self._owner = os.getpid()
 
     def remove(self) -> None:
-        """Remove the folder and let go of its lock; does nothing in any other process (a forked child)."""
-        if os.getpid() != self._owner or self._lock_fd < 0:
+        """Remove the folder and let go of its lock (safe twice)."""
+        if self._lock_fd < 0:
             return
         shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._lock_fd)
@@ -80,12 +75,8 @@ class PrivateFolder:
 
 
 def make_private_folder(kind: str, root: str | None = None) -> PrivateFolder:
-    """A private (0700) folder for one pipeline, named by the owner's PID and locked by it.
-
-    Folders of owners that died without cleaning up (``kill -9``) are reclaimed here
-    (:func:`reclaim`), so a crashed student does not keep its shared memory or endpoints
-    forever.
-    """
+    """A private (0700) folder for one pipeline, named by the owner's PID and locked by it.  First the
+    folders of owners that died without cleaning up (``kill -9``) are reclaimed (:func:`reclaim`)."""
     root = root or tempfile.gettempdir()
     for name in os.listdir(root):
         if _FOLDER.match(name):
@@ -165,10 +156,8 @@ def _aligned(n: int, step: int = _ALIGN) -> int:
 
 
 class SlotWriter:
-    """The reader process's side: hands out writable arrays inside a slot file per task.
-
-    It adopts the slot files an earlier epoch's writer left in ``folder``.
-    """
+    """The producer's side: writable arrays inside a slot file per task, in the files of ``folder``
+    (those an earlier epoch's writer left too)."""
 
     def __init__(self, folder: str, slots: int) -> None:
         self.folder = folder
