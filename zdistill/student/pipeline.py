@@ -72,7 +72,7 @@ def _shutdown(dispatcher: d.Dispatcher, folders: list[PrivateFolder], ctx: zmq.C
 # Every open pipeline's clean-up, by id of its dispatcher, for the SIGTERM handler below.
 _live: dict[int, Callable[[], None]] = {}
 _sigterm_installed = False
-_sigterm_before: Any = None
+_sigterm_before: Any = None  # the handler _on_sigterm replaced
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -96,14 +96,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _clean_up_on_sigterm() -> None:
-    """Install :func:`_on_sigterm` once, from the main thread: the only one that may set signal
-    handlers (so no two threads ever get here together)."""
+    """Install :func:`_on_sigterm` once, from the main thread: the only one that may set signal handlers."""
     global _sigterm_installed, _sigterm_before
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return
-    _sigterm_before = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    _sigterm_installed = True
+    if not _sigterm_installed and threading.current_thread() is threading.main_thread():
+        _sigterm_before = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _sigterm_installed = True
 
 
 class Pipeline:
@@ -190,8 +188,7 @@ class Pipeline:
             "--dispatcher", self.dispatcher.endpoint, "--identity", identity.decode(), "--slots", self.slots_folder,
             "--predicts", ",".join(self.predicts), "--feeds", json.dumps([f.to_wire() for f in self.feeds]),
             "--request-rows", str(o.request_rows), "--timeout", str(o.request_timeout),
-            "--share-weight", repr(o.share_weight),
-            "--parent-pid", str(os.getpid()),
+            "--share-weight", repr(o.share_weight), "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(max(logging.getLogger("zdistill").getEffectiveLevel(), logging.INFO)),
             *cache,
         ]
@@ -249,11 +246,10 @@ class Pipeline:
             cache.refresh()  # what the workers stored so far: the producer inherits it across the fork
         cfg = ProducerConfig(
             cache=cache, cache_feeds=[f.name for f in self.feeds if f.name in self.ins],
-            cache_gate=self.dispatcher.gate,
+            cache_gate=self.dispatcher.gate, parent_pid=os.getpid(),
             reader=reader, reader_type=reader_type, ins=self.ins, feeds=self.feeds, epoch=epoch,
             task_rows=planned.plan.task_rows, task_bytes=self.options.task_bytes, endpoint=planned.endpoint,
             slots_folder=self.slots_folder, slot_count=planned.slot_count, grants=planned.grants,
-            parent_pid=os.getpid(),
         )
         with self.dispatcher.lock:  # no lock of the dispatcher thread is inherited held, and no close() missed
             pid = os.fork()
@@ -327,12 +323,9 @@ class EpochSink:
             yield from self._task_outputs(self._trusted(result))
 
     def _task_outputs(self, result: d.Answered) -> Iterator[Any]:
-        """One task's reader batches with their predictions.
-
-        A task with cached rows keeps its slot until its last batch is yielded: should the
-        cache turn out to hold another model's answers meanwhile (the gate closes), the
-        batches not yet yielded get a teacher's answers instead (:meth:`_trusted`), and the
-        teacher reads the rows from the slot.
+        """One task's reader batches with their predictions.  A task with cached rows keeps its slot
+        until its last batch is yielded: should the gate close meanwhile, the batches not yet yielded
+        get a teacher's answers instead (:meth:`_trusted`), and the teacher reads the rows from the slot.
         """
         p, cached = self.pipeline, bool(result.cached)
         shared = self._lend(result.task, hold=cached)
@@ -366,13 +359,10 @@ class EpochSink:
                 p.dispatcher.release(result.task.slot)
 
     def _lend(self, task: protocol.Task, hold: bool) -> dict[str, np.ndarray]:
-        """The task's slot arrays: views, or copies past ``keep_limit`` slots lent.
-
-        Views cost nothing, but their slot stays taken while the loop holds them; a loop
-        that keeps everything (``list(dr())``) would take every slot.  So past
-        ``keep_limit`` the loop gets copies and the slot is free at once, unless ``hold``
-        (a teacher may have to read it again).
-        """
+        """The task's slot arrays: views, or copies past ``keep_limit`` slots lent.  Views cost nothing,
+        but their slot stays taken while the loop holds them, and a loop that keeps everything
+        (``list(dr())``) would take every slot; a copied task's slot is free at once, unless ``hold``
+        (a teacher may have to read it again)."""
         p = self.pipeline
         slot, arrays, mapping = p.slot_reader.view(task.shm)
         if len(p.lent) < self.keep_limit:

@@ -23,7 +23,7 @@ import signal
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import numpy as np
@@ -69,9 +69,9 @@ class ProducerConfig:
     slot_count: int
     grants: list[int]  # slots it may fill at once
     parent_pid: int
-    cache: CacheIndex | None = None  # the teacher-output cache, refreshed just before the fork
-    cache_feeds: list[str] = field(default_factory=list)  # the slots a row's cache key covers
-    cache_gate: CacheGate | None = None  # closed: the cache is no longer trusted, look nothing up
+    cache: CacheIndex | None  # the teacher-output cache, refreshed just before the fork
+    cache_feeds: list[str]  # the slots a row's cache key covers
+    cache_gate: CacheGate  # closed: the cache is no longer trusted, look nothing up
 
 
 class Producer:
@@ -132,12 +132,10 @@ class Producer:
     def _look_up(self, task: BuiltTask) -> int:
         """Answer the task's rows the cache has, in its slot; the number answered.
 
-        An audit: in the first task of the epoch with cached rows, and then in one of every
-        :data:`AUDIT_EVERY`, one cached row (picked at random) is asked of the teacher anyway,
-        its cached answer kept beside it in the slot: the worker compares the two, so a
-        teacher that answers otherwise than the cache (another model that the fingerprint
-        did not tell apart) turns the cache off.  The reader yields tasks in order, so no
-        cached row of the epoch reaches the training loop before the first audit is done.
+        In the epoch's first task with cached rows, and then in one of every :data:`AUDIT_EVERY`,
+        one cached row (at random) is audited: asked of the teacher anyway, its cached answer kept
+        beside it for the worker to compare (a teacher that answers otherwise turns the cache off).
+        Tasks are yielded in order, so no cached row reaches the loop before the first audit is done.
         """
         cache = self.cfg.cache
         assert cache is not None
@@ -169,8 +167,7 @@ class Producer:
         return len(rows)
 
     def _send(self, task: BuiltTask) -> None:
-        gate = self.cfg.cache_gate
-        usable = self.cfg.cache is not None and task.rows and not (gate and gate.closed)
+        usable = self.cfg.cache is not None and task.rows and not self.cfg.cache_gate.closed
         hits = self._look_up(task) if usable else None
         self._tell(protocol.Task(
             epoch=self.cfg.epoch, task_id=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
@@ -185,9 +182,7 @@ def run_producer(cfg: ProducerConfig) -> NoReturn:
     """Entry point of the forked producer; never returns to the caller's code."""
     code = 0
     try:
-        # Linux kills us when the student dies, even by kill -9 (we hold its dataset); elsewhere the
-        # getppid() checks catch it.
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # dies with the student, even of kill -9 (not Linux: getppid())
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the training loop, which stops us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -1,16 +1,12 @@
-"""Every message of the student's data plane, typed, in one place.
+"""Every message of the student's data plane, typed, in one place (who sends each kind, and
+when: ``docs/dataplane.md``).
 
-The producer (the user's reader, forked for each epoch), the dispatcher (a thread of
-the student that owns every piece of shared state) and the workers (one process per
-teacher) exchange seven kinds of message, in the :mod:`zdistill.wire` format (a msgpack
-header, raw array frames); ``docs/dataplane.md`` tells who sends each kind, and when.
-Credit is implicit: the dispatcher counts what each worker holds (tasks sent, not yet
-answered) and what slots the producer may fill, so no message carries credit and
-nothing is re-negotiated at an epoch's start.  Each kind is a msgspec ``Struct``
-tagged by its ``kind``: the header frame is decoded straight into it, every field
-type-checked by msgspec, so a malformed message is a :class:`WireError`, never a
-``KeyError`` deep in the dispatcher.  Arrays stay raw frames: only the header is typed,
-and its array table (``arrays``) is checked by the wire.
+Each kind is a msgspec ``Struct`` tagged by its ``kind``, in the :mod:`zdistill.wire` format
+(a msgpack header, raw array frames): the header frame is decoded straight into it, every
+field type-checked, so a malformed message is a :class:`WireError`, never a ``KeyError`` deep
+in the dispatcher; its array table (``arrays``) is checked by the wire.  Credit is implicit
+(the dispatcher counts what each worker holds and which slots the producer may fill), so no
+message carries credit and nothing is re-negotiated at an epoch's start.
 """
 
 from __future__ import annotations
@@ -26,15 +22,13 @@ from zdistill import wire
 from zdistill.errors import WireError
 from zdistill.spec import Tensor
 
-# One row of the wire's array table: name, dtype, shape (values_shape and rows for a Ragged), checked by the wire.
-ArrayEntry = list[str | int | list[int]]
-
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", forbid_unknown_fields=True):
     """A data-plane message; its class is its ``kind`` on the wire."""
 
-    # The wire's array table (zdistill.wire.ARRAYS_KEY): set by send, checked by decode.
-    table: list[ArrayEntry] = msgspec.field(default_factory=list, name=wire.ARRAYS_KEY)
+    # The wire's array table (zdistill.wire.ARRAYS_KEY), set by send, checked by decode; a row: name,
+    # dtype, shape (values_shape and rows for a Ragged).
+    table: list[list[str | int | list[int]]] = msgspec.field(default_factory=list, name=wire.ARRAYS_KEY)
 
 
 class Grant(Message, frozen=True, kw_only=True, tag="grant"):

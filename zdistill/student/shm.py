@@ -180,10 +180,8 @@ class SlotWriter:
             layout.append((name, shape, dtype, offset))
             offset = _aligned(offset + math.prod(shape) * dtype.itemsize)
         file_name, size, mapping = self._ensure(slot, max(offset, _ALIGN))
-        arrays = {
-            name: np.frombuffer(mapping, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
-            for name, shape, dtype, off in layout
-        }
+        arrays = {name: np.frombuffer(mapping, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
+                  for name, shape, dtype, off in layout}
         table = [[name, dtype.str, list(shape), off] for name, shape, dtype, off in layout]
         return arrays, {"file": file_name, "size": size, "arrays": table}
 
@@ -251,17 +249,14 @@ class SlotReader:
         """Read-only arrays of a descriptor (mappings cached); raises WireError if it does not describe its file."""
         slot, name, size, table = _parse(descriptor)
         held = self._maps.get(slot)
-        if held is None or held[0] != name:
-            held = (name, self._open(name, size, mmap.ACCESS_READ))
-            self._maps[slot] = held  # the old generation's mapping goes with its last view
+        if held is None or held[0] != name:  # the old generation's mapping goes with its last view
+            held = self._maps[slot] = (name, self._open(name, size, mmap.ACCESS_READ))
         return _arrays(held[1], size, table)
 
     def view(self, descriptor: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray], mmap.mmap]:
-        """The slot, and writable arrays of a descriptor in a private copy-on-write mapping of their own.
-
-        No bytes are copied until someone writes.  The mapping lives as long as any of the
-        arrays (or views of them) does: a finalizer on it tells when the slot is free.
-        """
+        """The slot, and writable arrays of a descriptor in a private copy-on-write mapping of their own
+        (no bytes are copied until someone writes), and the mapping: it lives as long as any of the
+        arrays (or views of them) does, so a finalizer on it tells when the slot is free."""
         slot, name, size, table = _parse(descriptor)
         mapping = self._open(name, size, mmap.ACCESS_COPY)
         return slot, _arrays(mapping, size, table), mapping
