@@ -295,6 +295,7 @@ class EpochSink:
 
     def __init__(self, pipeline: Pipeline, epoch: int, reader_type: ReaderType) -> None:
         self.pipeline, self.epoch, self.reader_type = pipeline, epoch, reader_type
+        self.events, self.check_open = pipeline.dispatcher.events, pipeline._check_open
         self.plan: d.Planned | None = None
         self.keep_limit = 0  # slots the loop may hold views of (the plan's)
         self.gate = pipeline.dispatcher.gate  # closed: the cache's answers are no longer trusted
@@ -306,7 +307,7 @@ class EpochSink:
         """The dispatcher's plan of the epoch, once :meth:`Dispatcher.begin` made it."""
         deadline = time.monotonic() + _PLAN_WAIT
         while self.plan is None:
-            self.pipeline._check_open()
+            self.check_open()
             if time.monotonic() >= deadline:
                 raise RuntimeError("the DistillReader's dispatcher thread does not answer")
             self._wait()
@@ -315,7 +316,7 @@ class EpochSink:
 
     def outputs(self) -> Iterator[Any]:
         while self.total is None or self.buffer.next_id < self.total:
-            self.pipeline._check_open()  # at least every 0.1 s while it waits: nothing comes once it is closed
+            self.check_open()  # at least every 0.1 s while it waits: nothing comes once it is closed
             result = self.buffer.pop_next()
             if result is None:
                 self._wait()
@@ -382,7 +383,7 @@ class EpochSink:
             self.buffer.next_id = result.task.task_id  # wait for another answer of it
             self.pipeline.dispatcher.redo(result.task)
             while (again := self.buffer.pop_next()) is None:
-                self.pipeline._check_open()
+                self.check_open()
                 self._wait()
             result = again
         return result
@@ -390,7 +391,7 @@ class EpochSink:
     def _wait(self) -> None:
         started = time.monotonic()
         try:
-            event = self.pipeline.dispatcher.events.get(timeout=_CLOSED_CHECK)
+            event = self.events.get(timeout=_CLOSED_CHECK)
         except queue.Empty:
             return
         finally:
@@ -406,7 +407,7 @@ class EpochSink:
                 elif isinstance(event, d.Failed):
                     raise event.error
             try:
-                event = self.pipeline.dispatcher.events.get_nowait()
+                event = self.events.get_nowait()
             except queue.Empty:
                 return
 

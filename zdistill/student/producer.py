@@ -106,10 +106,8 @@ class Producer:
         self._tell(protocol.End(epoch=cfg.epoch, tasks=builder.tasks_made, error=error))
 
     def _allocate(self, task_id: int, rows: int, specs: Specs) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Room for a task's arrays in a granted slot, waiting for a grant if none is left.
-
-        A task laid out again (its samples turned out to need another dtype) keeps its slot.
-        """
+        """Room for a task's arrays in a granted slot, waiting for a grant if none is left; a task
+        laid out again (its samples turned out to need another dtype) keeps its slot."""
         slot = self.slot_of.get(task_id)
         if slot is None:
             while not self.granted:
