@@ -13,8 +13,8 @@ import pytest
 from zdistill.errors import ConfigError, TeacherError, TeacherTimeout
 from zdistill.student import protocol
 from zdistill.student.options import PipelineOptions
+from zdistill.student.pipeline import ReorderBuffer
 from zdistill.student.scheduler import Scheduler
-from zdistill.student.sink import ReorderBuffer
 
 T0 = 1000.0  # a monotonic clock's reading; never 0
 

@@ -1,22 +1,20 @@
 """The producer: runs the user's reader in a process of its own and builds tasks.
 
 It is forked from the student for each epoch (the reader is often a closure, which
-only a fork can carry).  It cuts the reader's output into tasks
+only a fork can carry), cuts the reader's output into tasks
 (:class:`~zdistill.student.batches.TaskBuilder`) built directly in shared-memory slots
-(:mod:`zdistill.student.shm`) and streams each task's small descriptor to the dispatcher.
-That is all it does: it holds no table of tasks and makes no decision, so it may
-exit as soon as the reader is exhausted (resends are made from shared memory by the
-dispatcher).  Its only credit is the slots the dispatcher granted it (``grant``):
-with none left, it waits for more, which bounds how far the reader runs ahead of the
-training loop.
-
-Messages (:mod:`zdistill.student.protocol`): ``grant`` in; ``task`` and one ``end`` out (the
-end carries the reader's exception, if it raised, re-raised in the training loop by
-:func:`rebuild_exception`: by name, never by pickle).
+(:mod:`zdistill.student.shm`) and sends each task's small descriptor to the dispatcher.
+It holds no table of tasks and makes no decision, so it may exit as soon as the reader
+is exhausted (resends are made from shared memory by the dispatcher).  Its only credit
+is the slots the dispatcher granted it: with none left it waits for a ``grant``, which
+bounds how far the reader runs ahead of the training loop.  Its last message, ``end``,
+carries the reader's exception, if it raised, re-created in the training loop by
+:func:`rebuild_exception`: by name, never by pickle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import logging
@@ -25,7 +23,7 @@ import signal
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import numpy as np
@@ -47,7 +45,7 @@ from zdistill.student.batches import (
 )
 from zdistill.student.cache import CacheGate, CacheIndex, key_seed, row_keys
 from zdistill.student.children import POLL_MS, ParentGone, send_while_parent_lives
-from zdistill.student.shm import SlotWriter
+from zdistill.student.shm import SlotWriter, Specs
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +69,9 @@ class ProducerConfig:
     slot_count: int
     grants: list[int]  # slots it may fill at once
     parent_pid: int
-    cache: CacheIndex | None = None  # the teacher-output cache, refreshed just before the fork
-    cache_feeds: list[str] = field(default_factory=list)  # the slots a row's cache key covers
-    cache_gate: CacheGate | None = None  # closed: the cache is no longer trusted, look nothing up
+    cache: CacheIndex | None  # the teacher-output cache, refreshed just before the fork
+    cache_feeds: list[str]  # the slots a row's cache key covers
+    cache_gate: CacheGate  # closed: the cache is no longer trusted, look nothing up
 
 
 class Producer:
@@ -83,7 +81,6 @@ class Producer:
         self.cfg = cfg
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PAIR)
-        self.sock.setsockopt(zmq.LINGER, _END_LINGER_MS)
         self.sock.connect(cfg.endpoint)
         self.slots = SlotWriter(cfg.slots_folder, cfg.slot_count)
         self.granted: deque[int] = deque(cfg.grants)
@@ -94,6 +91,7 @@ class Producer:
     def run(self) -> None:
         cfg = self.cfg
         builder = TaskBuilder(cfg.reader_type, cfg.ins, cfg.feeds, cfg.task_rows, cfg.task_bytes, self._allocate)
+        error = None
         try:
             for item in cfg.reader():
                 for task in builder.add(item):
@@ -103,25 +101,22 @@ class Producer:
         except ParentGone:
             raise
         except BaseException as exc:  # the user's reader: anything it raises goes to the training loop
-            self._tell(protocol.End(epoch=cfg.epoch, tasks=builder.tasks_made, error=describe_exception(exc)))
-            return
-        self._tell(protocol.End(epoch=cfg.epoch, tasks=builder.tasks_made))
+            error = protocol.RaisedError(type=type(exc).__name__, module=type(exc).__module__, message=str(exc),
+                                         traceback="".join(traceback.format_exception(exc)))
+        self._tell(protocol.End(epoch=cfg.epoch, tasks=builder.tasks_made, error=error))
 
-    def close(self) -> None:
-        self.sock.close()  # lingers until the end is delivered (or the dispatcher is gone)
-        self.ctx.term()
-
-    def _allocate(self, task_id: int, rows: int, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
-        dict[str, np.ndarray], dict[str, Any]
-    ]:
-        """Room for a task's arrays in a granted slot, waiting for a grant if none is left.
-
-        A task laid out again (its samples turned out to need another dtype) keeps its slot.
-        """
+    def _allocate(self, task_id: int, rows: int, specs: Specs) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Room for a task's arrays in a granted slot, waiting for a grant if none is left; a task
+        laid out again (its samples turned out to need another dtype) keeps its slot."""
         slot = self.slot_of.get(task_id)
         if slot is None:
             while not self.granted:
-                self._wait_for_grant()
+                if os.getppid() != self.cfg.parent_pid:
+                    raise ParentGone
+                if self.sock.poll(POLL_MS):
+                    msg, _ = protocol.decode(self.sock.recv_multipart())
+                    if isinstance(msg, protocol.Grant):
+                        self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
             slot = self.slot_of[task_id] = self.granted.popleft()
         cache = self.cfg.cache
         if cache is None:
@@ -135,25 +130,21 @@ class Producer:
     def _look_up(self, task: BuiltTask) -> int:
         """Answer the task's rows the cache has, in its slot; the number answered.
 
-        An audit: in the first task of the epoch with cached rows, and then in one of every
-        :data:`AUDIT_EVERY`, one cached row (picked at random) is asked of the teacher anyway,
-        its cached answer kept beside it in the slot: the worker compares the two, so a
-        teacher that answers otherwise than the cache (another model that the fingerprint
-        did not tell apart) turns the cache off.  The reader yields tasks in order, so no
-        cached row of the epoch reaches the training loop before the first audit is done.
+        In the epoch's first task with cached rows, and then in one of every :data:`AUDIT_EVERY`,
+        one cached row (at random) is audited: asked of the teacher anyway, its cached answer kept
+        beside it for the worker to compare (a teacher that answers otherwise turns the cache off).
+        Tasks are yielded in order, so no cached row reaches the loop before the first audit is done.
         """
         cache = self.cfg.cache
         assert cache is not None
         tensors = slot_tensors(task.slots, self.cfg.cache_feeds)
-        feeds = list(tensors.values())
         seed = key_seed({name: (a.dtype.str, row_shape(a)) for name, a in tensors.items()})
         mine = CacheSlots.of(task.slots)
         mine.set_lengths(tensors)
-        mine.keys[:] = row_keys(feeds, seed)
+        mine.keys[:] = row_keys(list(tensors.values()), seed)
         found = cache.lookup(mine.keys)
         hit, audit = mine.hits, mine.audit
-        hit[:] = False
-        audit[:] = False
+        hit[:] = audit[:] = False
         rows = np.flatnonzero(found >= 0)
         if not len(rows):
             return 0
@@ -173,17 +164,8 @@ class Producer:
             return len(rows) - 1
         return len(rows)
 
-    def _wait_for_grant(self) -> None:
-        if os.getppid() != self.cfg.parent_pid:
-            raise ParentGone
-        if self.sock.poll(POLL_MS):
-            msg, _ = protocol.decode(self.sock.recv_multipart())
-            if isinstance(msg, protocol.Grant):
-                self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
-
     def _send(self, task: BuiltTask) -> None:
-        gate = self.cfg.cache_gate
-        usable = self.cfg.cache is not None and task.rows and not (gate and gate.closed)
+        usable = self.cfg.cache is not None and task.rows and not self.cfg.cache_gate.closed
         hits = self._look_up(task) if usable else None
         self._tell(protocol.Task(
             epoch=self.cfg.epoch, task_id=task.task_id, slot=self.slot_of.pop(task.task_id), rows=task.rows,
@@ -198,14 +180,15 @@ def run_producer(cfg: ProducerConfig) -> NoReturn:
     """Entry point of the forked producer; never returns to the caller's code."""
     code = 0
     try:
-        _die_with_parent()
+        with contextlib.suppress(OSError):  # dies with the student, even of kill -9 (not Linux: getppid())
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the training loop, which stops us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         producer = Producer(cfg)
         try:
             producer.run()
         finally:
-            producer.close()
+            producer.ctx.destroy(linger=_END_LINGER_MS)  # until the end is delivered (or the dispatcher is gone)
     except ParentGone:
         pass
     except BaseException:  # nothing may escape into the forked copy of the student's stack
@@ -214,32 +197,15 @@ def run_producer(cfg: ProducerConfig) -> NoReturn:
     os._exit(code)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill us when the student dies, even by kill -9 (we hold its dataset)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the getppid() checks still catch it
-
-
-def describe_exception(exc: BaseException) -> protocol.RaisedError:
-    """The reader's exception as plain strings, for the end message."""
-    return protocol.RaisedError(type=type(exc).__name__, module=type(exc).__module__, message=str(exc),
-                                traceback="".join(traceback.format_exception(exc)))
-
-
 def rebuild_exception(error: protocol.RaisedError) -> BaseException:
     """The reader's exception, re-created by type name (no pickle), else a ReaderError."""
-    name, module, message, remote = error.type, error.module, error.message, error.traceback
     exc: BaseException
     try:
-        cls = getattr(importlib.import_module(module), name)
+        cls = getattr(importlib.import_module(error.module), error.type)
         if not (isinstance(cls, type) and issubclass(cls, Exception)):
-            raise TypeError(name)
-        exc = cls(message)
+            raise TypeError(error.type)
+        exc = cls(error.message)
     except Exception:
-        exc = ReaderError(f"{module}.{name}: {message}")
-    exc.add_note(f"raised in the DistillReader's reader process:\n{remote}")
+        exc = ReaderError(f"{error.module}.{error.type}: {error.message}")
+    exc.add_note(f"raised in the DistillReader's reader process:\n{error.traceback}")
     return exc
-
-

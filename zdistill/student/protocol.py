@@ -1,31 +1,12 @@
-"""Every message of the student's data plane, typed, in one place.
+"""Every message of the student's data plane, typed, in one place (who sends each kind, and
+when: ``docs/dataplane.md``).
 
-Three kinds of process talk on the student's machine (see ``docs/dataplane.md``):
-the *producer* (the user's reader, forked for each epoch), the *dispatcher* (a
-thread of the student that owns every piece of shared state) and the *workers*
-(one process per teacher).  They exchange seven kinds of message, all in the
-:mod:`zdistill.wire` format (a msgpack header, raw array frames):
-
-============  =======================  ==============================================
-kind          from -> to               says
-============  =======================  ==============================================
-``grant``     dispatcher -> producer   these shared-memory slots are yours to fill
-``task``      producer -> dispatcher,  a task is built in a slot (forwarded as is to
-              dispatcher -> worker     one worker; sent again to another if needed)
-``end``       producer -> dispatcher   the reader is exhausted after N tasks, or raised
-``hello``     worker -> dispatcher     the worker runs (its first word)
-``status``    worker -> dispatcher     its teacher is up / down / unusable, and why
-``done``      worker -> dispatcher     a task's predictions (as arrays)
-``undone``    worker -> dispatcher     a task not answered: handed back, or refused
-============  =======================  ==============================================
-
-Credit is implicit: the dispatcher counts what each worker holds (tasks sent, not yet
-answered) and what slots the producer may fill, so no message carries credit and
-nothing is re-negotiated at an epoch's start.  Each kind is a msgspec ``Struct``
-tagged by its ``kind``: the header frame is decoded straight into it, every field
-type-checked by msgspec, so a malformed message is a :class:`WireError`, never a
-``KeyError`` deep in the dispatcher.  Arrays stay raw frames (:mod:`zdistill.wire`):
-only the header is typed, and its array table (``arrays``) is checked by the wire.
+Each kind is a msgspec ``Struct`` tagged by its ``kind``, in the :mod:`zdistill.wire` format
+(a msgpack header, raw array frames): the header frame is decoded straight into it, every
+field type-checked, so a malformed message is a :class:`WireError`, never a ``KeyError`` deep
+in the dispatcher; its array table (``arrays``) is checked by the wire.  Credit is implicit
+(the dispatcher counts what each worker holds and which slots the producer may fill), so no
+message carries credit and nothing is re-negotiated at an epoch's start.
 """
 
 from __future__ import annotations
@@ -41,15 +22,13 @@ from zdistill import wire
 from zdistill.errors import WireError
 from zdistill.spec import Tensor
 
-# One row of the wire's array table: name, dtype, shape (values_shape and rows for a Ragged), checked by the wire.
-ArrayEntry = list[str | int | list[int]]
-
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", forbid_unknown_fields=True):
     """A data-plane message; its class is its ``kind`` on the wire."""
 
-    # The wire's array table (zdistill.wire.ARRAYS_KEY): set by send, checked by decode.
-    table: list[ArrayEntry] = msgspec.field(default_factory=list, name=wire.ARRAYS_KEY)
+    # The wire's array table (zdistill.wire.ARRAYS_KEY), set by send, checked by decode; a row: name,
+    # dtype, shape (values_shape and rows for a Ragged).
+    table: list[list[str | int | list[int]]] = msgspec.field(default_factory=list, name=wire.ARRAYS_KEY)
 
 
 class Grant(Message, frozen=True, kw_only=True, tag="grant"):
@@ -141,10 +120,8 @@ def encode(msg: Msg, arrays: Mapping[str, Tensor] | None = None) -> list[bytes |
     return [_ENCODER.encode(msg), *frames]
 
 
-def send(
-    sock: zmq.Socket, msg: Msg, arrays: Mapping[str, Tensor] | None = None,
-    envelope: Sequence[bytes] = (), flags: int = 0,
-) -> None:
+def send(sock: zmq.Socket, msg: Msg, arrays: Mapping[str, Tensor] | None = None, envelope: Sequence[bytes] = (),
+         flags: int = 0) -> None:
     """Send ``msg`` and its ``arrays`` as one message, after an optional routing ``envelope``."""
     wire.send_frames(sock, [*envelope, *encode(msg, arrays)], flags)
 

@@ -1,28 +1,21 @@
 """Task slots in shared memory: the student's own bytes never cross a socket twice.
 
-The producer (the reader process) builds each task's arrays directly in a
-memory-mapped file (under ``/dev/shm`` where it exists); only a small descriptor
-travels to the dispatcher and the worker.  The worker sends the feed slots from that memory to its teacher (the
-one hop that must carry them) and the student reads the slots back from it.  Compared
-with moving the arrays over sockets this saves two full copies through the kernel per
-task, which is most of what a pipeline hop costs.
+The producer builds each task's arrays directly in a memory-mapped slot file (under
+``/dev/shm`` where it has room); only a small descriptor travels to the dispatcher and
+the worker, which sends the feeds from that memory to its teacher (the one hop that must
+carry them): two full copies through the kernel per task fewer than over sockets.
 
-The dispatcher grants the producer free slots and gets each back once the training
-loop let go of its arrays (:class:`zdistill.student.scheduler.Scheduler`).  A slot whose task
-is bigger than its file gets a new, bigger file (a new *generation*); readers map each
-file once and drop the mapping of an older generation, so memory stays bounded by the
-number of slots.  Slot files outlive an epoch, so the next epoch writes into pages that
-already exist instead of faulting in fresh ones (for big samples, faulting is most of
-the reader process's time).  Space is reserved with ``posix_fallocate`` when a file is
-made, so a full ``/dev/shm`` is a clear error then, never a SIGBUS later.
+A slot whose task is bigger than its file gets a new, bigger file (a new *generation*);
+readers map each file once and drop the mapping of an older generation, so memory stays
+bounded by the number of slots.  Slot files outlive an epoch, so the next epoch writes
+into pages that already exist instead of faulting in fresh ones (for big samples,
+faulting is most of the producer's time).  ``posix_fallocate`` reserves a file's space
+when it is made, so a full ``/dev/shm`` is a clear error then, never a SIGBUS later.
 
-The student hands the training loop views of a slot (:meth:`SlotReader.view`), not
-copies: a private, copy-on-write mapping of the slot file, so the loop may write into
-its arrays without touching the file.  The slot stays taken while any of those arrays
-lives (the mapping's finalizer gives it back), so the next task never overwrites data
-the loop still holds.  A worker that is late with a task the student already consumed
-may read a reused slot; its answer is for a task already answered, so the dispatcher
-drops it.
+The training loop gets views of a slot (:meth:`SlotReader.view`): a private, copy-on-write
+mapping, so it may write into its arrays without touching the file; the slot stays taken
+while any of them lives (:mod:`zdistill.student.pipeline`).  A late worker may read a
+reused slot: its answer is for a task already answered, and the dispatcher drops it.
 """
 
 from __future__ import annotations
@@ -55,16 +48,6 @@ _FOLDER = re.compile(r"^zdistill-(?:slots|ipc)-\d+-")
 _LOCK = "owner.lock"  # in each private folder: its owner holds an exclusive flock on it for its life
 
 
-def shm_root(needed: int) -> str | None:
-    """Where slot files go: RAM-backed ``/dev/shm`` if it has room for ``needed`` bytes, else
-    None (the temporary folder: the page cache keeps it nearly as fast)."""
-    try:
-        st = os.statvfs("/dev/shm")
-    except OSError:
-        return None
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize > 2 * needed else None
-
-
 class PrivateFolder:
     """A private (0700) folder of one pipeline, locked by its owner for the owner's whole life.
 
@@ -74,18 +57,17 @@ class PrivateFolder:
     namespace (a sibling container sharing ``/tmp`` and ``/dev/shm``) does not see it.
     The lock's file descriptor is close-on-exec, so processes the owner starts (its
     workers) never hold it; a child it forks shares it (a lock belongs to the open file,
-    not to a process), so the folder stays while such a child lives, and that child
-    never removes it (:meth:`remove` only acts in the process that made it).
+    not to a process), so the folder stays while such a child lives (and only the process
+    that made the pipeline removes its folders, :func:`zdistill.student.pipeline._shutdown`).
     """
 
     def __init__(self, path: str, lock_fd: int) -> None:
         self.path = path
         self._lock_fd = lock_fd
-        self._owner = os.getpid()
 
     def remove(self) -> None:
-        """Remove the folder and let go of its lock; does nothing in any other process (a forked child)."""
-        if os.getpid() != self._owner or self._lock_fd < 0:
+        """Remove the folder and let go of its lock (safe twice)."""
+        if self._lock_fd < 0:
             return
         shutil.rmtree(self.path, ignore_errors=True)
         os.close(self._lock_fd)
@@ -93,12 +75,8 @@ class PrivateFolder:
 
 
 def make_private_folder(kind: str, root: str | None = None) -> PrivateFolder:
-    """A private (0700) folder for one pipeline, named by the owner's PID and locked by it.
-
-    Folders of owners that died without cleaning up (``kill -9``) are reclaimed here
-    (:func:`reclaim`), so a crashed student does not keep its shared memory or endpoints
-    forever.
-    """
+    """A private (0700) folder for one pipeline, named by the owner's PID and locked by it.  First the
+    folders of owners that died without cleaning up (``kill -9``) are reclaimed (:func:`reclaim`)."""
     root = root or tempfile.gettempdir()
     for name in os.listdir(root):
         if _FOLDER.match(name):
@@ -112,8 +90,14 @@ def make_private_folder(kind: str, root: str | None = None) -> PrivateFolder:
 
 
 def make_slot_folder(needed: int) -> PrivateFolder:
-    """The folder for a pipeline's slot files: in ``/dev/shm`` when it has room."""
-    return make_private_folder("slots", shm_root(needed))
+    """The folder for a pipeline's slot files: in RAM-backed ``/dev/shm`` when it has room for twice
+    ``needed`` bytes, else in the temporary folder (the page cache keeps it nearly as fast)."""
+    try:
+        st = os.statvfs("/dev/shm")
+        roomy = os.access("/dev/shm", os.W_OK) and st.f_bavail * st.f_frsize > 2 * needed
+    except OSError:
+        roomy = False
+    return make_private_folder("slots", "/dev/shm" if roomy else None)
 
 
 def reclaim(folder: str, wait: float = 0.0) -> bool:
@@ -124,10 +108,7 @@ def reclaim(folder: str, wait: float = 0.0) -> bool:
     of a dead owner may hold it a moment longer).  True if this call removed it.
     """
     deadline = time.monotonic() + wait
-    while True:
-        fd = _lock(folder, create=False)
-        if fd is not None:
-            break
+    while (fd := _lock(folder, create=False)) is None:
         if time.monotonic() >= deadline or not os.path.exists(os.path.join(folder, _LOCK)):
             return False
         time.sleep(0.02)
@@ -148,10 +129,8 @@ def _lock(folder: str, create: bool) -> int | None:
     path = os.path.join(folder, _LOCK)
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
-    except FileNotFoundError:
-        return None  # a reclaimer removed the folder
-    except OSError:
-        if create:
+    except OSError as exc:
+        if create and not isinstance(exc, FileNotFoundError):  # not found: a reclaimer removed the folder
             raise
         return None
     try:
@@ -162,12 +141,14 @@ def _lock(folder: str, create: bool) -> int | None:
     except (FileNotFoundError, BlockingIOError):
         pass  # its owner holds the lock, or a reclaimer removed the folder meanwhile
     except OSError:
-        os.close(fd)
         if create:
+            os.close(fd)
             raise
-        return None
     os.close(fd)
     return None
+
+
+Specs = Mapping[str, tuple[tuple[int, ...], np.dtype]]  # a task's arrays: name -> (shape, dtype)
 
 
 def _aligned(n: int, step: int = _ALIGN) -> int:
@@ -175,65 +156,47 @@ def _aligned(n: int, step: int = _ALIGN) -> int:
 
 
 class SlotWriter:
-    """The reader process's side: hands out writable arrays inside a slot file per task.
-
-    It adopts the slot files an earlier epoch's writer left in ``folder``.
-    """
+    """The producer's side: writable arrays inside a slot file per task, in the files of ``folder``
+    (those an earlier epoch's writer left too)."""
 
     def __init__(self, folder: str, slots: int) -> None:
         self.folder = folder
         self._slots: dict[int, tuple[str, int, mmap.mmap | None]] = {}  # slot -> (file, size, mapping)
         self._generation = 0
-        for name in sorted(os.listdir(folder), key=lambda n: int(m.group(2)) if (m := _NAME.match(n)) else -1):
-            match = _NAME.match(name)
-            if match is None:
-                continue
-            slot, generation = int(match.group(1)), int(match.group(2))
-            self._generation = max(self._generation, generation)
+        # oldest first: a slot's newest file is the one kept
+        found = sorted((int(m[2]), int(m[1]), name) for name in os.listdir(folder) if (m := _NAME.match(name)))
+        for generation, slot, name in found:
+            self._generation = generation
             if slot < slots:  # a slot beyond this epoch's count stays as it is
                 old = self._slots.get(slot)
                 if old is not None:
                     os.unlink(os.path.join(folder, old[0]))
                 self._slots[slot] = (name, os.path.getsize(os.path.join(folder, name)), None)
 
-    def allocate(self, slot: int, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[
-        dict[str, np.ndarray], dict[str, Any]
-    ]:
-        """Writable arrays for ``specs`` (name -> (shape, dtype)) in ``slot``, and their descriptor."""
+    def allocate(self, slot: int, specs: Specs) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Writable arrays for ``specs`` in ``slot``, and their descriptor."""
         layout, offset = [], 0
         for name, (shape, dtype) in specs.items():
-            nbytes = math.prod(shape) * dtype.itemsize
             layout.append((name, shape, dtype, offset))
-            offset = _aligned(offset + nbytes)
+            offset = _aligned(offset + math.prod(shape) * dtype.itemsize)
         file_name, size, mapping = self._ensure(slot, max(offset, _ALIGN))
-        arrays = {
-            name: np.frombuffer(mapping, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
-            for name, shape, dtype, off in layout
-        }
-        descriptor = {
-            "file": file_name,
-            "size": size,
-            "arrays": [[name, dtype.str, list(shape), off] for name, shape, dtype, off in layout],
-        }
-        return arrays, descriptor
+        arrays = {name: np.frombuffer(mapping, dtype=dtype, count=math.prod(shape), offset=off).reshape(shape)
+                  for name, shape, dtype, off in layout}
+        table = [[name, dtype.str, list(shape), off] for name, shape, dtype, off in layout]
+        return arrays, {"file": file_name, "size": size, "arrays": table}
 
     def _ensure(self, slot: int, needed: int) -> tuple[str, int, mmap.mmap]:
-        held = self._slots.get(slot)
-        if held is not None and held[1] >= needed:
-            if held[2] is None or len(held[2]) < needed:  # a file an earlier epoch made, or mapped short of this task
-                self._slots[slot] = (held[0], held[1], self._map(held[0], held[1], os.O_RDWR, needed))
-            return self._slots[slot]  # type: ignore[return-value]
-        if held is not None:  # readers keep their mapping of the old file until they see the new one
-            os.unlink(os.path.join(self.folder, held[0]))
-        self._generation += 1
-        size = _aligned(needed, _GROW)
-        name = f"s{slot}-g{self._generation}"
-        self._slots[slot] = (name, size, self._map(name, size, os.O_RDWR | os.O_CREAT | os.O_EXCL, needed))
-        return self._slots[slot]  # type: ignore[return-value]
-
-    def _map(self, name: str, size: int, flags: int, needed: int) -> mmap.mmap:
-        """A mapping of the file's first ``needed`` bytes (in whole pages of 64 KiB): only what a task
-        uses is populated, and torn down when this process exits."""
+        """The slot's file and size, and a mapping of its first ``needed`` bytes (in steps of 64 KiB):
+        only what a task uses is populated, and torn down when this process exits."""
+        name, size, mapping = self._slots.get(slot, ("", 0, None))
+        if mapping is not None and len(mapping) >= needed:
+            return name, size, mapping
+        flags = os.O_RDWR  # a file an earlier epoch made, or one mapped short of this task
+        if size < needed:  # a new generation: readers keep their mapping of the old file until they see it
+            if name:
+                os.unlink(os.path.join(self.folder, name))
+            self._generation += 1
+            name, size, flags = f"s{slot}-g{self._generation}", _aligned(needed, _GROW), flags | os.O_CREAT | os.O_EXCL
         path = os.path.join(self.folder, name)
         fd = os.open(path, flags, 0o600)
         try:
@@ -246,20 +209,20 @@ class SlotWriter:
                         f"no room for a {size / 2**20:.0f} MiB task slot in {self.folder} ({exc.strerror}): "
                         "lower DistillReader.options.task_bytes / window, or give /dev/shm more space"
                     ) from None
-            return mmap.mmap(fd, min(size, _aligned(needed, _MAP_STEP)), flags=mmap.MAP_SHARED | _POPULATE)
+            mapping = mmap.mmap(fd, min(size, _aligned(needed, _MAP_STEP)), flags=mmap.MAP_SHARED | _POPULATE)
         finally:
             os.close(fd)
+        self._slots[slot] = (name, size, mapping)
+        return name, size, mapping
 
 
 def _parse(descriptor: Mapping[str, Any]) -> tuple[int, str, int, Any]:
     try:
         name, size, table = str(descriptor["file"]), int(descriptor["size"]), descriptor["arrays"]
-        match = _NAME.match(name)
-        if match is None:
-            raise ValueError(name)
+        slot = int(_NAME.match(name)[1])  # type: ignore[index]  # TypeError: not a slot file's name
     except (KeyError, TypeError, ValueError):
         raise WireError(f"bad shared-memory descriptor {descriptor!r:.120}") from None
-    return int(match.group(1)), name, size, table
+    return slot, name, size, table
 
 
 def _arrays(mapping: mmap.mmap, size: int, table: Any) -> dict[str, np.ndarray]:
@@ -286,17 +249,14 @@ class SlotReader:
         """Read-only arrays of a descriptor (mappings cached); raises WireError if it does not describe its file."""
         slot, name, size, table = _parse(descriptor)
         held = self._maps.get(slot)
-        if held is None or held[0] != name:
-            held = (name, self._open(name, size, mmap.ACCESS_READ))
-            self._maps[slot] = held  # the old generation's mapping goes with its last view
+        if held is None or held[0] != name:  # the old generation's mapping goes with its last view
+            held = self._maps[slot] = (name, self._open(name, size, mmap.ACCESS_READ))
         return _arrays(held[1], size, table)
 
     def view(self, descriptor: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray], mmap.mmap]:
-        """The slot, and writable arrays of a descriptor in a private copy-on-write mapping of their own.
-
-        No bytes are copied until someone writes.  The mapping lives as long as any of the
-        arrays (or views of them) does: a finalizer on it tells when the slot is free.
-        """
+        """The slot, and writable arrays of a descriptor in a private copy-on-write mapping of their own
+        (no bytes are copied until someone writes), and the mapping: it lives as long as any of the
+        arrays (or views of them) does, so a finalizer on it tells when the slot is free."""
         slot, name, size, table = _parse(descriptor)
         mapping = self._open(name, size, mmap.ACCESS_COPY)
         return slot, _arrays(mapping, size, table), mapping
