@@ -1,31 +1,28 @@
 """Tasks: the unit of work of a DistillReader pipeline, and the edge to the user's reader.
 
-A task is a run of consecutive samples as *arrays*, one per slot (``ins``), with the
-reader's own batch sizes alongside so the output can be cut back into the same
-batches.  The reader's samples are stacked into arrays once, here, at the input
-edge; from then on only arrays move (as raw frames), and per-sample tuples are made
-again only at the output edge, as views (:func:`split_output`).
+A task is a run of consecutive samples as arrays, one per slot (``ins``), with the
+reader's own batch sizes alongside so the output can be cut back into the same batches.
+The samples are stacked into arrays once, here, at the input edge; per-sample tuples are
+made again only at the output edge, as views (:func:`split_output`).  A slot's array
+holds every value of its task exactly, in one dtype (:meth:`TaskBuilder._cut`), and a
+value the teacher's feed dtype cannot hold is an error (:func:`check_values`), never a
+wrapped or overflowed number.
 
-A slot's array in a task has one dtype that holds every value of the task exactly
-(:meth:`TaskBuilder._cut`): the values come back to the training loop unchanged,
-and a value the teacher's feed dtype cannot hold is an error (:func:`check_values`),
-never a wrapped or overflowed number.
+A slot whose samples differ in length along their first axis, or that feeds a teacher's
+variable-length feed (first per-row dim -1), is *ragged* in its task: its array holds
+every sample's values end to end and ``l:<name>`` each sample's length
+(:class:`~zdistill.spec.Ragged`'s layout), two contiguous arrays built with one copy.
+A batch reader may give such a slot as a list of per-sample arrays (EDL's ERNIE example
+does); ``f:<name>`` (one int64 per reader batch) says in which form each batch came, so
+the training loop gets it back the same way.
 
-A slot whose samples differ in length along their first axis (token ids, ``[len, d]``
-features), or that feeds a teacher's variable-length feed (first per-row dim -1), is
-*ragged* in its task: its array holds every sample's values end to end, and the array
-``l:<name>`` each sample's length (:class:`~zdistill.spec.Ragged`'s layout), so a task
-of sequences is still two contiguous arrays, built with one copy.  A batch reader may
-give such a slot as a list of per-sample arrays (EDL's ERNIE example does); the array
-``f:<name>`` (one int64 per reader batch) says in which form each batch came, so the
-training loop gets it back the same way (:func:`split_output`).
-
-Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
+Predictions are ``p:<name>`` on the wire; slots travel in shared memory
 (:mod:`zdistill.student.shm`) under their own names.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import operator
 import warnings
@@ -53,6 +50,7 @@ def predict_key(name: str) -> str:
 
 _LENGTHS, _FORMS = "l:", "f:"  # a ragged slot's lengths; a slot's form per reader batch
 AS_LIST = -1  # in a slot's forms: this reader batch gave the slot as a list of per-sample arrays
+Spec = tuple[tuple[int, ...], np.dtype]  # an array's shape and dtype in a slot
 
 
 def slot_tensors(slots: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, Tensor]:
@@ -65,8 +63,7 @@ def slot_tensors(slots: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[
 
 
 def slot_forms(slots: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
-    """How each reader batch gave slot ``name``: :data:`AS_LIST`, or the row length of an array
-    (a ragged slot's); None when every batch gave it as an array."""
+    """How each reader batch gave slot ``name`` (:data:`AS_LIST`, or a ragged slot's row length); None: as arrays."""
     return slots.get(_FORMS + name)
 
 
@@ -84,12 +81,7 @@ def select(tensor: Tensor, rows: slice | np.ndarray) -> Tensor:
         start, stop, _ = rows.indices(len(tensor))
         stop = max(start, stop)
         return Ragged(tensor.values[offsets[start] : offsets[stop]], tensor.lengths[start:stop])
-    return Ragged(tensor.values[_token_index(tensor, rows)], tensor.lengths[rows])
-
-
-def _token_index(tensor: Ragged, rows: np.ndarray) -> np.ndarray:
-    """Where the tokens of ``rows`` (indices) lie in ``tensor.values``, row after row."""
-    return spans(tensor.offsets[:-1][rows], tensor.lengths[rows])
+    return Ragged(tensor.values[spans(offsets[:-1][rows], tensor.lengths[rows])], tensor.lengths[rows])
 
 
 def spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -106,7 +98,7 @@ def place(tensor: Tensor, rows: np.ndarray, values: Tensor) -> None:
         return
     if not isinstance(values, Ragged) or not np.array_equal(tensor.lengths[rows], values.lengths):
         raise ValueError("per-token rows written into rows of other lengths")
-    tensor.values[_token_index(tensor, rows)] = values.values
+    tensor.values[spans(tensor.offsets[:-1][rows], tensor.lengths[rows])] = values.values
 
 
 def empty_rows(tensor: Tensor, rows: np.ndarray) -> Tensor:
@@ -138,9 +130,8 @@ def join(parts: Sequence[Tensor]) -> Tensor:
 def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], predicts: Sequence[str]) -> str:
     """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can).
 
-    Each prediction needs a row per fed row, and a per-token one (a Ragged) each fed
-    sequence's length: else a sample would get another's predictions, or a cut that
-    is not its own.
+    Each prediction needs a row per fed row, and a per-token one (a Ragged) each fed sequence's
+    length: else a sample would get another's predictions, or a cut that is not its own.
     """
     rows = len(next(iter(feeds.values()))) if feeds else 0
     lengths = next((t.lengths for t in feeds.values() if isinstance(t, Ragged)), None)
@@ -166,15 +157,12 @@ def empty_output(spec: TensorSpec) -> Tensor:
 
 @dataclass(frozen=True)
 class CacheSlots:
-    """The teacher-output cache's arrays in a task's slot, beside the reader's feeds.
+    """The teacher-output cache's arrays in a task's slot, beside the reader's feeds, under names
+    with a ``:`` that this class alone knows: the producer lays them out (:meth:`layout`) and
+    fills them; the worker and the sink read them (:meth:`of`).
 
-    The producer lays them out (:meth:`layout`) and fills them; the worker and the sink
-    read them (:meth:`of`).  In shared memory they are named arrays like the feeds, under
-    names with a ``:``, which this class alone knows.
-
-    A per-token prediction's cached answers are laid out as the task's sequences: its
-    ``c:<name>`` holds as many tokens as the task's first variable-length feed, and its
-    ``l:c:<name>`` the rows' lengths, copied from that feed (a teacher cuts per-token
+    A per-token prediction's ``c:<name>`` holds as many tokens as the task's first
+    variable-length feed, and ``l:c:<name>`` its rows' lengths (a teacher cuts per-token
     answers to the row's length, and a row's key holds its length), so the room is known
     before the lookup and a row's answer lies where its tokens lie.
     """
@@ -186,9 +174,9 @@ class CacheSlots:
     answers: dict[str, Tensor]  # per output: the cache's answers (rows it had none for: zeros); per-token: Ragged
 
     @staticmethod
-    def layout(rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Shapes and dtypes of the cache's arrays for a task of ``rows`` rows, whose first
-        variable-length feed holds ``tokens`` (0 when it has none)."""
+    def layout(rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, Spec]:
+        """The cache's arrays for a task of ``rows`` rows, whose first variable-length feed holds
+        ``tokens`` (0 when it has none)."""
         out = {
             _STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
             _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool)),
@@ -212,7 +200,7 @@ class CacheSlots:
         return cls(slots[_STAMP], slots[_KEYS], slots[_HITS], slots[_AUDIT], answers)
 
     @staticmethod
-    def tokens(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], feeds: Sequence[str]) -> int:
+    def tokens(specs: Mapping[str, Spec], feeds: Sequence[str]) -> int:
         """The tokens of a task's first variable-length feed among ``feeds``, from its slot ``specs`` (0: none)."""
         first = next((name for name in feeds if _LENGTHS + name in specs), None)
         return 0 if first is None else specs[first][0][0]
@@ -228,15 +216,13 @@ class CacheSlots:
 
 _STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
 
-
-Allocator = Callable[[int, int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]
+Allocator = Callable[[int, int, dict[str, Spec]], tuple[dict[str, np.ndarray], Any]]
 
 
 @dataclass
 class BuiltTask:
-    """A task as the producer builds it: consecutive samples of one epoch in slot arrays, plus
-    the reader batch sizes.  What the producer tells the dispatcher of it is a
-    :class:`zdistill.student.protocol.Task`."""
+    """A task as the producer builds it: consecutive samples of one epoch in slot arrays, and the
+    reader batch sizes.  The dispatcher is told of it as a :class:`zdistill.student.protocol.Task`."""
 
     task_id: int
     slots: dict[str, np.ndarray]
@@ -252,9 +238,9 @@ class BuiltTask:
 def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
     """Raise a clear error unless rows of ``row_shape`` can be fed to ``spec``.
 
-    A row whose number of values equals the feed's is accepted and reshaped on the
-    way to the teacher, as EDL did (a flat 784-vector for a 1x28x28 feed).  Rows of
-    different lengths (``row_shape`` -1 first) go only to a variable-length feed.
+    A row of as many values as the feed's is reshaped on the way to the teacher, as EDL
+    did (a flat 784-vector for a 1x28x28 feed).  Rows of different lengths (``row_shape``
+    -1 first) go only to a variable-length feed.
     """
     if row_shape[:1] == (-1,) and not spec.variable:
         raise ConfigError(
@@ -276,9 +262,8 @@ def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
 def _holds(dtype: np.dtype, source: np.dtype) -> bool:
     """True when every value of ``source`` is exactly a value of ``dtype``.
 
-    numpy calls int64 -> float64 a safe cast, but float64 holds integers exactly only
-    up to 2**53, so an integer source is held by a float dtype only when the float's
-    mantissa has as many bits as the integer.
+    numpy calls int64 -> float64 safe, but a float holds integers exactly only as far as
+    its mantissa reaches (float64: 2**53), so it must have as many bits as the integer.
     """
     if not np.can_cast(source, dtype, "safe"):
         return False
@@ -306,12 +291,12 @@ def _changed(cast: np.ndarray, original: np.ndarray) -> np.ndarray:
 def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
     """Raise :class:`ConfigError`, naming the slot and the values, unless the feed's dtype can take ``arr``.
 
-    The cast to the feed's dtype must never change a value silently: an integer or bool
-    feed must hold every value exactly (no wrapping, no dropped fraction, no NaN), a
-    float feed takes the nearest value of its dtype (as a model's input is rounded
-    anyway) but no finite value may overflow to infinity, and no imaginary part may be
-    dropped.  Values within the float feed's range (the common case: float64 samples for
-    a float32 model) are known to fit from their minimum and maximum, without a cast.
+    The cast must never change a value silently: an integer or bool feed must hold every
+    value exactly (no wrapping, no dropped fraction, no NaN); a float feed takes the nearest
+    value of its dtype (a model's input is rounded anyway), but no finite value may overflow
+    to infinity and no imaginary part may be dropped.  Values within the float feed's range
+    (the common case: float64 samples for a float32 model) fit by their minimum and maximum,
+    without a cast.
     """
     dtype = np.dtype(spec.dtype)
     if arr.dtype == dtype or _holds(dtype, arr.dtype):
@@ -333,11 +318,9 @@ def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
 
 
 def to_feed(arr: Tensor, spec: TensorSpec, check: bool = True) -> Tensor:
-    """A slot's tensor as the teacher wants it: its per-row shape and dtype (no copy if already so).
-
-    ``check`` raises where the cast would change a value (:func:`check_values`);
-    ``check=False`` is for values already checked against this spec.
-    """
+    """A slot's tensor in the teacher's per-row shape and dtype (no copy if already so); ``check``
+    raises where the cast would change a value (:func:`check_values`), ``False`` for values
+    already checked against this spec."""
     if isinstance(arr, Ragged):
         return Ragged(to_feed(arr.values, TensorSpec(spec.name, spec.dtype, spec.shape[1:]), check), arr.lengths)
     if not spec.matches(arr.shape[1:]):
@@ -350,9 +333,9 @@ def to_feed(arr: Tensor, spec: TensorSpec, check: bool = True) -> Tensor:
 def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str | None:
     """Why a teacher taking ``feeds`` cannot be sent tasks built for ``slots``, or None if it can.
 
-    ``slots`` are the feeds of the teacher the tasks were built for; another teacher
-    must take the same names, rows of as many values (a reshape is free), and a dtype
-    the values cast to within their kind (float32 to float16, not float to int).
+    ``slots`` are the feeds of the teacher the tasks were built for; another teacher must
+    take the same names, rows of as many values (a reshape is free), and a dtype the values
+    cast to within their kind (float32 to float16, not float to int).
     """
     mine = {s.name: s for s in slots}
     absent = [f.name for f in feeds if f.name not in mine]
@@ -374,57 +357,44 @@ def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> 
 class TaskBuilder:
     """Turns what the user's reader yields into tasks of about ``task_rows`` rows.
 
-    Whole reader batches are packed into one task until it holds ``task_rows`` rows or
-    ``task_bytes`` bytes, because the cost of the pipeline is per message, not per
-    byte, while memory is per byte.  The arrays are built in place where ``allocate``
-    says (shared memory, in the pipeline), so stacking the samples is the only copy.
+    Whole reader batches are packed into a task until it holds ``task_rows`` rows or
+    ``task_bytes`` bytes: the pipeline's cost is per message, not per byte, while memory is
+    per byte.  The arrays are built in place where ``allocate`` says (shared memory, in the
+    pipeline), so stacking the samples is the only copy.  An empty reader batch (or sample
+    list) rides in a task as a size of 0, so the output has as many batches as the reader
+    yielded; empty batches after the epoch's last row make a task of no rows (no teacher).
 
-    An empty reader batch (or sample list) rides in the task beside its neighbours as a
-    size of 0, so the output has as many batches as the reader yielded; empty batches
-    after the epoch's last row make a task of no rows, which needs no teacher.
-
-    A slot is ragged in a task (values plus lengths, see the module docstring) when the
-    teacher's feed for it is variable-length, or when its samples in the task differ in
-    length along their first axis; found out only once stacking them failed, so slots
-    of fixed shape cost what they did.
+    A slot is ragged in a task when the teacher's feed for it is variable-length, or when
+    its samples in the task differ in length; a sample reader's are looked at only once
+    stacking them failed, so slots of fixed shape cost nothing more.
     """
 
-    def __init__(
-        self,
-        reader_type: ReaderType,
-        ins: Sequence[str],
-        feeds: Sequence[TensorSpec],
-        task_rows: int,
-        task_bytes: int,
-        allocate: Allocator,
-    ):
+    def __init__(self, reader_type: ReaderType, ins: Sequence[str], feeds: Sequence[TensorSpec], task_rows: int,
+                 task_bytes: int, allocate: Allocator):
         self.reader_type = reader_type
         self.ins = list(ins)
         self.feeds = {spec.name: spec for spec in feeds}
         self.task_rows = max(1, task_rows)
         self.task_bytes = task_bytes
         self.allocate = allocate
+        self.tasks_made = 0
         self._row_bytes = 0  # bytes of one row of all slots, learnt from the first task
-        self._next_id = 0
+        self._reset()
+
+    def _reset(self) -> None:
         self._parts: list[list[Any]] = [[] for _ in self.ins]  # per slot: samples, or batches (arrays or row lists)
         self._forms: list[list[int]] = [[] for _ in self.ins]  # per slot, per reader batch: AS_LIST or its row length
         self._sizes: list[int] = []
         self._rows = 0
 
-    @property
-    def tasks_made(self) -> int:
-        return self._next_id
-
     def add(self, item: Any) -> Iterator[BuiltTask]:
         """Take one item from the user's reader; yield a task whenever one is full."""
         if self.reader_type is ReaderType.SAMPLE:
-            self._add_samples([item])
-            n = 1
+            n = self._add_samples([item])
         elif self.reader_type is ReaderType.SAMPLE_LIST:
             if not isinstance(item, (list, tuple)):
                 raise ConfigError(f"a sample list generator must yield lists of samples, got {type(item).__name__}")
-            self._add_samples(item)
-            n = len(item)
+            n = self._add_samples(item)
         else:
             n = self._add_batch(item)
         self._sizes.append(n)
@@ -443,29 +413,27 @@ class TaskBuilder:
             raise ConfigError(f"each {what} must have {len(self.ins)} slots {self.ins}, got {got}")
         return item
 
-    def _add_samples(self, samples: Sequence[Any]) -> None:
+    def _add_samples(self, samples: Sequence[Any]) -> int:
         """Append samples to their slots' parts, transposed in one pass (no Python per sample)."""
         if not samples:
-            return
+            return 0
         columns: list[tuple[Any, ...]] = []
         if set(map(type, samples)) <= {tuple, list}:
-            try:
+            with contextlib.suppress(ValueError):  # samples of different lengths: the check below names one
                 columns = list(zip(*samples, strict=True))
-            except ValueError:  # samples of different lengths: the check below names one
-                pass
         if len(columns) != len(self.ins):  # other sequences, or a sample is wrong: check each (naming a bad one)
             columns = list(zip(*(self._arity(sample, "sample") for sample in samples), strict=True))
         for part, column in zip(self._parts, columns, strict=True):
             part.extend(column)
         if not self._row_bytes:
             self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, samples[0], strict=True))
+        return len(samples)
 
     def _add_batch(self, batch: Any) -> int:
         values = self._arity(batch, "batch")
-        if all(type(v) is np.ndarray for v in values):  # the common case: arrays, taken as they are
-            parts: list[Any] = list(values)
-            listed = [False] * len(parts)
-        else:
+        parts: list[Any] = list(values)
+        listed = [False] * len(parts)
+        if not all(type(v) is np.ndarray for v in values):  # the common case: arrays, taken as they are
             made = [_batch_part(name, v) for name, v in zip(self.ins, values, strict=True)]
             parts, listed = [p for p, _ in made], [as_list for _, as_list in made]
         rows = {len(p) if isinstance(p, list) else p.shape[0] if p.ndim else -1 for p in parts}
@@ -483,13 +451,9 @@ class TaskBuilder:
             self._row_bytes = sum(sum(r.nbytes for r in p) if isinstance(p, list) else p.nbytes for p in parts) // n
         return n
 
-    def _plan(self, name: str, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
-        """Shape and dtype of a slot's task array.
-
-        A batch reader's: every batch's dtype promoted (empty batches count only in a
-        task of no rows).  A sample reader's: read off the first sample, which
-        :meth:`_stacked` checks every other sample has too.
-        """
+    def _plan(self, name: str, part: list[Any]) -> Spec:
+        """A slot's task array: a batch reader's in its batches' promoted dtype (empty batches count
+        only in a task of no rows); a sample reader's as its first sample, which every other must match."""
         if self.reader_type is ReaderType.BATCH:
             full = [p for p in part if len(p)] or part
             return (sum(len(p) for p in full), *full[0].shape[1:]), np.result_type(*{p.dtype for p in full})
@@ -505,45 +469,10 @@ class TaskBuilder:
             return all(a.ndim for a in arrays) and len({a.shape[0] for a in arrays}) > 1
         return any(isinstance(p, list) for p in part) or len({p.shape[1] for p in part if p.ndim > 1 and len(p)}) > 1
 
-    def _stacked(self, slots: dict[str, np.ndarray], ragged: set[str]) -> bool:
-        """Stack a sample reader's values into ``slots``; False when a sample's dtype or shape is not the first's."""
-        try:
-            for name, part in zip(self.ins, self._parts, strict=True):
-                if part and name not in ragged:
-                    _stack_into(slots[name], part)
-        except (ValueError, TypeError):
-            return False
-        return True
-
-    def _concatenate(self, name: str, out: np.ndarray, part: list[np.ndarray]) -> None:
-        """A batch reader's batches into ``out`` (their promoted dtype), checking that it holds every value."""
-        full = [p for p in part if len(p)]
-        if not full:
-            return
-        try:
-            np.concatenate(full, out=out)
-        except ValueError as exc:
-            raise ConfigError(f"slot {name!r}: batches cannot be joined into one array ({exc})") from None
-        start = 0
-        for p in full:
-            if p.dtype != out.dtype and not _holds(out.dtype, p.dtype):
-                _check_held(name, out[start : start + len(p)], p)
-            start += len(p)
-
-    def _check(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]], ragged: set[str]) -> None:
-        for name in self.ins:
-            shape, dtype = specs[name]
-            if dtype.kind not in "biufc":
-                raise ConfigError(f"slot {name!r} holds {dtype} values; zdistill sends numbers and bools")
-            if name in self.feeds and shape[0]:
-                check_feed(name, (-1, *shape[1:]) if name in ragged else shape[1:], self.feeds[name])
-
     def _cut(self) -> BuiltTask:
         ragged = {name for name, spec in self.feeds.items() if spec.variable and name in self.ins}
-        if self.reader_type is ReaderType.BATCH:
-            ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}
-        built = self._build(ragged)
-        if built is None:  # a sample differs from the first: in length, or in dtype or shape
+        built = None if self.reader_type is ReaderType.BATCH else self._build(ragged)
+        if built is None:  # a batch reader's task, or a sample differs from the first: in length, dtype or shape
             ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}
             built = self._build(ragged) or self._build(ragged, promote=True)
         assert built is not None
@@ -553,49 +482,50 @@ class TaskBuilder:
                 if name in self.feeds:
                     check_values(slots[name], self.feeds[name])  # before a teacher gets a value its dtype cannot hold
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
-        task = BuiltTask(self._next_id, slots, sizes, self._rows, descriptor)
-        self._next_id += 1
-        self._parts = [[] for _ in self.ins]
-        self._forms = [[] for _ in self.ins]
-        self._sizes, self._rows = [], 0
+        task = BuiltTask(self.tasks_made, slots, sizes, self._rows, descriptor)
+        self.tasks_made += 1
+        self._reset()
         return task
 
     def _build(self, ragged: set[str], promote: bool = False) -> tuple[dict[str, np.ndarray], Any] | None:
         """The task's arrays in a slot, the slots in ``ragged`` as values and lengths; None when a
         sample reader's sample differs from the first in dtype or shape (unless ``promote``:
         then each such slot is stacked in a dtype that holds every value, :meth:`_stack`)."""
-        specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        batch = self.reader_type is ReaderType.BATCH
+        specs: dict[str, Spec] = {}
         pieces, stacked = {}, {}
-        for name, part in zip(self.ins, self._parts, strict=True):
+        for name, part, forms in zip(self.ins, self._parts, self._forms, strict=True):
             if name in ragged:
-                pieces[name] = _ragged_pieces(name, part, self.reader_type is ReaderType.BATCH)
-                specs[name], specs[_LENGTHS + name] = _ragged_layout(name, pieces[name])
+                pieces[name], specs[name], specs[_LENGTHS + name] = _ragged(name, part, batch)
             elif promote:
                 stacked[name] = self._stack(name, part)
                 specs[name] = stacked[name].shape, stacked[name].dtype
             else:
                 specs[name] = self._plan(name, part)
-        for name, forms in zip(self.ins, self._forms, strict=True):
             if forms and (name in ragged or AS_LIST in forms):
                 specs[_FORMS + name] = (len(forms),), np.dtype(np.int64)
-        self._check(specs, ragged)
-        slots, descriptor = self.allocate(self._next_id, self._rows, specs)
-        for name, values in pieces.items():
-            if values:
-                np.concatenate([v for v, _ in values], out=slots[name], casting="no")
-                np.concatenate([n for _, n in values], out=slots[_LENGTHS + name])
-        for name, forms in zip(self.ins, self._forms, strict=True):
+            shape, dtype = specs[name]
+            if dtype.kind not in "biufc":
+                raise ConfigError(f"slot {name!r} holds {dtype} values; zdistill sends numbers and bools")
+            if name in self.feeds and shape[0]:
+                check_feed(name, (-1, *shape[1:]) if name in ragged else shape[1:], self.feeds[name])
+        slots, descriptor = self.allocate(self.tasks_made, self._rows, specs)
+        for name, part, forms in zip(self.ins, self._parts, self._forms, strict=True):
             if _FORMS + name in slots:
                 slots[_FORMS + name][:] = forms
-        dense = [(name, part) for name, part in zip(self.ins, self._parts, strict=True) if name not in ragged]
-        if self.reader_type is ReaderType.BATCH:
-            for name, part in dense:
-                self._concatenate(name, slots[name], part)
-        elif promote:
-            for name, arr in stacked.items():
-                np.copyto(slots[name], arr)
-        elif not self._stacked(slots, ragged):
-            return None
+            if name in ragged:
+                if pieces[name]:
+                    np.concatenate([v for v, _ in pieces[name]], out=slots[name], casting="no")
+                    np.concatenate([n for _, n in pieces[name]], out=slots[_LENGTHS + name])
+            elif batch:
+                _concatenate(name, slots[name], part)
+            elif promote:
+                np.copyto(slots[name], stacked[name])
+            elif part:
+                try:
+                    _stack_into(slots[name], part)
+                except (ValueError, TypeError):
+                    return None
         return slots, descriptor
 
     def _stack(self, name: str, part: list[Any]) -> np.ndarray:
@@ -637,6 +567,22 @@ def _stack_into(out: np.ndarray, part: list[Any]) -> None:
         np.stack(part, out=out, casting="no")
 
 
+def _concatenate(name: str, out: np.ndarray, part: list[np.ndarray]) -> None:
+    """A batch reader's batches into ``out`` (their promoted dtype), checking that it holds every value."""
+    full = [p for p in part if len(p)]
+    if not full:
+        return
+    try:
+        np.concatenate(full, out=out)
+    except ValueError as exc:
+        raise ConfigError(f"slot {name!r}: batches cannot be joined into one array ({exc})") from None
+    start = 0
+    for p in full:
+        if p.dtype != out.dtype and not _holds(out.dtype, p.dtype):
+            _check_held(name, out[start : start + len(p)], p)
+        start += len(p)
+
+
 def _batch_part(name: str, value: Any) -> tuple[np.ndarray | list[np.ndarray], bool]:
     """A batch reader's slot: an array, or the rows of a list of per-sample arrays of different
     shapes; and whether it came as a list of arrays (it goes back to the loop as one)."""
@@ -654,35 +600,22 @@ def _batch_part(name: str, value: Any) -> tuple[np.ndarray | list[np.ndarray], b
     return rows, True
 
 
-def _ragged_pieces(name: str, part: list[Any], batches: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A ragged slot's samples in a task as (values, lengths) pieces to join: one per sample,
-    or per batch of rows of one length (a batch reader's array ``[n, length, ...]``)."""
+def _ragged(name: str, part: list[Any], batches: bool) -> tuple[list[tuple[np.ndarray, np.ndarray]], Spec, Spec]:
+    """A ragged slot's samples as (values, lengths) pieces to join, one per sample or per batch of
+    rows of one length (a batch reader's array ``[n, length, ...]``), and its values' and lengths'
+    specs; ConfigError naming the slot unless every sample has one dtype and one token shape."""
     pieces = []
     for value in part:
-        if batches and isinstance(value, np.ndarray):
-            if value.ndim > 1:
-                pieces.append((value.reshape(-1, *value.shape[2:]), np.full(len(value), value.shape[1], np.int64)))
-                continue
-            rows = list(value)  # scalars, refused below (an empty batch: none)
-        else:
-            rows = value if batches else [value]
-        for row in rows:
+        if batches and isinstance(value, np.ndarray) and value.ndim > 1:
+            pieces.append((value.reshape(-1, *value.shape[2:]), np.full(len(value), value.shape[1], np.int64)))
+            continue
+        for row in value if batches else [value]:  # a 1-d batch's rows are scalars, refused below
             arr = _as_array(name, row)
             if not arr.ndim:
                 raise ConfigError(f"slot {name!r} holds samples of different lengths, and a scalar {arr.item()!r:.40} "
                                   "among them: each sample of a variable-length slot needs a length axis")
             pieces.append((arr, np.array([len(arr)], np.int64)))
-    return pieces
-
-
-def _ragged_layout(name: str, pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[
-    tuple[tuple[int, ...], np.dtype], tuple[tuple[int, ...], np.dtype]
-]:
-    """Shape and dtype of a ragged slot's values and of its lengths; ConfigError naming the slot
-    unless every sample has one dtype and one shape after its length (a token's shape)."""
-    if not pieces:
-        return ((0,), np.dtype(np.float64)), ((0,), np.dtype(np.int64))
-    first = pieces[0][0]
+    first = pieces[0][0] if pieces else np.zeros(0)
     for values, _ in pieces:
         if values.shape[1:] != first.shape[1:] or values.dtype != first.dtype:
             raise ConfigError(
@@ -690,9 +623,8 @@ def _ragged_layout(name: str, pieces: list[tuple[np.ndarray, np.ndarray]]) -> tu
                 f"whose samples may differ in length only: one is {values.dtype} {_rows_text(values.shape[1:])}, "
                 f"another {first.dtype} {_rows_text(first.shape[1:])}"
             )
-    total = sum(len(v) for v, _ in pieces)
-    rows = sum(len(n) for _, n in pieces)
-    return ((total, *first.shape[1:]), first.dtype), ((rows,), np.dtype(np.int64))
+    tokens, rows = sum(len(v) for v, _ in pieces), sum(len(n) for _, n in pieces)
+    return pieces, ((tokens, *first.shape[1:]), first.dtype), ((rows,), np.dtype(np.int64))
 
 
 def _rows_text(inner: Sequence[int]) -> str:
@@ -719,17 +651,14 @@ def _check_held(name: str, stacked: np.ndarray, original: np.ndarray) -> None:
         )
 
 
-def split_output(
-    reader_type: ReaderType, slots: Sequence[Tensor], predicts: Sequence[Tensor], sizes: Iterable[int] | None,
-    forms: Sequence[np.ndarray | None] = (),
-) -> Iterator[Any]:
+def split_output(reader_type: ReaderType, slots: Sequence[Tensor], predicts: Sequence[Tensor],
+                 sizes: Iterable[int] | None, forms: Sequence[np.ndarray | None] = ()) -> Iterator[Any]:
     """Cut a finished task back into what EDL's reader yields, as views of its arrays.
 
-    A ragged slot or prediction gives each sample its own array.  A batch reader's batch
-    gives a slot back in the form the reader gave it (``forms``, per slot: see
-    :func:`slot_forms`): a list of per-sample arrays, or one array (``[n, length, ...]``
-    for a ragged slot, a view of its values); a ragged prediction is a list of
-    per-sample arrays.
+    A ragged slot or prediction gives each sample its own array.  A batch reader's batch gives
+    a slot back in the form the reader gave it (``forms``, per slot: :func:`slot_forms`): a
+    list of per-sample arrays, or one array (a ragged slot's ``[n, length, ...]``, a view of
+    its values); a ragged prediction is a list of per-sample arrays.
     """
     columns = [*slots, *predicts]
     if reader_type is ReaderType.SAMPLE:
