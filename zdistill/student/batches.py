@@ -1,22 +1,16 @@
 """Tasks: the unit of work of a DistillReader pipeline, and the edge to the user's reader.
 
-A task is a run of consecutive samples as arrays, one per slot (``ins``), with the
-reader's own batch sizes alongside so the output can be cut back into the same batches.
-The samples are stacked into arrays once, here, at the input edge; per-sample tuples are
-made again only at the output edge, as views (:func:`split_output`).  A slot's array
-holds every value of its task exactly, in one dtype (:meth:`TaskBuilder._cut`), and a
-value the teacher's feed dtype cannot hold is an error (:func:`check_values`), never a
-wrapped or overflowed number.
-
-A slot whose samples differ in length along their first axis, or that feeds a teacher's
-variable-length feed (first per-row dim -1), is *ragged* in its task: its array holds
-every sample's values end to end and ``l:<name>`` each sample's length
-(:class:`~zdistill.spec.Ragged`'s layout), two contiguous arrays built with one copy.
-A batch reader may give such a slot as a list of per-sample arrays (EDL's ERNIE example
-does); ``f:<name>`` (one int64 per reader batch) says in which form each batch came, so
-the training loop gets it back the same way.
-
-Predictions are ``p:<name>`` on the wire; slots travel in shared memory
+A task is a run of consecutive samples as arrays, one per slot (``ins``), with the reader's
+batch sizes alongside so the output can be cut back into the same batches: samples are
+stacked once, at the input edge, and made again only at the output edge, as views
+(:func:`split_output`).  A slot's array holds every value of its task exactly, in one dtype,
+and a value the teacher's feed dtype cannot hold is an error (:func:`check_values`), never
+a wrapped or overflowed number.  A slot whose samples differ in length along their first
+axis, or that feeds a variable-length feed (first per-row dim -1), is *ragged*: its values
+end to end and ``l:<name>`` each sample's length (:class:`~zdistill.spec.Ragged`'s layout).
+``f:<name>`` (one int64 per reader batch) says in which form a batch reader gave a slot (a
+list of per-sample arrays, as EDL's ERNIE example does), so the loop gets it back the same
+way.  Predictions are ``p:<name>`` on the wire; slots travel in shared memory
 (:mod:`zdistill.student.shm`) under their own names.
 """
 
@@ -24,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -128,11 +123,8 @@ def join(parts: Sequence[Tensor]) -> Tensor:
 
 
 def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], predicts: Sequence[str]) -> str:
-    """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can).
-
-    Each prediction needs a row per fed row, and a per-token one (a Ragged) each fed sequence's
-    length: else a sample would get another's predictions, or a cut that is not its own.
-    """
+    """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can):
+    a row per fed row, a per-token one each sequence's length, or a sample gets another's predictions."""
     rows = len(next(iter(feeds.values()))) if feeds else 0
     lengths = next((t.lengths for t in feeds.values() if isinstance(t, Ragged)), None)
     for name in predicts:
@@ -157,14 +149,12 @@ def empty_output(spec: TensorSpec) -> Tensor:
 
 @dataclass(frozen=True)
 class CacheSlots:
-    """The teacher-output cache's arrays in a task's slot, beside the reader's feeds, under names
-    with a ``:`` that this class alone knows: the producer lays them out (:meth:`layout`) and
-    fills them; the worker and the sink read them (:meth:`of`).
-
-    A per-token prediction's ``c:<name>`` holds as many tokens as the task's first
-    variable-length feed, and ``l:c:<name>`` its rows' lengths (a teacher cuts per-token
-    answers to the row's length, and a row's key holds its length), so the room is known
-    before the lookup and a row's answer lies where its tokens lie.
+    """The teacher-output cache's arrays in a task's slot, under names with a ``:`` that this
+    class alone knows: the producer lays them out (:meth:`layout`) and fills them; the worker
+    and the sink read them (:meth:`of`).  A per-token prediction's ``c:<name>`` holds as many
+    tokens as the task's first variable-length feed, and ``l:c:<name>`` that feed's lengths (a
+    teacher cuts per-token answers to the row's length), so the room is known before the
+    lookup and a row's answer lies where its tokens lie.
     """
 
     stamp: np.ndarray  # (epoch, task id), written before anything else of the task
@@ -177,10 +167,8 @@ class CacheSlots:
     def layout(rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, Spec]:
         """The cache's arrays for a task of ``rows`` rows, whose first variable-length feed holds
         ``tokens`` (0 when it has none)."""
-        out = {
-            _STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
-            _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool)),
-        }
+        out = {_STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
+               _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool))}
         for f in fetches:
             if f.variable:
                 out[_ANSWER + f.name] = ((tokens, *f.shape[1:]), np.dtype(f.dtype))
@@ -236,12 +224,9 @@ class BuiltTask:
 
 
 def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
-    """Raise a clear error unless rows of ``row_shape`` can be fed to ``spec``.
-
-    A row of as many values as the feed's is reshaped on the way to the teacher, as EDL
-    did (a flat 784-vector for a 1x28x28 feed).  Rows of different lengths (``row_shape``
-    -1 first) go only to a variable-length feed.
-    """
+    """Raise a clear error unless rows of ``row_shape`` (-1 first: of different lengths, for a
+    variable-length feed only) can be fed to ``spec``; a row of as many values as the feed's is
+    reshaped on the way, as EDL did (a flat 784-vector for a 1x28x28 feed)."""
     if row_shape[:1] == (-1,) and not spec.variable:
         raise ConfigError(
             f"slot {slot!r} has samples of different lengths (rows {_rows_text(row_shape[1:])}), "
@@ -260,11 +245,8 @@ def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
 
 
 def _holds(dtype: np.dtype, source: np.dtype) -> bool:
-    """True when every value of ``source`` is exactly a value of ``dtype``.
-
-    numpy calls int64 -> float64 safe, but a float holds integers exactly only as far as
-    its mantissa reaches (float64: 2**53), so it must have as many bits as the integer.
-    """
+    """True when every value of ``source`` is exactly a value of ``dtype``: numpy calls int64 ->
+    float64 safe, but a float holds integers exactly only as far as its mantissa (float64: 2**53)."""
     if not np.can_cast(source, dtype, "safe"):
         return False
     if source.kind in "iu" and dtype.kind in "fc":
@@ -291,12 +273,10 @@ def _changed(cast: np.ndarray, original: np.ndarray) -> np.ndarray:
 def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
     """Raise :class:`ConfigError`, naming the slot and the values, unless the feed's dtype can take ``arr``.
 
-    The cast must never change a value silently: an integer or bool feed must hold every
-    value exactly (no wrapping, no dropped fraction, no NaN); a float feed takes the nearest
-    value of its dtype (a model's input is rounded anyway), but no finite value may overflow
-    to infinity and no imaginary part may be dropped.  Values within the float feed's range
-    (the common case: float64 samples for a float32 model) fit by their minimum and maximum,
-    without a cast.
+    An integer or bool feed must hold every value exactly (no wrapping, no dropped fraction,
+    no NaN); a float feed takes the nearest value (a model's input is rounded anyway), but no
+    finite value may overflow to infinity nor an imaginary part be dropped.  Values within its
+    range (float64 samples for a float32 model) are known to fit from their min and max.
     """
     dtype = np.dtype(spec.dtype)
     if arr.dtype == dtype or _holds(dtype, arr.dtype):
@@ -318,9 +298,8 @@ def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
 
 
 def to_feed(arr: Tensor, spec: TensorSpec, check: bool = True) -> Tensor:
-    """A slot's tensor in the teacher's per-row shape and dtype (no copy if already so); ``check``
-    raises where the cast would change a value (:func:`check_values`), ``False`` for values
-    already checked against this spec."""
+    """A slot's tensor in the teacher's row shape and dtype (no copy if already so); ``check``
+    (:func:`check_values`) is False only for values already checked against this spec."""
     if isinstance(arr, Ragged):
         return Ragged(to_feed(arr.values, TensorSpec(spec.name, spec.dtype, spec.shape[1:]), check), arr.lengths)
     if not spec.matches(arr.shape[1:]):
@@ -331,12 +310,9 @@ def to_feed(arr: Tensor, spec: TensorSpec, check: bool = True) -> Tensor:
 
 
 def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str | None:
-    """Why a teacher taking ``feeds`` cannot be sent tasks built for ``slots``, or None if it can.
-
-    ``slots`` are the feeds of the teacher the tasks were built for; another teacher must
-    take the same names, rows of as many values (a reshape is free), and a dtype the values
-    cast to within their kind (float32 to float16, not float to int).
-    """
+    """Why a teacher taking ``feeds`` cannot be sent tasks built for ``slots`` (the feeds of the
+    teacher they were built for), or None: it must take the same names, rows of as many values
+    (a reshape is free), and a dtype the values cast to within their kind (not float to int)."""
     mine = {s.name: s for s in slots}
     absent = [f.name for f in feeds if f.name not in mine]
     if absent:
@@ -358,14 +334,11 @@ class TaskBuilder:
     """Turns what the user's reader yields into tasks of about ``task_rows`` rows.
 
     Whole reader batches are packed into a task until it holds ``task_rows`` rows or
-    ``task_bytes`` bytes: the pipeline's cost is per message, not per byte, while memory is
-    per byte.  The arrays are built in place where ``allocate`` says (shared memory, in the
-    pipeline), so stacking the samples is the only copy.  An empty reader batch (or sample
-    list) rides in a task as a size of 0, so the output has as many batches as the reader
-    yielded; empty batches after the epoch's last row make a task of no rows (no teacher).
-
-    A slot is ragged in a task when the teacher's feed for it is variable-length, or when
-    its samples in the task differ in length; a sample reader's are looked at only once
+    ``task_bytes`` bytes (the pipeline's cost is per message, its memory per byte), built in
+    place where ``allocate`` says (shared memory), so stacking the samples is the only copy.
+    An empty reader batch rides in a task as a size of 0, so the output has as many batches as
+    the reader yielded.  A slot is ragged when its teacher's feed is variable-length, or when
+    its samples in the task differ in length: a sample reader's are looked at only once
     stacking them failed, so slots of fixed shape cost nothing more.
     """
 
@@ -444,7 +417,9 @@ class TaskBuilder:
         n = rows.pop()
         for forms, p, as_list in zip(self._forms, parts, listed, strict=True):
             forms.append(AS_LIST if as_list else p.shape[1] if p.ndim > 1 else 0)
-        if n or not self._rows:  # an empty batch holds no value: it decides nothing once a row is there
+        if n and not self._rows:  # an empty batch decides a task's dtypes only when no row does
+            self._parts = [[] for _ in self.ins]
+        if n or not self._rows:
             for part, p in zip(self._parts, parts, strict=True):
                 part.append(p)
         if not self._row_bytes and n:
@@ -452,11 +427,10 @@ class TaskBuilder:
         return n
 
     def _plan(self, name: str, part: list[Any]) -> Spec:
-        """A slot's task array: a batch reader's in its batches' promoted dtype (empty batches count
-        only in a task of no rows); a sample reader's as its first sample, which every other must match."""
+        """A slot's task array: a batch reader's in its batches' promoted dtype; a sample reader's
+        as its first sample, which every other must match."""
         if self.reader_type is ReaderType.BATCH:
-            full = [p for p in part if len(p)] or part
-            return (sum(len(p) for p in full), *full[0].shape[1:]), np.result_type(*{p.dtype for p in full})
+            return (self._rows, *part[0].shape[1:]), np.result_type(*{p.dtype for p in part})
         if not part:  # a task of empty sample lists only: its arrays are never read
             return (0,), np.dtype(np.float64)
         first = _as_array(name, part[0])
@@ -504,6 +478,7 @@ class TaskBuilder:
                 specs[name] = self._plan(name, part)
             if forms and (name in ragged or AS_LIST in forms):
                 specs[_FORMS + name] = (len(forms),), np.dtype(np.int64)
+        for name in self.ins:
             shape, dtype = specs[name]
             if dtype.kind not in "biufc":
                 raise ConfigError(f"slot {name!r} holds {dtype} values; zdistill sends numbers and bools")
@@ -529,13 +504,10 @@ class TaskBuilder:
         return slots, descriptor
 
     def _stack(self, name: str, part: list[Any]) -> np.ndarray:
-        """A sample slot's values in one array of the dtype numpy promotes them all to, if it holds each exactly.
-
-        Each value counts as the array ``np.asarray`` makes of it (a Python int as int64,
-        or uint64 above int64's range; a float as float64).  A value that no number dtype
-        holds (an int beyond uint64), or a mix whose promoted dtype would change a value
-        (int64 and uint64 make float64, exact for integers only up to 2**53), is an error.
-        """
+        """A sample slot's values in one array of numpy's promoted dtype of their ``np.asarray`` arrays
+        (a Python int is int64, uint64 above its range), if it holds each exactly: a value no number
+        dtype holds (an int beyond uint64), or a mix that promotion changes (int64 and uint64 make
+        float64), is an error."""
         arrays = [_as_array(name, v) for v in part]
         for value, arr in zip(part, arrays, strict=True):
             if arr.dtype.kind not in "biufc":
@@ -569,15 +541,14 @@ def _stack_into(out: np.ndarray, part: list[Any]) -> None:
 
 def _concatenate(name: str, out: np.ndarray, part: list[np.ndarray]) -> None:
     """A batch reader's batches into ``out`` (their promoted dtype), checking that it holds every value."""
-    full = [p for p in part if len(p)]
-    if not full:
+    if not len(out):  # only empty batches, whose shapes may differ: nothing to join
         return
     try:
-        np.concatenate(full, out=out)
+        np.concatenate(part, out=out)
     except ValueError as exc:
         raise ConfigError(f"slot {name!r}: batches cannot be joined into one array ({exc})") from None
     start = 0
-    for p in full:
+    for p in part:
         if p.dtype != out.dtype and not _holds(out.dtype, p.dtype):
             _check_held(name, out[start : start + len(p)], p)
         start += len(p)
@@ -664,21 +635,19 @@ def split_output(reader_type: ReaderType, slots: Sequence[Tensor], predicts: Seq
     if reader_type is ReaderType.SAMPLE:
         yield from zip(*[c.rows() if isinstance(c, Ragged) else c for c in columns], strict=True)
         return
-    start = 0
+    bounds = itertools.pairwise(itertools.accumulate(sizes or (), initial=0))
     if not any(isinstance(c, Ragged) for c in columns) and not any(k is not None for k in forms):
-        for n in sizes or ():  # arrays only (the common case): views, and nothing else to do
-            part = [c[start : start + n] for c in columns]
+        for start, stop in bounds:  # arrays only (the common case): views, and nothing else to do
+            part = [c[start:stop] for c in columns]
             yield tuple(part) if reader_type is ReaderType.BATCH else list(zip(*part, strict=True))
-            start += n
         return
     kinds = [*forms, *[None] * (len(columns) - len(forms))]
-    for batch, n in enumerate(sizes or ()):
-        part = [select(c, slice(start, start + n)) for c in columns]
+    for batch, (start, stop) in enumerate(bounds):
+        part = [select(c, slice(start, stop)) for c in columns]
         if reader_type is ReaderType.BATCH:
             yield tuple(_as_given(c, None if k is None else int(k[batch])) for c, k in zip(part, kinds, strict=True))
         else:
             yield list(zip(*[c.rows() if isinstance(c, Ragged) else c for c in part], strict=True))
-        start += n
 
 
 def _as_given(column: Tensor, form: int | None) -> Any:
