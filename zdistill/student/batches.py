@@ -5,13 +5,15 @@ batch sizes alongside so the output can be cut back into the same batches: sampl
 stacked once, at the input edge, and made again only at the output edge, as views
 (:func:`split_output`).  A slot's array holds every value of its task exactly, in one dtype,
 and a value the teacher's feed dtype cannot hold is an error (:func:`check_values`), never
-a wrapped or overflowed number.  A slot whose samples differ in length along their first
-axis, or that feeds a variable-length feed (first per-row dim -1), is *ragged*: its values
-end to end and ``l:<name>`` each sample's length (:class:`~zdistill.spec.Ragged`'s layout).
-``f:<name>`` (one int64 per reader batch) says in which form a batch reader gave a slot (a
-list of per-sample arrays, as EDL's ERNIE example does), so the loop gets it back the same
-way.  Predictions are ``p:<name>`` on the wire; slots travel in shared memory
-(:mod:`zdistill.student.shm`) under their own names.
+a wrapped or overflowed number.
+
+A slot whose samples differ in length along their first axis, or that feeds a variable-length
+feed (first per-row dim -1), is *ragged*: its values end to end and ``l:<name>`` each
+sample's length (:class:`~zdistill.spec.Ragged`'s layout).  ``f:<name>`` (one int64 per
+reader batch) says in which form a batch reader gave a slot (a list of per-sample arrays, as
+EDL's ERNIE example does), so the loop gets it back the same way.  Predictions are
+``p:<name>`` on the wire; slots travel in shared memory (:mod:`zdistill.student.shm`) under
+their own names.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def predict_key(name: str) -> str:
 
 _LENGTHS, _FORMS = "l:", "f:"  # a ragged slot's lengths; a slot's form per reader batch
 AS_LIST = -1  # in a slot's forms: this reader batch gave the slot as a list of per-sample arrays
+_STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
 Spec = tuple[tuple[int, ...], np.dtype]  # an array's shape and dtype in a slot
+Allocator = Callable[[int, int, dict[str, Spec]], tuple[dict[str, np.ndarray], Any]]
 
 
 def slot_tensors(slots: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, Tensor]:
@@ -200,11 +204,6 @@ class CacheSlots:
             if isinstance(arr, Ragged):
                 assert lengths is not None and len(arr.values) == int(lengths.sum())
                 arr.lengths[:] = lengths
-
-
-_STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
-
-Allocator = Callable[[int, int, dict[str, Spec]], tuple[dict[str, np.ndarray], Any]]
 
 
 @dataclass
@@ -404,9 +403,9 @@ class TaskBuilder:
 
     def _add_batch(self, batch: Any) -> int:
         values = self._arity(batch, "batch")
-        parts: list[Any] = list(values)
+        parts: list[Any] = list(values)  # the common case: arrays, taken as they are
         listed = [False] * len(parts)
-        if not all(type(v) is np.ndarray for v in values):  # the common case: arrays, taken as they are
+        if not all(type(v) is np.ndarray for v in values):
             made = [_batch_part(name, v) for name, v in zip(self.ins, values, strict=True)]
             parts, listed = [p for p, _ in made], [as_list for _, as_list in made]
         rows = {len(p) if isinstance(p, list) else p.shape[0] if p.ndim else -1 for p in parts}
@@ -425,16 +424,6 @@ class TaskBuilder:
         if not self._row_bytes and n:
             self._row_bytes = sum(sum(r.nbytes for r in p) if isinstance(p, list) else p.nbytes for p in parts) // n
         return n
-
-    def _plan(self, name: str, part: list[Any]) -> Spec:
-        """A slot's task array: a batch reader's in its batches' promoted dtype; a sample reader's
-        as its first sample, which every other must match."""
-        if self.reader_type is ReaderType.BATCH:
-            return (self._rows, *part[0].shape[1:]), np.result_type(*{p.dtype for p in part})
-        if not part:  # a task of empty sample lists only: its arrays are never read
-            return (0,), np.dtype(np.float64)
-        first = _as_array(name, part[0])
-        return (len(part), *first.shape), first.dtype
 
     def _uneven(self, name: str, part: list[Any]) -> bool:
         """Whether a slot's samples in the task differ in length along their first axis."""
@@ -474,8 +463,13 @@ class TaskBuilder:
             elif promote:
                 stacked[name] = self._stack(name, part)
                 specs[name] = stacked[name].shape, stacked[name].dtype
-            else:
-                specs[name] = self._plan(name, part)
+            elif batch:
+                specs[name] = (self._rows, *part[0].shape[1:]), np.result_type(*{p.dtype for p in part})
+            elif part:  # as the first sample, which every other must match (or the stacking fails)
+                first = _as_array(name, part[0])
+                specs[name] = (len(part), *first.shape), first.dtype
+            else:  # a task of empty sample lists only: its arrays are never read
+                specs[name] = (0,), np.dtype(np.float64)
             if forms and (name in ragged or AS_LIST in forms):
                 specs[_FORMS + name] = (len(forms),), np.dtype(np.int64)
         for name in self.ins:
@@ -566,9 +560,7 @@ def _batch_part(name: str, value: Any) -> tuple[np.ndarray | list[np.ndarray], b
             if not isinstance(value, (list, tuple)):
                 raise
             rows = [_as_array(name, v) for v in value]
-    if len({(r.shape, r.dtype) for r in rows}) == 1:
-        return np.stack(rows), True
-    return rows, True
+    return (np.stack(rows) if len({(r.shape, r.dtype) for r in rows}) == 1 else rows), True
 
 
 def _ragged(name: str, part: list[Any], batches: bool) -> tuple[list[tuple[np.ndarray, np.ndarray]], Spec, Spec]:
