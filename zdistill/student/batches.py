@@ -18,7 +18,6 @@ their own names.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import itertools
 import operator
@@ -362,11 +361,13 @@ class TaskBuilder:
     def add(self, item: Any) -> Iterator[BuiltTask]:
         """Take one item from the user's reader; yield a task whenever one is full."""
         if self.reader_type is ReaderType.SAMPLE:
-            n = self._add_samples([item])
+            self._add_samples([item])
+            n = 1
         elif self.reader_type is ReaderType.SAMPLE_LIST:
             if not isinstance(item, (list, tuple)):
                 raise ConfigError(f"a sample list generator must yield lists of samples, got {type(item).__name__}")
-            n = self._add_samples(item)
+            self._add_samples(item)
+            n = len(item)
         else:
             n = self._add_batch(item)
         self._sizes.append(n)
@@ -385,21 +386,22 @@ class TaskBuilder:
             raise ConfigError(f"each {what} must have {len(self.ins)} slots {self.ins}, got {got}")
         return item
 
-    def _add_samples(self, samples: Sequence[Any]) -> int:
+    def _add_samples(self, samples: Sequence[Any]) -> None:
         """Append samples to their slots' parts, transposed in one pass (no Python per sample)."""
         if not samples:
-            return 0
+            return
         columns: list[tuple[Any, ...]] = []
         if set(map(type, samples)) <= {tuple, list}:
-            with contextlib.suppress(ValueError):  # samples of different lengths: the check below names one
+            try:
                 columns = list(zip(*samples, strict=True))
+            except ValueError:  # samples of different lengths: the check below names one
+                pass
         if len(columns) != len(self.ins):  # other sequences, or a sample is wrong: check each (naming a bad one)
             columns = list(zip(*(self._arity(sample, "sample") for sample in samples), strict=True))
         for part, column in zip(self._parts, columns, strict=True):
             part.extend(column)
         if not self._row_bytes:
             self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, samples[0], strict=True))
-        return len(samples)
 
     def _add_batch(self, batch: Any) -> int:
         values = self._arity(batch, "batch")
@@ -440,10 +442,9 @@ class TaskBuilder:
             built = self._build(ragged) or self._build(ragged, promote=True)
         assert built is not None
         slots, descriptor = built
-        if self._rows:
-            for name in self.ins:
-                if name in self.feeds:
-                    check_values(slots[name], self.feeds[name])  # before a teacher gets a value its dtype cannot hold
+        for name in self.ins if self._rows else ():  # before a teacher gets a value its dtype cannot hold
+            if name in self.feeds:
+                check_values(slots[name], self.feeds[name])
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
         task = BuiltTask(self.tasks_made, slots, sizes, self._rows, descriptor)
         self.tasks_made += 1
