@@ -183,11 +183,8 @@ class CacheSlots:
     @classmethod
     def of(cls, slots: Mapping[str, np.ndarray]) -> CacheSlots:
         """The cache's arrays among a slot's (laid out by :meth:`layout`)."""
-        answers: dict[str, Tensor] = {}
-        for name, arr in slots.items():
-            if name.startswith(_ANSWER):
-                lengths = slots.get(_LENGTHS + name)
-                answers[name[len(_ANSWER):]] = arr if lengths is None else Ragged(arr, lengths)
+        answers = {name[len(_ANSWER):]: arr if _LENGTHS + name not in slots else Ragged(arr, slots[_LENGTHS + name])
+                   for name, arr in slots.items() if name.startswith(_ANSWER)}
         return cls(slots[_STAMP], slots[_KEYS], slots[_HITS], slots[_AUDIT], answers)
 
     @staticmethod
