@@ -168,8 +168,7 @@ class CacheSlots:
 
     @staticmethod
     def layout(rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, Spec]:
-        """The cache's arrays for a task of ``rows`` rows, whose first variable-length feed holds
-        ``tokens`` (0 when it has none)."""
+        """The cache's arrays of a task of ``rows`` rows whose first variable-length feed holds ``tokens`` (0: none)."""
         out = {_STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
                _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool))}
         for f in fetches:
@@ -204,8 +203,7 @@ class CacheSlots:
 
 @dataclass
 class BuiltTask:
-    """A task as the producer builds it: consecutive samples of one epoch in slot arrays, and the
-    reader batch sizes.  The dispatcher is told of it as a :class:`zdistill.student.protocol.Task`."""
+    """A task as the producer builds it; the dispatcher is told of it as a :class:`zdistill.student.protocol.Task`."""
 
     task_id: int
     slots: dict[str, np.ndarray]
