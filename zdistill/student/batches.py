@@ -1,32 +1,25 @@
 """Tasks: the unit of work of a DistillReader pipeline, and the edge to the user's reader.
 
-A task is a run of consecutive samples as *arrays*, one per slot (``ins``), with the
-reader's own batch sizes alongside so the output can be cut back into the same
-batches.  The reader's samples are stacked into arrays once, here, at the input
-edge; from then on only arrays move (as raw frames), and per-sample tuples are made
-again only at the output edge, as views (:func:`split_output`).
+A task is a run of consecutive samples as arrays, one per slot (``ins``), with the reader's
+batch sizes alongside so the output can be cut back into the same batches: samples are
+stacked once, at the input edge, and made again only at the output edge, as views
+(:func:`split_output`).  A slot's array holds every value of its task exactly, in one dtype,
+and a value the teacher's feed dtype cannot hold is an error (:func:`check_values`), never
+a wrapped or overflowed number.
 
-A slot's array in a task has one dtype that holds every value of the task exactly
-(:meth:`TaskBuilder._cut`): the values come back to the training loop unchanged,
-and a value the teacher's feed dtype cannot hold is an error (:func:`check_values`),
-never a wrapped or overflowed number.
-
-A slot whose samples differ in length along their first axis (token ids, ``[len, d]``
-features), or that feeds a teacher's variable-length feed (first per-row dim -1), is
-*ragged* in its task: its array holds every sample's values end to end, and the array
-``l:<name>`` each sample's length (:class:`~zdistill.spec.Ragged`'s layout), so a task
-of sequences is still two contiguous arrays, built with one copy.  A batch reader may
-give such a slot as a list of per-sample arrays (EDL's ERNIE example does); the array
-``f:<name>`` (one int64 per reader batch) says in which form each batch came, so the
-training loop gets it back the same way (:func:`split_output`).
-
-Predictions are named ``p:<name>`` on the wire; slots travel in shared memory
-(:mod:`zdistill.student.shm`) under their own names.
+A slot whose samples differ in length along their first axis, or that feeds a variable-length
+feed (first per-row dim -1), is *ragged*: its values end to end and ``l:<name>`` each
+sample's length (:class:`~zdistill.spec.Ragged`'s layout).  ``f:<name>`` (one int64 per
+reader batch) says in which form a batch reader gave a slot (a list of per-sample arrays, as
+EDL's ERNIE example does), so the loop gets it back the same way.  Predictions are
+``p:<name>`` on the wire; slots travel in shared memory (:mod:`zdistill.student.shm`) under
+their own names.
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -53,6 +46,9 @@ def predict_key(name: str) -> str:
 
 _LENGTHS, _FORMS = "l:", "f:"  # a ragged slot's lengths; a slot's form per reader batch
 AS_LIST = -1  # in a slot's forms: this reader batch gave the slot as a list of per-sample arrays
+_STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
+Spec = tuple[tuple[int, ...], np.dtype]  # an array's shape and dtype in a slot
+Allocator = Callable[[int, int, dict[str, Spec]], tuple[dict[str, np.ndarray], Any]]
 
 
 def slot_tensors(slots: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, Tensor]:
@@ -65,8 +61,7 @@ def slot_tensors(slots: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[
 
 
 def slot_forms(slots: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
-    """How each reader batch gave slot ``name``: :data:`AS_LIST`, or the row length of an array
-    (a ragged slot's); None when every batch gave it as an array."""
+    """How each reader batch gave slot ``name`` (:data:`AS_LIST`, or a ragged slot's row length); None: as arrays."""
     return slots.get(_FORMS + name)
 
 
@@ -84,12 +79,7 @@ def select(tensor: Tensor, rows: slice | np.ndarray) -> Tensor:
         start, stop, _ = rows.indices(len(tensor))
         stop = max(start, stop)
         return Ragged(tensor.values[offsets[start] : offsets[stop]], tensor.lengths[start:stop])
-    return Ragged(tensor.values[_token_index(tensor, rows)], tensor.lengths[rows])
-
-
-def _token_index(tensor: Ragged, rows: np.ndarray) -> np.ndarray:
-    """Where the tokens of ``rows`` (indices) lie in ``tensor.values``, row after row."""
-    return spans(tensor.offsets[:-1][rows], tensor.lengths[rows])
+    return Ragged(tensor.values[spans(offsets[:-1][rows], tensor.lengths[rows])], tensor.lengths[rows])
 
 
 def spans(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -106,7 +96,7 @@ def place(tensor: Tensor, rows: np.ndarray, values: Tensor) -> None:
         return
     if not isinstance(values, Ragged) or not np.array_equal(tensor.lengths[rows], values.lengths):
         raise ValueError("per-token rows written into rows of other lengths")
-    tensor.values[_token_index(tensor, rows)] = values.values
+    tensor.values[spans(tensor.offsets[:-1][rows], tensor.lengths[rows])] = values.values
 
 
 def empty_rows(tensor: Tensor, rows: np.ndarray) -> Tensor:
@@ -136,12 +126,8 @@ def join(parts: Sequence[Tensor]) -> Tensor:
 
 
 def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], predicts: Sequence[str]) -> str:
-    """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can).
-
-    Each prediction needs a row per fed row, and a per-token one (a Ragged) each fed
-    sequence's length: else a sample would get another's predictions, or a cut that
-    is not its own.
-    """
+    """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can):
+    a row per fed row, a per-token one each sequence's length, or a sample gets another's predictions."""
     rows = len(next(iter(feeds.values()))) if feeds else 0
     lengths = next((t.lengths for t in feeds.values() if isinstance(t, Ragged)), None)
     for name in predicts:
@@ -166,17 +152,12 @@ def empty_output(spec: TensorSpec) -> Tensor:
 
 @dataclass(frozen=True)
 class CacheSlots:
-    """The teacher-output cache's arrays in a task's slot, beside the reader's feeds.
-
-    The producer lays them out (:meth:`layout`) and fills them; the worker and the sink
-    read them (:meth:`of`).  In shared memory they are named arrays like the feeds, under
-    names with a ``:``, which this class alone knows.
-
-    A per-token prediction's cached answers are laid out as the task's sequences: its
-    ``c:<name>`` holds as many tokens as the task's first variable-length feed, and its
-    ``l:c:<name>`` the rows' lengths, copied from that feed (a teacher cuts per-token
-    answers to the row's length, and a row's key holds its length), so the room is known
-    before the lookup and a row's answer lies where its tokens lie.
+    """The teacher-output cache's arrays in a task's slot, under names with a ``:`` that this
+    class alone knows: the producer lays them out (:meth:`layout`) and fills them; the worker
+    and the sink read them (:meth:`of`).  A per-token prediction's ``c:<name>`` holds as many
+    tokens as the task's first variable-length feed, and ``l:c:<name>`` that feed's lengths (a
+    teacher cuts per-token answers to the row's length), so the room is known before the
+    lookup and a row's answer lies where its tokens lie.
     """
 
     stamp: np.ndarray  # (epoch, task id), written before anything else of the task
@@ -186,13 +167,10 @@ class CacheSlots:
     answers: dict[str, Tensor]  # per output: the cache's answers (rows it had none for: zeros); per-token: Ragged
 
     @staticmethod
-    def layout(rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Shapes and dtypes of the cache's arrays for a task of ``rows`` rows, whose first
-        variable-length feed holds ``tokens`` (0 when it has none)."""
-        out = {
-            _STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
-            _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool)),
-        }
+    def layout(rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, Spec]:
+        """The cache's arrays of a task of ``rows`` rows whose first variable-length feed holds ``tokens`` (0: none)."""
+        out = {_STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
+               _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool))}
         for f in fetches:
             if f.variable:
                 out[_ANSWER + f.name] = ((tokens, *f.shape[1:]), np.dtype(f.dtype))
@@ -204,15 +182,12 @@ class CacheSlots:
     @classmethod
     def of(cls, slots: Mapping[str, np.ndarray]) -> CacheSlots:
         """The cache's arrays among a slot's (laid out by :meth:`layout`)."""
-        answers: dict[str, Tensor] = {}
-        for name, arr in slots.items():
-            if name.startswith(_ANSWER):
-                lengths = slots.get(_LENGTHS + name)
-                answers[name[len(_ANSWER):]] = arr if lengths is None else Ragged(arr, lengths)
+        answers = {name[len(_ANSWER):]: arr if _LENGTHS + name not in slots else Ragged(arr, slots[_LENGTHS + name])
+                   for name, arr in slots.items() if name.startswith(_ANSWER)}
         return cls(slots[_STAMP], slots[_KEYS], slots[_HITS], slots[_AUDIT], answers)
 
     @staticmethod
-    def tokens(specs: Mapping[str, tuple[tuple[int, ...], np.dtype]], feeds: Sequence[str]) -> int:
+    def tokens(specs: Mapping[str, Spec], feeds: Sequence[str]) -> int:
         """The tokens of a task's first variable-length feed among ``feeds``, from its slot ``specs`` (0: none)."""
         first = next((name for name in feeds if _LENGTHS + name in specs), None)
         return 0 if first is None else specs[first][0][0]
@@ -226,17 +201,9 @@ class CacheSlots:
                 arr.lengths[:] = lengths
 
 
-_STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
-
-
-Allocator = Callable[[int, int, dict[str, tuple[tuple[int, ...], np.dtype]]], tuple[dict[str, np.ndarray], Any]]
-
-
 @dataclass
 class BuiltTask:
-    """A task as the producer builds it: consecutive samples of one epoch in slot arrays, plus
-    the reader batch sizes.  What the producer tells the dispatcher of it is a
-    :class:`zdistill.student.protocol.Task`."""
+    """A task as the producer builds it; the dispatcher is told of it as a :class:`zdistill.student.protocol.Task`."""
 
     task_id: int
     slots: dict[str, np.ndarray]
@@ -250,12 +217,9 @@ class BuiltTask:
 
 
 def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
-    """Raise a clear error unless rows of ``row_shape`` can be fed to ``spec``.
-
-    A row whose number of values equals the feed's is accepted and reshaped on the
-    way to the teacher, as EDL did (a flat 784-vector for a 1x28x28 feed).  Rows of
-    different lengths (``row_shape`` -1 first) go only to a variable-length feed.
-    """
+    """Raise a clear error unless rows of ``row_shape`` (-1 first: of different lengths, for a
+    variable-length feed only) can be fed to ``spec``; a row of as many values as the feed's is
+    reshaped on the way, as EDL did (a flat 784-vector for a 1x28x28 feed)."""
     if row_shape[:1] == (-1,) and not spec.variable:
         raise ConfigError(
             f"slot {slot!r} has samples of different lengths (rows {_rows_text(row_shape[1:])}), "
@@ -274,12 +238,8 @@ def check_feed(slot: str, row_shape: tuple[int, ...], spec: TensorSpec) -> None:
 
 
 def _holds(dtype: np.dtype, source: np.dtype) -> bool:
-    """True when every value of ``source`` is exactly a value of ``dtype``.
-
-    numpy calls int64 -> float64 a safe cast, but float64 holds integers exactly only
-    up to 2**53, so an integer source is held by a float dtype only when the float's
-    mantissa has as many bits as the integer.
-    """
+    """True when every value of ``source`` is exactly a value of ``dtype``: numpy calls int64 ->
+    float64 safe, but a float holds integers exactly only as far as its mantissa (float64: 2**53)."""
     if not np.can_cast(source, dtype, "safe"):
         return False
     if source.kind in "iu" and dtype.kind in "fc":
@@ -306,12 +266,10 @@ def _changed(cast: np.ndarray, original: np.ndarray) -> np.ndarray:
 def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
     """Raise :class:`ConfigError`, naming the slot and the values, unless the feed's dtype can take ``arr``.
 
-    The cast to the feed's dtype must never change a value silently: an integer or bool
-    feed must hold every value exactly (no wrapping, no dropped fraction, no NaN), a
-    float feed takes the nearest value of its dtype (as a model's input is rounded
-    anyway) but no finite value may overflow to infinity, and no imaginary part may be
-    dropped.  Values within the float feed's range (the common case: float64 samples for
-    a float32 model) are known to fit from their minimum and maximum, without a cast.
+    An integer or bool feed must hold every value exactly (no wrapping, no dropped fraction,
+    no NaN); a float feed takes the nearest value (a model's input is rounded anyway), but no
+    finite value may overflow to infinity nor an imaginary part be dropped.  Values within its
+    range (float64 samples for a float32 model) are known to fit from their min and max.
     """
     dtype = np.dtype(spec.dtype)
     if arr.dtype == dtype or _holds(dtype, arr.dtype):
@@ -333,11 +291,8 @@ def check_values(arr: np.ndarray, spec: TensorSpec) -> None:
 
 
 def to_feed(arr: Tensor, spec: TensorSpec, check: bool = True) -> Tensor:
-    """A slot's tensor as the teacher wants it: its per-row shape and dtype (no copy if already so).
-
-    ``check`` raises where the cast would change a value (:func:`check_values`);
-    ``check=False`` is for values already checked against this spec.
-    """
+    """A slot's tensor in the teacher's row shape and dtype (no copy if already so); ``check``
+    (:func:`check_values`) is False only for values already checked against this spec."""
     if isinstance(arr, Ragged):
         return Ragged(to_feed(arr.values, TensorSpec(spec.name, spec.dtype, spec.shape[1:]), check), arr.lengths)
     if not spec.matches(arr.shape[1:]):
@@ -348,12 +303,9 @@ def to_feed(arr: Tensor, spec: TensorSpec, check: bool = True) -> Tensor:
 
 
 def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> str | None:
-    """Why a teacher taking ``feeds`` cannot be sent tasks built for ``slots``, or None if it can.
-
-    ``slots`` are the feeds of the teacher the tasks were built for; another teacher
-    must take the same names, rows of as many values (a reshape is free), and a dtype
-    the values cast to within their kind (float32 to float16, not float to int).
-    """
+    """Why a teacher taking ``feeds`` cannot be sent tasks built for ``slots`` (the feeds of the
+    teacher they were built for), or None: it must take the same names, rows of as many values
+    (a reshape is free), and a dtype the values cast to within their kind (not float to int)."""
     mine = {s.name: s for s in slots}
     absent = [f.name for f in feeds if f.name not in mine]
     if absent:
@@ -374,46 +326,32 @@ def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> 
 class TaskBuilder:
     """Turns what the user's reader yields into tasks of about ``task_rows`` rows.
 
-    Whole reader batches are packed into one task until it holds ``task_rows`` rows or
-    ``task_bytes`` bytes, because the cost of the pipeline is per message, not per
-    byte, while memory is per byte.  The arrays are built in place where ``allocate``
-    says (shared memory, in the pipeline), so stacking the samples is the only copy.
-
-    An empty reader batch (or sample list) rides in the task beside its neighbours as a
-    size of 0, so the output has as many batches as the reader yielded; empty batches
-    after the epoch's last row make a task of no rows, which needs no teacher.
-
-    A slot is ragged in a task (values plus lengths, see the module docstring) when the
-    teacher's feed for it is variable-length, or when its samples in the task differ in
-    length along their first axis; found out only once stacking them failed, so slots
-    of fixed shape cost what they did.
+    Whole reader batches are packed into a task until it holds ``task_rows`` rows or
+    ``task_bytes`` bytes (the pipeline's cost is per message, its memory per byte), built in
+    place where ``allocate`` says (shared memory), so stacking the samples is the only copy.
+    An empty reader batch rides in a task as a size of 0, so the output has as many batches as
+    the reader yielded.  A slot is ragged when its teacher's feed is variable-length, or when
+    its samples in the task differ in length: a sample reader's are looked at only once
+    stacking them failed, so slots of fixed shape cost nothing more.
     """
 
-    def __init__(
-        self,
-        reader_type: ReaderType,
-        ins: Sequence[str],
-        feeds: Sequence[TensorSpec],
-        task_rows: int,
-        task_bytes: int,
-        allocate: Allocator,
-    ):
+    def __init__(self, reader_type: ReaderType, ins: Sequence[str], feeds: Sequence[TensorSpec], task_rows: int,
+                 task_bytes: int, allocate: Allocator):
         self.reader_type = reader_type
         self.ins = list(ins)
         self.feeds = {spec.name: spec for spec in feeds}
         self.task_rows = max(1, task_rows)
         self.task_bytes = task_bytes
         self.allocate = allocate
+        self.tasks_made = 0
         self._row_bytes = 0  # bytes of one row of all slots, learnt from the first task
-        self._next_id = 0
+        self._reset()
+
+    def _reset(self) -> None:
         self._parts: list[list[Any]] = [[] for _ in self.ins]  # per slot: samples, or batches (arrays or row lists)
         self._forms: list[list[int]] = [[] for _ in self.ins]  # per slot, per reader batch: AS_LIST or its row length
         self._sizes: list[int] = []
         self._rows = 0
-
-    @property
-    def tasks_made(self) -> int:
-        return self._next_id
 
     def add(self, item: Any) -> Iterator[BuiltTask]:
         """Take one item from the user's reader; yield a task whenever one is full."""
@@ -462,10 +400,9 @@ class TaskBuilder:
 
     def _add_batch(self, batch: Any) -> int:
         values = self._arity(batch, "batch")
-        if all(type(v) is np.ndarray for v in values):  # the common case: arrays, taken as they are
-            parts: list[Any] = list(values)
-            listed = [False] * len(parts)
-        else:
+        parts: list[Any] = list(values)  # the common case: arrays, taken as they are
+        listed = [False] * len(parts)
+        if not all(type(v) is np.ndarray for v in values):
             made = [_batch_part(name, v) for name, v in zip(self.ins, values, strict=True)]
             parts, listed = [p for p, _ in made], [as_list for _, as_list in made]
         rows = {len(p) if isinstance(p, list) else p.shape[0] if p.ndim else -1 for p in parts}
@@ -476,27 +413,14 @@ class TaskBuilder:
         n = rows.pop()
         for forms, p, as_list in zip(self._forms, parts, listed, strict=True):
             forms.append(AS_LIST if as_list else p.shape[1] if p.ndim > 1 else 0)
-        if n or not self._rows:  # an empty batch holds no value: it decides nothing once a row is there
+        if n and not self._rows:  # an empty batch decides a task's dtypes only when no row does
+            self._parts = [[] for _ in self.ins]
+        if n or not self._rows:
             for part, p in zip(self._parts, parts, strict=True):
                 part.append(p)
         if not self._row_bytes and n:
             self._row_bytes = sum(sum(r.nbytes for r in p) if isinstance(p, list) else p.nbytes for p in parts) // n
         return n
-
-    def _plan(self, name: str, part: list[Any]) -> tuple[tuple[int, ...], np.dtype]:
-        """Shape and dtype of a slot's task array.
-
-        A batch reader's: every batch's dtype promoted (empty batches count only in a
-        task of no rows).  A sample reader's: read off the first sample, which
-        :meth:`_stacked` checks every other sample has too.
-        """
-        if self.reader_type is ReaderType.BATCH:
-            full = [p for p in part if len(p)] or part
-            return (sum(len(p) for p in full), *full[0].shape[1:]), np.result_type(*{p.dtype for p in full})
-        if not part:  # a task of empty sample lists only: its arrays are never read
-            return (0,), np.dtype(np.float64)
-        first = _as_array(name, part[0])
-        return (len(part), *first.shape), first.dtype
 
     def _uneven(self, name: str, part: list[Any]) -> bool:
         """Whether a slot's samples in the task differ in length along their first axis."""
@@ -505,107 +429,75 @@ class TaskBuilder:
             return all(a.ndim for a in arrays) and len({a.shape[0] for a in arrays}) > 1
         return any(isinstance(p, list) for p in part) or len({p.shape[1] for p in part if p.ndim > 1 and len(p)}) > 1
 
-    def _stacked(self, slots: dict[str, np.ndarray], ragged: set[str]) -> bool:
-        """Stack a sample reader's values into ``slots``; False when a sample's dtype or shape is not the first's."""
-        try:
-            for name, part in zip(self.ins, self._parts, strict=True):
-                if part and name not in ragged:
-                    _stack_into(slots[name], part)
-        except (ValueError, TypeError):
-            return False
-        return True
-
-    def _concatenate(self, name: str, out: np.ndarray, part: list[np.ndarray]) -> None:
-        """A batch reader's batches into ``out`` (their promoted dtype), checking that it holds every value."""
-        full = [p for p in part if len(p)]
-        if not full:
-            return
-        try:
-            np.concatenate(full, out=out)
-        except ValueError as exc:
-            raise ConfigError(f"slot {name!r}: batches cannot be joined into one array ({exc})") from None
-        start = 0
-        for p in full:
-            if p.dtype != out.dtype and not _holds(out.dtype, p.dtype):
-                _check_held(name, out[start : start + len(p)], p)
-            start += len(p)
-
-    def _check(self, specs: dict[str, tuple[tuple[int, ...], np.dtype]], ragged: set[str]) -> None:
-        for name in self.ins:
-            shape, dtype = specs[name]
-            if dtype.kind not in "biufc":
-                raise ConfigError(f"slot {name!r} holds {dtype} values; zdistill sends numbers and bools")
-            if name in self.feeds and shape[0]:
-                check_feed(name, (-1, *shape[1:]) if name in ragged else shape[1:], self.feeds[name])
-
     def _cut(self) -> BuiltTask:
         ragged = {name for name, spec in self.feeds.items() if spec.variable and name in self.ins}
-        if self.reader_type is ReaderType.BATCH:
-            ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}
-        built = self._build(ragged)
-        if built is None:  # a sample differs from the first: in length, or in dtype or shape
+        built = None if self.reader_type is ReaderType.BATCH else self._build(ragged)
+        if built is None:  # a batch reader's task, or a sample differs from the first: in length, dtype or shape
             ragged |= {name for name, part in zip(self.ins, self._parts, strict=True) if self._uneven(name, part)}
             built = self._build(ragged) or self._build(ragged, promote=True)
         assert built is not None
         slots, descriptor = built
-        if self._rows:
-            for name in self.ins:
-                if name in self.feeds:
-                    check_values(slots[name], self.feeds[name])  # before a teacher gets a value its dtype cannot hold
+        for name in self.ins if self._rows else ():  # before a teacher gets a value its dtype cannot hold
+            if name in self.feeds:
+                check_values(slots[name], self.feeds[name])
         sizes = None if self.reader_type is ReaderType.SAMPLE else self._sizes
-        task = BuiltTask(self._next_id, slots, sizes, self._rows, descriptor)
-        self._next_id += 1
-        self._parts = [[] for _ in self.ins]
-        self._forms = [[] for _ in self.ins]
-        self._sizes, self._rows = [], 0
+        task = BuiltTask(self.tasks_made, slots, sizes, self._rows, descriptor)
+        self.tasks_made += 1
+        self._reset()
         return task
 
     def _build(self, ragged: set[str], promote: bool = False) -> tuple[dict[str, np.ndarray], Any] | None:
         """The task's arrays in a slot, the slots in ``ragged`` as values and lengths; None when a
         sample reader's sample differs from the first in dtype or shape (unless ``promote``:
         then each such slot is stacked in a dtype that holds every value, :meth:`_stack`)."""
-        specs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        batch = self.reader_type is ReaderType.BATCH
+        specs: dict[str, Spec] = {}
         pieces, stacked = {}, {}
-        for name, part in zip(self.ins, self._parts, strict=True):
+        for name, part, forms in zip(self.ins, self._parts, self._forms, strict=True):
             if name in ragged:
-                pieces[name] = _ragged_pieces(name, part, self.reader_type is ReaderType.BATCH)
-                specs[name], specs[_LENGTHS + name] = _ragged_layout(name, pieces[name])
+                pieces[name], specs[name], specs[_LENGTHS + name] = _ragged(name, part, batch)
             elif promote:
                 stacked[name] = self._stack(name, part)
                 specs[name] = stacked[name].shape, stacked[name].dtype
-            else:
-                specs[name] = self._plan(name, part)
-        for name, forms in zip(self.ins, self._forms, strict=True):
+            elif batch:
+                specs[name] = (self._rows, *part[0].shape[1:]), np.result_type(*{p.dtype for p in part})
+            elif part:  # as the first sample, which every other must match (or the stacking fails)
+                first = _as_array(name, part[0])
+                specs[name] = (len(part), *first.shape), first.dtype
+            else:  # a task of empty sample lists only: its arrays are never read
+                specs[name] = (0,), np.dtype(np.float64)
             if forms and (name in ragged or AS_LIST in forms):
                 specs[_FORMS + name] = (len(forms),), np.dtype(np.int64)
-        self._check(specs, ragged)
-        slots, descriptor = self.allocate(self._next_id, self._rows, specs)
-        for name, values in pieces.items():
-            if values:
-                np.concatenate([v for v, _ in values], out=slots[name], casting="no")
-                np.concatenate([n for _, n in values], out=slots[_LENGTHS + name])
-        for name, forms in zip(self.ins, self._forms, strict=True):
+        for name in self.ins:
+            shape, dtype = specs[name]
+            if dtype.kind not in "biufc":
+                raise ConfigError(f"slot {name!r} holds {dtype} values; zdistill sends numbers and bools")
+            if name in self.feeds and shape[0]:
+                check_feed(name, (-1, *shape[1:]) if name in ragged else shape[1:], self.feeds[name])
+        slots, descriptor = self.allocate(self.tasks_made, self._rows, specs)
+        for name, part, forms in zip(self.ins, self._parts, self._forms, strict=True):
             if _FORMS + name in slots:
                 slots[_FORMS + name][:] = forms
-        dense = [(name, part) for name, part in zip(self.ins, self._parts, strict=True) if name not in ragged]
-        if self.reader_type is ReaderType.BATCH:
-            for name, part in dense:
-                self._concatenate(name, slots[name], part)
-        elif promote:
-            for name, arr in stacked.items():
-                np.copyto(slots[name], arr)
-        elif not self._stacked(slots, ragged):
-            return None
+            if name in ragged:
+                if pieces[name]:
+                    np.concatenate([v for v, _ in pieces[name]], out=slots[name], casting="no")
+                    np.concatenate([n for _, n in pieces[name]], out=slots[_LENGTHS + name])
+            elif batch:
+                _concatenate(name, slots[name], part)
+            elif promote:
+                np.copyto(slots[name], stacked[name])
+            elif part:
+                try:
+                    _stack_into(slots[name], part)
+                except (ValueError, TypeError):
+                    return None
         return slots, descriptor
 
     def _stack(self, name: str, part: list[Any]) -> np.ndarray:
-        """A sample slot's values in one array of the dtype numpy promotes them all to, if it holds each exactly.
-
-        Each value counts as the array ``np.asarray`` makes of it (a Python int as int64,
-        or uint64 above int64's range; a float as float64).  A value that no number dtype
-        holds (an int beyond uint64), or a mix whose promoted dtype would change a value
-        (int64 and uint64 make float64, exact for integers only up to 2**53), is an error.
-        """
+        """A sample slot's values in one array of numpy's promoted dtype of their ``np.asarray`` arrays
+        (a Python int is int64, uint64 above its range), if it holds each exactly: a value no number
+        dtype holds (an int beyond uint64), or a mix that promotion changes (int64 and uint64 make
+        float64), is an error."""
         arrays = [_as_array(name, v) for v in part]
         for value, arr in zip(part, arrays, strict=True):
             if arr.dtype.kind not in "biufc":
@@ -637,6 +529,21 @@ def _stack_into(out: np.ndarray, part: list[Any]) -> None:
         np.stack(part, out=out, casting="no")
 
 
+def _concatenate(name: str, out: np.ndarray, part: list[np.ndarray]) -> None:
+    """A batch reader's batches into ``out`` (their promoted dtype), checking that it holds every value."""
+    if not len(out):  # only empty batches, whose shapes may differ: nothing to join
+        return
+    try:
+        np.concatenate(part, out=out)
+    except ValueError as exc:
+        raise ConfigError(f"slot {name!r}: batches cannot be joined into one array ({exc})") from None
+    start = 0
+    for p in part:
+        if p.dtype != out.dtype and not _holds(out.dtype, p.dtype):
+            _check_held(name, out[start : start + len(p)], p)
+        start += len(p)
+
+
 def _batch_part(name: str, value: Any) -> tuple[np.ndarray | list[np.ndarray], bool]:
     """A batch reader's slot: an array, or the rows of a list of per-sample arrays of different
     shapes; and whether it came as a list of arrays (it goes back to the loop as one)."""
@@ -649,40 +556,25 @@ def _batch_part(name: str, value: Any) -> tuple[np.ndarray | list[np.ndarray], b
             if not isinstance(value, (list, tuple)):
                 raise
             rows = [_as_array(name, v) for v in value]
-    if len({(r.shape, r.dtype) for r in rows}) == 1:
-        return np.stack(rows), True
-    return rows, True
+    return (np.stack(rows) if len({(r.shape, r.dtype) for r in rows}) == 1 else rows), True
 
 
-def _ragged_pieces(name: str, part: list[Any], batches: bool) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A ragged slot's samples in a task as (values, lengths) pieces to join: one per sample,
-    or per batch of rows of one length (a batch reader's array ``[n, length, ...]``)."""
+def _ragged(name: str, part: list[Any], batches: bool) -> tuple[list[tuple[np.ndarray, np.ndarray]], Spec, Spec]:
+    """A ragged slot's samples as (values, lengths) pieces to join, one per sample or per batch of
+    rows of one length (a batch reader's array ``[n, length, ...]``), and its values' and lengths'
+    specs; ConfigError naming the slot unless every sample has one dtype and one token shape."""
     pieces = []
     for value in part:
-        if batches and isinstance(value, np.ndarray):
-            if value.ndim > 1:
-                pieces.append((value.reshape(-1, *value.shape[2:]), np.full(len(value), value.shape[1], np.int64)))
-                continue
-            rows = list(value)  # scalars, refused below (an empty batch: none)
-        else:
-            rows = value if batches else [value]
-        for row in rows:
+        if batches and isinstance(value, np.ndarray) and value.ndim > 1:
+            pieces.append((value.reshape(-1, *value.shape[2:]), np.full(len(value), value.shape[1], np.int64)))
+            continue
+        for row in value if batches else [value]:  # a 1-d batch's rows are scalars, refused below
             arr = _as_array(name, row)
             if not arr.ndim:
                 raise ConfigError(f"slot {name!r} holds samples of different lengths, and a scalar {arr.item()!r:.40} "
                                   "among them: each sample of a variable-length slot needs a length axis")
             pieces.append((arr, np.array([len(arr)], np.int64)))
-    return pieces
-
-
-def _ragged_layout(name: str, pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[
-    tuple[tuple[int, ...], np.dtype], tuple[tuple[int, ...], np.dtype]
-]:
-    """Shape and dtype of a ragged slot's values and of its lengths; ConfigError naming the slot
-    unless every sample has one dtype and one shape after its length (a token's shape)."""
-    if not pieces:
-        return ((0,), np.dtype(np.float64)), ((0,), np.dtype(np.int64))
-    first = pieces[0][0]
+    first = pieces[0][0] if pieces else np.zeros(0)
     for values, _ in pieces:
         if values.shape[1:] != first.shape[1:] or values.dtype != first.dtype:
             raise ConfigError(
@@ -690,9 +582,8 @@ def _ragged_layout(name: str, pieces: list[tuple[np.ndarray, np.ndarray]]) -> tu
                 f"whose samples may differ in length only: one is {values.dtype} {_rows_text(values.shape[1:])}, "
                 f"another {first.dtype} {_rows_text(first.shape[1:])}"
             )
-    total = sum(len(v) for v, _ in pieces)
-    rows = sum(len(n) for _, n in pieces)
-    return ((total, *first.shape[1:]), first.dtype), ((rows,), np.dtype(np.int64))
+    tokens, rows = sum(len(v) for v, _ in pieces), sum(len(n) for _, n in pieces)
+    return pieces, ((tokens, *first.shape[1:]), first.dtype), ((rows,), np.dtype(np.int64))
 
 
 def _rows_text(inner: Sequence[int]) -> str:
@@ -719,37 +610,32 @@ def _check_held(name: str, stacked: np.ndarray, original: np.ndarray) -> None:
         )
 
 
-def split_output(
-    reader_type: ReaderType, slots: Sequence[Tensor], predicts: Sequence[Tensor], sizes: Iterable[int] | None,
-    forms: Sequence[np.ndarray | None] = (),
-) -> Iterator[Any]:
+def split_output(reader_type: ReaderType, slots: Sequence[Tensor], predicts: Sequence[Tensor],
+                 sizes: Iterable[int] | None, forms: Sequence[np.ndarray | None] = ()) -> Iterator[Any]:
     """Cut a finished task back into what EDL's reader yields, as views of its arrays.
 
-    A ragged slot or prediction gives each sample its own array.  A batch reader's batch
-    gives a slot back in the form the reader gave it (``forms``, per slot: see
-    :func:`slot_forms`): a list of per-sample arrays, or one array (``[n, length, ...]``
-    for a ragged slot, a view of its values); a ragged prediction is a list of
-    per-sample arrays.
+    A ragged slot or prediction gives each sample its own array.  A batch reader's batch gives
+    a slot back in the form the reader gave it (``forms``, per slot: :func:`slot_forms`): a
+    list of per-sample arrays, or one array (a ragged slot's ``[n, length, ...]``, a view of
+    its values); a ragged prediction is a list of per-sample arrays.
     """
     columns = [*slots, *predicts]
     if reader_type is ReaderType.SAMPLE:
         yield from zip(*[c.rows() if isinstance(c, Ragged) else c for c in columns], strict=True)
         return
-    start = 0
+    bounds = itertools.pairwise(itertools.accumulate(sizes or (), initial=0))
     if not any(isinstance(c, Ragged) for c in columns) and not any(k is not None for k in forms):
-        for n in sizes or ():  # arrays only (the common case): views, and nothing else to do
-            part = [c[start : start + n] for c in columns]
+        for start, stop in bounds:  # arrays only (the common case): views, and nothing else to do
+            part = [c[start:stop] for c in columns]
             yield tuple(part) if reader_type is ReaderType.BATCH else list(zip(*part, strict=True))
-            start += n
         return
     kinds = [*forms, *[None] * (len(columns) - len(forms))]
-    for batch, n in enumerate(sizes or ()):
-        part = [select(c, slice(start, start + n)) for c in columns]
+    for batch, (start, stop) in enumerate(bounds):
+        part = [select(c, slice(start, stop)) for c in columns]
         if reader_type is ReaderType.BATCH:
             yield tuple(_as_given(c, None if k is None else int(k[batch])) for c, k in zip(part, kinds, strict=True))
         else:
             yield list(zip(*[c.rows() if isinstance(c, Ragged) else c for c in part], strict=True))
-        start += n
 
 
 def _as_given(column: Tensor, form: int | None) -> Any:
