@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from zdistill.student import protocol
-from zdistill.student.children import ParentGone, describe_exit, send_while_parent_lives
+from zdistill.student.protocol import ParentGone, describe_exit, send_while_parent_lives
 
 
 def test_a_worker_and_a_forked_reader_killed_alike_are_told_alike() -> None:

@@ -44,7 +44,7 @@ from zdistill.student.batches import (
     slot_tensors,
 )
 from zdistill.student.cache import CacheGate, CacheIndex, key_seed, row_keys
-from zdistill.student.children import POLL_MS, ParentGone, send_while_parent_lives
+from zdistill.student.protocol import POLL_MS, ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotWriter, Specs
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ message carries credit and nothing is re-negotiated at an epoch's start.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -136,3 +138,38 @@ def decode(frames: Sequence[zmq.Frame | bytes]) -> tuple[Msg, dict[str, Tensor]]
     arrays = wire.unpack_arrays(msg.table, frames[1:]) if len(frames) > 1 or msg.table else {}
     return msg, arrays
 
+
+# -- the child processes: the producer (forked) and the workers (spawned) both send to the
+# dispatcher through a queue that may be full, and must leave at once when the student dies
+# (nobody waits for them, and the producer holds the user's dataset).
+POLL_MS = 100  # how often a blocked child looks whether the student still lives
+
+
+class ParentGone(Exception):
+    """The student process died: the child leaves at once."""
+
+
+def send_while_parent_lives(sock: zmq.Socket, msg: Msg, parent_pid: int,
+                            arrays: Mapping[str, Tensor] | None = None) -> None:
+    """Send ``msg`` to the dispatcher, waiting for room in its queue only while the student
+    (``parent_pid``) lives; :class:`ParentGone` once it is gone (its queue never drains)."""
+    while True:
+        try:
+            send(sock, msg, arrays, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            if os.getppid() != parent_pid:
+                raise ParentGone from None
+            sock.poll(POLL_MS, zmq.POLLOUT)
+
+
+def describe_exit(code: int) -> str:
+    """An exit code in words (negative: the signal that killed it, as ``Popen.returncode`` and
+    ``os.waitstatus_to_exitcode`` say): ``killed by signal 9 (SIGKILL)``, ``exited with code 1``."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:  # a real-time signal, or one this Python does not name
+        name = "unknown"
+    return f"killed by signal {-code} ({name})"

@@ -38,7 +38,7 @@ from zdistill.flags import add_log_level, setup_logging
 from zdistill.spec import TeacherMeta, Tensor, Tensors, TensorSpec
 from zdistill.student import batches, protocol
 from zdistill.student.cache import CacheWriter, folder_for, read_fingerprint
-from zdistill.student.children import ParentGone, send_while_parent_lives
+from zdistill.student.protocol import ParentGone, send_while_parent_lives
 from zdistill.student.shm import SlotReader, reclaim
 from zdistill.triton_client import connect_teacher
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from zdistill.errors import WorkerError
-from zdistill.student.children import describe_exit
+from zdistill.student.protocol import describe_exit
 
 log = logging.getLogger(__name__)
 
