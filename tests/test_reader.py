@@ -171,6 +171,25 @@ def test_slow_teachers_get_smaller_tasks(start_teacher, data):
     assert sizes == [32] * (N // 32) + [N % 32]
 
 
+def test_parts_of_a_task_refused_busy_are_asked_again_and_every_row_answered(start_teacher, data):
+    """A task goes to its teacher as several requests; a teacher whose queue is full refuses
+    some of them with ``busy``.  Those parts are asked again, and the task is answered only
+    once every part is: no row goes without its prediction, whichever part answers last."""
+    x, y = data
+    full = start_teacher(f"{procs.TEACHERS}:slow_softmax", "--max-queue-mb", "0.4", "--max-message-mb", "0.3",
+                         env={"ZDISTILL_TEST_DELAY_MS": "20"})
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([full.endpoint])
+        dr.options.request_rows = 64  # 200 KB a request: the teacher's queue holds two
+        dr.set_batch_generator(batch_reader(x, y))
+        imgs, labels, probs, sizes = collect(dr, "batch")
+    assert procs.teacher_stats(full.endpoint)["errors"].get("busy", 0) > 0  # parts were refused
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_array_equal(imgs, x)
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
+    assert sizes == [32] * (N // 32) + [N % 32]
+
+
 def test_a_worker_never_holds_more_tasks_than_it_may(start_teacher, data):
     """An epoch's first tasks go to idle workers before they answer the reader's hello; the
     answer must count them, and a worker still busy with the epoch before gets none, or it

@@ -66,7 +66,8 @@ def sent(s: Scheduler, now: float = T0) -> list[tuple[bytes, int]]:
 
 def done(s: Scheduler, w: bytes, task_id: int, epoch: int | None = None, now: float = T0, elapsed: float = 0.01):
     msg = protocol.Done(epoch=s.epoch if epoch is None else epoch, task_id=task_id, elapsed=elapsed, service=0.01)
-    return s.on_done(w, msg, 8, now)
+    held = s.pending.get(task_id)
+    return s.on_done(w, msg, held.task.rows if held is not None else 8, now)
 
 
 def undone(s: Scheduler, w: bytes, task_id: int, code: str, epoch: int | None = None, now: float = T0) -> None:
@@ -222,6 +223,22 @@ def test_a_refused_task_is_retried_up_to_max_retries_then_fails():
     with pytest.raises(TeacherError) as info:
         undone(s, w0, 0, "model_error")
     assert info.value.code == "model_error" and "3 time(s)" in str(info.value)
+
+
+def test_an_answer_short_of_rows_is_a_failed_try_never_forwarded():
+    """A worker's answer must hold a prediction for every row of its task; one that does not
+    (a worker's bug) would leave batches of the training loop short of predictions."""
+    s = make(workers=1, max_retries=1)
+    produce(s, 1)
+    w0 = wid(0)
+    assert sent(s) == [(w0, 0)]
+    msg = protocol.Done(epoch=s.epoch, task_id=0, elapsed=0.01, service=0.01)
+    assert s.on_done(w0, msg, 3, T0) is None  # 3 rows of 8
+    assert s.counters.failed == 1 and s.counters.tasks == 0 and holds(s, w0) == 0
+    assert sent(s) == [(w0, 0)]  # asked again
+    with pytest.raises(TeacherError) as info:
+        s.on_done(w0, msg, -1, T0)  # predictions of different lengths
+    assert "a task of 8 rows with predictions of different lengths" in str(info.value)
 
 
 @pytest.mark.parametrize("code", ["bad_request", "too_large", "bad_message"])

@@ -34,9 +34,9 @@ from zdistill.errors import ReaderError, WireError
 from zdistill.spec import Tensors
 from zdistill.student import protocol
 from zdistill.student.cache import CacheGate
-from zdistill.student.children import describe_exit
 from zdistill.student.options import PipelineOptions
 from zdistill.student.producer import rebuild_exception
+from zdistill.student.protocol import describe_exit
 from zdistill.student.scheduler import Plan, Scheduler, cached_whole, uncached
 from zdistill.student.worker_pool import WorkerPool
 
@@ -278,7 +278,8 @@ class Dispatcher:
             if isinstance(msg, protocol.Hello | protocol.Status):
                 self.pool.mark_started(identity)
             if isinstance(msg, protocol.Done):
-                rows = len(next(iter(arrays.values()), ()))
+                counts = {len(a) for a in arrays.values()} or {0}
+                rows = counts.pop() if len(counts) == 1 else -1
                 held = self.sched.on_done(identity, msg, rows, now)
                 if held is not None and msg.cached and self.gate.closed:
                     self.sched.redo(held.task)  # its cached rows may be another model's

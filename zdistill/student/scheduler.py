@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from zdistill.errors import FATAL_CODES, ConfigError, TeacherError, TeacherTimeout
+from zdistill.errors import FATAL_CODES, ConfigError, ErrorCode, TeacherError, TeacherTimeout
 from zdistill.student import protocol
 from zdistill.student.options import PipelineOptions
 
@@ -323,11 +323,20 @@ class Scheduler:
             self._requeue(task_id)
 
     def on_done(self, identity: bytes, done: protocol.Done, rows: int, now: float) -> HeldTask | None:
-        """A task's answer: the held task if it is the first (to forward), else None."""
+        """A task's answer: the held task if it is the first (to forward), else None.  ``rows`` is
+        what every prediction holds (-1: they differ); an answer without one row per sample is a
+        failed try, never forwarded (the training loop would get batches short of predictions)."""
+        held = self.pending.get(done.task_id) if done.epoch == self.epoch else None
+        if held is not None and rows != held.task.rows:
+            self.on_undone(identity, protocol.Undone(
+                epoch=done.epoch, task_id=done.task_id, code=ErrorCode.INTERNAL,
+                message=f"a worker answered a task of {held.task.rows} rows with "
+                        + (f"{rows} rows of predictions" if rows >= 0 else "predictions of different lengths")), now)
+            return None
         state = self.workers.get(identity)
         if state is not None:
             state.holds.discard((done.epoch, done.task_id))
-        held = self.pending.pop(done.task_id, None) if done.epoch == self.epoch else None
+        held = self.pending.pop(done.task_id, None) if held is not None else None
         if held is None:
             if done.epoch == self.epoch and self.active:
                 self.counters.duplicates_dropped += 1
