@@ -336,11 +336,11 @@ class Scheduler:
         state = self.workers.get(identity)
         if state is not None:
             state.holds.discard((done.epoch, done.task_id))
-        held = self.pending.pop(done.task_id, None) if held is not None else None
         if held is None:
             if done.epoch == self.epoch and self.active:
                 self.counters.duplicates_dropped += 1
             return None
+        del self.pending[done.task_id]
         self.counters.tasks += 1
         self.counters.samples += held.task.rows
         if state is not None:
