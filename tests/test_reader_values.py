@@ -435,3 +435,43 @@ def test_stacking_a_slot_writes_every_sample_into_its_row(row_shape, contiguous)
     _stack_into(out, samples)
     np.testing.assert_array_equal(out, np.stack(samples))
     assert contiguous or not room[:, 0].any()  # nothing written beside the slot's rows
+
+
+def _f32(*shape: int) -> np.ndarray:
+    return np.ones(shape, np.float32)
+
+
+@pytest.mark.parametrize("first, others", [
+    (1, [2, 3]),  # EDL's labels: Python ints, in one np.array
+    (1.5, [2.5, -0.0]),
+    (True, [False, True]),
+    (np.int64(5), [np.int64(-1)]),
+    (1, [2**63, 3]),  # no int64: refused, so the caller stacks the slot in a wider dtype
+    (1, [2.0, 3]),
+    (np.int64(1), [np.int32(2)]),
+    (_f32(4), [_f32(4), _f32(4)]),
+    (_f32(4), [_f32(2), _f32(6)]),  # as many values in all, but not one row each
+    (_f32(4), [_f32(4, 1), _f32(4)]),
+    (_f32(4), [np.ones(4), _f32(4)]),  # float64 into a float32 slot
+    (_f32(4), [np.ones(4, ">f4")]),
+    (_f32(4), [np.float32(1)]),
+    (_f32(2, 3), [_f32(3, 2)]),
+])
+def test_stacking_a_slot_gives_what_np_stack_gives_or_refuses_it_alike(first, others):
+    """The one-call paths (concatenate, np.array of scalars) fill the slot exactly as
+    ``np.stack(casting="no")`` does, and refuse (ValueError or TypeError, which send the task to
+    the wider-dtype path) every sample list it refuses: none may pass where the stack would not."""
+    from zdistill.student.batches import _stack_into
+
+    part = [first, *others]
+    first_arr = np.asarray(first)
+    want = np.zeros((len(part), *first_arr.shape), first_arr.dtype)
+    got = np.zeros_like(want)
+    try:
+        np.stack(part, out=want, casting="no")
+    except (ValueError, TypeError):
+        with pytest.raises((ValueError, TypeError)):
+            _stack_into(got, part)
+        return
+    _stack_into(got, part)
+    np.testing.assert_array_equal(got, want)
