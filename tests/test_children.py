@@ -10,8 +10,10 @@ import sys
 import pytest
 import zmq
 
+from zdistill.errors import WorkerError
 from zdistill.student import protocol
 from zdistill.student.protocol import ParentGone, describe_exit, send_while_parent_lives
+from zdistill.student.worker_pool import MAX_START_FAILURES, WorkerPool
 
 
 def test_a_worker_and_a_forked_reader_killed_alike_are_told_alike() -> None:
@@ -46,3 +48,23 @@ def test_a_send_with_a_full_queue_gives_up_once_the_parent_is_gone() -> None:
     finally:
         sock.close()
         ctx.term()
+
+
+def test_a_worker_that_never_starts_is_forgotten_before_its_error_ends_the_epoch() -> None:
+    """Workers that exit before they say hello: every one is reported exited (the scheduler then
+    forgets it), the last one too, beside the WorkerError that quotes what it printed."""
+    broken = [sys.executable, "-c", "import sys; sys.stderr.write('broken on purpose\\n'); sys.exit(3)"]
+    pool = WorkerPool(lambda teacher, identity: broken)
+    try:
+        pool.set_teachers(["127.0.0.1:1"])
+        spawned, exited, failed, now = [pool.workers["127.0.0.1:1"]], [], None, 0.0
+        while failed is None and len(spawned) <= MAX_START_FAILURES:
+            spawned[-1].popen.wait(timeout=30)
+            now += 60.0  # past any back-off: the pool takes the clock from its caller
+            died, started, failed = pool.reap(now)
+            exited += died
+            spawned += started
+    finally:
+        pool.close()
+    assert isinstance(failed, WorkerError) and "broken on purpose" in str(failed), failed
+    assert [p.identity for p in exited] == [p.identity for p in spawned] and len(exited) == MAX_START_FAILURES

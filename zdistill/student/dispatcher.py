@@ -309,11 +309,13 @@ class Dispatcher:
             if teachers is not None:
                 log.info("teachers now: %s", ", ".join(teachers) or "none")
                 self._set_teachers(teachers, self._membership)
-        died, started = self.pool.reap(now)
+        died, started, failed = self.pool.reap(now)
         for proc in died:
             self.sched.worker_gone(proc.identity)
         for proc in started:
             self.sched.add_worker(proc.identity, proc.teacher)
+        if failed is not None:
+            raise failed
         self._reap_producers()
         self.sched.check(now)
 

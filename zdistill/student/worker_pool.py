@@ -108,24 +108,31 @@ class WorkerPool:
         proc = self.workers[teacher] = WorkerProc(teacher, popen, identity, relay, tail)
         return proc
 
-    def reap(self, now: float) -> tuple[list[WorkerProc], list[WorkerProc]]:
-        """Forget exited workers, replace the current teachers' after their back-off: (exited, started).
-        :class:`WorkerError` once a teacher's failed to start :data:`MAX_START_FAILURES` times in a row."""
+    def reap(self, now: float) -> tuple[list[WorkerProc], list[WorkerProc], WorkerError | None]:
+        """Forget exited workers, replace the current teachers' after their back-off: (exited, started,
+        failed).  ``failed`` is a :class:`WorkerError` once a teacher's failed to start
+        :data:`MAX_START_FAILURES` times in a row; the caller raises it after forgetting the exited
+        (so the scheduler keeps no state of a worker that is gone)."""
         died = [p for p in self.retiring if p.popen.poll() is not None]
         self.retiring = [p for p in self.retiring if p.popen.returncode is None]
-        started = []
+        started: list[WorkerProc] = []
+        failed = None
         for teacher, proc in list(self.workers.items()):
             code = proc.popen.poll()
             if code is None:
                 continue
             if teacher not in self._restart_at:
                 died.append(proc)
-                self._restart_at[teacher] = now + self._died(proc, code, now)
+                try:
+                    delay = self._died(proc, code, now)
+                except WorkerError as exc:  # said once; the next try comes later
+                    failed, delay = exc, _BACKOFF_MAX
+                self._restart_at[teacher] = now + delay
             if now >= self._restart_at[teacher]:
                 del self._restart_at[teacher]
                 self.restarted += 1
                 started.append(self._spawn(teacher))
-        return died, started
+        return died, started, failed
 
     def _died(self, proc: WorkerProc, code: int, now: float) -> float:
         """Count a worker's death; the back-off before its replacement (or WorkerError)."""
@@ -134,7 +141,6 @@ class WorkerPool:
         tail = b"".join(proc.tail).decode(errors="replace").strip()
         self._failed_starts[teacher] = 0 if proc.started else self._failed_starts[teacher] + 1
         if self._failed_starts[teacher] >= MAX_START_FAILURES:
-            self._restart_at[teacher] = now + _BACKOFF_MAX  # said once; the next try comes later
             raise WorkerError(f"the worker process for teacher {teacher} could not start "
                               f"({self._failed_starts[teacher]} tries, the last {how}); "
                               f"it printed:\n{tail or '(nothing)'}")
