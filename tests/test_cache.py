@@ -326,6 +326,24 @@ def test_another_model_or_other_outputs_live_apart(tmp_path):
     assert folder_for(str(tmp_path), "m1", FETCHES) == a
 
 
+def test_a_segment_evicted_while_the_cache_is_measured_counts_as_nothing(tmp_path, monkeypatch):
+    """``stored_bytes`` lists the segments, then reads each one's size: one that another reader of
+    the same cache evicts in between is gone by then, and must not fail the student's ``stats()``."""
+    root = str(tmp_path)
+    folder = folder_for(root, "m1", FETCHES)
+    for seed in range(2):
+        w = CacheWriter(folder, FETCHES, 1 << 30, root)
+        w.append(*answers(200, seed))
+        w.close()
+    listing = list(os.walk(root))  # what the walk saw, before the eviction
+    gone, kept = sorted(n for n in os.listdir(folder) if n.endswith(".zdc"))
+    size = os.path.getsize(os.path.join(folder, kept))
+    os.remove(os.path.join(folder, gone))
+    monkeypatch.setattr(os, "walk", lambda top: iter(listing))
+    monkeypatch.setattr(os.path, "exists", lambda path: True)  # and still there if asked before its size
+    assert stored_bytes(root) == size
+
+
 def test_eviction_removes_the_oldest_segments_first(tmp_path):
     root = str(tmp_path)
     folder = folder_for(root, "m1", FETCHES)

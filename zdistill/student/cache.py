@@ -547,9 +547,15 @@ def evict(root: str, max_bytes: int) -> int:
 
 
 def stored_bytes(root: str) -> int:
-    """Bytes of every segment under ``root``."""
-    return sum(os.path.getsize(os.path.join(f, n)) for f, _, files in os.walk(root) for n in files
-               if n.endswith(_SUFFIX) and os.path.exists(os.path.join(f, n)))
+    """Bytes of every segment under ``root``.  One listed but gone when its size is read (evicted
+    meanwhile by another reader of the same cache) counts as nothing, never as an error."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name.endswith(_SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.path.getsize(os.path.join(folder, name))
+    return total
 
 
 def read_fingerprint(folder: str) -> dict | None:
