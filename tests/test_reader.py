@@ -225,21 +225,29 @@ def test_a_worker_never_holds_more_tasks_than_it_may(start_teacher, data):
 def test_small_tasks_are_kept_in_flight_until_they_fill_the_teachers_batches(start_teacher, data):
     """Tasks of few rows (big samples end a task at ``task_bytes``): the student keeps
     ``(instances + 1) * max_batch_size`` rows at the teacher, from its meta, so the teacher
-    runs full batches instead of one task at a time."""
+    runs full batches instead of one task at a time.
+
+    The teacher waits up to 200 ms for a batch to fill (``--max-delay-ms``), so its batches
+    measure what the student keeps in flight, not how fast a loaded machine turns answers
+    into new requests (with a 5 ms call and no wait, a student slowed by other processes
+    left half-empty batches).  With 2 tasks of 8 rows in flight no batch can pass 16 rows,
+    however long the teacher waits."""
     x, y = data
-    teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", "--max-batch-size", "64",
+    teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", "--max-batch-size", "64", "--max-delay-ms", "200",
                             env={"ZDISTILL_TEST_DELAY_MS": "5"})
+    rows = [64]  # the first epoch's (read in the producer, forked at each epoch): 8 tasks, each batch waits
     with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
         dr.set_fixed_teacher([teacher.endpoint])
         dr.options.task_rows = dr.options.request_rows = 8
-        dr.set_batch_generator(batch_reader(x[:1600], y[:1600], batch=8))
+        dr.set_batch_generator(lambda: batch_reader(x[:rows[0]], y[:rows[0]], batch=8)())
         collect(dr, "batch")  # the first epoch learns the teacher's meta and the task size
         assert dr.stats()["in_flight"] == 2 * 64 // 8
+        rows[0] = len(x)
         before = procs.teacher_stats(teacher.endpoint)
         _, labels, probs, _ = collect(dr, "batch")
         after = procs.teacher_stats(teacher.endpoint)
-    np.testing.assert_array_equal(labels, y[:1600])
-    np.testing.assert_allclose(probs, softmax_np(x[:1600]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(labels, y)
+    np.testing.assert_allclose(probs, softmax_np(x), rtol=1e-5, atol=1e-6)
     rows_per_call = (after["rows"] - before["rows"]) / (after["batches"] - before["batches"])
     assert rows_per_call > 32, rows_per_call  # with 2 tasks per worker it would be 16 at most
 

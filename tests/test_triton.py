@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,17 +101,50 @@ def test_a_triton_teacher_alone_killed_mid_epoch_and_restarted(tritons, data):
     assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
 
 
-def test_a_triton_teacher_beside_a_zdistill_teacher_killed_mid_epoch(tritons, start_teacher, data):
-    """Mixed teachers share the epoch; the tritonserver's SIGKILL sends its tasks to the zdistill-teacher."""
-    victim = tritons(delay_ms=5)
+def test_a_triton_teacher_beside_a_zdistill_teacher_killed_mid_epoch(tritons, start_teacher, data, tmp_path):
+    """Mixed teachers share the epoch; the tritonserver's SIGKILL sends its tasks to the zdistill-teacher.
+
+    The kill comes while the victim provably holds work: its worker is up before the second epoch, in
+    which the victim holds the batches it gets unanswered (its hold file); the kill waits for its word
+    that it holds one, and no straggler resend may take its tasks away first, so only the kill can
+    complete the epoch."""
+    hold = tmp_path / "hold"
+    victim = tritons(delay_ms=5, hold_file=hold)
     keep = start_teacher(f"{procs.TEACHERS}:slow_softmax", env={"ZDISTILL_TEST_DELAY_MS": "5"})
+    killed: list[BaseException | None] = []
+
+    def kill_once_it_holds_a_request():
+        try:
+            procs.wait_for(lambda: Path(f"{hold}.held").exists(), 60, "the victim holding a request", victim.popen)
+            victim.kill_server()
+            killed.append(None)
+        except BaseException as exc:  # re-raised by the test, once the epoch is over
+            killed.append(exc)
+        finally:
+            hold.unlink(missing_ok=True)  # PyTriton's process answers what it held, to no server
+
     with make_reader(data) as dr:
         dr.set_fixed_teacher([victim.address, keep.endpoint])
         check_epoch(run_epoch(dr), data)
         assert procs.requests_served(keep) > 0
-        check_epoch(run_epoch(dr, at=5, action=victim.kill_server), data)
+        # Its worker may still be connecting (the first epoch can end without it): up, it gets tasks at once.
+        procs.wait_for(lambda: dr.stats()["teachers"].get(victim.address, {}).get("up"), 60, "the victim up")
+        before = dr.stats()
+        dr.options.straggler_min = 240.0  # the victim's tasks go elsewhere only once it is killed
+        hold.touch()
+        killer = threading.Thread(target=kill_once_it_holds_a_request, daemon=True)
+        killer.start()
+        try:
+            batches = run_epoch(dr)
+        finally:
+            hold.unlink(missing_ok=True)
+            killer.join(90)
+        assert killed and killed[0] is None, killed
+        check_epoch(batches, data)
         stats = dr.stats()
-    assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
+    returned = stats["teachers"][victim.address]["returned"] - before["teachers"][victim.address]["returned"]
+    assert returned > 0, stats  # what it held when killed went to the other teacher
+    assert stats["straggler_resends"] == before["straggler_resends"], stats
 
 
 def test_a_triton_teacher_through_register_and_balancer(tritons, redis_server, store, tmp_path, stopper, data):

@@ -10,14 +10,18 @@ is written out here; ``tests/test_triton.py`` checks its answers against
 Binds model ``softmax`` (``img`` float32 [784] -> ``prob`` float32 [10]) with Triton's
 dynamic batcher, on the ports given, and serves until SIGTERM or SIGINT.  With
 ``--version`` the model is served under that version and scaled by it, so two versions
-of one model answer differently (what a cache must keep apart).
+of one model answer differently (what a cache must keep apart).  With ``--hold-file PATH``,
+a batch that starts while PATH exists is held unanswered until PATH is gone (120 s at
+most), and ``PATH.held`` is made first: the event that says the server holds a request.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 from pytriton.decorators import batch
@@ -37,6 +41,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--delay-ms", type=float, default=0.0, help="a fixed service time per batch")
     p.add_argument("--queue-delay-us", type=int, default=500, help="the dynamic batcher's max_queue_delay")
+    p.add_argument("--hold-file", default=None, help="while this file exists, batches are held unanswered")
     p.add_argument("--workspace", default=None, help="PyTriton's model store and server files (default: temporary)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -44,6 +49,11 @@ def main() -> None:
 
     @batch
     def infer(img: np.ndarray) -> dict[str, np.ndarray]:
+        if args.hold_file and os.path.exists(args.hold_file):
+            Path(args.hold_file + ".held").touch()
+            end = time.monotonic() + 120  # bounded: a test that forgot the file still ends
+            while os.path.exists(args.hold_file) and time.monotonic() < end:
+                time.sleep(0.01)
         if args.delay_ms:
             time.sleep(args.delay_ms / 1000)
         z = img.reshape(len(img), -1).astype(np.float32) @ W * scale
