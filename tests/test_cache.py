@@ -816,6 +816,38 @@ def test_a_model_its_fingerprint_cannot_tell_apart_is_caught_by_the_epochs_audit
     assert not stats["enabled"]
 
 
+@pytest.mark.timeout(180)
+def test_the_same_bytes_in_feeds_declared_in_another_order_are_another_question(start_teacher, tmp_path):
+    """One model, under one model_id, its two feeds declared in the order (a, b), then (b, a),
+    answering 0 to the probe's inputs (0 or 1) either way, so both orders share the cache's
+    folder.  A row's key covers its feeds' bytes in the teacher's order: the row (a=p, b=q) asked
+    of the first must not be the row (a=q, b=p) asked of the second, whose bytes in its order
+    are the same.  The second epoch's first task holds rows of a == b only, whose answers agree
+    either way (it is the one audited): every row after it must still be the teacher's."""
+    rows, batch = 400, 20
+    rng = np.random.default_rng(11)
+    p, q = rng.integers(2, 50, rows), rng.integers(50, 100, rows)
+    q[:batch] = p[:batch]  # the first reader batch: a == b
+    cache = tmp_path / "cache"
+    ids = []
+    for model, (a, b) in (("pair_ab", (p, q)), ("pair_ba", (q, p))):
+        teacher = start_teacher(f"{CACHE_TEACHERS}:{model}")
+        ids.append(meta_of(teacher)["model_id"])
+        dr = DistillReader(ins=["a", "b"], predicts=["d"])
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.set_batch_generator(lambda a=a, b=b: ((a[i : i + batch, None], b[i : i + batch, None])
+                                                 for i in range(0, rows, batch)))
+        dr.set_teacher_cache(cache)
+        dr.options.task_rows = batch
+        with dr:
+            got = np.concatenate([out[2] for out in dr()])
+        teacher.stop()
+        want = cache_teachers.expected_pair(a, b)[:, None]
+        wrong = int((got != want).any(axis=1).sum())
+        assert wrong == 0, f"{model}: {wrong} of {rows} rows answered for their feeds swapped"
+    assert ids[0] == ids[1]
+
+
 @pytest.mark.timeout(120)
 def test_a_teacher_that_does_not_reproduce_its_answers_turns_the_cache_off(start_teacher, tmp_path, data, caplog):
     """Dropout left on: the cache is not used, with one warning, and every row is the teacher's."""
