@@ -54,6 +54,24 @@ model_a_within = _linear(weights(1), weights(2))  # model_a on the probe's input
 
 
 
+def expected_pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """What a :func:`_pair` teacher answers for rows of ``a`` and ``b``: g(a) - g(b), g(v) = v (v - 1),
+    0 on the probe's inputs (0 or 1) and not symmetric in ``a`` and ``b`` beyond them."""
+    return (a * (a - 1) - b * (b - 1)).astype(np.float32)
+
+
+def _pair(order: tuple[str, str]) -> Teacher:
+    @zdistill.teacher_function(feeds={name: ("int64", [1]) for name in order}, fetches={"d": ("float32", [1])})
+    def predict(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"d": expected_pair(batch["a"], batch["b"])}
+
+    return predict
+
+
+pair_ab = _pair(("a", "b"))  # one model, one model_id, its feeds declared in two orders
+pair_ba = _pair(("b", "a"))
+
+
 def token_embedding(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1000, 4)).astype(np.float32)
 

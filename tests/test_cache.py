@@ -25,9 +25,10 @@ from zdistill.client import TeacherClient
 from zdistill.errors import ConfigError
 from zdistill.fingerprint import TOLERANCE, distance, fingerprint, probe_batch, usable
 from zdistill.spec import Ragged, Tensor, TensorSpec
-from zdistill.student.batches import select
+from zdistill.student.batches import CacheSlots, select
 from zdistill.student.cache import (
     CHECK_SEED,
+    CacheGate,
     CacheIndex,
     CacheWriter,
     cacheable,
@@ -41,6 +42,8 @@ from zdistill.student.cache import (
     row_keys,
     stored_bytes,
 )
+from zdistill.student.producer import Producer, ProducerConfig
+from zdistill.student.shm import SlotReader
 from zdistill.teacher.loading import load_model
 from zdistill.teacher.model import CallableModel
 
@@ -813,6 +816,38 @@ def test_a_model_its_fingerprint_cannot_tell_apart_is_caught_by_the_epochs_audit
     assert not stats["enabled"]
 
 
+@pytest.mark.timeout(180)
+def test_the_same_bytes_in_feeds_declared_in_another_order_are_another_question(start_teacher, tmp_path):
+    """One model, under one model_id, its two feeds declared in the order (a, b), then (b, a),
+    answering 0 to the probe's inputs (0 or 1) either way, so both orders share the cache's
+    folder.  A row's key covers its feeds' bytes in the teacher's order: the row (a=p, b=q) asked
+    of the first must not be the row (a=q, b=p) asked of the second, whose bytes in its order
+    are the same.  The second epoch's first task holds rows of a == b only, whose answers agree
+    either way (it is the one audited): every row after it must still be the teacher's."""
+    rows, batch = 400, 20
+    rng = np.random.default_rng(11)
+    p, q = rng.integers(2, 50, rows), rng.integers(50, 100, rows)
+    q[:batch] = p[:batch]  # the first reader batch: a == b
+    cache = tmp_path / "cache"
+    ids = []
+    for model, (a, b) in (("pair_ab", (p, q)), ("pair_ba", (q, p))):
+        teacher = start_teacher(f"{CACHE_TEACHERS}:{model}")
+        ids.append(meta_of(teacher)["model_id"])
+        dr = DistillReader(ins=["a", "b"], predicts=["d"])
+        dr.set_fixed_teacher([teacher.endpoint])
+        dr.set_batch_generator(lambda a=a, b=b: ((a[i : i + batch, None], b[i : i + batch, None])
+                                                 for i in range(0, rows, batch)))
+        dr.set_teacher_cache(cache)
+        dr.options.task_rows = batch
+        with dr:
+            got = np.concatenate([out[2] for out in dr()])
+        teacher.stop()
+        want = cache_teachers.expected_pair(a, b)[:, None]
+        wrong = int((got != want).any(axis=1).sum())
+        assert wrong == 0, f"{model}: {wrong} of {rows} rows answered for their feeds swapped"
+    assert ids[0] == ids[1]
+
+
 @pytest.mark.timeout(120)
 def test_a_teacher_that_does_not_reproduce_its_answers_turns_the_cache_off(start_teacher, tmp_path, data, caplog):
     """Dropout left on: the cache is not used, with one warning, and every row is the teacher's."""
@@ -871,6 +906,40 @@ def test_a_teacher_replaced_by_another_model_mid_epoch_gets_no_cached_row_served
     wrong = wrong_rows(np.concatenate([b[2] for b in after]), want_b[seen:])
     assert wrong == 0, f"{wrong} of {rows - seen} rows yielded after the student knew of model B were not B's"
     assert sum("cache is off" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_a_slot_reused_by_a_smaller_task_no_longer_names_the_task_it_held(tmp_path, rows):
+    """A worker may still hold a task whose slot the next epoch (an epoch abandoned) or a later
+    task refilled: it reads the slot through the old task's layout, and stores the teacher's
+    answers under the old keys only while the stamp it finds there names the old task.  After a
+    smaller task of another epoch fills the slot, that stamp must not name the old task any more:
+    the old task's first rows now hold the new task's bytes, whose answers would be stored (and
+    served in every later epoch) under the old rows' keys."""
+    slots, index = tmp_path / "slots", CacheIndex(str(tmp_path / "cache"), FETCHES)
+    slots.mkdir()
+
+    def producer(epoch: int) -> Producer:  # what each epoch's fork runs, without the fork
+        return Producer(ProducerConfig(
+            reader=list, reader_type="batch", ins=["img"], feeds=[TensorSpec("img", "float32", (4,))], epoch=epoch,
+            task_rows=32, task_bytes=1 << 20, endpoint=f"ipc://{tmp_path}/dispatcher", slots_folder=str(slots),
+            slot_count=1, grants=[0], parent_pid=os.getppid(), cache=index, cache_feeds=["img"],
+            cache_gate=CacheGate()))
+
+    made = [producer(1)]
+    try:
+        old, descriptor = made[0]._allocate(5, 32, {"img": ((32, 4), np.dtype(np.float32))})
+        old["img"][:] = 1.0
+        held = SlotReader(str(slots)).read(descriptor)  # the late worker's view of task 5 of epoch 1
+        made.append(producer(2))  # finds the slot file epoch 1 left, as the next fork does
+        new, _ = made[1]._allocate(0, rows, {"img": ((rows, 4), np.dtype(np.float32))})
+        new["img"][:] = 2.0
+        assert (held["img"] == 2.0).any()  # the slot changed under the old task's layout...
+        assert tuple(CacheSlots.of(held).stamp) != (1, 5)  # ...and says so
+    finally:
+        for p in made:
+            p.ctx.destroy(linger=0)
+        index.close()
 
 
 def test_the_probe_batch_is_fixed_by_the_feeds_and_tells_models_apart():

@@ -167,9 +167,13 @@ class CacheSlots:
     answers: dict[str, Tensor]  # per output: the cache's answers (rows it had none for: zeros); per-token: Ragged
 
     @staticmethod
-    def layout(rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, Spec]:
-        """The cache's arrays of a task of ``rows`` rows whose first variable-length feed holds ``tokens`` (0: none)."""
-        out = {_STAMP: ((2,), np.dtype(np.int64)), _KEYS: ((rows, 16), np.dtype(np.uint8)),
+    def layout(specs: Mapping[str, Spec], rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, Spec]:
+        """A task's arrays ``specs`` with the cache's, for ``rows`` rows whose first variable-length feed
+        holds ``tokens`` (0: none).  The stamp comes first, at the slot's start whatever the task: a
+        worker still holding a task of the slot's last layout reads its stamp where the next task
+        writes its own before anything else (past the feeds, it could lie where the next, smaller
+        task writes nothing, and still name the old task over the next one's feeds)."""
+        out = {_STAMP: ((2,), np.dtype(np.int64)), **specs, _KEYS: ((rows, 16), np.dtype(np.uint8)),
                _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool))}
         for f in fetches:
             if f.variable:

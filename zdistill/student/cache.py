@@ -207,9 +207,10 @@ def row_keys(arrays: Sequence[Tensor], seed: int) -> np.ndarray:
 
 
 def key_seed(specs: Mapping[str, tuple[str, tuple[int, ...]]]) -> int:
-    """A 64-bit seed from the feeds' names, dtypes and row shapes: the same bytes under another
-    name or shape are another question."""
-    text = json.dumps(sorted((name, dtype, list(shape)) for name, (dtype, shape) in specs.items()))
+    """A 64-bit seed from the feeds' names, dtypes and row shapes, in the order :func:`row_keys`
+    joins their rows' bytes: the same bytes under another name or shape are another question, and
+    so are they in feeds of another order (``a=1, b=2`` and ``b=1, a=2`` join into the same bytes)."""
+    text = json.dumps([(name, dtype, list(shape)) for name, (dtype, shape) in specs.items()])
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 

@@ -122,7 +122,7 @@ class Producer:
         if cache is None:
             return self.slots.allocate(slot, specs)
         tokens = CacheSlots.tokens(specs, self.cfg.cache_feeds)
-        arrays, descriptor = self.slots.allocate(slot, {**specs, **CacheSlots.layout(rows, cache.fetches, tokens)})
+        arrays, descriptor = self.slots.allocate(slot, CacheSlots.layout(specs, rows, cache.fetches, tokens))
         # first: a worker still on the slot's last task sees that it changed
         CacheSlots.of(arrays).stamp[:] = (self.cfg.epoch, task_id)
         return arrays, descriptor

@@ -257,10 +257,13 @@ class Worker:
         not tell apart, and the cache is off for good.
         """
         slots, task = batches.CacheSlots.of(job.slots), job.task
+        # Copied before the stamp is read: the producer writes a task's stamp before its keys, so keys
+        # copied while the stamp still names this task are this task's, whenever the slot is reused.
+        keys, audit = slots.keys.copy(), slots.audit.copy()
         if tuple(slots.stamp) != (task.epoch, task.task_id):
             return answers, 0  # stale: the dispatcher drops the answer anyway
         asked = np.arange(len(slots.hits)) if job.misses is None else job.misses  # the rows answered
-        audited, kept = slots.audit[asked], False
+        audited, kept = audit[asked], False
         if audited.any():
             for name, arr in answers.items():
                 cached = batches.select(slots.answers[name], asked[audited])
@@ -275,7 +278,7 @@ class Worker:
                 answers = {name: batches.select(arr, np.flatnonzero(~audited)) for name, arr in answers.items()}
         if self.cache is not None and len(asked):
             try:
-                self.cache.append(slots.keys[asked], answers)
+                self.cache.append(keys[asked], answers)
             except OSError as exc:  # a full or read-only file system: the answers still go on
                 self._cache_off(f"the worker for teacher {self.cfg.teacher} cannot write to it: {exc}")
         if job.misses is None and not kept:
