@@ -908,6 +908,18 @@ def test_a_teacher_replaced_by_another_model_mid_epoch_gets_no_cached_row_served
     assert sum("cache is off" in r.getMessage() for r in caplog.records) == 1
 
 
+def _epoch_producer(tmp_path: Path, index: CacheIndex | None, epoch: int) -> Producer:
+    """What an epoch's fork runs, without the fork: one slot, in ``tmp_path/slots``; the cache
+    ``index``, or None for an epoch with the cache's gate closed."""
+    slots = tmp_path / "slots"
+    slots.mkdir(exist_ok=True)
+    return Producer(ProducerConfig(
+        reader=list, reader_type="batch", ins=["img"], feeds=[TensorSpec("img", "float32", (4,))], epoch=epoch,
+        task_rows=32, task_bytes=1 << 20, endpoint=f"ipc://{tmp_path}/dispatcher", slots_folder=str(slots),
+        slot_count=1, grants=[0], parent_pid=os.getppid(), cache=index, cache_feeds=["img"],
+        cache_gate=CacheGate()))
+
+
 @pytest.mark.parametrize("rows", [1, 8])
 def test_a_slot_reused_by_a_smaller_task_no_longer_names_the_task_it_held(tmp_path, rows):
     """A worker may still hold a task whose slot the next epoch (an epoch abandoned) or a later
@@ -916,26 +928,36 @@ def test_a_slot_reused_by_a_smaller_task_no_longer_names_the_task_it_held(tmp_pa
     smaller task of another epoch fills the slot, that stamp must not name the old task any more:
     the old task's first rows now hold the new task's bytes, whose answers would be stored (and
     served in every later epoch) under the old rows' keys."""
-    slots, index = tmp_path / "slots", CacheIndex(str(tmp_path / "cache"), FETCHES)
-    slots.mkdir()
-
-    def producer(epoch: int) -> Producer:  # what each epoch's fork runs, without the fork
-        return Producer(ProducerConfig(
-            reader=list, reader_type="batch", ins=["img"], feeds=[TensorSpec("img", "float32", (4,))], epoch=epoch,
-            task_rows=32, task_bytes=1 << 20, endpoint=f"ipc://{tmp_path}/dispatcher", slots_folder=str(slots),
-            slot_count=1, grants=[0], parent_pid=os.getppid(), cache=index, cache_feeds=["img"],
-            cache_gate=CacheGate()))
-
-    made = [producer(1)]
+    index = CacheIndex(str(tmp_path / "cache"), FETCHES)
+    made = [_epoch_producer(tmp_path, index, 1)]
     try:
         old, descriptor = made[0]._allocate(5, 32, {"img": ((32, 4), np.dtype(np.float32))})
         old["img"][:] = 1.0
-        held = SlotReader(str(slots)).read(descriptor)  # the late worker's view of task 5 of epoch 1
-        made.append(producer(2))  # finds the slot file epoch 1 left, as the next fork does
+        held = SlotReader(str(tmp_path / "slots")).read(descriptor)  # the late worker's view of task 5 of epoch 1
+        made.append(_epoch_producer(tmp_path, index, 2))  # finds the slot file epoch 1 left, as the next fork does
         new, _ = made[1]._allocate(0, rows, {"img": ((rows, 4), np.dtype(np.float32))})
         new["img"][:] = 2.0
         assert (held["img"] == 2.0).any()  # the slot changed under the old task's layout...
         assert tuple(CacheSlots.of(held).stamp) != (1, 5)  # ...and says so
+    finally:
+        for p in made:
+            p.ctx.destroy(linger=0)
+        index.close()
+
+
+def test_a_slot_reused_with_the_cache_off_no_longer_names_the_task_it_held(tmp_path):
+    """The same when the next epoch runs with the cache's gate closed, so its tasks hold no cache
+    arrays: they still begin with their stamp, so the late worker never reads its old task's stamp
+    from the new task's feeds, which may hold just its numbers (token ids 1 and 5, here)."""
+    index = CacheIndex(str(tmp_path / "cache"), FETCHES)
+    made = [_epoch_producer(tmp_path, index, 1)]
+    try:
+        _, descriptor = made[0]._allocate(5, 32, {"img": ((32, 4), np.dtype(np.float32))})
+        held = SlotReader(str(tmp_path / "slots")).read(descriptor)
+        made.append(_epoch_producer(tmp_path, None, 2))
+        new, _ = made[1]._allocate(0, 8, {"ids": ((8, 2), np.dtype(np.int64))})
+        new["ids"][:] = (1, 5)
+        assert tuple(CacheSlots.of(held).stamp) == (2, 0)
     finally:
         for p in made:
             p.ctx.destroy(linger=0)

@@ -160,20 +160,32 @@ class CacheSlots:
     lookup and a row's answer lies where its tokens lie.
     """
 
-    stamp: np.ndarray  # (epoch, task id), written before anything else of the task
+    stamp: np.ndarray  # (epoch, task id), written before anything else of the task, at the slot's start
     keys: np.ndarray  # each row's cache key (rows x 16 bytes)
     hits: np.ndarray  # per row: the cache answered it
     audit: np.ndarray  # per row: cached, but asked of the teacher anyway, to compare with the cache
     answers: dict[str, Tensor]  # per output: the cache's answers (rows it had none for: zeros); per-token: Ragged
 
     @staticmethod
+    def stamped(specs: Mapping[str, Spec]) -> dict[str, Spec]:
+        """A task's arrays ``specs`` after its stamp, which every task has (with the cache or without),
+        at the slot's start: a worker still holding a cached task of the slot's last layout reads its
+        stamp where the next task writes its own before anything else.  Laid out anywhere else, the
+        old stamp could lie where the next task wrote nothing (a smaller task), or feeds that happen
+        to hold the old task's numbers (a task of an epoch with the cache off), and still name the
+        old task over the next one's bytes."""
+        return {_STAMP: ((2,), np.dtype(np.int64)), **specs}
+
+    @staticmethod
+    def stamp_of(slots: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The (epoch, task id) of the task a slot holds (see :meth:`stamped`)."""
+        return slots[_STAMP]
+
+    @staticmethod
     def layout(specs: Mapping[str, Spec], rows: int, fetches: Sequence[TensorSpec], tokens: int) -> dict[str, Spec]:
-        """A task's arrays ``specs`` with the cache's, for ``rows`` rows whose first variable-length feed
-        holds ``tokens`` (0: none).  The stamp comes first, at the slot's start whatever the task: a
-        worker still holding a task of the slot's last layout reads its stamp where the next task
-        writes its own before anything else (past the feeds, it could lie where the next, smaller
-        task writes nothing, and still name the old task over the next one's feeds)."""
-        out = {_STAMP: ((2,), np.dtype(np.int64)), **specs, _KEYS: ((rows, 16), np.dtype(np.uint8)),
+        """A task's arrays ``specs`` with its stamp (:meth:`stamped`) and the cache's, for ``rows`` rows
+        whose first variable-length feed holds ``tokens`` (0: none)."""
+        out = {**CacheSlots.stamped(specs), _KEYS: ((rows, 16), np.dtype(np.uint8)),
                _HITS: ((rows,), np.dtype(bool)), _AUDIT: ((rows,), np.dtype(bool))}
         for f in fetches:
             if f.variable:

@@ -119,12 +119,13 @@ class Producer:
                         self.granted.extend(s for s in msg.slots if 0 <= s < self.cfg.slot_count)
             slot = self.slot_of[task_id] = self.granted.popleft()
         cache = self.cfg.cache
-        if cache is None:
-            return self.slots.allocate(slot, specs)
-        tokens = CacheSlots.tokens(specs, self.cfg.cache_feeds)
-        arrays, descriptor = self.slots.allocate(slot, CacheSlots.layout(specs, rows, cache.fetches, tokens))
+        if cache is None:  # stamped all the same: a worker may still hold a cached task of an earlier epoch here
+            arrays, descriptor = self.slots.allocate(slot, CacheSlots.stamped(specs))
+        else:
+            tokens = CacheSlots.tokens(specs, self.cfg.cache_feeds)
+            arrays, descriptor = self.slots.allocate(slot, CacheSlots.layout(specs, rows, cache.fetches, tokens))
         # first: a worker still on the slot's last task sees that it changed
-        CacheSlots.of(arrays).stamp[:] = (self.cfg.epoch, task_id)
+        CacheSlots.stamp_of(arrays)[:] = (self.cfg.epoch, task_id)
         return arrays, descriptor
 
     def _look_up(self, task: BuiltTask) -> int:
