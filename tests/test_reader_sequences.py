@@ -21,6 +21,7 @@ from tests import procs
 from tests.teachers import per_token_np
 from zdistill import ConfigError, DistillReader
 from zdistill.client import TeacherClient
+from zdistill.errors import TeacherError
 from zdistill.spec import Ragged
 from zdistill.student.batches import answer_problem
 from zdistill.student.cache import key_seed, row_keys
@@ -326,6 +327,21 @@ def test_a_teacher_killed_mid_epoch_loses_no_sequence(start_teacher):
         check("batch", out, items, samples, per_token)
         stats = dr.stats()
     assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
+
+
+@pytest.mark.timeout(60)
+def test_requests_of_a_task_answered_in_rows_of_other_shapes_fail_the_epoch_naming_why(start_teacher):
+    """A task sent as several requests (request_rows 2) to a teacher whose per-token output is as
+    wide as the model call's longest row (batch_wide: [-1, -1]): the requests' answers cannot be one
+    prediction.  The epoch fails with bad_output naming it, not a worker that dies on every try."""
+    proc = start_teacher(f"{procs.TEACHERS}:batch_wide")
+    samples = [(np.arange(n, dtype=np.int64) + 1,) for n in [2, 2, 16, 16, 3]]
+    with reader("sample", ["ids"], ["seen"], proc.endpoint, samples, task_rows=5) as dr:
+        dr.options.request_rows = 2
+        with pytest.raises(TeacherError, match=r"bad_output: .* answers to the 3 requests of a task have rows of "
+                                               r"different shapes") as info:
+            list(dr())
+    assert info.value.code == "bad_output"
 
 
 def test_an_answer_of_other_rows_or_lengths_is_named_not_used():

@@ -232,7 +232,13 @@ class Worker:
 
     def _finish(self, job: Job) -> None:
         del self.jobs[job.key]
-        arrays: dict[str, Tensor] = {name: batches.join([p[name] for p in job.parts]) for name in self.cfg.predicts}
+        try:
+            arrays: dict[str, Tensor] = {name: batches.join([p[name] for p in job.parts]) for name in self.cfg.predicts}
+        except ValueError as exc:  # rows of other shapes from separate model calls: no retry mends it
+            self._undone(job.task, ErrorCode.BAD_OUTPUT,
+                         f"teacher {self.cfg.teacher}: its answers to the {len(job.parts)} requests of a task have "
+                         f"rows of different shapes, which cannot be joined into one prediction ({exc})")
+            return
         cached = 0
         if job.task.hits is not None:
             arrays, cached = self._with_cache(job, arrays)
