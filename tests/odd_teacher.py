@@ -7,7 +7,9 @@ from a JSON file at every ``meta`` request, so a test can make it sane later::
     python -m tests.odd_teacher PORT META_JSON READY_FILE
 
 It runs until SIGTERM; it writes READY_FILE once bound, and prints a line for each
-``meta`` it answers.
+``meta`` it answers.  A ``predict`` gets its first feed back under every declared fetch,
+rows of different lengths padded to the longest and left so (a teacher that leaves cutting
+per-token answers to the client): what a zdistill-teacher never sends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import zmq
 
 from zdistill import wire
+from zdistill.spec import Ragged
 
 
 def main(port: str, meta_path: str, ready: str) -> int:
@@ -35,13 +38,19 @@ def main(port: str, meta_path: str, ready: str) -> int:
             continue
         envelope, *body = sock.recv_multipart()
         msg = wire.decode(body)
+        arrays = None
         if msg.kind == "meta":
             reply = {**json.loads(Path(meta_path).read_text()), "kind": "meta"}
             sys.stdout.write("meta asked\n")
             sys.stdout.flush()
+        elif msg.kind == "predict":
+            first = next(iter(msg.arrays.values()))
+            answer = first.padded() if isinstance(first, Ragged) else first
+            reply = {"kind": "result"}
+            arrays = {f["name"]: answer for f in json.loads(Path(meta_path).read_text())["fetches"]}
         else:
             reply = {"kind": "pong"}
-        wire.send(sock, {**reply, "id": msg.header.get("id")}, envelope=[envelope])
+        wire.send(sock, {**reply, "id": msg.header.get("id")}, arrays, envelope=[envelope])
     sock.close()
     ctx.term()
     return 0

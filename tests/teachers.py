@@ -167,6 +167,15 @@ def short_tokens(batch: dict[str, np.ndarray], lengths: np.ndarray) -> dict[str,
     return {"h": out["h"][:, :1], "mean": out["mean"]}
 
 
+@zdistill.teacher_function(feeds={"ids": ("int64", [-1])}, fetches={"seen": ("int64", [-1, -1])})
+def batch_wide(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per token, the whole padded row it belongs to (as attention weights over the batch's
+    positions would be): a per-token output whose token shape is the batch's longest row, so
+    it differs between model calls of different lengths."""
+    ids = batch["ids"]
+    return {"seen": np.broadcast_to(ids[:, None, :], (ids.shape[0], ids.shape[1], ids.shape[1]))}
+
+
 @zdistill.teacher_function(feeds={"img": ("float32", [1, 8, 8])}, fetches={"prob": ("float32", [10])})
 def digits_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """softmax over an 8x8 digit (``examples/mnist_distill``'s images): a teacher the example's students can use."""

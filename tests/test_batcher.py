@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from zdistill.errors import ModelOutputError
 from zdistill.spec import Ragged
 from zdistill.teacher.batcher import BUCKET_RATIO, Batcher, Request, Whole, length_bucket, split_by_length
 
@@ -368,3 +369,17 @@ def test_a_whole_answers_in_client_order_whatever_order_its_parts_finish() -> No
     assert whole.add(np.array([1]), {"y": np.array([[1.0]])}) is None
     got = whole.add(np.array([0, 2]), {"y": np.array([[0.0], [2.0]])})
     assert got is not None and got["y"].ravel().tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("first, second", [
+    (np.arange(12.0).reshape(2, 2, 3), np.full((1, 2, 1), 9.0)),  # numpy would broadcast the 9s over 3 columns
+    (Ragged(np.arange(6.0).reshape(3, 2), np.array([1, 2])), Ragged(np.full((2, 3), 7.0), np.array([2]))),  # cut to 2
+])
+def test_a_whole_whose_parts_answer_rows_of_different_shapes_raises(first, second) -> None:
+    """Parts run in separate model calls; an output whose row (or token) shape follows the call
+    differs between them, and no one array holds both without changing a row's values."""
+    whole = Whole(rows=3, parts=2)
+    assert whole.add(np.array([0, 2]), {"y": first}) is None
+    shown = r"(rows of shape \[2, 3\]|tokens of shape \[2\])"
+    with pytest.raises(ModelOutputError, match=rf"output 'y' has {shown} in one part of this request"):
+        whole.add(np.array([1]), {"y": second})

@@ -176,6 +176,27 @@ def test_a_per_token_output_shorter_than_the_longest_row_is_bad_output(start_tea
         c.close()
 
 
+def test_a_token_shape_that_differs_between_the_parts_of_a_request_is_bad_output(start_teacher) -> None:
+    """A request cut by length runs as several model calls; a per-token output whose token shape
+    follows the call's longest row (batch_wide: [-1, -1]) comes back wider from one part than
+    from another.  Put back into one answer, the wider rows would be cut to the first part's
+    width (or the narrower padded): a row's prediction that is not what the model computed for
+    it.  The client gets bad_output instead, and the teacher serves on."""
+    proc = start_teacher(f"{procs.TEACHERS}:batch_wide")
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        rows = [np.array([3, 4]), np.arange(10, 26)]  # 2 and 16 tokens: two length buckets, two model calls
+        with pytest.raises(TeacherError, match=r"output 'seen' has tokens of shape \[(2|16)\] in one part of "
+                                               r"this request and tokens of shape \[(16|2)\] in another") as info:
+            c.predict({"ids": Ragged.from_rows(rows)})
+        assert info.value.code == "bad_output"
+        seen = c.predict({"ids": Ragged.from_rows(rows[1:])})["seen"]  # one part: the model's own answer
+        assert seen.lengths.tolist() == [16] and seen.inner_shape == (16,)
+        np.testing.assert_array_equal(seen.values, np.broadcast_to(rows[1], (16, 16)))
+    finally:
+        c.close()
+
+
 def test_hostile_ragged_frames_get_error_replies_and_the_teacher_stays_up(token_teacher, client) -> None:
     """Hand-made bad ragged entries, then 3000 mutations of valid ragged requests: every message
     is answered (an error for the broken ones), the teacher's memory stays put, it keeps serving."""

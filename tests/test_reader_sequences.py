@@ -10,6 +10,8 @@ leaking into a value or a prediction fails it.
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +23,7 @@ from tests import procs
 from tests.teachers import per_token_np
 from zdistill import ConfigError, DistillReader
 from zdistill.client import TeacherClient
+from zdistill.errors import TeacherError
 from zdistill.spec import Ragged
 from zdistill.student.batches import answer_problem
 from zdistill.student.cache import key_seed, row_keys
@@ -328,6 +331,43 @@ def test_a_teacher_killed_mid_epoch_loses_no_sequence(start_teacher):
     assert stats.get("returned", 0) + stats.get("resent", 0) + stats.get("resend_all", 0) > 0, stats
 
 
+@pytest.mark.timeout(60)
+def test_requests_of_a_task_answered_in_rows_of_other_shapes_fail_the_epoch_naming_why(start_teacher):
+    """A task sent as several requests (request_rows 2) to a teacher whose per-token output is as
+    wide as the model call's longest row (batch_wide: [-1, -1]): the requests' answers cannot be one
+    prediction.  The epoch fails with bad_output naming it, not a worker that dies on every try."""
+    proc = start_teacher(f"{procs.TEACHERS}:batch_wide")
+    samples = [(np.arange(n, dtype=np.int64) + 1,) for n in [2, 2, 16, 16, 3]]
+    with reader("sample", ["ids"], ["seen"], proc.endpoint, samples, task_rows=5) as dr:
+        dr.options.request_rows = 2
+        with pytest.raises(TeacherError, match=r"bad_output: .* answers to the 3 requests of a task have rows of "
+                                               r"different shapes") as info:
+            list(dr())
+    assert info.value.code == "bad_output"
+
+
+@pytest.mark.timeout(60)
+def test_a_per_token_answer_left_padded_is_bad_output_never_padding_in_a_prediction(tmp_path):
+    """A teacher (not a zdistill-teacher: tests/odd_teacher.py) that answers a per-token output as one
+    array padded to the request's longest row: the sample of 1 token would get 5 entries, 4 of them
+    padding.  The worker knows the output is per-token from the teacher's meta, and refuses it."""
+    port, meta, ready = procs.free_port(), tmp_path / "meta.json", tmp_path / "odd.ready"
+    meta.write_text(json.dumps({"feeds": [{"name": "ids", "dtype": "int64", "shape": [-1]}],
+                                "fetches": [{"name": "seen", "dtype": "int64", "shape": [-1]}],
+                                "max_batch_size": 64}))
+    teacher = procs.start([sys.executable, "-m", "tests.odd_teacher", str(port), str(meta), str(ready)],
+                          "odd-teacher", ready_file=str(ready))
+    try:
+        samples = [(np.arange(n, dtype=np.int64) + 1,) for n in [3, 1, 5]]
+        with reader("sample", ["ids"], ["seen"], f"127.0.0.1:{port}", samples) as dr:
+            with pytest.raises(TeacherError, match=r"per-token output 'seen' has 5 entries for row 0 of the "
+                                                   r"request, whose sequence has 3") as info:
+                list(dr())
+        assert info.value.code == "bad_output"
+    finally:
+        teacher.stop()
+
+
 def test_an_answer_of_other_rows_or_lengths_is_named_not_used():
     """What a worker checks of each teacher answer before it is a task's predictions (a teacher
     that is not a zdistill-teacher may cut per-token outputs otherwise)."""
@@ -341,6 +381,10 @@ def test_an_answer_of_other_rows_or_lengths_is_named_not_used():
     assert answer_problem(feeds, {**right, "mean": np.zeros(3)}, ["mean"]) == \
         "output 'mean' has 3 rows for a request of 2"
     assert answer_problem(feeds, right, ["other"]) == "its answer has no output 'other'"
+    padded = {**right, "tok": np.zeros((2, 3), np.float32)}  # one array: its rows are 3 long, row 1's sequence 1
+    assert answer_problem(feeds, padded, ["tok"]) == ""  # not known to be per-token: a row of 3 values
+    assert answer_problem(feeds, padded, ["tok"], per_token={"tok"}) == (
+        "per-token output 'tok' has 3 entries for row 1 of the request, whose sequence has 1")
 
 
 def test_cache_keys_tell_rows_apart_by_length_and_shape():

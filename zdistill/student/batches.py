@@ -22,7 +22,7 @@ import enum
 import itertools
 import operator
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,9 +125,12 @@ def join(parts: Sequence[Tensor]) -> Tensor:
     return np.concatenate(parts)
 
 
-def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], predicts: Sequence[str]) -> str:
+def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], predicts: Sequence[str],
+                   per_token: Collection[str] = ()) -> str:
     """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can):
-    a row per fed row, a per-token one each sequence's length, or a sample gets another's predictions."""
+    a row per fed row, a per-token one each sequence's length, or a sample gets another's predictions.
+    A per-token output (a Ragged, or one named in ``per_token``) that comes as one array has rows of
+    its second axis' length: padding, where a sequence is shorter."""
     rows = len(next(iter(feeds.values()))) if feeds else 0
     lengths = next((t.lengths for t in feeds.values() if isinstance(t, Ragged)), None)
     for name in predicts:
@@ -136,9 +139,14 @@ def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], pr
             return f"its answer has no output {name!r}"
         if len(got) != rows:
             return f"output {name!r} has {len(got)} rows for a request of {rows}"
-        if isinstance(got, Ragged) and lengths is not None and not np.array_equal(got.lengths, lengths):
-            bad = int(np.flatnonzero(got.lengths != lengths)[0])
-            return (f"per-token output {name!r} has {int(got.lengths[bad])} entries for row {bad} of the request, "
+        if lengths is None or not (isinstance(got, Ragged) or name in per_token):
+            continue
+        if not isinstance(got, Ragged) and got.ndim < 2:
+            return f"per-token output {name!r} has shape {list(got.shape)}: no entries per token"
+        entries = got.lengths if isinstance(got, Ragged) else np.full(rows, got.shape[1])
+        if not np.array_equal(entries, lengths):
+            bad = int(np.flatnonzero(entries != lengths)[0])
+            return (f"per-token output {name!r} has {int(entries[bad])} entries for row {bad} of the request, "
                     f"whose sequence has {int(lengths[bad])}")
     return ""
 

@@ -82,6 +82,7 @@ class Worker:
         self.slots = SlotReader(cfg.slots)
         self.feeds: list[TensorSpec] = []  # what the teacher takes, from its meta
         self.no_rows: Tensors = {}  # the answer to a task of no rows: its outputs, empty
+        self.per_token: frozenset[str] = frozenset()  # the predictions its meta declares per-token ([-1, ...])
         self.request_rows = cfg.request_rows
         self.up = False
         self.probe: int | None = None
@@ -222,7 +223,7 @@ class Worker:
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._undone(job.task, code if isinstance(done.error, TeacherError) else "error", str(done.error))
-        elif why := batches.answer_problem(job.chunks[part], done.result, self.cfg.predicts):
+        elif why := batches.answer_problem(job.chunks[part], done.result, self.cfg.predicts, self.per_token):
             self._undone(job.task, ErrorCode.BAD_OUTPUT, f"teacher {self.cfg.teacher}: {why}")
         else:
             job.parts[part] = done.result
@@ -232,7 +233,13 @@ class Worker:
 
     def _finish(self, job: Job) -> None:
         del self.jobs[job.key]
-        arrays: dict[str, Tensor] = {name: batches.join([p[name] for p in job.parts]) for name in self.cfg.predicts}
+        try:
+            arrays: dict[str, Tensor] = {name: batches.join([p[name] for p in job.parts]) for name in self.cfg.predicts}
+        except ValueError as exc:  # rows of other shapes from separate model calls: no retry mends it
+            self._undone(job.task, ErrorCode.BAD_OUTPUT,
+                         f"teacher {self.cfg.teacher}: its answers to the {len(job.parts)} requests of a task have "
+                         f"rows of different shapes, which cannot be joined into one prediction ({exc})")
+            return
         cached = 0
         if job.task.hits is not None:
             arrays, cached = self._with_cache(job, arrays)
@@ -324,6 +331,7 @@ class Worker:
             self._unusable(why)
             return
         self.feeds, self.no_rows = meta.feeds, no_rows
+        self.per_token = frozenset(f.name for f in meta.fetches if f.variable and f.name in self.cfg.predicts)
         self.request_rows = min(self.cfg.request_rows, meta.max_batch_size)
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from zdistill.errors import ModelOutputError
 from zdistill.spec import Ragged, Tensor, Tensors, token_items
 
 Key = tuple[Any, ...]  # (feed name, row shape) pairs by name, then the length bucket of a ragged part
@@ -137,12 +138,25 @@ class Whole:
     _done: list[tuple[np.ndarray, Tensors]] = field(default_factory=list)
 
     def add(self, index: np.ndarray, outputs: Tensors) -> Tensors | None:
-        """Keep one part's outputs (rows ``index`` of the whole); every output once the last part is in."""
+        """Keep one part's outputs (rows ``index`` of the whole); every output once the last part is in.
+
+        Parts run in separate model calls, so an output whose row or token shape follows the call
+        (a -1 after the first per-row dimension) may differ between them: a
+        :class:`~zdistill.errors.ModelOutputError` then, never rows cut, padded or broadcast.
+        """
         self._done.append((index, outputs))
         if len(self._done) < self.parts:
             return None
         merged: Tensors = {}
         for name, first in self._done[0][1].items():
+            what, shape = _item(first)
+            for _, outputs in self._done[1:]:  # numpy would cut, pad or broadcast other parts' rows into these
+                if (other := _item(outputs[name])) != (what, shape):
+                    raise ModelOutputError(
+                        f"output {name!r} has {what} of shape {list(shape)} in one part of this request and "
+                        f"{other[0]} of shape {list(other[1])} in another: the teacher ran its rows of different "
+                        "lengths in separate model calls (length buckets, --max-batch-tokens), and an output "
+                        "whose shape changes with the call cannot be put back into one answer")
             if isinstance(first, Ragged):
                 lengths = np.empty(self.rows, np.int64)
                 for index, outputs in self._done:
@@ -161,6 +175,11 @@ class Whole:
                     out[index] = outputs[name]
                 merged[name] = out
         return merged
+
+
+def _item(output: Tensor) -> tuple[str, tuple[int, ...]]:
+    """What one entry of an output is, and its shape: a token of a per-token output, else a row."""
+    return ("tokens", output.inner_shape) if isinstance(output, Ragged) else ("rows", output.shape[1:])
 
 
 def _token_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

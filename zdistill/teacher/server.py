@@ -368,7 +368,15 @@ class TeacherServer:
                 continue
             self._release(req)
             if req.whole is not None:  # a part: the client's reply waits for every part
-                if req.whole.failed or (result := req.whole.add(req.index, result)) is None:  # type: ignore[arg-type]
+                if req.whole.failed:
+                    continue
+                try:
+                    result = req.whole.add(req.index, result)  # type: ignore[arg-type]
+                except ModelOutputError as exc:  # parts' answers that are not one answer
+                    req.whole.failed = True
+                    self._reply_error(req.envelope, req.req_id, ErrorCode.BAD_OUTPUT, str(exc))
+                    continue
+                if result is None:
                     continue
             self._send(req.envelope, {"kind": "result", "id": req.req_id}, result)
         self.metrics.held_bytes.set(self.held_bytes)
