@@ -24,7 +24,7 @@ from tests.teachers import per_token_np
 from zdistill import ConfigError, DistillReader
 from zdistill.client import TeacherClient
 from zdistill.errors import TeacherError
-from zdistill.spec import Ragged
+from zdistill.spec import Ragged, TensorSpec
 from zdistill.student.batches import answer_problem
 from zdistill.student.cache import key_seed, row_keys
 
@@ -370,21 +370,28 @@ def test_a_per_token_answer_left_padded_is_bad_output_never_padding_in_a_predict
 
 def test_an_answer_of_other_rows_or_lengths_is_named_not_used():
     """What a worker checks of each teacher answer before it is a task's predictions (a teacher
-    that is not a zdistill-teacher may cut per-token outputs otherwise)."""
+    that is not a zdistill-teacher may cut per-token outputs otherwise, or answer otherwise than
+    its meta declares, which the cache would store and give back by the declaration)."""
     ids = Ragged.from_rows([np.arange(3), np.arange(1)])
     feeds = {"ids": ids, "w": np.ones(2, np.float32)}
+    tok, mean = TensorSpec("tok", "float32", (-1,)), TensorSpec("mean", "float64", ())
     right = {"tok": Ragged.from_rows([np.zeros(3, np.float32), np.zeros(1, np.float32)]), "mean": np.zeros(2)}
-    assert answer_problem(feeds, right, ["tok", "mean"]) == ""
+    assert answer_problem(feeds, right, [tok, mean]) == ""
     cut = {**right, "tok": Ragged.from_rows([np.zeros(2, np.float32), np.zeros(2, np.float32)])}
-    assert answer_problem(feeds, cut, ["tok"]) == ("per-token output 'tok' has 2 entries for row 0 of the request, "
-                                                   "whose sequence has 3")
-    assert answer_problem(feeds, {**right, "mean": np.zeros(3)}, ["mean"]) == \
+    assert answer_problem(feeds, cut, [tok]) == ("per-token output 'tok' has 2 entries for row 0 of the request, "
+                                                 "whose sequence has 3")
+    assert answer_problem(feeds, {**right, "mean": np.zeros(3)}, [mean]) == \
         "output 'mean' has 3 rows for a request of 2"
-    assert answer_problem(feeds, right, ["other"]) == "its answer has no output 'other'"
+    assert answer_problem(feeds, right, [TensorSpec("other", "float32", ())]) == "its answer has no output 'other'"
     padded = {**right, "tok": np.zeros((2, 3), np.float32)}  # one array: its rows are 3 long, row 1's sequence 1
-    assert answer_problem(feeds, padded, ["tok"]) == ""  # not known to be per-token: a row of 3 values
-    assert answer_problem(feeds, padded, ["tok"], per_token={"tok"}) == (
+    assert answer_problem(feeds, padded, [TensorSpec("tok", "float32", (3,))]) == ""  # declared: rows of 3 values
+    assert answer_problem(feeds, padded, [tok]) == (
         "per-token output 'tok' has 3 entries for row 1 of the request, whose sequence has 1")
+    wide = {**right, "tok": Ragged.from_rows([np.zeros((3, 2), np.float32), np.zeros((1, 2), np.float32)])}
+    assert answer_problem(feeds, wide, [TensorSpec("tok", "float32", (-1, 4))]) == (
+        "output 'tok' has rows of float32 [-1, 2]; its meta declares float32 [-1, 4]")
+    assert answer_problem(feeds, right, [tok, TensorSpec("mean", "float32", ())]) == (
+        "output 'mean' has rows of float64 []; its meta declares float32 []")
 
 
 def test_cache_keys_tell_rows_apart_by_length_and_shape():

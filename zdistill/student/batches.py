@@ -22,7 +22,7 @@ import enum
 import itertools
 import operator
 import warnings
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,24 +125,27 @@ def join(parts: Sequence[Tensor]) -> Tensor:
     return np.concatenate(parts)
 
 
-def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], predicts: Sequence[str],
-                   per_token: Collection[str] = ()) -> str:
-    """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions of their rows ("" when it can):
-    a row per fed row, a per-token one each sequence's length, or a sample gets another's predictions.
-    A per-token output (a Ragged, or one named in ``per_token``) that comes as one array has rows of
-    its second axis' length: padding, where a sequence is shorter."""
+def answer_problem(feeds: Mapping[str, Tensor], answer: Mapping[str, Tensor], fetches: Sequence[TensorSpec]) -> str:
+    """Why a teacher's ``answer`` to ``feeds`` cannot be the predictions ``fetches`` (as its meta
+    declares them) of their rows ("" when it can): a row per fed row, of the declared row (or
+    token) shape and dtype, and a per-token one each sequence's length, so that no sample gets
+    another's predictions or padding.  A per-token prediction that comes as one array has rows of
+    its second axis' length: padding, where a sequence is shorter.  The cache stores answers by
+    the declaration, so one of another shape or dtype would come back otherwise from it."""
     rows = len(next(iter(feeds.values()))) if feeds else 0
     lengths = next((t.lengths for t in feeds.values() if isinstance(t, Ragged)), None)
-    for name in predicts:
-        got = answer.get(name)
+    for spec in fetches:
+        name, got = spec.name, answer.get(spec.name)
         if got is None:
             return f"its answer has no output {name!r}"
         if len(got) != rows:
             return f"output {name!r} has {len(got)} rows for a request of {rows}"
-        if lengths is None or not (isinstance(got, Ragged) or name in per_token):
+        shape, dtype = row_shape(got), got.values.dtype if isinstance(got, Ragged) else got.dtype
+        if not spec.matches(shape) or dtype != np.dtype(spec.dtype):
+            return (f"output {name!r} has rows of {dtype} {list(shape)}; "
+                    f"its meta declares {spec.dtype} {list(spec.shape)}")
+        if lengths is None or not spec.variable:
             continue
-        if not isinstance(got, Ragged) and got.ndim < 2:
-            return f"per-token output {name!r} has shape {list(got.shape)}: no entries per token"
         entries = got.lengths if isinstance(got, Ragged) else np.full(rows, got.shape[1])
         if not np.array_equal(entries, lengths):
             bad = int(np.flatnonzero(entries != lengths)[0])

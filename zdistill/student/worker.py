@@ -82,7 +82,7 @@ class Worker:
         self.slots = SlotReader(cfg.slots)
         self.feeds: list[TensorSpec] = []  # what the teacher takes, from its meta
         self.no_rows: Tensors = {}  # the answer to a task of no rows: its outputs, empty
-        self.per_token: frozenset[str] = frozenset()  # the predictions its meta declares per-token ([-1, ...])
+        self.fetches: list[TensorSpec] = []  # the predictions asked, as the teacher's meta declares them
         self.request_rows = cfg.request_rows
         self.up = False
         self.probe: int | None = None
@@ -223,7 +223,7 @@ class Worker:
             self._teacher_down(str(done.error))
         elif done.error is not None:
             self._undone(job.task, code if isinstance(done.error, TeacherError) else "error", str(done.error))
-        elif why := batches.answer_problem(job.chunks[part], done.result, self.cfg.predicts, self.per_token):
+        elif why := batches.answer_problem(job.chunks[part], done.result, self.fetches):
             self._undone(job.task, ErrorCode.BAD_OUTPUT, f"teacher {self.cfg.teacher}: {why}")
         else:
             job.parts[part] = done.result
@@ -331,7 +331,7 @@ class Worker:
             self._unusable(why)
             return
         self.feeds, self.no_rows = meta.feeds, no_rows
-        self.per_token = frozenset(f.name for f in meta.fetches if f.variable and f.name in self.cfg.predicts)
+        self.fetches = meta.fetches_named(self.cfg.predicts)
         self.request_rows = min(self.cfg.request_rows, meta.max_batch_size)
         self.up = True
         log.info("teacher %s is up", self.cfg.teacher)
