@@ -10,6 +10,7 @@ The tests serve them with real ``zdistill-teacher`` processes.  Each computes
   value asks for (:data:`MODES`), and are right otherwise: its warm-up run on zeros
   passes, so the teacher starts, and a test can show it stays up after a bad answer.
 - :func:`any_width`, declaring rows of any size (-1).
+- :func:`int64_answer`, computing in int64 what it declares as int32.
 - :func:`one_column`, wrong from its first call: the teacher must refuse to start.
 """
 
@@ -83,6 +84,8 @@ MODES: dict[float, str] = {
     -9.0: "not a dict",
     -10.0: "float64",
     -11.0: "int64",
+    -12.0: "float64 inf and nan",
+    -13.0: "float64 beyond float32",
 }
 
 
@@ -115,6 +118,10 @@ def misbehaving(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {"y": y.astype(np.float64)}
     if mode == "int64":
         return {"y": np.rint(y).astype(np.int64)}
+    if mode in ("float64 inf and nan", "float64 beyond float32"):
+        y = y.astype(np.float64)
+        y[0, 1:3] = (np.inf, np.nan) if mode == "float64 inf and nan" else (1e39, -1e39)
+        return {"y": y}
     return {"y": y}
 
 
@@ -127,6 +134,13 @@ def any_width(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if (x[:, 0] == -1).any():
         return {"y": y[:, :, None]}
     return {"y": y[:, : 1 + int(x[0, 0]) % 4]}
+
+
+@zdistill.teacher_function(feeds={"x": ("int64", [4])}, fetches={"y": ("int32", [4])})
+def int64_answer(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """double(x) computed in int64 (numpy's default for int64 feeds) and declared int32: served as
+    int32 while its values fit one, and 2 * 2**30 + 1 for an x of 2**30 does not."""
+    return {"y": double(batch["x"])}
 
 
 @zdistill.teacher_function(**SPEC)

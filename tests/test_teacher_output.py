@@ -109,6 +109,7 @@ BAD_OUTPUTS = {  # mode -> what the error names beside the function, the output 
     "missing": "no output 'y' (only ['prob'])",
     "ragged": "is not an array",
     "not a dict": "returned list, not a dict of arrays",
+    "float64 beyond float32": "output 'y' holds 1e+39, beyond the range of its declared dtype float32",
 }
 
 
@@ -130,14 +131,43 @@ def test_an_output_that_breaks_its_declaration_gets_bad_output(client, mode: str
     assert np.array_equal(client.predict({"x": good})["y"], double(good))
 
 
-@pytest.mark.parametrize("mode", ["float64", "int64"])
+@pytest.mark.parametrize("mode", ["float64", "int64", "float64 inf and nan"])
 def test_an_output_whose_dtype_casts_within_its_kind_is_served_as_declared(client, mode: str) -> None:
-    """numpy's ``same_kind``: float64 or int64 for a declared float32 keeps what the values mean."""
+    """numpy's ``same_kind``: float64 or int64 for a declared float32 keeps what the values mean;
+    an infinity or a NaN the model computed is its answer, served as it is."""
     x = inputs(3, 6)
     x[0, 0] = KEY[mode]
     y = client.predict({"x": x})["y"]
-    want = double(x) if mode == "float64" else np.rint(double(x))
-    assert y.dtype == np.float32 and np.array_equal(y, want.astype(np.float32))
+    want = np.rint(double(x)) if mode == "int64" else double(x)
+    if mode == "float64 inf and nan":
+        want[0, 1:3] = np.inf, np.nan
+    assert y.dtype == np.float32 and np.array_equal(y, want.astype(np.float32), equal_nan=True)
+
+
+def test_an_output_value_its_declared_dtype_cannot_hold_gets_bad_output_never_wrapped(start_teacher) -> None:
+    """int64 answers declared int32: served while they fit; 2**31 + 1 would wrap to -2**31 + 1 in
+    the cast, a wrong answer, so that request gets ``bad_output`` naming the value; the others,
+    sent with it (and merged with it where they queued together), get their own rows."""
+    proc = start_teacher(f"{OUTPUTS}:int64_answer")
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        requests = [np.arange(4 * i, 4 * i + 4, dtype=np.int64).reshape(1, 4) - 8 for i in range(12)]
+        requests[3][0, 1] = 2**30 - 1  # 2**31 - 1: int32's largest
+        requests[4][0, 2] = -(2**30)  # -2**31 + 1
+        requests[5][0, 3] = 2**30  # 2**31 + 1
+        requests[9][0, 0] = -(2**30) - 1  # -2**31 - 1
+        done = procs.pipelined(c, [{"x": x} for x in requests], TIMEOUT)
+    finally:
+        c.close()
+    for i, (x, d) in enumerate(zip(requests, done, strict=True)):
+        if i in (5, 9):
+            assert isinstance(d.error, TeacherError) and d.error.code == "bad_output", (i, d.error, d.result)
+            value = 2**31 + 1 if i == 5 else -(2**31) - 1
+            assert (f"teacher function {OUTPUTS}:int64_answer: output 'y' holds {value}, beyond the range of its "
+                    "declared dtype int32 [-2147483648, 2147483647] (returned as int64)") in str(d.error)
+        else:
+            assert d.error is None, d.error
+            assert d.result["y"].dtype == np.int32 and np.array_equal(d.result["y"], double(x)), i
 
 
 def test_a_declared_any_size_matches_every_size_but_not_another_rank(start_teacher) -> None:

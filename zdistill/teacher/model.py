@@ -137,9 +137,13 @@ def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, ori
     fetch must be present, have ``rows`` rows of the declared row shape (-1 matches any
     size), and a dtype that casts to the declared one without changing its kind (numpy's
     ``same_kind``: float64 to float32, int64 to int32 or bool to float are fine; float to
-    int, complex to float, a string or an object array are not).  Anything else raises a
+    int, complex to float, a string or an object array are not), whose values the declared
+    dtype can hold: a cast that would wrap an int (int64 2**31 for int32) or make a finite
+    number infinite (float64 1e39 for float32) changes the answer, while rounding to the
+    declared precision does not.  Anything else raises a
     :class:`~zdistill.errors.ModelOutputError` naming ``origin``, the output, and the
-    declared and returned shapes.  Outputs the model did not declare are left out.
+    declared and returned shapes (or dtypes, or the value).  Outputs the model did not
+    declare are left out.
     ``copy`` returns a fresh array for every fetch, even one already of its dtype.
     With ``lengths`` (a batch of variable-length rows), a per-token fetch
     (:attr:`TensorSpec.variable`) must have a length axis at least as long as the longest row,
@@ -169,8 +173,38 @@ def check_outputs(outputs: object, fetches: Sequence[TensorSpec], rows: int, ori
             raise ModelOutputError(f"{origin}: output {spec.name!r} has dtype {arr.dtype}, which does not cast to "
                                    f"the declared {spec.dtype} within its kind (numpy 'same_kind'), "
                                    f"{_declared(spec, rows)}")
-        checked[spec.name] = arr.astype(spec.dtype, copy=copy)
+        if arr.size and not np.can_cast(arr.dtype, spec.dtype, casting="safe"):
+            with np.errstate(over="ignore"):  # an overflow is refused below, naming the value, not logged
+                out = arr.astype(spec.dtype, copy=copy)
+            _check_range(arr, out, spec, rows, origin)
+        else:
+            out = arr.astype(spec.dtype, copy=copy)
+        checked[spec.name] = out
     return checked
+
+
+def _check_range(arr: np.ndarray, out: np.ndarray, spec: TensorSpec, rows: int, origin: str) -> None:
+    """Refuse a narrowing cast that changed a value's magnitude: an int wrapped (int64 2**31 + 1 as
+    int32 is -2**31 + 1, uint8 200 as int8 is -56), a finite number made infinite (float64 1e39 as
+    float32).  Rounding is the declared dtype's precision and passes; so do the infinities and NaNs
+    the model computed itself.  ``out`` is ``arr`` cast to ``spec``'s dtype."""
+    if out.dtype.kind in "iu":  # from a wider int, or an unsigned one of the same width (same_kind casts no float)
+        info = np.iinfo(out.dtype)
+        low, high = int(arr.min()), int(arr.max())
+        if low >= info.min and high <= info.max:
+            return
+        value, bounds = (low if low < info.min else high), f"[{info.min}, {info.max}]"
+    else:
+        if np.isfinite(out).all():  # one pass in the usual case: nothing overflowed
+            return
+        overflowed = np.isinf(out) & np.isfinite(arr)
+        if not overflowed.any():
+            return
+        value = arr[np.unravel_index(int(overflowed.argmax()), arr.shape)].item()
+        bounds = f"(largest {np.finfo(out.dtype).max.item():g})"
+    raise ModelOutputError(f"{origin}: output {spec.name!r} holds {value!r}, beyond the range of its declared dtype "
+                           f"{spec.dtype} {bounds} (returned as {arr.dtype}): the cast would change the value, "
+                           f"{_declared(spec, rows)}")
 
 
 def _declared(spec: TensorSpec, rows: int) -> str:
@@ -240,8 +274,10 @@ def teacher_function(
     (or anything ``np.asarray`` reads) with one row per input row, rows of the declared
     shape, and a dtype that casts to the declared one within its kind (numpy's
     ``same_kind``: returning float64 for a declared float32 is fine, float for a
-    declared int is not).  Any other output is refused with the error ``bad_output``,
-    which names the function, the output and both shapes; the teacher keeps serving.
+    declared int is not) and values the declared dtype holds (int64 2**31 for a declared
+    int32 would wrap, float64 1e39 for a declared float32 would become inf).  Any other
+    output is refused with the error ``bad_output``, which names the function, the output
+    and both shapes (or the value); the teacher keeps serving.
     The teacher copies every output before the function can run again (under the lock
     of a function declared ``thread_safe=False``), so the function may return views of
     its inputs or of buffers it overwrites on its next call (preallocated or pinned
