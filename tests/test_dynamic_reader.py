@@ -100,6 +100,7 @@ def test_each_reader_batch_is_one_models_when_a_services_teachers_differ(cluster
         dr.set_dynamic_teacher(balancer.endpoint, SERVICE, require_max_teacher=2)
         dr.set_batch_generator(lambda: ((x[i : i + B], np.arange(i, i + B)) for i in range(0, rows, B)))
         dr.options.task_rows, dr.options.request_rows = B, B // 5
+        dr.options.max_in_flight = 2  # at most 16 tasks built ahead of the loop: the last ones come after the swap
         seen: list[str] = []
         for epoch_no in range(2):
             labels = []
