@@ -94,6 +94,18 @@ def renamed_softmax(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"prob": softmax_np(batch["pixels"])}
 
 
+@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float16", [10])})
+def softmax_fp16(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax answered in float16: beside float32 teachers, the loop would get batches of both."""
+    return {"prob": softmax_np(batch["img"]).astype(np.float16)}
+
+
+@zdistill.teacher_function(feeds={"img": ("float32", [784])}, fetches={"prob": ("float32", [12])})
+def softmax_12(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """softmax with two more classes (always 0): beside 10-class teachers, rows of two widths."""
+    return {"prob": np.pad(softmax_np(batch["img"]), ((0, 0), (0, 2)))}
+
+
 HANG_MARK = -1.0  # an img row starting with this value makes hang_softmax's model call never return
 
 

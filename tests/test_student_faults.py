@@ -81,6 +81,28 @@ def test_a_teacher_with_other_feeds_is_set_aside_and_the_epoch_goes_on(start_tea
     assert "img" in other_stats["reason"] and "100" in other_stats["reason"], other_stats
 
 
+@pytest.mark.parametrize(("model", "said"), [("softmax_fp16", "float16 [10]"), ("softmax_12", "float32 [12]")])
+def test_a_teacher_whose_predictions_differ_in_dtype_or_shape_is_set_aside(start_teacher, model, said):
+    """The first teacher asked sets the predictions' dtype and shape (float32, 10 a row); another
+    whose ``prob`` is float16, or 12 a row, would hand the loop batches of both, so it gets no task."""
+    good = start_teacher()
+    other = start_teacher(f"{procs.TEACHERS}:{model}")
+    x = np.random.default_rng(2).random((N, 784), dtype=np.float32)
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher([good.endpoint, other.endpoint])
+        dr.set_batch_generator(batches(x))
+        dr.options.task_rows = B
+        deadline = time.monotonic() + 30
+        while not dr.stats()["teachers"].get(other.endpoint, {}).get("reason") and time.monotonic() < deadline:
+            out = list(dr())
+            check(out, x)
+            assert {(b[2].dtype, b[2].shape[1:]) for b in out} == {(np.dtype(np.float32), (10,))}
+        stats = dr.stats()
+    other_stats = stats["teachers"][other.endpoint]
+    assert not other_stats["up"] and other_stats["tasks"] == 0, other_stats
+    assert f"'prob' is {said}" in other_stats["reason"] and "float32 [10]" in other_stats["reason"], other_stats
+
+
 def test_the_only_teacher_redeployed_with_another_model_fails_the_epoch_fast(start_teacher, tmp_path):
     teacher = start_teacher()
     port = int(teacher.endpoint.rsplit(":", 1)[1])

@@ -243,7 +243,7 @@ class DistillReader:
             else:
                 teachers = self._start_discovery()
             self._feeds = self._fetch_feeds(pipeline.ctx, teachers)
-            pipeline.feeds = self._feeds
+            pipeline.feeds, pipeline.fetches = self._feeds, self._meta.fetches_named(self._predicts)
             if self._cache is not None:
                 path, max_bytes, tolerance = self._cache
                 pipeline.use_cache(path, self._meta, max_bytes, tolerance)

@@ -350,6 +350,20 @@ def feeds_mismatch(slots: Sequence[TensorSpec], feeds: Sequence[TensorSpec]) -> 
     return None
 
 
+def fetches_mismatch(expected: Sequence[TensorSpec], fetches: Sequence[TensorSpec]) -> str | None:
+    """Why a teacher whose predictions are ``fetches`` cannot serve a reader whose teachers give
+    ``expected`` (as the teacher it first asked declares them), or None.  Its predictions would
+    reach the loop beside theirs in another dtype or shape: a float16 batch among float32 ones, or
+    rows of 12 classes among rows of 10, which a loss may broadcast or cast without a word."""
+    mine = {f.name: f for f in fetches}
+    for want in expected:
+        got = mine[want.name]
+        if np.dtype(got.dtype) != np.dtype(want.dtype) or got.shape != want.shape:
+            return (f"its prediction {want.name!r} is {got.dtype} {list(got.shape)} per row, where this "
+                    f"reader's teachers give {want.dtype} {list(want.shape)}")
+    return None
+
+
 class TaskBuilder:
     """Turns what the user's reader yields into tasks of about ``task_rows`` rows.
 

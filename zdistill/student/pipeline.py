@@ -114,6 +114,7 @@ class Pipeline:
         slots = make_slot_folder(options.max_inflight_bytes)  # kept across epochs (zdistill.student.shm)
         self.folder, self.slots_folder = ipc.path, slots.path
         self.feeds: list[TensorSpec] = []  # what the teachers take: workers check each teacher against it
+        self.fetches: list[TensorSpec] = []  # the predictions as the teachers give them: ...and against it
         self.cache: CacheIndex | None = None  # the teacher-output cache, if the reader has one (use_cache)
         self.cache_root, self.cache_max_bytes, self.cache_tolerance = "", 0, 0.0
         self._stored_bytes = (-_STORED_BYTES_EVERY, 0)  # (when, bytes): the cache folder's size, walked now and then
@@ -187,6 +188,7 @@ class Pipeline:
             sys.executable, "-m", "zdistill.student.worker", "--teacher", teacher,
             "--dispatcher", self.dispatcher.endpoint, "--identity", identity.decode(), "--slots", self.slots_folder,
             "--predicts", ",".join(self.predicts), "--feeds", json.dumps([f.to_wire() for f in self.feeds]),
+            "--fetches", json.dumps([f.to_wire() for f in self.fetches]),
             "--request-rows", str(o.request_rows), "--timeout", str(o.request_timeout),
             "--share-weight", repr(o.share_weight), "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(max(logging.getLogger("zdistill").getEffectiveLevel(), logging.INFO)),

@@ -326,7 +326,8 @@ class Worker:
         fetches = {f.name for f in meta.fetches}
         missing = [p for p in self.cfg.predicts if p not in fetches]
         why = f"it has no outputs {missing}, only {sorted(fetches)}" if missing else None
-        why = why or batches.feeds_mismatch(self.cfg.feeds, meta.feeds)
+        why = (why or batches.feeds_mismatch(self.cfg.feeds, meta.feeds)
+               or batches.fetches_mismatch(self.cfg.fetches, meta.fetches_named(self.cfg.predicts)))
         if why:
             self._unusable(why)
             return
@@ -415,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predicts", required=True, type=lambda names: names.split(","))
     p.add_argument("--feeds", default="[]", type=lambda text: [TensorSpec.from_wire(f) for f in json.loads(text)],
                    help="JSON: the feeds (TensorSpec) this reader's tasks are built for")
+    p.add_argument("--fetches", default="[]", type=lambda text: [TensorSpec.from_wire(f) for f in json.loads(text)],
+                   help="JSON: the predictions (TensorSpec) as this reader's teachers give them")
     p.add_argument("--request-rows", type=int, default=256)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--share-weight", type=float, default=1.0, help="this student's share of the teacher")
