@@ -253,6 +253,39 @@ def test_the_cache_keys_a_triton_model_by_name_version_and_fingerprint(tritons, 
     np.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
+def test_a_version_loaded_on_the_running_server_is_never_cached_as_the_one_before(tritons, tmp_path, data):
+    """Without a version in the address a Triton teacher is the latest one ready: a new version
+    loaded while the server runs (no connection drops, no request fails) is another model.  Its
+    answers must never be filed in the cache under the first version's model_id, or a reader pinned
+    to that version later gets them from the cache as its own (the audit samples too few rows to
+    tell)."""
+    cache, swap = tmp_path / "cache", tmp_path / "swap"
+    teacher = tritons(next_version_file=swap)
+    fresh = np.random.default_rng(29).random((N, 784), dtype=np.float32)
+    rows = data.copy()  # the reader's rows: this epoch's, then fresh ones
+    with make_reader(rows) as dr:
+        dr.set_fixed_teacher(teacher.address)
+        dr.set_teacher_cache(cache)
+        check_epoch(run_epoch(dr), data)  # version 1's answers, cached under triton:softmax:1
+        swap.touch()
+        procs.wait_for(lambda: Path(f"{swap}.loaded").exists(), 120, "version 2 loaded", teacher.popen)
+        rows[:] = fresh
+        probs = np.concatenate([b[2] for b in run_epoch(dr)])
+    z = fresh @ W * 2
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)  # the latest's
+    teacher.stop()
+    # Rows the cache has from version 1 first: the epoch's audit (its first task with cached rows, then
+    # one in AUDIT_EVERY) finds them right, and any row filed wrongly after them would be served.
+    mixed = np.concatenate([data[:N // 2], fresh[:N // 2]])
+    first = tritons(version=1)
+    with make_reader(mixed) as dr:
+        dr.set_fixed_teacher(first.address + "/1")
+        dr.set_teacher_cache(cache)
+        check_epoch(run_epoch(dr), mixed)  # version 1's answers to the fresh rows, never version 2's
+        assert dr.stats()["cache"]["hits"] >= N // 2 - 10  # version 1's own rows still come from the cache
+
+
 ADDRESS = "triton://127.0.0.1:8001/m"
 
 

@@ -10,7 +10,9 @@ is written out here; ``tests/test_triton.py`` checks its answers against
 Binds model ``softmax`` (``img`` float32 [784] -> ``prob`` float32 [10]) with Triton's
 dynamic batcher, on the ports given, and serves until SIGTERM or SIGINT.  With
 ``--version`` the model is served under that version and scaled by it, so two versions
-of one model answer differently (what a cache must keep apart).  With ``--hold-file PATH``,
+of one model answer differently (what a cache must keep apart); with ``--next-version-file PATH``,
+once PATH exists the next version is loaded on the running server (which then serves it alone,
+Triton's default version policy) and ``PATH.loaded`` is made.  With ``--hold-file PATH``,
 a batch that starts while PATH exists is held unanswered until PATH is gone (120 s at
 most), and ``PATH.held`` is made first: the event that says the server holds a request.
 """
@@ -27,6 +29,7 @@ import numpy as np
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+from pytriton.utils.workspace import Workspace
 
 W = np.random.default_rng(1234).standard_normal((784, 10)).astype(np.float32) * 0.05  # tests/teachers.py's
 
@@ -43,36 +46,54 @@ def main() -> None:
     p.add_argument("--queue-delay-us", type=int, default=500, help="the dynamic batcher's max_queue_delay")
     p.add_argument("--hold-file", default=None, help="while this file exists, batches are held unanswered")
     p.add_argument("--workspace", default=None, help="PyTriton's model store and server files (default: temporary)")
+    p.add_argument("--next-version-file", default=None, help="once this file exists, the next version is loaded")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    scale = np.float32(args.version)
 
-    @batch
-    def infer(img: np.ndarray) -> dict[str, np.ndarray]:
-        if args.hold_file and os.path.exists(args.hold_file):
-            Path(args.hold_file + ".held").touch()
-            end = time.monotonic() + 120  # bounded: a test that forgot the file still ends
-            while os.path.exists(args.hold_file) and time.monotonic() < end:
-                time.sleep(0.01)
-        if args.delay_ms:
-            time.sleep(args.delay_ms / 1000)
-        z = img.reshape(len(img), -1).astype(np.float32) @ W * scale
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return {"prob": e / e.sum(axis=1, keepdims=True)}
+    def softmax(version: int):  # noqa: ANN202 - PyTriton's batched callable
+        scale = np.float32(version)
+
+        @batch
+        def infer(img: np.ndarray) -> dict[str, np.ndarray]:
+            if args.hold_file and os.path.exists(args.hold_file):
+                Path(args.hold_file + ".held").touch()
+                end = time.monotonic() + 120  # bounded: a test that forgot the file still ends
+                while os.path.exists(args.hold_file) and time.monotonic() < end:
+                    time.sleep(0.01)
+            if args.delay_ms:
+                time.sleep(args.delay_ms / 1000)
+            z = img.reshape(len(img), -1).astype(np.float32) @ W * scale
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            return {"prob": e / e.sum(axis=1, keepdims=True)}
+
+        return infer
 
     config = TritonConfig(grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
                           grpc_address="127.0.0.1", http_address="127.0.0.1")
     # No token on the model-control endpoints: the tests unload the model through Triton's own API.
     security = TritonSecurityConfig(restricted_endpoints=[])
     with Triton(config=config, workspace=args.workspace, security_config=security) as triton:
-        triton.bind(
-            model_name=args.model, model_version=args.version, infer_func=infer,
-            inputs=[Tensor(name="img", dtype=np.float32, shape=(784,))],
-            outputs=[Tensor(name="prob", dtype=np.float32, shape=(10,))],
-            config=ModelConfig(max_batch_size=args.max_batch_size,
-                               batcher=DynamicBatcher(max_queue_delay_microseconds=args.queue_delay_us)),
-            strict=True,
-        )
+        def bind(version: int) -> None:
+            triton.bind(
+                model_name=args.model, model_version=version, infer_func=softmax(version),
+                inputs=[Tensor(name="img", dtype=np.float32, shape=(784,))],
+                outputs=[Tensor(name="prob", dtype=np.float32, shape=(10,))],
+                config=ModelConfig(max_batch_size=args.max_batch_size,
+                                   batcher=DynamicBatcher(max_queue_delay_microseconds=args.queue_delay_us)),
+                strict=True,
+            )
+
+        bind(args.version)
+        if args.next_version_file:
+            triton.run()
+            while triton.is_alive() and not os.path.exists(args.next_version_file):
+                time.sleep(0.01)
+            # PyTriton names a model's sockets by the model's name alone, in its workspace: the next version
+            # binds its own in another one, while the server still serves the first
+            workspace, triton._workspace = triton._workspace, Workspace(f"{args.workspace}-next")
+            bind(args.version + 1)  # loaded at once: the server is running
+            triton._workspace = workspace
+            Path(args.next_version_file + ".loaded").touch()
         triton.serve()
 
 
