@@ -286,6 +286,34 @@ def test_a_version_loaded_on_the_running_server_is_never_cached_as_the_one_befor
         assert dr.stats()["cache"]["hits"] >= N // 2 - 10  # version 1's own rows still come from the cache
 
 
+def test_every_numeric_dtype_comes_back_as_the_model_computed_it_row_by_row(tritons):
+    """Model ``dtypes`` (``tests/triton_teacher.py``) takes FP16, INT8, UINT8, BOOL and INT32 rows and
+    answers in those types and INT64, its outputs declared in another order than the student asks
+    them: each sample gets its own row back, of the model's dtype, bit for bit (bytes read as
+    another type, a row of another sample, a wrap-around lost all show).  Tasks of 100 rows go in
+    requests of the model's max_batch_size 8, and the reader's int64 slot is the model's INT32."""
+    teacher = tritons(dtypes=True, max_batch_size=8)
+    procs.wait_for(lambda: teacher.http("/v2/models/dtypes/ready") == 200, 60, "model 'dtypes'", teacher.popen)
+    rng, rows = np.random.default_rng(5), 600
+    x = {"h": (rng.standard_normal((rows, 4)) * 100).astype(np.float16),
+         "i8": rng.integers(-128, 128, (rows, 3), dtype=np.int8),
+         "u8": rng.integers(0, 256, (rows, 3), dtype=np.uint8),
+         "b": rng.random((rows, 2)) < 0.5,
+         "n": rng.integers(-2**31, 2**31, (rows, 2), dtype=np.int64)}
+    want = {"h2": x["h"] * np.float16(2), "i8_neg": -x["i8"], "u8_inc": x["u8"] + np.uint8(1), "b_not": ~x["b"],
+            "n64": x["n"] * 3 + 2**33}
+    predicts = ["h2", "i8_neg", "u8_inc", "b_not", "n64"]
+    with DistillReader(ins=list(x), predicts=predicts) as dr:
+        dr.set_batch_generator(lambda: (tuple(v[i:i + B] for v in x.values()) for i in range(0, rows, B)))
+        dr.options.task_rows = 2 * B
+        dr.set_fixed_teacher(f"triton://127.0.0.1:{teacher.grpc_port}/dtypes")
+        batches = run_epoch(dr)
+    for k, name in enumerate([*x, *predicts]):
+        got, expected = np.concatenate([b[k] for b in batches]), {**x, **want}[name]
+        assert got.dtype == expected.dtype, (name, got.dtype)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
 ADDRESS = "triton://127.0.0.1:8001/m"
 
 

@@ -32,6 +32,19 @@ from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 from pytriton.utils.workspace import Workspace
 
 W = np.random.default_rng(1234).standard_normal((784, 10)).astype(np.float32) * 0.05  # tests/teachers.py's
+# Model 'dtypes': each of Triton's numeric types zdistill takes that a mix-up would show (a narrower or wider
+# reading of the bytes, a wrap-around, a sign), and its outputs declared in another order than its inputs
+DTYPE_INPUTS = [("h", "float16", (4,)), ("i8", "int8", (3,)), ("u8", "uint8", (3,)), ("b", "bool", (2,)),
+                ("n", "int32", (2,))]
+DTYPE_OUTPUTS = [("n64", "int64", (2,)), ("b_not", "bool", (2,)), ("u8_inc", "uint8", (3,)),
+                 ("i8_neg", "int8", (3,)), ("h2", "float16", (4,))]
+
+
+@batch
+def dtypes(h: np.ndarray, i8: np.ndarray, u8: np.ndarray, b: np.ndarray, n: np.ndarray) -> dict[str, np.ndarray]:
+    """What ``tests/test_triton.py`` computes too: in the inputs' dtypes, wrapping where they wrap."""
+    return {"h2": h * np.float16(2), "i8_neg": -i8, "u8_inc": u8 + np.uint8(1), "b_not": ~b,
+            "n64": n.astype(np.int64) * 3 + 2**33}
 
 
 def main() -> None:
@@ -47,6 +60,7 @@ def main() -> None:
     p.add_argument("--hold-file", default=None, help="while this file exists, batches are held unanswered")
     p.add_argument("--workspace", default=None, help="PyTriton's model store and server files (default: temporary)")
     p.add_argument("--next-version-file", default=None, help="once this file exists, the next version is loaded")
+    p.add_argument("--dtypes", action="store_true", help="serve model 'dtypes' too (DTYPE_INPUTS, DTYPE_OUTPUTS)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -84,6 +98,11 @@ def main() -> None:
             )
 
         bind(args.version)
+        if args.dtypes:
+            triton.bind(model_name="dtypes", infer_func=dtypes,
+                        inputs=[Tensor(name=n, dtype=np.dtype(t), shape=s) for n, t, s in DTYPE_INPUTS],
+                        outputs=[Tensor(name=n, dtype=np.dtype(t), shape=s) for n, t, s in DTYPE_OUTPUTS],
+                        config=ModelConfig(max_batch_size=args.max_batch_size), strict=True)
         if args.next_version_file:
             triton.run()
             while triton.is_alive() and not os.path.exists(args.next_version_file):
