@@ -253,6 +253,67 @@ def test_the_cache_keys_a_triton_model_by_name_version_and_fingerprint(tritons, 
     np.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
+def test_a_version_loaded_on_the_running_server_is_never_cached_as_the_one_before(tritons, tmp_path, data):
+    """Without a version in the address a Triton teacher is the latest one ready: a new version
+    loaded while the server runs (no connection drops, no request fails) is another model.  Its
+    answers must never be filed in the cache under the first version's model_id, or a reader pinned
+    to that version later gets them from the cache as its own (the audit samples too few rows to
+    tell)."""
+    cache, swap = tmp_path / "cache", tmp_path / "swap"
+    teacher = tritons(next_version_file=swap)
+    fresh = np.random.default_rng(29).random((N, 784), dtype=np.float32)
+    rows = data.copy()  # the reader's rows: this epoch's, then fresh ones
+    with make_reader(rows) as dr:
+        dr.set_fixed_teacher(teacher.address)
+        dr.set_teacher_cache(cache)
+        check_epoch(run_epoch(dr), data)  # version 1's answers, cached under triton:softmax:1
+        swap.touch()
+        procs.wait_for(lambda: Path(f"{swap}.loaded").exists(), 120, "version 2 loaded", teacher.popen)
+        rows[:] = fresh
+        probs = np.concatenate([b[2] for b in run_epoch(dr)])
+    z = fresh @ W * 2
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)  # the latest's
+    teacher.stop()
+    # Rows the cache has from version 1 first: the epoch's audit (its first task with cached rows, then
+    # one in AUDIT_EVERY) finds them right, and any row filed wrongly after them would be served.
+    mixed = np.concatenate([data[:N // 2], fresh[:N // 2]])
+    first = tritons(version=1)
+    with make_reader(mixed) as dr:
+        dr.set_fixed_teacher(first.address + "/1")
+        dr.set_teacher_cache(cache)
+        check_epoch(run_epoch(dr), mixed)  # version 1's answers to the fresh rows, never version 2's
+        assert dr.stats()["cache"]["hits"] >= N // 2 - 10  # version 1's own rows still come from the cache
+
+
+def test_every_numeric_dtype_comes_back_as_the_model_computed_it_row_by_row(tritons):
+    """Model ``dtypes`` (``tests/triton_teacher.py``) takes FP16, INT8, UINT8, BOOL and INT32 rows and
+    answers in those types and INT64, its outputs declared in another order than the student asks
+    them: each sample gets its own row back, of the model's dtype, bit for bit (bytes read as
+    another type, a row of another sample, a wrap-around lost all show).  Tasks of 100 rows go in
+    requests of the model's max_batch_size 8, and the reader's int64 slot is the model's INT32."""
+    teacher = tritons(dtypes=True, max_batch_size=8)
+    procs.wait_for(lambda: teacher.http("/v2/models/dtypes/ready") == 200, 60, "model 'dtypes'", teacher.popen)
+    rng, rows = np.random.default_rng(5), 600
+    x = {"h": (rng.standard_normal((rows, 4)) * 100).astype(np.float16),
+         "i8": rng.integers(-128, 128, (rows, 3), dtype=np.int8),
+         "u8": rng.integers(0, 256, (rows, 3), dtype=np.uint8),
+         "b": rng.random((rows, 2)) < 0.5,
+         "n": rng.integers(-2**31, 2**31, (rows, 2), dtype=np.int64)}
+    want = {"h2": x["h"] * np.float16(2), "i8_neg": -x["i8"], "u8_inc": x["u8"] + np.uint8(1), "b_not": ~x["b"],
+            "n64": x["n"] * 3 + 2**33}
+    predicts = ["h2", "i8_neg", "u8_inc", "b_not", "n64"]
+    with DistillReader(ins=list(x), predicts=predicts) as dr:
+        dr.set_batch_generator(lambda: (tuple(v[i:i + B] for v in x.values()) for i in range(0, rows, B)))
+        dr.options.task_rows = 2 * B
+        dr.set_fixed_teacher(f"triton://127.0.0.1:{teacher.grpc_port}/dtypes")
+        batches = run_epoch(dr)
+    for k, name in enumerate([*x, *predicts]):
+        got, expected = np.concatenate([b[k] for b in batches]), {**x, **want}[name]
+        assert got.dtype == expected.dtype, (name, got.dtype)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+
+
 ADDRESS = "triton://127.0.0.1:8001/m"
 
 

@@ -112,9 +112,12 @@ class TritonTeacher:
 
 def start_triton(tmp_path: Path, *, grpc_port: int | None = None, http_port: int | None = None,
                  model: str = "softmax", version: int = 1, max_batch_size: int = 16, delay_ms: float = 0.0,
-                 hold_file: Path | None = None, timeout: float = START_TIMEOUT) -> TritonTeacher:
+                 hold_file: Path | None = None, next_version_file: Path | None = None, dtypes: bool = False,
+                 timeout: float = START_TIMEOUT) -> TritonTeacher:
     """A PyTriton server serving ``model`` on free loopback ports, once the model is ready; while
-    ``hold_file`` exists it holds the batches it gets unanswered (``tests/triton_teacher.py``)."""
+    ``hold_file`` exists it holds the batches it gets unanswered, and once ``next_version_file``
+    exists it serves the next version instead; with ``dtypes`` it serves model ``dtypes`` too
+    (``tests/triton_teacher.py``)."""
     require_triton()
     grpc_port, http_port = grpc_port or procs.free_port(), http_port or procs.free_port()
     # PyTriton makes the workspace itself, and binds ipc:// sockets in it: a short path, as a socket's is at
@@ -125,7 +128,9 @@ def start_triton(tmp_path: Path, *, grpc_port: int | None = None, http_port: int
             [PYTHON, str(SCRIPT), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
              "--metrics-port", str(procs.free_port()), "--model", model, "--version", str(version),
              "--max-batch-size", str(max_batch_size), "--delay-ms", str(delay_ms),
-             "--workspace", os.path.join(folder, "w"), *(["--hold-file", str(hold_file)] if hold_file else [])],
+             "--workspace", os.path.join(folder, "w"), *(["--hold-file", str(hold_file)] if hold_file else []),
+             *(["--next-version-file", str(next_version_file)] if next_version_file else []),
+             *(["--dtypes"] if dtypes else [])],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(procs.REPO),
         )
     teacher = TritonTeacher(popen, grpc_port, http_port, model, version, log.name, folder)

@@ -23,7 +23,8 @@ deadline, a cancelled call) a :class:`~zdistill.errors.TeacherTimeout`, which ma
 worker hand its tasks back and probe; ``INVALID_ARGUMENT`` a ``bad_request``
 :class:`~zdistill.errors.TeacherError` naming the model and the inputs sent (fatal: the
 student's training loop gets it); ``RESOURCE_EXHAUSTED`` (a full queue) ``busy``; any
-other (the model raised) ``model_error``.
+other (the model raised) ``model_error``.  An answer of another model version than the meta
+described is ``shutting_down`` (the worker asks the meta again).
 
 ``tritonclient[grpc]`` is the extra ``zdistill[triton]``, imported only when a Triton
 address is used.
@@ -117,6 +118,7 @@ class TritonClient:
         self._deadlines: dict[int, float] = {}
         self._ready: list[Completion] = []
         self._kept: dict[int, Completion] = {}  # finished while call() waited for another
+        self._version = ""  # the model version the last meta described ("": none yet, or Triton named none)
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
         os.set_blocking(self._write_fd, False)
@@ -262,8 +264,10 @@ class TritonClient:
             inputs.append(tensor)
         sent = ", ".join(f"{name} {arr.dtype} {list(arr.shape)}" for name, arr in arrays.items())
         outputs = [grpc.InferRequestedOutput(name) for name in self.outputs] if self.outputs else None
+        version = self._version
 
         def answered(result: Any, error: Exception | None) -> None:
+            error = error or self._other_version(result, version)
             if error is not None:
                 self._finish(generation, Completion(req_id, error=self._error(error, sent, "infer")))
                 return
@@ -276,8 +280,23 @@ class TritonClient:
         except Exception as exc:  # noqa: BLE001 - a channel that cannot take the call: this request's answer
             self._finish(generation, Completion(req_id, error=self._error(exc, sent, "infer")))
 
+    def _other_version(self, result: Any, version: str) -> TeacherError | None:
+        """Why ``result`` is not an answer of model ``version`` (the one the meta described), or None.
+
+        Without a version in the address Triton answers with the latest one ready, and a new one can
+        be loaded on a running server: no connection drops and no call fails, yet it is another model
+        (other answers, another ``model_id``), which its answers must never be filed or audited under.
+        ``shutting_down`` makes a worker hand its tasks back and ask the meta again."""
+        answered = result.get_response().model_version
+        if not version or not answered or answered == version:
+            return None
+        return TeacherError(f"teacher {self.address}: model {self.target.model!r} answered as version {answered}, "
+                            f"not version {version} as its meta said (another model since)", ErrorCode.SHUTTING_DOWN)
+
     def _error(self, exc: Exception, sent: str, what: str) -> Exception:
         """Triton's error as zdistill's (see the module's docstring)."""
+        if isinstance(exc, TeacherError):
+            return exc
         status = str(getattr(exc, "status", lambda: "")() or "")
         said = str(getattr(exc, "message", lambda: str(exc))() or exc)
         model = f"model {self.target.model!r}" + (f" version {self.target.version}" if self.target.version else "")
@@ -313,13 +332,16 @@ class TritonClient:
             model = TritonModel.describe(self.address, metadata, config)
         except ConfigError as exc:
             return Completion(0, error=TeacherError(str(exc), ErrorCode.BAD_REQUEST))
-        model.run_model = lambda feeds: self._run_sync(feeds, model.max_batch_size, end)
+        version = model.model_id.rsplit(":", 1)[1]  # the address's, or the latest the metadata lists
+        model.run_model = lambda feeds: self._run_sync(feeds, model.max_batch_size, end, version)
         header = model.meta()
         header["fingerprint"] = fingerprint(model)
+        self._version = version
         return Completion(0, header=header)
 
-    def _run_sync(self, feeds: Arrays, max_rows: int, end: float) -> Arrays:
-        """The model's answers to ``feeds`` (the probe batch), in calls of at most ``max_rows`` rows."""
+    def _run_sync(self, feeds: Arrays, max_rows: int, end: float, version: str) -> Arrays:
+        """The model's answers to ``feeds`` (the probe batch), in calls of at most ``max_rows`` rows, all
+        of model ``version`` (a fingerprint of another version's answers would pass for this one's)."""
         grpc, rows = self._grpc, len(next(iter(feeds.values())))
         parts: list[Arrays] = []
         for start in range(0, rows, max_rows):
@@ -331,6 +353,8 @@ class TritonClient:
                 inputs.append(tensor)
             result = self._server.infer(self.target.model, inputs, model_version=self.target.version,
                                         client_timeout=max(0.01, end - time.monotonic()))
+            if (error := self._other_version(result, version)) is not None:
+                raise error
             names = [o.name for o in result.get_response().outputs]
             parts.append({n: result.as_numpy(n) for n in names})
         return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
