@@ -27,6 +27,7 @@ from hypothesis.extra import numpy as hnp
 from tests import procs
 from zdistill import ConfigError, DistillReader, TeacherError
 from zdistill.errors import ZDistillError
+from zdistill.student.batches import PROBE_EVERY
 
 INS, PREDICTS = ["a", "b", "tag"], ["na", "b1"]
 MODES = ["sample", "sample_list", "batch"]
@@ -200,6 +201,63 @@ def test_a_teacher_with_a_narrower_feed_refuses_values_it_cannot_hold(teacher, s
         with pytest.raises(TeacherError, match=r"slot 'b' .* feed \(int16\) cannot take: \[40000"):
             run_epoch(dr)
         slots_back(dr)
+
+
+# -- a reader that fills the same arrays for every item --------------------------------
+
+
+def reusing_reader(mode: str, items: int, per: int, fresh: int = 0) -> Callable[[], Iterator[Any]]:
+    """A reader that writes each item into the arrays it yielded the last time (as a loader with
+    buffers made once does), after ``fresh`` items of new arrays; item ``i``'s samples are
+    ``(i * per + j + 0.5, i * per + j, 3 * (i * per + j))``."""
+
+    def read() -> Iterator[Any]:
+        new = lambda: [np.zeros(per, np.float32), np.zeros(per, np.int64), np.zeros(per, np.int64)]  # noqa: E731
+        a, b, tag = new()
+        for i in range(items):
+            if i < fresh:
+                a, b, tag = new()
+            k = np.arange(i * per, (i + 1) * per)
+            a[:], b[:], tag[:] = k + 0.5, k, 3 * k
+            if mode == "batch":
+                yield a, b, tag
+            elif mode == "sample_list":
+                yield [(a[j : j + 1].reshape(()), b[j : j + 1].reshape(()), tag[j : j + 1].reshape(()))
+                       for j in range(per)]
+            else:
+                yield a.reshape(()), b.reshape(()), tag.reshape(())
+
+    return read
+
+
+def reused_samples(rows: int) -> list[tuple[Any, Any, Any]]:
+    return [(k + 0.5, k, 3 * k) for k in range(rows)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["sample", "sample_list", "batch"])
+def test_a_reader_that_fills_the_same_arrays_for_every_item_gets_each_items_values(teacher, mode):
+    """EDL's queue pickled each item as it came, so a reader may write the next item into the
+    arrays it has just yielded.  A task holds several items while the reader makes the next:
+    without copies every row of it would be the last item's (values and predictions)."""
+    per = 1 if mode == "sample" else 4
+    with make_reader(teacher, mode, task_rows=4 * per) as dr:
+        getattr(dr, f"set_{mode}_generator")(reusing_reader(mode, 40, per))
+        for _ in range(2):  # the second epoch finds the reader out again
+            check_rows(mode, run_epoch(dr), reused_samples(40 * per))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["sample_list", "batch"])
+def test_a_reader_that_starts_filling_the_same_arrays_late_is_named_not_trusted(teacher, mode):
+    """Past the epoch's first task the items are not copied (a copy costs a sample list about
+    1 us a sample); one task in PROBE_EVERY still is, and compared.  A reader that starts to
+    write into what it yielded only later is named there, in the training loop."""
+    per, tasks = 4, PROBE_EVERY + 2
+    with make_reader(teacher, mode, task_rows=4 * per) as dr:
+        getattr(dr, f"set_{mode}_generator")(reusing_reader(mode, 4 * tasks, per, fresh=8))
+        with pytest.raises(ConfigError, match=f"wrote into an array it had already yielded .* of task {PROBE_EVERY} "):
+            run_epoch(dr)
 
 
 # -- a sample type change inside a task --------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,6 +31,8 @@ import numpy as np
 
 from zdistill.errors import ConfigError
 from zdistill.spec import Ragged, Tensor, TensorSpec
+
+log = logging.getLogger(__name__)
 
 
 class ReaderType(enum.StrEnum):
@@ -45,6 +48,7 @@ def predict_key(name: str) -> str:
 
 
 _LENGTHS, _FORMS = "l:", "f:"  # a ragged slot's lengths; a slot's form per reader batch
+PROBE_EVERY = 64  # one task in this many (and each epoch's first) checks that the reader leaves its items be
 AS_LIST = -1  # in a slot's forms: this reader batch gave the slot as a list of per-sample arrays
 _STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
 Spec = tuple[tuple[int, ...], np.dtype]  # an array's shape and dtype in a slot
@@ -370,6 +374,15 @@ class TaskBuilder:
     Whole reader batches are packed into a task until it holds ``task_rows`` rows or
     ``task_bytes`` bytes (the pipeline's cost is per message, its memory per byte), built in
     place where ``allocate`` says (shared memory), so stacking the samples is the only copy.
+
+    A task holds the reader's items until it is full, while the reader makes the next ones; a
+    reader may fill the same arrays for each item (EDL's queue pickled every item as it came),
+    which would give the task the last item's values in every row.  So the first task of an
+    epoch, and then one in :data:`PROBE_EVERY`, holds copies, and its cut compares them with
+    the items: a reader found writing into what it gave has every item copied from then on
+    (its values, not the later ones, go to the teachers), or, when tasks built without copies
+    have gone already, :class:`~zdistill.errors.ConfigError` names it rather than let them
+    stand.  A copy of each item costs a sample list about 1 us a sample; the probe, 1/64 of it.
     An empty reader batch rides in a task as a size of 0, so the output has as many batches as
     the reader yielded.  A slot is ragged when its teacher's feed is variable-length, or when
     its samples in the task differ in length: a sample reader's are looked at only once
@@ -386,6 +399,7 @@ class TaskBuilder:
         self.allocate = allocate
         self.tasks_made = 0
         self._row_bytes = 0  # bytes of one row of all slots, learnt from the first task
+        self.copying = False  # every item is copied as it comes: the reader writes into what it gave
         self._reset()
 
     def _reset(self) -> None:
@@ -393,6 +407,9 @@ class TaskBuilder:
         self._forms: list[list[int]] = [[] for _ in self.ins]  # per slot, per reader batch: AS_LIST or its row length
         self._sizes: list[int] = []
         self._rows = 0
+        probing = not self.copying and self.tasks_made % PROBE_EVERY == 0
+        self._copies = self.copying or probing  # whether the task holds copies of the items
+        self._given: list[list[Any]] | None = [[] for _ in self.ins] if probing else None  # the items, per slot
 
     def add(self, item: Any) -> Iterator[BuiltTask]:
         """Take one item from the user's reader; yield a task whenever one is full."""
@@ -434,8 +451,10 @@ class TaskBuilder:
                 pass
         if len(columns) != len(self.ins):  # other sequences, or a sample is wrong: check each (naming a bad one)
             columns = list(zip(*(self._arity(sample, "sample") for sample in samples), strict=True))
-        for part, column in zip(self._parts, columns, strict=True):
-            part.extend(column)
+        for i, column in enumerate(columns):
+            if self._given is not None:
+                self._given[i].extend(column)
+            self._parts[i].extend(map(_copied, column) if self._copies else column)
         if not self._row_bytes:
             self._row_bytes = sum(_as_array(name, v).nbytes for name, v in zip(self.ins, samples[0], strict=True))
 
@@ -457,11 +476,37 @@ class TaskBuilder:
         if n and not self._rows:  # an empty batch decides a task's dtypes only when no row does
             self._parts = [[] for _ in self.ins]
         if n or not self._rows:
-            for part, p in zip(self._parts, parts, strict=True):
-                part.append(p)
+            for i, p in enumerate(parts):
+                if self._given is not None:
+                    if n and not self._rows:
+                        self._given[i].clear()
+                    self._given[i].append(p)
+                if self._copies:
+                    p = [r.copy() for r in p] if isinstance(p, list) else p.copy()
+                self._parts[i].append(p)
         if not self._row_bytes and n:
             self._row_bytes = sum(sum(r.nbytes for r in p) if isinstance(p, list) else p.nbytes for p in parts) // n
         return n
+
+    def _check_given(self) -> None:
+        """The probe: whether the reader wrote into an item it gave while this task held it (the
+        task has copies of them as they came).  If so, every item is copied from now on; raise
+        if tasks holding the reader's own arrays were built since the last probe."""
+        assert self._given is not None
+        for name, given, copies in zip(self.ins, self._given, self._parts, strict=True):
+            changed = next((i for i, (g, c) in enumerate(zip(given, copies, strict=True)) if not _same(g, c)), None)
+            if changed is None:
+                continue
+            what = f"slot {name!r} of {'batch' if self.reader_type is ReaderType.BATCH else 'sample'} {changed}"
+            if self.tasks_made:
+                raise ConfigError(
+                    f"the reader wrote into an array it had already yielded ({what} of task {self.tasks_made} "
+                    "changed before the task was full); the tasks built since the check before this one held "
+                    "its arrays without copies, and their rows may hold later items' values.  Yield new arrays "
+                    "(or copies) for each item")
+            log.info("the reader writes into arrays it has yielded (%s changed): each item is copied", what)
+            self.copying = True
+            return
 
     def _uneven(self, name: str, part: list[Any]) -> bool:
         """Whether a slot's samples in the task differ in length along their first axis."""
@@ -471,6 +516,8 @@ class TaskBuilder:
         return any(isinstance(p, list) for p in part) or len({p.shape[1] for p in part if p.ndim > 1 and len(p)}) > 1
 
     def _cut(self) -> BuiltTask:
+        if self._given is not None:
+            self._check_given()
         ragged = {name for name, spec in self.feeds.items() if spec.variable and name in self.ins}
         built = None if self.reader_type is ReaderType.BATCH else self._build(ragged)
         if built is None:  # a batch reader's task, or a sample differs from the first: in length, dtype or shape
@@ -557,6 +604,30 @@ class TaskBuilder:
 
 
 _SHAPE = operator.attrgetter("shape")
+
+
+def _copied(value: Any) -> Any:
+    """A sample's ``value`` as it is now, whatever its reader writes into it later: an array
+    copied, a list or tuple as one of its items copied (of numbers, which cannot change, a
+    shallow copy), numbers as they are."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, (list, tuple)):
+        items = value if set(map(type, value)) <= {int, float, bool} else map(_copied, value)
+        return list(items) if isinstance(value, list) else tuple(items)
+    return value
+
+
+def _same(given: Any, copy: Any) -> bool:
+    """Whether ``given`` (as its reader holds it now) still holds what ``copy`` (:func:`_copied`) took."""
+    if copy is given:
+        return True
+    if isinstance(copy, np.ndarray):
+        now = np.asarray(given)
+        return now.dtype == copy.dtype and now.shape == copy.shape and now.tobytes() == copy.tobytes()
+    if isinstance(copy, (list, tuple)):
+        return type(given) is type(copy) and len(given) == len(copy) and all(map(_same, given, copy))
+    return type(given) is type(copy) and bool(given == copy)
 
 
 def _stack_into(out: np.ndarray, part: list[Any]) -> None:
