@@ -250,8 +250,8 @@ def test_a_reader_that_fills_the_same_arrays_for_every_item_gets_each_items_valu
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["sample_list", "batch"])
 def test_a_reader_that_starts_filling_the_same_arrays_late_is_named_not_trusted(teacher, mode):
-    """Past the epoch's first task the items are not copied (a copy costs a sample list about
-    1 us a sample); one task in PROBE_EVERY still is, and compared.  A reader that starts to
+    """Past the epoch's first task the items are not copied (a copy costs a sample list 1 to
+    2 us a sample); one task in PROBE_EVERY still is, and compared.  A reader that starts to
     write into what it yielded only later is named there, in the training loop."""
     per, tasks = 4, PROBE_EVERY + 2
     with make_reader(teacher, mode, task_rows=4 * per) as dr:
