@@ -383,6 +383,7 @@ class TaskBuilder:
     (its values, not the later ones, go to the teachers), or, when tasks built without copies
     have gone already, :class:`~zdistill.errors.ConfigError` names it rather than let them
     stand.  A copy of each item costs a sample list 1 to 2 us a sample (3 KB ones); the probe, 1/64 of it.
+
     An empty reader batch rides in a task as a size of 0, so the output has as many batches as
     the reader yielded.  A slot is ragged when its teacher's feed is variable-length, or when
     its samples in the task differ in length: a sample reader's are looked at only once
