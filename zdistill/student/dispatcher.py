@@ -228,6 +228,7 @@ class Dispatcher:
         self._producer.setsockopt(zmq.LINGER, 0)
         endpoint = f"ipc://{self.folder}/producer-{epoch}"
         self._producer.bind(endpoint)
+        self._poller.register(self._producer, _IN)  # now: a stop in the same step unregisters it
         self.events.put(Planned(epoch, plan, endpoint, self.sched.slot_count, self.sched.grants(), self.cache_ok))
 
     def _end_epoch(self, epoch: int, lent: frozenset[int]) -> None:
