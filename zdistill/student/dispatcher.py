@@ -155,6 +155,10 @@ class Dispatcher:
         """The task's answer holds cached rows the cache's gate no longer lets through: a teacher answers it whole."""
         self._post(self.sched.redo, task)
 
+    def lend(self, slot: int) -> None:
+        """The training loop holds views of a slot's arrays (its bytes leave the bound) until :meth:`release`."""
+        self._post(self.sched.lend, slot)
+
     def release(self, slot: int) -> None:
         """A slot is free again (called by the finalizer of its arrays, in any thread)."""
         self._post(self.sched.release, slot)

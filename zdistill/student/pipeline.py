@@ -371,6 +371,7 @@ class EpochSink:
         slot, arrays, mapping = p.slot_reader.view(task.shm)
         if len(p.lent) < self.keep_limit:
             p.lent.add(slot)
+            p.dispatcher.lend(slot)  # before the finalizer can post its release
             weakref.finalize(mapping, _returned, p.lent, p.dispatcher.release, slot)
             return arrays
         copies = {name: np.array(arr) for name, arr in arrays.items()}
