@@ -79,7 +79,56 @@ def wait_for_sigterm(teacher: str) -> None:
         time.sleep(1)
 
 
-SCENARIOS = {"kill_reader": kill_reader, "wait_for_sigterm": wait_for_sigterm}
+def interrupted_start(teacher: str) -> None:
+    """Ctrl-C (a real SIGINT) reaches the training loop while its first epoch starts, then the loop
+    runs the epoch again, as one does in a notebook.
+
+    It lands while the loop waits for the dispatcher's plan, or with ``--at-fork`` just after the
+    loop forked the epoch's reader process.  The signal is sent from inside that step, so that it lands
+    there every time.
+    """
+    import psutil
+
+    from zdistill.student import dispatcher, pipeline
+
+    dr = make_reader(teacher)
+    interrupted: list[int] = []  # the reader process of the interrupted epoch, once forked
+    if "--at-fork" not in sys.argv:
+        planned = pipeline.EpochSink.planned
+
+        def ctrl_c_then_plan(self: pipeline.EpochSink) -> object:
+            pipeline.EpochSink.planned = planned  # once
+            os.kill(os.getpid(), signal.SIGINT)
+            return planned(self)
+
+        pipeline.EpochSink.planned = ctrl_c_then_plan
+    else:
+        started = dispatcher.Dispatcher.started
+
+        def started_then_ctrl_c(self: dispatcher.Dispatcher, pid: int) -> None:
+            dispatcher.Dispatcher.started = started  # once
+            started(self, pid)
+            interrupted.append(pid)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        dispatcher.Dispatcher.started = started_then_ctrl_c
+    try:
+        try:
+            for _ in dr():
+                pass
+            say("not_interrupted")
+            return
+        except KeyboardInterrupt:
+            say("interrupted", reader_pids=interrupted)
+        samples = sum(len(batch[0]) for batch in dr())
+        alive = [pid for pid in interrupted if psutil.pid_exists(pid)
+                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        say("finished", samples=samples, reader_pids_alive=alive)
+    finally:
+        dr.close()
+
+
+SCENARIOS = {"kill_reader": kill_reader, "wait_for_sigterm": wait_for_sigterm, "interrupted_start": interrupted_start}
 
 
 def main() -> None:
@@ -87,6 +136,7 @@ def main() -> None:
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     p.add_argument("--teacher", required=True)
     p.add_argument("--own-handler", action="store_true")
+    p.add_argument("--at-fork", action="store_true")
     args = p.parse_args()
     SCENARIOS[args.scenario](args.teacher)
 

@@ -149,6 +149,37 @@ def test_close_from_another_thread_while_the_first_epoch_waits_for_teachers(capl
     assert outcome["at"] - started < 3.0, outcome["at"] - started
 
 
+@pytest.mark.timeout(90)
+def test_an_epoch_asked_for_from_another_thread_while_one_runs_is_refused_every_time(start_teacher):
+    """``dr()`` from a second thread while the loop waits in its epoch cannot close that epoch
+    (the generator is running): it raises, and so does a second try, which must not start an
+    epoch beside the running one (that would forget the running epoch's tasks, and its loop
+    would wait for ever)."""
+    teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", env={"ZDISTILL_TEST_DELAY_MS": "2000"})
+    x = np.random.default_rng(2).random((N, 784), dtype=np.float32)
+    dr = DistillReader(ins=["img", "label"], predicts=["prob"])
+    dr.set_fixed_teacher(teacher.endpoint)
+    dr.set_batch_generator(batches(x))
+    dr.options.task_rows = B
+    thread, outcome = loop_in_thread(lambda: [label for _, label, _ in dr()])
+    refused = []
+    try:
+        procs.wait_for(lambda: dr.stats().get("tasks_in_flight", 0) > 0 and dr.stats()["tasks"] == 0, 30,
+                       "the first tasks to reach the slow teacher")
+        for _ in range(2):
+            try:
+                next(dr())
+            except ValueError as exc:
+                refused.append(str(exc))
+        thread.join(60)
+        assert not thread.is_alive(), "the running epoch waits for ever: another began beside it"
+    finally:
+        dr.close()
+        thread.join(30)
+    assert len(refused) == 2 and all("already executing" in r for r in refused), refused
+    np.testing.assert_array_equal(np.concatenate(outcome["result"]), np.arange(N))
+
+
 # -- a child the student forked ends ------------------------------------------------------------
 
 FORK_EXIT = """

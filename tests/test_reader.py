@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import psutil
@@ -148,6 +149,35 @@ def test_training_loop_may_keep_and_write_its_arrays(teachers, data):
         np.testing.assert_array_equal(img, x[rows] + 1)
         np.testing.assert_array_equal(label, y[rows])
         np.testing.assert_allclose(prob, softmax_np(x[rows] + 1), rtol=1e-5, atol=1e-6)
+
+
+def test_a_loop_keeping_every_batch_is_not_starved_by_the_memory_bound(teachers, data):
+    """The arrays the loop holds are the loop's memory (README: the slots hold up to
+    ``max_inflight_bytes`` plus what the loop holds): views it keeps of earlier tasks, worth
+    more than the bound, must not keep the reader from the slot of the next task, or
+    ``list(dr())`` with big batches would wait for it for ever."""
+    x, y = data
+    with DistillReader(ins=["img", "label"], predicts=["prob"]) as dr:
+        dr.set_fixed_teacher(teachers[:1])
+        dr.set_batch_generator(batch_reader(x, y))
+        dr.options.task_rows = 32  # a task per batch, of about 100 kB: the loop keeps views of 4 (keep_limit)
+        dr.options.max_inflight_bytes = 300_000
+        kept: list = []
+        errors: list[BaseException] = []
+
+        def keep_all() -> None:
+            try:
+                kept.extend(dr())
+            except BaseException as exc:  # noqa: BLE001 - the test reports what the loop saw
+                errors.append(exc)
+
+        loop = threading.Thread(target=keep_all, daemon=True)
+        loop.start()
+        loop.join(60)
+        assert not loop.is_alive(), f"the loop waits for ever after {len(kept)} of 32 batches"
+    assert not errors, errors
+    np.testing.assert_array_equal(np.concatenate([label for _, label, _ in kept]), y)
+    np.testing.assert_allclose(np.concatenate([prob for _, _, prob in kept]), softmax_np(x), rtol=1e-5, atol=1e-6)
 
 
 def test_slow_teachers_get_smaller_tasks(start_teacher, data):

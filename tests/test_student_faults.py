@@ -59,6 +59,19 @@ def test_reader_process_killed_mid_epoch_raises_within_seconds(start_teacher, st
     assert outcome["after"] < 10, outcome
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("at", [[], ["--at-fork"]], ids=["waiting-for-the-plan", "after-the-fork"])
+def test_ctrl_c_while_the_first_epoch_starts_leaves_the_reader_usable(start_teacher, students, at):
+    """A KeyboardInterrupt between the epoch's start and its first batch ends that epoch like any
+    other way out: the epoch run next gets slots (its first grant is not held by the interrupted
+    one) and ends, and the interrupted epoch's reader process is stopped."""
+    teacher = start_teacher()
+    student = students("interrupted_start", "--teacher", teacher.endpoint, *at)
+    assert student.event(timeout=60)["event"] == "interrupted"
+    outcome = student.event(timeout=60)  # not a wait for ever for a slot
+    assert outcome == {"event": "finished", "samples": 20000, "reader_pids_alive": []}, outcome
+
+
 # -- teachers that take other inputs ------------------------------------------------------
 
 

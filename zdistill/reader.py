@@ -390,10 +390,12 @@ class DistillReader:
         if self._reader is None or self._reader_type is None:
             raise ConfigError("set a reader first (set_sample_generator / set_sample_list_generator / ...)")
         with self._lock:
-            active, self._active = self._active, None
-            pipeline = self._pipeline
+            active, pipeline = self._active, self._pipeline
         if active is not None:
-            active.close()  # a new epoch starts from its beginning, whatever the last one did
+            # A new epoch starts from its beginning, whatever the last one did.  One that another
+            # thread runs cannot be closed (ValueError): it stays the active one, so that no epoch
+            # begins beside it (the dispatcher would forget its tasks, and its loop wait for ever).
+            active.close()
         if pipeline is None or pipeline.closed:
             pipeline = self._start()
         with self._lock:

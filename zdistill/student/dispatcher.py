@@ -155,6 +155,10 @@ class Dispatcher:
         """The task's answer holds cached rows the cache's gate no longer lets through: a teacher answers it whole."""
         self._post(self.sched.redo, task)
 
+    def lend(self, slot: int) -> None:
+        """The training loop holds views of a slot's arrays (its bytes leave the bound) until :meth:`release`."""
+        self._post(self.sched.lend, slot)
+
     def release(self, slot: int) -> None:
         """A slot is free again (called by the finalizer of its arrays, in any thread)."""
         self._post(self.sched.release, slot)
@@ -228,6 +232,7 @@ class Dispatcher:
         self._producer.setsockopt(zmq.LINGER, 0)
         endpoint = f"ipc://{self.folder}/producer-{epoch}"
         self._producer.bind(endpoint)
+        self._poller.register(self._producer, _IN)  # now: a stop in the same step unregisters it
         self.events.put(Planned(epoch, plan, endpoint, self.sched.slot_count, self.sched.grants(), self.cache_ok))
 
     def _end_epoch(self, epoch: int, lent: frozenset[int]) -> None:

@@ -241,31 +241,34 @@ class Pipeline:
         self.epochs += 1
         epoch = self.epochs
         sink = EpochSink(self, epoch, reader_type)
-        self.dispatcher.begin(epoch)
-        planned = sink.planned()
-        cache = self.cache if planned.cache else None
-        if cache is not None:
-            cache.refresh()  # what the workers stored so far: the producer inherits it across the fork
-        cfg = ProducerConfig(
-            cache=cache, cache_feeds=[f.name for f in self.feeds if f.name in self.ins],
-            cache_gate=self.dispatcher.gate, parent_pid=os.getpid(),
-            reader=reader, reader_type=reader_type, ins=self.ins, feeds=self.feeds, epoch=epoch,
-            task_rows=planned.plan.task_rows, task_bytes=self.options.task_bytes, endpoint=planned.endpoint,
-            slots_folder=self.slots_folder, slot_count=planned.slot_count, grants=planned.grants,
-        )
-        with self.dispatcher.lock:  # no lock of the dispatcher thread is inherited held, and no close() missed
-            pid = os.fork()
-            if pid != 0:
-                self.dispatcher.started(pid)
-        if pid == 0:
-            run_producer(cfg)
-        self._check_open()
-        self._epoch_started, self._sink = time.monotonic(), sink
+        # From the begin on, every way out stops the epoch: one begun and never stopped (a Ctrl-C
+        # while it starts) would keep its grants and its producer, and the next epoch wait for ever.
         try:
+            self.dispatcher.begin(epoch)
+            planned = sink.planned()
+            cache = self.cache if planned.cache else None
+            if cache is not None:
+                cache.refresh()  # what the workers stored so far: the producer inherits it across the fork
+            cfg = ProducerConfig(
+                cache=cache, cache_feeds=[f.name for f in self.feeds if f.name in self.ins],
+                cache_gate=self.dispatcher.gate, parent_pid=os.getpid(),
+                reader=reader, reader_type=reader_type, ins=self.ins, feeds=self.feeds, epoch=epoch,
+                task_rows=planned.plan.task_rows, task_bytes=self.options.task_bytes, endpoint=planned.endpoint,
+                slots_folder=self.slots_folder, slot_count=planned.slot_count, grants=planned.grants,
+            )
+            with self.dispatcher.lock:  # no lock of the dispatcher thread is inherited held, and no close() missed
+                pid = os.fork()
+                if pid != 0:
+                    self.dispatcher.started(pid)
+            if pid == 0:
+                run_producer(cfg)
+            self._check_open()
+            self._epoch_started, self._sink = time.monotonic(), sink
             yield from sink.outputs()
         finally:
             self.dispatcher.stop(epoch, frozenset(self.lent))
-            self.busy_seconds += time.monotonic() - self._epoch_started
+            if self._epoch_started is not None:
+                self.busy_seconds += time.monotonic() - self._epoch_started
             self.wait_seconds += sink.wait_seconds
             self._epoch_started = self._sink = None
 
@@ -370,6 +373,7 @@ class EpochSink:
         slot, arrays, mapping = p.slot_reader.view(task.shm)
         if len(p.lent) < self.keep_limit:
             p.lent.add(slot)
+            p.dispatcher.lend(slot)  # before the finalizer can post its release
             weakref.finalize(mapping, _returned, p.lent, p.dispatcher.release, slot)
             return arrays
         copies = {name: np.array(arr) for name, arr in arrays.items()}

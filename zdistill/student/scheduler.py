@@ -13,7 +13,8 @@ pass ``now``), so its rules are unit-tested with plain calls (``tests/test_sched
   while it holds fewer than the epoch's ``in_flight``, the one holding least first, so a
   slow teacher gets fewer tasks.
 - A slot is granted to the producer, holds a task until the training loop lets go of its
-  arrays (or the epoch ends without it), then is free; grants stop at ``max_inflight_bytes``.
+  arrays (or the epoch ends without it), then is free; grants stop at ``max_inflight_bytes``
+  of taken slots, the ones whose views the loop holds left out (that memory is the loop's).
 """
 
 from __future__ import annotations
@@ -144,7 +145,10 @@ class Scheduler:
         self.free: list[int] = []  # a heap: the lowest slots are reused, so few slot files are ever made
         self.granted: set[int] = set()
         self.slot_task: dict[int, tuple[int, int]] = {}  # slot -> (epoch, nbytes) of the task in it
-        self.held_bytes = 0
+        # Taken slots whose arrays the training loop holds: their bytes are the loop's, outside the bound
+        # (else a loop keeping views worth the bound would wait for ever for the next task's slot).
+        self.lent: set[int] = set()
+        self.held_bytes = 0  # of the taken slots not lent
         # Measured, kept across epochs: the plan of the next epoch follows them.
         self.task_times: deque[float] = deque(maxlen=64)  # a median: stragglers must not raise it
         self.row_service: deque[float] = deque(maxlen=64)  # teacher time per row
@@ -219,7 +223,7 @@ class Scheduler:
         typical = max(self.recent_task_bytes, default=0)
         out: list[int] = []
         while self.free:
-            if self.slot_task or self.granted or out:
+            if len(self.slot_task) > len(self.lent) or self.granted or out:
                 committed = self.held_bytes + (len(self.granted) + len(out) + 1) * typical
                 if not typical or committed > self.options.max_inflight_bytes:
                     break
@@ -227,11 +231,21 @@ class Scheduler:
         self.granted.update(out)
         return out
 
+    def lend(self, slot: int) -> None:
+        """The training loop got views of a slot's arrays: it holds them until :meth:`release`."""
+        held = self.slot_task.get(slot)
+        if held is not None and slot not in self.lent:
+            self.lent.add(slot)
+            self.held_bytes -= held[1]
+
     def release(self, slot: int) -> None:
         """The training loop let go of a slot's arrays (or never got them)."""
         held = self.slot_task.pop(slot, None)
         if held is not None:
-            self.held_bytes -= held[1]
+            if slot in self.lent:
+                self.lent.discard(slot)
+            else:
+                self.held_bytes -= held[1]
             heapq.heappush(self.free, slot)
 
     def _return_grants(self) -> None:
