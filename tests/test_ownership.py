@@ -95,14 +95,19 @@ def program(teacher: str, *parts: str) -> str:
 # -- close() from another thread ------------------------------------------------------------
 
 
-@pytest.mark.timeout(60)
-def test_close_from_another_thread_stops_everything_and_the_waiting_loop_raises_at_once(start_teacher):
+def slow_reader(start_teacher) -> DistillReader:
+    """A reader of a teacher that takes 2 s a request: its loop waits for the first answer a while."""
     teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", env={"ZDISTILL_TEST_DELAY_MS": "2000"})
-    x = np.random.default_rng(2).random((N, 784), dtype=np.float32)
     dr = DistillReader(ins=["img", "label"], predicts=["prob"])
     dr.set_fixed_teacher(teacher.endpoint)
-    dr.set_batch_generator(batches(x))
+    dr.set_batch_generator(batches(np.random.default_rng(2).random((N, 784), dtype=np.float32)))
     dr.options.task_rows = B
+    return dr
+
+
+@pytest.mark.timeout(60)
+def test_close_from_another_thread_stops_everything_and_the_waiting_loop_raises_at_once(start_teacher):
+    dr = slow_reader(start_teacher)
     thread, outcome = loop_in_thread(lambda: sum(1 for _ in dr()))
     try:
         # The loop waits for the first answer: tasks were sent, the teacher takes 2 s for each.
@@ -155,12 +160,7 @@ def test_an_epoch_asked_for_from_another_thread_while_one_runs_is_refused_every_
     (the generator is running): it raises, and so does a second try, which must not start an
     epoch beside the running one (that would forget the running epoch's tasks, and its loop
     would wait for ever)."""
-    teacher = start_teacher(f"{procs.TEACHERS}:slow_softmax", env={"ZDISTILL_TEST_DELAY_MS": "2000"})
-    x = np.random.default_rng(2).random((N, 784), dtype=np.float32)
-    dr = DistillReader(ins=["img", "label"], predicts=["prob"])
-    dr.set_fixed_teacher(teacher.endpoint)
-    dr.set_batch_generator(batches(x))
-    dr.options.task_rows = B
+    dr = slow_reader(start_teacher)
     thread, outcome = loop_in_thread(lambda: [label for _, label, _ in dr()])
     refused = []
     try:
