@@ -817,6 +817,41 @@ def test_a_model_its_fingerprint_cannot_tell_apart_is_caught_by_the_epochs_audit
 
 
 @pytest.mark.timeout(180)
+def test_a_student_of_a_looser_tolerance_never_files_its_answers_where_a_stricter_one_reads(start_teacher, tmp_path,
+                                                                                          data):
+    """Students sharing one cache folder, one of them with a tolerance loose enough to take model B
+    (0.41 apart in fingerprint) for model A: its answers must never reach a student of the default
+    tolerance, whose teacher is model A.  Its audit alone cannot catch them: it samples a task in 64,
+    and the first, answered by model A itself, agrees."""
+    x, y = data
+    cache = tmp_path / "cache"
+    a, b = start_teacher(f"{CACHE_TEACHERS}:model_a"), start_teacher(f"{CACHE_TEACHERS}:model_b")
+    assert distance(meta_of(a)["fingerprint"]["outputs"], meta_of(b)["fingerprint"]["outputs"], ["prob"]) < 0.5
+    with reader(a, cache, x[: N // 2], y[: N // 2]) as dr:  # model A answers the first half
+        epoch(dr)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from zdistill import DistillReader
+        x = np.random.default_rng(5).random(({N}, 784), dtype=np.float32)[{N // 2}:]
+        dr = DistillReader(ins=['img'], predicts=['prob'])
+        dr.set_fixed_teacher([{b.endpoint!r}])
+        dr.set_batch_generator(lambda: ((x[i:i + {B}],) for i in range(0, len(x), {B})))
+        dr.set_teacher_cache({str(cache)!r}, tolerance=0.5)
+        assert sum(len(batch[1]) for batch in dr()) == len(x)
+        dr.close()
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert rows_asked(b) == N // 2  # model B answered the second half, with a cache of its own tolerance
+    with reader(a, cache, x, y) as dr:
+        dr.options.task_rows = B  # the audited first task: rows model A answered itself, whatever the plan
+        labels, probs = epoch(dr)
+    np.testing.assert_array_equal(labels, y)
+    want = cache_teachers.expected(x, cache_teachers.weights(1))
+    assert wrong_rows(probs, want) == 0, f"{wrong_rows(probs, want)} of {N} rows were model B's"
+
+
+@pytest.mark.timeout(180)
 def test_the_same_bytes_in_feeds_declared_in_another_order_are_another_question(start_teacher, tmp_path):
     """One model, under one model_id, its two feeds declared in the order (a, b), then (b, a),
     answering 0 to the probe's inputs (0 or 1) either way, so both orders share the cache's

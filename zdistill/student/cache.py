@@ -5,9 +5,9 @@ teacher's ``model_id`` (from its ``meta``) and a 128-bit hash (xxh3) of the exac
 each sample's feeds, so that where the data is not augmented, rows already answered are
 answered before a task leaves the student's machine.
 
-Layout: ``<path>/<model>/<schema>/fp<n>/<segment files>``: a digest of the ``model_id``, one
-of the predictions kept (names, dtypes, row shapes), and a folder per behaviour of the
-model, whose ``fingerprint.json`` holds what it answered to the probe batch
+Layout: ``<path>/<model>/<schema>/fp<n>-<tolerance>/<segment files>``: a digest of the ``model_id``,
+one of the predictions kept (names, dtypes, row shapes), and a folder per behaviour of the
+model and tolerance, whose ``fingerprint.json`` holds what it answered to the probe batch
 (:func:`namespace_for`): another model, even one under the same ``model_id``, never gets
 another's answers.  A segment starts with a header (the format's magic and the schema as
 JSON) and has one writer (a worker, appending whole records), so students sharing a path
@@ -574,14 +574,17 @@ def namespace_for(root: str, model_id: str, fetches: Sequence[TensorSpec], fp: M
     """The folder of answers of ``model_id`` that behaves as ``fp`` says (a summary of its answers to
     the probe batch, :func:`zdistill.fingerprint.usable`): the first under :func:`folder_for` whose
     fingerprint is within ``tolerance`` of ``fp``, else a new one, so that two models of one
-    ``model_id`` get folders of their own.  A new folder is made whole (its fingerprint written)
+    ``model_id`` get folders of their own.  Only folders made for this ``tolerance`` are looked at
+    (its ``repr`` ends their name): a reader of a looser one takes models further from the folder's
+    fingerprint for the folder's and files their answers there, which a stricter reader sharing
+    the cache would be served.  A new folder is made whole (its fingerprint written)
     under a temporary name and renamed into place: a folder seen by its name always has its
     fingerprint, and two students making one at once both end up in one of them.
     """
     parent = folder_for(root, model_id, fetches)
     os.makedirs(parent, mode=0o700, exist_ok=True)
     for number in itertools.count():
-        folder = os.path.join(parent, f"fp{number}")
+        folder = os.path.join(parent, f"fp{number}-{tolerance!r}")
         if not os.path.isdir(folder):
             staging = os.path.join(parent, f".new-{os.getpid()}-{os.urandom(4).hex()}")
             os.makedirs(staging, mode=0o700)
