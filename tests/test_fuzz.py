@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import msgpack
 import numpy as np
 import psutil
 import zmq
@@ -67,6 +68,31 @@ def test_teacher_survives_10000_hostile_messages(start_teacher):
     print(f"fuzz: {sent} messages, {replies['error']} error replies, teacher RSS "  # noqa: T201
           f"{rss_before / 2**20:.1f} -> {proc.memory_info().rss / 2**20:.1f} MiB")
 
+
+
+def test_teacher_refuses_feeds_that_leave_the_byte_order_to_it(start_teacher):
+    """A big-endian client's float32 sent as ``f4`` or ``=f4`` (numpy reads both in the reader's order)
+    is ``bad_message`` naming the byte order, never a prediction of byte-swapped numbers; ``>f4`` is
+    read right and refused for its dtype, and the teacher serves on."""
+    teacher = start_teacher()
+    x = np.random.default_rng(1).random((2, 784), dtype=np.float32)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(teacher.endpoint)
+    good = TeacherClient(teacher.endpoint, timeout=10)
+    try:
+        for req_id, dtype in enumerate(["f4", "=f4", "|f4", ">f4"], 1):
+            head = {"kind": "predict", "id": req_id, wire.ARRAYS_KEY: [["img", dtype, [2, 784]]]}
+            sock.send_multipart([msgpack.packb(head), x.astype(">f4").tobytes()])
+            reply = wire.decode(sock.recv_multipart())
+            assert reply.kind == "error", (dtype, reply.header, reply.arrays)  # one reply per request, in order
+            want = ("bad_request", "dtype >f4") if dtype == ">f4" else ("bad_message", "byte order")
+            assert (reply.header["code"], want[1] in reply.header["message"]) == (want[0], True), reply.header
+        np.testing.assert_allclose(good.predict({"img": x})["prob"], softmax_np(x), rtol=1e-5)  # still serving
+    finally:
+        sock.close()
+        good.close()
 
 
 def test_balancer_survives_10000_hostile_messages(redis_server, tmp_path):

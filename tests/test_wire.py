@@ -229,6 +229,10 @@ MALFORMED = {
     "dtype unknown": message([["x", "<f3", [1]]], [b"\x00" * 3]),
     "dtype garbage": message([["x", "hello", [1]]], [b"\x00"]),
     "dtype not a string": message([["x", 4, [1]]], [b"\x00" * 4]),
+    # a multi-byte dtype must say its byte order: numpy reads these in the receiver's, whatever the sender's was
+    "dtype without byte order": message([["x", "f4", [10]]], [F4x10]),
+    "dtype in the receiver's byte order": message([["x", "=f4", [10]]], [F4x10]),
+    "dtype with byte order not applicable": message([["x", "|f4", [10]]], [F4x10]),
     "negative dim": message([["x", "<f4", [-10]]], [F4x10]),
     "negative dims cancelling": message([["x", "<f4", [-2, -5]]], [F4x10]),
     "float dim": message([["x", "<f4", [10.0]]], [F4x10]),
@@ -249,6 +253,22 @@ def test_malformed_messages_raise_wire_error(frames: list[bytes]) -> None:
     with pytest.raises(WireError) as info:
         wire.decode(frames)
     assert str(info.value), "a WireError must say what was wrong"
+
+
+@pytest.mark.parametrize("dtype", ["|b1", "b1", "=b1", "|u1", "i1", "=i1", "<u1", ">i1"])
+def test_a_one_byte_dtype_needs_no_byte_order(dtype: str) -> None:
+    """Byte order means nothing for one byte: any prefix numpy takes is read the same everywhere."""
+    got = wire.decode(message([["x", dtype, [3]]], [b"\x00\x01\x00"])).arrays["x"]
+    assert got.dtype.itemsize == 1 and got.astype(np.int64).tolist() == [0, 1, 0]
+
+
+def test_a_multi_byte_dtype_without_byte_order_is_refused_naming_it() -> None:
+    """A big-endian sender's float32 labelled ``f4`` would read as other numbers here: it is refused."""
+    big = np.arange(10, dtype=">f4").tobytes()
+    for dtype in ("f4", "=f4", "|f4", "i8", "=c16"):
+        with pytest.raises(WireError, match="byte order"):
+            wire.decode(message([["x", dtype, [10]]], [big[: 10 * np.dtype(dtype).itemsize]]))
+    assert wire.decode(message([["x", ">f4", [10]]], [big])).arrays["x"].tolist() == list(range(10))
 
 
 def test_malformed_message_over_a_real_socket(pair) -> None:

@@ -11,9 +11,10 @@ starts to pay off) and come back as read-only ``np.frombuffer`` views of the
 received frame, so a decoded array costs no copy.
 
 Peer bytes are data, never code: there is no pickle here, dtypes are limited to
-bool and numbers, and every size a header declares is checked against the frame
-that carries it and against :class:`Limits` before anything is allocated.  Every
-way a message can be wrong raises :class:`~zdistill.errors.WireError`.
+bool and numbers (those of more than a byte with their byte order), and every size
+a header declares is checked against the frame that carries it and against
+:class:`Limits` before anything is allocated.  Every way a message can be wrong
+raises :class:`~zdistill.errors.WireError`.
 
 Each protocol types its headers as :class:`Header` structs (the teacher's in
 :mod:`zdistill.teacher_messages`, the balancer's in :mod:`zdistill.discovery.messages`),
@@ -39,8 +40,10 @@ from zdistill.spec import Ragged, Tensor
 ZERO_COPY_THRESHOLD = 64 * 1024
 ARRAYS_KEY = "arrays"
 # bool and the fixed-size numbers every platform agrees on (no longdouble: its size
-# and meaning differ between machines, so it cannot be a wire type)
-_DTYPE_RE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
+# and meaning differ between machines, so it cannot be a wire type); one of more than a
+# byte says its byte order, '<' or '>': numpy reads 'f4', '=f4' and '|f4' in the
+# receiver's order, so a big-endian sender's numbers would arrive as others
+_DTYPE_RE = re.compile(r"^([<>|=]?(b1|[iu]1)|[<>]([iu][248]|f[248]|c(8|16)))$")
 _ALLOWED_KINDS = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
 _MAX_NDIM = 16
 _MAX_NAME = 256
@@ -290,7 +293,8 @@ def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.
     dtype = _PARSED.get(dtype_str) if isinstance(dtype_str, str) else None
     if dtype is None:
         if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
-            raise WireError(f"array {name!r}: dtype {dtype_str!r:.40} is not allowed (bool and numbers only)")
+            raise WireError(f"array {name!r}: dtype {dtype_str!r:.40} is not allowed (bool and numbers only, "
+                            "one of more than a byte with its byte order, '<' or '>')")
         try:
             dtype = _PARSED[dtype_str] = check_dtype(np.dtype(dtype_str))
         except (TypeError, ValueError):
