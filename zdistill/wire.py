@@ -198,7 +198,18 @@ def send_frames(sock: zmq.Socket, frames: Sequence[bytes | zmq.Frame | np.ndarra
 
 def decode(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
     """Check and decode frames (envelope already removed) into a :class:`Message`."""
-    header = _unpack_header(header_frame(frames, limits))
+    return decode_arrays(decode_header(frames, limits), frames, limits)
+
+
+def decode_header(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The header map of ``frames``, its array table not yet checked: a server that must refuse
+    the arrays can still answer the request's ``id``, so its client learns why."""
+    return _unpack_header(header_frame(frames, limits))
+
+
+def decode_arrays(header: dict[str, Any], frames: Sequence[zmq.Frame | bytes | memoryview],
+                  limits: Limits = DEFAULT_LIMITS) -> Message:
+    """The :class:`Message` of ``frames`` whose header :func:`decode_header` gave (its table taken out of it)."""
     table = header.pop(ARRAYS_KEY, None)
     if not isinstance(table, list):
         raise WireError(f"header has no {ARRAYS_KEY!r} list")
