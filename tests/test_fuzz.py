@@ -1,4 +1,4 @@
-"""Hostile input: 10,000 random and mutated messages against a real teacher process."""
+"""Hostile input: 10,000 random and mutated messages, and crafted ones, against real teacher processes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import psutil
 import zmq
 
-from tests import fuzzing
+from tests import fuzzing, procs
 from tests.teachers import softmax_np
 from zdistill import wire
 from zdistill.client import TeacherClient
@@ -93,6 +93,30 @@ def test_teacher_refuses_feeds_that_leave_the_byte_order_to_it(start_teacher):
     finally:
         sock.close()
         good.close()
+
+
+def test_a_bool_feed_reaches_the_model_as_0_and_1(start_teacher):
+    """A reader's mask made by ``.view(bool)`` of uint8 0/255 is True to numpy; a model that reads
+    its bytes (Paddle casting it to float) got 255.0 for it.  The client sends True as 1, and a
+    crafted frame holding another byte is ``bad_message`` naming it, answered by its id."""
+    teacher = start_teacher(f"{procs.TEACHERS}:mask_bytes")
+    held = np.array([[0, 255, 2, 1], [1, 0, 128, 0]], np.uint8)
+    client = TeacherClient(teacher.endpoint, timeout=10)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(teacher.endpoint)
+    try:
+        assert client.predict({"mask": held.view(bool)})["m"].tolist() == (held != 0).astype(np.float32).tolist()
+        head = {"kind": "predict", "id": 5, wire.ARRAYS_KEY: [["mask", "|b1", [2, 4]]]}
+        sock.send_multipart([msgpack.packb(head), held.tobytes()])
+        reply = wire.decode(sock.recv_multipart())
+        assert (reply.kind, reply.header["id"], reply.header["code"]) == ("error", 5, "bad_message"), reply.header
+        assert "byte 255" in reply.header["message"]
+        assert client.predict({"mask": held != 0})["m"].tolist() == (held != 0).astype(np.float32).tolist()
+    finally:
+        sock.close()
+        client.close()
 
 
 def test_balancer_survives_10000_hostile_messages(redis_server, tmp_path):

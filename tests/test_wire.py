@@ -233,6 +233,9 @@ MALFORMED = {
     "dtype without byte order": message([["x", "f4", [10]]], [F4x10]),
     "dtype in the receiver's byte order": message([["x", "=f4", [10]]], [F4x10]),
     "dtype with byte order not applicable": message([["x", "|f4", [10]]], [F4x10]),
+    # numpy reads such a byte as True, a Paddle model as the number (2.0, 255.0 cast to float32)
+    "bool byte other than 0 and 1": message([["x", "|b1", [3]]], [b"\x00\x01\x02"]),
+    "bool byte 255 in ragged values": message([["x", "|b1", [2], 1]], [b"\x01\xff", np.array([2], "<i8").tobytes()]),
     "negative dim": message([["x", "<f4", [-10]]], [F4x10]),
     "negative dims cancelling": message([["x", "<f4", [-2, -5]]], [F4x10]),
     "float dim": message([["x", "<f4", [10.0]]], [F4x10]),
@@ -269,6 +272,17 @@ def test_a_multi_byte_dtype_without_byte_order_is_refused_naming_it() -> None:
         with pytest.raises(WireError, match="byte order"):
             wire.decode(message([["x", dtype, [10]]], [big[: 10 * np.dtype(dtype).itemsize]]))
     assert wire.decode(message([["x", ">f4", [10]]], [big])).arrays["x"].tolist() == list(range(10))
+
+
+def test_a_bool_array_travels_as_bytes_0_and_1_whatever_the_sender_holds() -> None:
+    """A reader's mask made by ``.view(bool)`` of uint8 0/255 is True where numpy reads it, and
+    must reach a model as 1: it is sent as 0 and 1 (a receiver refuses any other byte)."""
+    held = np.array([[0, 255], [2, 1]], np.uint8).view(bool)
+    frames = wire.encode({}, {"mask": held, "rows": Ragged(held.ravel(), np.array([1, 3]))})
+    assert [bytes(f) for f in frames[1:3]] == [b"\x00\x01\x01\x01", b"\x00\x01\x01\x01"]
+    got = wire.decode(frames).arrays
+    assert got["mask"].view(np.uint8).tolist() == [[0, 1], [1, 1]] and got["rows"].values.tolist() == [0, 1, 1, 1]
+    assert held.view(np.uint8).tolist() == [[0, 255], [2, 1]]  # the sender's array as it was
 
 
 def test_malformed_message_over_a_real_socket(pair) -> None:

@@ -169,6 +169,10 @@ def _contiguous(name: str, value: Any) -> np.ndarray:
     check_dtype(arr.dtype)
     if not arr.flags.c_contiguous:  # np.ascontiguousarray would turn a 0-d array into shape (1,)
         arr = arr.copy(order="C")
+    if arr.dtype.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
+        # numpy reads any byte but 0 as True (a uint8 mask's .view(bool), say), a model may read the
+        # byte itself (Paddle: 255.0): True travels as 1, and a receiver refuses any other byte
+        arr = arr.view(np.uint8) != 0
     return arr
 
 
@@ -327,6 +331,8 @@ def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.
         )
     if nbytes != len(buf):
         raise WireError(f"array {name!r}: shape {shape} {dtype} needs {nbytes} bytes, frame has {len(buf)}")
+    if dtype.kind == "b" and nbytes and (odd := int(np.frombuffer(buf, np.uint8).max())) > 1:
+        raise WireError(f"array {name!r}: a bool holds the byte {odd}, not 0 or 1 (which a model may read as {odd})")
     arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
     arr.flags.writeable = False  # pyzmq frames are writable, and an inproc frame may be the sender's array
     return name, arr
