@@ -126,6 +126,12 @@ def negate_increment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"na": -batch["a"], "b1": batch["b"].astype(np.int64) + 1}
 
 
+@zdistill.teacher_function(feeds={"mask": ("bool", [4])}, fetches={"m": ("float32", [4])})
+def mask_bytes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The mask's bytes as float32, as Paddle casts a bool: a True held as any byte but 1 comes out as that byte."""
+    return {"m": batch["mask"].view(np.uint8).astype(np.float32)}
+
+
 @zdistill.teacher_function(feeds={"a": ("float32", []), "b": ("int16", [])},
                            fetches={"na": ("float32", []), "b1": ("int64", [])})
 def negate_increment_int16(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

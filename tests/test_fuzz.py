@@ -1,14 +1,15 @@
-"""Hostile input: 10,000 random and mutated messages against a real teacher process."""
+"""Hostile input: 10,000 random and mutated messages, and crafted ones, against real teacher processes."""
 
 from __future__ import annotations
 
 import time
 
+import msgpack
 import numpy as np
 import psutil
 import zmq
 
-from tests import fuzzing
+from tests import fuzzing, procs
 from tests.teachers import softmax_np
 from zdistill import wire
 from zdistill.client import TeacherClient
@@ -67,6 +68,55 @@ def test_teacher_survives_10000_hostile_messages(start_teacher):
     print(f"fuzz: {sent} messages, {replies['error']} error replies, teacher RSS "  # noqa: T201
           f"{rss_before / 2**20:.1f} -> {proc.memory_info().rss / 2**20:.1f} MiB")
 
+
+
+def test_teacher_refuses_feeds_that_leave_the_byte_order_to_it(start_teacher):
+    """A big-endian client's float32 sent as ``f4`` or ``=f4`` (numpy reads both in the reader's order)
+    is ``bad_message`` naming the byte order, never a prediction of byte-swapped numbers; ``>f4`` is
+    read right and refused for its dtype, and the teacher serves on."""
+    teacher = start_teacher()
+    x = np.random.default_rng(1).random((2, 784), dtype=np.float32)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(teacher.endpoint)
+    good = TeacherClient(teacher.endpoint, timeout=10)
+    try:
+        for req_id, dtype in enumerate(["f4", "=f4", "|f4", ">f4"], 1):
+            head = {"kind": "predict", "id": req_id, wire.ARRAYS_KEY: [["img", dtype, [2, 784]]]}
+            sock.send_multipart([msgpack.packb(head), x.astype(">f4").tobytes()])
+            reply = wire.decode(sock.recv_multipart())
+            assert reply.kind == "error" and reply.header["id"] == req_id, (dtype, reply.header, reply.arrays)
+            want = ("bad_request", "dtype >f4") if dtype == ">f4" else ("bad_message", "byte order")
+            assert (reply.header["code"], want[1] in reply.header["message"]) == (want[0], True), reply.header
+        np.testing.assert_allclose(good.predict({"img": x})["prob"], softmax_np(x), rtol=1e-5)  # still serving
+    finally:
+        sock.close()
+        good.close()
+
+
+def test_a_bool_feed_reaches_the_model_as_0_and_1(start_teacher):
+    """A reader's mask made by ``.view(bool)`` of uint8 0/255 is True to numpy; a model that reads
+    its bytes (Paddle casting it to float) got 255.0 for it.  The client sends True as 1, and a
+    crafted frame holding another byte is ``bad_message`` naming it, answered by its id."""
+    teacher = start_teacher(f"{procs.TEACHERS}:mask_bytes")
+    held = np.array([[0, 255, 2, 1], [1, 0, 128, 0]], np.uint8)
+    client = TeacherClient(teacher.endpoint, timeout=10)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(teacher.endpoint)
+    try:
+        assert client.predict({"mask": held.view(bool)})["m"].tolist() == (held != 0).astype(np.float32).tolist()
+        head = {"kind": "predict", "id": 5, wire.ARRAYS_KEY: [["mask", "|b1", [2, 4]]]}
+        sock.send_multipart([msgpack.packb(head), held.tobytes()])
+        reply = wire.decode(sock.recv_multipart())
+        assert (reply.kind, reply.header["id"], reply.header["code"]) == ("error", 5, "bad_message"), reply.header
+        assert "byte 255" in reply.header["message"]
+        assert client.predict({"mask": held != 0})["m"].tolist() == (held != 0).astype(np.float32).tolist()
+    finally:
+        sock.close()
+        client.close()
 
 
 def test_balancer_survives_10000_hostile_messages(redis_server, tmp_path):

@@ -229,6 +229,13 @@ MALFORMED = {
     "dtype unknown": message([["x", "<f3", [1]]], [b"\x00" * 3]),
     "dtype garbage": message([["x", "hello", [1]]], [b"\x00"]),
     "dtype not a string": message([["x", 4, [1]]], [b"\x00" * 4]),
+    # a multi-byte dtype must say its byte order: numpy reads these in the receiver's, whatever the sender's was
+    "dtype without byte order": message([["x", "f4", [10]]], [F4x10]),
+    "dtype in the receiver's byte order": message([["x", "=f4", [10]]], [F4x10]),
+    "dtype with byte order not applicable": message([["x", "|f4", [10]]], [F4x10]),
+    # numpy reads such a byte as True, a Paddle model as the number (2.0, 255.0 cast to float32)
+    "bool byte other than 0 and 1": message([["x", "|b1", [3]]], [b"\x00\x01\x02"]),
+    "bool byte 255 in ragged values": message([["x", "|b1", [2], 1]], [b"\x01\xff", np.array([2], "<i8").tobytes()]),
     "negative dim": message([["x", "<f4", [-10]]], [F4x10]),
     "negative dims cancelling": message([["x", "<f4", [-2, -5]]], [F4x10]),
     "float dim": message([["x", "<f4", [10.0]]], [F4x10]),
@@ -249,6 +256,33 @@ def test_malformed_messages_raise_wire_error(frames: list[bytes]) -> None:
     with pytest.raises(WireError) as info:
         wire.decode(frames)
     assert str(info.value), "a WireError must say what was wrong"
+
+
+@pytest.mark.parametrize("dtype", ["|b1", "b1", "=b1", "|u1", "i1", "=i1", "<u1", ">i1"])
+def test_a_one_byte_dtype_needs_no_byte_order(dtype: str) -> None:
+    """Byte order means nothing for one byte: any prefix numpy takes is read the same everywhere."""
+    got = wire.decode(message([["x", dtype, [3]]], [b"\x00\x01\x00"])).arrays["x"]
+    assert got.dtype.itemsize == 1 and got.astype(np.int64).tolist() == [0, 1, 0]
+
+
+def test_a_multi_byte_dtype_without_byte_order_is_refused_naming_it() -> None:
+    """A big-endian sender's float32 labelled ``f4`` would read as other numbers here: it is refused."""
+    big = np.arange(10, dtype=">f4").tobytes()
+    for dtype in ("f4", "=f4", "|f4", "i8", "=c16"):
+        with pytest.raises(WireError, match="byte order"):
+            wire.decode(message([["x", dtype, [10]]], [big[: 10 * np.dtype(dtype).itemsize]]))
+    assert wire.decode(message([["x", ">f4", [10]]], [big])).arrays["x"].tolist() == list(range(10))
+
+
+def test_a_bool_array_travels_as_bytes_0_and_1_whatever_the_sender_holds() -> None:
+    """A reader's mask made by ``.view(bool)`` of uint8 0/255 is True where numpy reads it, and
+    must reach a model as 1: it is sent as 0 and 1 (a receiver refuses any other byte)."""
+    held = np.array([[0, 255], [2, 1]], np.uint8).view(bool)
+    frames = wire.encode({}, {"mask": held, "rows": Ragged(held.ravel(), np.array([1, 3]))})
+    assert [bytes(f) for f in frames[1:3]] == [b"\x00\x01\x01\x01", b"\x00\x01\x01\x01"]
+    got = wire.decode(frames).arrays
+    assert got["mask"].view(np.uint8).tolist() == [[0, 1], [1, 1]] and got["rows"].values.tolist() == [0, 1, 1, 1]
+    assert held.view(np.uint8).tolist() == [[0, 255], [2, 1]]  # the sender's array as it was
 
 
 def test_malformed_message_over_a_real_socket(pair) -> None:

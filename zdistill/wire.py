@@ -11,9 +11,10 @@ starts to pay off) and come back as read-only ``np.frombuffer`` views of the
 received frame, so a decoded array costs no copy.
 
 Peer bytes are data, never code: there is no pickle here, dtypes are limited to
-bool and numbers, and every size a header declares is checked against the frame
-that carries it and against :class:`Limits` before anything is allocated.  Every
-way a message can be wrong raises :class:`~zdistill.errors.WireError`.
+bool and numbers (those of more than a byte with their byte order), and every size
+a header declares is checked against the frame that carries it and against
+:class:`Limits` before anything is allocated.  Every way a message can be wrong
+raises :class:`~zdistill.errors.WireError`.
 
 Each protocol types its headers as :class:`Header` structs (the teacher's in
 :mod:`zdistill.teacher_messages`, the balancer's in :mod:`zdistill.discovery.messages`),
@@ -39,8 +40,10 @@ from zdistill.spec import Ragged, Tensor
 ZERO_COPY_THRESHOLD = 64 * 1024
 ARRAYS_KEY = "arrays"
 # bool and the fixed-size numbers every platform agrees on (no longdouble: its size
-# and meaning differ between machines, so it cannot be a wire type)
-_DTYPE_RE = re.compile(r"^[<>|=]?(b1|[iu][1248]|f[248]|c(8|16))$")
+# and meaning differ between machines, so it cannot be a wire type); one of more than a
+# byte says its byte order, '<' or '>': numpy reads 'f4', '=f4' and '|f4' in the
+# receiver's order, so a big-endian sender's numbers would arrive as others
+_DTYPE_RE = re.compile(r"^([<>|=]?(b1|[iu]1)|[<>]([iu][248]|f[248]|c(8|16)))$")
 _ALLOWED_KINDS = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8", "c8", "c16"}
 _MAX_NDIM = 16
 _MAX_NAME = 256
@@ -166,6 +169,10 @@ def _contiguous(name: str, value: Any) -> np.ndarray:
     check_dtype(arr.dtype)
     if not arr.flags.c_contiguous:  # np.ascontiguousarray would turn a 0-d array into shape (1,)
         arr = arr.copy(order="C")
+    if arr.dtype.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
+        # numpy reads any byte but 0 as True (a uint8 mask's .view(bool), say), a model may read the
+        # byte itself (Paddle: 255.0): True travels as 1, and a receiver refuses any other byte
+        arr = arr.view(np.uint8) != 0
     return arr
 
 
@@ -195,7 +202,18 @@ def send_frames(sock: zmq.Socket, frames: Sequence[bytes | zmq.Frame | np.ndarra
 
 def decode(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
     """Check and decode frames (envelope already removed) into a :class:`Message`."""
-    header = _unpack_header(header_frame(frames, limits))
+    return decode_arrays(decode_header(frames, limits), frames, limits)
+
+
+def decode_header(frames: Sequence[zmq.Frame | bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """The header map of ``frames``, its array table not yet checked: a server that must refuse
+    the arrays can still answer the request's ``id``, so its client learns why."""
+    return _unpack_header(header_frame(frames, limits))
+
+
+def decode_arrays(header: dict[str, Any], frames: Sequence[zmq.Frame | bytes | memoryview],
+                  limits: Limits = DEFAULT_LIMITS) -> Message:
+    """The :class:`Message` of ``frames`` whose header :func:`decode_header` gave (its table taken out of it)."""
     table = header.pop(ARRAYS_KEY, None)
     if not isinstance(table, list):
         raise WireError(f"header has no {ARRAYS_KEY!r} list")
@@ -290,7 +308,8 @@ def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.
     dtype = _PARSED.get(dtype_str) if isinstance(dtype_str, str) else None
     if dtype is None:
         if not isinstance(dtype_str, str) or not _DTYPE_RE.match(dtype_str):
-            raise WireError(f"array {name!r}: dtype {dtype_str!r:.40} is not allowed (bool and numbers only)")
+            raise WireError(f"array {name!r}: dtype {dtype_str!r:.40} is not allowed (bool and numbers only, "
+                            "one of more than a byte with its byte order, '<' or '>')")
         try:
             dtype = _PARSED[dtype_str] = check_dtype(np.dtype(dtype_str))
         except (TypeError, ValueError):
@@ -312,6 +331,8 @@ def _decode_array(entry: Any, buf: memoryview, limits: Limits) -> tuple[str, np.
         )
     if nbytes != len(buf):
         raise WireError(f"array {name!r}: shape {shape} {dtype} needs {nbytes} bytes, frame has {len(buf)}")
+    if dtype.kind == "b" and nbytes and (odd := int(np.frombuffer(buf, np.uint8).max())) > 1:
+        raise WireError(f"array {name!r}: a bool holds the byte {odd}, not 0 or 1 (which a model may read as {odd})")
     arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
     arr.flags.writeable = False  # pyzmq frames are writable, and an inproc frame may be the sender's array
     return name, arr

@@ -231,8 +231,9 @@ class TeacherServer:
         envelope, body = frames[:1], frames[1:]  # DEALER peers: the identity, then the message
         req_id: Any = None
         try:
-            msg = wire.decode(body, self.limits)
-            req_id = msg.header.get("id")
+            header = wire.decode_header(body, self.limits)
+            req_id = header.get("id")  # a request whose arrays are refused is answered by its id, naming why
+            msg = wire.decode_arrays(header, body, self.limits)
             size = sum(arr.nbytes for arr in msg.arrays.values())  # a Ragged's values and lengths
             if size > self.max_message_bytes:
                 raise RequestError(ErrorCode.TOO_LARGE,
