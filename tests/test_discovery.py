@@ -6,14 +6,19 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
+import msgspec
+import numpy as np
 import pytest
+import zmq
 
 from tests import daemons, procs
 from tests.test_balancer import _wait_teachers, add_teacher
+from zdistill import wire
 from zdistill.discovery import messages
-from zdistill.discovery.client import DiscoveryClient
+from zdistill.discovery.client import DiscoveryClient, ask_balancer
 from zdistill.discovery.store import Store
 from zdistill.errors import ConfigError
 
@@ -56,6 +61,32 @@ def test_teachers_joining_and_leaving_reach_current(redis_server, tmp_path, star
 
 def update(epoch: str, version: int, teachers: list[str]) -> messages.Update:
     return messages.Update(student="me", service="svc", epoch=epoch, version=version, teachers=teachers)
+
+
+@pytest.mark.timeout(30)
+def test_a_balancer_reply_beyond_the_balancers_limits_is_no_reply():
+    """What answers at a balancer's address may send anything: a reply carrying 8 MiB of arrays
+    (a balancer sends none) is dropped by libzmq, never decoded under the 1 GiB array limit."""
+    ctx = zmq.Context.instance()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    status = messages.StatusReply(id=1, leading=True, leader=None, server="", pub="", epoch=None, redis=True,
+                                  notifications=True, students=0, teachers={})
+
+    def answer() -> None:
+        if server.poll(10_000):
+            envelope = server.recv_multipart()[:1]
+            wire.send(server, msgspec.to_builtins(status), {"x": np.zeros(2 << 20, np.float32)}, envelope)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        assert ask_balancer(f"127.0.0.1:{port}", messages.StatusRequest(id=1), timeout=2.0) is None
+    finally:
+        thread.join(15)
+        server.close()
+    assert not thread.is_alive()
 
 
 def test_stale_updates_are_ignored():

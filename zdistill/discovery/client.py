@@ -403,14 +403,14 @@ def ask_balancer(address: str, request: messages.BalancerRequest, timeout: float
     """
     endpoint = teacher_endpoint(address, "balancer")
     ctx = zmq.Context.instance()
-    sock = secure_client(ctx.socket(zmq.DEALER), client_keys_from_env())
+    sock = wire.limit_socket(secure_client(ctx.socket(zmq.DEALER), client_keys_from_env()), LIMITS)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
         wire.send(sock, msgspec.to_builtins(request))
         if not sock.poll(int(timeout * 1000)):
             return None
-        header = wire.decode(sock.recv_multipart()).header
+        header = wire.decode(sock.recv_multipart(), LIMITS).header
     except WireError:
         return None
     finally:
