@@ -118,6 +118,19 @@ class Scaled(paddle.nn.Layer):
         return self.fc(x) * n.unsqueeze(1)
 
 
+class Halves(paddle.nn.Layer):
+    """Fixed-size rows whose outputs are bfloat16 and float16: Paddle returns the bfloat16 one as
+    float32 holding its bytes and as many bytes past them, which the teacher must refuse to serve."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = paddle.nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y.astype("float16"), y.astype("bfloat16")
+
+
 class Tokens(paddle.nn.Layer):
     """Each token's embedding x 2: written in Paddle 2's format, whose program records no output shapes."""
 
@@ -146,6 +159,7 @@ def export(prefix):
         "plain": (PlainMean(), [IDS]),
         "transposed": (Transposed(), [IDS]),
         "scaled": (Scaled(), [InputSpec([None, 3], "float32", "x"), InputSpec([None], "float32", "n")]),
+        "halves": (Halves(), [InputSpec([None, 3], "float32", "x")]),
     }
     tables = {}
     for name, (layer, input_spec) in specs.items():
@@ -297,6 +311,8 @@ def test_a_model_without_lengths_is_served_with_a_warning(exported, caplog) -> N
     ("scaled", {"lengths_input": "n"}, r"lengths input 'n': .* has no other input of variable length"),
     ("transposed", {}, r"output 'fetch_name_0' axis 2 is 2, then 3, for inputs of length 2, then 3: only a first "
                        "per-row axis"),
+    ("halves", {}, r"output 'fetch_name_1' is BFLOAT16 in the model, which Paddle's copy_to_cpu\(\) returns as "
+                   r"float32 of other values .* cast it to float32 in the model"),
 ])
 def test_misnamed_or_unfit_inputs_and_uncuttable_outputs_are_refused(exported, name: str, flags: dict,
                                                                      match: str) -> None:

@@ -37,6 +37,13 @@ _PIR_DTYPES = {
     "t_bool": "bool", "t_i8": "int8", "t_ui8": "uint8", "t_i16": "int16", "t_i32": "int32", "t_i64": "int64",
     "t_f16": "float16", "t_f32": "float32", "t_f64": "float64", "t_c64": "complex64", "t_c128": "complex128",
 }
+# the dtype an output handle's copy_to_cpu() returns for each type the handle reports.  Not
+# BFLOAT16: Paddle 3.3 returns such an output as float32 of its shape holding the bfloat16
+# bytes and as many bytes past them, values no model computed (other types it cannot copy raise)
+_HANDLE_DTYPES = {
+    "BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT32": "int32", "INT64": "int64",
+    "FLOAT16": "float16", "FLOAT32": "float32", "FLOAT64": "float64",
+}
 
 
 def resolve_model_files(target: str) -> tuple[str, str]:
@@ -314,10 +321,16 @@ class PaddleModel:
         (-1: per-token outputs, cut back to each row's length); any other size that moves
         with the inputs stays -1 in a model without variable-length inputs (images of any
         size) and is refused in one with them: it would carry padding into a row's answer.
+        An output that ``copy_to_cpu()`` returns as another dtype than its own (bfloat16) is refused.
         """
         first, second = self._warm_up(2), self._warm_up(3)
         fetches = []
         for name, a in first.items():
+            kind = self._outputs[name].type().name
+            if _HANDLE_DTYPES.get(kind) != a.dtype.name:
+                raise ConfigError(f"{self.origin}: output {name!r} is {kind} in the model, which Paddle's "
+                                  f"copy_to_cpu() returns as {a.dtype} of other values (not the model's): cast it "
+                                  "to float32 in the model before saving it")
             b = second[name]
             program = recorded.get(name)
             if a.ndim == 0 or a.ndim != b.ndim or (program is not None and len(program.shape) != a.ndim - 1):
