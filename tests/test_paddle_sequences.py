@@ -131,6 +131,18 @@ class Halves(paddle.nn.Layer):
         return y.astype("float16"), y.astype("bfloat16")
 
 
+class Weighted(paddle.nn.Layer):
+    """Fixed-size rows, and a weight of 4 rows as a second output: not one answer per input row,
+    which a batch of 4 rows would get a row of each (the teacher must refuse to serve it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = paddle.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x), self.fc.weight * 1.0
+
+
 class Tokens(paddle.nn.Layer):
     """Each token's embedding x 2: written in Paddle 2's format, whose program records no output shapes."""
 
@@ -160,6 +172,7 @@ def export(prefix):
         "transposed": (Transposed(), [IDS]),
         "scaled": (Scaled(), [InputSpec([None, 3], "float32", "x"), InputSpec([None], "float32", "n")]),
         "halves": (Halves(), [InputSpec([None, 3], "float32", "x")]),
+        "weighted": (Weighted(), [InputSpec([None, 4], "float32", "x")]),
     }
     tables = {}
     for name, (layer, input_spec) in specs.items():
@@ -313,6 +326,7 @@ def test_a_model_without_lengths_is_served_with_a_warning(exported, caplog) -> N
                        "per-row axis"),
     ("halves", {}, r"output 'fetch_name_1' is BFLOAT16 in the model, which Paddle's copy_to_cpu\(\) returns as "
                    r"float32 of other values .* cast it to float32 in the model"),
+    ("weighted", {}, r"output 'linear_\d+.w_0' has 4 rows, then 4, for one input row: not one answer per row"),
 ])
 def test_misnamed_or_unfit_inputs_and_uncuttable_outputs_are_refused(exported, name: str, flags: dict,
                                                                      match: str) -> None:

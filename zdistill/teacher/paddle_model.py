@@ -321,7 +321,8 @@ class PaddleModel:
         (-1: per-token outputs, cut back to each row's length); any other size that moves
         with the inputs stays -1 in a model without variable-length inputs (images of any
         size) and is refused in one with them: it would carry padding into a row's answer.
-        An output that ``copy_to_cpu()`` returns as another dtype than its own (bfloat16) is refused.
+        An output that ``copy_to_cpu()`` returns as another dtype than its own (bfloat16), or that has
+        other than one row for the warm-ups' one, is refused.
         """
         first, second = self._warm_up(2), self._warm_up(3)
         fetches = []
@@ -336,6 +337,10 @@ class PaddleModel:
             if a.ndim == 0 or a.ndim != b.ndim or (program is not None and len(program.shape) != a.ndim - 1):
                 raise ConfigError(f"{self.origin}: output {name!r} has shapes {list(a.shape)} and {list(b.shape)} "
                                   f"for one row, the program declares {program}")
+            if a.shape[0] != 1 or b.shape[0] != 1:  # a weight or a batch-wide value: a batch of as many rows
+                # would take its rows for each row's answer
+                raise ConfigError(f"{self.origin}: output {name!r} has {a.shape[0]} rows, then {b.shape[0]}, for one "
+                                  "input row: not one answer per row; leave it out of the saved model's outputs")
             shape = []
             for axis, (size_a, size_b) in enumerate(zip(a.shape[1:], b.shape[1:], strict=True)):
                 declared = -1 if program is None else program.shape[axis]
