@@ -62,6 +62,13 @@ class LengthsMean(paddle.nn.Layer):
         return mean, e * 2.0
 
 
+class LengthsMean8(LengthsMean):
+    """LengthsMean reading the lengths as int8: a row longer than 127 has no length it can hold."""
+
+    def forward(self, ids, lengths):
+        return super().forward(ids, lengths.astype("int64"))
+
+
 class MaskMean(paddle.nn.Layer):
     """The mean of each row's token embeddings where the mask is 1."""
 
@@ -167,6 +174,7 @@ def export(prefix):
     specs = {
         "lengths": (LengthsMean(), [IDS, InputSpec([None], "int64", "lengths")]),
         "mask": (MaskMean(), [IDS, InputSpec([None, None], "float32", "mask")]),
+        "lengths8": (LengthsMean8(), [IDS, InputSpec([None], "int8", "lengths")]),
         "mask3": (MaskMean3(), [IDS, InputSpec([None, None, 1], "float32", "mask")]),
         "plain": (PlainMean(), [IDS]),
         "transposed": (Transposed(), [IDS]),
@@ -268,6 +276,20 @@ def test_per_token_outputs_come_back_padded_and_cut_back_to_each_row(exported) -
     for row, answer in zip(ids.rows(), cut.rows(), strict=True):
         np.testing.assert_allclose(answer, exported.tables["lengths"][row] * 2, rtol=RTOL, atol=ATOL)
         np.testing.assert_allclose(answer, model.run({"ids": row[None, :]})["fetch_name_1"][0], rtol=RTOL, atol=ATOL)
+
+
+def test_a_length_the_lengths_input_cannot_hold_is_refused(exported) -> None:
+    """An int8 lengths input holds lengths up to 127: a row of 130 tokens would be filled in as
+    -126 (the model then means over no token); the call raises naming the input and the length,
+    while rows whose lengths fit are answered as if alone."""
+    model = load(exported, "lengths8", lengths_input="lengths")
+    ids = ragged_ids([130, 4])
+    with pytest.raises(ValueError, match=r"lengths input 'lengths' \(int8\) cannot hold the length 130"):
+        model.run({"ids": ids.padded()}, ids.lengths)
+    fits = ragged_ids([127, 4])
+    out = model.run({"ids": fits.padded()}, fits.lengths)["fetch_name_0"]
+    for i, row in enumerate(fits.rows()):
+        np.testing.assert_allclose(out[i], exported.tables["lengths8"][row].mean(axis=0), rtol=RTOL, atol=ATOL)
 
 
 def test_a_paddle2_program_gets_its_output_shapes_from_the_warm_ups(exported) -> None:

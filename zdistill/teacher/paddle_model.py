@@ -289,7 +289,12 @@ class PaddleModel:
                 values = lengths
             else:
                 values = np.arange(padded) < lengths[:, None]
-            filled[name] = values.astype(spec.dtype).reshape(values.shape + (1,) * (len(spec.shape) + 1 - values.ndim))
+            cast = values.astype(spec.dtype)
+            if role == "lengths" and not np.array_equal(cast, values):  # int8 wraps 130 to -126, float16 rounds 2049
+                length = int(values[np.flatnonzero(cast != values)[0]])
+                raise ValueError(f"{self.origin}: the lengths input {name!r} ({spec.dtype}) cannot hold the length "
+                                 f"{length}: the model would read another length")
+            filled[name] = cast.reshape(values.shape + (1,) * (len(spec.shape) + 1 - values.ndim))
         return filled
 
     def _predict(self, feeds: Arrays) -> Arrays:
