@@ -345,7 +345,8 @@ class PaddleModel:
             if a.shape[0] != 1 or b.shape[0] != 1:  # a weight or a batch-wide value: a batch of as many rows
                 # would take its rows for each row's answer
                 raise ConfigError(f"{self.origin}: output {name!r} has {a.shape[0]} rows, then {b.shape[0]}, for one "
-                                  "input row: not one answer per row; leave it out of the saved model's outputs")
+                                  "input row: not one answer per row (a weight, a value of the whole batch, rows on "
+                                  "another axis); leave it out of the saved model's outputs or put the rows first")
             shape = []
             for axis, (size_a, size_b) in enumerate(zip(a.shape[1:], b.shape[1:], strict=True)):
                 declared = -1 if program is None else program.shape[axis]
