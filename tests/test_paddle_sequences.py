@@ -150,6 +150,18 @@ class Weighted(paddle.nn.Layer):
         return self.fc(x), self.fc.weight * 1.0
 
 
+class Pixels(paddle.nn.Layer):
+    """Images of any size and no variable-length input: each pixel's class, [rows, H, W], whose
+    sizes the program leaves open (-1) and no row's length cuts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 4, 3, padding=1)
+
+    def forward(self, img):
+        return paddle.argmax(self.conv(img), axis=1)
+
+
 class Tokens(paddle.nn.Layer):
     """Each token's embedding x 2: written in Paddle 2's format, whose program records no output shapes."""
 
@@ -181,6 +193,7 @@ def export(prefix):
         "scaled": (Scaled(), [InputSpec([None, 3], "float32", "x"), InputSpec([None], "float32", "n")]),
         "halves": (Halves(), [InputSpec([None, 3], "float32", "x")]),
         "weighted": (Weighted(), [InputSpec([None, 4], "float32", "x")]),
+        "pixels": (Pixels(), [InputSpec([None, 3, None, None], "float32", "img")]),
     }
     tables = {}
     for name, (layer, input_spec) in specs.items():
@@ -445,3 +458,24 @@ def test_a_distill_reader_gets_each_rows_per_token_answers_with_the_cache_on_and
             check(mode, list(dr()), items, samples, expect, rtol=RTOL, atol=ATOL)
         stats = dr.stats()["cache"]
     assert stats["enabled"] == cache and (stats["hits"] >= len(samples) - 1 if cache else stats["hits"] == 0), stats
+
+
+def test_images_of_any_size_get_outputs_of_their_size(exported, tmp_path) -> None:
+    """A model without variable-length inputs whose output's first per-row size follows the image
+    (-1, then -1): served, each request answered [rows, H, W] for its own size, each row as if alone."""
+    proc = procs.start_teacher(exported.path("pixels"), tmp_path, "--threads", "1")
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        assert [(f["name"], f["shape"]) for f in c.meta()["fetches"]] == [("fetch_name_0", [-1, -1])]
+        rng = np.random.default_rng(5)
+        images = [rng.standard_normal((n, 3, h, w)).astype(np.float32) for n, h, w in [(3, 5, 6), (2, 4, 4), (4, 5, 6)]]
+        for img, done in zip(images, procs.pipelined(c, [{"img": i} for i in images], TIMEOUT), strict=True):
+            assert done.error is None, done.error
+            classes = done.result["fetch_name_0"]
+            assert classes.shape == (img.shape[0], *img.shape[2:]) and classes.dtype == np.int64
+            for row, answer in zip(img, classes, strict=True):
+                assert np.array_equal(answer, c.predict({"img": row[None]})["fetch_name_0"][0])
+    finally:
+        c.close()
+    code = proc.stop()
+    assert code == 0, proc.log()[-2000:]

@@ -253,7 +253,7 @@ class PaddleModel:
             lengths = self._checked_lengths(lengths, rows, padded)
         outputs = check_outputs(self._predict({**feeds, **self._fill(lengths, padded)}), self.fetches, rows,
                                 self.origin, copy=False)
-        for spec in self.fetches:
+        for spec in self.fetches if padded is not None else ():  # without variable-length feeds nothing is cut
             if spec.variable and outputs[spec.name].shape[1] != padded:
                 raise ModelOutputError(
                     f"{self.origin}: output {spec.name!r} varies in length but has {outputs[spec.name].shape[1]} "
