@@ -62,6 +62,13 @@ class LengthsMean(paddle.nn.Layer):
         return mean, e * 2.0
 
 
+class LengthsMean8(LengthsMean):
+    """LengthsMean reading the lengths as int8: a row longer than 127 has no length it can hold."""
+
+    def forward(self, ids, lengths):
+        return super().forward(ids, lengths.astype("int64"))
+
+
 class MaskMean(paddle.nn.Layer):
     """The mean of each row's token embeddings where the mask is 1."""
 
@@ -118,6 +125,43 @@ class Scaled(paddle.nn.Layer):
         return self.fc(x) * n.unsqueeze(1)
 
 
+class Halves(paddle.nn.Layer):
+    """Fixed-size rows whose outputs are bfloat16 and float16: Paddle returns the bfloat16 one as
+    float32 holding its bytes and as many bytes past them, which the teacher must refuse to serve."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = paddle.nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y.astype("float16"), y.astype("bfloat16")
+
+
+class Weighted(paddle.nn.Layer):
+    """Fixed-size rows, and a weight of 4 rows as a second output: not one answer per input row,
+    which a batch of 4 rows would get a row of each (the teacher must refuse to serve it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = paddle.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x), self.fc.weight * 1.0
+
+
+class Pixels(paddle.nn.Layer):
+    """Images of any size and no variable-length input: each pixel's class, [rows, H, W], whose
+    sizes the program leaves open (-1) and no row's length cuts."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(3, 4, 3, padding=1)
+
+    def forward(self, img):
+        return paddle.argmax(self.conv(img), axis=1)
+
+
 class Tokens(paddle.nn.Layer):
     """Each token's embedding x 2: written in Paddle 2's format, whose program records no output shapes."""
 
@@ -142,10 +186,14 @@ def export(prefix):
     specs = {
         "lengths": (LengthsMean(), [IDS, InputSpec([None], "int64", "lengths")]),
         "mask": (MaskMean(), [IDS, InputSpec([None, None], "float32", "mask")]),
+        "lengths8": (LengthsMean8(), [IDS, InputSpec([None], "int8", "lengths")]),
         "mask3": (MaskMean3(), [IDS, InputSpec([None, None, 1], "float32", "mask")]),
         "plain": (PlainMean(), [IDS]),
         "transposed": (Transposed(), [IDS]),
         "scaled": (Scaled(), [InputSpec([None, 3], "float32", "x"), InputSpec([None], "float32", "n")]),
+        "halves": (Halves(), [InputSpec([None, 3], "float32", "x")]),
+        "weighted": (Weighted(), [InputSpec([None, 4], "float32", "x")]),
+        "pixels": (Pixels(), [InputSpec([None, 3, None, None], "float32", "img")]),
     }
     tables = {}
     for name, (layer, input_spec) in specs.items():
@@ -243,6 +291,20 @@ def test_per_token_outputs_come_back_padded_and_cut_back_to_each_row(exported) -
         np.testing.assert_allclose(answer, model.run({"ids": row[None, :]})["fetch_name_1"][0], rtol=RTOL, atol=ATOL)
 
 
+def test_a_length_the_lengths_input_cannot_hold_is_refused(exported) -> None:
+    """An int8 lengths input holds lengths up to 127: a row of 130 tokens would be filled in as
+    -126 (the model then means over no token); the call raises naming the input and the length,
+    while rows whose lengths fit are answered as if alone."""
+    model = load(exported, "lengths8", lengths_input="lengths")
+    ids = ragged_ids([130, 4])
+    with pytest.raises(ValueError, match=r"lengths input 'lengths' \(int8\) cannot hold the length 130"):
+        model.run({"ids": ids.padded()}, ids.lengths)
+    fits = ragged_ids([127, 4])
+    out = model.run({"ids": fits.padded()}, fits.lengths)["fetch_name_0"]
+    for i, row in enumerate(fits.rows()):
+        np.testing.assert_allclose(out[i], exported.tables["lengths8"][row].mean(axis=0), rtol=RTOL, atol=ATOL)
+
+
 def test_a_paddle2_program_gets_its_output_shapes_from_the_warm_ups(exported) -> None:
     """A .pdmodel records no output shapes: the two warm-ups find the per-token axis."""
     model = load(exported, "paddle2")
@@ -297,6 +359,9 @@ def test_a_model_without_lengths_is_served_with_a_warning(exported, caplog) -> N
     ("scaled", {"lengths_input": "n"}, r"lengths input 'n': .* has no other input of variable length"),
     ("transposed", {}, r"output 'fetch_name_0' axis 2 is 2, then 3, for inputs of length 2, then 3: only a first "
                        "per-row axis"),
+    ("halves", {}, r"output 'fetch_name_1' is BFLOAT16 in the model, which Paddle's copy_to_cpu\(\) returns as "
+                   r"float32 of other values .* cast it to float32 in the model"),
+    ("weighted", {}, r"output 'linear_\d+.w_0' has 4 rows, then 4, for one input row: not one answer per row"),
 ])
 def test_misnamed_or_unfit_inputs_and_uncuttable_outputs_are_refused(exported, name: str, flags: dict,
                                                                      match: str) -> None:
@@ -393,3 +458,24 @@ def test_a_distill_reader_gets_each_rows_per_token_answers_with_the_cache_on_and
             check(mode, list(dr()), items, samples, expect, rtol=RTOL, atol=ATOL)
         stats = dr.stats()["cache"]
     assert stats["enabled"] == cache and (stats["hits"] >= len(samples) - 1 if cache else stats["hits"] == 0), stats
+
+
+def test_images_of_any_size_get_outputs_of_their_size(exported, tmp_path) -> None:
+    """A model without variable-length inputs whose output's first per-row size follows the image
+    (-1, then -1): served, each request answered [rows, H, W] for its own size, each row as if alone."""
+    proc = procs.start_teacher(exported.path("pixels"), tmp_path, "--threads", "1")
+    c = TeacherClient(proc.endpoint, timeout=TIMEOUT)
+    try:
+        assert [(f["name"], f["shape"]) for f in c.meta()["fetches"]] == [("fetch_name_0", [-1, -1])]
+        rng = np.random.default_rng(5)
+        images = [rng.standard_normal((n, 3, h, w)).astype(np.float32) for n, h, w in [(3, 5, 6), (2, 4, 4), (4, 5, 6)]]
+        for img, done in zip(images, procs.pipelined(c, [{"img": i} for i in images], TIMEOUT), strict=True):
+            assert done.error is None, done.error
+            classes = done.result["fetch_name_0"]
+            assert classes.shape == (img.shape[0], *img.shape[2:]) and classes.dtype == np.int64
+            for row, answer in zip(img, classes, strict=True):
+                assert np.array_equal(answer, c.predict({"img": row[None]})["fetch_name_0"][0])
+    finally:
+        c.close()
+    code = proc.stop()
+    assert code == 0, proc.log()[-2000:]

@@ -37,6 +37,13 @@ _PIR_DTYPES = {
     "t_bool": "bool", "t_i8": "int8", "t_ui8": "uint8", "t_i16": "int16", "t_i32": "int32", "t_i64": "int64",
     "t_f16": "float16", "t_f32": "float32", "t_f64": "float64", "t_c64": "complex64", "t_c128": "complex128",
 }
+# the dtype an output handle's copy_to_cpu() returns for each type the handle reports.  Not
+# BFLOAT16: Paddle 3.3 returns such an output as float32 of its shape holding the bfloat16
+# bytes and as many bytes past them, values no model computed (other types it cannot copy raise)
+_HANDLE_DTYPES = {
+    "BOOL": "bool", "UINT8": "uint8", "INT8": "int8", "INT32": "int32", "INT64": "int64",
+    "FLOAT16": "float16", "FLOAT32": "float32", "FLOAT64": "float64",
+}
 
 
 def resolve_model_files(target: str) -> tuple[str, str]:
@@ -246,7 +253,7 @@ class PaddleModel:
             lengths = self._checked_lengths(lengths, rows, padded)
         outputs = check_outputs(self._predict({**feeds, **self._fill(lengths, padded)}), self.fetches, rows,
                                 self.origin, copy=False)
-        for spec in self.fetches:
+        for spec in self.fetches if padded is not None else ():  # without variable-length feeds nothing is cut
             if spec.variable and outputs[spec.name].shape[1] != padded:
                 raise ModelOutputError(
                     f"{self.origin}: output {spec.name!r} varies in length but has {outputs[spec.name].shape[1]} "
@@ -282,7 +289,12 @@ class PaddleModel:
                 values = lengths
             else:
                 values = np.arange(padded) < lengths[:, None]
-            filled[name] = values.astype(spec.dtype).reshape(values.shape + (1,) * (len(spec.shape) + 1 - values.ndim))
+            cast = values.astype(spec.dtype)
+            if role == "lengths" and not np.array_equal(cast, values):  # int8 wraps 130 to -126, float16 rounds 2049
+                length = int(values[np.flatnonzero(cast != values)[0]])
+                raise ValueError(f"{self.origin}: the lengths input {name!r} ({spec.dtype}) cannot hold the length "
+                                 f"{length}: the model would read another length")
+            filled[name] = cast.reshape(values.shape + (1,) * (len(spec.shape) + 1 - values.ndim))
         return filled
 
     def _predict(self, feeds: Arrays) -> Arrays:
@@ -314,15 +326,27 @@ class PaddleModel:
         (-1: per-token outputs, cut back to each row's length); any other size that moves
         with the inputs stays -1 in a model without variable-length inputs (images of any
         size) and is refused in one with them: it would carry padding into a row's answer.
+        An output that ``copy_to_cpu()`` returns as another dtype than its own (bfloat16), or that has
+        other than one row for the warm-ups' one, is refused.
         """
         first, second = self._warm_up(2), self._warm_up(3)
         fetches = []
         for name, a in first.items():
+            kind = self._outputs[name].type().name
+            if _HANDLE_DTYPES.get(kind) != a.dtype.name:
+                raise ConfigError(f"{self.origin}: output {name!r} is {kind} in the model, which Paddle's "
+                                  f"copy_to_cpu() returns as {a.dtype} of other values (not the model's): cast it "
+                                  "to float32 in the model before saving it")
             b = second[name]
             program = recorded.get(name)
             if a.ndim == 0 or a.ndim != b.ndim or (program is not None and len(program.shape) != a.ndim - 1):
                 raise ConfigError(f"{self.origin}: output {name!r} has shapes {list(a.shape)} and {list(b.shape)} "
                                   f"for one row, the program declares {program}")
+            if a.shape[0] != 1 or b.shape[0] != 1:  # a weight or a batch-wide value: a batch of as many rows
+                # would take its rows for each row's answer
+                raise ConfigError(f"{self.origin}: output {name!r} has {a.shape[0]} rows, then {b.shape[0]}, for one "
+                                  "input row: not one answer per row (a weight, a value of the whole batch, rows on "
+                                  "another axis); leave it out of the saved model's outputs or put the rows first")
             shape = []
             for axis, (size_a, size_b) in enumerate(zip(a.shape[1:], b.shape[1:], strict=True)):
                 declared = -1 if program is None else program.shape[axis]
