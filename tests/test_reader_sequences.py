@@ -332,6 +332,26 @@ def test_a_teacher_killed_mid_epoch_loses_no_sequence(start_teacher):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("ins, message", [
+    (["l:ids", "ids", "weight"], r"slot name 'l:ids' starts with 'l:'"),
+    (["c:mean", "ids", "weight"], r"slot name 'c:mean' starts with 'c:'"),
+    (["ids", "ids", "weight"], r"slot name 'ids' is given twice"),
+])
+def test_a_slot_named_as_a_tasks_own_arrays_or_twice_is_refused(tokens, tmp_path, ins, message):
+    """A task's slot holds each slot's array under its name, beside its own arrays (a sequence's
+    ``l:<name>``, a form's ``f:<name>``, the cache's ``c:<prediction>``...).  A slot ``l:ids`` beside
+    the sequence ``ids`` came back as ``ids``' lengths, and ``ids`` given twice came back as its
+    second column, the teacher fed that one: values the reader never gave in that slot."""
+    first = {"l:ids": lambda i, ids: np.int64(100 + i), "c:mean": lambda i, ids: np.full(4, i, np.float32),
+             "ids": lambda i, ids: ids[::-1].copy()}[ins[0]]  # of the array's shape it meets: no error to hide it
+    samples = [(first(i, ids), ids, weight) for i, (ids, weight, _) in enumerate(token_rows(12))]
+    with pytest.raises(ConfigError, match=message):
+        with reader("sample_list", ins, ["h", "mean"], tokens, as_items("sample_list", samples)) as dr:
+            dr.set_teacher_cache(tmp_path / "cache")  # the cache's arrays share the task's slot too
+            list(dr())
+
+
+@pytest.mark.timeout(60)
 def test_requests_of_a_task_answered_in_rows_of_other_shapes_fail_the_epoch_naming_why(start_teacher):
     """A task sent as several requests (request_rows 2) to a teacher whose per-token output is as
     wide as the model call's longest row (batch_wide: [-1, -1]): the requests' answers cannot be one

@@ -38,7 +38,7 @@ from zdistill.client import addresses, unreachable
 from zdistill.errors import ClosedError, ConfigError, TeacherError, TeacherTimeout, WireError
 from zdistill.fingerprint import TOLERANCE
 from zdistill.spec import TeacherMeta, TensorSpec
-from zdistill.student.batches import ReaderType
+from zdistill.student.batches import ReaderType, check_slot_names
 from zdistill.student.options import PipelineOptions
 from zdistill.student.pipeline import Pipeline
 from zdistill.triton_address import is_triton
@@ -58,6 +58,7 @@ class DistillReader:
         if isinstance(ins, str) or isinstance(predicts, str) or not ins or not predicts:
             raise ConfigError("ins and predicts must be non-empty lists of names, e.g. ins=['img', 'label']")
         self._ins, self._predicts = list(ins), list(predicts)
+        check_slot_names(self._ins)
         self._mode: str | None = None
         self._teachers: list[str] = []
         self._discovery_servers: list[str] = []

@@ -51,8 +51,27 @@ _LENGTHS, _FORMS = "l:", "f:"  # a ragged slot's lengths; a slot's form per read
 PROBE_EVERY = 64  # one task in this many (and each epoch's first) checks that the reader leaves its items be
 AS_LIST = -1  # in a slot's forms: this reader batch gave the slot as a list of per-sample arrays
 _STAMP, _KEYS, _HITS, _AUDIT, _ANSWER = "i:", "k:", "h:", "a:", "c:"  # CacheSlots' names in a slot
+_OWN = (_LENGTHS, _FORMS, _STAMP, _KEYS, _HITS, _AUDIT, _ANSWER)  # how a task's own arrays' names start
 Spec = tuple[tuple[int, ...], np.dtype]  # an array's shape and dtype in a slot
 Allocator = Callable[[int, int, dict[str, Spec]], tuple[dict[str, np.ndarray], Any]]
+
+
+def check_slot_names(ins: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless ``ins`` are distinct names that none of a task's own arrays
+    take: a task's slot holds each reader slot under its name, beside a sequence's lengths
+    (``l:<name>``), a slot's forms (``f:<name>``) and the cache's arrays (``c:<prediction>``...).
+    A slot of such a name, or one given twice, would come back holding another array's values."""
+    seen: set[str] = set()
+    for name in ins:
+        if not isinstance(name, str):
+            raise ConfigError(f"slot names must be strings, got {name!r}")
+        own = next((prefix for prefix in _OWN if name.startswith(prefix)), None)
+        if own is not None:
+            raise ConfigError(f"slot name {name!r} starts with {own!r}, which names the arrays zdistill keeps "
+                              f"beside the slots ({', '.join(_OWN)}): rename the slot")
+        if name in seen:
+            raise ConfigError(f"slot name {name!r} is given twice in ins {list(ins)}: each slot needs its own name")
+        seen.add(name)
 
 
 def slot_tensors(slots: Mapping[str, np.ndarray], names: Iterable[str]) -> dict[str, Tensor]:
