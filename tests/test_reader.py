@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -372,6 +373,29 @@ def test_teacher_refusal_reaches_training_loop(start_teacher):
         dr.set_batch_generator(lambda: iter([(x, np.arange(8))]))
         with pytest.raises(TeacherError, match="NaN in the input"):
             list(dr())
+
+
+def test_teachers_set_again_after_an_epoch_are_refused_until_close(start_teacher):
+    """A student that switches to another teacher between epochs (a bigger model, say) got the
+    first teacher's predictions for every later epoch without a word: the running workers kept
+    it.  The call is refused while the reader runs; after close() the next epoch asks the new one.
+    """
+    echo = start_teacher(f"{procs.TEACHERS}:echo")  # y = x
+    affine = start_teacher(f"{Path(procs.TEACHERS).parent / 'output_teachers.py'}:reused_buffer")  # y = 2x + 1
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    with DistillReader(ins=["x"], predicts=["y"]) as dr:
+        dr.set_fixed_teacher(echo.endpoint)
+        dr.set_batch_generator(lambda: iter([(x,)]))
+        [(_, y)] = list(dr())
+        np.testing.assert_array_equal(y, x)
+        with pytest.raises(ConfigError, match="set_fixed_teacher .* before the first epoch or after close"):
+            dr.set_fixed_teacher(affine.endpoint)
+        with pytest.raises(ConfigError, match="set_dynamic_teacher .* before the first epoch or after close"):
+            dr.set_dynamic_teacher("127.0.0.1:7001", "svc")
+        dr.close()
+        dr.set_fixed_teacher(affine.endpoint)
+        [(_, y)] = list(dr())
+        np.testing.assert_array_equal(y, 2 * x + 1)
 
 
 def reader_mid_epoch(teachers, x, y):

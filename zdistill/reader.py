@@ -86,8 +86,10 @@ class DistillReader:
         """Teachers at fixed addresses: a list, a tuple, or ``'ip:port,ip:port'``.
 
         Each is ``HOST:PORT``, ``tcp://HOST:PORT`` or ``ipc://PATH``; anything else
-        raises :class:`ConfigError` here, naming it.
+        raises :class:`ConfigError` here, naming it.  Refused while the reader runs (see
+        :meth:`_check_not_started`).
         """
+        self._check_not_started("set_fixed_teacher")
         self._teachers = addresses(teachers, "teachers", "teacher")
         self._mode = "fixed"
         self._require_num = len(self._teachers)
@@ -98,11 +100,20 @@ class DistillReader:
         """Teachers found through ``zdistill-balancer`` (a comma list of them, for failover).
 
         Each balancer address is checked here, as :meth:`set_fixed_teacher` checks teachers'.
+        Refused while the reader runs (see :meth:`_check_not_started`).
         """
+        self._check_not_started("set_dynamic_teacher")
         self._discovery_servers = addresses(discovery_servers, "discovery_servers", "balancer")
         self._service_name = teacher_service_name
         self._require_num = int(require_max_teacher)
         self._mode = "discover"
+
+    def _check_not_started(self, call: str) -> None:
+        """Refuse a change of teachers while the reader runs: its workers keep the teachers its
+        first epoch started with, so every later epoch would get the old model's predictions."""
+        if self._pipeline is not None and not self._pipeline.closed:
+            raise ConfigError(f"{call} must be called before the first epoch or after close(): "
+                              "the running reader keeps the teachers it started with")
 
     def set_require_max_teacher(self, require_max_teacher: int) -> None:
         """The most teachers this student uses at once (ignored for fixed teachers, as in EDL)."""
