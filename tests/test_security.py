@@ -93,3 +93,17 @@ def test_curve_balancer_refuses_students_without_its_key(redis_server, keys, tmp
             client.close()
     finally:
         balancer.stop()
+
+
+def test_an_empty_curve_flag_is_refused_not_plaintext(start_teacher, redis_server, keys, tmp_path):
+    """``--curve-secret-key "$KEY"`` with ``KEY`` unset must not start a teacher or a balancer that
+    takes every client in plaintext: the daemon stops, naming the empty flag."""
+    from tests import daemons
+
+    folder, _ = keys
+    with pytest.raises(RuntimeError, match="need a path, got an empty one"):
+        start_teacher(f"{procs.TEACHERS}:softmax", "--curve-secret-key", "", timeout=20)
+    with pytest.raises(RuntimeError, match="need a path, got an empty one"):
+        daemons.start_balancer(redis_server.endpoint, tmp_path, "--curve-secret-key",
+                               str(folder / "server.key_secret"), "--curve-allow", "", timeout=20)
+

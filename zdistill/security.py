@@ -111,6 +111,8 @@ def stop_authenticator(ctx: zmq.Context) -> None:
 
 def server_keys(secret_file: str | None, allow_dir: str | None) -> ServerKeys | None:
     """Server keys from daemon flags (None: CURVE off)."""
+    if secret_file == "" or allow_dir == "":  # `--curve-secret-key "$UNSET"`: never quietly plaintext
+        raise ConfigError("--curve-secret-key and --curve-allow need a path, got an empty one")
     if allow_dir and not secret_file:
         raise ConfigError("--curve-allow needs --curve-secret-key")
     return ServerKeys(secret_file, allow_dir) if secret_file else None
