@@ -107,3 +107,30 @@ def test_an_empty_curve_flag_is_refused_not_plaintext(start_teacher, redis_serve
         daemons.start_balancer(redis_server.endpoint, tmp_path, "--curve-secret-key",
                                str(folder / "server.key_secret"), "--curve-allow", "", timeout=20)
 
+
+def test_balancer_pub_drops_a_peer_sending_an_oversized_frame(redis_server, tmp_path):
+    """The PUB socket reads its subscribers' frames too: one far past any subscription must cost
+    the sender its connection, not the balancer a buffer of whatever size the peer declares."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    from tests import daemons
+
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XSUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    try:
+        sock.connect(balancer.extra["pub"])
+        sock.send(b"\x02" + b"x" * (1 << 20))  # 1 MiB; not a (un)subscribe, which XSUB would keep
+        events = []
+        while zmq.EVENT_DISCONNECTED not in events and monitor.poll(10_000):
+            events.append(recv_monitor_message(monitor)["event"])
+        assert zmq.EVENT_DISCONNECTED in events, f"the balancer kept a peer that sent a 1 MiB frame: {events}"
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        ctx.term()
+        balancer.stop()
