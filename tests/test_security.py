@@ -134,3 +134,16 @@ def test_balancer_pub_drops_a_peer_sending_an_oversized_frame(redis_server, tmp_
         sock.close(linger=0)
         ctx.term()
         balancer.stop()
+
+
+@pytest.mark.parametrize("empty", ["ZDISTILL_CURVE_SERVER_KEY", "ZDISTILL_CURVE_CLIENT_KEY"])
+def test_an_empty_curve_variable_is_refused_not_plaintext(start_teacher, keys, monkeypatch, empty):
+    """``ZDISTILL_CURVE_SERVER_KEY=$KEY`` with ``KEY`` unset meant keys: the client must not then
+    take a plaintext teacher's answers (nor, for the client key, go in with a throwaway one)."""
+    folder, _ = keys
+    teacher = start_teacher(f"{procs.TEACHERS}:softmax")
+    monkeypatch.delenv("ZDISTILL_CURVE_CLIENT_KEY", raising=False)
+    monkeypatch.setenv("ZDISTILL_CURVE_SERVER_KEY", str(folder / "server.key"))
+    monkeypatch.setenv(empty, "")
+    with pytest.raises(ConfigError, match=f"{empty} is set but empty"):
+        TeacherClient(teacher.endpoint, timeout=1.5).close()
