@@ -93,3 +93,57 @@ def test_curve_balancer_refuses_students_without_its_key(redis_server, keys, tmp
             client.close()
     finally:
         balancer.stop()
+
+
+def test_an_empty_curve_flag_is_refused_not_plaintext(start_teacher, redis_server, keys, tmp_path):
+    """``--curve-secret-key "$KEY"`` with ``KEY`` unset must not start a teacher or a balancer that
+    takes every client in plaintext: the daemon stops, naming the empty flag."""
+    from tests import daemons
+
+    folder, _ = keys
+    with pytest.raises(RuntimeError, match="need a path, got an empty one"):
+        start_teacher(f"{procs.TEACHERS}:softmax", "--curve-secret-key", "", timeout=20)
+    with pytest.raises(RuntimeError, match="need a path, got an empty one"):
+        daemons.start_balancer(redis_server.endpoint, tmp_path, "--curve-secret-key",
+                               str(folder / "server.key_secret"), "--curve-allow", "", timeout=20)
+
+
+def test_balancer_pub_drops_a_peer_sending_an_oversized_frame(redis_server, tmp_path):
+    """The PUB socket reads its subscribers' frames too: one far past any subscription must cost
+    the sender its connection, not the balancer a buffer of whatever size the peer declares."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    from tests import daemons
+
+    balancer = daemons.start_balancer(redis_server.endpoint, tmp_path)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.XSUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    try:
+        sock.connect(balancer.extra["pub"])
+        sock.send(b"\x02" + b"x" * (1 << 20))  # 1 MiB; not a (un)subscribe, which XSUB would keep
+        events = []
+        while zmq.EVENT_DISCONNECTED not in events and monitor.poll(10_000):
+            events.append(recv_monitor_message(monitor)["event"])
+        assert zmq.EVENT_DISCONNECTED in events, f"the balancer kept a peer that sent a 1 MiB frame: {events}"
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        ctx.term()
+        balancer.stop()
+
+
+@pytest.mark.parametrize("empty", ["ZDISTILL_CURVE_SERVER_KEY", "ZDISTILL_CURVE_CLIENT_KEY"])
+def test_an_empty_curve_variable_is_refused_not_plaintext(start_teacher, keys, monkeypatch, empty):
+    """``ZDISTILL_CURVE_SERVER_KEY=$KEY`` with ``KEY`` unset meant keys: the client must not then
+    take a plaintext teacher's answers (nor, for the client key, go in with a throwaway one)."""
+    folder, _ = keys
+    teacher = start_teacher(f"{procs.TEACHERS}:softmax")
+    monkeypatch.delenv("ZDISTILL_CURVE_CLIENT_KEY", raising=False)
+    monkeypatch.setenv("ZDISTILL_CURVE_SERVER_KEY", str(folder / "server.key"))
+    monkeypatch.setenv(empty, "")
+    with pytest.raises(ConfigError, match=f"{empty} is set but empty"):
+        TeacherClient(teacher.endpoint, timeout=1.5).close()

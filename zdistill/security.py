@@ -111,19 +111,28 @@ def stop_authenticator(ctx: zmq.Context) -> None:
 
 def server_keys(secret_file: str | None, allow_dir: str | None) -> ServerKeys | None:
     """Server keys from daemon flags (None: CURVE off)."""
+    if secret_file == "" or allow_dir == "":  # `--curve-secret-key "$UNSET"`: never quietly plaintext
+        raise ConfigError("--curve-secret-key and --curve-allow need a path, got an empty one")
     if allow_dir and not secret_file:
         raise ConfigError("--curve-allow needs --curve-secret-key")
     return ServerKeys(secret_file, allow_dir) if secret_file else None
 
 
 def client_keys_from_env() -> ClientKeys | None:
-    """Client keys from ``ZDISTILL_CURVE_SERVER_KEY`` / ``ZDISTILL_CURVE_CLIENT_KEY`` (None: CURVE off)."""
+    """Client keys from ``ZDISTILL_CURVE_SERVER_KEY`` / ``ZDISTILL_CURVE_CLIENT_KEY`` (None: CURVE off).
+
+    A variable set but empty (``ZDISTILL_CURVE_SERVER_KEY=$UNSET``) raises: it meant keys,
+    and without them the client would take a plaintext server's answers as a keyed one's.
+    """
+    for name in (ENV_SERVER_KEY, ENV_CLIENT_KEY):
+        if os.environ.get(name) == "":
+            raise ConfigError(f"{name} is set but empty: give it a key file's path, or unset it for no CURVE")
     server = os.environ.get(ENV_SERVER_KEY)
     if not server:
         if os.environ.get(ENV_CLIENT_KEY):
             raise ConfigError(f"{ENV_CLIENT_KEY} is set but {ENV_SERVER_KEY} is not")
         return None
-    return ClientKeys(server, os.environ.get(ENV_CLIENT_KEY) or None)
+    return ClientKeys(server, os.environ.get(ENV_CLIENT_KEY))
 
 
 def secure_client(sock: zmq.Socket, keys: ClientKeys | None) -> zmq.Socket:

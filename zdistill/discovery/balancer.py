@@ -148,7 +148,7 @@ class Balancer:
         self.router = wire.limit_socket(self._ctx.socket(zmq.ROUTER), LIMITS)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, 10_000)
-        self.pub = self._ctx.socket(zmq.PUB)
+        self.pub = wire.limit_socket(self._ctx.socket(zmq.PUB), LIMITS)  # what comes in: subscriptions, small
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         if curve is not None:  # both sockets: membership is as private as the requests
