@@ -375,7 +375,7 @@ def test_teacher_refusal_reaches_training_loop(start_teacher):
             list(dr())
 
 
-def test_teachers_set_again_after_an_epoch_are_refused_until_close(start_teacher):
+def test_teachers_set_again_after_an_epoch_are_refused_until_close(start_teacher, tmp_path):
     """A student that switches to another teacher between epochs (a bigger model, say) got the
     first teacher's predictions for every later epoch without a word: the running workers kept
     it.  The call is refused while the reader runs; after close() the next epoch asks the new one.
@@ -392,6 +392,8 @@ def test_teachers_set_again_after_an_epoch_are_refused_until_close(start_teacher
             dr.set_fixed_teacher(affine.endpoint)
         with pytest.raises(ConfigError, match="set_dynamic_teacher .* before the first epoch or after close"):
             dr.set_dynamic_teacher("127.0.0.1:7001", "svc")
+        with pytest.raises(ConfigError, match="set_teacher_cache .* before the first epoch or after close"):
+            dr.set_teacher_cache(str(tmp_path))
         dr.close()
         dr.set_fixed_teacher(affine.endpoint)
         [(_, y)] = list(dr())

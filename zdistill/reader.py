@@ -109,11 +109,11 @@ class DistillReader:
         self._mode = "discover"
 
     def _check_not_started(self, call: str) -> None:
-        """Refuse a change of teachers while the reader runs: its workers keep the teachers its
-        first epoch started with, so every later epoch would get the old model's predictions."""
+        """Refuse a change of teachers (or of their cache) while the reader runs: its workers keep
+        what its first epoch started with, so every later epoch would get the old settings' answers."""
         if self._pipeline is not None and not self._pipeline.closed:
             raise ConfigError(f"{call} must be called before the first epoch or after close(): "
-                              "the running reader keeps the teachers it started with")
+                              "the running reader keeps the teachers and cache it started with")
 
     def set_require_max_teacher(self, require_max_teacher: int) -> None:
         """The most teachers this student uses at once (ignored for fixed teachers, as in EDL)."""
@@ -167,8 +167,7 @@ class DistillReader:
             raise ConfigError(f"max_bytes must be positive, got {max_bytes}")
         if not 0 <= float(tolerance) < 1:
             raise ConfigError(f"tolerance must be at least 0 and below 1, got {tolerance}")
-        if self._pipeline is not None:
-            raise ConfigError("set_teacher_cache must be called before the first epoch")
+        self._check_not_started("set_teacher_cache")
         self._cache = (os.fspath(path), None if max_bytes is None else int(max_bytes), float(tolerance))
 
     def set_serving_conf_file(self, conf_file: str) -> None:
